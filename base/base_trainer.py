@@ -1,0 +1,213 @@
+"""The epoch loop and everything around it: monitoring, checkpoints, exact resume, interruption.
+
+Subclasses provide :meth:`train_epoch` (the steps of one epoch) and :meth:`valid_epoch`.
+The contract a checkpoint keeps: it holds everything the rest of the run depends on
+(weights, optimizer, scheduler, scaler, counters, the epoch's running sums, every RNG
+state), and the data order is a pure function of the seed and the epoch, so a run
+resumed from it ends bit-identical to the run left alone (on the CPU).
+"""
+
+import math
+import re
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from utils.io import save_checkpoint
+from utils.seed import rng_state, set_rng_state
+
+
+class RunStopped(Exception):
+    """The run stopped before its end; ``exit_code`` is what the command line exits with."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class BaseTrainer:
+    """Runs epochs, validates, monitors a metric, saves and restores checkpoints.
+
+    Args:
+        model: the plain module (not compiled or wrapped): what checkpoints hold.
+        optimizer, lr_scheduler: built from the config; the scheduler may be None.
+        config: the checked config (a dict); ``config["trainer"]`` holds the settings.
+        run: the run's folders and id (``run.checkpoint_dir``, ``run.log_dir``, ``run.run_id``).
+        writer: a :class:`logger.visualization.TensorboardWriter`.
+        logger: a ``logging.Logger``.
+        is_main: whether this process writes files (rank 0 under torchrun).
+    """
+
+    def __init__(self, model, optimizer, config, run, lr_scheduler=None, writer=None, logger=None, is_main=True):
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.config, self.run, self.writer, self.logger, self.is_main = config, run, writer, logger, is_main
+        cfg = config["trainer"]
+        self.epochs = cfg["epochs"]
+        self.save_period = cfg["save_period"]
+        self.keep_last = cfg["keep_last"]
+        self.early_stop = cfg["early_stop"] or math.inf
+        self.mode, self.monitor_key = ("off", None) if cfg["monitor"] == "off" else cfg["monitor"].split()
+        self.monitor_best = math.inf if self.mode == "min" else -math.inf
+        self.not_improved_count = 0
+        self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0  # batches completed of the epoch in progress
+        self.global_step = 0  # optimizer steps taken
+        self.stop_signal = None  # set by a SIGINT/SIGTERM handler
+        self.finished = False  # max_steps reached or early stop
+        self.resumed_from = None
+        self.final_metrics = {}
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self):
+        """Train from the current state to the end; returns the last epoch's metrics."""
+        restore = self._install_signal_handlers()
+        try:
+            while self.epoch < self.epochs and not self.finished:
+                epoch = self.epoch + 1
+                self.before_epoch(epoch)
+                result = self.train_epoch(epoch, self.batch_in_epoch)
+                if self.stop_signal:
+                    self._stop_for_signal()
+                result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})
+                self._end_epoch(epoch, result)
+        finally:
+            restore()
+        return self.final_metrics
+
+    def before_epoch(self, epoch):
+        """Called before each epoch's first step (a hook for freezing schedules and the like)."""
+
+    def _end_epoch(self, epoch, result):
+        self.epoch, self.batch_in_epoch = epoch, 0
+        if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "epoch":
+            if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                key = self.monitor_key or ("val_loss" if "val_loss" in result else "loss")
+                self.lr_scheduler.step(result[key])
+            else:
+                self.lr_scheduler.step()
+        self.final_metrics = {"epoch": epoch, **result}
+        self.log_epoch(epoch, result)
+
+        improved = self._update_monitor(result)
+        if self.is_main:
+            if improved:
+                self.save("model_best.pth")
+                self.logger.info(f"Saving current best: model_best.pth ({self.monitor_key} {self.monitor_best:.6f})")
+            if epoch % self.save_period == 0 or epoch == self.epochs or self.finished:
+                self.save(f"checkpoint-epoch{epoch}.pth")
+                self._remove_old_checkpoints()
+        if self.not_improved_count > self.early_stop:
+            self.logger.info(f"Validation performance didn't improve for {self.early_stop} epochs. Training stops.")
+            self.finished = True
+
+    def _update_monitor(self, result):
+        if self.mode == "off":
+            return False
+        value = result[self.monitor_key]
+        improved = value < self.monitor_best if self.mode == "min" else value > self.monitor_best
+        if improved:
+            self.monitor_best, self.not_improved_count = value, 0
+        else:
+            self.not_improved_count += 1
+        return improved
+
+    def log_epoch(self, epoch, result):
+        for key, value in {"epoch": epoch, **result}.items():
+            self.logger.info(f"    {key:15s}: {value}")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self):
+        """Everything the rest of the run depends on, as state dicts and plain values."""
+        state = {
+            "arch": self.config["arch"]["type"],
+            "config": self.config,
+            "run_id": self.run.run_id,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "monitor_best": self.monitor_best,
+            "not_improved_count": self.not_improved_count,
+            "rng": rng_state(),
+        }
+        state.update(self.extra_state())
+        return state
+
+    def extra_state(self):
+        """What a subclass adds to a checkpoint."""
+        return {}
+
+    def load_state_dict(self, state):
+        """Continue the run that wrote ``state``."""
+        self.load_extra_state(state)  # first: it may change the optimizer's parameter groups
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.global_step = state["global_step"]
+        self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
+        set_rng_state(state["rng"])
+
+    def load_extra_state(self, state):
+        """Restore what :meth:`extra_state` saved."""
+
+    def save(self, filename):
+        """Write a checkpoint of the current state into the run's checkpoint folder, crash-safely."""
+        path = Path(self.run.checkpoint_dir) / filename
+        save_checkpoint(self.state_dict(), path)
+        self.logger.debug(f"Saved checkpoint: {path}")
+        return path
+
+    def _remove_old_checkpoints(self):
+        if not self.keep_last:
+            return
+        folder = Path(self.run.checkpoint_dir)
+        periodic = sorted(
+            (int(m.group(1)), p) for p in folder.glob("checkpoint-epoch*.pth")
+            if (m := re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name))
+        )
+        protected = {Path(self.resumed_from).resolve()} if self.resumed_from else set()
+        for _, path in periodic[: -self.keep_last]:
+            if path.resolve() not in protected:
+                path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ interruption
+
+    def _install_signal_handlers(self):
+        """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.stop_signal and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: files are written atomically, nothing tears
+            self.stop_signal = signal.Signals(signum).name
+            self.logger.warning(f"{self.stop_signal} received: stopping after the current step (Ctrl-C again to quit at once)")
+
+        for sig in previous:
+            signal.signal(sig, handler)
+
+        def restore():
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    def _stop_for_signal(self):
+        name = self.stop_signal
+        if self.is_main:
+            path = self.save("last.pth")
+            self.logger.warning(
+                f"Stopped by {name} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}."
+                f" Resume with: python train.py -r {path}"
+            )
+        code = 128 + getattr(signal, name)
+        raise RunStopped(f"stopped by {name}; a resumable checkpoint is in last.pth", exit_code=code)

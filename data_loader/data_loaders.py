@@ -1,0 +1,64 @@
+"""The data loaders a config can name in ``data_loader.type``.
+
+Each builds its dataset and hands it to :class:`BaseDataLoader`. ``training=False``
+gives the held-out test split that ``test.py`` evaluates (no validation split, no
+shuffling). Any further keyword (``num_workers``, ``in_memory``, ...) goes to
+:class:`BaseDataLoader`; see its docstring for the list.
+"""
+
+from base.base_data_loader import BaseDataLoader
+from data_loader import datasets
+
+
+class DigitsDataLoader(BaseDataLoader):
+    """scikit-learn's 1,797 handwritten 8x8 digits; 20% are held out as the test split."""
+
+    options_from = BaseDataLoader
+
+    def __init__(self, batch_size=64, shuffle=True, validation_split=0.1, training=True, **options):
+        dataset = datasets.DigitsDataset(train=training)
+        super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0, **options)
+
+
+class MnistDataLoader(BaseDataLoader):
+    """torchvision's MNIST: 60,000 training and 10,000 test images of 28x28, read from ``data_dir``."""
+
+    options_from = BaseDataLoader
+
+    def __init__(self, data_dir="data/", batch_size=128, shuffle=True, validation_split=0.1, training=True,
+                 download=False, **options):
+        dataset = datasets.MnistDataset(data_dir, train=training, download=download)
+        super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0, **options)
+
+
+class Cifar10DataLoader(BaseDataLoader):
+    """torchvision's CIFAR-10: 50,000 training and 10,000 test colour images of 32x32, read from ``data_dir``."""
+
+    options_from = BaseDataLoader
+
+    def __init__(self, data_dir="data/", batch_size=128, shuffle=True, validation_split=0.1, training=True,
+                 download=False, **options):
+        dataset = datasets.Cifar10Dataset(data_dir, train=training, download=download)
+        super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0, **options)
+
+
+class SyntheticDataLoader(BaseDataLoader):
+    """Seeded random classification data of any shape; the last ``test_fraction`` is the test split."""
+
+    options_from = BaseDataLoader
+
+    def __init__(self, num_samples=1024, input_shape=(1, 8, 8), num_classes=10, noise=1.0, data_seed=0,
+                 test_fraction=0.2, batch_size=64, shuffle=True, validation_split=0.1, training=True, **options):
+        dataset = datasets.SyntheticDataset(num_samples, input_shape, num_classes, seed=data_seed, noise=noise)
+        n_test = round(num_samples * test_fraction)
+        indices = range(num_samples - n_test) if training else range(num_samples - n_test, num_samples)
+        super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0,
+                         indices=list(indices), **options)
+
+
+DATA_LOADERS = {
+    "DigitsDataLoader": DigitsDataLoader,
+    "MnistDataLoader": MnistDataLoader,
+    "Cifar10DataLoader": Cifar10DataLoader,
+    "SyntheticDataLoader": SyntheticDataLoader,
+}

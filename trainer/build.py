@@ -1,0 +1,162 @@
+"""Building a run's objects from a checked config: the lookup tables and the builders.
+
+``train.py`` and ``test.py`` both build through here, so a model or data loader is
+made the same way for training, resuming and evaluating.
+"""
+
+import fnmatch
+import functools
+
+import torch
+
+from data_loader.data_loaders import DATA_LOADERS
+from model.loss import LOSSES
+from model.metric import METRICS
+from model.model import MODELS
+from utils.config import ConfigError, Registry, init_obj
+from utils.errors import UserError
+
+
+def _torchvision_model(name):
+    # "torchvision.models.resnet18": torchvision is imported only by configs that name it.
+    prefix = "torchvision.models."
+    if not isinstance(name, str) or not name.startswith(prefix):
+        return None
+    import torchvision
+
+    short = name[len(prefix):]
+    return torchvision.models.get_model_builder(short) if short in torchvision.models.list_models() else None
+
+
+def _classes(module, base, exclude=()):
+    return {
+        name: obj for name, obj in vars(module).items()
+        if isinstance(obj, type) and issubclass(obj, base) and not name.startswith("_") and name not in exclude
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def registries():
+    """The lookup table of each config section: what ``type`` may name there."""
+    schedulers = _classes(torch.optim.lr_scheduler, object, exclude=("LRScheduler", "Optimizer", "Counter"))
+    schedulers = {n: c for n, c in schedulers.items() if hasattr(c, "step") and hasattr(c, "state_dict")}
+    return {
+        "arch": Registry("model", MODELS, _torchvision_model, "a torchvision model as torchvision.models.NAME"),
+        "data_loader": Registry("data loader", DATA_LOADERS),
+        "loss": Registry("loss", LOSSES),
+        "metrics": Registry("metric", METRICS),
+        "optimizer": Registry("optimizer", _classes(torch.optim, torch.optim.Optimizer, exclude=("Optimizer",))),
+        "lr_scheduler": Registry("lr scheduler", schedulers),
+    }
+
+
+def resolve_device(name):
+    """``auto`` picks CUDA, then MPS, then the CPU. An unavailable device is the user's error."""
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = mps is not None and mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f'device: "{name}" requested but CUDA is not available here; use "auto" or "cpu"')
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f'device: "{name}" requested but there are {torch.cuda.device_count()} CUDA devices')
+    if name == "mps" and not mps_ok:
+        raise ConfigError('device: "mps" requested but MPS is not available here; use "auto" or "cpu"')
+    return torch.device(name)
+
+
+def build_data_loader(config, training=True):
+    section = config["data_loader"]
+    args = {"seed": config["seed"], **section["args"]}
+    if not training:
+        args.update(training=False)
+    return init_obj({"type": section["type"], "args": args}, registries()["data_loader"], where="data_loader")
+
+
+def build_model(config):
+    model = init_obj(config["arch"], registries()["arch"], where="arch")
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"arch: {config['arch']['type']} built a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_loss(config):
+    section = config["loss"]
+    fn = registries()["loss"].get(section["type"], "loss.type")
+    return functools.partial(fn, **section["args"]) if section["args"] else fn
+
+
+def build_metrics(config):
+    return [registries()["metrics"].get(name, "metrics") for name in config["metrics"]]
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def match_parameters(model, patterns, where):
+    """Names of ``model``'s parameters matching any glob in ``patterns``; a pattern matching nothing is an error."""
+    names = [name for name, _ in model.named_parameters()]
+    matched = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(f"{where}: pattern {pattern!r} matches no parameter; parameter names look like: {sample}")
+        matched.update(hits)
+    return [n for n in names if n in matched]  # in model order
+
+
+def freeze(model, patterns):
+    """Set ``requires_grad=False`` on the parameters matching ``patterns``; returns their names."""
+    names = match_parameters(model, patterns, "trainer.freeze")
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return names
+
+
+def build_optimizer(model, config):
+    """The optimizer over the trainable parameters, grouped by ``optimizer.param_groups`` when given."""
+    section = config["optimizer"]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    taken = {}
+    for i, group in enumerate(section.get("param_groups") or []):
+        settings = {k: v for k, v in group.items() if k != "params"}
+        names = match_parameters(model, group["params"], f"optimizer.param_groups[{i}].params")
+        names = [n for n in names if dict(trainable).get(n) is not None]
+        for name in names:
+            if name in taken:
+                raise ConfigError(
+                    f"optimizer.param_groups[{i}]: parameter {name!r} is already in param_groups[{taken[name]}];"
+                    " every parameter must land in exactly one group"
+                )
+            taken[name] = i
+        groups.append({"params": [p for n, p in trainable if n in names], **settings})
+    rest = [p for n, p in trainable if n not in taken]
+    if rest or not groups:
+        groups.insert(0, {"params": rest})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError("trainer.freeze: every parameter is frozen; nothing is left to train")
+    return init_obj(section, registries()["optimizer"], groups, where="optimizer")
+
+
+def build_scheduler(optimizer, config):
+    section = config.get("lr_scheduler")
+    if not section:
+        return None
+    return init_obj(section, registries()["lr_scheduler"], optimizer, where="lr_scheduler")
+
+
+def check_amp(amp, device):
+    """fp16 needs a CUDA device (its gradient scaler); bf16 works on CPU and CUDA."""
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f'trainer.amp: "fp16" needs a CUDA device, but the run is on {device.type}; use "bf16" or false')
+    if amp == "bf16" and device.type == "mps":
+        raise ConfigError('trainer.amp: "bf16" autocast is not supported on mps here; use false')
+
+
+__all__ = ["UserError"]

@@ -1,0 +1,307 @@
+"""The training step loop, and the one evaluation function that validation and ``test.py`` share."""
+
+import contextlib
+import itertools
+
+import torch
+from tqdm import tqdm
+
+from base.base_trainer import BaseTrainer, RunStopped
+from utils.metric_tracker import MetricTracker
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce=False, progress=False, desc="eval"):
+    """Mean loss and metrics of ``model`` over ``loader``, weighted by sample count.
+
+    ``reduce=True`` (under ``torch.distributed``) sums over all processes, so every
+    process gets the value of the whole dataset.
+    """
+    model.eval()
+    tracker = MetricTracker(["loss", *(fn.__name__ for fn in metric_fns)], device)
+    autocast = autocast or contextlib.nullcontext()
+    for data, target in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
+        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast:
+            output = model(data)
+            loss = criterion(output, target)
+        tracker.update([loss.detach(), *(fn(output, target) for fn in metric_fns)], target.shape[0])
+    return tracker.result(reduce=reduce)
+
+
+class Trainer(BaseTrainer):
+    """Trains a model with the settings of ``config["trainer"]``.
+
+    Args:
+        model: the plain module; ``forward_model`` is what runs the steps (the same
+            module, or a compiled / DistributedDataParallel wrapper of it).
+        criterion: ``loss(output, target) -> 0-d tensor``.
+        metric_fns: metric functions (see ``model/metric.py``).
+        data_loader, valid_data_loader: :class:`base.base_data_loader.BaseDataLoader`s.
+        frozen: names of the parameters frozen by ``trainer.freeze``.
+        scaler: a gradient scaler for fp16, or None.
+        distributed: whether metrics are summed over processes (torchrun).
+        The rest: see :class:`base.base_trainer.BaseTrainer`.
+    """
+
+    def __init__(self, model, criterion, metric_fns, optimizer, config, device, data_loader, run,
+                 valid_data_loader=None, lr_scheduler=None, writer=None, logger=None, forward_model=None,
+                 frozen=(), scaler=None, is_main=True, distributed=False):
+        super().__init__(model, optimizer, config, run, lr_scheduler, writer, logger, is_main)
+        cfg = config["trainer"]
+        self.criterion, self.metric_fns, self.device = criterion, list(metric_fns), device
+        self.forward_model = forward_model or model
+        self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
+        self.len_epoch = cfg["len_epoch"]
+        self.accumulate = cfg["accumulate_grad_batches"]
+        self.max_steps = cfg["max_steps"]
+        self.log_every = cfg["log_every_n_steps"]
+        self.save_every = cfg["save_every_n_steps"]
+        self.clip_norm, self.clip_norm_type = cfg["clip_grad_norm"], float(cfg["clip_grad_norm_type"])
+        self.clip_value = cfg["clip_grad_value"]
+        self.skip_nonfinite = cfg["skip_nonfinite"]
+        # Reading the loss back each step is free on the CPU but a sync on an accelerator:
+        # there, a non-finite loss is caught at the logging interval unless skipping is on.
+        self.check_every_step = device.type == "cpu" or self.skip_nonfinite
+        self.histogram_every = cfg["histogram_every"]
+        self.activation_modules = cfg["activation_histograms"]
+        self.log_images = cfg["log_images"]
+        self.quiet = cfg["verbosity"] == 0 or not is_main
+        self.distributed = distributed
+        self.step_scheduler = lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+        self.autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+        self.scaler = scaler
+        self.frozen = list(frozen)
+        self.unfreeze_at, self.unfreeze_lr = cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]
+        self.unfrozen = False
+        self.nonfinite_skips = 0
+        names = ["loss", *(fn.__name__ for fn in self.metric_fns)]
+        self.train_metrics = MetricTracker(names, device)
+        self._params = self._optimizer_params()
+
+    # ------------------------------------------------------------------ one epoch
+
+    def train_epoch(self, epoch, start_batch=0):
+        """Train the batches of ``epoch`` from ``start_batch`` on; returns the epoch's mean loss and metrics."""
+        model, optimizer, tracker = self.forward_model, self.optimizer, self.train_metrics
+        model.train()
+        if start_batch == 0:
+            tracker.reset()
+        n_batches = self.batches_per_epoch()
+        accumulate, device = self.accumulate, self.device
+        data = None
+        bar = tqdm(self._batches(epoch, start_batch), total=n_batches, initial=start_batch, leave=False,
+                   desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True)
+        for batch_idx, (data, target) in enumerate(bar, start_batch):
+            data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            window_start = batch_idx - batch_idx % accumulate
+            window_end = min(window_start + accumulate, n_batches)  # a short tail still steps
+            last_in_window = batch_idx + 1 == window_end
+            if batch_idx == window_start:
+                optimizer.zero_grad(set_to_none=True)
+            with self._sync_context(last_in_window), self.autocast:
+                output = model(data)
+                loss = self.criterion(output, target)
+            if self.check_every_step and not torch.isfinite(loss):
+                self._nonfinite(loss, epoch, batch_idx)  # raises, unless skipping is on
+            else:
+                # Scaled so that N batches of size B give the update of one batch of N*B.
+                scaled = loss / (window_end - window_start) if window_end - window_start > 1 else loss
+                with self._sync_context(last_in_window):
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                tracker.update([loss.detach(), *(fn(output, target) for fn in self.metric_fns)], target.shape[0])
+            if not last_in_window:
+                continue
+            self._optimizer_step(epoch, batch_idx, loss)
+            self.batch_in_epoch = batch_idx + 1
+            if self.stop_signal or (self.max_steps and self.global_step >= self.max_steps):
+                self.finished = self.finished or not self.stop_signal
+                break
+            if self.save_every and self.global_step % self.save_every == 0 and self.is_main:
+                self.save("last.pth")
+        bar.close()
+        if data is not None and self.writer and self.is_main:
+            self._epoch_visuals(epoch, data)
+        return tracker.result(reduce=self.distributed)
+
+    def _optimizer_step(self, epoch, batch_idx, loss):
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip and log the true gradients, not the scaled ones
+        logging_step = (self.global_step + 1) % self.log_every == 0
+        grad_norm = None
+        if self.clip_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm, self.clip_norm_type)
+        elif logging_step:
+            grad_norm = _total_norm(self._params, self.clip_norm_type)
+        if self.clip_value:
+            torch.nn.utils.clip_grad_value_(self._params, self.clip_value)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.global_step += 1
+        if self.step_scheduler:
+            self.lr_scheduler.step()
+        if logging_step:
+            self._log_step(epoch, batch_idx, loss, grad_norm)
+
+    def _log_step(self, epoch, batch_idx, loss, grad_norm):
+        # The only host-device sync of a training step, and only at the logging interval.
+        value = loss.item()
+        if not self.check_every_step and not torch.isfinite(self.train_metrics.sums).all():
+            self._nonfinite(loss, epoch, batch_idx, since_last_log=True)
+        if not self.is_main:
+            return
+        step = self.global_step
+        self.writer.add_scalar("train/loss", value, step)
+        if grad_norm is not None:
+            self.writer.add_scalar("train/grad_norm", float(grad_norm), step)
+        for i, group in enumerate(self.optimizer.param_groups):
+            self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
+        if self.nonfinite_skips:
+            self.writer.add_scalar("train/nonfinite_skips", self.nonfinite_skips, step)
+        self.logger.debug(f"epoch {epoch} batch {batch_idx + 1}/{self.batches_per_epoch()} step {step} loss {value:.6f}")
+
+    def _nonfinite(self, loss, epoch, batch_idx, since_last_log=False):
+        where = f"epoch {epoch}, step {self.global_step + 1} (batch {batch_idx + 1})"
+        if self.skip_nonfinite:
+            self.nonfinite_skips += 1
+            self.logger.warning(f"non-finite loss ({loss.item()}) at {where}: step skipped ({self.nonfinite_skips} so far)")
+            return
+        if since_last_log:
+            where = f"epoch {epoch}, between steps {self.global_step - self.log_every + 1} and {self.global_step}"
+        raise RunStopped(
+            f"the loss became non-finite ({loss.item()}) at {where}; stopping without saving, so the last good"
+            " checkpoint is untouched. Lower the learning rate, set trainer.clip_grad_norm, or set"
+            " trainer.skip_nonfinite=true to skip such steps"
+        )
+
+    def _sync_context(self, last_in_window):
+        # Under DDP, accumulating steps skip the gradient all-reduce; only the window's last one syncs.
+        if self.distributed and not last_in_window and self.accumulate > 1:
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
+
+    def batches_per_epoch(self):
+        return self.len_epoch or len(self.data_loader)
+
+    def _batches(self, epoch, start_batch):
+        """The batches of ``epoch`` from ``start_batch`` on.
+
+        With ``len_epoch`` an epoch is a fixed number of batches cut from an endless
+        stream of passes over the data; pass ``k`` has the data order of sampler epoch ``k``.
+        """
+        loader = self.data_loader
+        if self.len_epoch is None:
+            loader.set_epoch(epoch, start_batch)
+            return iter(loader)
+        return self._endless(loader, (epoch - 1) * self.len_epoch + start_batch, self.len_epoch - start_batch)
+
+    @staticmethod
+    def _endless(loader, position, count):
+        passes, offset = divmod(position, len(loader))
+        while count > 0:
+            passes += 1
+            loader.set_epoch(passes, offset)
+            for batch in itertools.islice(loader, count):
+                yield batch
+                count -= 1
+            offset = 0
+
+    # ------------------------------------------------------------------ validation and epoch-level hooks
+
+    def valid_epoch(self, epoch):
+        if self.valid_data_loader is None:
+            return {}
+        return evaluate(self.forward_model, self.valid_data_loader, self.criterion, self.metric_fns, self.device,
+                        self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}")
+
+    def log_epoch(self, epoch, result):
+        super().log_epoch(epoch, result)
+        if self.is_main:
+            self.writer.add_scalars(result, self.global_step, prefix="epoch/")
+            self.writer.add_scalar("epoch/epoch", epoch, self.global_step)
+            for i, group in enumerate(self.optimizer.param_groups):
+                self.writer.add_scalar(f"lr/group{i}", group["lr"], self.global_step)
+            self.writer.flush()
+
+    def _epoch_visuals(self, epoch, data):
+        step = self.global_step
+        if self.log_images and data.dim() == 4 and data.shape[1] in (1, 3):
+            self.writer.add_images("inputs", data[:16], step)
+        if not self.histogram_every or epoch % self.histogram_every:
+            return
+        for name, param in self.model.named_parameters():
+            self.writer.add_histogram(f"params/{name}", param, step)
+            if param.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", param.grad, step)
+        if self.activation_modules:
+            self._activation_histograms(data, step)
+
+    def _activation_histograms(self, data, step):
+        # One extra forward pass in eval mode: no dropout draws, so the RNG stream (and resume) is unaffected.
+        modules = dict(self.model.named_modules())
+        hooks = [
+            modules[name].register_forward_hook(
+                lambda module, inputs, output, name=name: self.writer.add_histogram(f"activations/{name}", output, step)
+            )
+            for name in self.activation_modules
+        ]
+        try:
+            self.model.eval()
+            with torch.no_grad(), self.autocast:
+                self.model(data)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.model.train()
+
+    # ------------------------------------------------------------------ freezing
+
+    def before_epoch(self, epoch):
+        if self.frozen and not self.unfrozen and self.unfreeze_at and epoch >= self.unfreeze_at:
+            self._unfreeze()
+            self.logger.info(f"Epoch {epoch}: unfroze {len(self.frozen)} parameter tensors")
+
+    def _unfreeze(self):
+        params = dict(self.model.named_parameters())
+        new = [params[name].requires_grad_(True) for name in self.frozen]
+        lr = self.unfreeze_lr or self.optimizer.defaults["lr"]
+        self.optimizer.add_param_group({"params": new, "lr": lr})
+        if self.lr_scheduler is not None and hasattr(self.lr_scheduler, "base_lrs"):
+            self.lr_scheduler.base_lrs.append(lr)  # schedulers keep one base lr per group
+        self.unfrozen = True
+        self._params = self._optimizer_params()
+
+    def _optimizer_params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------ checkpoint extras
+
+    def extra_state(self):
+        return {
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "frozen": self.frozen,
+            "unfrozen": self.unfrozen,
+            "nonfinite_skips": self.nonfinite_skips,
+            "train_metrics": self.train_metrics.state_dict(),
+        }
+
+    def load_extra_state(self, state):
+        if state.get("unfrozen") and self.frozen and not self.unfrozen:
+            self._unfreeze()
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        if state.get("batch_in_epoch"):
+            self.train_metrics.load_state_dict(state["train_metrics"])
+
+
+def _total_norm(params, norm_type):
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch.stack([torch.linalg.vector_norm(g.detach(), norm_type) for g in grads])
+    return torch.linalg.vector_norm(norms, norm_type)

@@ -1,0 +1,1 @@
+"""Small helpers at the bottom of the project: errors, config handling, crash-safe files, seeding."""

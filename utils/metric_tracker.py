@@ -1,0 +1,48 @@
+"""Sample-weighted sums of the loss and the metrics, kept on the device."""
+
+import torch
+
+
+class MetricTracker:
+    """Accumulates ``value * batch_size`` for each name; :meth:`result` divides by the sample count.
+
+    The sums stay on the device, so :meth:`update` never forces a host-device sync;
+    :meth:`result` reads them back (and, under ``torch.distributed``, sums them over
+    all processes first, so every process gets the numbers of the whole dataset).
+    """
+
+    def __init__(self, names, device):
+        self.names = list(names)
+        # float64 keeps long sums exact enough; MPS has no float64.
+        self.dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        self.sums = torch.zeros(len(self.names), dtype=self.dtype, device=device)
+        self.count = 0
+
+    def reset(self):
+        self.sums.zero_()
+        self.count = 0
+
+    def update(self, values, n):
+        """Add one batch: ``values`` are 0-d tensors in the order of ``names``, ``n`` the batch's sample count."""
+        self.sums += torch.stack(values).to(self.dtype) * n
+        self.count += n
+
+    def result(self, reduce=False):
+        """The mean of each name over all samples seen; ``reduce=True`` sums over processes first."""
+        sums = self.sums
+        count = torch.tensor(float(self.count), dtype=self.dtype, device=sums.device)
+        if reduce:
+            import torch.distributed as dist
+
+            both = torch.cat([sums, count.view(1)])
+            dist.all_reduce(both)
+            sums, count = both[:-1], both[-1]
+        values = (sums / count.clamp(min=1)).tolist()
+        return dict(zip(self.names, values))
+
+    def state_dict(self):
+        return {"sums": self.sums.detach().cpu(), "count": self.count}
+
+    def load_state_dict(self, state):
+        self.sums.copy_(state["sums"])
+        self.count = state["count"]
