@@ -118,7 +118,7 @@ def _index_target_loss(log_probs, target, weight, class_weight, ignore_index, la
         target_weight = torch.where(keep, weight[safe_target], torch.zeros_like(picked))
     # torch.where rather than multiplying by the 0/1 mask: an ignored row may have
     # log-probability -inf, and -inf * 0 = NaN.
-    loss = -picked * target_weight
+    loss = torch.where(keep, -picked * target_weight, torch.zeros_like(picked))
 
     # Skipped when 0 so that -inf logits of non-target classes do not make the loss inf.
     if label_smoothing > 0:
