@@ -1,0 +1,143 @@
+"""Configs: every shipped one is valid; every kind of mistake is one clear line, exit code 2, nothing written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import test as evaluate_cli
+import train
+from conftest import make_config, with_changes
+from trainer.build import registries
+from utils.config import load_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted([ROOT / "config.json", *(ROOT / "configs").iterdir()])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    config = validate_config(load_config(path), registries())
+    assert config["trainer"]["epochs"] >= 1
+
+
+def run_cli(tmp_path, capsys, config, *extra):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config) if isinstance(config, dict) else config)
+    code = train.cli(["-c", str(path), *extra])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+BAD = {
+    "unknown top-level key": (dict(optimiser={}), ["optimiser: unknown key; did you mean 'optimizer'?"]),
+    "unknown trainer key": (dict(trainer__epoch=3), ["trainer.epoch: unknown key; did you mean 'epochs'?"]),
+    "unknown model": (dict(arch__type="MLPP"), ["arch.type: unknown model 'MLPP'; did you mean 'MLP'? valid: "]),
+    "unknown optimizer": (dict(optimizer__type="Adm"), ["optimizer.type: unknown optimizer 'Adm'; did you mean 'Adam'?"]),
+    "unknown scheduler": (dict(lr_scheduler__type="StepLr"), ["did you mean 'StepLR'?"]),
+    "unknown loss": (dict(loss="cross_entropyy"), ["loss.type: unknown loss 'cross_entropyy'; did you mean 'cross_entropy'?"]),
+    "unknown metric": (dict(metrics=["acuracy"]), ["metrics: unknown metric 'acuracy'; did you mean 'accuracy'?"]),
+    "unknown data loader": (dict(data_loader__type="Digits"), ["data_loader.type: unknown data loader 'Digits'"]),
+    "model arg not accepted": (dict(arch__args={"hidden_size": [3]}), ["arch.args: MLP takes no argument 'hidden_size'; did you mean 'hidden_sizes'?"]),
+    "optimizer arg not accepted": (dict(optimizer__args={"lr": 0.1, "momentun": 0.9}), ["did you mean 'momentum'?"]),
+    "loader arg not accepted": (dict(data_loader__args={"batch_sise": 4}), ["did you mean 'batch_size'?"]),
+    "scheduler arg missing": (dict(lr_scheduler__args={}), ["lr_scheduler.args: StepLR needs argument 'step_size'"]),
+    "wrong type": (dict(trainer__epochs="ten"), ['trainer.epochs: got "ten", expected a positive integer']),
+    "wrong bool": (dict(trainer__tensorboard="yes"), ['trainer.tensorboard: got "yes", expected true or false']),
+    "bad device": (dict(device="gpu"), ['device: got "gpu", expected "auto", "cpu", "cuda", "cuda:N" or "mps"']),
+    "monitor typo": (dict(trainer__monitor="max val_acc"), ["trainer.monitor: 'val_acc' will not exist; did you mean 'val_accuracy'?"]),
+    "monitor needs validation": (dict(trainer__monitor="min val_loss", data_loader__args={"validation_split": 0}),
+                                 ["trainer.monitor: 'val_loss' needs validation data"]),
+    "monitor format": (dict(trainer__monitor="lowest loss"), ["trainer.monitor: got"]),
+    "bad optimizer value": (dict(optimizer__args={"lr": -1}), ["optimizer.args: SGD rejected its arguments: Invalid learning rate"]),
+    "bad split": (dict(data_loader__args={"validation_split": 1.5}), ["data_loader.args.validation_split"]),
+    "freeze matches nothing": (dict(trainer__freeze=["encoder.*"]), ["trainer.freeze: pattern 'encoder.*' matches no parameter; parameter names look like: net.1.weight"]),
+    "fp16 on cpu": (dict(trainer__amp="fp16"), ['trainer.amp: "fp16" needs a CUDA device']),
+    "missing required": (dict(arch=None), ["arch: missing (this key is required)"]),
+    "section not an object": (dict(optimizer="SGD"), ['optimizer: expected {"type": NAME, "args": {...}}, got "SGD"']),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_config_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
+    changes, expected = BAD[case]
+    config = with_changes(make_config(tmp_path / "saved"), **changes)
+    if config.get("arch", 1) is None:
+        del config["arch"]
+    code, lines = run_cli(tmp_path, capsys, config)
+    assert code == 2
+    assert len(lines) == len(expected), lines
+    for line, want in zip(lines, expected):
+        assert line.startswith("error: ") and want in line, line
+    assert not (tmp_path / "saved").exists()
+
+
+def test_all_problems_reported_at_once(tmp_path, capsys):
+    config = with_changes(make_config(tmp_path / "saved"), trainer__epoch=3, optimizer__type="Adm", metrics=["acc"])
+    code, lines = run_cli(tmp_path, capsys, config)
+    assert code == 2 and len(lines) == 3, lines
+    assert [line.split(":")[1].strip() for line in lines] == ["trainer.epoch", "optimizer.type", "metrics"]
+
+
+@pytest.mark.parametrize("text,want", [("{\"name\": ", "not valid JSON at line 1"), ("[1, 2]", "must be a mapping")])
+def test_unparsable_config(tmp_path, capsys, text, want):
+    code, lines = run_cli(tmp_path, capsys, text)
+    assert code == 2 and len(lines) == 1 and want in lines[0]
+
+
+def test_bad_override_and_missing_file(tmp_path, capsys):
+    code, lines = run_cli(tmp_path, capsys, make_config(tmp_path / "saved"), "trainer.epochs")
+    assert code == 2 and lines == ["error: override 'trainer.epochs' is not of the form key.path=VALUE (for example trainer.epochs=3)"]
+    assert train.cli(["-c", str(tmp_path / "nope.json")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_existing_run_id_is_refused(tmp_path, capsys):
+    config = make_config(tmp_path / "saved", epochs=1)
+    assert run_cli(tmp_path, capsys, config, "--run-id", "a")[0] == 0
+    code, lines = run_cli(tmp_path, capsys, config, "--run-id", "a")
+    assert code == 2 and "already exists" in lines[0]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None, "truncated", "foreign"])
+def test_missing_or_damaged_checkpoint(tmp_path, capsys, content):
+    import torch
+
+    path = tmp_path / "ckpt.pth"
+    if content == "truncated":
+        config = make_config(tmp_path / "saved", epochs=1)
+        train.main(config, run_id="t")
+        data = (tmp_path / "saved/models/tiny/t/checkpoint-epoch1.pth").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif content == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    for cli in (train.cli, evaluate_cli.cli):
+        assert cli(["-r", str(path)]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], lines
+
+
+def test_missing_dataset_is_one_line(tmp_path, capsys):
+    config = json.loads((ROOT / "configs/mnist.json").read_text())
+    config["data_loader"]["args"].update(data_dir=str(tmp_path / "data"), download=False)
+    config["trainer"]["save_dir"] = str(tmp_path / "saved")
+    code, lines = run_cli(tmp_path, capsys, config)
+    assert code == 2 and len(lines) == 1
+    assert "train-images-idx3-ubyte" in lines[0] and "t10k-labels-idx1-ubyte" in lines[0]
+    assert not (tmp_path / "saved").exists()
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(with_changes(make_config(tmp_path / "saved"), trainer__epoch=1)))
+    out = subprocess.run([sys.executable, "train.py", "-c", str(path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: trainer.epoch: unknown key; did you mean 'epochs'? valid: " + ", ".join(
+            __import__("utils.config").config.TRAINER_SCHEMA)]
+    assert not (tmp_path / "saved").exists()

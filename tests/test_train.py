@@ -1,0 +1,109 @@
+"""End to end: train, resume, evaluate; the files a run leaves; the command lines."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import test as evaluate_cli
+import train
+from conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_dir(config, kind="models"):
+    folders = list((Path(config["trainer"]["save_dir"]) / kind / config["name"]).iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def test_train_resume_evaluate(tiny_config):
+    metrics = train.main(tiny_config, run_id="r1")
+    assert metrics["epoch"] == 2 and {"loss", "accuracy", "val_loss", "val_accuracy"} <= metrics.keys()
+    folder = run_dir(tiny_config)
+    assert folder.name == "r1"
+    assert {"checkpoint-epoch1.pth", "checkpoint-epoch2.pth", "model_best.pth", "config.json", "manifest.json"} <= {
+        p.name for p in folder.iterdir()}
+    assert (run_dir(tiny_config, "log") / "info.log").read_text().count("val_loss") >= 2
+
+    state = torch.load(folder / "checkpoint-epoch2.pth", weights_only=True, map_location="cpu")
+    assert state["epoch"] == 2 and state["config"]["name"] == "tiny"
+    assert set(state) >= {"model", "optimizer", "lr_scheduler", "monitor_best", "not_improved_count", "rng"}
+
+    # Resume for a third epoch: same folder, epoch 3, the scheduler continued from where it was.
+    tiny_config["trainer"]["epochs"] = 3
+    resumed = train.main(tiny_config, resume=folder / "checkpoint-epoch2.pth")
+    assert resumed["epoch"] == 3
+    assert run_dir(tiny_config).name == "r1"
+    third = torch.load(folder / "checkpoint-epoch3.pth", weights_only=True)
+    assert third["lr_scheduler"]["last_epoch"] == 3
+    assert third["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.9**3)
+    assert third["global_step"] == 3 * state["global_step"] // 2
+
+    result = evaluate_cli.main(folder / "model_best.pth")
+    assert result["n_samples"] == 64 and 0 <= result["accuracy"] <= 1
+    written = json.loads((folder / "model_best.test.json").read_text())
+    assert written["loss"] == pytest.approx(result["loss"])
+
+
+def test_monitor_saves_best_and_early_stops(tiny_config):
+    # A learning rate of zero never improves: best at epoch 1, then early stopping after 1 more epoch.
+    tiny_config["optimizer"] = {"type": "SGD", "args": {"lr": 0.0}}
+    tiny_config["trainer"].update(epochs=10, early_stop=1, save_period=100)
+    metrics = train.main(tiny_config)
+    assert metrics["epoch"] == 3  # epoch 1 is the best; epochs 2 and 3 do not improve; 2 > early_stop
+    best = torch.load(run_dir(tiny_config) / "model_best.pth", weights_only=True)
+    assert best["epoch"] == 1
+
+
+def test_default_config_learns_digits(tmp_path):
+    """The shipped config.json reaches >= 95% on the held-out digits (the README's promise)."""
+    config = json.loads((ROOT / "config.json").read_text())
+    config["trainer"].update(save_dir=str(tmp_path), verbosity=0, tensorboard=False)
+    train.main(config, run_id="default")
+    result = evaluate_cli.main(tmp_path / "models" / config["name"] / "default" / "model_best.pth")
+    assert result["accuracy"] >= 0.95, result
+
+
+def _cli(script, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_command_line_train_resume_test(tmp_path):
+    config = make_config(tmp_path / "saved")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    out = _cli("train.py", "-c", path, "trainer.epochs=1", "--lr", "0.05", "--bs", "32", "--run-id", "try1")
+    assert out.returncode == 0, out.stderr
+    ckpt = tmp_path / "saved/models/tiny/try1/checkpoint-epoch1.pth"
+    saved = torch.load(ckpt, weights_only=True)["config"]
+    assert saved["optimizer"]["args"]["lr"] == 0.05 and saved["data_loader"]["args"]["batch_size"] == 32
+    assert saved["trainer"]["epochs"] == 1
+
+    out = _cli("train.py", "-r", ckpt, "trainer.epochs=2")
+    assert out.returncode == 0, out.stderr
+    assert (ckpt.parent / "checkpoint-epoch2.pth").is_file()
+    out = _cli("test.py", "-r", ckpt.parent / "checkpoint-epoch2.pth")
+    assert out.returncode == 0 and "accuracy" in out.stdout, out.stderr
+
+
+def test_yaml_config_and_override_types(tmp_path):
+    from utils.config import apply_overrides, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: y\ntrainer:\n  epochs: 2\n")
+    config = apply_overrides(load_config(path), ["trainer.epochs=5", "optimizer.args.lr=0.01", "a.b=text", "x=null"])
+    assert config == {"name": "y", "trainer": {"epochs": 5}, "optimizer": {"args": {"lr": 0.01}}, "a": {"b": "text"},
+                      "x": None}
+
+
+def test_model_printout_shows_parameter_count():
+    from model.model import MLP
+
+    text = str(MLP(input_size=4, hidden_sizes=[3], num_classes=2))
+    assert "Trainable parameters: 23" in text  # 4*3+3 + 3*2+2
