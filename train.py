@@ -145,9 +145,6 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
     info, device = dist.setup(device)
     build.check_amp(cfg["amp"], device)
     seed_everything(config["seed"])
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
 
     data_loader = build.build_data_loader(config)
     valid_data_loader = data_loader.split_validation()
@@ -170,6 +167,10 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
     logger = setup_logging(run.log_dir if info.is_main else None, cfg["verbosity"] if info.is_main else 0)
     purge = state["global_step"] + 1 if state else None
     writer = TensorboardWriter(run.log_dir, cfg["tensorboard"] and info.is_main, purge_step=purge, logger=logger)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
     try:
         model.to(device)
@@ -210,24 +211,32 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
         writer.close()
         close_logging()
         dist.cleanup()
+        torch.use_deterministic_algorithms(deterministic_before)
 
 
 def _init_weights(model, path, strict):
-    """Load the model weights of another run's checkpoint; returns a report of key mismatches."""
-    state = load_checkpoint(path)
-    try:
-        result = model.load_state_dict(state["model"], strict=strict)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
-        raise UserError(f"--init-from {path}: the weights do not fit this model ({detail}); "
-                        "use --init-from-strict false to load only the matching tensors") from None
+    """Load the model weights of another run's checkpoint; returns a report of what did not match.
+
+    With ``strict=False`` tensors whose name is unknown or whose shape differs (a new
+    classifier head, say) are skipped and listed instead of failing the run.
+    """
+    weights = load_checkpoint(path)["model"]
+    own = model.state_dict()
     if not strict:
-        own = model.state_dict()
-        skipped = [k for k, v in state["model"].items() if k in own and own[k].shape != v.shape]
-        if skipped:
-            raise UserError(f"--init-from {path}: shapes differ for {', '.join(skipped[:5])}")
-    return f"initialised from {path}: missing keys {list(result.missing_keys)}, unexpected keys {list(result.unexpected_keys)}"
+        reshaped = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+        weights = {k: v for k, v in weights.items() if k not in reshaped}
+    try:
+        result = model.load_state_dict(weights, strict=strict)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        detail = "; ".join(lines[1:3]) or lines[0]
+        raise UserError(f"--init-from {path}: the weights do not fit this model ({detail}); "
+                        "use --init-from-strict false to load only the tensors that fit") from None
+    report = f"Initialised from {path}"
+    if not strict:
+        report += (f": missing keys {list(result.missing_keys)}, unexpected keys {list(result.unexpected_keys)},"
+                   f" skipped for a different shape {reshaped}")
+    return report
 
 
 def _wrap_model(model, config, device, info, logger):

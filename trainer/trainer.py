@@ -50,7 +50,7 @@ class Trainer(BaseTrainer):
         super().__init__(model, optimizer, config, run, lr_scheduler, writer, logger, is_main)
         cfg = config["trainer"]
         self.criterion, self.metric_fns, self.device = criterion, list(metric_fns), device
-        self.forward_model = forward_model or model
+        self.forward_model = model if forward_model is None else forward_model
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.len_epoch = cfg["len_epoch"]
         self.accumulate = cfg["accumulate_grad_batches"]
