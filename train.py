@@ -58,16 +58,47 @@ def _agree_on_run(config, run_id, resume, info, dist):
     return SimpleNamespace(run_id=chosen[0], checkpoint_dir=Path(chosen[1]), log_dir=Path(chosen[2]))
 
 
-def _check_resume_changes(saved, config):
+# Keys whose change would make the checkpoint's state meaningless (other weights, other parameter groups).
+FIXED_ON_RESUME = ("name", "arch", "optimizer.type", "optimizer.param_groups", "lr_scheduler.type", "trainer.freeze")
+# Keys that decide which sample comes next: fine to change between epochs, not in the middle of one.
+FIXED_MID_EPOCH = ("seed", "data_loader", "trainer.len_epoch", "trainer.accumulate_grad_batches")
+
+
+def _check_resume_changes(saved, config, mid_epoch):
     """Lines describing how ``config`` differs from the checkpoint's; refuses changes that cannot be honoured."""
     changes = config_diff(saved, config)
-    refused = [line for line in changes if line.startswith(("arch.", "arch:", "name:"))]
+    fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH if mid_epoch else ())
+    refused = [line for line in changes if any(line == k or line.startswith((k + ".", k + ":")) for k in fixed)]
     if refused:
-        raise ConfigError(*(
-            f"cannot resume with a changed {line.split(':')[0]} ({line}); start a new run with --init-from instead"
-            for line in refused
-        ))
+        why = "in the middle of an epoch; resume from a checkpoint-epoch*.pth" if mid_epoch else "start a new run with --init-from"
+        raise ConfigError(*(f"cannot resume with a changed {line.split(':')[0]} ({line}); {why}" for line in refused))
     return changes
+
+
+def _apply_resume_changes(saved, config, optimizer, lr_scheduler):
+    """Make changed optimizer and scheduler arguments win over the values restored from the checkpoint.
+
+    A new ``lr`` replaces the base learning rate; the scheduler's progress (the factor it
+    has applied so far) carries over to it.
+    """
+    old_args, new_args = saved["optimizer"].get("args", {}), config["optimizer"].get("args", {})
+    for key, value in new_args.items():
+        if old_args.get(key) == value:
+            continue
+        for i, group in enumerate(optimizer.param_groups):
+            if key == "lr" and i == 0:  # only the default group: param_groups entries set their own lr
+                base = group.get("initial_lr", old_args.get("lr", group["lr"]))
+                group["lr"] = value * group["lr"] / base if base else value
+                group["initial_lr"] = value
+                if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
+                    lr_scheduler.base_lrs[0] = value
+            elif key != "lr" and key in group:
+                group[key] = value
+    if lr_scheduler is not None and saved.get("lr_scheduler"):
+        old_sched, new_sched = saved["lr_scheduler"].get("args", {}), config["lr_scheduler"].get("args", {})
+        for key, value in new_sched.items():
+            if old_sched.get(key) != value and hasattr(lr_scheduler, key):
+                setattr(lr_scheduler, key, value)
 
 
 def _git_commit():
@@ -135,7 +166,7 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
         saved = state["config"]
         config = saved if config is None else config
         config = validate_config(config, registries)
-        changes = _check_resume_changes(saved, config)
+        changes = _check_resume_changes(saved, config, mid_epoch=state["batch_in_epoch"] > 0)
     elif config is None:
         raise UserError("give a config (-c config.json) or a checkpoint to resume (-r checkpoint.pth)")
     else:
@@ -190,6 +221,7 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
         if state is not None:
             trainer.load_state_dict(state)
             trainer.resumed_from = resume
+            _apply_resume_changes(state["config"], config, optimizer, lr_scheduler)
             if state["config"]["seed"] != config["seed"] and info.is_main:
                 logger.warning("the seed changed: the data order from here on differs from the original run's")
 

@@ -223,8 +223,9 @@ class Trainer(BaseTrainer):
         if self.is_main:
             self.writer.add_scalars(result, self.global_step, prefix="epoch/")
             self.writer.add_scalar("epoch/epoch", epoch, self.global_step)
-            for i, group in enumerate(self.optimizer.param_groups):
-                self.writer.add_scalar(f"lr/group{i}", group["lr"], self.global_step)
+            if self.global_step % self.log_every:  # not already written by this step's log
+                for i, group in enumerate(self.optimizer.param_groups):
+                    self.writer.add_scalar(f"lr/group{i}", group["lr"], self.global_step)
             self.writer.flush()
 
     def _epoch_visuals(self, epoch, data):

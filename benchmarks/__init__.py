@@ -1,0 +1,1 @@
+"""Benchmarks of the template (not imported by the project)."""

@@ -1,0 +1,293 @@
+"""What the benchmark scripts share: paths, tables, JSON results, a terminal for tqdm,
+call counting, interleaved timing, and building the project's Trainer the way ``train.main`` does.
+
+Nothing here is imported by the project itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"  # ignored by git (.gitignore: benchmarks/results/)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_results(name: str, data: dict, out_dir=None) -> Path:
+    """Write ``data`` as ``<out_dir>/<name>.json`` (default ``benchmarks/results/``); returns the path."""
+    folder = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def environment() -> dict:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def table(headers, rows) -> str:
+    """A plain-text table: right-aligned columns, a rule under the headers."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a terminal for tqdm
+
+
+class _FakeTTY(io.TextIOWrapper):
+    """/dev/null that says it is a terminal (fallback where no pseudo-terminal can be opened)."""
+
+    def isatty(self):
+        return True
+
+
+@contextlib.contextmanager
+def terminal(columns=120, rows=40):
+    """``sys.stderr`` and ``sys.stdout`` go to a pseudo-terminal for the duration.
+
+    tqdm turns itself off (``disable=None``) when its file is not a TTY, so under a pipe
+    (this script's usual way to run, and CI) the trainer's progress bar would cost
+    nothing. To measure the default as a user at a terminal sees it, the bar writes to a
+    real pty (``os.openpty``), whose other end a thread drains, as a terminal emulator
+    would. Where no pty can be opened, /dev/null posing as a TTY stands in.
+    Yields a description of what stands in.
+    """
+    old_out, old_err = sys.stdout, sys.stderr
+    master = slave = None
+    drainer = None
+    try:
+        master, slave = os.openpty()
+        try:
+            import fcntl
+            import struct
+            import termios
+
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        except (ImportError, OSError):
+            pass
+        stream = open(slave, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        kind = "pty"
+
+        def drain():
+            while True:
+                try:
+                    if not os.read(master, 65536):
+                        return
+                except OSError:
+                    return
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+    except (OSError, AttributeError):
+        stream = _FakeTTY(open(os.devnull, "wb"), encoding="utf-8", line_buffering=True)
+        kind = "devnull posing as a TTY"
+    sys.stdout = sys.stderr = stream
+    try:
+        yield kind
+    finally:
+        sys.stdout, sys.stderr = old_out, old_err
+        stream.close()
+        if slave is not None:
+            os.close(slave)  # the drainer's read then fails and it returns
+        if drainer is not None:
+            drainer.join(timeout=1)
+        if master is not None:
+            os.close(master)
+
+
+# --------------------------------------------------------------------------- counting calls
+
+
+def count_calls(fn, *args, **kwargs):
+    """Run ``fn`` under ``sys.setprofile``; returns ``(result, {"call": n, "c_call": m})``.
+
+    ``call`` events are Python-level function calls (a generator's resumption counts as
+    one, as a profiler sees it); ``c_call`` events are calls of built-in / C functions
+    made from Python code. Only the calling thread is counted.
+    """
+    counts = {"call": 0, "c_call": 0}
+
+    def profiler(frame, event, arg):
+        if event in counts:
+            counts[event] += 1
+
+    sys.setprofile(profiler)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        sys.setprofile(None)
+    return result, counts
+
+
+def calls_per_step(run_steps, short, long):
+    """Calls per step as the slope between two epoch lengths, so that per-epoch set-up cancels.
+
+    ``run_steps(n)`` runs an epoch of ``n`` steps. Returns the slopes of ``call``,
+    ``c_call`` and their sum, and the raw counts.
+    """
+    _, a = count_calls(run_steps, short)
+    _, b = count_calls(run_steps, long)
+    slope = {k: (b[k] - a[k]) / (long - short) for k in a}
+    slope["total"] = slope["call"] + slope["c_call"]
+    return {"per_step": slope, "short": {"steps": short, **a}, "long": {"steps": long, **b}}
+
+
+# --------------------------------------------------------------------------- paired timing
+
+
+def interleaved(arms: dict, rounds: int, log=None) -> dict:
+    """Time each arm once per round, the order rotated every round; returns per-step seconds per arm.
+
+    ``arms`` maps a name to a function that runs one measured epoch and returns its number
+    of steps. Each run gives two samples: wall time (``time.perf_counter``) and the process's
+    CPU time (``time.process_time``, all its threads), each divided by the steps. Rotating
+    the order cancels a drift of the machine's speed (thermal, other load) between arms;
+    CPU time is the steadier of the two on a machine other processes share, since time
+    spent waiting for a core is not counted.
+    Returns ``{arm: {"wall": [...], "cpu": [...]}}``.
+    """
+    names = list(arms)
+    samples = {name: {"wall": [], "cpu": []} for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            gc.collect()
+            c0, t0 = time.process_time(), time.perf_counter()
+            steps = arms[name]()
+            t1, c1 = time.perf_counter(), time.process_time()
+            samples[name]["wall"].append((t1 - t0) / steps)
+            samples[name]["cpu"].append((c1 - c0) / steps)
+        if log:
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {samples[n]['wall'][-1] * 1e3:.3f} ms (cpu {samples[n]['cpu'][-1] * 1e3:.3f})" for n in names))
+    return samples
+
+
+def summary(samples):
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "samples_s": samples}
+
+
+def paired_ratio(numerator, denominator):
+    """Median of the per-round ratios (each pair measured back to back), and ratios of medians and minima."""
+    per_round = [a / b for a, b in zip(numerator, denominator)]
+    return {
+        "median_of_paired": statistics.median(per_round),
+        "of_medians": statistics.median(numerator) / statistics.median(denominator),
+        "of_minima": min(numerator) / min(denominator),
+        "per_round": per_round,
+    }
+
+
+# --------------------------------------------------------------------------- the project's Trainer
+
+
+def base_config(name, arch, data_args, optimizer, save_dir, loss="cross_entropy", metrics=("accuracy",), device="cpu",
+                **trainer):
+    """A config dict in ``config.json``'s format. Trainer settings not given keep the project's defaults."""
+    return {
+        "name": name,
+        "seed": 0,
+        "device": device,
+        "n_gpu": 1,
+        "arch": arch,
+        "data_loader": {"type": "SyntheticDataLoader", "args": dict(data_args)},
+        "optimizer": optimizer,
+        "loss": loss,
+        "metrics": list(metrics),
+        "trainer": {"save_dir": str(save_dir), **trainer},
+    }
+
+
+def build_trainer(config, run_id="bench", prepare_model=None):
+    """The project's :class:`trainer.trainer.Trainer` built from ``config`` as ``train.main`` builds it.
+
+    The same steps in the same order (check the config, seed, build loader, model, loss,
+    metrics, optimizer and scheduler, the run's folders, logging, a real TensorBoard
+    writer, move to the device, wrap for ``trainer.compile``), without the manifest and
+    without starting ``train()``: the benchmark calls ``train_epoch`` itself, so that
+    validation and epoch-end checkpoints stay out of the timing.
+    ``prepare_model(model)`` runs after the model is moved to the device (channels_last, say).
+
+    Returns a namespace with ``trainer``, ``model``, ``loader``, ``writer``, ``logger``,
+    ``config``, ``device`` and ``close()``.
+    """
+    import torch  # noqa: F401
+
+    import train
+    from logger.logger import close_logging, setup_logging
+    from logger.visualization import TensorboardWriter
+    from trainer import build
+    from trainer.trainer import Trainer
+    from utils.config import validate_config
+    from utils.seed import seed_everything
+
+    config = validate_config(config, build.registries())
+    cfg = config["trainer"]
+    device = build.resolve_device(config["device"])
+    build.check_amp(cfg["amp"], device)
+    seed_everything(config["seed"])
+    loader = build.build_data_loader(config)
+    valid = loader.split_validation()
+    model = build.build_model(config)
+    criterion, metric_fns = build.build_loss(config), build.build_metrics(config)
+    optimizer = build.build_optimizer(model, config)
+    lr_scheduler = build.build_scheduler(optimizer, config)
+    run = train.make_run(config, run_id)
+    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    run.log_dir.mkdir(parents=True, exist_ok=True)
+    logger = setup_logging(run.log_dir, cfg["verbosity"])  # console handler on the current sys.stdout
+    writer = TensorboardWriter(run.log_dir, cfg["tensorboard"], logger=logger)
+    model.to(device)
+    if prepare_model is not None:
+        prepare_model(model)
+    loader.to(device)
+    info = SimpleNamespace(enabled=False, is_main=True, rank=0, world_size=1)
+    forward_model = train._wrap_model(model, config, device, info, logger)
+    scaler = train._grad_scaler(device) if cfg["amp"] == "fp16" else None
+    trainer = Trainer(model, criterion, metric_fns, optimizer, config, device, loader, run,
+                      valid_data_loader=valid, lr_scheduler=lr_scheduler, writer=writer, logger=logger,
+                      forward_model=forward_model, scaler=scaler)
+
+    def close():
+        writer.close()
+        close_logging()
+
+    return SimpleNamespace(trainer=trainer, model=model, loader=loader, writer=writer, logger=logger,
+                           config=config, device=device, optimizer=optimizer, close=close)
+
+
+def fmt_ms(seconds):
+    return f"{seconds * 1e3:.3f}"

@@ -1,0 +1,244 @@
+"""Checkpoints you can trust: bit-exact resume, interruption, crash-safe writes, retention, fine-tuning."""
+
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from base.base_trainer import RunStopped
+from conftest import make_config, with_changes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_states_identical(a, b):
+    """Model and optimizer state bit-identical (torch.equal, not allclose)."""
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for index in sa:
+        for name, value in sa[index].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[index][name])), (index, name)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["global_step"] == b["global_step"]
+
+
+def load(path):
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+@pytest.fixture
+def resume_config(tmp_path):
+    # Shuffling, a validation split, dropout, a scheduler, momentum: everything that can drift on resume.
+    return make_config(tmp_path / "saved", epochs=3, save_period=1)
+
+
+def uninterrupted(config):
+    config = with_changes(config, name="whole")
+    train.main(config, run_id="w")
+    return load(Path(config["trainer"]["save_dir"]) / "models/whole/w/checkpoint-epoch3.pth")
+
+
+def test_resume_at_epoch_boundary_is_bit_exact(resume_config):
+    reference = uninterrupted(resume_config)
+    first = with_changes(resume_config, trainer__epochs=1)
+    train.main(first, run_id="part")
+    folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/part"
+    train.main(resume_config, resume=folder / "checkpoint-epoch1.pth")
+    assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
+
+
+@pytest.fixture
+def interrupt_at_step():
+    """Send this process SIGINT from inside the optimizer step number ``n``, as a Ctrl-C would arrive."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handles = []
+
+    def arm(n):
+        count = [0]
+
+        def hook(opt, args, kwargs):
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        handles.append(register_optimizer_step_post_hook(hook))
+
+    yield arm
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-memory", "2-workers"])
+def test_resume_mid_epoch_after_signal_is_bit_exact(resume_config, interrupt_at_step, workers):
+    if workers:
+        args = {**resume_config["data_loader"]["args"], "num_workers": workers, "in_memory": False}
+        resume_config = with_changes(resume_config, data_loader__args=args)
+    reference = uninterrupted(resume_config)
+    interrupt_at_step(19)  # epoch 2, batch 6 of 13
+    with pytest.raises(RunStopped) as stopped:
+        train.main(resume_config, run_id="cut")
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+    folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/cut"
+    last = load(folder / "last.pth")
+    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 6, 19)
+    train.main(None, resume=folder / "last.pth")
+    assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
+
+
+def test_save_every_n_steps_writes_a_resumable_last_checkpoint(resume_config):
+    config = with_changes(resume_config, trainer__save_every_n_steps=5, trainer__epochs=1)
+    train.main(config, run_id="s")
+    last = load(Path(config["trainer"]["save_dir"]) / "models/tiny/s/last.pth")
+    assert last["global_step"] == 10 and last["batch_in_epoch"] == 10
+
+
+def test_sigterm_from_outside_writes_last_and_prints_resume_command(tmp_path):
+    config = make_config(tmp_path / "saved", epochs=10_000, save_period=10_000)
+    config["trainer"]["monitor"] = "off"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, "train.py", "-c", str(path), "--run-id", "job", "trainer.verbosity=1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "saved/log/tiny/job/info.log").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # let it train for a while
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    last = tmp_path / "saved/models/tiny/job/last.pth"
+    assert f"Resume with: python train.py -r {last.resolve()}" in out or f"Resume with: python train.py -r {last}" in out
+    state = load(last)
+    assert state["global_step"] > 0 and "Traceback" not in out
+
+
+@pytest.mark.parametrize("kills", [4, pytest.param(25, marks=pytest.mark.slow)])
+def test_kill_during_write_never_tears_a_checkpoint(tmp_path, kills):
+    """kill -9 a process that rewrites one checkpoint in a loop, at random moments: the file is always whole."""
+    target = tmp_path / "ckpt.pth"
+    writer = tmp_path / "writer.py"
+    writer.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from utils.io import save_checkpoint\n"
+        "i = int(sys.argv[2])\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    i += 1\n"
+        "    save_checkpoint({'i': i, 'model': torch.full((300_000,), float(i)), 'config': {}, 'epoch': i}, sys.argv[1])\n"
+    )
+    rng = torch.Generator().manual_seed(0)
+    seen = set()
+    for attempt in range(kills):
+        proc = subprocess.Popen([sys.executable, str(writer), str(target), str(attempt * 100_000)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.02 + 0.2 * torch.rand(1, generator=rng).item())
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        state = load(target)  # raises if torn
+        assert torch.equal(state["model"], torch.full((300_000,), float(state["i"])))
+        seen.add(state["i"] // 100_000)
+    assert len(seen) >= kills - 1  # (nearly) every writer had replaced the file by the time it was killed
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) <= kills  # temporary files of killed writes may remain, never the target torn
+
+
+def test_best_model_saved_on_every_improvement_whatever_save_period(resume_config):
+    config = with_changes(resume_config, trainer__save_period=50, trainer__epochs=3)
+    train.main(config, run_id="b")
+    folder = Path(config["trainer"]["save_dir"]) / "models/tiny/b"
+    best = load(folder / "model_best.pth")
+    assert best["epoch"] >= 1 and best["monitor_best"] == best["monitor_best"]
+    assert sorted(p.name for p in folder.glob("checkpoint-*.pth")) == ["checkpoint-epoch3.pth"]  # the last epoch only
+    # The best checkpoint holds the best validation loss of the run.
+    log = (Path(config["trainer"]["save_dir"]) / "log/tiny/b/info.log").read_text()
+    val_losses = [float(v) for v in re.findall(r"val_loss\s+: (\S+)", log)]
+    assert len(val_losses) == 3
+    assert best["monitor_best"] == pytest.approx(min(val_losses))
+
+
+def test_keep_last_retention_spares_best_last_and_resumed_from(resume_config):
+    config = with_changes(resume_config, trainer__keep_last=2, trainer__epochs=2)
+    train.main(config, run_id="k")
+    folder = Path(config["trainer"]["save_dir"]) / "models/tiny/k"
+    config["trainer"]["epochs"] = 6
+    train.main(config, resume=folder / "checkpoint-epoch1.pth")
+    names = {p.name for p in folder.glob("*.pth")}
+    assert names == {"checkpoint-epoch1.pth", "checkpoint-epoch5.pth", "checkpoint-epoch6.pth", "model_best.pth"}
+
+
+def test_resume_with_changes_prints_diff_and_refuses_new_architecture(resume_config, capsys):
+    train.main(with_changes(resume_config, trainer__epochs=1), run_id="d")
+    folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/d"
+    ckpt = str(folder / "checkpoint-epoch1.pth")
+    assert train.cli(["-r", ckpt, "trainer.epochs=2", "optimizer.args.lr=0.05", "trainer.verbosity=1"]) == 0
+    log = (Path(resume_config["trainer"]["save_dir"]) / "log/tiny/d/info.log").read_text()
+    assert "changed: optimizer.args.lr: 0.1 -> 0.05" in log and "changed: trainer.epochs: 1 -> 2" in log
+    # The new base lr, with the scheduler's progress so far (one decay after epoch 1, one after epoch 2).
+    assert load(folder / "checkpoint-epoch2.pth")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.9**2)
+
+    before = sorted(p.name for p in folder.iterdir())
+    assert train.cli(["-r", ckpt, "arch.args.hidden_sizes=[32]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume with a changed arch.args.hidden_sizes" in err[0] and "--init-from" in err[0]
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_init_from_fine_tunes_with_fresh_optimizer(resume_config):
+    train.main(with_changes(resume_config, trainer__epochs=1), run_id="src")
+    source = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/src/checkpoint-epoch1.pth"
+    # lr 0: the new run's weights are exactly the source's; its optimizer and counters start fresh.
+    tune = with_changes(resume_config, name="tuned", trainer__epochs=1, optimizer={"type": "SGD", "args": {"lr": 0.0}})
+    train.main(tune, init_from=source, run_id="t")
+    tuned = load(Path(resume_config["trainer"]["save_dir"]) / "models/tuned/t/checkpoint-epoch1.pth")
+    src = load(source)
+    assert all(torch.equal(tuned["model"][k], v) for k, v in src["model"].items())
+    assert tuned["global_step"] == src["global_step"]  # one epoch each, counted from zero
+    assert tuned["optimizer"]["state"] == {} or all("momentum_buffer" not in s or s["momentum_buffer"] is None
+                                                    for s in tuned["optimizer"]["state"].values())
+
+
+def test_init_from_non_strict_loads_what_fits(resume_config, capsys):
+    train.main(with_changes(resume_config, trainer__epochs=1), run_id="src")
+    source = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/src/checkpoint-epoch1.pth"
+    four = with_changes(resume_config, name="four", trainer__epochs=1, optimizer={"type": "SGD", "args": {"lr": 0.0}},
+                        arch__args={"input_size": 16, "hidden_sizes": [16], "num_classes": 4},
+                        data_loader__args={**resume_config["data_loader"]["args"], "num_classes": 4})
+    with pytest.raises(train.UserError, match="do not fit this model"):
+        train.main(four, init_from=source)
+    train.main(four, init_from=source, init_strict=False, run_id="f")
+    tuned = load(Path(resume_config["trainer"]["save_dir"]) / "models/four/f/checkpoint-epoch1.pth")
+    assert torch.equal(tuned["model"]["net.1.weight"], load(source)["model"]["net.1.weight"])
+    log = (Path(resume_config["trainer"]["save_dir"]) / "log/four/f/info.log").read_text()
+    assert "skipped for a different shape ['net.4.weight', 'net.4.bias']" in log
+
+
+def test_manifest_records_the_run_and_its_resumes(resume_config):
+    train.main(with_changes(resume_config, trainer__epochs=1), run_id="m", argv=["train.py", "-c", "x.json"])
+    folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/m"
+    train.main(resume_config, resume=folder / "checkpoint-epoch1.pth", argv=["train.py", "-r", "ck"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["command"] == ["train.py", "-c", "x.json"]
+    assert manifest["seed"] == 0 and manifest["config"]["trainer"]["epochs"] == 3
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert [h["command"] for h in manifest["resume_history"]] == [["train.py", "-r", "ck"]]
+
+
+def test_checkpoints_load_weights_only_with_plain_keys(resume_config):
+    train.main(with_changes(resume_config, trainer__epochs=1), run_id="w")
+    for path in (Path(resume_config["trainer"]["save_dir"]) / "models/tiny/w").glob("*.pth"):
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
