@@ -1,0 +1,85 @@
+"""The pieces around the loop: metrics weighting, the MNIST config on generated files, new_project.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import new_project
+import test as evaluate_cli
+import train
+from model.metric import accuracy, top_k_acc
+from utils.metric_tracker import MetricTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_top_k_accuracy_against_a_direct_count():
+    output = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 7, (50,), generator=torch.Generator().manual_seed(1))
+    ranks = (output > output.gather(1, target[:, None])).sum(1)  # how many classes score above the target
+    for k in (1, 3, 7):
+        assert top_k_acc(output, target, k=k).item() == pytest.approx((ranks < k).float().mean().item())
+    assert accuracy(output, target).item() == pytest.approx((ranks == 0).float().mean().item())
+
+
+def test_epoch_metric_weights_a_short_last_batch_by_its_size():
+    output = torch.tensor([[1.0, 0.0]] * 10)
+    target = torch.tensor([0] * 8 + [1] * 2)  # 8 right, 2 wrong
+    tracker = MetricTracker(["accuracy"], "cpu")
+    for start in (0, 4, 8):  # batches of 4, 4 and a short 2 (all wrong)
+        tracker.update([accuracy(output[start:start + 4], target[start:start + 4])], len(target[start:start + 4]))
+    assert tracker.result()["accuracy"] == pytest.approx(0.8)  # a plain mean of batch means would say 2/3
+
+
+def write_mnist(folder, n_train=96, n_test=40, seed=0):
+    from data_loader.idx import write_idx
+
+    rng = np.random.default_rng(seed)
+    raw = Path(folder) / "MNIST" / "raw"
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        # Learnable images: a bright column at the label's position.
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            images[i, :, 2 + 2 * label] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+def test_mnist_config_trains_on_generated_idx_files(tmp_path):
+    write_mnist(tmp_path / "data")
+    config = json.loads((ROOT / "configs/mnist.json").read_text())
+    config["data_loader"]["args"].update(data_dir=str(tmp_path / "data"), download=False, batch_size=16)
+    config["trainer"].update(save_dir=str(tmp_path / "saved"), epochs=3, verbosity=0, tensorboard=False)
+    metrics = train.main(config, run_id="m")
+    assert metrics["epoch"] == 3
+    result = evaluate_cli.main(tmp_path / "saved/models/Mnist_LeNet/m/model_best.pth")
+    assert result["n_samples"] == 40 and result["accuracy"] > 0.5  # chance is 0.1
+
+
+def test_new_project_copies_a_working_template(tmp_path):
+    target = tmp_path / "my_project"
+    out = subprocess.run([sys.executable, str(ROOT / "new_project.py"), str(target)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in ("train.py", "test.py", "config.json", "Makefile", "requirements.txt", "trainer/trainer.py",
+                 "tests/conftest.py", ".ci/run"):
+        assert (target / name).is_file(), name
+    assert not (target / ".venv").exists() and not (target / ".git").exists() and not (target / "saved").exists()
+    # The copy validates its own default config.
+    check = subprocess.run([sys.executable, "-c", "from utils.config import load_config, validate_config;"
+                            "from trainer.build import registries;"
+                            "validate_config(load_config('config.json'), registries())"], cwd=target,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    again = subprocess.run([sys.executable, str(ROOT / "new_project.py"), str(target)], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "already exists" in again.stderr
+
+
+def test_new_project_refuses_a_folder_inside_the_template():
+    with pytest.raises(FileExistsError, match="inside the template"):
+        new_project.copy_template(ROOT / "inner")
