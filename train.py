@@ -7,6 +7,7 @@ parses arguments and turns a user's mistake into one line on stderr and exit cod
 import argparse
 import json
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -218,12 +219,16 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
                           valid_data_loader=valid_data_loader, lr_scheduler=lr_scheduler, writer=writer,
                           logger=logger, forward_model=forward_model, frozen=frozen, scaler=scaler,
                           is_main=info.is_main, distributed=info.enabled)
+        trainer.world_size = info.world_size
         if state is not None:
             trainer.load_state_dict(state)
             trainer.resumed_from = resume
             _apply_resume_changes(state["config"], config, optimizer, lr_scheduler)
-            if state["config"]["seed"] != config["seed"] and info.is_main:
+            if state["config"]["seed"] != config["seed"]:
                 logger.warning("the seed changed: the data order from here on differs from the original run's")
+            if state.get("world_size", 1) != info.world_size:
+                logger.warning(f"resuming a run of {state.get('world_size', 1)} processes with {info.world_size}:"
+                               " each process's share of the data, and so the data order, changes from here on")
 
         if info.is_main:
             previous = None
@@ -381,6 +386,9 @@ def cli(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        # The run is over; a late Ctrl-C must not turn the exit into a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 

@@ -57,6 +57,7 @@ class BaseTrainer:
         self.stop_signal = None  # set by a SIGINT/SIGTERM handler
         self.finished = False  # max_steps reached or early stop
         self.resumed_from = None
+        self.world_size = 1  # processes under torchrun; recorded so a resume can tell the data order changed
         self.final_metrics = {}
 
     # ------------------------------------------------------------------ the loop
@@ -129,6 +130,7 @@ class BaseTrainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
+            "world_size": self.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,

@@ -123,6 +123,47 @@ def test_sigterm_from_outside_writes_last_and_prints_resume_command(tmp_path):
     assert state["global_step"] > 0 and "Traceback" not in out
 
 
+def test_second_ctrl_c_exits_at_once_leaving_whole_files(tmp_path):
+    config = make_config(tmp_path / "saved", epochs=10_000, save_period=1, save_every_n_steps=1)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, "train.py", "-c", str(path), "--run-id", "job"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    folder = tmp_path / "saved/models/tiny/job"
+    deadline = time.time() + 60
+    while not (folder / "checkpoint-epoch2.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    for ckpt in folder.glob("*.pth"):
+        load(ckpt)  # every checkpoint left behind is whole
+
+
+def test_second_ctrl_c_in_process_raises_at_once(resume_config):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def hook(opt, args, kwargs):
+        hook.steps += 1
+        if hook.steps == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # first: stop after this step
+            os.kill(os.getpid(), signal.SIGINT)  # second: at once
+
+    hook.steps = 0
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(with_changes(resume_config, trainer__save_every_n_steps=1), run_id="k")
+    finally:
+        handle.remove()
+    folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/k"
+    assert not (folder / "last.pth").exists() or load(folder / "last.pth")["global_step"] <= 6
+    assert hook.steps == 6  # no step ran after the second Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+
 @pytest.mark.parametrize("kills", [4, pytest.param(25, marks=pytest.mark.slow)])
 def test_kill_during_write_never_tears_a_checkpoint(tmp_path, kills):
     """kill -9 a process that rewrites one checkpoint in a loop, at random moments: the file is always whole."""
