@@ -6,7 +6,6 @@ here calls ``.item()``: reading a value back to the host is a device sync, done 
 a value is logged.
 """
 
-import torch
 
 
 def accuracy(output, target):

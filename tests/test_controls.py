@@ -8,7 +8,7 @@ import torch
 
 import train
 from base.base_trainer import RunStopped
-from conftest import make_config, with_changes
+from conftest import with_changes
 from trainer import build
 from utils.seed import seed_everything
 

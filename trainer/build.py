@@ -14,7 +14,6 @@ from model.loss import LOSSES
 from model.metric import METRICS
 from model.model import MODELS
 from utils.config import ConfigError, Registry, init_obj
-from utils.errors import UserError
 
 
 def _torchvision_model(name):
@@ -158,5 +157,3 @@ def check_amp(amp, device):
     if amp == "bf16" and device.type == "mps":
         raise ConfigError('trainer.amp: "bf16" autocast is not supported on mps here; use false')
 
-
-__all__ = ["UserError"]
