@@ -180,9 +180,9 @@ class Trainer(BaseTrainer):
 
     def _sync_context(self, last_in_window):
         # Under DDP, accumulating steps skip the gradient all-reduce; only the window's last one syncs.
-        if self.distributed and not last_in_window and self.accumulate > 1:
+        if self.distributed and not last_in_window:
             return self.forward_model.no_sync()
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
 
     def batches_per_epoch(self):
         return self.len_epoch or len(self.data_loader)
@@ -298,6 +298,9 @@ class Trainer(BaseTrainer):
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
         if state.get("batch_in_epoch"):
             self.train_metrics.load_state_dict(state["train_metrics"])
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 def _total_norm(params, norm_type):

@@ -24,7 +24,7 @@ class MetricTracker:
 
     def update(self, values, n):
         """Add one batch: ``values`` are 0-d tensors in the order of ``names``, ``n`` the batch's sample count."""
-        self.sums += torch.stack(values).to(self.dtype) * n
+        self.sums.add_(torch.stack(values), alpha=n)  # two small ops: this runs every step
         self.count += n
 
     def result(self, reduce=False):
