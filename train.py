@@ -218,7 +218,8 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
         trainer = Trainer(model, criterion, metric_fns, optimizer, config, device, data_loader, run,
                           valid_data_loader=valid_data_loader, lr_scheduler=lr_scheduler, writer=writer,
                           logger=logger, forward_model=forward_model, frozen=frozen, scaler=scaler,
-                          is_main=info.is_main, distributed=info.enabled)
+                          is_main=info.is_main, distributed=info.enabled,
+                          rewrap=lambda: _wrap_model(model, config, device, info, logger))
         trainer.world_size = info.world_size
         if state is not None:
             trainer.load_state_dict(state)
@@ -323,7 +324,7 @@ def _log_summary(logger, model, config, device, info, loader, valid, run, state,
     batch = loader.batch_size
     logger.info(f"Batch size {batch} per process, {batch * info.world_size * config['trainer']['accumulate_grad_batches']}"
                 f" per optimizer step; {len(loader)} batches per epoch, "
-                f"{len(valid.sampler) * info.world_size if valid else 0} validation samples")
+                f"{len(valid.sampler.indices) if valid else 0} validation samples")
     if state is not None:
         logger.info(f"Resumed from epoch {state['epoch']}, batch {state['batch_in_epoch']}, step {state['global_step']}")
         for line in changes:
@@ -386,11 +387,10 @@ def cli(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        # The run is over; a late Ctrl-C must not turn the exit into a traceback.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    code = cli()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a late Ctrl-C must not print a traceback
+    sys.exit(code)

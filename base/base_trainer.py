@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from utils import dist
 from utils.io import save_checkpoint
 from utils.seed import rng_state, set_rng_state
 
@@ -55,6 +56,7 @@ class BaseTrainer:
         self.batch_in_epoch = 0  # batches completed of the epoch in progress
         self.global_step = 0  # optimizer steps taken
         self.stop_signal = None  # set by a SIGINT/SIGTERM handler
+        self.distributed = False  # under torchrun: every process takes the stop decision together
         self.finished = False  # max_steps reached or early stop
         self.resumed_from = None
         self.world_size = 1  # processes under torchrun; recorded so a resume can tell the data order changed
@@ -70,7 +72,7 @@ class BaseTrainer:
                 epoch = self.epoch + 1
                 self.before_epoch(epoch)
                 result = self.train_epoch(epoch, self.batch_in_epoch)
-                if self.stop_signal:
+                if self.agreed_stop_signal():
                     self._stop_for_signal()
                 result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})
                 self._end_epoch(epoch, result)
@@ -203,8 +205,29 @@ class BaseTrainer:
 
         return restore
 
+    def agreed_stop_signal(self):
+        """The name of the signal to stop for now, or None.
+
+        One process: its own handler's. Under torchrun the signal reaches the processes at
+        different moments; one stopping alone would leave the others in a collective (and
+        rank 0 without a ``last.pth``), so all processes ask each other (a collective, called
+        at the same points on every rank) and stop after the same step.
+        """
+        own = self.stop_signal  # read once: the handler may set it meanwhile
+        if not self.distributed:
+            return own
+        agreed = dist.max_over_ranks(signal.Signals[own].value if own else 0)
+        if not agreed:
+            return None
+        self.stop_signal = signal.Signals(agreed).name
+        return self.stop_signal
+
+    def before_checkpoint(self):
+        """Called on every process before a mid-epoch checkpoint is written (by rank 0): collectives go here."""
+
     def _stop_for_signal(self):
         name = self.stop_signal
+        self.before_checkpoint()
         if self.is_main:
             path = self.save("last.pth")
             self.logger.warning(

@@ -46,7 +46,7 @@ class Trainer(BaseTrainer):
 
     def __init__(self, model, criterion, metric_fns, optimizer, config, device, data_loader, run,
                  valid_data_loader=None, lr_scheduler=None, writer=None, logger=None, forward_model=None,
-                 frozen=(), scaler=None, is_main=True, distributed=False):
+                 frozen=(), scaler=None, is_main=True, distributed=False, rewrap=None):
         super().__init__(model, optimizer, config, run, lr_scheduler, writer, logger, is_main)
         cfg = config["trainer"]
         self.criterion, self.metric_fns, self.device = criterion, list(metric_fns), device
@@ -68,6 +68,7 @@ class Trainer(BaseTrainer):
         self.log_images = cfg["log_images"]
         self.quiet = cfg["verbosity"] == 0 or not is_main
         self.distributed = distributed
+        self.rewrap = rewrap  # builds forward_model again (DDP registers only the parameters trainable when built)
         self.step_scheduler = lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
         self.autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
@@ -78,6 +79,7 @@ class Trainer(BaseTrainer):
         self.nonfinite_skips = 0
         names = ["loss", *(fn.__name__ for fn in self.metric_fns)]
         self.train_metrics = MetricTracker(names, device)
+        self._train_metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
         self._params = self._optimizer_params()
 
     # ------------------------------------------------------------------ one epoch
@@ -115,11 +117,14 @@ class Trainer(BaseTrainer):
                 continue
             self._optimizer_step(epoch, batch_idx, loss)
             self.batch_in_epoch = batch_idx + 1
-            if self.stop_signal or (self.max_steps and self.global_step >= self.max_steps):
-                self.finished = self.finished or not self.stop_signal
+            stopping = self.agreed_stop_signal()
+            if stopping or (self.max_steps and self.global_step >= self.max_steps):
+                self.finished = self.finished or not stopping
                 break
-            if self.save_every and self.global_step % self.save_every == 0 and self.is_main:
-                self.save("last.pth")
+            if self.save_every and self.global_step % self.save_every == 0:
+                self.before_checkpoint()
+                if self.is_main:
+                    self.save("last.pth")
         bar.close()
         if data is not None and self.writer and self.is_main:
             self._epoch_visuals(epoch, data)
@@ -275,19 +280,27 @@ class Trainer(BaseTrainer):
             self.lr_scheduler.base_lrs.append(lr)  # schedulers keep one base lr per group
         self.unfrozen = True
         self._params = self._optimizer_params()
+        if self.distributed and self.rewrap is not None:
+            self.forward_model = self.rewrap()  # a collective: every process unfreezes at the same epoch
 
     def _optimizer_params(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     # ------------------------------------------------------------------ checkpoint extras
 
+    def before_checkpoint(self):
+        # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective),
+        # so that a resume, under any world size, ends the epoch with the numbers of the whole epoch.
+        self._train_metrics_state = self.train_metrics.state_dict(reduce=self.distributed)
+
     def extra_state(self):
+        metrics_state, self._train_metrics_state = self._train_metrics_state, None
         return {
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "frozen": self.frozen,
             "unfrozen": self.unfrozen,
             "nonfinite_skips": self.nonfinite_skips,
-            "train_metrics": self.train_metrics.state_dict(),
+            "train_metrics": metrics_state or self.train_metrics.state_dict(),
         }
 
     def load_extra_state(self, state):
@@ -297,7 +310,11 @@ class Trainer(BaseTrainer):
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
         if state.get("batch_in_epoch"):
-            self.train_metrics.load_state_dict(state["train_metrics"])
+            # The sums are all processes' (see before_checkpoint): one process carries them on.
+            if self.is_main:
+                self.train_metrics.load_state_dict(state["train_metrics"])
+            else:
+                self.train_metrics.reset()
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing

@@ -30,20 +30,47 @@ def launched_by_torchrun():
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+# How many times this process has initialised the process group (see :func:`_init_group`).
+_generation = 0
+# A gloo group for small host-side agreements (see :func:`max_over_ranks`) when the default group is nccl.
+_control_group = None
+
+
 def setup(device):
     """Join the process group torchrun describes; returns this process's :class:`DistInfo` and device.
 
     ``nccl`` on CUDA (each process pinned to its local GPU), ``gloo`` on the CPU.
+    Can be called again after :func:`cleanup` (a second ``main()`` in the same processes).
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(), device
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _init_group("nccl" if device.type == "cuda" else "gloo", info)
     return info, device
+
+
+def _init_group(backend, info):
+    """``init_process_group`` from torchrun's environment, under a key prefix new to this initialisation.
+
+    Every initialisation rendezvouses through the same store (torchrun's, at
+    ``MASTER_ADDR:MASTER_PORT``) under the same keys, so after a ``destroy_process_group``
+    a second one would read the first one's stale addresses and hang. The first
+    initialisation is the plain one; later ones (every rank counts the same) use their own prefix.
+    """
+    global _generation, _control_group
+    _generation += 1
+    if _generation == 1:
+        dist.init_process_group(backend)
+    else:
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"utils.dist/{_generation}/", store)
+        dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
+    # Collective: every rank creates it, right after joining.
+    _control_group = None if backend == "gloo" else dist.new_group(backend="gloo")
 
 
 def broadcast_object(obj, info):
@@ -63,6 +90,23 @@ def all_gather_objects(obj, info):
     return out
 
 
+def max_over_ranks(value):
+    """The largest of every process's ``value`` (an int); ``value`` itself without a process group.
+
+    For decisions every process must take at the same point, such as stopping after this
+    step for a signal that reached the processes at different moments. A collective: every
+    process must call it equally often. It travels over gloo on the host, so under nccl
+    it does not wait for the GPU.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return int(value)
+    box = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control_group)
+    return int(box.item())
+
+
 def cleanup():
+    global _control_group
+    _control_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -40,8 +40,16 @@ class MetricTracker:
         values = (sums / count.clamp(min=1)).tolist()
         return dict(zip(self.names, values))
 
-    def state_dict(self):
-        return {"sums": self.sums.detach().cpu(), "count": self.count}
+    def state_dict(self, reduce=False):
+        """The running sums and count; ``reduce=True`` (a collective) sums them over all processes first."""
+        sums, count = self.sums.detach(), self.count
+        if reduce:
+            import torch.distributed as dist
+
+            both = torch.cat([sums, torch.tensor([float(count)], dtype=self.dtype, device=sums.device)])
+            dist.all_reduce(both)
+            sums, count = both[:-1], int(both[-1].item())
+        return {"sums": sums.cpu(), "count": count}
 
     def load_state_dict(self, state):
         self.sums.copy_(state["sums"])
