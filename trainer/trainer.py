@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, RunStopped
+from utils import dist
 from utils.metric_tracker import MetricTracker
 
 
@@ -105,7 +106,7 @@ class Trainer(BaseTrainer):
             with self._sync_context(last_in_window), self.autocast:
                 output = model(data)
                 loss = self.criterion(output, target)
-            if self.check_every_step and not torch.isfinite(loss):
+            if self.check_every_step and self._any_rank(not torch.isfinite(loss)):
                 self._nonfinite(loss, epoch, batch_idx)  # raises, unless skipping is on
             else:
                 # Scaled so that N batches of size B give the update of one batch of N*B.
@@ -155,7 +156,7 @@ class Trainer(BaseTrainer):
     def _log_step(self, epoch, batch_idx, loss, grad_norm):
         # The only host-device sync of a training step, and only at the logging interval.
         value = loss.item()
-        if not self.check_every_step and not torch.isfinite(self.train_metrics.sums).all():
+        if not self.check_every_step and self._any_rank(not torch.isfinite(self.train_metrics.sums).all()):
             self._nonfinite(loss, epoch, batch_idx, since_last_log=True)
         if not self.is_main:
             return
@@ -182,6 +183,10 @@ class Trainer(BaseTrainer):
             " checkpoint is untouched. Lower the learning rate, set trainer.clip_grad_norm, or set"
             " trainer.skip_nonfinite=true to skip such steps"
         )
+
+    def _any_rank(self, flag):
+        # Under torchrun every process must stop or skip together, or the others wait forever in the all-reduce.
+        return bool(dist.max_over_ranks(int(flag))) if self.distributed else bool(flag)
 
     def _sync_context(self, last_in_window):
         # Under DDP, accumulating steps skip the gradient all-reduce; only the window's last one syncs.
