@@ -225,7 +225,10 @@ class Trainer(BaseTrainer):
     def valid_epoch(self, epoch):
         if self.valid_data_loader is None:
             return {}
-        return evaluate(self.forward_model, self.valid_data_loader, self.criterion, self.metric_fns, self.device,
+        # Under DDP, evaluate the plain module: the wrapper's forward broadcasts buffers, a collective that
+        # would wait forever on a process whose validation shard has fewer batches.
+        model = self.model if self.distributed else self.forward_model
+        return evaluate(model, self.valid_data_loader, self.criterion, self.metric_fns, self.device,
                         self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}")
 
     def log_epoch(self, epoch, result):
