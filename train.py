@@ -176,6 +176,9 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
     device = build.resolve_device(config["device"])
     info, device = dist.setup(device)
     build.check_amp(cfg["amp"], device)
+    if info.enabled and cfg["skip_nonfinite"]:
+        raise ConfigError("trainer.skip_nonfinite: not supported under torchrun (every process would have to agree"
+                          " on each step); leave it false there, so a non-finite loss stops the run")
     seed_everything(config["seed"])
 
     data_loader = build.build_data_loader(config)

@@ -56,6 +56,7 @@ class BaseTrainer:
         self.batch_in_epoch = 0  # batches completed of the epoch in progress
         self.global_step = 0  # optimizer steps taken
         self.stop_signal = None  # set by a SIGINT/SIGTERM handler
+        self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
         self.distributed = False  # under torchrun: every process takes the stop decision together
         self.finished = False  # max_steps reached or early stop
         self.resumed_from = None
@@ -206,20 +207,22 @@ class BaseTrainer:
         return restore
 
     def agreed_stop_signal(self):
-        """The name of the signal to stop for now, or None.
+        """The name of the signal to stop for now, or None; raises when a process saw the loss diverge.
 
         One process: its own handler's. Under torchrun the signal reaches the processes at
         different moments; one stopping alone would leave the others in a collective (and
-        rank 0 without a ``last.pth``), so all processes ask each other (a collective, called
-        at the same points on every rank) and stop after the same step.
+        rank 0 without a ``last.pth``), so all processes ask each other (one small collective,
+        at the same points on every rank) and stop after the same step. The same exchange
+        carries whether any process saw a non-finite loss, so that all of them stop then.
         """
         own = self.stop_signal  # read once: the handler may set it meanwhile
         if not self.distributed:
             return own
-        agreed = dist.max_over_ranks(signal.Signals[own].value if own else 0)
-        if not agreed:
-            return None
-        self.stop_signal = signal.Signals(agreed).name
+        agreed, diverged = dist.max_over_ranks(signal.Signals[own].value if own else 0, bool(self.diverged))
+        if diverged:
+            raise RunStopped(self.diverged or "another process saw a non-finite loss; stopping without saving, so"
+                             " the last good checkpoint is untouched")
+        self.stop_signal = signal.Signals(agreed).name if agreed else None
         return self.stop_signal
 
     def before_checkpoint(self):

@@ -2,12 +2,12 @@
 
 import contextlib
 import itertools
+import math
 
 import torch
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, RunStopped
-from utils import dist
 from utils.metric_tracker import MetricTracker
 
 
@@ -93,11 +93,14 @@ class Trainer(BaseTrainer):
             tracker.reset()
         n_batches = self.batches_per_epoch()
         accumulate, device = self.accumulate, self.device
+        move = device.type != "cpu"  # batches are made on the CPU: there, moving them is a no-op worth skipping
+        check = self.check_every_step
         data = None
         bar = tqdm(self._batches(epoch, start_batch), total=n_batches, initial=start_batch, leave=False,
                    desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True)
         for batch_idx, (data, target) in enumerate(bar, start_batch):
-            data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            if move:
+                data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
             window_start = batch_idx - batch_idx % accumulate
             window_end = min(window_start + accumulate, n_batches)  # a short tail still steps
             last_in_window = batch_idx + 1 == window_end
@@ -106,9 +109,7 @@ class Trainer(BaseTrainer):
             with self._sync_context(last_in_window), self.autocast:
                 output = model(data)
                 loss = self.criterion(output, target)
-            if self.check_every_step and self._any_rank(not torch.isfinite(loss)):
-                self._nonfinite(loss, epoch, batch_idx)  # raises, unless skipping is on
-            else:
+            if not (check and not math.isfinite(loss.item()) and self._nonfinite(loss, epoch, batch_idx)):
                 # Scaled so that N batches of size B give the update of one batch of N*B.
                 scaled = loss / (window_end - window_start) if window_end - window_start > 1 else loss
                 with self._sync_context(last_in_window):
@@ -156,7 +157,7 @@ class Trainer(BaseTrainer):
     def _log_step(self, epoch, batch_idx, loss, grad_norm):
         # The only host-device sync of a training step, and only at the logging interval.
         value = loss.item()
-        if not self.check_every_step and self._any_rank(not torch.isfinite(self.train_metrics.sums).all()):
+        if not self.check_every_step and not torch.isfinite(self.train_metrics.totals()).all():
             self._nonfinite(loss, epoch, batch_idx, since_last_log=True)
         if not self.is_main:
             return
@@ -171,22 +172,27 @@ class Trainer(BaseTrainer):
         self.logger.debug(f"epoch {epoch} batch {batch_idx + 1}/{self.batches_per_epoch()} step {step} loss {value:.6f}")
 
     def _nonfinite(self, loss, epoch, batch_idx, since_last_log=False):
+        """Handle a non-finite loss: returns True to skip the batch, or raises to stop the run.
+
+        Under torchrun the message is kept until the processes agree after this step
+        (:meth:`agreed_stop_signal`), so that all of them stop together.
+        """
         where = f"epoch {epoch}, step {self.global_step + 1} (batch {batch_idx + 1})"
         if self.skip_nonfinite:
             self.nonfinite_skips += 1
             self.logger.warning(f"non-finite loss ({loss.item()}) at {where}: step skipped ({self.nonfinite_skips} so far)")
-            return
+            return True
         if since_last_log:
             where = f"epoch {epoch}, between steps {self.global_step - self.log_every + 1} and {self.global_step}"
-        raise RunStopped(
+        message = (
             f"the loss became non-finite ({loss.item()}) at {where}; stopping without saving, so the last good"
             " checkpoint is untouched. Lower the learning rate, set trainer.clip_grad_norm, or set"
             " trainer.skip_nonfinite=true to skip such steps"
         )
-
-    def _any_rank(self, flag):
-        # Under torchrun every process must stop or skip together, or the others wait forever in the all-reduce.
-        return bool(dist.max_over_ranks(int(flag))) if self.distributed else bool(flag)
+        if not self.distributed:
+            raise RunStopped(message)
+        self.diverged = message
+        return False
 
     def _sync_context(self, last_in_window):
         # Under DDP, accumulating steps skip the gradient all-reduce; only the window's last one syncs.
@@ -243,9 +249,10 @@ class Trainer(BaseTrainer):
 
     def _epoch_visuals(self, epoch, data):
         step = self.global_step
-        if self.log_images and data.dim() == 4 and data.shape[1] in (1, 3):
+        histograms = self.histogram_every and epoch % self.histogram_every == 0
+        if self.log_images and (epoch == 1 or histograms) and data.dim() == 4 and data.shape[1] in (1, 3):
             self.writer.add_images("inputs", data[:16], step)
-        if not self.histogram_every or epoch % self.histogram_every:
+        if not histograms:
             return
         for name, param in self.model.named_parameters():
             self.writer.add_histogram(f"params/{name}", param, step)

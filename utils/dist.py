@@ -90,19 +90,21 @@ def all_gather_objects(obj, info):
     return out
 
 
-def max_over_ranks(value):
-    """The largest of every process's ``value`` (an int); ``value`` itself without a process group.
+def max_over_ranks(*values):
+    """The largest of every process's value, for each of ``values`` (ints); the values themselves without a group.
 
     For decisions every process must take at the same point, such as stopping after this
     step for a signal that reached the processes at different moments. A collective: every
     process must call it equally often. It travels over gloo on the host, so under nccl
-    it does not wait for the GPU.
+    it does not wait for the GPU. One value gives an int, several a list.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return int(value)
-    box = torch.tensor([int(value)], dtype=torch.int64)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control_group)
-    return int(box.item())
+        out = [int(v) for v in values]
+    else:
+        box = torch.tensor([int(v) for v in values], dtype=torch.int64)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control_group)
+        out = box.tolist()
+    return out[0] if len(out) == 1 else out
 
 
 def cleanup():
