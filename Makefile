@@ -25,6 +25,7 @@ test-slow: venv
 bench: venv
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/data.py
+	$(PY) benchmarks/startup.py
 
 clean:
 	rm -rf saved/ .pytest_cache/

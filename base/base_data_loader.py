@@ -8,6 +8,7 @@ resumable mid-epoch (skip the batches already seen) and shardable over processes
 """
 
 import math
+import weakref
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -57,18 +58,24 @@ class EpochSampler(Sampler):
 
 
 class _BatchIndices:
-    """The batches of one epoch as lists of indices, starting at a given batch (for a mid-epoch resume)."""
+    """The batches of one epoch as lists of indices, starting at a given batch (for a mid-epoch resume).
+
+    It holds its loader through a weak reference: a strong one would make a cycle
+    (loader -> torch DataLoader -> this -> loader) that keeps worker processes alive
+    until the garbage collector happens to run.
+    """
 
     def __init__(self, loader):
-        self.loader = loader
+        self._loader = weakref.ref(loader)
 
     def __iter__(self):
-        order, size = self.loader._epoch_order(), self.loader.batch_size
+        loader = self._loader()
+        order, size = loader._epoch_order(), loader.batch_size
         for start in range(0, len(order), size):
             yield order[start : start + size].tolist()
 
     def __len__(self):
-        return len(self.loader)
+        return len(self._loader())
 
 
 class BaseDataLoader:
@@ -141,6 +148,7 @@ class BaseDataLoader:
         valid = BaseDataLoader.__new__(BaseDataLoader)
         valid.__dict__.update(self.__dict__)
         valid.shuffle, valid.drop_last, valid.valid_idx, valid._loader = False, False, None, None
+        valid.start_batch = 0  # a resume position belongs to the training data
         valid.sampler = EpochSampler(self.valid_idx, shuffle=False, seed=self.seed, pad=False)
         return valid
 

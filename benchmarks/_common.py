@@ -1,5 +1,5 @@
 """What the benchmark scripts share: paths, tables, JSON results, a terminal for tqdm,
-call counting, interleaved timing, and building the project's Trainer the way ``train.main`` does.
+call counting, ratio summaries, and building the project's Trainer the way ``train.main`` does.
 
 Nothing here is imported by the project itself.
 """
@@ -7,7 +7,6 @@ Nothing here is imported by the project itself.
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import json
 import os
@@ -98,7 +97,7 @@ def terminal(columns=120, rows=40):
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
         except (ImportError, OSError):
             pass
-        stream = open(slave, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        stream = open(slave, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         kind = "pty"
 
         def drain():
@@ -112,7 +111,7 @@ def terminal(columns=120, rows=40):
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
     except (OSError, AttributeError):
-        stream = _FakeTTY(open(os.devnull, "wb"), encoding="utf-8", line_buffering=True)
+        stream = _FakeTTY(open(os.devnull, "wb"), encoding="utf-8", line_buffering=True)  # noqa: SIM115
         kind = "devnull posing as a TTY"
     sys.stdout = sys.stderr = stream
     try:
@@ -166,34 +165,6 @@ def calls_per_step(run_steps, short, long):
 
 
 # --------------------------------------------------------------------------- paired timing
-
-
-def interleaved(arms: dict, rounds: int, log=None) -> dict:
-    """Time each arm once per round, the order rotated every round; returns per-step seconds per arm.
-
-    ``arms`` maps a name to a function that runs one measured epoch and returns its number
-    of steps. Each run gives two samples: wall time (``time.perf_counter``) and the process's
-    CPU time (``time.process_time``, all its threads), each divided by the steps. Rotating
-    the order cancels a drift of the machine's speed (thermal, other load) between arms;
-    CPU time is the steadier of the two on a machine other processes share, since time
-    spent waiting for a core is not counted.
-    Returns ``{arm: {"wall": [...], "cpu": [...]}}``.
-    """
-    names = list(arms)
-    samples = {name: {"wall": [], "cpu": []} for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            gc.collect()
-            c0, t0 = time.process_time(), time.perf_counter()
-            steps = arms[name]()
-            t1, c1 = time.perf_counter(), time.process_time()
-            samples[name]["wall"].append((t1 - t0) / steps)
-            samples[name]["cpu"].append((c1 - c0) / steps)
-        if log:
-            log(f"  round {r + 1}/{rounds}: " + ", ".join(
-                f"{n} {samples[n]['wall'][-1] * 1e3:.3f} ms (cpu {samples[n]['cpu'][-1] * 1e3:.3f})" for n in names))
-    return samples
 
 
 def summary(samples):

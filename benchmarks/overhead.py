@@ -15,13 +15,28 @@ default logging interval (``log_every_n_steps`` 50). Validation and checkpoints 
 of both sides: the benchmark calls ``Trainer.train_epoch`` itself, and a step's time is
 an epoch's time over its number of steps.
 
-Timings vary ~20% between runs, so each round times every side once, back to back, in
-a rotating order, and the ratio reported is the median over rounds of the per-round
-ratio (the ratio of medians and of minima are given too). Python calls per step are
+Timings vary ~20% between runs (more on a machine shared with other work), so the two
+sides are interleaved finely, in one process: a round is one Trainer epoch (469 steps
+for the MLP) during which, every ``every`` batches (25 for the MLP), the Trainer's data
+loader hands control to ``every`` steps of the bare loop, timed apart (a wrapper around
+the loader; the Trainer iterates it as it iterates the loader). The bare chunks' time
+is taken out of the epoch's; what remains, epoch start and end included, is the
+Trainer's. Per round this gives one paired ratio (Trainer step time / bare step time,
+both over the same 469 steps, measured within the same ~2 seconds); the ratio reported
+is the median over rounds ("ratio paired"), with the ratio of medians and of minima,
+the same in process CPU time ("CPU ratio"), and the median over every pair of
+neighbouring stretches (Trainer's 25 steps / the bare loop's 25 steps right after them:
+the steady state, without epoch start and end; "steady ratio"). The sides measured this
+way alternate between rounds: the Trainer with its progress bar on, with it off, and an
+A/A control, the bare loop's own five lines over the Trainer's loader on another copy of
+the model, driven through the same harness: its ratio (ideally 1.000) shows the harness's
+bias and noise on the machine at the time. (It showed that chunks of 5 LeNet steps
+favoured the side under test by 4-13%; with chunks of 25 steps it is within noise.) Python calls per step are
 counted with ``sys.setprofile`` ("call" events: Python functions, a generator's
 resumption counting as one; "c_call" events, built-in functions called from Python, are
-reported beside them) over epochs of two lengths; the slope between them is the per-step
-count, so set-up and epoch-end work cancel.
+reported beside them) over epochs of two lengths (50 and 150 steps: one and three
+logging steps); the slope between them is the per-step count, so set-up and epoch-end
+work cancel.
 
 The CPU workloads run with ``torch.set_num_threads(1)``: on a 2-core machine intra-op
 threads make step times depend on what else the OS schedules, and one thread makes
@@ -45,6 +60,7 @@ import gc
 import io
 import os
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -52,7 +68,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 CUDA_SKIPPED = "CUDA not available: ResNet-18 workload skipped"
 
@@ -60,7 +76,7 @@ CUDA_SKIPPED = "CUDA not available: ResNet-18 workload skipped"
 TIME_TARGETS = {"mlp": 1.05, "lenet": 1.02}
 CALLS_TARGET = 1.5
 
-# name: (description, arch, input_shape, training samples, batch size, optimizer, amp, channels_last)
+# The CPU workloads; "every": bare-loop steps per interleaved chunk; "count_steps": the two epoch lengths of the call count.
 CPU_WORKLOADS = {
     "mlp": {
         "description": "MLP 784-256-10, 60,000 MNIST-shaped samples, Adam, batch 128, CPU, 1 thread",
@@ -69,7 +85,7 @@ CPU_WORKLOADS = {
         "train_samples": 60_000,
         "smoke_samples": 128 * 12,
         "batch_size": 128,
-        "rounds": 12,
+        "rounds": 10,
         "every": 25,
         "count_steps": (50, 150),
     },
@@ -81,7 +97,7 @@ CPU_WORKLOADS = {
         "smoke_samples": 128 * 6,
         "batch_size": 128,
         "rounds": 8,
-        "every": 5,
+        "every": 25,
         "count_steps": (50, 150),
     },
 }
@@ -179,6 +195,42 @@ class BareLoop:
         return steps
 
 
+class LoaderLoop:
+    """The A/A control: the bare loop's five lines over the Trainer's own loader, driven as the
+    Trainer is (``train_epoch``), on another copy of the model. Timed through the same harness
+    as the Trainer, its ratio to the bare loop shows the harness's own bias and noise (about 1.00)."""
+
+    def __init__(self, bare, loader):
+        self.bare, self.data_loader = bare, loader
+
+    def batches_per_epoch(self):
+        return len(self.data_loader)
+
+    def train_epoch(self, epoch):
+        import torch
+        import torch.nn.functional as F
+
+        bare, loader = self.bare, self.data_loader
+        model, optimizer, forward = bare.model, bare.optimizer, bare.forward
+        loader.set_epoch(epoch)
+        model.train()
+        if bare.autocast_dtype is None:
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(forward(x), y)
+                loss.backward()
+                optimizer.step()
+        else:
+            for x, y in loader:
+                optimizer.zero_grad()
+                with torch.autocast(bare.device.type, dtype=bare.autocast_dtype):
+                    loss = F.cross_entropy(forward(x), y)
+                loss.backward()
+                optimizer.step()
+        if bare.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
 def make_bare(built, optimizer_factory, autocast_dtype=None, compile_model=False, prepare_model=None):
     """A bare loop on a copy of the Trainer's model (same initial weights) over the same training samples."""
     import torch
@@ -203,7 +255,11 @@ def make_bare(built, optimizer_factory, autocast_dtype=None, compile_model=False
 
 
 class BareClock:
-    """Runs and times chunks of the bare loop: wall and process CPU seconds, and steps."""
+    """Runs and times chunks of the bare loop: wall and process CPU seconds, and steps.
+
+    ``marks`` records, per chunk, the clocks just before and just after it, so that the
+    Trainer's stretch between two chunks can be timed too.
+    """
 
     def __init__(self, bare):
         self.bare = bare
@@ -213,6 +269,7 @@ class BareClock:
     def reset(self):
         self.wall = self.cpu = 0.0
         self.steps = 0
+        self.marks = []
 
     def chunk(self, steps):
         if steps <= 0:
@@ -227,6 +284,16 @@ class BareClock:
         self.wall += t1 - t0
         self.cpu += c1 - c0
         self.steps += steps
+        self.marks.append((t0, c0, t1, c1))
+
+    def chunk_ratios(self):
+        """Per pair of neighbouring stretches: (Trainer's ``every`` steps between chunks k-1 and k) / (chunk k),
+        wall and CPU. Only whole stretches between two chunks: epoch start and end are not in them."""
+        wall, cpu = [], []
+        for (_, _, prev_t1, prev_c1), (t0, c0, t1, c1) in zip(self.marks, self.marks[1:]):
+            wall.append((t0 - prev_t1) / (t1 - t0))
+            cpu.append((c0 - prev_c1) / max(c1 - c0, 1e-9))
+        return wall, cpu
 
 
 class InterleavedLoader:
@@ -256,8 +323,8 @@ class InterleavedLoader:
 class TrainerArm:
     """Runs the Trainer's ``train_epoch`` for numbered epochs (the data order changes each epoch)."""
 
-    def __init__(self, built):
-        self.built, self.trainer, self.epoch = built, built.trainer, 0
+    def __init__(self, built, trainer=None):
+        self.built, self.trainer, self.epoch = built, trainer or built.trainer, 0
 
     def epoch_run(self, loader=None):
         trainer = self.trainer
@@ -285,6 +352,7 @@ class TrainerArm:
         steps = self.epoch_run(InterleavedLoader(loader, every, clock.chunk))
         t1, c1 = time.perf_counter(), time.process_time()
         trainer_wall, trainer_cpu = (t1 - t0) - clock.wall, (c1 - c0) - clock.cpu
+        self.chunk_ratios = clock.chunk_ratios()  # before the catch-up chunk below
         clock.chunk(steps - clock.steps)
         assert clock.steps == steps
         return (trainer_wall / steps, trainer_cpu / steps), (clock.wall / steps, clock.cpu / steps)
@@ -306,35 +374,44 @@ def loaders_of_lengths(built, lengths):
     return out
 
 
-def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True, prepare_loader=None):
-    """Time the Trainer against the bare loop, interleaved, then count calls per step; returns the results."""
+def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True, prepare_loader=None, control=None):
+    """Time the Trainer against the bare loop, interleaved, then count calls per step; returns the results.
+
+    ``control``: a second bare loop (another model copy) run as the A/A control side.
+    """
     arm = TrainerArm(built)
     clock = BareClock(bare)
-    null = open(os.devnull, "w")
+    null = open(os.devnull, "w")  # noqa: SIM115 - closed at the end of this function
     not_a_tty = functools.partial(contextlib.redirect_stderr, null)  # tqdm disables itself
-    sides = {"trainer": contextlib.nullcontext}
+    sides = {"trainer": (arm, contextlib.nullcontext)}
     if no_tty_arm:
-        sides["trainer_no_tty"] = not_a_tty
+        sides["trainer_no_tty"] = (arm, not_a_tty)
+    if control is not None:
+        sides["control"] = (TrainerArm(built, LoaderLoop(control, built.loader)), contextlib.nullcontext)
+    trainer_sides = [side for side in sides if side != "control"]
 
     log(f"{name}: warm-up")
-    for context in sides.values():
+    for side_arm, context in sides.values():
         with context():
-            arm.paired_round(clock, every)
-    log(f"{name}: {rounds} rounds; each is, per Trainer side, one epoch of {len(built.loader)} steps "
+            side_arm.paired_round(clock, every)
+    log(f"{name}: {rounds} rounds; each is, per side, one epoch of {len(built.loader)} steps "
         f"with the bare loop's steps interleaved {every} at a time")
     samples = {side: {"wall": [], "cpu": []} for side in ["bare", *sides]}
     pairs = {side: {"wall": [], "cpu": []} for side in sides}  # the bare samples taken alongside each side
+    chunks = {side: {"wall": [], "cpu": []} for side in sides}  # per-stretch ratios, steady state
     for r in range(rounds):
         names = list(sides)
         order = names[r % len(names):] + names[: r % len(names)]
         line = []
         for side in order:
-            with sides[side]():
-                mine, theirs = arm.paired_round(clock, every)
+            side_arm, context = sides[side]
+            with context():
+                mine, theirs = side_arm.paired_round(clock, every)
             for i, clock_name in enumerate(("wall", "cpu")):
                 samples[side][clock_name].append(mine[i])
                 samples["bare"][clock_name].append(theirs[i])
                 pairs[side][clock_name].append(theirs[i])
+                chunks[side][clock_name].extend(side_arm.chunk_ratios[i])
             line.append(f"{side} {mine[0] * 1e3:.3f} ms vs bare {theirs[0] * 1e3:.3f} ms ({mine[0] / theirs[0]:.3f}x)")
         log(f"  round {r + 1}/{rounds}: " + "; ".join(line))
 
@@ -344,10 +421,12 @@ def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True,
         for loader in loaders.values():
             prepare_loader(loader)
     calls = {"bare": C.calls_per_step(lambda n: bare.epoch(n), *count_steps)}
-    for side, context in sides.items():
-        def run(n, context=context):
+    for side in trainer_sides:
+        side_arm, context = sides[side]
+
+        def run(n, side_arm=side_arm, context=context):
             with context():
-                return arm.epoch_run(loaders[n])
+                return side_arm.epoch_run(loaders[n])
         calls[side] = C.calls_per_step(run, *count_steps)
     null.close()
 
@@ -360,9 +439,15 @@ def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True,
         "time_ratio": {
             side: {c: C.paired_ratio(samples[side][c], pairs[side][c]) for c in ("wall", "cpu")} for side in sides
         },
+        "chunk_time_ratio": {
+            side: {c: {"median": statistics.median(v) if v else None, "count": len(v)} for c, v in chunks[side].items()}
+            for side in sides
+        },
         "calls": calls,
-        "calls_ratio": {side: calls[side]["per_step"]["call"] / calls["bare"]["per_step"]["call"] for side in sides},
-        "calls_total_ratio": {side: calls[side]["per_step"]["total"] / calls["bare"]["per_step"]["total"] for side in sides},
+        "calls_ratio": {side: calls[side]["per_step"]["call"] / calls["bare"]["per_step"]["call"] for side in trainer_sides},
+        "calls_total_ratio": {
+            side: calls[side]["per_step"]["total"] / calls["bare"]["per_step"]["total"] for side in trainer_sides
+        },
     }
     target = TIME_TARGETS.get(name)
     result["targets"] = {"time_ratio": target, "calls_ratio": CALLS_TARGET}
@@ -372,7 +457,7 @@ def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True,
             "time_cpu": None if target is None else result["time_ratio"][side]["cpu"]["median_of_paired"] <= target,
             "calls": result["calls_ratio"][side] <= CALLS_TARGET,
         }
-        for side in sides
+        for side in trainer_sides
     }
     return result
 
@@ -391,22 +476,29 @@ def cpu_workload(name, spec, smoke, save_root, log):
     built = C.build_trainer(config)
     try:
         bare = make_bare(built, lambda params: torch.optim.Adam(params, lr=1e-3))
-        result = measure(name, built, bare, rounds, 2 if smoke else spec["every"], count_steps, log)
+        control = make_bare(built, lambda params: torch.optim.Adam(params, lr=1e-3))
+        result = measure(name, built, bare, rounds, 2 if smoke else spec["every"], count_steps, log, control=control)
     finally:
         built.close()
-    result["description"] = spec["description"]
+    result["description"] = spec["description"] if not smoke else f"{spec['description']} (smoke: {samples} samples)"
     result["device"] = "cpu"
     return result
 
 
-def resnet_workloads(smoke, save_root, log, device_name="cuda", variants=("eager", "compiled")):
-    """ResNet-18, bf16 autocast, channels_last, eager and compiled; both sides the same way."""
+def resnet_workloads(smoke, save_root, log, device_name="cuda", variants=("eager", "compiled"), rounds=None):
+    """ResNet-18, bf16 autocast, channels_last, eager and compiled; both sides the same way.
+
+    A variant that fails is recorded as ``{"error": ...}`` (with the traceback on stderr),
+    so that the other results are still written.
+    """
+    import traceback
+
     import torch
 
     spec = RESNET
     samples = spec["smoke_samples"] if smoke else spec["train_samples"]
     batch = spec["smoke_batch_size"] if smoke else spec["batch_size"]
-    rounds = 1 if smoke else spec["rounds"]
+    rounds = 1 if smoke else rounds or spec["rounds"]
     count_steps = (2, 4) if smoke else spec["count_steps"]
     channels_last = torch.channels_last
 
@@ -428,17 +520,26 @@ def resnet_workloads(smoke, save_root, log, device_name="cuda", variants=("eager
             {"type": "SGD", "args": {"lr": 0.05, "momentum": 0.9}}, save_root / f"resnet18_{variant}",
             device=device_name, epochs=1, save_period=10**6, amp="bf16", compile=compiled,
         )
-        built = C.build_trainer(config, prepare_model=prepare_model)
         try:
-            prepare_loader(built.loader)
-            bare = make_bare(built, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
-                             autocast_dtype=torch.bfloat16, compile_model=compiled, prepare_model=prepare_model)
-            result = measure(f"resnet18_{variant}", built, bare, rounds, 2 if smoke else spec["every"], count_steps, log,
-                             no_tty_arm=False,
-                             prepare_loader=prepare_loader)
-        finally:
-            built.close()
+            built = C.build_trainer(config, prepare_model=prepare_model)
+            try:
+                prepare_loader(built.loader)
+                bare, control = (
+                    make_bare(built, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+                              autocast_dtype=torch.bfloat16, compile_model=compiled, prepare_model=prepare_model)
+                    for _ in range(2)
+                )
+                result = measure(f"resnet18_{variant}", built, bare, rounds, 2 if smoke else spec["every"], count_steps,
+                                 log, no_tty_arm=False, prepare_loader=prepare_loader, control=control)
+            finally:
+                built.close()
+        except Exception as err:  # noqa: BLE001 - keep the CPU results; the error is reported
+            log(traceback.format_exc())
+            results[f"resnet18_{variant}"] = {"error": f"{type(err).__name__}: {err}"}
+            continue
         result["description"] = spec["description"] + (", torch.compile on both sides" if compiled else ", eager")
+        if smoke:
+            result["description"] += f" (smoke: {samples} samples, batch {batch})"
         result["device"] = str(built.device)
         results[f"resnet18_{variant}"] = result
     return results
@@ -485,9 +586,10 @@ def profile_workload(name, save_root, steps, out):
 # --------------------------------------------------------------------------- report
 
 
-SIDE_LABELS = {"bare": "bare loop", "trainer": "Trainer (bar on, pty)", "trainer_no_tty": "Trainer (no TTY, bar off)"}
+SIDE_LABELS = {"bare": "bare loop", "trainer": "Trainer (bar on, pty)", "trainer_no_tty": "Trainer (no TTY, bar off)",
+               "control": "A/A control (bare via harness)"}
 HEADERS = ["workload", "side", "median ms/step", "min ms/step", "ratio paired", "ratio medians", "ratio minima",
-           "CPU-time ratio", "calls/step", "c_calls/step", "calls ratio"]
+           "CPU ratio", "steady ratio", "calls/step", "c_calls/step", "calls ratio"]
 
 
 def rows_for(name, result):
@@ -495,17 +597,19 @@ def rows_for(name, result):
     bare_calls = result["calls"]["bare"]["per_step"]
     for side in result["step_time"]:
         t = result["step_time"][side]["wall"]
-        calls = result["calls"][side]["per_step"]
+        calls = result["calls"].get(side, {}).get("per_step")
         if side == "bare":
-            ratios = ["1.000"] * 4
+            ratios = ["1.000"] * 5
             calls_ratio = "1.00"
         else:
             w, c = result["time_ratio"][side]["wall"], result["time_ratio"][side]["cpu"]
+            steady = result["chunk_time_ratio"][side]["wall"]["median"]
             ratios = [f"{w['median_of_paired']:.3f}", f"{w['of_medians']:.3f}", f"{w['of_minima']:.3f}",
-                      f"{c['median_of_paired']:.3f}"]
-            calls_ratio = f"{calls['call'] / bare_calls['call']:.2f}"
+                      f"{c['median_of_paired']:.3f}", "-" if steady is None else f"{steady:.3f}"]
+            calls_ratio = f"{calls['call'] / bare_calls['call']:.2f}" if calls else "-"
+        call_cells = [f"{calls['call']:.0f}", f"{calls['c_call']:.0f}"] if calls else ["-", "-"]
         rows.append([name if side == "bare" else "", SIDE_LABELS[side], C.fmt_ms(t["median_s"]), C.fmt_ms(t["min_s"]),
-                     *ratios, f"{calls['call']:.0f}", f"{calls['c_call']:.0f}", calls_ratio])
+                     *ratios, *call_cells, calls_ratio])
     return rows
 
 
@@ -525,7 +629,11 @@ def verdicts(results):
             else:
                 head = f"time {wall:.3f}x wall, {cpu:.3f}x CPU (no target)"
             tail = f"calls {calls:.2f}x (target <= {CALLS_TARGET:.1f}x: {'OK' if ok['calls'] else 'OVER'})"
-            lines.append(f"{name:17s} {SIDE_LABELS[side]:26s} {head}; {tail}")
+            lines.append(f"{name:17s} {SIDE_LABELS[side]:30s} {head}; {tail}")
+        if "control" in result["time_ratio"]:
+            c = result["time_ratio"]["control"]
+            lines.append(f"{name:17s} {SIDE_LABELS['control']:30s} {c['wall']['median_of_paired']:.3f}x wall, "
+                         f"{c['cpu']['median_of_paired']:.3f}x CPU (the harness's own bias and noise; ideally 1.000)")
     return lines
 
 
@@ -565,12 +673,12 @@ def main(argv=None):
                 results[name] = cpu_workload(name, spec, args.smoke, save_root, log_real)
             if "resnet18" in wanted:
                 if torch.cuda.is_available():
-                    torch.set_num_threads(threads)
-                    spec_rounds = args.rounds
-                    if spec_rounds:
-                        RESNET["rounds"] = spec_rounds
+                    torch.set_num_threads(threads)  # the CPU only feeds the GPU here
                     torch.backends.cudnn.benchmark = True
-                    results.update(resnet_workloads(args.smoke, save_root, log_real))
+                    # --smoke: eager only (compiling ResNet-18 takes about a minute)
+                    variants = ("eager",) if args.smoke else ("eager", "compiled")
+                    results.update(resnet_workloads(args.smoke, save_root, log_real, variants=variants,
+                                                    rounds=args.rounds))
                 elif args.resnet_on_cpu:
                     results.update(resnet_workloads(True, save_root, log_real, device_name="cpu", variants=("eager",)))
                 else:
@@ -584,7 +692,7 @@ def main(argv=None):
     data = {
         "benchmark": "overhead",
         "smoke": args.smoke,
-        "environment": {**C.environment(), "torch_threads": 1},
+        "environment": {**C.environment(), "torch_threads_cpu_workloads": 1},
         "terminal": term,
         "call_events": "sys.setprofile 'call' events (Python functions; a generator resumption counts as one); "
                        "'c_call' events reported separately",
@@ -594,13 +702,15 @@ def main(argv=None):
 
     rows = []
     for name, result in results.items():
-        if "skipped" in result:
+        if "skipped" in result or "error" in result:
             continue
         rows.extend(rows_for(name, result))
     print(C.table(HEADERS, rows), file=out)
     for name, result in results.items():
         if "skipped" in result:
             print(result["skipped"], file=out)
+        elif "error" in result:
+            print(f"{name}: FAILED: {result['error']}", file=out)
         else:
             print(f"{name}: {result['description']}; {result['steps_per_epoch']} steps an epoch, {result['rounds']} rounds",
                   file=out)

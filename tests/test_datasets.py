@@ -437,3 +437,13 @@ def test_synthetic_bad_arguments(kwargs):
     with pytest.raises(UserError) as err:
         D.SyntheticDataset(**kwargs)
     assert_one_line(err)
+
+
+def test_digits_read_without_scikit_learn_match_scikit_learn():
+    from sklearn.datasets import load_digits
+
+    from data_loader.datasets import _read_digits
+
+    pixels, labels = _read_digits()
+    digits = load_digits()
+    assert np.array_equal(pixels, digits.data) and np.array_equal(labels, digits.target)

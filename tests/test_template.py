@@ -83,3 +83,25 @@ def test_new_project_copies_a_working_template(tmp_path):
 def test_new_project_refuses_a_folder_inside_the_template():
     with pytest.raises(FileExistsError, match="inside the template"):
         new_project.copy_template(ROOT / "inner")
+
+
+def test_dropping_a_loader_with_workers_releases_them_without_the_garbage_collector():
+    import gc
+    import time
+
+    from base.base_data_loader import BaseDataLoader
+    from data_loader.datasets import SyntheticDataset
+
+    loader = BaseDataLoader(SyntheticDataset(64, (1, 4, 4), 3), batch_size=8, in_memory=False, num_workers=2)
+    assert len(list(loader)) == 8
+    workers = list(loader._loader._iterator._workers)  # persistent workers, kept between epochs
+    assert all(w.is_alive() for w in workers)
+    gc.disable()  # a reference cycle would keep them alive until a collection
+    try:
+        del loader
+        deadline = time.time() + 5
+        while any(w.is_alive() for w in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        gc.enable()

@@ -1,0 +1,251 @@
+"""Samples per second of the data path: the in-memory fast path against torch's DataLoader.
+
+    python benchmarks/data.py                          # digits and MNIST-shaped synthetic data
+    python benchmarks/data.py --mnist-dir ../shared/data/mnist-t10k   # real MNIST IDX files instead
+    python benchmarks/data.py --smoke                  # tiny data, one round: checks it runs
+
+For the default config's data (``DigitsDataLoader``: scikit-learn's digits, batch 32,
+validation split 0.1) and the MNIST config's (batch 128, validation split 0.1), one
+epoch of training batches is read, and nothing done with them, by:
+
+* ``torch DataLoader``: a plain ``torch.utils.data.DataLoader(Subset(dataset, train
+  indices), batch_size, shuffle=True)``: per-sample ``__getitem__`` and the default collate;
+* ``BaseDataLoader in_memory=False``: the project's ordinary path (the same torch
+  ``DataLoader`` with its own seeded sampler);
+* ``BaseDataLoader in_memory=True``: the fast path (a batch is one index into the
+  dataset's tensors);
+
+the first two with 0 and 2 worker processes (persistent workers, so the figure is the
+steady state; the first epoch, which starts the workers, is reported apart). Each path
+is timed over whole epochs, repeated until a measurement lasts long enough, for several
+rounds in a rotating order; the median is reported. One torch thread, as in
+``overhead.py`` (repeatable timings on a small machine).
+
+MNIST: the real 60,000-image training set is not something users' tests can rely on, so
+by default the MNIST-shaped data is ``SyntheticDataset(60000, (1, 28, 28))``. With
+``--mnist-dir DIR``, the IDX files in DIR (``train-*`` if present, else ``t10k-*``, gzipped
+or not) are read with ``data_loader.idx.read_idx`` and normalised as ``MnistDataset`` does.
+
+Time to first step and time to accuracy are in ``benchmarks/startup.py``.
+Results: a table on stdout and ``benchmarks/results/data.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _common as C
+
+WORKER_COUNTS = (0, 2)
+
+
+def _idx_path(folder: Path, stem: str):
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def idx_mnist_dataset(folder):
+    """A TensorDataset of the MNIST IDX files in ``folder`` (the training files if there, else the t10k ones)."""
+    import torch
+
+    from data_loader import datasets
+    from data_loader.idx import read_idx
+    from utils.errors import UserError
+
+    folder = Path(folder)
+    for split in ("train", "t10k"):
+        images = _idx_path(folder, f"{split}-images-idx3-ubyte")
+        labels = _idx_path(folder, f"{split}-labels-idx1-ubyte")
+        if images and labels:
+            break
+    else:
+        raise UserError(f"--mnist-dir {folder}: no train-/t10k-images-idx3-ubyte[.gz] with its labels file there")
+
+    class IdxMnist(datasets.TensorDataset):
+        def __init__(self):
+            x = torch.from_numpy(read_idx(images).copy())
+            y = torch.from_numpy(read_idx(labels).astype("int64"))
+            inputs = x.to(torch.float32).div_(255.0).sub_(datasets.MNIST_MEAN).div_(datasets.MNIST_STD).unsqueeze_(1)
+            self._set(inputs, y, num_classes=10)
+
+    dataset = IdxMnist()
+    return dataset, f"real MNIST from {images.name} ({len(dataset):,} images)"
+
+
+def datasets_for(args):
+    """``name -> (dataset, description, batch_size, validation_split)`` as the configs set them."""
+    from data_loader import datasets
+
+    out = {}
+    digits = datasets.DigitsDataset(train=True)
+    out["digits"] = (digits, f"scikit-learn digits, training split ({len(digits):,} 8x8 images)", 32, 0.1)
+    if args.mnist_dir:
+        mnist, description = idx_mnist_dataset(args.mnist_dir)
+        if args.smoke:
+            mnist._set(*(t[:1024] for t in mnist.tensors()), num_classes=10)
+    else:
+        n = 1024 if args.smoke else 60_000
+        mnist = datasets.SyntheticDataset(n, (1, 28, 28), 10, seed=0)
+        description = f"MNIST-shaped synthetic data ({n:,} samples of 1x28x28)"
+    out["mnist"] = (mnist, description, 128, 0.1)
+    return out
+
+
+def make_paths(dataset, batch_size, split):
+    """``path name -> (iterable over one epoch's batches, number of samples in an epoch, close)``."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from base.base_data_loader import BaseDataLoader
+
+    paths = {}
+    fast = BaseDataLoader(dataset, batch_size, shuffle=True, validation_split=split, in_memory=True, seed=0)
+    train_indices = fast.sampler.indices.tolist()
+    n = len(train_indices)
+    for workers in WORKER_COUNTS:
+        plain = DataLoader(Subset(dataset, train_indices), batch_size=batch_size, shuffle=True, num_workers=workers,
+                           persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+        paths[f"torch DataLoader, {workers} workers"] = plain
+        paths[f"BaseDataLoader in_memory=False, {workers} workers"] = BaseDataLoader(
+            dataset, batch_size, shuffle=True, validation_split=split, in_memory=False, num_workers=workers, seed=0)
+    paths["BaseDataLoader in_memory=True"] = fast
+    return paths, n
+
+
+class PathTimer:
+    """Epochs of one path: ``first`` (the first epoch, which starts any workers) and timed repeats."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, 0
+        self.first_s = None
+
+    def one_epoch(self):
+        self.epoch += 1
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        batches = 0
+        for _ in self.loader:
+            batches += 1
+        return batches
+
+    def timed(self, min_seconds):
+        """Whole epochs until ``min_seconds`` have passed; returns seconds per epoch."""
+        epochs, t0 = 0, time.perf_counter()
+        while True:
+            self.one_epoch()
+            epochs += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                return elapsed / epochs
+
+
+def bench_dataset(name, dataset, description, batch_size, split, rounds, min_seconds, log):
+    paths, n = make_paths(dataset, batch_size, split)
+    timers = {path: PathTimer(loader) for path, loader in paths.items()}
+    for path, timer in timers.items():
+        t0 = time.perf_counter()
+        timer.one_epoch()
+        timer.first_s = time.perf_counter() - t0
+    samples = {path: [] for path in timers}
+    names = list(timers)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for path in order:
+            samples[path].append(timers[path].timed(min_seconds))
+        log(f"  {name} round {r + 1}/{rounds}: " + ", ".join(f"{p}: {n / samples[p][-1]:,.0f}/s" for p in names))
+    fast_rate = n / statistics.median(samples["BaseDataLoader in_memory=True"])
+    result = {
+        "description": description,
+        "batch_size": batch_size,
+        "validation_split": split,
+        "samples_per_epoch": n,
+        "rounds": rounds,
+        "paths": {},
+    }
+    for path in names:
+        median_s = statistics.median(samples[path])
+        result["paths"][path] = {
+            "samples_per_s": n / median_s,
+            "best_samples_per_s": n / min(samples[path]),
+            "epoch_s": median_s,
+            "first_epoch_s": timers[path].first_s,
+            "epoch_s_samples": samples[path],
+            "fast_path_speedup": fast_rate / (n / median_s),
+        }
+    for loader in paths.values():
+        stop_workers(loader)
+    return result
+
+
+def stop_workers(loader):
+    """Shut down a loader's persistent workers now.
+
+    ``BaseDataLoader`` and its torch ``DataLoader`` form a reference cycle (through the
+    batch sampler), so dropping the loader leaves its workers running until the cyclic
+    garbage collector frees it, and the DataLoader's ``__del__`` then waits seconds for them.
+    """
+    inner = getattr(loader, "_loader", loader)  # BaseDataLoader keeps its torch DataLoader in _loader
+    iterator = getattr(inner, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Samples per second of the data path.")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, one round")
+    parser.add_argument("--out", help="folder for data.json (default benchmarks/results/)")
+    parser.add_argument("--mnist-dir", help="a folder with MNIST IDX files (train-* or t10k-*, .gz or not)")
+    parser.add_argument("--rounds", type=int, help="rounds per path (default 5; 1 with --smoke)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rounds = args.rounds or (1 if args.smoke else 5)
+    min_seconds = 0.02 if args.smoke else 0.5
+    out = sys.stdout
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    results = {}
+    try:
+        for name, (dataset, description, batch, split) in datasets_for(args).items():
+            log(f"{name}: {description}, batch {batch}")
+            results[name] = bench_dataset(name, dataset, description, batch, split, rounds, min_seconds, log)
+    finally:
+        torch.set_num_threads(threads)
+
+    data = {
+        "benchmark": "data",
+        "smoke": args.smoke,
+        "environment": {**C.environment(), "torch_threads": 1},
+        "datasets": results,
+    }
+    path = C.write_results("data", data, args.out)
+
+    rows = []
+    for name, result in results.items():
+        for i, (p, r) in enumerate(result["paths"].items()):
+            rows.append([name if i == 0 else "", p, f"{r['samples_per_s']:,.0f}", f"{r['best_samples_per_s']:,.0f}",
+                         f"{r['epoch_s'] * 1e3:.1f}", f"{r['first_epoch_s'] * 1e3:.1f}", f"{r['fast_path_speedup']:.1f}x"])
+    print(C.table(["data", "path", "samples/s (median)", "samples/s (best)", "epoch ms", "first epoch ms",
+                   "fast path is"], rows), file=out)
+    for name, result in results.items():
+        print(f"{name}: {result['description']}; batch {result['batch_size']}, {result['samples_per_epoch']:,} training"
+              f" samples an epoch (validation split {result['validation_split']}), {result['rounds']} rounds", file=out)
+    print(f"results: {path}", file=out)
+    return data
+
+
+if __name__ == "__main__":
+    main()
