@@ -105,3 +105,14 @@ def test_dropping_a_loader_with_workers_releases_them_without_the_garbage_collec
         assert not any(w.is_alive() for w in workers)
     finally:
         gc.enable()
+
+
+def test_fused_optimizers_chosen_on_cuda_only_and_overridable():
+    from trainer.build import fast_optimizer_args
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fast_optimizer_args(torch.optim.Adam, {"lr": 1e-3}, cuda) == {"fused": True}
+    assert fast_optimizer_args(torch.optim.Adam, {"lr": 1e-3}, cpu) == {}
+    assert fast_optimizer_args(torch.optim.Adam, {"fused": False}, cuda) == {}
+    assert fast_optimizer_args(torch.optim.Adam, {"foreach": True}, cuda) == {}
+    assert fast_optimizer_args(torch.optim.LBFGS, {}, cuda) == {}  # no fused kernel offered

@@ -292,6 +292,8 @@ TRAINER_SCHEMA = {
     "max_steps": (optional(positive_int), None),
     "skip_nonfinite": (boolean, False),
     "deterministic": (boolean, False),
+    "tf32": (boolean, True),
+    "cudnn_benchmark": (boolean, True),
     "histogram_every": (non_negative_int, 0),
     "activation_histograms": (string_list, []),
     "log_images": (boolean, True),
