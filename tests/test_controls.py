@@ -266,3 +266,23 @@ def test_amp_on_cuda(tiny_config, amp):
     assert metrics["loss"] == metrics["loss"]
     if amp == "fp16":
         assert final_state(config)["scaler"]["scale"] > 0
+
+
+def test_reduce_lr_on_plateau_steps_on_the_monitored_value(tiny_config):
+    config = with_changes(tiny_config, trainer__epochs=3,
+                          lr_scheduler={"type": "ReduceLROnPlateau", "args": {"mode": "min", "patience": 0}})
+    metrics = train.main(config)
+    state = final_state(config)
+    log = next((Path(config["trainer"]["save_dir"]) / "log").rglob("info.log")).read_text()
+    val_losses = [float(v) for v in re.findall(r"val_loss\s+: (\S+)", log)]
+    assert state["lr_scheduler"]["best"] == pytest.approx(min(val_losses)) and metrics["epoch"] == 3
+
+
+def test_arch_may_name_a_torchvision_model(tiny_config):
+    from utils.config import ConfigError
+
+    config = with_changes(tiny_config, arch={"type": "torchvision.models.resnet18", "args": {"num_classes": 3}})
+    model = build.build_model(build_checked(config))
+    assert isinstance(model, torch.nn.Module) and model.fc.out_features == 3
+    with pytest.raises(ConfigError, match=r"unknown model 'torchvision.models.resnet81'.*torchvision.models.NAME"):
+        build_checked(with_changes(tiny_config, arch={"type": "torchvision.models.resnet81"}))
