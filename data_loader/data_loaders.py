@@ -20,26 +20,28 @@ class DigitsDataLoader(BaseDataLoader):
         super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0, **options)
 
 
-class MnistDataLoader(BaseDataLoader):
+class _FilesDataLoader(BaseDataLoader):
+    """A torchvision dataset read from files in ``data_dir`` (downloaded there when ``download`` is true)."""
+
+    options_from = BaseDataLoader
+    dataset_class = None
+
+    def __init__(self, data_dir="data/", batch_size=128, shuffle=True, validation_split=0.1, training=True,
+                 download=False, **options):
+        dataset = self.dataset_class(data_dir, train=training, download=download)
+        super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0, **options)
+
+
+class MnistDataLoader(_FilesDataLoader):
     """torchvision's MNIST: 60,000 training and 10,000 test images of 28x28, read from ``data_dir``."""
 
-    options_from = BaseDataLoader
-
-    def __init__(self, data_dir="data/", batch_size=128, shuffle=True, validation_split=0.1, training=True,
-                 download=False, **options):
-        dataset = datasets.MnistDataset(data_dir, train=training, download=download)
-        super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0, **options)
+    dataset_class = datasets.MnistDataset
 
 
-class Cifar10DataLoader(BaseDataLoader):
+class Cifar10DataLoader(_FilesDataLoader):
     """torchvision's CIFAR-10: 50,000 training and 10,000 test colour images of 32x32, read from ``data_dir``."""
 
-    options_from = BaseDataLoader
-
-    def __init__(self, data_dir="data/", batch_size=128, shuffle=True, validation_split=0.1, training=True,
-                 download=False, **options):
-        dataset = datasets.Cifar10Dataset(data_dir, train=training, download=download)
-        super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0, **options)
+    dataset_class = datasets.Cifar10Dataset
 
 
 class SyntheticDataLoader(BaseDataLoader):
