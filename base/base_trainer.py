@@ -98,8 +98,8 @@ class BaseTrainer:
         improved = self._update_monitor(result)
         if self.is_main:
             if improved:
+                self.logger.info(f"{self.monitor_key} improved to {self.monitor_best:.6g}: saving model_best.pth")
                 self.save("model_best.pth")
-                self.logger.info(f"Saving current best: model_best.pth ({self.monitor_key} {self.monitor_best:.6f})")
             if epoch % self.save_period == 0 or epoch == self.epochs or self.finished:
                 self.save(f"checkpoint-epoch{epoch}.pth")
                 self._remove_old_checkpoints()
@@ -120,7 +120,7 @@ class BaseTrainer:
 
     def log_epoch(self, epoch, result):
         for key, value in {"epoch": epoch, **result}.items():
-            self.logger.info(f"    {key:15s}: {value}")
+            self.logger.info(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
 
     # ------------------------------------------------------------------ checkpoints
 
