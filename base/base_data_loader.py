@@ -14,7 +14,6 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from utils.errors import UserError
-from utils.seed import worker_init_fn
 
 
 class EpochSampler(Sampler):
@@ -187,7 +186,8 @@ class BaseDataLoader:
             return self._iter_tensors()
         if self._loader is None:
             self._loader = self._make_loader()
-        # Workers are seeded from this generator: reseeding it per epoch makes their seeds reproducible.
+        # torch seeds Python, NumPy and torch in each worker from this generator: reseeding it per epoch
+        # makes every worker's random draws (augmentations, say) a function of the seed and the epoch.
         self._generator.manual_seed(self.seed + self.sampler.epoch)
         return iter(self._loader)
 
@@ -204,7 +204,7 @@ class BaseDataLoader:
         self._generator = torch.Generator()
         extra = {}
         if self.num_workers > 0:
-            extra = {"persistent_workers": self.persistent_workers, "worker_init_fn": worker_init_fn}
+            extra = {"persistent_workers": self.persistent_workers}
             if self.prefetch_factor is not None:
                 extra["prefetch_factor"] = self.prefetch_factor
         return DataLoader(

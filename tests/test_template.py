@@ -116,3 +116,31 @@ def test_fused_optimizers_chosen_on_cuda_only_and_overridable():
     assert fast_optimizer_args(torch.optim.Adam, {"fused": False}, cuda) == {}
     assert fast_optimizer_args(torch.optim.Adam, {"foreach": True}, cuda) == {}
     assert fast_optimizer_args(torch.optim.LBFGS, {}, cuda) == {}  # no fused kernel offered
+
+
+class _RandomPerItem(torch.utils.data.Dataset):
+    """Draws from Python's, NumPy's and torch's RNG in __getitem__, as a random augmentation would."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        import random
+
+        return torch.tensor([random.random(), float(np.random.rand()), torch.rand(1).item()]), i
+
+
+def test_workers_are_seeded_from_the_run_seed_and_epoch():
+    from base.base_data_loader import BaseDataLoader
+
+    def draws(seed, epoch):
+        loader = BaseDataLoader(_RandomPerItem(), batch_size=4, shuffle=False, num_workers=2, seed=seed,
+                                persistent_workers=False)
+        loader.set_epoch(epoch)
+        return torch.cat([x for x, _ in loader])
+
+    first = draws(seed=3, epoch=1)
+    assert torch.equal(first, draws(seed=3, epoch=1))  # reproducible
+    assert not torch.equal(first, draws(seed=3, epoch=2))  # a new draw each epoch
+    assert not torch.equal(first, draws(seed=4, epoch=1))  # and each seed
+    assert len(set(first[:, 1].tolist())) == 16  # NumPy is seeded per worker, not copied from the parent

@@ -36,14 +36,3 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def worker_init_fn(worker_id):
-    """Seed NumPy and Python in a DataLoader worker from the seed torch gave that worker.
-
-    torch derives each worker's seed from the loader's generator, so these seeds are
-    reproducible whenever the loader's generator is.
-    """
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
