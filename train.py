@@ -197,8 +197,12 @@ def main(config=None, resume=None, run_id=None, init_from=None, init_strict=True
     # ---- the run's folders; all ranks agree on the run id
     run = _agree_on_run(config, run_id, resume, info, dist)
     if info.is_main:
-        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        run.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            run.log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"trainer.save_dir: cannot create the run folders under {cfg['save_dir']}: "
+                            f"{err.strerror or err}; choose a folder you can write to") from None
     logger = setup_logging(run.log_dir if info.is_main else None, cfg["verbosity"] if info.is_main else 0)
     purge = state["global_step"] + 1 if state else None
     writer = TensorboardWriter(run.log_dir, cfg["tensorboard"] and info.is_main, purge_step=purge, logger=logger)

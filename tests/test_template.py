@@ -144,3 +144,26 @@ def test_workers_are_seeded_from_the_run_seed_and_epoch():
     assert not torch.equal(first, draws(seed=3, epoch=2))  # a new draw each epoch
     assert not torch.equal(first, draws(seed=4, epoch=1))  # and each seed
     assert len(set(first[:, 1].tolist())) == 16  # NumPy is seeded per worker, not copied from the parent
+
+
+def test_cifar_resnet_shapes_and_depth_check():
+    from model.model import CifarResNet
+
+    model = CifarResNet(depth=20, num_classes=10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # By hand: stem 464 + stages 14,016 + 51,648 + 205,696 (1x1 projection shortcuts) + fc 650.
+    assert sum(p.numel() for p in model.parameters()) == 272_474
+    with pytest.raises(ValueError, match="6n\\+2"):
+        CifarResNet(depth=21)
+
+
+def test_unwritable_save_dir_is_one_line(tmp_path, capsys):
+    from conftest import make_config
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the save folder should go")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(make_config(blocker / "saved")))
+    assert train.cli(["-c", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.save_dir: cannot create the run folders")
