@@ -97,7 +97,8 @@ class Trainer(BaseTrainer):
         check = self.check_every_step
         data = None
         bar = tqdm(self._batches(epoch, start_batch), total=n_batches, initial=start_batch, leave=False,
-                   desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True)
+                   desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True,
+                   mininterval=0.5)  # redraws cost time; twice a second is plenty to watch
         for batch_idx, (data, target) in enumerate(bar, start_batch):
             if move:
                 data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
