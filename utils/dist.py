@@ -82,14 +82,6 @@ def broadcast_object(obj, info):
     return box[0]
 
 
-def all_gather_objects(obj, info):
-    if not info.enabled:
-        return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def max_over_ranks(*values):
     """The largest of every process's value, for each of ``values`` (ints); the values themselves without a group.
 
