@@ -130,6 +130,14 @@ def check_startup_result(data, with_accuracy):
         assert data["time_to_accuracy"] == {}
 
 
+def test_instructions_smoke(tmp_path):
+    from benchmarks import instructions as instructions_bench
+
+    instructions_bench.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "instructions.json").read_text())
+    assert data["benchmark"] == "instructions" and data["sides_ran"] == ["bare", "trainer"]
+
+
 def test_startup_smoke_first_step(tmp_path):
     startup_bench.main(["--smoke", "--no-accuracy", "--out", str(tmp_path)])
     check_startup_result(read_json(tmp_path / "startup.json"), with_accuracy=False)
