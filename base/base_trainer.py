@@ -7,15 +7,19 @@ state), and the data order is a pure function of the seed and the epoch, so a ru
 resumed from it ends bit-identical to the run left alone (on the CPU).
 """
 
+import logging
 import math
 import re
 import signal
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from utils import dist
+from utils.dist import DistInfo
 from utils.io import save_checkpoint
 from utils.seed import rng_state, set_rng_state
 
@@ -28,22 +32,67 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
+@dataclass
+class Parts:
+    """The built components a run trains: what :func:`trainer.run.build_parts` returns.
+
+    ``model`` is the plain module (what checkpoints hold); ``forward_model`` is what runs
+    the steps (the same module, or a compiled / DDP / DataParallel wrapper of it, made by
+    ``wrap(model)``). ``frozen`` names the parameters ``trainer.freeze`` froze; ``scaler``
+    is the fp16 gradient scaler or None.
+    """
+
+    model: torch.nn.Module
+    criterion: Callable
+    metric_fns: list
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    data_loader: Any
+    valid_data_loader: Any
+    device: torch.device
+    frozen: list = field(default_factory=list)
+    scaler: Any = None
+    wrap: Callable = None
+    forward_model: torch.nn.Module = None
+
+    def __post_init__(self):
+        if self.forward_model is None:
+            self.forward_model = self.wrap(self.model) if self.wrap is not None else self.model
+
+
+@dataclass
+class Run:
+    """Where a run lives and how it reports: its id and folders, logger, TensorBoard writer, process group.
+
+    ``resumed_from`` is the checkpoint the run continues from (None for a new run);
+    ``keep_last`` never deletes it.
+    """
+
+    run_id: str
+    checkpoint_dir: Path
+    log_dir: Path
+    logger: logging.Logger
+    writer: Any = None
+    dist: DistInfo = field(default_factory=DistInfo)
+    resumed_from: Any = None
+
+
 class BaseTrainer:
     """Runs epochs, validates, monitors a metric, saves and restores checkpoints.
 
     Args:
-        model: the plain module (not compiled or wrapped): what checkpoints hold.
-        optimizer, lr_scheduler: built from the config; the scheduler may be None.
         config: the checked config (a dict); ``config["trainer"]`` holds the settings.
-        run: the run's folders and id (``run.checkpoint_dir``, ``run.log_dir``, ``run.run_id``).
-        writer: a :class:`logger.visualization.TensorboardWriter`.
-        logger: a ``logging.Logger``.
-        is_main: whether this process writes files (rank 0 under torchrun).
+        parts: the built components (:class:`Parts`).
+        run: the run's folders, logger and writer (:class:`Run`).
     """
 
-    def __init__(self, model, optimizer, config, run, lr_scheduler=None, writer=None, logger=None, is_main=True):
-        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
-        self.config, self.run, self.writer, self.logger, self.is_main = config, run, writer, logger, is_main
+    def __init__(self, config, parts, run):
+        self.config, self.parts, self.run = config, parts, run
+        self.model, self.optimizer, self.lr_scheduler = parts.model, parts.optimizer, parts.lr_scheduler
+        self.writer, self.logger = run.writer, run.logger
+        self.is_main = run.dist.is_main  # whether this process writes files (rank 0 under torchrun)
+        self.distributed = run.dist.enabled  # under torchrun: every process takes the stop decision together
+        self.world_size = run.dist.world_size  # recorded so a resume can tell the data order changed
         cfg = config["trainer"]
         self.epochs = cfg["epochs"]
         self.save_period = cfg["save_period"]
@@ -57,11 +106,9 @@ class BaseTrainer:
         self.global_step = 0  # optimizer steps taken
         self.stop_signal = None  # set by a SIGINT/SIGTERM handler
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
-        self.distributed = False  # under torchrun: every process takes the stop decision together
         self.finished = False  # max_steps reached or early stop
-        self.resumed_from = None
-        self.world_size = 1  # processes under torchrun; recorded so a resume can tell the data order changed
         self.final_metrics = {}
+        self.hooks = []  # optional behaviour at fixed moments (see trainer/hooks.py); a subclass fills it
 
     # ------------------------------------------------------------------ the loop
 
@@ -82,7 +129,9 @@ class BaseTrainer:
         return self.final_metrics
 
     def before_epoch(self, epoch):
-        """Called before each epoch's first step (a hook for freezing schedules and the like)."""
+        """Called before each epoch's first step: the hooks' ``before_epoch`` (freezing schedules and the like)."""
+        for hook in self.hooks:
+            hook.before_epoch(self, epoch)
 
     def _end_epoch(self, epoch, result):
         self.epoch, self.batch_in_epoch = epoch, 0
@@ -145,8 +194,11 @@ class BaseTrainer:
         return state
 
     def extra_state(self):
-        """What a subclass adds to a checkpoint."""
-        return {}
+        """What a subclass and the hooks add to a checkpoint (top-level keys)."""
+        state = {}
+        for hook in self.hooks:
+            state.update(hook.state_dict())
+        return state
 
     def load_state_dict(self, state):
         """Continue the run that wrote ``state``."""
@@ -161,7 +213,9 @@ class BaseTrainer:
         set_rng_state(state["rng"])
 
     def load_extra_state(self, state):
-        """Restore what :meth:`extra_state` saved."""
+        """Restore what :meth:`extra_state` saved; before the model and optimizer (a hook may add a parameter group)."""
+        for hook in self.hooks:
+            hook.load_state_dict(self, state)
 
     def save(self, filename):
         """Write a checkpoint of the current state into the run's checkpoint folder, crash-safely."""
@@ -178,7 +232,7 @@ class BaseTrainer:
             (int(m.group(1)), p) for p in folder.glob("checkpoint-epoch*.pth")
             if (m := re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name))
         )
-        protected = {Path(self.resumed_from).resolve()} if self.resumed_from else set()
+        protected = {Path(self.run.resumed_from).resolve()} if self.run.resumed_from else set()
         for _, path in periodic[: -self.keep_last]:
             if path.resolve() not in protected:
                 path.unlink(missing_ok=True)
@@ -228,11 +282,17 @@ class BaseTrainer:
     def before_checkpoint(self):
         """Called on every process before a mid-epoch checkpoint is written (by rank 0): collectives go here."""
 
-    def _stop_for_signal(self):
-        name = self.stop_signal
+    def save_resumable(self, filename):
+        """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it."""
         self.before_checkpoint()
         if self.is_main:
-            path = self.save("last.pth")
+            return self.save(filename)
+        return None
+
+    def _stop_for_signal(self):
+        name = self.stop_signal
+        path = self.save_resumable("last.pth")
+        if self.is_main:
             self.logger.warning(
                 f"Stopped by {name} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}."
                 f" Resume with: python train.py -r {path}"

@@ -1,5 +1,5 @@
 """What the benchmark scripts share: paths, tables, JSON results, a terminal for tqdm,
-call counting, ratio summaries, and building the project's Trainer the way ``train.main`` does.
+call counting, ratio summaries, and building the project's Trainer the way ``trainer.run.train`` does.
 
 Nothing here is imported by the project itself.
 """
@@ -203,7 +203,7 @@ def base_config(name, arch, data_args, optimizer, save_dir, loss="cross_entropy"
 
 
 def build_trainer(config, run_id="bench", prepare_model=None):
-    """The project's :class:`trainer.trainer.Trainer` built from ``config`` as ``train.main`` builds it.
+    """The project's :class:`trainer.trainer.Trainer` built from ``config`` as ``trainer.run.train`` builds it.
 
     The same steps in the same order (check the config, seed, build loader, model, loss,
     metrics, optimizer and scheduler, the run's folders, logging, a real TensorBoard
@@ -215,46 +215,26 @@ def build_trainer(config, run_id="bench", prepare_model=None):
     Returns a namespace with ``trainer``, ``model``, ``loader``, ``writer``, ``logger``,
     ``config``, ``device`` and ``close()``.
     """
-    import torch  # noqa: F401
-
-    import train
-    from logger.logger import close_logging, setup_logging
-    from logger.visualization import TensorboardWriter
     from trainer import build
+    from trainer.run import build_parts, close_run, open_run, place_parts
     from trainer.trainer import Trainer
     from utils.config import validate_config
     from utils.seed import seed_everything
 
     config = validate_config(config, build.registries())
-    cfg = config["trainer"]
     device = build.resolve_device(config["device"])
-    build.check_amp(cfg["amp"], device)
+    build.check_amp(config["trainer"]["amp"], device)
     seed_everything(config["seed"])
-    loader = build.build_data_loader(config)
-    valid = loader.split_validation()
-    model = build.build_model(config)
-    criterion, metric_fns = build.build_loss(config), build.build_metrics(config)
-    optimizer = build.build_optimizer(model, config)
-    lr_scheduler = build.build_scheduler(optimizer, config)
-    run = train.make_run(config, run_id)
-    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    run.log_dir.mkdir(parents=True, exist_ok=True)
-    logger = setup_logging(run.log_dir, cfg["verbosity"])  # console handler on the current sys.stdout
-    writer = TensorboardWriter(run.log_dir, cfg["tensorboard"], logger=logger)
-    model.to(device)
+    parts = build_parts(config, device)
+    run = open_run(config, run_id)  # console handler on the current sys.stdout
     if prepare_model is not None:
-        prepare_model(model)
-    loader.to(device)
-    info = SimpleNamespace(enabled=False, is_main=True, rank=0, world_size=1)
-    forward_model = train._wrap_model(model, config, device, info, logger)
-    scaler = train._grad_scaler(device) if cfg["amp"] == "fp16" else None
-    trainer = Trainer(model, criterion, metric_fns, optimizer, config, device, loader, run,
-                      valid_data_loader=valid, lr_scheduler=lr_scheduler, writer=writer, logger=logger,
-                      forward_model=forward_model, scaler=scaler)
+        prepare_model(parts.model)
+    place_parts(parts, config, run)
+    trainer = Trainer(config, parts, run)
+    model, loader, writer, logger, optimizer = parts.model, parts.data_loader, run.writer, run.logger, parts.optimizer
 
     def close():
-        writer.close()
-        close_logging()
+        close_run(run)
 
     return SimpleNamespace(trainer=trainer, model=model, loader=loader, writer=writer, logger=logger,
                            config=config, device=device, optimizer=optimizer, close=close)

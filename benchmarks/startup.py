@@ -7,7 +7,7 @@ Everything runs in fresh subprocesses, as a user's command does, from the reposi
 
 * interpreter start-up: ``python -c pass``; ``python -c "import torch"``; ``python -c "import train"``;
 * time to first step of ``python train.py -c config.json trainer.save_dir=<temp>``: a
-  small driver (``-c`` code, nothing added to the project) calls ``train.cli`` with
+  small driver (``-c`` code, nothing added to the project) calls ``trainer.cli.train_command`` with
   those arguments after wrapping ``Trainer.train_epoch`` (set-up is done when it is first
   entered) and ``Trainer._optimizer_step`` (the first step is done when it first
   returns; the process then exits at once). The phases reported: interpreter start,
@@ -51,7 +51,7 @@ stamps = {"start": time.time()}
 root, out_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 sys.path.insert(0, root)
 os.chdir(root)
-import train
+from trainer.cli import train_command
 stamps["import_train"] = time.time()
 from trainer.trainer import Trainer
 stamps["import_trainer"] = time.time()
@@ -71,7 +71,7 @@ def optimizer_step(self, *args, **kwargs):
     os._exit(0)
 
 Trainer.train_epoch, Trainer._optimizer_step = train_epoch, optimizer_step
-sys.exit(train.cli(argv))
+sys.exit(train_command(argv))
 """
 
 PHASES = [

@@ -170,7 +170,7 @@ def test_in_memory_path_yields_the_ordinary_paths_batches(num_workers):
     options = {"batch_size": 16, "shuffle": True, "validation_split": 0.2, "seed": 7}  # 41 held out, 162 train
     fast = BaseDataLoader(dataset, in_memory=True, **options)
     ordinary = BaseDataLoader(dataset, in_memory=False, num_workers=num_workers, **options)
-    fast_valid, ordinary_valid = fast.split_validation(), ordinary.split_validation()  # as train.main does
+    fast_valid, ordinary_valid = fast.split_validation(), ordinary.split_validation()  # as trainer.run.train does
     try:
         check_same_batches(dataset, fast, ordinary, fast_valid, ordinary_valid)
     finally:
@@ -215,13 +215,13 @@ def check_same_batches(dataset, fast, ordinary, fast_valid, ordinary_valid):
 def test_logging_every_step_does_not_change_the_weights(tmp_path):
     from conftest import make_config
 
-    import train
+    from trainer.run import train
 
     states = {}
     for every in (1, 1000):
         config = make_config(tmp_path / f"every{every}", tensorboard=True, log_every_n_steps=every, epochs=1,
                              verbosity=2)
-        train.main(config, run_id="run")
+        train(config, run_id="run")
         folder = tmp_path / f"every{every}" / "models" / config["name"] / "run"
         states[every] = torch.load(folder / "checkpoint-epoch1.pth", weights_only=True, map_location="cpu")
         assert list((tmp_path / f"every{every}" / "log" / config["name"] / "run").glob("events.out.tfevents.*"))

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import test as evaluate_cli
-import train
+from trainer import cli, run
 from conftest import make_config, with_changes
 from trainer.build import registries
 from utils.config import load_config, validate_config
@@ -26,7 +25,7 @@ def test_every_shipped_config_is_valid(path):
 def run_cli(tmp_path, capsys, config, *extra):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config) if isinstance(config, dict) else config)
-    code = train.cli(["-c", str(path), *extra])
+    code = cli.train_command(["-c", str(path), *extra])
     err = capsys.readouterr().err
     return code, [line for line in err.splitlines() if line.strip()]
 
@@ -90,7 +89,7 @@ def test_unparsable_config(tmp_path, capsys, text, want):
 def test_bad_override_and_missing_file(tmp_path, capsys):
     code, lines = run_cli(tmp_path, capsys, make_config(tmp_path / "saved"), "trainer.epochs")
     assert code == 2 and lines == ["error: override 'trainer.epochs' is not of the form key.path=VALUE (for example trainer.epochs=3)"]
-    assert train.cli(["-c", str(tmp_path / "nope.json")]) == 2
+    assert cli.train_command(["-c", str(tmp_path / "nope.json")]) == 2
     assert "config file not found" in capsys.readouterr().err
 
 
@@ -108,15 +107,15 @@ def test_missing_or_damaged_checkpoint(tmp_path, capsys, content):
     path = tmp_path / "ckpt.pth"
     if content == "truncated":
         config = make_config(tmp_path / "saved", epochs=1)
-        train.main(config, run_id="t")
+        run.train(config, run_id="t")
         data = (tmp_path / "saved/models/tiny/t/checkpoint-epoch1.pth").read_bytes()
         path.write_bytes(data[: len(data) // 2])
     elif content == "foreign":
         torch.save({"weights": torch.zeros(2)}, path)
     elif content is not None:
         path.write_bytes(content)
-    for cli in (train.cli, evaluate_cli.cli):
-        assert cli(["-r", str(path)]) == 2
+    for command in (cli.train_command, cli.test_command):
+        assert command(["-r", str(path)]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if line]
         assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], lines
 

@@ -9,7 +9,7 @@ the same reduced metrics; checkpoint keys carry no ``module.`` prefix; a 2-proce
 warns and works; SIGTERM leaves one resumable ``last.pth`` and no process behind.
 
 Each torchrun launch costs a few seconds of imports, so one launch (a driver script
-calling ``train.main`` several times) serves most tests, through module-scoped fixtures.
+calling ``trainer.run.train`` several times) serves most tests, through module-scoped fixtures.
 """
 
 import contextlib
@@ -43,23 +43,23 @@ pytestmark = pytest.mark.skipif(
 DRIVER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-import train
+from trainer import run as train
 
 seen = []
-if hasattr(train, "_agree_on_run"):  # record the run id each rank ends up with
-    _agree = train._agree_on_run
+if hasattr(train, "agree_on_run"):  # record the run id each rank ends up with
+    _agree = train.agree_on_run
 
     def _spy(*args, **kwargs):
         run = _agree(*args, **kwargs)
-        seen.append(run.run_id)
+        seen.append(run[0])
         return run
 
-    train._agree_on_run = _spy
+    train.agree_on_run = _spy
 
 rank = int(os.environ["RANK"])
 for job in json.load(open(sys.argv[1])):
     del seen[:]
-    metrics = train.main(job["config"], resume=job.get("resume"), run_id=job.get("run_id"))
+    metrics = train.train(job["config"], resume=job.get("resume"), run_id=job.get("run_id"))
     with open(f"{{job['out']}}.rank{{rank}}.json", "w") as f:
         json.dump({{"metrics": metrics, "run_ids": list(seen)}}, f)
 """
@@ -98,7 +98,7 @@ def torchrun_cmd(*args):
 
 
 def launch(tmp, jobs, label):
-    """Run ``jobs`` (one ``train.main`` call each) in one torchrun launch; returns its output."""
+    """Run ``jobs`` (one ``trainer.run.train`` call each) in one torchrun launch; returns its output."""
     driver = tmp / "driver.py"
     if not driver.exists():
         driver.write_text(DRIVER.format(repo=str(REPO)))
@@ -164,7 +164,7 @@ def two_proc(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_proc(tmp_path_factory):
     """The same 2 epochs in this process, with the global batch (2 x 8) as the one process's batch."""
-    from train import main
+    from trainer.run import train as main
 
     save_dir = tmp_path_factory.mktemp("single")
     config = tiny_config(save_dir, batch_size=WORLD * PER_PROCESS_BATCH, verbosity=0, tensorboard=False)
@@ -317,7 +317,7 @@ def test_resume_under_another_world_size_warns_and_continues(two_proc, tmp_path)
     """A 2-process checkpoint resumed by 1 process: it loads (no prefixes to strip) and trains on."""
     import shutil
 
-    from train import main
+    from trainer.run import train as main
 
     run_dir = tmp_path / "models" / NAME / "moved"
     run_dir.mkdir(parents=True)

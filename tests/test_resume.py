@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+from trainer import cli, run
 from base.base_trainer import RunStopped
+from utils.errors import UserError
 from conftest import make_config, with_changes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +45,16 @@ def resume_config(tmp_path):
 
 def uninterrupted(config):
     config = with_changes(config, name="whole")
-    train.main(config, run_id="w")
+    run.train(config, run_id="w")
     return load(Path(config["trainer"]["save_dir"]) / "models/whole/w/checkpoint-epoch3.pth")
 
 
 def test_resume_at_epoch_boundary_is_bit_exact(resume_config):
     reference = uninterrupted(resume_config)
     first = with_changes(resume_config, trainer__epochs=1)
-    train.main(first, run_id="part")
+    run.train(first, run_id="part")
     folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/part"
-    train.main(resume_config, resume=folder / "checkpoint-epoch1.pth")
+    run.train(resume_config, resume=folder / "checkpoint-epoch1.pth")
     assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
 
 
@@ -87,18 +88,18 @@ def test_resume_mid_epoch_after_signal_is_bit_exact(resume_config, interrupt_at_
     reference = uninterrupted(resume_config)
     interrupt_at_step(19)  # epoch 2, batch 6 of 13
     with pytest.raises(RunStopped) as stopped:
-        train.main(resume_config, run_id="cut")
+        run.train(resume_config, run_id="cut")
     assert stopped.value.exit_code == 128 + signal.SIGINT
     folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/cut"
     last = load(folder / "last.pth")
     assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 6, 19)
-    train.main(None, resume=folder / "last.pth")
+    run.train(None, resume=folder / "last.pth")
     assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
 
 
 def test_save_every_n_steps_writes_a_resumable_last_checkpoint(resume_config):
     config = with_changes(resume_config, trainer__save_every_n_steps=5, trainer__epochs=1)
-    train.main(config, run_id="s")
+    run.train(config, run_id="s")
     last = load(Path(config["trainer"]["save_dir"]) / "models/tiny/s/last.pth")
     assert last["global_step"] == 10 and last["batch_in_epoch"] == 10
 
@@ -155,7 +156,7 @@ def test_second_ctrl_c_in_process_raises_at_once(resume_config):
     handle = register_optimizer_step_post_hook(hook)
     try:
         with pytest.raises(KeyboardInterrupt):
-            train.main(with_changes(resume_config, trainer__save_every_n_steps=1), run_id="k")
+            run.train(with_changes(resume_config, trainer__save_every_n_steps=1), run_id="k")
     finally:
         handle.remove()
     folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/k"
@@ -199,7 +200,7 @@ def test_kill_during_write_never_tears_a_checkpoint(tmp_path, kills):
 
 def test_best_model_saved_on_every_improvement_whatever_save_period(resume_config):
     config = with_changes(resume_config, trainer__save_period=50, trainer__epochs=3)
-    train.main(config, run_id="b")
+    run.train(config, run_id="b")
     folder = Path(config["trainer"]["save_dir"]) / "models/tiny/b"
     best = load(folder / "model_best.pth")
     assert best["epoch"] >= 1 and best["monitor_best"] == best["monitor_best"]
@@ -213,37 +214,37 @@ def test_best_model_saved_on_every_improvement_whatever_save_period(resume_confi
 
 def test_keep_last_retention_spares_best_last_and_resumed_from(resume_config):
     config = with_changes(resume_config, trainer__keep_last=2, trainer__epochs=2)
-    train.main(config, run_id="k")
+    run.train(config, run_id="k")
     folder = Path(config["trainer"]["save_dir"]) / "models/tiny/k"
     config["trainer"]["epochs"] = 6
-    train.main(config, resume=folder / "checkpoint-epoch1.pth")
+    run.train(config, resume=folder / "checkpoint-epoch1.pth")
     names = {p.name for p in folder.glob("*.pth")}
     assert names == {"checkpoint-epoch1.pth", "checkpoint-epoch5.pth", "checkpoint-epoch6.pth", "model_best.pth"}
 
 
 def test_resume_with_changes_prints_diff_and_refuses_new_architecture(resume_config, capsys):
-    train.main(with_changes(resume_config, trainer__epochs=1), run_id="d")
+    run.train(with_changes(resume_config, trainer__epochs=1), run_id="d")
     folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/d"
     ckpt = str(folder / "checkpoint-epoch1.pth")
-    assert train.cli(["-r", ckpt, "trainer.epochs=2", "optimizer.args.lr=0.05", "trainer.verbosity=1"]) == 0
+    assert cli.train_command(["-r", ckpt, "trainer.epochs=2", "optimizer.args.lr=0.05", "trainer.verbosity=1"]) == 0
     log = (Path(resume_config["trainer"]["save_dir"]) / "log/tiny/d/info.log").read_text()
     assert "changed: optimizer.args.lr: 0.1 -> 0.05" in log and "changed: trainer.epochs: 1 -> 2" in log
     # The new base lr, with the scheduler's progress so far (one decay after epoch 1, one after epoch 2).
     assert load(folder / "checkpoint-epoch2.pth")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.9**2)
 
     before = sorted(p.name for p in folder.iterdir())
-    assert train.cli(["-r", ckpt, "arch.args.hidden_sizes=[32]"]) == 2
+    assert cli.train_command(["-r", ckpt, "arch.args.hidden_sizes=[32]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot resume with a changed arch.args.hidden_sizes" in err[0] and "--init-from" in err[0]
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_init_from_fine_tunes_with_fresh_optimizer(resume_config):
-    train.main(with_changes(resume_config, trainer__epochs=1), run_id="src")
+    run.train(with_changes(resume_config, trainer__epochs=1), run_id="src")
     source = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/src/checkpoint-epoch1.pth"
     # lr 0: the new run's weights are exactly the source's; its optimizer and counters start fresh.
     tune = with_changes(resume_config, name="tuned", trainer__epochs=1, optimizer={"type": "SGD", "args": {"lr": 0.0}})
-    train.main(tune, init_from=source, run_id="t")
+    run.train(tune, init_from=source, run_id="t")
     tuned = load(Path(resume_config["trainer"]["save_dir"]) / "models/tuned/t/checkpoint-epoch1.pth")
     src = load(source)
     assert all(torch.equal(tuned["model"][k], v) for k, v in src["model"].items())
@@ -253,14 +254,14 @@ def test_init_from_fine_tunes_with_fresh_optimizer(resume_config):
 
 
 def test_init_from_non_strict_loads_what_fits(resume_config, capsys):
-    train.main(with_changes(resume_config, trainer__epochs=1), run_id="src")
+    run.train(with_changes(resume_config, trainer__epochs=1), run_id="src")
     source = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/src/checkpoint-epoch1.pth"
     four = with_changes(resume_config, name="four", trainer__epochs=1, optimizer={"type": "SGD", "args": {"lr": 0.0}},
                         arch__args={"input_size": 16, "hidden_sizes": [16], "num_classes": 4},
                         data_loader__args={**resume_config["data_loader"]["args"], "num_classes": 4})
-    with pytest.raises(train.UserError, match="do not fit this model"):
-        train.main(four, init_from=source)
-    train.main(four, init_from=source, init_strict=False, run_id="f")
+    with pytest.raises(UserError, match="do not fit this model"):
+        run.train(four, init_from=source)
+    run.train(four, init_from=source, init_strict=False, run_id="f")
     tuned = load(Path(resume_config["trainer"]["save_dir"]) / "models/four/f/checkpoint-epoch1.pth")
     assert torch.equal(tuned["model"]["net.1.weight"], load(source)["model"]["net.1.weight"])
     log = (Path(resume_config["trainer"]["save_dir"]) / "log/four/f/info.log").read_text()
@@ -268,9 +269,9 @@ def test_init_from_non_strict_loads_what_fits(resume_config, capsys):
 
 
 def test_manifest_records_the_run_and_its_resumes(resume_config):
-    train.main(with_changes(resume_config, trainer__epochs=1), run_id="m", argv=["train.py", "-c", "x.json"])
+    run.train(with_changes(resume_config, trainer__epochs=1), run_id="m", argv=["train.py", "-c", "x.json"])
     folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/m"
-    train.main(resume_config, resume=folder / "checkpoint-epoch1.pth", argv=["train.py", "-r", "ck"])
+    run.train(resume_config, resume=folder / "checkpoint-epoch1.pth", argv=["train.py", "-r", "ck"])
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["command"] == ["train.py", "-c", "x.json"]
     assert manifest["seed"] == 0 and manifest["config"]["trainer"]["epochs"] == 3
@@ -279,7 +280,7 @@ def test_manifest_records_the_run_and_its_resumes(resume_config):
 
 
 def test_checkpoints_load_weights_only_with_plain_keys(resume_config):
-    train.main(with_changes(resume_config, trainer__epochs=1), run_id="w")
+    run.train(with_changes(resume_config, trainer__epochs=1), run_id="w")
     for path in (Path(resume_config["trainer"]["save_dir"]) / "models/tiny/w").glob("*.pth"):
         state = torch.load(path, weights_only=True, map_location="cpu")
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])

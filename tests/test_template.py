@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import new_project
-import test as evaluate_cli
-import train
+
+from trainer import cli, run
 from model.metric import accuracy, top_k_acc
 from utils.metric_tracker import MetricTracker
 
@@ -56,9 +56,9 @@ def test_mnist_config_trains_on_generated_idx_files(tmp_path):
     config = json.loads((ROOT / "configs/mnist.json").read_text())
     config["data_loader"]["args"].update(data_dir=str(tmp_path / "data"), download=False, batch_size=16)
     config["trainer"].update(save_dir=str(tmp_path / "saved"), epochs=3, verbosity=0, tensorboard=False)
-    metrics = train.main(config, run_id="m")
+    metrics = run.train(config, run_id="m")
     assert metrics["epoch"] == 3
-    result = evaluate_cli.main(tmp_path / "saved/models/Mnist_LeNet/m/model_best.pth")
+    result = run.evaluate_checkpoint(tmp_path / "saved/models/Mnist_LeNet/m/model_best.pth")
     assert result["n_samples"] == 40 and result["accuracy"] > 0.5  # chance is 0.1
 
 
@@ -164,6 +164,6 @@ def test_unwritable_save_dir_is_one_line(tmp_path, capsys):
     blocker.write_text("a file where the save folder should go")
     path = tmp_path / "c.json"
     path.write_text(json.dumps(make_config(blocker / "saved")))
-    assert train.cli(["-c", str(path)]) == 2
+    assert cli.train_command(["-c", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: trainer.save_dir: cannot create the run folders")

@@ -30,7 +30,7 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader  # noqa: E402
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # noqa: E402
 
-from train import main  # noqa: E402
+from trainer.run import train as main  # noqa: E402
 
 LOG_EVERY = 2
 STEPS_PER_EPOCH = 8  # 128 training samples / batch size 16

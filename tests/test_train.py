@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import test as evaluate_cli
-import train
+from trainer import run
 from conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +21,7 @@ def run_dir(config, kind="models"):
 
 
 def test_train_resume_evaluate(tiny_config):
-    metrics = train.main(tiny_config, run_id="r1")
+    metrics = run.train(tiny_config, run_id="r1")
     assert metrics["epoch"] == 2 and {"loss", "accuracy", "val_loss", "val_accuracy"} <= metrics.keys()
     folder = run_dir(tiny_config)
     assert folder.name == "r1"
@@ -36,7 +35,7 @@ def test_train_resume_evaluate(tiny_config):
 
     # Resume for a third epoch: same folder, epoch 3, the scheduler continued from where it was.
     tiny_config["trainer"]["epochs"] = 3
-    resumed = train.main(tiny_config, resume=folder / "checkpoint-epoch2.pth")
+    resumed = run.train(tiny_config, resume=folder / "checkpoint-epoch2.pth")
     assert resumed["epoch"] == 3
     assert run_dir(tiny_config).name == "r1"
     third = torch.load(folder / "checkpoint-epoch3.pth", weights_only=True)
@@ -44,7 +43,7 @@ def test_train_resume_evaluate(tiny_config):
     assert third["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.9**3)
     assert third["global_step"] == 3 * state["global_step"] // 2
 
-    result = evaluate_cli.main(folder / "model_best.pth")
+    result = run.evaluate_checkpoint(folder / "model_best.pth")
     assert result["n_samples"] == 64 and 0 <= result["accuracy"] <= 1
     written = json.loads((folder / "model_best.test.json").read_text())
     assert written["loss"] == pytest.approx(result["loss"])
@@ -54,7 +53,7 @@ def test_monitor_saves_best_and_early_stops(tiny_config):
     # A learning rate of zero never improves: best at epoch 1, then early stopping after 1 more epoch.
     tiny_config["optimizer"] = {"type": "SGD", "args": {"lr": 0.0}}
     tiny_config["trainer"].update(epochs=10, early_stop=1, save_period=100)
-    metrics = train.main(tiny_config)
+    metrics = run.train(tiny_config)
     assert metrics["epoch"] == 3  # epoch 1 is the best; epochs 2 and 3 do not improve; 2 > early_stop
     best = torch.load(run_dir(tiny_config) / "model_best.pth", weights_only=True)
     assert best["epoch"] == 1
@@ -64,8 +63,8 @@ def test_default_config_learns_digits(tmp_path):
     """The shipped config.json reaches >= 95% on the held-out digits (the README's promise)."""
     config = json.loads((ROOT / "config.json").read_text())
     config["trainer"].update(save_dir=str(tmp_path), verbosity=0, tensorboard=False)
-    train.main(config, run_id="default")
-    result = evaluate_cli.main(tmp_path / "models" / config["name"] / "default" / "model_best.pth")
+    run.train(config, run_id="default")
+    result = run.evaluate_checkpoint(tmp_path / "models" / config["name"] / "default" / "model_best.pth")
     assert result["accuracy"] >= 0.95, result
 
 

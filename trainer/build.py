@@ -1,6 +1,6 @@
 """Building a run's objects from a checked config: the lookup tables and the builders.
 
-``train.py`` and ``test.py`` both build through here, so a model or data loader is
+The run set-up (``trainer/run.py``) and ``test.py`` both build through here, so a model or data loader is
 made the same way for training, resuming and evaluating.
 """
 
@@ -178,3 +178,30 @@ def check_amp(amp, device):
     if amp == "bf16" and device.type == "mps":
         raise ConfigError('trainer.amp: "bf16" autocast is not supported on mps here; use false')
 
+
+
+def wrap_model(model, config, device, info, logger):
+    """What runs the steps: the model itself, or compiled / DistributedDataParallel / DataParallel around it.
+
+    Checkpoints always save ``model`` itself, so no ``_orig_mod.`` or ``module.`` prefixes reach the saved keys.
+    """
+    forward = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif config["n_gpu"] > 1 and device.type == "cuda" and torch.cuda.device_count() > 1:
+        n = min(config["n_gpu"], torch.cuda.device_count())
+        logger.warning(f"n_gpu={n}: using DataParallel. torchrun is faster: torchrun --nproc_per_node={n} train.py -c CONFIG")
+        forward = torch.nn.DataParallel(model, device_ids=list(range(n)))
+    if config["trainer"]["compile"]:
+        forward = torch.compile(forward)
+    return forward
+
+
+def grad_scaler(device):
+    """The fp16 gradient scaler (saved in checkpoints)."""
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (AttributeError, TypeError):  # torch < 2.3
+        return torch.cuda.amp.GradScaler()

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, RunStopped
+from trainer.hooks import hooks_for, step_hooks
 from utils.metric_tracker import MetricTracker
 
 
@@ -31,57 +32,40 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
 
 
 class Trainer(BaseTrainer):
-    """Trains a model with the settings of ``config["trainer"]``.
+    """Trains ``parts`` with the settings of ``config["trainer"]``; see :class:`base.base_trainer.BaseTrainer`.
 
-    Args:
-        model: the plain module; ``forward_model`` is what runs the steps (the same
-            module, or a compiled / DistributedDataParallel wrapper of it).
-        criterion: ``loss(output, target) -> 0-d tensor``.
-        metric_fns: metric functions (see ``model/metric.py``).
-        data_loader, valid_data_loader: :class:`base.base_data_loader.BaseDataLoader`s.
-        frozen: names of the parameters frozen by ``trainer.freeze``.
-        scaler: a gradient scaler for fp16, or None.
-        distributed: whether metrics are summed over processes (torchrun).
-        The rest: see :class:`base.base_trainer.BaseTrainer`.
+    The step itself is :meth:`train_epoch` (fetch, forward, loss, backward, clip, step);
+    optional behaviour around it is in ``self.hooks`` (trainer/hooks.py).
     """
 
-    def __init__(self, model, criterion, metric_fns, optimizer, config, device, data_loader, run,
-                 valid_data_loader=None, lr_scheduler=None, writer=None, logger=None, forward_model=None,
-                 frozen=(), scaler=None, is_main=True, distributed=False, rewrap=None):
-        super().__init__(model, optimizer, config, run, lr_scheduler, writer, logger, is_main)
+    def __init__(self, config, parts, run):
+        super().__init__(config, parts, run)
         cfg = config["trainer"]
-        self.criterion, self.metric_fns, self.device = criterion, list(metric_fns), device
-        self.forward_model = model if forward_model is None else forward_model
-        self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
+        self.criterion, self.metric_fns, self.device = parts.criterion, list(parts.metric_fns), parts.device
+        self.forward_model = parts.forward_model
+        self.data_loader, self.valid_data_loader = parts.data_loader, parts.valid_data_loader
+        self.scaler = parts.scaler
         self.len_epoch = cfg["len_epoch"]
         self.accumulate = cfg["accumulate_grad_batches"]
         self.max_steps = cfg["max_steps"]
         self.log_every = cfg["log_every_n_steps"]
-        self.save_every = cfg["save_every_n_steps"]
         self.clip_norm, self.clip_norm_type = cfg["clip_grad_norm"], float(cfg["clip_grad_norm_type"])
         self.clip_value = cfg["clip_grad_value"]
         self.skip_nonfinite = cfg["skip_nonfinite"]
         # Reading the loss back each step is free on the CPU but a sync on an accelerator:
         # there, a non-finite loss is caught at the logging interval unless skipping is on.
-        self.check_every_step = device.type == "cpu" or self.skip_nonfinite
-        self.histogram_every = cfg["histogram_every"]
-        self.activation_modules = cfg["activation_histograms"]
-        self.log_images = cfg["log_images"]
-        self.quiet = cfg["verbosity"] == 0 or not is_main
-        self.distributed = distributed
-        self.rewrap = rewrap  # builds forward_model again (DDP registers only the parameters trainable when built)
-        self.step_scheduler = lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
+        self.check_every_step = self.device.type == "cpu" or self.skip_nonfinite
+        self.quiet = cfg["verbosity"] == 0 or not self.is_main
+        self.step_scheduler = self.lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
-        self.autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
-        self.scaler = scaler
-        self.frozen = list(frozen)
-        self.unfreeze_at, self.unfreeze_lr = cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]
-        self.unfrozen = False
+        self.autocast = torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
         self.nonfinite_skips = 0
         names = ["loss", *(fn.__name__ for fn in self.metric_fns)]
-        self.train_metrics = MetricTracker(names, device)
+        self.train_metrics = MetricTracker(names, self.device)
         self._train_metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
         self._params = self._optimizer_params()
+        self.hooks = hooks_for(config, parts, run)
+        self._step_hooks = step_hooks(self.hooks)
 
     # ------------------------------------------------------------------ one epoch
 
@@ -124,13 +108,11 @@ class Trainer(BaseTrainer):
             if stopping or (self.max_steps and self.global_step >= self.max_steps):
                 self.finished = self.finished or not stopping
                 break
-            if self.save_every and self.global_step % self.save_every == 0:
-                self.before_checkpoint()
-                if self.is_main:
-                    self.save("last.pth")
+            for hook in self._step_hooks:  # usually none: then this costs nothing per step
+                hook.after_step(self, epoch, batch_idx)
         bar.close()
-        if data is not None and self.writer and self.is_main:
-            self._epoch_visuals(epoch, data)
+        for hook in self.hooks:
+            hook.after_train_epoch(self, epoch, data)
         return tracker.result(reduce=self.distributed)
 
     def _optimizer_step(self, epoch, batch_idx, loss):
@@ -248,56 +230,15 @@ class Trainer(BaseTrainer):
                     self.writer.add_scalar(f"lr/group{i}", group["lr"], self.global_step)
             self.writer.flush()
 
-    def _epoch_visuals(self, epoch, data):
-        step = self.global_step
-        histograms = self.histogram_every and epoch % self.histogram_every == 0
-        if self.log_images and (epoch == 1 or histograms) and data.dim() == 4 and data.shape[1] in (1, 3):
-            self.writer.add_images("inputs", data[:16], step)
-        if not histograms:
-            return
-        for name, param in self.model.named_parameters():
-            self.writer.add_histogram(f"params/{name}", param, step)
-            if param.grad is not None:
-                self.writer.add_histogram(f"grads/{name}", param.grad, step)
-        if self.activation_modules:
-            self._activation_histograms(data, step)
+    # ------------------------------------------------------------------ what hooks call
 
-    def _activation_histograms(self, data, step):
-        # One extra forward pass in eval mode: no dropout draws, so the RNG stream (and resume) is unaffected.
-        modules = dict(self.model.named_modules())
-        hooks = [
-            modules[name].register_forward_hook(
-                lambda module, inputs, output, name=name: self.writer.add_histogram(f"activations/{name}", output, step)
-            )
-            for name in self.activation_modules
-        ]
-        try:
-            self.model.eval()
-            with torch.no_grad(), self.autocast:
-                self.model(data)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.model.train()
-
-    # ------------------------------------------------------------------ freezing
-
-    def before_epoch(self, epoch):
-        if self.frozen and not self.unfrozen and self.unfreeze_at and epoch >= self.unfreeze_at:
-            self._unfreeze()
-            self.logger.info(f"Epoch {epoch}: unfroze {len(self.frozen)} parameter tensors")
-
-    def _unfreeze(self):
-        params = dict(self.model.named_parameters())
-        new = [params[name].requires_grad_(True) for name in self.frozen]
-        lr = self.unfreeze_lr or self.optimizer.defaults["lr"]
-        self.optimizer.add_param_group({"params": new, "lr": lr})
-        if self.lr_scheduler is not None and hasattr(self.lr_scheduler, "base_lrs"):
-            self.lr_scheduler.base_lrs.append(lr)  # schedulers keep one base lr per group
-        self.unfrozen = True
+    def parameters_changed(self):
+        """The optimizer's parameters changed (a parameter group was added): clip them all, and under DDP wrap
+        the model again, since DDP registers only the parameters trainable when it was built (a collective:
+        every process unfreezes at the same epoch)."""
         self._params = self._optimizer_params()
-        if self.distributed and self.rewrap is not None:
-            self.forward_model = self.rewrap()  # a collective: every process unfreezes at the same epoch
+        if self.distributed and self.parts.wrap is not None:
+            self.forward_model = self.parts.wrap(self.model)
 
     def _optimizer_params(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -313,15 +254,15 @@ class Trainer(BaseTrainer):
         metrics_state, self._train_metrics_state = self._train_metrics_state, None
         return {
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "frozen": self.frozen,
-            "unfrozen": self.unfrozen,
+            "frozen": [],
+            "unfrozen": False,
             "nonfinite_skips": self.nonfinite_skips,
             "train_metrics": metrics_state or self.train_metrics.state_dict(),
+            **super().extra_state(),  # the hooks' (the freezing schedule's "frozen" and "unfrozen")
         }
 
     def load_extra_state(self, state):
-        if state.get("unfrozen") and self.frozen and not self.unfrozen:
-            self._unfreeze()
+        super().load_extra_state(state)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_skips = state.get("nonfinite_skips", 0)

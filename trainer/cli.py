@@ -1,0 +1,118 @@
+"""The command lines of ``train.py`` and ``test.py``: parse, call one function, turn a user's mistake into one line.
+
+Both scripts spell the same thing the same way (``-c``, ``-r``, ``-d/--device``,
+``key.path=VALUE`` overrides anywhere among the flags), and every user error prints as
+``error: ...`` lines on stderr with exit code 2, without a traceback. Importing this
+module is cheap (torch is imported when a command runs), so a Ctrl-C during start-up is
+caught like any other.
+"""
+
+import argparse
+import sys
+
+
+def _parser(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-d", "--device", help='device: "auto", "cpu", "cuda", "cuda:N" or "mps" (the config\'s "device")')
+    parser.add_argument("overrides", nargs="*", metavar="key.path=VALUE",
+                        help="change any config key; the value is read as JSON, else as a string")
+    return parser
+
+
+def train_parser():
+    parser = _parser("Train a model from a config file.")
+    parser.add_argument("-c", "--config", help="config file (JSON, or YAML ending in .yaml/.yml)")
+    parser.add_argument("-r", "--resume", help="checkpoint to continue (its run folder and settings)")
+    parser.add_argument("--run-id", help="name of the run folder (default: the start time)")
+    parser.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=VALUE")
+    parser.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=VALUE")
+    parser.add_argument("--init-from", help="start a new run from this checkpoint's model weights (fine-tuning)")
+    parser.add_argument("--init-from-strict", choices=("true", "false"), default="true",
+                        help="whether --init-from must match every key (default true)")
+    return parser
+
+
+def test_parser():
+    parser = _parser("Evaluate a checkpoint on the test split of its config.")
+    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate")
+    return parser
+
+
+def parse(parser, argv):
+    """Parse with overrides allowed before, between and after the flags."""
+    return parser.parse_intermixed_args(argv)
+
+
+def overrides_of(args):
+    """The ``key.path=VALUE`` overrides a command line asks for, shortcuts included."""
+    overrides = list(args.overrides)
+    for flag, key in (("lr", "optimizer.args.lr"), ("bs", "data_loader.args.batch_size"), ("device", "device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
+def train_command(argv=None):
+    """``python train.py ...``; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = train_parser()
+    args = parse(parser, argv)
+    if not args.config and not args.resume:
+        parser.error("give -c CONFIG to start a run, or -r CHECKPOINT to resume one")
+    if args.resume and args.init_from:
+        parser.error("-r continues a run and --init-from starts a new one: give one of them")
+
+    def run():
+        from trainer.run import train
+        from utils.config import apply_overrides, load_config
+        from utils.io import load_checkpoint
+
+        overrides = overrides_of(args)
+        if args.config:
+            config = apply_overrides(load_config(args.config), overrides)
+        elif overrides:
+            config = apply_overrides(load_checkpoint(args.resume)["config"], overrides)
+        else:
+            config = None  # the checkpoint's own
+        train(config, resume=args.resume, run_id=args.run_id, init_from=args.init_from,
+              init_strict=args.init_from_strict == "true", argv=["train.py", *argv])
+
+    return _run(run)
+
+
+def test_command(argv=None):
+    """``python test.py -r CKPT ...``; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(test_parser(), argv)
+
+    def run():
+        from trainer.run import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(args.resume, overrides_of(args))
+        print(f"Checkpoint {args.resume}")
+        for key, value in metrics.items():
+            print(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
+
+    return _run(run)
+
+
+def _run(fn):
+    """Call ``fn``; a user's error is one ``error:`` line per problem and exit 2, a stopped run its own code."""
+    try:
+        from base.base_trainer import RunStopped
+        from utils.errors import UserError
+
+        try:
+            fn()
+        except UserError as err:
+            for problem in err.problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 2
+        except RunStopped as err:
+            print(f"stopped: {err}", file=sys.stderr)
+            return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
