@@ -17,42 +17,258 @@ from utils.errors import ConfigError, UserError
 
 # --------------------------------------------------------------------------- loading
 
+MAX_DEPTH = 64  # a config is a few levels deep; deeper nesting is a mistake (or an attack on the recursion limit)
+MAX_VALUES = 100_000  # YAML aliases can make a small file expand to billions of values
+NAME_MAX = 255  # bytes in one file or folder name on every common file system
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _NonFiniteConstant(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
+    return dict(pairs)
+
+
+def _reject_constant(name):
+    raise _NonFiniteConstant(name)
+
+
+def _line_col(text, pos):
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _json_sites(text):
+    """Where ``text`` repeats a key within one object, and where it has a bare NaN/Infinity.
+
+    Returns ``(duplicates, constants)``: ``[(key path, line), ...]`` and ``[(token, line, column), ...]``.
+    A scan of the tokens, without recursion: it is only called to say where a problem the parser
+    found is, and survives text the parser would refuse further on.
+    """
+    from json.decoder import scanstring
+
+    duplicates, constants = [], []
+    stack = []  # one entry per open bracket: [keys seen (None in a list), path, the last key read]
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            try:
+                value, end = scanstring(text, i + 1)
+            except ValueError:
+                break
+            j = end
+            while j < n and text[j] in " \t\r\n":
+                j += 1
+            if j < n and text[j] == ":" and stack and stack[-1][0] is not None:
+                keys, path, _ = stack[-1]
+                if value in keys:
+                    duplicates.append((".".join([*path, value]), _line_col(text, i)[0]))
+                keys.add(value)
+                stack[-1][2] = value
+            i = end
+            continue
+        if c in "{[":
+            path = []
+            if stack:
+                keys, parent, last = stack[-1]
+                path = [*parent, last] if keys is not None else [*parent[:-1], parent[-1] + "[]"] if parent else ["[]"]
+            stack.append([set() if c == "{" else None, path, None])
+        elif c in "}]":
+            if stack:
+                stack.pop()
+        else:
+            for token in ("-Infinity", "Infinity", "NaN"):
+                if text.startswith(token, i):
+                    constants.append((token, *_line_col(text, i)))
+                    i += len(token) - 1
+                    break
+        i += 1
+    return duplicates, constants
+
+
+def _yaml_loader():
+    """A ``yaml.SafeLoader`` that refuses a key repeated in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue  # keys from a "<<" merge may be overridden; a non-scalar key is refused later
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {seen[key]}); keep one of them",
+                            key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    return ConfigLoader
+
+
+def plain_value_problems(value, where=""):
+    """Lines saying where ``value`` holds something a JSON config cannot: every value must be a string,
+    a finite number, true/false, null, a list or a mapping with string keys, at most :data:`MAX_DEPTH` deep.
+
+    YAML can produce dates, sets, binary data, non-string keys and self-referencing aliases; a
+    JSON file can hold ``1e999`` (infinity); a Python caller can pass anything. An empty list means fine.
+    """
+    problems = []
+    budget = [MAX_VALUES]
+    on_path = set()  # ids of the containers above the current one: a cycle comes back to one of them
+
+    def name(path):
+        return path or "the config"
+
+    def walk(v, path, depth):
+        budget[0] -= 1
+        if budget[0] < 0 or len(problems) >= 20:
+            return
+        if isinstance(v, bool) or v is None or isinstance(v, int):
+            return
+        if isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):
+                problems.append(f"{name(path)}: got {v}, expected a finite number (JSON has no NaN or Infinity)")
+            return
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                problems.append(f"{name(path)}: {v!r} is not valid UTF-8 text")
+            return
+        if isinstance(v, (dict, list, tuple)):  # a tuple from a Python caller is written as a list
+            if depth >= MAX_DEPTH:
+                problems.append(f"{name(path)}: nested more than {MAX_DEPTH} levels deep; a config needs a few")
+                return
+            if id(v) in on_path:
+                problems.append(f"{name(path)}: contains itself (a YAML alias inside its own anchor)")
+                return
+            on_path.add(id(v))
+            if isinstance(v, dict):
+                for key, item in v.items():
+                    if not isinstance(key, str):
+                        problems.append(f"{name(path)}: key {key!r} is a {type(key).__name__}; keys must be strings (quote it)")
+                        continue
+                    try:
+                        key.encode("utf-8")
+                    except UnicodeEncodeError:
+                        problems.append(f"{name(path)}: key {key!r} is not valid UTF-8 text")
+                        continue
+                    walk(item, f"{path}.{key}" if path else key, depth + 1)
+            else:
+                for index, item in enumerate(v):
+                    walk(item, f"{path}[{index}]", depth + 1)
+            on_path.discard(id(v))
+            return
+        kind = {"date": "a date", "datetime": "a timestamp", "set": "a set", "bytes": "binary data"}.get(
+            type(v).__name__, f"a {type(v).__name__}")
+        shown = repr(v)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        problems.append(f"{name(path)}: got {kind} ({shown}), which JSON cannot hold; write a string, number,"
+                        " true/false, null, list or mapping (quote a date to keep it as text)")
+
+    walk(value, where, 0)
+    if budget[0] < 0:
+        problems.append(f"{name(where)}: more than {MAX_VALUES} values (YAML aliases expanding?); a config needs far fewer")
+    return problems
+
 
 def load_config(path):
-    """Read a config file: YAML when it ends in ``.yaml``/``.yml``, JSON otherwise."""
+    """Read a config file: YAML when it ends in ``.yaml``/``.yml``, JSON otherwise.
+
+    Raises:
+        UserError: one line per problem: the file is missing, a folder or unreadable, not UTF-8,
+            not valid JSON/YAML, repeats a key within one mapping, holds NaN/Infinity, or holds
+            a value JSON cannot (a YAML date or set, say), or is nested absurdly deep.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config {path} is a folder, not a file (give the path of a .json or .yaml file)")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"config {path} cannot be read: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")  # tolerate the byte-order mark some Windows editors write
+    except UnicodeDecodeError as err:
+        line, col = _line_col(data.decode("utf-8", errors="replace"), len(data[: err.start].decode("utf-8", errors="replace")))
+        raise UserError(f"{path}: not UTF-8 text: byte 0x{data[err.start]:02x} at line {line}, column {col};"
+                        " save the file as UTF-8") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml  # only YAML users pay for the import
 
         try:
-            config = yaml.safe_load(text)
+            config = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply to read; a config needs a few levels") from None
     else:
         try:
-            config = json.loads(text)
+            config = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        except _DuplicateKey as err:
+            duplicates = _json_sites(text)[0]
+            if not duplicates:
+                raise UserError(f"{path}: key {err.args[0]!r} appears twice in one object; keep one of them") from None
+            raise UserError(*(f"{path}: line {line}: key {key!r} appears twice in one object (the last would win"
+                              " silently); keep one of them" for key, line in duplicates)) from None
+        except _NonFiniteConstant as err:
+            constants = _json_sites(text)[1]
+            where = f" at line {constants[0][1]}, column {constants[0][2]}" if constants else ""
+            raise UserError(f"{path}: {err.args[0]}{where} is not a finite number; JSON has no NaN or Infinity:"
+                            " write a number (or null)") from None
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply to read; a config needs a few levels") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: a config must be a mapping of keys to values, got {type(config).__name__}")
+    problems = plain_value_problems(config)
+    if problems:
+        raise UserError(*(f"{path}: {problem}" for problem in problems))
     return config
 
 
 def parse_value(text):
-    """An override's value: JSON when it parses (``3``, ``0.1``, ``true``, ``null``, ``[1, 2]``), else the string."""
+    """An override's value: JSON when it parses (``3``, ``0.1``, ``true``, ``null``, ``[1, 2]``), else the string.
+
+    Raises:
+        UserError: the value is JSON with NaN or Infinity, or nested too deeply to parse.
+    """
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError:
         return text
+    except _NonFiniteConstant as err:
+        raise UserError(f"{err.args[0]} is not a finite number (JSON has no NaN or Infinity); for the text,"
+                        f" quote it: '\"{text}\"'") from None
+    except RecursionError:
+        raise UserError("the value is nested too deeply to read") from None
 
 
 def apply_overrides(config, overrides):
-    """Return a copy of ``config`` with each ``a.b.c=VALUE`` applied; missing dicts on the path are created."""
+    """Return a copy of ``config`` with each ``a.b.c=VALUE`` applied; missing dicts on the path are created.
+
+    Raises:
+        UserError: an override is not ``key.path=VALUE``, its path runs through a value that is not a
+            section, or its value is not a plain JSON value (NaN, Infinity, absurd nesting, invalid UTF-8).
+    """
     config = copy.deepcopy(config)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -67,7 +283,14 @@ def apply_overrides(config, overrides):
             if not isinstance(node, dict):
                 where = ".".join(parents[: depth + 1])
                 raise UserError(f"override {item!r}: {where} is a {type(node).__name__}, not a section with keys")
-        node[last] = parse_value(text)
+        try:
+            value = parse_value(text)
+        except UserError as err:
+            raise UserError(f"override {item!r}: {err}") from None
+        problems = plain_value_problems({key: value})
+        if problems:
+            raise UserError(*(f"override {item!r}: {problem}" for problem in problems))
+        node[last] = value
     return config
 
 
@@ -138,17 +361,16 @@ class Registry:
         )
 
 
-def check_args(target, args, where, provided=()):
-    """Problems binding ``args`` to ``target``'s signature: unknown keywords and missing required ones.
+def _parameters(target):
+    """``target``'s keyword parameters by name, and whether it also takes any keyword (``**kwargs``).
 
-    ``provided`` names parameters the builder passes itself (``params`` for an optimizer).
+    A class may forward its ``**kwargs`` to a base named by its ``options_from`` (data loaders
+    do): the base's parameters count as the class's own. ``(None, True)`` when there is no signature.
     """
     try:
-        signature = inspect.signature(target)
+        params = dict(inspect.signature(target).parameters)
     except (TypeError, ValueError):
-        return []  # a builtin without a signature: the constructor itself will complain
-    params = dict(signature.parameters)
-    # A class may forward its **kwargs to a base (data loaders do): check against both.
+        return None, True  # a builtin without a signature: the constructor itself will complain
     base = getattr(target, "options_from", None)
     if base is not None:
         for name, param in inspect.signature(base).parameters.items():
@@ -160,6 +382,18 @@ def check_args(target, args, where, provided=()):
         n: p for n, p in params.items()
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) and n != "self"
     }
+    return named, accepts_any
+
+
+def check_args(target, args, where, provided=()):
+    """Problems binding ``args`` to ``target``'s signature: unknown keywords, missing required ones,
+    and values of the wrong type or range (see :func:`arg_value_problem`).
+
+    ``provided`` names parameters the builder passes itself (``params`` for an optimizer).
+    """
+    named, accepts_any = _parameters(target)
+    if named is None:
+        return [problem for key, value in args.items() if (problem := arg_value_problem(key, value, None, where))]
     problems = []
     if not accepts_any:
         for key in args:
@@ -172,7 +406,122 @@ def check_args(target, args, where, provided=()):
     for name, param in named.items():
         if param.default is inspect.Parameter.empty and name not in args and name not in provided:
             problems.append(f"{where}: {getattr(target, '__name__', target)} needs argument {name!r}")
+    for key, value in args.items():
+        if key in provided or (key not in named and not accepts_any):
+            continue  # already reported as an argument it does not take
+        problem = arg_value_problem(key, value, named.get(key), where)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+# --------------------------------------------------------------------------- argument values
+
+_COUNTS = {"num_classes", "num_samples", "epochs", "total_steps", "steps_per_epoch", "T_max", "T_0", "prefetch_factor"}
+SEED_LIMIT = 2**63  # the data order seeds a generator with seed + epoch: keep that below torch's 2**64
+
+
+def _annotation_kind(annotation):
+    """``"bool"``, ``"integer"``, ``"number"`` or ``"numbers"`` (a number or a list of them) from a type
+    annotation, with whether it allows None; ``(None, True)`` when the annotation says nothing this can check."""
+    import typing
+
+    if isinstance(annotation, str):  # under "from __future__ import annotations"
+        text = annotation.replace(" ", "")
+        optional = text.startswith("Optional[") or "|None" in text or "None|" in text
+        text = text.removeprefix("Optional[").removesuffix("]") if text.startswith("Optional[") else text
+        text = text.replace("|None", "").replace("None|", "")
+        return {"bool": "bool", "int": "integer", "float": "number"}.get(text), optional if text in ("bool", "int", "float") else True
+    if annotation is bool:
+        return "bool", False
+    if annotation is int:
+        return "integer", False
+    if annotation is float:
+        return "number", False
+    args = typing.get_args(annotation)
+    if not args or typing.get_origin(annotation) not in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        return None, True
+    none_ok = type(None) in args
+    rest = [a for a in args if a is not type(None)]
+    if rest == [bool]:
+        return "bool", none_ok
+    if rest == [int]:
+        return "integer", none_ok
+    scalar = all(a in (int, float) or getattr(a, "__name__", "") == "Tensor" for a in rest)
+    if scalar and any(a in (int, float) for a in rest):
+        return "number", none_ok
+    listed = [a for a in rest if typing.get_origin(a) in (list, tuple)]
+    if listed and all(a in listed or a in (int, float) or getattr(a, "__name__", "") == "Tensor" for a in rest):
+        return "numbers", none_ok
+    return None, True
+
+
+def _expected_kind(param):
+    """What a parameter takes, from its annotation, else from the type of its default: ``(kind, None allowed)``."""
+    if param is None:
+        return None, True
+    kind, none_ok = _annotation_kind(param.annotation) if param.annotation is not inspect.Parameter.empty else (None, True)
+    if kind:
+        return kind, none_ok or param.default is None
+    default = param.default
+    if isinstance(default, bool):
+        return "bool", False
+    if isinstance(default, (int, float)):
+        return "numbers", True  # a number, or one per parameter group (min_lr of ReduceLROnPlateau)
+    return None, True
+
+
+_KIND_OK = {
+    "bool": lambda v: isinstance(v, bool),
+    "integer": lambda v: _is_int(v),
+    "number": lambda v: _is_number(v),
+    "numbers": lambda v: _is_number(v) or (isinstance(v, list) and bool(v) and all(_is_number(x) for x in v)),
+}
+_KIND_WANTED = {"bool": "true or false", "integer": "an integer", "number": "a number", "numbers": "a number"}
+
+
+def _named_rule(name, value):
+    """What an argument of this name must be, whatever the target (a count of classes is never 0), or None if fine."""
+    if name in _COUNTS or name.endswith("_size"):
+        return positive_int(value)
+    if name.endswith("_sizes"):
+        ok = isinstance(value, list) and all(_is_int(v) and v > 0 for v in value)
+        return None if ok else "a list of positive integers"
+    if name.startswith("num_"):
+        return non_negative_int(value)
+    if name == "seed" or name.endswith("_seed"):
+        return seed_int(value)
+    if name.endswith("_split"):
+        ok = (_is_int(value) and value >= 0) or (isinstance(value, float) and 0 <= value < 1)
+        return None if ok else "a fraction in [0, 1) or a sample count (an integer >= 0)"
+    if name.endswith("_fraction"):
+        return None if _is_number(value) and 0 <= value < 1 else "a fraction in [0, 1)"
+    return None
+
+
+def arg_value_problem(name, value, param, where):
+    """The line saying ``where.name: got VALUE, expected ...`` when ``value`` does not fit, else None.
+
+    The type comes from the parameter's annotation or default (``param``, an ``inspect.Parameter``
+    or None): a default of ``True`` wants true or false, never ``"no"``; a default of ``0.1`` wants a
+    number, never ``true``. The range comes from the name: ``num_classes``, ``*_size``, ``epochs``
+    and the like are positive integers, ``num_*`` integers >= 0, ``*seed`` an integer in [0, 2**63),
+    ``*_split`` a fraction in [0, 1) or a count, ``*_fraction`` a fraction in [0, 1).
+    """
+    if value is None:
+        kind, none_ok = _expected_kind(param)
+        return None if none_ok or not kind else f"{where}.{name}: got null, expected {_KIND_WANTED[kind]}"
+    kind, _ = _expected_kind(param)
+    wanted = _KIND_WANTED[kind] if kind and not _KIND_OK[kind](value) else _named_rule(name, value)
+    return f"{where}.{name}: got {_show(value)}, expected {wanted}" if wanted else None
+
+
+def _show(value, limit=60):
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def default_arg(target, name, fallback=None):
@@ -217,6 +566,41 @@ def positive_int(v):
 
 def non_negative_int(v):
     return None if _is_int(v) and v >= 0 else "an integer >= 0"
+
+
+def seed_int(v):
+    return None if _is_int(v) and 0 <= v < SEED_LIMIT else "an integer from 0 to 2**63 - 1"
+
+
+def path_string(v):
+    return None if isinstance(v, str) and v and "\0" not in v else "a non-empty path (a string without NUL characters)"
+
+
+def check_path_component(value, where):
+    """The problem line when ``value`` cannot name one folder inside another, or None when it can.
+
+    A run's ``name`` and its run id become ``save_dir/models/<name>/<run_id>``: each must be one
+    path component (no ``/`` or ``\\``, not ``.`` or ``..``, no NUL, valid UTF-8, at most
+    :data:`NAME_MAX` bytes), or the run would be written outside ``save_dir`` or fail half-way.
+    """
+    if not isinstance(value, str) or not value:
+        return f"{where}: got {_show(value)}, expected a non-empty string"
+    shown = _show(value, 40)
+    if "\0" in value:
+        return f"{where}: got {shown}, which contains a NUL character; use a plain folder name"
+    separators = [s for s in ("/", "\\") if s in value]
+    if separators:
+        return (f"{where}: got {shown}, which contains {separators[0]!r}: it must be a single folder name,"
+                " or the run would be written outside trainer.save_dir")
+    if value in (".", ".."):
+        return f"{where}: got {shown}, which names a folder above the run's; use a plain folder name"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"{where}: got {value!r}, which is not valid UTF-8 text"
+    if size > NAME_MAX:
+        return f"{where}: got {shown} ({size} bytes), longer than the {NAME_MAX} bytes a file system allows in a folder name"
+    return None
 
 
 def positive_number(v):
@@ -271,7 +655,7 @@ REQUIRED = object()
 
 TRAINER_SCHEMA = {
     "epochs": (positive_int, 10),
-    "save_dir": (string, "saved/"),
+    "save_dir": (path_string, "saved/"),
     "save_period": (positive_int, 1),
     "verbosity": (one_of(0, 1, 2), 2),
     "monitor": (monitor_string, "off"),
@@ -303,8 +687,8 @@ TRAINER_SCHEMA = {
 }
 
 TOP_SCHEMA = {
-    "name": (string, REQUIRED),
-    "seed": (non_negative_int, 0),
+    "name": (None, REQUIRED),  # checked by check_path_component
+    "seed": (seed_int, 0),
     "device": (device_string, "auto"),
     "n_gpu": (non_negative_int, 1),
     "arch": (None, REQUIRED),
@@ -383,11 +767,17 @@ def validate_config(config, registries):
     Raises:
         ConfigError: with every problem found, one line each.
     """
-    problems = []
     if not isinstance(config, dict):
         raise ConfigError("a config must be a mapping of keys to values")
+    problems = plain_value_problems(config)
+    if problems:  # the checks below assume JSON values (they print them as JSON)
+        raise ConfigError(*problems)
     _check_keys(config, TOP_SCHEMA, "", problems)
     out = _fill(config, TOP_SCHEMA, "", problems)
+    if "name" in config:
+        problem = check_path_component(config["name"], "name")
+        if problem:
+            problems.append(problem)
 
     trainer = config.get("trainer", {})
     if not isinstance(trainer, dict):
@@ -398,17 +788,20 @@ def validate_config(config, registries):
 
     # Object sections: the name must be in the table and its args must bind to the signature.
     provided = {"arch": (), "data_loader": ("seed",), "optimizer": ("params",), "lr_scheduler": ("optimizer",)}
+    failed = set()  # sections whose type is unknown or malformed
     for key in ("arch", "data_loader", "loss", "optimizer", "lr_scheduler"):
         if key not in config or (key == "lr_scheduler" and config[key] is None):
             continue
         section = _section(config, key, problems)
         out[key] = section
         if section is None:
+            failed.add(key)
             continue
         try:
             target = registries[key].get(section["type"], f"{key}.type")
         except ConfigError as err:
             problems.extend(err.problems)
+            failed.add(key)
             continue
         given = provided.get(key, ())
         if key == "loss":  # the first two parameters are the output and the target
@@ -430,6 +823,15 @@ def validate_config(config, registries):
             for g in groups
         ):
             problems.append('optimizer.param_groups: expected a list of {"params": ["glob", ...], "lr": ...} entries')
+        elif "optimizer" not in failed:
+            # A group's settings are the optimizer's own arguments: the same types apply (no "lr": "0.1").
+            named, _ = _parameters(registries["optimizer"].get(opt["type"]))
+            for index, group in enumerate(groups):
+                for name, value in group.items():
+                    if name != "params":
+                        problem = arg_value_problem(name, value, (named or {}).get(name), f"optimizer.param_groups[{index}]")
+                        if problem:
+                            problems.append(problem)
 
     metrics = out.get("metrics") or []
     if string_list(metrics) is None:
@@ -439,7 +841,9 @@ def validate_config(config, registries):
                 problems.append(f"metrics: unknown metric {name!r}{did_you_mean(name, valid)} valid: {_listing(valid)}")
 
     t = out["trainer"]
-    if monitor_string(t["monitor"]) is None and t["monitor"] != "off":
+    split_reported = any(p.startswith("data_loader.args.validation_split:") for p in problems)
+    if monitor_string(t["monitor"]) is None and t["monitor"] != "off" and not split_reported:
+        # (a bad validation_split is the problem to report, not the validation metric it would not produce)
         problems.extend(_check_monitor(t["monitor"], out, registries))
     if t["unfreeze_at_epoch"] is not None and not t["freeze"]:
         problems.append("trainer.unfreeze_at_epoch: set, but trainer.freeze is empty (nothing to unfreeze)")
