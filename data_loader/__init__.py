@@ -1,0 +1,1 @@
+"""Datasets and the data loaders a config names in ``data_loader.type`` (the ``DATA_LOADERS`` table)."""

@@ -1,0 +1,1 @@
+"""Console and file logging for a run, and the TensorBoard writer."""

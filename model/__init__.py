@@ -1,0 +1,1 @@
+"""Models, losses and metrics a config names by ``arch``, ``loss`` and ``metrics`` (``MODELS``, ``LOSSES``, ``METRICS``)."""

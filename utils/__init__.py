@@ -1,1 +1,2 @@
-"""Small helpers at the bottom of the project: errors, config handling, crash-safe files, seeding."""
+"""Small helpers at the bottom of the project: errors, config checking, crash-safe files, resume policy, seeding,
+metric sums, torchrun helpers."""
