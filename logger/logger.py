@@ -1,4 +1,4 @@
-"""Console and file logging for a run, set up by ``main()`` (never at import)."""
+"""Console and file logging for a run, set up by ``trainer.run.open_run`` (never at import)."""
 
 import logging
 import sys

@@ -40,7 +40,7 @@ def setup(device):
     """Join the process group torchrun describes; returns this process's :class:`DistInfo` and device.
 
     ``nccl`` on CUDA (each process pinned to its local GPU), ``gloo`` on the CPU.
-    Can be called again after :func:`cleanup` (a second ``main()`` in the same processes).
+    Can be called again after :func:`cleanup` (a second run in the same processes).
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(), device
