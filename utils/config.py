@@ -11,6 +11,8 @@ import difflib
 import inspect
 import json
 import re
+import types
+import typing
 from pathlib import Path
 
 from utils.errors import ConfigError, UserError
@@ -424,8 +426,6 @@ SEED_LIMIT = 2**63  # the data order seeds a generator with seed + epoch: keep t
 def _annotation_kind(annotation):
     """``"bool"``, ``"integer"``, ``"number"`` or ``"numbers"`` (a number or a list of them) from a type
     annotation, with whether it allows None; ``(None, True)`` when the annotation says nothing this can check."""
-    import typing
-
     if isinstance(annotation, str):  # under "from __future__ import annotations"
         text = annotation.replace(" ", "")
         optional = text.startswith("Optional[") or "|None" in text or "None|" in text
@@ -439,7 +439,7 @@ def _annotation_kind(annotation):
     if annotation is float:
         return "number", False
     args = typing.get_args(annotation)
-    if not args or typing.get_origin(annotation) not in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    if not args or typing.get_origin(annotation) not in (typing.Union, types.UnionType):
         return None, True
     none_ok = type(None) in args
     rest = [a for a in args if a is not type(None)]
@@ -485,7 +485,7 @@ def _named_rule(name, value):
     if name in _COUNTS or name.endswith("_size"):
         return positive_int(value)
     if name.endswith("_sizes"):
-        ok = isinstance(value, list) and all(_is_int(v) and v > 0 for v in value)
+        ok = isinstance(value, (list, tuple)) and all(_is_int(v) and v > 0 for v in value)
         return None if ok else "a list of positive integers"
     if name.startswith("num_"):
         return non_negative_int(value)

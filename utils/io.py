@@ -65,8 +65,8 @@ def _write_error(err, path, needed):
         what = "the disk quota is used up" if err.errno != errno.ENOSPC else "no space left on the device"
         need = f"the file needs about {_size(needed)}" if needed else "the file could not be written whole"
         return DiskFullError(
-            f"cannot write {path}: {what} holding {folder} ({free} free, {need}); free some space or set"
-            " trainer.save_dir to another disk, then resume from the last checkpoint (older files are intact)"
+            f"cannot write {path}: {what} holding {folder} ({free} free, {need}); free some space (or set"
+            f" trainer.save_dir to another disk) and resume; the previous {path.name}, if any, is intact"
         )
     if err.errno in _NOT_WRITABLE:
         reason = {errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for this file system"}
