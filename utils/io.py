@@ -98,10 +98,11 @@ def atomic_write(path, mode="wb", expected_size=None):
         raise _write_error(err, path, expected_size) or err from None
     try:
         mode_bits = 0o666 & ~current_umask()
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, mode_bits)
-        else:  # Windows
-            os.chmod(tmp, mode_bits)
+        with contextlib.suppress(OSError):  # some file systems (vfat, some network mounts) have no modes to set
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, mode_bits)
+            else:  # Windows
+                os.chmod(tmp, mode_bits)
         try:
             f = os.fdopen(fd, mode)
         except BaseException:
