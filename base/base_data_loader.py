@@ -5,15 +5,58 @@ permutation from a generator seeded with ``seed + epoch`` (as torch's
 ``DistributedSampler`` does), never from the global RNG. That is what makes a run
 resumable mid-epoch (skip the batches already seen) and shardable over processes
 (each process takes every ``world_size``-th index of the same permutation).
+
+Augmentation (``transforms``, see :mod:`data_loader.augment`) is a function of the same
+``(seed, epoch)`` and of a batch's place in the epoch, so a resumed run replays it too.
+Training batches get the ``train`` transforms; the validation split and the test split
+get the ``eval`` ones.
+
+DataLoader workers ignore SIGINT and SIGTERM: a Ctrl-C, or a SIGTERM sent to the whole
+process group (as Slurm does before preempting a job), must not kill them while the main
+process finishes its step and writes its checkpoint. The main process stops them itself:
+when their iterator is dropped, or at interpreter exit (multiprocessing's exit handler
+stops daemonic workers with SIGTERM, which they now ignore).
 """
 
+import atexit
 import math
+import signal
 import weakref
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from data_loader.augment import BatchPipeline, SamplePipeline, SeededSamples, mix_seed, parse_transforms
 from utils.errors import UserError
+
+
+def _worker_init(worker_id):
+    # See the module docstring: the main process decides when its workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_LIVE_ITERATORS = weakref.WeakSet()
+_EXIT_HOOK = []
+
+
+def _track_workers(iterator):
+    """Stop ``iterator``'s workers at interpreter exit if nothing stopped them before."""
+    if not hasattr(iterator, "_shutdown_workers"):
+        return iterator
+    if not _EXIT_HOOK:
+        # Registered after torch's and multiprocessing's own exit handlers, so it runs before them
+        # (atexit is last-in, first-out): torch still shuts workers down, and multiprocessing's join
+        # then finds them gone.
+        atexit.register(_stop_all_workers)
+        _EXIT_HOOK.append(True)
+    _LIVE_ITERATORS.add(iterator)
+    return iterator
+
+
+def _stop_all_workers():
+    for iterator in list(_LIVE_ITERATORS):
+        iterator._shutdown_workers()
 
 
 class EpochSampler(Sampler):
@@ -59,6 +102,9 @@ class EpochSampler(Sampler):
 class _BatchIndices:
     """The batches of one epoch as lists of indices, starting at a given batch (for a mid-epoch resume).
 
+    With random per-sample transforms, each index comes with its sample's seed, a function of
+    ``(seed, epoch, index)``: see :class:`data_loader.augment.SeededSamples`.
+
     It holds its loader through a weak reference: a strong one would make a cycle
     (loader -> torch DataLoader -> this -> loader) that keeps worker processes alive
     until the garbage collector happens to run.
@@ -70,8 +116,11 @@ class _BatchIndices:
     def __iter__(self):
         loader = self._loader()
         order, size = loader._epoch_order(), loader.batch_size
+        seeded = loader._pipeline is not None and loader._pipeline.random
+        seed, epoch = loader.seed, loader.sampler.epoch
         for start in range(0, len(order), size):
-            yield order[start : start + size].tolist()
+            batch = order[start : start + size].tolist()
+            yield [(i, mix_seed(seed, epoch, i)) for i in batch] if seeded else batch
 
     def __len__(self):
         return len(self._loader())
@@ -84,7 +133,9 @@ class BaseDataLoader:
         dataset: a map-style dataset. If it has ``tensors()`` returning all inputs and
             targets as two tensors, and ``in_memory`` is true, batches are made by indexing
             those tensors (no per-sample ``__getitem__`` and collate): the same samples in
-            the same order, much faster.
+            the same order, much faster. uint8 inputs (images) come out as float32 in [0, 1].
+            Its ``class_names`` and ``feature_stats``, if it has them, are offered as the
+            loader's.
         batch_size: samples per batch, per process.
         shuffle: a new order each epoch, fixed by ``seed`` and the epoch number.
         validation_split: a fraction in (0, 1) or a count of samples held out for
@@ -96,12 +147,23 @@ class BaseDataLoader:
         device_resident: on the tensor path, keep the whole dataset on the training
             device (set by the trainer with :meth:`to`), so batches never cross the bus.
         drop_last: drop a last batch smaller than ``batch_size``.
-        seed: the seed of the split and of the data order.
+        seed: the seed of the split, of the data order and of the augmentation.
+        transforms: ``{"train": [...], "eval": [...]}`` of ``{"type": NAME, "args": {...}}``
+            naming ``torchvision.transforms.v2`` classes (see :mod:`data_loader.augment`).
+            On the tensor path random crops, resized crops and flips and normalisation run
+            on whole batches; with any other transform, samples go through ``__getitem__``
+            (and workers). Raises ConfigError for a bad spec.
+        training: the training data (``train`` transforms; ``eval`` for its validation
+            split). False: the test split (``eval`` transforms).
+
+    Attributes:
+        class_names: the class names (a list of str) when the dataset has them, else None.
+        feature_stats: the feature standardisation of a table, else None.
     """
 
     def __init__(self, dataset, batch_size=64, shuffle=True, validation_split=0.0, num_workers=0,
                  pin_memory=None, persistent_workers=None, prefetch_factor=None, in_memory=True,
-                 device_resident=False, drop_last=False, seed=0, indices=None):
+                 device_resident=False, drop_last=False, seed=0, transforms=None, training=True, indices=None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise UserError(f"data_loader.args.batch_size: got {batch_size!r}, expected a positive integer")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -112,16 +174,35 @@ class BaseDataLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.prefetch_factor = prefetch_factor
-        self.in_memory = in_memory and hasattr(dataset, "tensors")
+        self.class_names = getattr(dataset, "class_names", None)
+        self.feature_stats = getattr(dataset, "feature_stats", None)
+        spec = parse_transforms(transforms)
+        self.in_memory = bool(in_memory) and hasattr(dataset, "tensors") and (spec is None or spec.batchable())
         self.device_resident = device_resident
         self._tensors = dataset.tensors() if self.in_memory else None
         self._device = None
         self.start_batch = 0
+        self._pipelines = {split: self._pipeline_for(spec, split) for split in ("train", "eval")}
+        self._pipeline = self._pipelines["train" if training else "eval"]
 
         all_indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices)
         train_idx, self.valid_idx = self._split(all_indices, validation_split, seed)
         self.sampler = EpochSampler(train_idx, shuffle, seed)
         self._loader = None
+
+    def _pipeline_for(self, spec, split):
+        """What the batches of ``split`` go through; None when nothing (no cost at all)."""
+        steps = spec.steps(split) if spec is not None else []
+        if self.in_memory:
+            images = self._tensors[0].dtype == torch.uint8
+            return BatchPipeline(steps) if steps or images else None
+        images = getattr(self.dataset, "uint8_images", False)
+        return SamplePipeline(steps) if steps or images else None
+
+    def data_args(self):
+        """Constructor arguments that pin this data's class order and feature scaling (for
+        ``data_loader.args`` of the saved config, so evaluation rebuilds the same); ``{}`` when none."""
+        return {}
 
     @staticmethod
     def _split(indices, split, seed):
@@ -148,6 +229,7 @@ class BaseDataLoader:
         valid.__dict__.update(self.__dict__)
         valid.shuffle, valid.drop_last, valid.valid_idx, valid._loader = False, False, None, None
         valid.start_batch = 0  # a resume position belongs to the training data
+        valid._pipeline = self._pipelines["eval"]  # held-out data never sees random augmentation
         valid.sampler = EpochSampler(self.valid_idx, shuffle=False, seed=self.seed, pad=False)
         return valid
 
@@ -187,27 +269,39 @@ class BaseDataLoader:
         if self._loader is None:
             self._loader = self._make_loader()
         # torch seeds Python, NumPy and torch in each worker from this generator: reseeding it per epoch
-        # makes every worker's random draws (augmentations, say) a function of the seed and the epoch.
+        # makes every worker's random draws a function of the seed and the epoch. (Transforms do not rely
+        # on it: their draws are seeded per sample, which also holds from a mid-epoch start.)
         self._generator.manual_seed(self.seed + self.sampler.epoch)
-        return iter(self._loader)
+        return _track_workers(iter(self._loader))
 
     def _iter_tensors(self):
         inputs, targets = self._tensors
         order = self._epoch_order()
         if self._device is not None:
             order = order.to(self._device)
-        for start in range(0, len(order), self.batch_size):
+        pipeline = self._pipeline
+        if pipeline is None:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                yield inputs[idx], targets[idx]
+            return
+        generator = pipeline.generator(inputs.device) if pipeline.random else None
+        seed, epoch, rank = self.seed, self.sampler.epoch, self.sampler.rank
+        for batch, start in enumerate(range(0, len(order), self.batch_size), start=self.start_batch):
             idx = order[start : start + self.batch_size]
-            yield inputs[idx], targets[idx]
+            if generator is not None:  # a batch's draws depend on its place in the epoch only
+                generator.manual_seed(mix_seed(seed, epoch, batch, rank))
+            yield pipeline(inputs[idx], generator), targets[idx]
 
     def _make_loader(self):
         self._generator = torch.Generator()
         extra = {}
         if self.num_workers > 0:
-            extra = {"persistent_workers": self.persistent_workers}
+            extra = {"persistent_workers": self.persistent_workers, "worker_init_fn": _worker_init}
             if self.prefetch_factor is not None:
                 extra["prefetch_factor"] = self.prefetch_factor
+        dataset = self.dataset if self._pipeline is None else SeededSamples(self.dataset, self._pipeline)
         return DataLoader(
-            self.dataset, batch_sampler=_BatchIndices(self), num_workers=self.num_workers,
+            dataset, batch_sampler=_BatchIndices(self), num_workers=self.num_workers,
             pin_memory=self.pin_memory, generator=self._generator, **extra,
         )

@@ -7,7 +7,6 @@ a value is logged.
 """
 
 
-
 def accuracy(output, target):
     """Fraction of samples whose highest-scoring class is the target."""
     return (output.argmax(dim=1) == target).float().mean()
@@ -20,4 +19,11 @@ def top_k_acc(output, target, k=3):
     return (top == target.unsqueeze(1)).any(dim=1).float().mean()
 
 
-METRICS = {"accuracy": accuracy, "top_k_acc": top_k_acc}
+def mae(output, target):
+    """Mean absolute error of a regression; an output of shape ``(N, 1)`` is compared with targets ``(N,)``."""
+    if output.shape != target.shape and output.numel() == target.numel():
+        output = output.reshape(target.shape)
+    return (output - target).abs().mean()
+
+
+METRICS = {"accuracy": accuracy, "top_k_acc": top_k_acc, "mae": mae}

@@ -1,0 +1,450 @@
+"""Images in class folders (``data_dir/<class name>/<image files>``), decoded once and cached.
+
+Promises:
+
+* Layout. With ``data_dir/train/`` the splits are folders: ``train/`` (training),
+  ``val/`` (validation, optional) and ``test/`` (test, optional); otherwise ``data_dir``
+  itself holds the classes. A split without its folder is cut from the training images,
+  per class, by a permutation with a fixed seed (:data:`SPLIT_SEED`): the same files are
+  held out every time, whatever the run's seed.
+* Classes are the sorted names of the training class folders (or ``class_names`` when
+  given: a saved run's order). Label ``i`` is ``class_names[i]``.
+* Images decode to uint8 ``(channels, H, W)``: RGB for ``channels=3``, grey for 1; with
+  ``image_size`` each is resized to cover ``(h, w)`` keeping its aspect ratio, then
+  centre-cropped to it.
+* In memory, a split is decoded once and cached as one uint8 tensor file in ``cache_dir``
+  (written atomically), keyed by the files' paths, sizes and modification times and by
+  the decoding settings: a changed, added or removed file means a new decode.
+* Every problem with the data (missing folder, empty class folder, class in ``test/`` but
+  not in ``train/``, unreadable or differently sized images) is one line of
+  :class:`~utils.errors.UserError` naming the file or folder. With ``skip_unreadable``,
+  unreadable images are left out instead, with one warning that counts and names them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from utils.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+_TORCHVISION_DECODES = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # the rest go through PIL
+SPLIT_SEED = 0
+CACHE_VERSION = 1
+MEMORY_FRACTION = 0.25  # in_memory=None: cache a split when it needs at most this share of the RAM
+_SHOWN = 5  # unreadable files named in one message
+
+logger = logging.getLogger("train.data")
+
+
+def _relative(path, root):
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _one_line(err):
+    text = " ".join(str(err).split()) or type(err).__name__
+    # torchvision's messages start with its source location: "decode_png, /path/decode_png.cpp:79, Out of bound read ..."
+    text = re.sub(r"^.*?\.(?:cpp|h):\d+, ", "", text)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------- finding the files
+
+
+def _images_under(folder):
+    """Image files under ``folder`` (recursively, hidden entries skipped), sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def scan_classes(folder, where):
+    """``{class name: [image paths]}`` of the class folders in ``folder``, sorted by name.
+
+    Raises UserError for a missing folder, no class folders, or a class folder with no images.
+    """
+    if not os.path.isdir(folder):
+        raise UserError(f"{where}: folder not found: {folder}")
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        loose = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        hint = f" (it holds {len(loose)} images directly)" if loose else ""
+        raise UserError(f"{where}: {folder} has no class folders{hint}: put each class's images in {os.path.join(folder, '<class name>', '')}")
+    classes = {}
+    for name in names:
+        files = _images_under(os.path.join(folder, name))
+        if not files:
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            raise UserError(f"{where}: class folder {os.path.join(folder, name, '')} holds no images ({kinds}): add images or remove the folder")
+        classes[name] = files
+    return classes
+
+
+def check_fraction(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UserError(f"data_loader.args.{name}: got {value!r}, expected a fraction in [0, 1)")
+    return float(value)
+
+
+def stratified_split(labels, fraction, seed=SPLIT_SEED):
+    """Indices ``(kept, held_out)``: ``round(fraction * count)`` of each label held out (at least one kept),
+    chosen by a permutation seeded with ``seed``; both sorted."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).view(-1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(round(fraction * len(members)), len(members) - 1)
+        held.append(members[:count])
+        kept.append(members[count:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+
+
+class Layout:
+    """The files of each split of an image folder, with their labels.
+
+    Attributes:
+        class_names: list of str; label ``i`` is ``class_names[i]``.
+        splits: ``{"train"|"val"|"test": [(path, label), ...]}``; ``val`` and ``test`` may be empty.
+        val_from_folder, test_from_folder: whether those splits are folders (else ``val`` is empty
+            and the loader's ``validation_split`` applies; ``test`` is cut with ``test_split``).
+    """
+
+    def __init__(self, data_dir, test_split=None, class_names=None):
+        where = "data_loader.args.data_dir"
+        if not isinstance(data_dir, (str, os.PathLike)) or not os.fspath(data_dir):
+            raise UserError(f"{where}: expected a folder path, got {data_dir!r}")
+        root = os.path.expanduser(os.fspath(data_dir))
+        if not os.path.isdir(root):
+            raise UserError(f"{where}: folder not found: {root}")
+        self.root = root
+        split_dirs = {name: os.path.join(root, name) for name in ("train", "val", "test")}
+        has = {name: os.path.isdir(path) for name, path in split_dirs.items()}
+        if not has["train"] and (has["test"] or has["val"]):
+            other = "test" if has["test"] else "val"
+            raise UserError(f"{where}: {root} has {other}/ but no train/: put the training images in {split_dirs['train']}/<class name>/")
+        self.test_from_folder, self.val_from_folder = has["train"] and has["test"], has["train"] and has["val"]
+        if self.test_from_folder and test_split is not None:
+            raise UserError(f"data_loader.args.test_split: {root} has test/, which is the test split: remove test_split")
+        test_split = check_fraction(0.2 if test_split is None else test_split, "test_split")
+
+        train_root = split_dirs["train"] if has["train"] else root
+        train = scan_classes(train_root, where)
+        self.class_names = self._class_order(list(train), class_names, train_root)
+        index = {name: i for i, name in enumerate(self.class_names)}
+        files = [(path, index[name]) for name, paths in train.items() for path in paths]
+        self.splits = {"train": files, "val": [], "test": []}
+        for name in ("val", "test"):
+            if has[name] and has["train"]:
+                found = scan_classes(split_dirs[name], where)
+                for cls in found:
+                    if cls not in index:
+                        raise UserError(
+                            f"{where}: class folder {os.path.join(split_dirs[name], cls, '')} is not a class of "
+                            f"{train_root}/ (classes there: {', '.join(self.class_names)})"
+                        )
+                self.splits[name] = [(path, index[cls]) for cls, paths in found.items() for path in paths]
+        if not self.test_from_folder and test_split > 0:
+            kept, held = stratified_split([label for _, label in files], test_split)
+            self.splits["train"] = [files[i] for i in kept.tolist()]
+            self.splits["test"] = [files[i] for i in held.tolist()]
+
+    @staticmethod
+    def _class_order(found, class_names, folder):
+        if class_names is None:
+            return found
+        if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names) or len(set(class_names)) != len(class_names):
+            raise UserError(f"data_loader.args.class_names: expected a list of distinct class names, got {class_names!r}")
+        extra = [c for c in found if c not in class_names]
+        if extra:
+            raise UserError(
+                f"data_loader.args.class_names: {os.path.join(folder, extra[0], '')} is not one of the saved classes "
+                f"({', '.join(class_names)}); the model was trained on those"
+            )
+        return list(class_names)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class Unreadable(Exception):
+    """An image that cannot be decoded; ``str()`` is the reason."""
+
+
+def _size_pair(image_size):
+    if image_size is None:
+        return None
+    if isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0:
+        return (image_size, image_size)
+    if (isinstance(image_size, (list, tuple)) and len(image_size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image_size)):
+        return tuple(image_size)
+    raise UserError(f"data_loader.args.image_size: got {image_size!r}, expected a positive integer or [height, width]")
+
+
+def decode(path, channels=3, size=None):
+    """The image at ``path`` as uint8 ``(channels, H, W)``, resized to cover ``size`` and centre-cropped to it.
+
+    Raises:
+        Unreadable: the file is empty, damaged or not an image.
+    """
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as F
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise Unreadable("empty file")
+        if path.lower().endswith(_TORCHVISION_DECODES):
+            image = decode_image(path, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+        else:
+            image = _decode_pil(path, channels)
+    except Unreadable:
+        raise
+    except Exception as err:  # any failure to decode a user's file means the file is unreadable
+        raise Unreadable(_one_line(err)) from None
+    if image.dtype != torch.uint8:  # 16-bit PNGs
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    if size is not None and tuple(image.shape[-2:]) != size:
+        height, width = image.shape[-2:]
+        scale = max(size[0] / height, size[1] / width)
+        covering = [max(size[0], round(height * scale)), max(size[1], round(width * scale))]
+        image = F.center_crop(F.resize(image, covering, antialias=True), list(size))
+    return image.contiguous()
+
+
+def _decode_pil(path, channels):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.array(image.convert("RGB" if channels == 3 else "L"))
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+def _header_size(path):
+    """``(height, width)`` from the file's header, or None when it cannot be read."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except Exception:  # an unreadable file: reported when it is decoded
+        return None
+
+
+def _report_skipped(skipped, root):
+    names = ", ".join(f"{_relative(p, root)} ({reason})" for p, reason in skipped[:_SHOWN])
+    more = f" and {len(skipped) - _SHOWN} more" if len(skipped) > _SHOWN else ""
+    logger.warning(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} in {root}: {names}{more}")
+
+
+def _unreadable_error(path, reason):
+    return UserError(f"cannot read image {path}: {reason}; fix or remove the file, or set data_loader.args.skip_unreadable=true to skip such files")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class ImageTensorDataset(Dataset):
+    """Decoded images held in memory: uint8 ``images`` (N, C, H, W) and int64 ``targets`` (N,)."""
+
+    uint8_images = True
+
+    def __init__(self, images, targets, class_names, skipped=()):
+        self.images, self.targets, self.class_names = images, targets, list(class_names)
+        self.skipped = list(skipped)
+        self.input_shape = tuple(images.shape[1:])
+        self.num_classes = len(self.class_names)
+
+    def tensors(self):
+        """``(images, targets)``, the dataset's own tensors (do not modify them in place)."""
+        return self.images, self.targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.targets[index])
+
+
+class ImageFileDataset(Dataset):
+    """Images decoded from their files on every access (for data that does not fit in memory)."""
+
+    uint8_images = True
+
+    def __init__(self, files, class_names, channels, size):
+        self.files, self.class_names, self.channels, self.size = list(files), list(class_names), channels, size
+        self.num_classes = len(self.class_names)
+        self.input_shape = (channels, *size)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path, label = self.files[index]
+        try:
+            return decode(path, self.channels, self.size), label
+        except Unreadable as err:
+            raise _unreadable_error(path, err) from None
+
+
+def _cache_file(cache_dir, split, files, channels, size):
+    stats = []
+    for path, label in files:
+        info = os.stat(path)
+        stats.append([path, label, info.st_size, info.st_mtime_ns])
+    key = json.dumps({"version": CACHE_VERSION, "channels": channels, "size": size, "files": stats})
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    shape = "native" if size is None else f"{size[0]}x{size[1]}"
+    prefix = f"{split}-{channels}ch-{shape}-"
+    return Path(cache_dir) / f"{prefix}{digest}.pt", prefix
+
+
+def _load_cache(path, count, channels):
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        images, targets = data["images"], data["targets"]
+        ok = (images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == channels
+              and len(images) == len(targets) == count - len(data["skipped"]))
+    except Exception:  # a damaged cache is simply rebuilt
+        return None
+    return data if ok else None
+
+
+def _write_cache(path, prefix, data):
+    from utils.io import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            torch.save(data, f)
+    except (OSError, UserError) as err:  # no cache is slower, not wrong
+        logger.warning(f"cannot write the image cache {path} ({_one_line(err)}): later runs decode the images again")
+        return
+    for old in path.parent.glob(f"{prefix}*.pt"):  # the same split decoded from older files
+        if old != path:
+            try:
+                old.unlink()
+            except OSError:
+                pass
+
+
+def decode_all(files, root, channels, size, skip_unreadable, threads=None):
+    """Decode ``files`` (``[(path, label)]``) into ``(images, targets, skipped)``; ``skipped`` lists ``(path, reason)``."""
+    threads = threads or min(4, os.cpu_count() or 1)
+
+    def one(item):
+        try:
+            return decode(item[0], channels, size)
+        except Unreadable as err:
+            return err
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # the decoders release the GIL
+        decoded = list(pool.map(one, files))
+    images, labels, skipped, first = [], [], [], None
+    for (path, label), image in zip(files, decoded):
+        if isinstance(image, Unreadable):
+            if not skip_unreadable:
+                raise _unreadable_error(path, image)
+            skipped.append((path, str(image)))
+            continue
+        if first is None:
+            first = path
+        elif image.shape != images[0].shape:
+            raise UserError(
+                f"image {path} is {tuple(image.shape)} (channels, height, width) but {first} is {tuple(images[0].shape)}:"
+                " set data_loader.args.image_size to resize all images to one size"
+            )
+        images.append(image)
+        labels.append(label)
+    if not images:
+        raise UserError(f"no readable images in {root}")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped
+
+
+def _check_classes_left(files, skipped, class_names, root):
+    gone = {p for p, _ in skipped}
+    present = {label for _, label in files}
+    left = {label for path, label in files if path not in gone}
+    for label in sorted(present - left):
+        raise UserError(f"every image of class {class_names[label]!r} in {root} is unreadable; fix them or remove the class folder")
+
+
+def memory_needed(files, channels, size):
+    """Bytes a split needs in memory (from the first readable header when ``size`` is None)."""
+    if size is None:
+        for path, _ in files:
+            size = _header_size(path)
+            if size is not None:
+                break
+        else:
+            return 0
+    return len(files) * channels * size[0] * size[1]
+
+
+def physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def load_split(files, split, root, class_names, channels=3, image_size=None, cache_dir=None, in_memory=None,
+               skip_unreadable=False):
+    """A dataset over ``files``: in memory (decoded or read from the cache) or, if it does not fit, from the files.
+
+    ``in_memory=None`` keeps a split in memory when it needs at most :data:`MEMORY_FRACTION` of the RAM.
+    """
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise UserError(f"data_loader.args.channels: got {channels!r}, expected 3 (RGB) or 1 (grey)")
+    size = _size_pair(image_size)
+    if in_memory is None:
+        in_memory = memory_needed(files, channels, size) <= MEMORY_FRACTION * physical_memory()
+    if not in_memory:
+        if size is None:
+            raise UserError("data_loader.args.image_size: needed when the images are read from their files"
+                            " (in_memory false, or too many to fit): batches need one image size")
+        kept, skipped = [], []
+        for path, label in files:
+            if os.path.getsize(path) == 0:  # the one check that costs nothing; damage shows when decoded
+                if not skip_unreadable:
+                    raise _unreadable_error(path, "empty file")
+                skipped.append((path, "empty file"))
+            else:
+                kept.append((path, label))
+        if skipped:
+            _check_classes_left(files, skipped, class_names, root)
+            _report_skipped(skipped, root)
+        return ImageFileDataset(kept, class_names, channels, size)
+
+    cache_dir = os.path.join(root, ".cache") if cache_dir is None else os.path.expanduser(os.fspath(cache_dir))
+    path, prefix = _cache_file(cache_dir, split, files, channels, size)
+    data = _load_cache(path, len(files), channels)
+    if data is None:
+        images, targets, skipped = decode_all(files, root, channels, size, skip_unreadable)
+        data = {"images": images, "targets": targets, "skipped": [[p, r] for p, r in skipped]}
+        _write_cache(path, prefix, data)
+    skipped = [tuple(item) for item in data["skipped"]]
+    if skipped and not skip_unreadable:  # a cache written by a run that skipped them
+        raise _unreadable_error(*skipped[0])
+    if skipped:
+        _check_classes_left(files, skipped, class_names, root)
+        _report_skipped(skipped, root)
+    dataset = ImageTensorDataset(data["images"], data["targets"], class_names, skipped)
+    dataset.cache_path = path
+    return dataset

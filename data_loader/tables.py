@@ -1,0 +1,213 @@
+"""A table read from a CSV file: one row a sample, a ``target`` column and numeric feature columns.
+
+Promises:
+
+* The first row names the columns. ``features`` defaults to every column other than the
+  target whose values are all numbers (missing values aside); named features must be numeric.
+* A missing value (empty, ``NA``, ``N/A``, ``NaN``, ``null``, ``None``, ``?``) in the target or
+  a feature, a non-numeric feature value, an unknown column, a row of the wrong length:
+  one line of :class:`~utils.errors.UserError` naming the file, the line and the column.
+* ``task="classification"``: the target's distinct values are the class names, sorted
+  (numerically when they are all numbers), or ``class_names`` when given; targets are int64
+  labels. ``task="regression"``: targets are float32 numbers.
+* Read with the ``csv`` module; no pandas.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import torch
+from torch.utils.data import Dataset
+
+from utils.config import did_you_mean
+from utils.errors import UserError
+
+MISSING = {"", "na", "n/a", "nan", "null", "none", "?"}
+TASKS = ("classification", "regression")
+
+
+def _number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _columns_hint(columns):
+    return ", ".join(columns)
+
+
+class Table:
+    """A parsed CSV file.
+
+    Attributes:
+        feature_names: the feature columns, in file order (or in the order ``features`` gives).
+        inputs: float64 ``(N, F)``.
+        targets: int64 labels (classification) or float32 values (regression), ``(N,)``.
+        class_names: list of str (classification), else None.
+    """
+
+    def __init__(self, path, target, features=None, task="classification", class_names=None, delimiter=","):
+        if task not in TASKS:
+            raise UserError(f"data_loader.args.task: got {task!r}, expected one of {', '.join(TASKS)}")
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise UserError(f"data_loader.args.path: expected the path of a CSV file, got {path!r}")
+        path = os.path.expanduser(os.fspath(path))
+        if not os.path.isfile(path):
+            raise UserError(f"data_loader.args.path: file not found: {path}")
+        if not isinstance(target, str) or not target:
+            raise UserError(f"data_loader.args.target: expected a column name, got {target!r}")
+        if not isinstance(delimiter, str) or len(delimiter) != 1:
+            raise UserError(f"data_loader.args.delimiter: expected one character, got {delimiter!r}")
+        self.path = path
+        header, rows = self._read(path, delimiter)
+        if target not in header:
+            raise UserError(f"data_loader.args.target: no column {target!r} in {path}{did_you_mean(target, header)} columns: {_columns_hint(header)}")
+        t = header.index(target)
+        if features is None:
+            names = [name for i, name in enumerate(header) if i != t and self._numeric(rows, i)]
+            if not names:
+                raise UserError(f"{path}: no numeric column besides the target {target!r}; columns: {_columns_hint(header)}")
+        else:
+            if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
+                raise UserError(f"data_loader.args.features: expected a list of column names, got {features!r}")
+            for name in features:
+                if name not in header:
+                    raise UserError(f"data_loader.args.features: no column {name!r} in {path}{did_you_mean(name, header)} columns: {_columns_hint(header)}")
+                if name == target:
+                    raise UserError(f"data_loader.args.features: {name!r} is the target column; remove it from the features")
+            if len(set(features)) != len(features):
+                raise UserError(f"data_loader.args.features: a column is named twice in {features}")
+            names = list(features)
+        self.feature_names = names
+        index = [header.index(name) for name in names]
+        values = [[self._value(row, i, header[i], line) for i in index] for line, row in rows]
+        self.inputs = torch.tensor(values, dtype=torch.float64).view(len(rows), len(names))
+        if task == "regression":
+            self.class_names = None
+            self.targets = torch.tensor([self._value(row, t, target, line) for line, row in rows], dtype=torch.float32)
+        else:
+            labels = [self._label(row, t, target, line) for line, row in rows]
+            self.class_names = self._classes(labels, class_names, target)
+            lookup = {name: i for i, name in enumerate(self.class_names)}
+            for (line, _), label in zip(rows, labels):
+                if label not in lookup:
+                    raise UserError(f"{path} line {line}, column {target!r}: class {label!r} is not one of the saved"
+                                    f" classes ({', '.join(self.class_names)}); the model was trained on those")
+            self.targets = torch.tensor([lookup[label] for label in labels], dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def _read(self, path, delimiter):
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.reader(f, delimiter=delimiter)
+                header = next(reader, None)
+                if header is None or not any(h.strip() for h in header):
+                    raise UserError(f"{path} is empty: expected a first row naming the columns")
+                header = [h.strip() for h in header]
+                for i, name in enumerate(header):
+                    if not name:
+                        raise UserError(f"{path} line 1: column {i + 1} has no name")
+                    if name in header[:i]:
+                        raise UserError(f"{path} line 1: the column name {name!r} appears twice")
+                rows = []
+                for row in reader:
+                    if not row or (len(row) == 1 and not row[0].strip()):
+                        continue  # blank line
+                    if len(row) != len(header):
+                        raise UserError(f"{path} line {reader.line_num}: {len(row)} values, but the first row names {len(header)} columns")
+                    rows.append((reader.line_num, [v.strip() for v in row]))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise UserError(f"cannot read {path}: {' '.join(str(err).split())}") from None
+        if not rows:
+            raise UserError(f"{path} has a header but no rows")
+        return header, rows
+
+    @staticmethod
+    def _numeric(rows, i):
+        present = [row[i] for _, row in rows if row[i].lower() not in MISSING]
+        return bool(present) and all(_number(v) is not None for v in present)
+
+    def _value(self, row, i, column, line):
+        text = row[i]
+        if text.lower() in MISSING:
+            raise UserError(f"{self.path} line {line}, column {column!r}: missing value ({text!r}); fill it in or remove the row")
+        value = _number(text)
+        if value is None:
+            raise UserError(f"{self.path} line {line}, column {column!r}: {text!r} is not a number; features and regression"
+                            " targets must be numeric (leave the column out of data_loader.args.features, or encode it as numbers)")
+        return value
+
+    def _label(self, row, i, column, line):
+        text = row[i]
+        if text.lower() in MISSING:
+            raise UserError(f"{self.path} line {line}, column {column!r}: missing value ({text!r}); fill it in or remove the row")
+        return text
+
+    def _classes(self, labels, given, target):
+        if given is not None:
+            if not isinstance(given, list) or not all(isinstance(c, str) for c in given) or len(set(given)) != len(given):
+                raise UserError(f"data_loader.args.class_names: expected a list of distinct class names, got {given!r}")
+            return list(given)
+        names = sorted(set(labels))
+        if all(_number(n) is not None for n in names):
+            names.sort(key=float)
+        if len(names) < 2:
+            raise UserError(f"{self.path}: column {target!r} holds one class only ({names[0]!r}); a classifier needs two or more"
+                            ' (for a number to predict, set data_loader.args.task="regression")')
+        return names
+
+
+class TableDataset(Dataset):
+    """A table in memory: float32 ``inputs`` (N, F) and ``targets`` (N,)."""
+
+    def __init__(self, inputs, targets, class_names=None, feature_stats=None):
+        self.inputs, self.targets = inputs.contiguous(), targets.contiguous()
+        self.class_names, self.feature_stats = class_names, feature_stats
+        self.input_shape = tuple(inputs.shape[1:])
+        self.num_classes = len(class_names) if class_names else None
+
+    def tensors(self):
+        """``(inputs, targets)``, the dataset's own tensors (do not modify them in place)."""
+        return self.inputs, self.targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        target = self.targets[index]
+        return self.inputs[index], int(target) if self.class_names else target
+
+
+def fit_standardisation(inputs, feature_names):
+    """Mean and standard deviation of each column of ``inputs`` (a constant column gets std 1), as plain lists."""
+    mean = inputs.mean(dim=0)
+    std = inputs.std(dim=0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return {"features": list(feature_names), "mean": mean.tolist(), "std": std.tolist()}
+
+
+def check_stats(stats, feature_names):
+    """``stats`` (a saved run's ``feature_stats``) checked against this table's features."""
+    ok = (isinstance(stats, dict) and set(stats) == {"features", "mean", "std"}
+          and all(isinstance(stats[k], list) and len(stats[k]) == len(stats["features"]) for k in ("mean", "std"))
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats["mean"] + stats["std"])
+          and all(v > 0 for v in stats["std"]))
+    if not ok:
+        raise UserError('data_loader.args.feature_stats: expected {"features": [...], "mean": [...], "std": [...]} of equal'
+                        f" lengths with positive stds, got {stats!r}")
+    if stats["features"] != list(feature_names):
+        raise UserError(f"data_loader.args.feature_stats: saved for features {stats['features']}, but the table gives {feature_names}")
+    return stats
+
+
+def standardise(inputs, stats):
+    mean = torch.tensor(stats["mean"], dtype=torch.float64)
+    std = torch.tensor(stats["std"], dtype=torch.float64)
+    return ((inputs - mean) / std).to(torch.float32)
