@@ -1,14 +1,30 @@
 """Copy this template into a fresh project folder: ``python new_project.py ../my_project``.
 
-Copies the code, configs, tests and tooling; leaves out what a run or an install made
-(``.venv``, ``saved/``, ``data/``, caches, git history).
+Copies the code, configs, tests, tooling and this script itself (the copy's README and its
+tests refer to it, so the copy can make copies too); leaves out what a run, an install or
+a test made (``.venv``, ``saved/``, ``data/``, benchmark results, caches) and the git
+history. The run folders are left out only at the template's top level, so a package or
+test fixture folder that happens to be called ``data`` is still copied.
 """
 
 import shutil
 import sys
 from pathlib import Path
 
-SKIP = {".git", ".venv", "saved", "data", "__pycache__", ".pytest_cache", "results", "new_project.py"}
+# Paths relative to the template's root.
+SKIP_PATHS = {".git", ".venv", "saved", "data", "benchmarks/results"}
+# Names anywhere in the tree.
+SKIP_NAMES = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+SKIP_SUFFIXES = (".pyc", ".egg-info")
+
+
+def _ignore_for(source):
+    """A ``shutil.copytree`` ignore function for the paths and names above."""
+    def ignore(folder, names):
+        relative = Path(folder).relative_to(source)
+        return {name for name in names
+                if (relative / name).as_posix() in SKIP_PATHS or name in SKIP_NAMES or name.endswith(SKIP_SUFFIXES)}
+    return ignore
 
 
 def copy_template(target):
@@ -19,8 +35,7 @@ def copy_template(target):
         raise FileExistsError(f"{target} already exists and is not an empty folder: choose a new path")
     if target == source or source in target.parents:
         raise FileExistsError(f"{target} is inside the template itself: choose a path outside {source}")
-    ignore = shutil.ignore_patterns(*SKIP, "*.pyc")
-    shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
+    shutil.copytree(source, target, ignore=_ignore_for(source), dirs_exist_ok=True)
     return sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file())
 
 

@@ -67,7 +67,7 @@ def test_new_project_copies_a_working_template(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "new_project.py"), str(target)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for name in ("train.py", "test.py", "config.json", "Makefile", "requirements.txt", "trainer/trainer.py",
-                 "tests/conftest.py", ".ci/run"):
+                 "tests/conftest.py", ".ci/run", "new_project.py"):
         assert (target / name).is_file(), name
     assert not (target / ".venv").exists() and not (target / ".git").exists() and not (target / "saved").exists()
     # The copy validates its own default config.
@@ -78,6 +78,42 @@ def test_new_project_copies_a_working_template(tmp_path):
     assert check.returncode == 0, check.stderr
     again = subprocess.run([sys.executable, str(ROOT / "new_project.py"), str(target)], capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "already exists" in again.stderr
+
+
+def test_new_project_copy_collects_its_own_tests(tmp_path):
+    # The copy's `make test` must at least import every test module: tests/test_template.py
+    # imports new_project, which the copy once left out (ModuleNotFoundError). Collection
+    # only: running the copy's whole suite would take minutes.
+    target = tmp_path / "my_project"
+    new_project.copy_template(target)
+    assert not any((target / name).exists() for name in ("saved", "data", ".venv", ".git"))
+    assert not [p for p in target.rglob("*") if p.name in ("__pycache__", ".pytest_cache") or p.suffix == ".pyc"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q"], cwd=target,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = out.stdout.strip().splitlines()[-1]
+    assert "tests collected" in summary and "error" not in summary.lower(), summary
+    assert "ERROR" not in out.stdout and "ModuleNotFoundError" not in out.stdout + out.stderr
+    assert "tests/test_template.py::test_new_project_copy_collects_its_own_tests" in out.stdout
+
+
+def test_new_project_leaves_out_what_runs_and_installs_made(tmp_path):
+    # A stand-in template holding what a run, an install and a test leave behind, plus
+    # folders that share those names deeper down and belong to the code.
+    template = tmp_path / "template"
+    for path in ("train.py", "new_project.py", "saved/models/run/model_best.pth", "data/MNIST/raw/x",
+                 ".venv/bin/python", ".git/HEAD", "__pycache__/train.cpython-311.pyc", "model/__pycache__/m.pyc",
+                 "model/loss.pyc", ".pytest_cache/v", "benchmarks/results/r.json", "benchmarks/data.py",
+                 "tests/data/fixture.csv", "model/saved/keep.txt"):
+        (template / path).parent.mkdir(parents=True, exist_ok=True)
+        (template / path).write_text("x")
+    (template / "new_project.py").write_text((ROOT / "new_project.py").read_text())
+    out = subprocess.run([sys.executable, str(template / "new_project.py"), str(tmp_path / "copy")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    copied = sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*") if p.is_file())
+    assert copied == ["benchmarks/data.py", "model/saved/keep.txt", "new_project.py", "tests/data/fixture.csv",
+                      "train.py"]
 
 
 def test_new_project_refuses_a_folder_inside_the_template():
