@@ -37,26 +37,45 @@ def _worker_init(worker_id):
 
 
 _LIVE_ITERATORS = weakref.WeakSet()
+_WORKER_QUEUES = {}  # id(iterator) -> its index queues, held until its own shutdown has used them
+_WORKERS = []  # every worker process started, for the last resort at exit
 _EXIT_HOOK = []
 
 
 def _track_workers(iterator):
-    """Stop ``iterator``'s workers at interpreter exit if nothing stopped them before."""
-    if not hasattr(iterator, "_shutdown_workers"):
+    """Make sure ``iterator``'s workers stop although they ignore SIGTERM.
+
+    torch stops workers by sending ``None`` down their index queues, and falls back on
+    SIGTERM. An iterator freed by the cyclic garbage collector (one caught in an
+    exception's traceback, say) has its queues closed by their own finalizers before its
+    ``__del__`` sends anything: holding the queues here until then keeps that path working.
+    At exit, live iterators are shut down and any worker still running is killed.
+    """
+    workers = getattr(iterator, "_workers", None)
+    if not workers:
         return iterator
     if not _EXIT_HOOK:
         # Registered after torch's and multiprocessing's own exit handlers, so it runs before them
-        # (atexit is last-in, first-out): torch still shuts workers down, and multiprocessing's join
-        # then finds them gone.
+        # (atexit is last-in, first-out): multiprocessing's exit handler would wait forever on a worker
+        # that ignores its SIGTERM.
         atexit.register(_stop_all_workers)
         _EXIT_HOOK.append(True)
-    _LIVE_ITERATORS.add(iterator)
+    key = id(iterator)
+    if key not in _WORKER_QUEUES:
+        _WORKER_QUEUES[key] = list(iterator._index_queues)
+        weakref.finalize(iterator, _WORKER_QUEUES.pop, key, None)
+        _WORKERS[:] = [w for w in _WORKERS if w.is_alive()] + list(workers)
+        _LIVE_ITERATORS.add(iterator)
     return iterator
 
 
 def _stop_all_workers():
     for iterator in list(_LIVE_ITERATORS):
         iterator._shutdown_workers()
+    for worker in _WORKERS:
+        if worker.is_alive():
+            worker.kill()  # SIGKILL: the last resort for a worker whose queue can no longer reach it
+            worker.join(timeout=1)
 
 
 class EpochSampler(Sampler):

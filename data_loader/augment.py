@@ -288,23 +288,21 @@ class _Whole(_Op):
 
 
 class _Normalize(_Op):
-    """``(x - mean) / std`` per channel with the constants kept on the batch's device; uint8 input is scaled by 1/255 in the same pass."""
+    """``(x - mean) / std`` per channel, the constants kept on the batch's device. The same operations as v2's
+    ``Normalize`` after :func:`to_float`, so the batched and per-sample paths agree bit for bit."""
+
+    needs_float = True
 
     def __init__(self, transform):
         self.mean, self.std = list(transform.mean), list(transform.std)
         self._constants = {}
 
     def __call__(self, x, generator):
-        scale = 255.0 if x.dtype == torch.uint8 else 1.0
-        key = (x.device, scale)
-        if key not in self._constants:
-            shape = (1, -1, 1, 1)
-            mean = torch.tensor(self.mean, dtype=torch.float32).view(shape) * scale
-            inv_std = 1.0 / (torch.tensor(self.std, dtype=torch.float32).view(shape) * scale)
-            self._constants[key] = (mean.to(x.device), inv_std.to(x.device))
-        mean, inv_std = self._constants[key]
-        x = x.to(torch.float32) if x.dtype == torch.uint8 else x
-        return x.sub_(mean).mul_(inv_std)
+        if x.device not in self._constants:
+            self._constants[x.device] = tuple(torch.tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+                                              for v in (self.mean, self.std))
+        mean, std = self._constants[x.device]
+        return x.sub_(mean).div_(std)
 
 
 def _windows(x, tops, lefts, hflip, vflip, crop_h, crop_w):

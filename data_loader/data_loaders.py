@@ -88,7 +88,9 @@ class ImageFolderDataLoader(BaseDataLoader):
                  image_size=None, channels=3, in_memory=None, cache_dir=None, skip_unreadable=False, class_names=None,
                  **options):
         from data_loader import image_folder
+        from data_loader.augment import parse_transforms
 
+        parse_transforms(options.get("transforms"))  # a config mistake shows before minutes of decoding
         layout = image_folder.Layout(data_dir, test_split, class_names)
         if layout.val_from_folder and validation_split not in (None, 0):
             raise UserError(f"data_loader.args.validation_split: {layout.root} has val/, which is the validation split:"

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -37,7 +36,6 @@ from torch.utils.data import Dataset
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
-_TORCHVISION_DECODES = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # the rest go through PIL
 SPLIT_SEED = 0
 CACHE_VERSION = 1
 MEMORY_FRACTION = 0.25  # in_memory=None: cache a split when it needs at most this share of the RAM
@@ -52,8 +50,6 @@ def _relative(path, root):
 
 def _one_line(err):
     text = " ".join(str(err).split()) or type(err).__name__
-    # torchvision's messages start with its source location: "decode_png, /path/decode_png.cpp:79, Out of bound read ..."
-    text = re.sub(r"^.*?\.(?:cpp|h):\d+, ", "", text)
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -197,41 +193,39 @@ def _size_pair(image_size):
 def decode(path, channels=3, size=None):
     """The image at ``path`` as uint8 ``(channels, H, W)``, resized to cover ``size`` and centre-cropped to it.
 
+    Read with PIL (torchvision's own decoders are deprecated from 0.29), turned upright by
+    its EXIF orientation; 16-bit images keep their top 8 bits.
+
     Raises:
         Unreadable: the file is empty, damaged or not an image.
     """
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2 import functional as F
+    import numpy as np
+    from PIL import Image, ImageOps
 
+    mode = "RGB" if channels == 3 else "L"
     try:
         if os.path.getsize(path) == 0:
             raise Unreadable("empty file")
-        if path.lower().endswith(_TORCHVISION_DECODES):
-            image = decode_image(path, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
-        else:
-            image = _decode_pil(path, channels)
+        with Image.open(path) as image:
+            if size is not None:
+                image.draft(mode, (size[1], size[0]))  # JPEG: decode at a reduced scale that still covers size
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I;16"):
+                image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+            image = image.convert(mode)
+            if size is not None and (image.height, image.width) != size:
+                scale = max(size[0] / image.height, size[1] / image.width)
+                width, height = max(size[1], round(image.width * scale)), max(size[0], round(image.height * scale))
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+                left, top = (width - size[1]) // 2, (height - size[0]) // 2
+                image = image.crop((left, top, left + size[1], top + size[0]))
+            array = np.array(image)
     except Unreadable:
         raise
     except Exception as err:  # any failure to decode a user's file means the file is unreadable
-        raise Unreadable(_one_line(err)) from None
-    if image.dtype != torch.uint8:  # 16-bit PNGs
-        image = F.to_dtype(image, torch.uint8, scale=True)
-    if size is not None and tuple(image.shape[-2:]) != size:
-        height, width = image.shape[-2:]
-        scale = max(size[0] / height, size[1] / width)
-        covering = [max(size[0], round(height * scale)), max(size[1], round(width * scale))]
-        image = F.center_crop(F.resize(image, covering, antialias=True), list(size))
-    return image.contiguous()
-
-
-def _decode_pil(path, channels):
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        array = np.array(image.convert("RGB" if channels == 3 else "L"))
+        raise Unreadable(_one_line(err).replace(f" {str(path)!r}", "")) from None  # the message names the file itself
     tensor = torch.from_numpy(array)
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
 def _header_size(path):
@@ -354,7 +348,7 @@ def decode_all(files, root, channels, size, skip_unreadable, threads=None):
         except Unreadable as err:
             return err
 
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # the decoders release the GIL
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while it decodes
         decoded = list(pool.map(one, files))
     images, labels, skipped, first = [], [], [], None
     for (path, label), image in zip(files, decoded):

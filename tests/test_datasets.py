@@ -1,10 +1,11 @@
-"""Tests for data_loader.datasets and data_loader.idx (no network, no downloaded data)."""
+"""Tests for data_loader.datasets, data_loader.idx and the loader's worker processes (no network, no downloaded data)."""
 
 import gzip
 import io
 import math
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from base.base_data_loader import BaseDataLoader
 from data_loader import datasets as D
 from data_loader.idx import read_idx, read_idx_header, write_idx
 from utils.errors import UserError
@@ -447,3 +449,71 @@ def test_digits_read_without_scikit_learn_match_scikit_learn():
     pixels, labels = _read_digits()
     digits = load_digits()
     assert np.array_equal(pixels, digits.data) and np.array_equal(labels, digits.target)
+
+
+# ---------------------------------------------------------------------------
+# worker processes
+# ---------------------------------------------------------------------------
+
+
+class WorkerPids(torch.utils.data.Dataset):
+    """Each sample is the pid of the process that read it."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return torch.tensor(os.getpid()), index
+
+
+def test_workers_ignore_sigterm_and_sigint():
+    # Slurm sends SIGTERM to the whole process group: the workers must keep serving while the main
+    # process finishes its step and writes its checkpoint.
+    loader = BaseDataLoader(WorkerPids(), 4, shuffle=False, num_workers=2)
+    batches = iter(loader)
+    first = {int(next(batches)[0][0]) for _ in range(2)}  # batch 0 from worker 0, batch 1 from worker 1
+    assert len(first) == 2 and os.getpid() not in first
+    for pid in first:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    # A worker killed by either signal makes the next batches fail ("DataLoader worker exited unexpectedly").
+    later = {int(x[0]) for x, _ in batches}
+    loader.set_epoch(1)
+    later |= {int(x[0]) for x, _ in loader}
+    assert later == first
+
+
+WORKERS_AT_EXIT = """
+import gc, sys
+sys.path.insert(0, sys.argv[1])
+from base.base_data_loader import BaseDataLoader
+from data_loader.datasets import SyntheticDataset
+
+def loader():
+    data = BaseDataLoader(SyntheticDataset(64, (1, 2, 2), 2), 4, in_memory=False, num_workers=2)
+    next(iter(data))
+    return data
+
+# Freed by the cyclic garbage collector (as a loader caught in an exception's traceback is):
+# its workers must still receive torch's stop message, since they ignore torch's SIGTERM fallback.
+cycle = [loader()]
+cycle.append(cycle)
+workers = list(cycle[0]._loader._iterator._workers)
+del cycle
+gc.collect()
+for w in workers:
+    w.join(timeout=10)
+print("collected workers alive:", [w.is_alive() for w in workers])
+# Alive at exit: multiprocessing's exit handler would wait forever for workers that ignore SIGTERM.
+kept = loader()
+"""
+
+
+def test_workers_stop_when_collected_and_at_exit(tmp_path):
+    script = tmp_path / "workers_at_exit.py"
+    script.write_text(WORKERS_AT_EXIT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "collected workers alive: [False, False]" in out.stdout
+
