@@ -27,9 +27,10 @@ from utils.seed import rng_state, set_rng_state
 class RunStopped(Exception):
     """The run stopped before its end; ``exit_code`` is what the command line exits with."""
 
-    def __init__(self, message, exit_code=1):
+    def __init__(self, message, exit_code=1, logged=False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.logged = logged  # already said in the run's log: the command line need not repeat it
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Run:
     """Where a run lives and how it reports: its id and folders, logger, TensorBoard writer, process group.
 
     ``resumed_from`` is the checkpoint the run continues from (None for a new run);
-    ``keep_last`` never deletes it.
+    ``keep_last`` never deletes it. ``branched_from`` describes the run folder it came from
+    when a resume continues in a new folder rather than overwrite later checkpoints.
     """
 
     run_id: str
@@ -75,6 +77,7 @@ class Run:
     writer: Any = None
     dist: DistInfo = field(default_factory=DistInfo)
     resumed_from: Any = None
+    branched_from: Any = None
 
 
 class BaseTrainer:
@@ -101,6 +104,7 @@ class BaseTrainer:
         self.mode, self.monitor_key = ("off", None) if cfg["monitor"] == "off" else cfg["monitor"].split()
         self.monitor_best = math.inf if self.mode == "min" else -math.inf
         self.not_improved_count = 0
+        self.best_epoch = None  # the epoch of monitor_best
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches completed of the epoch in progress
         self.global_step = 0  # optimizer steps taken
@@ -162,7 +166,7 @@ class BaseTrainer:
         value = result[self.monitor_key]
         improved = value < self.monitor_best if self.mode == "min" else value > self.monitor_best
         if improved:
-            self.monitor_best, self.not_improved_count = value, 0
+            self.monitor_best, self.not_improved_count, self.best_epoch = value, 0, self.epoch
         else:
             self.not_improved_count += 1
         return improved
@@ -188,6 +192,7 @@ class BaseTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "monitor_best": self.monitor_best,
             "not_improved_count": self.not_improved_count,
+            "best_epoch": self.best_epoch,
             "rng": rng_state(),
         }
         state.update(self.extra_state())
@@ -210,6 +215,7 @@ class BaseTrainer:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
         self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
+        self.best_epoch = state.get("best_epoch")  # absent from checkpoints of older versions
         set_rng_state(state["rng"])
 
     def load_extra_state(self, state):
@@ -298,4 +304,4 @@ class BaseTrainer:
                 f" Resume with: python train.py -r {path}"
             )
         code = 128 + getattr(signal, name)
-        raise RunStopped(f"stopped by {name}; a resumable checkpoint is in last.pth", exit_code=code)
+        raise RunStopped(f"stopped by {name}; a resumable checkpoint is in last.pth", exit_code=code, logged=self.is_main)

@@ -17,7 +17,7 @@ def setup_logging(log_dir=None, verbosity=2, name="train"):
         handler.close()
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    console = logging.StreamHandler(sys.stdout)
+    console = _ConsoleHandler(sys.stdout)
     console.setLevel(LEVELS[verbosity])
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
@@ -27,6 +27,20 @@ def setup_logging(log_dir=None, verbosity=2, name="train"):
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file)
     return logger
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm, which lifts an active progress bar off the line and redraws it below the message,
+    so log lines never leave fragments of a bar on screen."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
 
 
 def close_logging(name="train"):

@@ -105,21 +105,22 @@ def test_save_every_n_steps_writes_a_resumable_last_checkpoint(resume_config):
 
 
 def test_sigterm_from_outside_writes_last_and_prints_resume_command(tmp_path):
-    config = make_config(tmp_path / "saved", epochs=10_000, save_period=10_000)
+    config = make_config(tmp_path / "saved", epochs=10_000, save_period=10_000, save_every_n_steps=20)
     config["trainer"]["monitor"] = "off"
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "train.py", "-c", str(path), "--run-id", "job", "trainer.verbosity=1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while not (tmp_path / "saved/log/tiny/job/info.log").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # let it train for a while
+    deadline = time.time() + 120
+    # Training is under way (its signal handlers installed) once the first step checkpoint exists.
+    while not (tmp_path / "saved/models/tiny/job/last.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, out
     last = tmp_path / "saved/models/tiny/job/last.pth"
     assert f"Resume with: python train.py -r {last.resolve()}" in out or f"Resume with: python train.py -r {last}" in out
+    assert out.count("Stopped by SIGTERM") == 1 and "stopped:" not in out  # said once
     state = load(last)
     assert state["global_step"] > 0 and "Traceback" not in out
 
@@ -217,7 +218,7 @@ def test_keep_last_retention_spares_best_last_and_resumed_from(resume_config):
     run.train(config, run_id="k")
     folder = Path(config["trainer"]["save_dir"]) / "models/tiny/k"
     config["trainer"]["epochs"] = 6
-    run.train(config, resume=folder / "checkpoint-epoch1.pth")
+    run.train(config, resume=folder / "checkpoint-epoch1.pth", overwrite=True)  # in place, over epoch 2
     names = {p.name for p in folder.glob("*.pth")}
     assert names == {"checkpoint-epoch1.pth", "checkpoint-epoch5.pth", "checkpoint-epoch6.pth", "model_best.pth"}
 

@@ -29,6 +29,9 @@ def train_parser():
     parser.add_argument("--init-from", help="start a new run from this checkpoint's model weights (fine-tuning)")
     parser.add_argument("--init-from-strict", choices=("true", "false"), default="true",
                         help="whether --init-from must match every key (default true)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with -r: continue in the checkpoint's folder even if it holds later checkpoints"
+                             " (by default such a resume continues in a new folder)")
     return parser
 
 
@@ -76,7 +79,7 @@ def train_command(argv=None):
         else:
             config = None  # the checkpoint's own
         train(config, resume=args.resume, run_id=args.run_id, init_from=args.init_from,
-              init_strict=args.init_from_strict == "true", argv=["train.py", *argv])
+              init_strict=args.init_from_strict == "true", argv=["train.py", *argv], overwrite=args.overwrite)
 
     return _run(run)
 
@@ -87,12 +90,13 @@ def test_command(argv=None):
     args = parse(test_parser(), argv)
 
     def run():
-        from trainer.run import evaluate_checkpoint
+        from trainer.run import evaluate_checkpoint, test_results_path
 
         metrics = evaluate_checkpoint(args.resume, overrides_of(args))
-        print(f"Checkpoint {args.resume}")
+        print(f"Scored {args.resume} on its test split:")
         for key, value in metrics.items():
             print(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
+        print(f"Written to {test_results_path(args.resume)}")
 
     return _run(run)
 
@@ -108,9 +112,10 @@ def _run(fn):
         except UserError as err:
             for problem in err.problems:
                 print(f"error: {problem}", file=sys.stderr)
-            return 2
+            return getattr(err, "exit_code", 2)  # 2, or a code of its own (a full disk: see utils/errors.py)
         except RunStopped as err:
-            print(f"stopped: {err}", file=sys.stderr)
+            if not err.logged:
+                print(f"stopped: {err}", file=sys.stderr)
             return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

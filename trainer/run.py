@@ -23,30 +23,34 @@ import torch
 from base.base_trainer import Parts, Run
 from trainer import build
 from utils import dist
-from utils.config import ConfigError, flatten, validate_config
+from utils.config import ConfigError, check_path_component, flatten, validate_config
 from utils.errors import UserError
-from utils.io import load_checkpoint, write_json
+from utils.io import load_checkpoint, remove_stale_temp_files, write_json
 from utils.resume import apply_resume_changes, check_resume_changes, init_weights
 
 
-def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None):
+def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None, overwrite=False):
     """Train; returns the last epoch's metrics (``{"epoch": N, "loss": ..., "val_loss": ..., ...}``).
 
     Args:
         config: the config as a dict; None to take the checkpoint's when resuming.
-        resume: a checkpoint to continue (same run folder, same TensorBoard run).
+        resume: a checkpoint to continue (its run folder and TensorBoard run, unless that
+            folder holds later checkpoints: then a new folder, see :func:`run_folders`).
         run_id: the run folder's name (default: the start time).
         init_from: a checkpoint whose model weights start a new run (fine-tuning).
         init_strict: whether ``init_from`` must match the model's keys exactly.
         argv: the command line, recorded in the run's manifest.
+        overwrite: resume in the checkpoint's own folder even where later checkpoints would be overwritten.
 
     Raises:
         UserError: a problem in the config or the inputs, found before anything is written.
         RunStopped: the run was interrupted (a resumable ``last.pth`` is written) or diverged.
     """
+    from trainer.preflight import dry_batch
     from trainer.trainer import Trainer
     from utils.seed import seed_everything
 
+    started = time.perf_counter()
     state = load_checkpoint(resume) if resume else None
     config, changes = checked_config(config, state)
     device = build.resolve_device(config["device"])
@@ -59,8 +63,9 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         seed_everything(config["seed"])
         parts = build_parts(config, device, info)
         init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
+        dry_batch(config, parts)  # the last check: after it, the run's folders are created
 
-        run = open_run(config, run_id, resume, info, state)
+        run = open_run(config, run_id, resume, info, state, overwrite)
         try:
             with backend_flags(config["trainer"], device):
                 place_parts(parts, config, run)
@@ -74,7 +79,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
             if info.is_main:
                 hparams = {k: v for k, v in flatten(config).items() if isinstance(v, (int, float, str, bool))}
                 run.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items() if k != "epoch"})
-                run.logger.info(f"Checkpoints: {run.checkpoint_dir}")
+                log_end(run, config, trainer, metrics, time.perf_counter() - started)
             return metrics
         finally:
             close_run(run)
@@ -98,7 +103,12 @@ def checked_config(config, state=None):
         return validate_config(config, registries), []
     saved = state["config"]
     config = validate_config(saved if config is None else config, registries)
-    return config, check_resume_changes(saved, config, mid_epoch=state["batch_in_epoch"] > 0)
+    changes = check_resume_changes(saved, config, mid_epoch=state["batch_in_epoch"] > 0)
+    epochs, done = config["trainer"]["epochs"], state["epoch"]
+    if done >= epochs:
+        raise ConfigError(f"trainer.epochs: the checkpoint has completed {done} of {epochs} epochs, so there is"
+                          f" nothing to train; resume with trainer.epochs={done + 1} or more to train on")
+    return config, changes
 
 
 # --------------------------------------------------------------------------- 3. the components
@@ -160,59 +170,95 @@ def backend_flags(cfg, device):
 # --------------------------------------------------------------------------- 4. the run's folders
 
 
-def run_folders(config, run_id, checkpoint_path=None):
-    """``(run_id, checkpoint_dir, log_dir)``: ``<save_dir>/models/<name>/<run_id>`` and ``<save_dir>/log/<name>/<run_id>``.
+def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
+    """Where the run goes: ``(run_id, checkpoint_dir, log_dir, branched_from)``. Nothing is created here.
 
-    A resumed run continues in the folder of the checkpoint it resumes from. Nothing is created here.
+    A new run gets ``<save_dir>/models/<name>/<run_id>`` and ``<save_dir>/log/<name>/<run_id>``.
+    A resumed run continues in its checkpoint's folder, unless that would overwrite later
+    work: when the folder holds a checkpoint of a later step than the one resumed (or
+    ``run_id`` names another folder) the run branches into a new folder,
+    ``<run_id>-from-<checkpoint name>``, and ``branched_from`` says from where. ``overwrite``
+    continues in place regardless.
     """
     save_dir, name = Path(config["trainer"]["save_dir"]), config["name"]
-    if checkpoint_path is not None:
-        checkpoint_dir = Path(checkpoint_path).resolve().parent
-        run_id = run_id or checkpoint_dir.name
-    else:
-        if run_id is None:
-            run_id = time.strftime("%Y%m%d-%H%M%S")
-            base, n = run_id, 1
-            while (save_dir / "models" / name / run_id).exists():
-                n += 1
-                run_id = f"{base}-{n}"
-        elif (save_dir / "models" / name / run_id).exists():
-            raise UserError(
-                f"run folder {save_dir / 'models' / name / run_id} already exists: choose another --run-id,"
-                " or resume it with -r <checkpoint>"
-            )
-        checkpoint_dir = save_dir / "models" / name / run_id
-    return run_id, checkpoint_dir, save_dir / "log" / name / run_id
+    models = save_dir / "models" / name
+    branched_from = None
+    if run_id is not None and (problem := check_path_component(run_id, "--run-id")):
+        raise UserError(problem)
+    if resume is not None:
+        checkpoint_dir = Path(resume).resolve().parent
+        newer = [] if overwrite else newer_checkpoints(checkpoint_dir, resume, state["global_step"])
+        if run_id is None or run_id == checkpoint_dir.name:
+            run_id = checkpoint_dir.name
+            if newer:
+                run_id = _free_id(models, f"{checkpoint_dir.name}-from-{Path(resume).stem}")
+        if run_id != checkpoint_dir.name:
+            branched_from = {"run_dir": str(checkpoint_dir), "checkpoint": str(resume),
+                             "global_step": state["global_step"], "newer_checkpoints": newer}
+        else:
+            return run_id, checkpoint_dir, save_dir / "log" / name / run_id, None
+    elif run_id is None:
+        run_id = _free_id(models, time.strftime("%Y%m%d-%H%M%S"))
+    if (models / run_id).exists():
+        raise UserError(f"run folder {models / run_id} already exists: choose another --run-id,"
+                        " or resume it with -r <checkpoint>")
+    return run_id, models / run_id, save_dir / "log" / name / run_id, branched_from
 
 
-def agree_on_run(config, run_id, resume, info):
+def _free_id(folder, base):
+    run_id, n = base, 1
+    while (folder / run_id).exists():
+        n += 1
+        run_id = f"{base}-{n}"
+    return run_id
+
+
+def newer_checkpoints(folder, resumed, global_step):
+    """Names of the checkpoints in ``folder`` that hold a later step than ``global_step``: what resuming in place
+    would overwrite. Tensors are memory-mapped, not read; unreadable files are left out."""
+    newer = []
+    for path in sorted(Path(folder).glob("*.pth")):
+        if path.resolve() == Path(resumed).resolve():
+            continue
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        except Exception:  # not ours, damaged, or not a zip file: it is not a later state of this run
+            continue
+        if isinstance(step, int) and step > global_step:
+            newer.append(path.name)
+    return newer
+
+
+def agree_on_run(config, run_id, resume, info, state=None, overwrite=False):
     """Rank 0 picks the run folders and every rank gets the same ones (or the same error)."""
     chosen = None
     if info.is_main:
         try:
-            chosen = [str(x) for x in run_folders(config, run_id, resume)]
+            run_id, checkpoint_dir, log_dir, branched_from = run_folders(config, run_id, resume, state, overwrite)
+            chosen = [run_id, str(checkpoint_dir), str(log_dir), branched_from]
         except UserError as err:
             chosen = str(err)
     chosen = dist.broadcast_object(chosen, info)
     if isinstance(chosen, str):
         raise UserError(chosen)
-    return chosen[0], Path(chosen[1]), Path(chosen[2])
+    return chosen[0], Path(chosen[1]), Path(chosen[2]), chosen[3]
 
 
-def open_run(config, run_id=None, resume=None, info=None, state=None):
+def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=False):
     """Create the run's folders (rank 0), set up logging and the TensorBoard writer; returns a :class:`Run`.
 
-    When resuming, TensorBoard drops the events the interrupted run wrote after its checkpoint.
+    When resuming in place, TensorBoard drops the events the interrupted run wrote after its checkpoint.
     """
     from logger.logger import setup_logging
     from logger.visualization import TensorboardWriter
 
     cfg, info = config["trainer"], info or dist.DistInfo()
-    run_id, checkpoint_dir, log_dir = agree_on_run(config, run_id, resume, info)
+    run_id, checkpoint_dir, log_dir, branched_from = agree_on_run(config, run_id, resume, info, state, overwrite)
     if info.is_main:
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             log_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(checkpoint_dir)  # left by a kill -9 in the middle of a write
         except OSError as err:
             raise UserError(f"trainer.save_dir: cannot create the run folders under {cfg['save_dir']}: "
                             f"{err.strerror or err}; choose a folder you can write to") from None
@@ -220,7 +266,7 @@ def open_run(config, run_id=None, resume=None, info=None, state=None):
     purge = state["global_step"] + 1 if state else None
     writer = TensorboardWriter(log_dir, cfg["tensorboard"] and info.is_main, purge_step=purge, logger=logger)
     return Run(run_id=run_id, checkpoint_dir=checkpoint_dir, log_dir=log_dir, logger=logger, writer=writer,
-               dist=info, resumed_from=resume)
+               dist=info, resumed_from=resume, branched_from=branched_from)
 
 
 def close_run(run):
@@ -246,11 +292,33 @@ def restore(trainer, state, config):
 
 
 def write_run_files(run, config, argv, resume):
-    """The run's ``config.json`` and ``manifest.json`` (a resume adds to the manifest's history)."""
+    """The run's ``config.json`` and ``manifest.json`` (a resume adds to the manifest's history).
+
+    A branch (a resume into a new folder) records where it came from, and the run it came
+    from records the branch in its own manifest.
+    """
     manifest_path = run.checkpoint_dir / "manifest.json"
-    previous = json.loads(manifest_path.read_text()) if resume and manifest_path.is_file() else None
+    previous = _read_manifest(manifest_path) if resume else None
     write_json(run.checkpoint_dir / "config.json", config)
-    write_json(manifest_path, manifest(run, config, argv or [], resume, previous))
+    record = manifest(run, config, argv or [], resume, previous)
+    if run.branched_from:
+        origin_path = Path(run.branched_from["run_dir"]) / "manifest.json"
+        origin = _read_manifest(origin_path)
+        record["command"] = argv or []
+        record["branched_from"] = run.branched_from
+        if origin is not None:
+            origin.setdefault("branches", []).append({
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(run.checkpoint_dir),
+                "checkpoint": Path(run.branched_from["checkpoint"]).name, "command": argv or []})
+            write_json(origin_path, origin)
+    write_json(manifest_path, record)
+
+
+def _read_manifest(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def manifest(run, config, argv, resume, previous=None):
@@ -300,16 +368,66 @@ def log_summary(run, config, parts, state, changes, init_report):
                 f"{len(valid.sampler.indices) if valid else 0} validation samples")
     if state is not None:
         logger.info(f"Resumed from epoch {state['epoch']}, batch {state['batch_in_epoch']}, step {state['global_step']}")
+        if run.branched_from and run.branched_from["newer_checkpoints"]:
+            logger.warning(f"{Path(run.branched_from['checkpoint']).name} is not the newest checkpoint of its run"
+                           f" ({', '.join(run.branched_from['newer_checkpoints'])} hold later steps): continuing in a"
+                           f" new run folder, {run.checkpoint_dir}, so nothing is overwritten (--overwrite continues"
+                           " in place)")
+        elif run.branched_from:
+            logger.info(f"Continuing {run.branched_from['run_dir']} in a new run folder, {run.checkpoint_dir}")
+        else:
+            logger.info(f"Continuing in {run.checkpoint_dir}")
         for line in changes:
             logger.info(f"  changed: {line}")
     if init_report:
         logger.info(init_report)
 
 
+def log_end(run, config, trainer, metrics, seconds):
+    """The end of a run in one block: wall time, the best epoch, where the checkpoints are, the test split's scores.
+
+    With ``trainer.test_after_train`` (the default) the best checkpoint (or the last, when
+    nothing is monitored) is scored on the test split as ``test.py`` would, and its
+    ``.test.json`` written beside it.
+    """
+    logger, folder = run.logger, run.checkpoint_dir
+    lines = [f"Finished {config['name']}/{run.run_id} in {_duration(seconds)}: {trainer.epoch} epochs,"
+             f" {trainer.global_step} steps"]
+    best = folder / "model_best.pth"
+    if trainer.best_epoch is not None:
+        lines.append(f"Best {trainer.monitor_key} {trainer.monitor_best:.6g} at epoch {trainer.best_epoch}"
+                     f" ({best.name})")
+    if trainer.nonfinite_skips:
+        lines.append(f"Skipped {trainer.nonfinite_skips} steps with a non-finite loss")
+    lines.append(f"Checkpoints: {folder}")
+    scored = best if best.is_file() else folder / f"checkpoint-epoch{metrics.get('epoch')}.pth"
+    if config["trainer"].get("test_after_train", True) and scored.is_file():
+        try:
+            scores = evaluate_checkpoint(scored, progress=False)
+        except UserError as err:  # no test split, say: the run itself succeeded
+            lines.append(f"Test split not scored: {err.problems[0]}")
+        else:
+            shown = "  ".join(f"{k} {v:.6g}" for k, v in scores.items() if k != "n_samples")
+            lines.append(f"Test split ({scores['n_samples']} samples, {scored.name}): {shown}")
+    for line in lines:
+        logger.info(line)
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}h {minutes:02d}m {seconds:04.1f}s" if hours else f"{minutes}m {seconds:04.1f}s" if minutes else f"{seconds:.1f} s"
+
+
 # --------------------------------------------------------------------------- test.py
 
 
-def evaluate_checkpoint(resume, overrides=(), device=None, write=True):
+def test_results_path(checkpoint):
+    """Where :func:`evaluate_checkpoint` writes its scores: ``model_best.test.json`` for ``model_best.pth``."""
+    return Path(checkpoint).with_suffix(".test.json")
+
+
+def evaluate_checkpoint(resume, overrides=(), device=None, write=True, progress=None):
     """Evaluate the checkpoint ``resume`` on its config's test split; returns ``{"loss": ..., "<metric>": ..., "n_samples": N}``.
 
     ``overrides`` (``key.path=VALUE``) change the checkpoint's config, e.g. ``data_loader.args.data_dir=...``.
@@ -318,7 +436,7 @@ def evaluate_checkpoint(resume, overrides=(), device=None, write=True):
     from trainer.trainer import evaluate
     from utils.config import apply_overrides
 
-    state = load_checkpoint(resume)
+    state = load_checkpoint(resume, purpose="weights")
     config = apply_overrides(state["config"], list(overrides) + ([f"device={device}"] if device else []))
     config = validate_config(config, build.registries())
     device = build.resolve_device(config["device"])
@@ -332,9 +450,10 @@ def evaluate_checkpoint(resume, overrides=(), device=None, write=True):
     loader.to(device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
     autocast = torch.autocast(device.type, dtype=amp) if amp and device.type != "cpu" else None
+    progress = config["trainer"]["verbosity"] > 0 if progress is None else progress
     metrics = evaluate(model, loader, build.build_loss(config), build.build_metrics(config), device, autocast,
-                       progress=config["trainer"]["verbosity"] > 0)
+                       progress=progress)
     metrics["n_samples"] = len(loader.sampler)
     if write:
-        write_json(Path(resume).with_suffix(".test.json"), {"checkpoint": str(resume), **metrics})
+        write_json(test_results_path(resume), {"checkpoint": str(resume), **metrics})
     return metrics

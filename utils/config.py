@@ -684,6 +684,8 @@ TRAINER_SCHEMA = {
     # checkpoints
     "keep_last": (optional(positive_int), None),
     "save_every_n_steps": (optional(positive_int), None),
+    # the end of a run
+    "test_after_train": (boolean, True),
 }
 
 TOP_SCHEMA = {

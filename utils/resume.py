@@ -67,7 +67,7 @@ def init_weights(model, path, strict):
     Raises:
         UserError: the checkpoint cannot be read, or (strict) its weights do not fit the model.
     """
-    weights = load_checkpoint(path)["model"]
+    weights = load_checkpoint(path, purpose="weights")["model"]
     own = model.state_dict()
     reshaped = []
     if not strict:

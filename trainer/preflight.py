@@ -1,0 +1,152 @@
+"""The dry batch: one batch through model, loss and metrics before a run writes anything.
+
+Config checks catch typos; mistakes that only show once data meets the model (an RGB
+model on grayscale data, 5 output classes for 10 labels, 8x8 images into a network built
+for 28x28, logits fed to ``nll_loss``) would otherwise surface as a torch traceback after
+the run folder exists. :func:`dry_batch` runs the first batch in eval mode without a
+gradient step and turns each such failure into one line naming the shapes and the likely
+fix. It draws no random numbers that training would see: every RNG state is restored.
+"""
+
+import contextlib
+
+import torch
+
+from utils.errors import UserError
+from utils.seed import rng_state, set_rng_state
+
+
+def dry_batch(config, parts):
+    """Raise a one-line :class:`UserError` if the config's data, model, loss and metrics do not fit together.
+
+    Uses the validation loader when there is one (no augmentation), else the training loader.
+    """
+    loader = parts.data_loader
+    if len(loader) == 0:
+        args = config["data_loader"]["args"]
+        raise UserError(f"data_loader: an epoch has 0 batches ({len(loader.sampler)} training samples, batch_size"
+                        f" {loader.batch_size}, drop_last {args.get('drop_last', False)}); lower batch_size or set"
+                        " drop_last false")
+    source = parts.valid_data_loader or loader
+    saved_rng = rng_state()
+    model = parts.model
+    was_training = model.training
+    try:
+        data, target = _first_batch(source)
+        data, target = data.to(parts.device), target.to(parts.device)
+        model.eval()
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
+        autocast = torch.autocast(parts.device.type, dtype=amp) if amp else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            output = _forward(model, data, config)
+            _check_output(output, target, config)
+            loss = _loss(parts.criterion, output, target, config)
+            _check_loss(loss, output, config)
+            for fn in parts.metric_fns:
+                _metric(fn, output, target)
+    finally:
+        model.train(was_training)
+        set_rng_state(saved_rng)
+
+
+def _first_batch(loader):
+    loader.set_epoch(1, 0)
+    iterator = iter(loader)
+    try:
+        return next(iterator)
+    finally:
+        del iterator  # frees non-persistent workers now
+
+
+def _shape(t):
+    return f"[{', '.join(map(str, t.shape))}] ({str(t.dtype).replace('torch.', '')})"
+
+
+def _first_layer(model):
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+            return name, module
+    return None, None
+
+
+def _forward(model, data, config):
+    arch = config["arch"]["type"]
+    try:
+        return model(data)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        name, layer = _first_layer(model)
+        if isinstance(layer, torch.nn.modules.conv._ConvNd) and data.dim() >= 2 and data.shape[1] != layer.in_channels:
+            fix = (f"use data with {layer.in_channels} channels (an image loader's channels: {layer.in_channels})"
+                   f" or a model for {data.shape[1]}-channel input (arch.args.in_channels={data.shape[1]} where the"
+                   " model takes it)")
+            raise UserError(f"arch: {arch}'s first layer {name} expects {layer.in_channels} input channels, but the"
+                            f" data's batches are {_shape(data)} with {data.shape[1]}; {fix}") from None
+        if isinstance(layer, torch.nn.Linear) and data[0].numel() != layer.in_features and data.dim() >= 2:
+            raise UserError(f"arch: {arch}'s first layer {name} expects {layer.in_features} input features, but one"
+                            f" sample of the data has {data[0].numel()} values (batches are {_shape(data)}); set"
+                            f" arch.args.input_size={data[0].numel()} or use a model built for this data") from None
+        if any(s in reason for s in ("Kernel size can't be greater", "Output size is too small",
+                                     "input image (T: 1 H: 1", "smaller than kernel", "too small")):
+            raise UserError(f"arch: the data's images are too small for {arch}: batches are {_shape(data)} ({reason});"
+                            " use a model made for this image size, or resize the images (image_size)") from None
+        raise UserError(f"arch: {arch} cannot take the data's batches {_shape(data)}: {reason}") from None
+
+
+def _check_output(output, target, config):
+    arch = config["arch"]["type"]
+    if not isinstance(output, torch.Tensor):
+        raise UserError(f"arch: {arch} returned a {type(output).__name__}, not a tensor; the loss and metrics need"
+                        " one tensor of scores per sample")
+    if output.dim() == 0 or output.shape[0] != target.shape[0]:
+        raise UserError(f"arch: {arch} returned {_shape(output)} for a batch of {target.shape[0]} samples; its first"
+                        " dimension must be the batch")
+    classification = not target.is_floating_point() and output.dim() >= 2
+    if classification and target.numel():
+        low, high = int(target.min()), int(target.max())
+        n_classes = output.shape[1]
+        if high >= n_classes:
+            raise UserError(f"arch: {arch} outputs {n_classes} class scores but the targets go up to {high};"
+                            f" set arch.args.num_classes={high + 1} (targets are 0..{high})")
+        if low < 0 and low != -100:  # -100: the losses' ignore_index
+            raise UserError(f"data_loader: targets must be class indices >= 0, found {low}")
+
+
+def _loss(criterion, output, target, config):
+    name = config["loss"]["type"]
+    try:
+        return criterion(output, target)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ""
+        if target.is_floating_point() and "mse" not in name:
+            hint = "; the targets are floating point: for regression use \"loss\": \"mse_loss\""
+        elif not target.is_floating_point() and "mse" in name:
+            hint = "; the targets are class indices: for classification use \"loss\": \"cross_entropy\""
+        raise UserError(f"loss: {name} cannot take the model's output {_shape(output)} and the targets"
+                        f" {_shape(target)}: {reason}{hint}") from None
+
+
+def _check_loss(loss, output, config):
+    name = config["loss"]["type"]
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = _shape(loss) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise UserError(f"loss: {name} returned {shape}, not a single value; the training step needs the batch's"
+                        " mean (leave reduction at \"mean\")")
+    if name == "nll_loss" and output.dim() >= 2:
+        # nll_loss expects log-probabilities: the exp of each row sums to 1. Logits do not, and training on
+        # them drives the loss to -infinity while accuracy stays at chance.
+        sums = output.float().exp().sum(dim=1)
+        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            raise UserError("loss: nll_loss expects log-probabilities, but the model's outputs are not (the exp of a"
+                            f" row sums to {float(sums.flatten()[0]):.4g}, not 1): use \"loss\": \"cross_entropy\" for"
+                            " a model that returns logits, or end the model with log_softmax")
+
+
+def _metric(fn, output, target):
+    try:
+        fn(output, target)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"metrics: {fn.__name__} cannot take the model's output {_shape(output)} and the targets"
+                        f" {_shape(target)}: {reason}") from None
