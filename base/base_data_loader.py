@@ -19,6 +19,7 @@ stops daemonic workers with SIGTERM, which they now ignore).
 """
 
 import atexit
+import logging
 import math
 import signal
 import weakref
@@ -197,6 +198,11 @@ class BaseDataLoader:
         self.feature_stats = getattr(dataset, "feature_stats", None)
         spec = parse_transforms(transforms)
         self.in_memory = bool(in_memory) and hasattr(dataset, "tensors") and (spec is None or spec.batchable())
+        if in_memory and hasattr(dataset, "tensors") and not self.in_memory and num_workers == 0:
+            names = sorted({name for name, t in spec.train + spec.eval if not spec.batchable([(name, t)])})
+            logging.getLogger("train.data").warning(
+                f"data_loader.args.transforms: {', '.join(names)} has no batched version, so every sample is"
+                " transformed on its own in this process; set data_loader.args.num_workers > 0 to use worker processes")
         self.device_resident = device_resident
         self._tensors = dataset.tensors() if self.in_memory else None
         self._device = None

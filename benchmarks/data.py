@@ -26,15 +26,33 @@ by default the MNIST-shaped data is ``SyntheticDataset(60000, (1, 28, 28))``. Wi
 ``--mnist-dir DIR``, the IDX files in DIR (``train-*`` if present, else ``t10k-*``, gzipped
 or not) are read with ``data_loader.idx.read_idx`` and normalised as ``MnistDataset`` does.
 
+Augmentation (``augmentation`` in the results): CIFAR-shaped uint8 images (3x32x32,
+10,000 of them; 512 with ``--smoke``) through 4-pixel padded random crop + horizontal
+flip + normalise, as ``configs/cifar10.json`` trains, by
+
+* ``per-sample v2, N workers``: the loader's per-sample path, ``torchvision.transforms.v2``
+  on each image in ``__getitem__``, collated by torch's ``DataLoader`` (0 and 2 workers);
+* ``batched fast path``: the in-memory path, each batch augmented at once;
+* ``fast path, no augmentation``: the in-memory path with only the uint8 -> float conversion;
+
+and, for scale, one ResNet-20 training step at batch 128 (the share augmentation adds to it).
+
+Image folders (``image_folder``): a folder of PNG files (2,000 CIFAR-sized images; 64
+with ``--smoke``) read by ``ImageFolderDataLoader``: the first construction decodes every
+file and writes the cache, a second one reads the cache; images per second of each, and
+of one epoch read from the files (``in_memory: false``, 0 workers).
+
 Time to first step and time to accuracy are in ``benchmarks/startup.py``.
-Results: a table on stdout and ``benchmarks/results/data.json``.
+Results: tables on stdout and ``benchmarks/results/data.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -198,6 +216,172 @@ def stop_workers(loader):
         iterator._shutdown_workers()
 
 
+# --------------------------------------------------------------------------- augmentation
+
+CIFAR_AUGMENTATION = {
+    "train": [{"type": "RandomCrop", "args": {"size": 32, "padding": 4}}, {"type": "RandomHorizontalFlip"},
+              {"type": "Normalize", "args": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}}],
+}
+AUGMENTATION_PATHS = ("per-sample v2, 0 workers", "per-sample v2, 2 workers", "batched fast path",
+                      "fast path, no augmentation")
+
+
+def cifar_shaped_images(n, seed=0):
+    """``n`` random uint8 images of 3x32x32 with labels, as an in-memory image dataset."""
+    import torch
+
+    class Images(torch.utils.data.Dataset):
+        uint8_images = True
+
+        def __init__(self):
+            generator = torch.Generator().manual_seed(seed)
+            self.images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+            self.targets = torch.randint(0, 10, (n,), generator=generator)
+
+        def tensors(self):
+            return self.images, self.targets
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, index):
+            return self.images[index], int(self.targets[index])
+
+    return Images()
+
+
+def augmentation_paths(dataset, batch_size=128):
+    from base.base_data_loader import BaseDataLoader
+
+    common = {"batch_size": batch_size, "shuffle": True, "validation_split": 0.1, "seed": 0}
+    paths = {}
+    for workers in WORKER_COUNTS:
+        paths[f"per-sample v2, {workers} workers"] = BaseDataLoader(
+            dataset, in_memory=False, num_workers=workers, transforms=CIFAR_AUGMENTATION, **common)
+    paths["batched fast path"] = BaseDataLoader(dataset, transforms=CIFAR_AUGMENTATION, **common)
+    paths["fast path, no augmentation"] = BaseDataLoader(dataset, **common)
+    return paths
+
+
+def resnet20_step_s(batch_size, steps):
+    """Seconds of one CPU training step of ResNet-20 on CIFAR-shaped inputs (the median of ``steps``)."""
+    import torch
+
+    from model.model import CifarResNet
+
+    model = CifarResNet(depth=20)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def bench_augmentation(n, rounds, min_seconds, smoke, log):
+    dataset = cifar_shaped_images(n)
+    paths = augmentation_paths(dataset)
+    samples_per_epoch = len(paths["batched fast path"].sampler)
+    timers = {path: PathTimer(loader) for path, loader in paths.items()}
+    for timer in timers.values():
+        t0 = time.perf_counter()
+        timer.one_epoch()
+        timer.first_s = time.perf_counter() - t0
+    samples = {path: [] for path in timers}
+    names = list(timers)
+    for r in range(rounds):
+        for path in names[r % len(names):] + names[: r % len(names)]:
+            samples[path].append(timers[path].timed(min_seconds))
+        log(f"  augmentation round {r + 1}/{rounds}: "
+            + ", ".join(f"{p}: {samples_per_epoch / samples[p][-1]:,.0f}/s" for p in names))
+    for loader in paths.values():
+        stop_workers(loader)
+    rates = {path: samples_per_epoch / statistics.median(samples[path]) for path in names}
+    best_per_sample = max(rates[p] for p in names if p.startswith("per-sample"))
+    batch = 128
+    step_s = resnet20_step_s(16 if smoke else batch, 1 if smoke else 3) * (batch / 16 if smoke else 1)
+    augment_s = batch / rates["batched fast path"] - batch / rates["fast path, no augmentation"]
+    return {
+        "description": f"{n:,} random uint8 CIFAR-shaped images (3x32x32), batch {batch}: "
+                       "RandomCrop(32, padding=4) + RandomHorizontalFlip + Normalize",
+        "samples_per_epoch": samples_per_epoch,
+        "rounds": rounds,
+        "paths": {
+            path: {"samples_per_s": rates[path], "epoch_s_samples": samples[path], "first_epoch_s": timers[path].first_s}
+            for path in names
+        },
+        "batched_vs_best_per_sample": rates["batched fast path"] / best_per_sample,
+        "resnet20_step_s": step_s,
+        "augmentation_s_per_batch": augment_s,
+        "augmentation_share_of_step": augment_s / step_s,
+    }
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def write_png_folder(root, n, classes=10, seed=0):
+    """``n`` random 32x32 RGB PNG files in ``classes`` class folders under ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = Path(root) / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # Smooth images (noise blurred by upsampling) compress like photographs, unlike pure noise.
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"{i:05d}.png")
+
+
+def bench_image_folder(n, log):
+    from data_loader.data_loaders import ImageFolderDataLoader
+
+    root = Path(tempfile.mkdtemp(prefix="bench_image_folder_"))
+    try:
+        write_png_folder(root / "images", n)
+        args = {"data_dir": str(root / "images"), "test_split": 0, "validation_split": 0, "batch_size": 128,
+                "cache_dir": str(root / "cache")}
+        t0 = time.perf_counter()
+        ImageFolderDataLoader(**args)
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cached = ImageFolderDataLoader(**args)
+        cached_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in cached:
+            pass
+        cached_epoch_s = time.perf_counter() - t0
+        streamed = ImageFolderDataLoader(**args, in_memory=False, image_size=32)
+        t0 = time.perf_counter()
+        for _ in streamed:
+            pass
+        streamed_s = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "description": f"{n:,} PNG files of 32x32 RGB in 10 class folders",
+        "images": n,
+        "first_construction_s": first_s,
+        "cached_construction_s": cached_s,
+        "cached_epoch_s": cached_epoch_s,
+        "streamed_epoch_s": streamed_s,
+        "images_per_s": {
+            "first epoch: decode and write the cache": n / first_s,
+            "later runs: read the cache": n / cached_s,
+            "cached epoch (in-memory fast path)": n / cached_epoch_s,
+            "from the files (in_memory false, 0 workers)": n / streamed_s,
+        },
+    }
+    log("  image folder: " + ", ".join(f"{k}: {v:,.0f}/s" for k, v in result["images_per_s"].items()))
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Samples per second of the data path.")
     parser.add_argument("--smoke", action="store_true", help="tiny data, one round")
@@ -222,6 +406,10 @@ def main(argv=None):
         for name, (dataset, description, batch, split) in datasets_for(args).items():
             log(f"{name}: {description}, batch {batch}")
             results[name] = bench_dataset(name, dataset, description, batch, split, rounds, min_seconds, log)
+        log("augmentation: CIFAR-shaped images")
+        augmentation = bench_augmentation(512 if args.smoke else 10_000, rounds, min_seconds, args.smoke, log)
+        log("image folder: PNG files")
+        folder = bench_image_folder(64 if args.smoke else 2_000, log)
     finally:
         torch.set_num_threads(threads)
 
@@ -230,6 +418,8 @@ def main(argv=None):
         "smoke": args.smoke,
         "environment": {**C.environment(), "torch_threads": 1},
         "datasets": results,
+        "augmentation": augmentation,
+        "image_folder": folder,
     }
     path = C.write_results("data", data, args.out)
 
@@ -243,6 +433,15 @@ def main(argv=None):
     for name, result in results.items():
         print(f"{name}: {result['description']}; batch {result['batch_size']}, {result['samples_per_epoch']:,} training"
               f" samples an epoch (validation split {result['validation_split']}), {result['rounds']} rounds", file=out)
+    rows = [[p, f"{r['samples_per_s']:,.0f}", f"{r['first_epoch_s'] * 1e3:.1f}"] for p, r in augmentation["paths"].items()]
+    print("\n" + C.table(["augmentation path", "samples/s (median)", "first epoch ms"], rows), file=out)
+    print(f"augmentation: {augmentation['description']}; batched fast path is "
+          f"{augmentation['batched_vs_best_per_sample']:.1f}x the best per-sample path; it adds "
+          f"{augmentation['augmentation_s_per_batch'] * 1e3:.2f} ms a batch, {augmentation['augmentation_share_of_step']:.2%}"
+          f" of a ResNet-20 CPU training step ({augmentation['resnet20_step_s'] * 1e3:.0f} ms at batch 128)", file=out)
+    rows = [[k, f"{v:,.0f}"] for k, v in folder["images_per_s"].items()]
+    print("\n" + C.table(["image folder", "images/s"], rows), file=out)
+    print(f"image folder: {folder['description']}", file=out)
     print(f"results: {path}", file=out)
     return data
 

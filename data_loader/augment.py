@@ -111,9 +111,10 @@ class Transforms:
     def steps(self, split):
         return self.train if split == "train" else self.eval
 
-    def batchable(self):
-        """Whether every transform of both lists can run on whole batches (the in-memory fast path)."""
-        return all(_batch_op(name, t) is not None for name, t in self.train + self.eval)
+    def batchable(self, steps=None):
+        """Whether every transform (of both lists, or of ``steps``) can run on whole batches (the in-memory fast path)."""
+        steps = self.train + self.eval if steps is None else steps
+        return all(_batch_op(name, t) is not None for name, t in steps)
 
 
 def parse_transforms(spec, where=WHERE):

@@ -339,7 +339,10 @@ def _write_cache(path, prefix, data):
 
 
 def decode_all(files, root, channels, size, skip_unreadable, threads=None):
-    """Decode ``files`` (``[(path, label)]``) into ``(images, targets, skipped)``; ``skipped`` lists ``(path, reason)``."""
+    """Decode ``files`` (``[(path, label)]``) into ``(images, targets, skipped)``; ``skipped`` lists ``(path, reason)``.
+
+    Images are copied into one preallocated tensor as they come, so the peak memory is about the dataset's size.
+    """
     threads = threads or min(4, os.cpu_count() or 1)
 
     def one(item):
@@ -348,27 +351,31 @@ def decode_all(files, root, channels, size, skip_unreadable, threads=None):
         except Unreadable as err:
             return err
 
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while it decodes
-        decoded = list(pool.map(one, files))
-    images, labels, skipped, first = [], [], [], None
-    for (path, label), image in zip(files, decoded):
-        if isinstance(image, Unreadable):
-            if not skip_unreadable:
-                raise _unreadable_error(path, image)
-            skipped.append((path, str(image)))
-            continue
-        if first is None:
-            first = path
-        elif image.shape != images[0].shape:
-            raise UserError(
-                f"image {path} is {tuple(image.shape)} (channels, height, width) but {first} is {tuple(images[0].shape)}:"
-                " set data_loader.args.image_size to resize all images to one size"
-            )
-        images.append(image)
-        labels.append(label)
-    if not images:
+    images, labels, skipped, first = None, [], [], None
+    pool = concurrent.futures.ThreadPoolExecutor(threads)  # PIL releases the GIL while it decodes
+    try:
+        for (path, label), image in zip(files, pool.map(one, files)):
+            if isinstance(image, Unreadable):
+                if not skip_unreadable:
+                    raise _unreadable_error(path, image)
+                skipped.append((path, str(image)))
+                continue
+            if images is None:
+                images, first = torch.empty((len(files), *image.shape), dtype=torch.uint8), path
+            elif image.shape != images.shape[1:]:
+                raise UserError(
+                    f"image {path} is {tuple(image.shape)} (channels, height, width) but {first} is {tuple(images.shape[1:])}:"
+                    " set data_loader.args.image_size to resize all images to one size"
+                )
+            images[len(labels)] = image
+            labels.append(label)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if images is None:
         raise UserError(f"no readable images in {root}")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped
+    if skipped:
+        images = images[: len(labels)].clone()  # a view would keep (and save) the unused rows
+    return images, torch.tensor(labels, dtype=torch.int64), skipped
 
 
 def _check_classes_left(files, skipped, class_names, root):

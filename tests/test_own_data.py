@@ -509,3 +509,29 @@ def test_example_configs_build_on_the_example_data(tmp_path):
         model = build.build_model(config)
         x, y = next(iter(loader))
         assert model(x).shape == (len(y), len(loader.class_names))
+
+
+def test_benchmark_rows_for_augmentation_and_image_folders():
+    from benchmarks import data as data_bench
+
+    augmentation = data_bench.bench_augmentation(256, 1, 0.01, True, lambda message: None)
+    assert set(augmentation["paths"]) == set(data_bench.AUGMENTATION_PATHS)
+    assert all(path["samples_per_s"] > 0 for path in augmentation["paths"].values())
+    assert augmentation["resnet20_step_s"] > 0 and augmentation["batched_vs_best_per_sample"] > 0
+    folder = data_bench.bench_image_folder(20, lambda message: None)
+    assert len(folder["images_per_s"]) == 4 and all(rate > 0 for rate in folder["images_per_s"].values())
+
+
+def test_transforms_without_batched_version_warn_once_with_no_workers(caplog):
+    logger = logging.getLogger("train.data")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="train.data"):
+            BaseDataLoader(same_images(), 16, transforms=CROP_FLIP)
+            BaseDataLoader(same_images(), 16, transforms=JITTER, num_workers=2)
+            assert not caplog.records
+            BaseDataLoader(same_images(), 16, transforms=JITTER)
+    finally:
+        logger.removeHandler(caplog.handler)
+    messages = {r.getMessage() for r in caplog.records}
+    assert len(messages) == 1 and "ColorJitter has no batched version" in messages.pop()
