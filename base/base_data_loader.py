@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from data_loader.augment import BatchPipeline, SamplePipeline, SeededSamples, mix_seed, parse_transforms
-from utils.errors import UserError
+from utils.errors import ConfigError, UserError
 
 
 def _worker_init(worker_id):
@@ -209,6 +209,8 @@ class BaseDataLoader:
         self.start_batch = 0
         self._pipelines = {split: self._pipeline_for(spec, split) for split in ("train", "eval")}
         self._pipeline = self._pipelines["train" if training else "eval"]
+        if spec is not None:
+            self._try_transforms(spec)
 
         all_indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices)
         train_idx, self.valid_idx = self._split(all_indices, validation_split, seed)
@@ -223,6 +225,28 @@ class BaseDataLoader:
             return BatchPipeline(steps) if steps or images else None
         images = getattr(self.dataset, "uint8_images", False)
         return SamplePipeline(steps) if steps or images else None
+
+    def _try_transforms(self, spec):
+        """Run each split's transforms on one sample now: a mismatch (a 3-channel Normalize on grey images, a
+        crop larger than the images) is a config error before the run starts rather than a crash in its first step."""
+        if len(self.dataset) == 0:
+            return
+        for split in ("train", "eval"):
+            pipeline = self._pipelines[split]
+            if pipeline is None or not spec.steps(split):
+                continue
+            try:
+                if self.in_memory:
+                    sample = self._tensors[0][0]
+                    generator = pipeline.generator(sample.device).manual_seed(0) if pipeline.random else None
+                    pipeline(sample[None].clone(), generator)
+                else:
+                    sample = self.dataset[0][0]
+                    SeededSamples(self.dataset, pipeline)[(0, 0) if pipeline.random else 0]
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                shape = tuple(getattr(sample, "shape", ()))
+                raise ConfigError(f"data_loader.args.transforms.{split}: fails on this data's samples of shape {shape}:"
+                                  f" {' '.join(str(err).split())[:300]}") from None
 
     def data_args(self):
         """Constructor arguments that pin this data's class order and feature scaling (for

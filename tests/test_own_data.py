@@ -378,6 +378,20 @@ def test_bad_transforms_are_config_errors_at_construction(spec, expected):
     assert all(line.startswith("data_loader.args.transforms") for line in info.value.problems)
 
 
+@pytest.mark.parametrize("args,expected", [
+    ({"channels": 1, "transforms": {"eval": [NORMALIZE]}}, "transforms.eval: fails on this data's samples of shape (1, 10, 10)"),
+    ({"transforms": {"train": [{"type": "RandomCrop", "args": {"size": 16}}]}}, "transforms.train: fails"),
+    ({"in_memory": False, "transforms": {"train": [{"type": "CenterCrop", "args": {"size": 8}},
+                                                    {"type": "ColorJitter", "args": {"brightness": 0.2}},
+                                                    {"type": "Normalize", "args": {"mean": [0.5] * 2, "std": [0.2] * 2}}]}},
+     "transforms.train: fails on this data's samples of shape (3, 10, 10)"),
+])
+def test_transforms_that_do_not_fit_the_data_fail_at_construction(folder, args, expected):
+    with pytest.raises(ConfigError) as info:
+        image_loader(folder, **args)
+    assert expected in one_line(info)
+
+
 def test_every_transform_problem_reported_at_once(folder):
     spec = {"train": [{"type": "RandomCorp"}, {"type": "Normalise"}], "eval": [{"type": "RandomInvert"}]}
     with pytest.raises(ConfigError) as info:
