@@ -431,8 +431,8 @@ class _RandomResizedCrop(_Op):
         first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first try that fits, as v2 takes
         found = ok.any(dim=1)
         fallback_h, fallback_w = self._fallback(height, width)
-        w = torch.where(found, w.gather(1, first).squeeze(1), torch.tensor(float(fallback_w), device=device))
-        h = torch.where(found, h.gather(1, first).squeeze(1), torch.tensor(float(fallback_h), device=device))
+        w = torch.where(found, w.gather(1, first).squeeze(1), float(fallback_w))
+        h = torch.where(found, h.gather(1, first).squeeze(1), float(fallback_h))
         u = torch.rand(n, 2, generator=generator, device=device)
         top = torch.where(found, (u[:, 0] * (height - h + 1)).floor_(), ((height - h) / 2).floor())
         left = torch.where(found, (u[:, 1] * (width - w + 1)).floor_(), ((width - w) / 2).floor())

@@ -463,6 +463,17 @@ def test_batched_crop_and_flip_are_windows_of_the_padded_image():
     assert len({f for _, _, f in found}) == 2 and len({(i, j) for i, j, _ in found}) > 20
 
 
+def test_batched_resized_crop_of_the_whole_image_is_the_image():
+    # scale 1 and ratio 1 on square images: the crop is the whole image, resampled at its own pixel centres.
+    spec = parse_transforms({"train": [{"type": "RandomResizedCrop", "args": {"size": 12, "scale": [1, 1], "ratio": [1, 1]}},
+                                       {"type": "RandomHorizontalFlip"}]})
+    images = same_images(32).images
+    pipeline = BatchPipeline(spec.train)
+    out = pipeline(images.clone(), pipeline.generator("cpu").manual_seed(0))
+    flipped = [torch.equal(o, to_float(images[0]).flip(-1)) for o in out]
+    assert all(f or torch.equal(o, to_float(images[0])) for o, f in zip(out, flipped)) and 0 < sum(flipped) < 32
+
+
 def test_normalize_matches_torchvision():
     from torchvision.transforms import v2
 
