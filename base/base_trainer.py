@@ -100,7 +100,7 @@ class BaseTrainer:
         self.epochs = cfg["epochs"]
         self.save_period = cfg["save_period"]
         self.keep_last = cfg["keep_last"]
-        self.early_stop = cfg["early_stop"] or math.inf
+        self.early_stop = math.inf if cfg["early_stop"] is None else cfg["early_stop"]  # 0: stop at the first miss
         self.mode, self.monitor_key = ("off", None) if cfg["monitor"] == "off" else cfg["monitor"].split()
         self.monitor_best = math.inf if self.mode == "min" else -math.inf
         self.not_improved_count = 0
@@ -139,6 +139,13 @@ class BaseTrainer:
 
     def _end_epoch(self, epoch, result):
         self.epoch, self.batch_in_epoch = epoch, 0
+        nonfinite = {k: v for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)}
+        if nonfinite:  # the same on every process: the values are reduced over all of them
+            self.log_epoch(epoch, result)
+            raise RunStopped(
+                f"{', '.join(f'{k} = {v}' for k, v in nonfinite.items())} at the end of epoch {epoch}: stopping"
+                " without saving, so the last good checkpoint is untouched. Lower the learning rate or set"
+                " trainer.clip_grad_norm")
         if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "epoch":
             if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 key = self.monitor_key or ("val_loss" if "val_loss" in result else "loss")
@@ -149,16 +156,20 @@ class BaseTrainer:
         self.log_epoch(epoch, result)
 
         improved = self._update_monitor(result)
+        if self.not_improved_count > self.early_stop:  # before the saves: the last epoch's checkpoint is written
+            self.logger.info(f"{self.monitor_key} did not improve for {self.not_improved_count} epochs"
+                             f" (trainer.early_stop={self.early_stop}): training stops")
+            self.finished = True
+        periodic = epoch % self.save_period == 0 or epoch == self.epochs or self.finished
+        if improved or periodic:
+            self.check_finite_weights(f"the end of epoch {epoch}")
         if self.is_main:
             if improved:
                 self.logger.info(f"{self.monitor_key} improved to {self.monitor_best:.6g}: saving model_best.pth")
                 self.save("model_best.pth")
-            if epoch % self.save_period == 0 or epoch == self.epochs or self.finished:
+            if periodic:
                 self.save(f"checkpoint-epoch{epoch}.pth")
                 self._remove_old_checkpoints()
-        if self.not_improved_count > self.early_stop:
-            self.logger.info(f"Validation performance didn't improve for {self.early_stop} epochs. Training stops.")
-            self.finished = True
 
     def _update_monitor(self, result):
         if self.mode == "off":
@@ -288,8 +299,22 @@ class BaseTrainer:
     def before_checkpoint(self):
         """Called on every process before a mid-epoch checkpoint is written (by rank 0): collectives go here."""
 
+    def check_finite_weights(self, where):
+        """Raise :class:`RunStopped` if a weight or buffer is NaN or infinite: such a state is never saved.
+
+        Every process checks (their weights are the same under DDP), so all of them stop together.
+        One reduction over all tensors; it runs only when a checkpoint is about to be written.
+        """
+        tensors = [t.detach() for t in self.model.state_dict().values() if t.is_floating_point()]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            bad = next(n for n, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all())
+            raise RunStopped(f"the model's weights became non-finite ({bad}, at {where}, step {self.global_step}):"
+                             " stopping without saving, so the last good checkpoint is untouched. Lower the learning"
+                             " rate or set trainer.clip_grad_norm")
+
     def save_resumable(self, filename):
         """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it."""
+        self.check_finite_weights(f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
         self.before_checkpoint()
         if self.is_main:
             return self.save(filename)

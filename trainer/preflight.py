@@ -9,10 +9,11 @@ fix. It draws no random numbers that training would see: every RNG state is rest
 """
 
 import contextlib
+import warnings
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import ConfigError, UserError
 from utils.seed import rng_state, set_rng_state
 
 
@@ -47,6 +48,73 @@ def dry_batch(config, parts):
     finally:
         model.train(was_training)
         set_rng_state(saved_rng)
+
+
+# Optimizers this loop cannot drive: it calls step() without a closure, on dense gradients.
+UNSUPPORTED_OPTIMIZERS = {
+    "LBFGS": "needs a closure that re-evaluates the loss several times per step, which this loop does not run",
+    "SparseAdam": "needs sparse gradients (nn.Embedding(sparse=True)); the models here give dense ones",
+}
+
+
+def check_plan(config, parts):
+    """Raise a one-line ConfigError for an optimizer or scheduler that would fail later in the run.
+
+    Each is built already; what is left is what only shows when it runs: the optimizer
+    type's needs, a scheduler stepped per step that needs a metric, a one-cycle schedule
+    shorter than the run, and a scheduler that fails on its first steps (tried on a copy
+    over one stand-in parameter, so the real optimizer is untouched).
+    """
+    opt_type = config["optimizer"]["type"]
+    if opt_type in UNSUPPORTED_OPTIMIZERS:
+        raise ConfigError(f"optimizer.type: {opt_type} {UNSUPPORTED_OPTIMIZERS[opt_type]}; use SGD, Adam or AdamW")
+    section = config.get("lr_scheduler")
+    scheduler = parts.lr_scheduler
+    if not section or scheduler is None:
+        return
+    kind, interval = section["type"], section["interval"]
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and interval == "step":
+        raise ConfigError('lr_scheduler.interval: ReduceLROnPlateau steps on a validation metric, once per epoch;'
+                          ' use "interval": "epoch"')
+    planned = planned_scheduler_steps(config, parts.data_loader)
+    total = getattr(scheduler, "total_steps", None)
+    if isinstance(total, int) and planned > total:
+        unit = "optimizer steps" if interval == "step" else "epochs"
+        raise ConfigError(f"lr_scheduler.args: {kind} has total_steps {total}, but the run takes {planned} {unit};"
+                          f" set total_steps to {planned} (or epochs and steps_per_epoch to match)")
+    from trainer import build
+
+    try:  # the same optimizer type and groups, over stand-in parameters
+        skip = ("params", "initial_lr", "fused", "foreach", "capturable", "differentiable")
+        groups = [{**{k: v for k, v in g.items() if k not in skip}, "params": [torch.nn.Parameter(torch.zeros(1))]}
+                  for g in parts.optimizer.param_groups]
+        trial = type(parts.optimizer)(groups)
+    except Exception:  # an optimizer that cannot be rebuilt this way: the run itself will show any problem
+        return
+    try:
+        trial_scheduler = build.build_scheduler(trial, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": on purpose
+            for _ in range(min(3, planned)):  # no trial.step(): optimizer hooks others registered must not see it
+                if isinstance(trial_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    trial_scheduler.step(1.0)
+                else:
+                    trial_scheduler.step()
+    except (ArithmeticError, TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"lr_scheduler.args: {kind} fails when it steps ({type(err).__name__}: {reason});"
+                          " check its arguments") from None
+
+
+def planned_scheduler_steps(config, loader):
+    """How often the scheduler steps in the whole run: optimizer steps for ``interval: step``, else epochs."""
+    cfg = config["trainer"]
+    if config["lr_scheduler"]["interval"] != "step":
+        return cfg["epochs"]
+    batches = cfg["len_epoch"] or len(loader)
+    per_epoch = -(-batches // cfg["accumulate_grad_batches"])
+    steps = cfg["epochs"] * per_epoch
+    return min(steps, cfg["max_steps"]) if cfg["max_steps"] else steps
 
 
 def _first_batch(loader):

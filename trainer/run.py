@@ -46,7 +46,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         UserError: a problem in the config or the inputs, found before anything is written.
         RunStopped: the run was interrupted (a resumable ``last.pth`` is written) or diverged.
     """
-    from trainer.preflight import dry_batch
+    from trainer.preflight import check_plan, dry_batch
     from trainer.trainer import Trainer
     from utils.seed import seed_everything
 
@@ -63,6 +63,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         seed_everything(config["seed"])
         parts = build_parts(config, device, info)
         init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
+        check_plan(config, parts)
         dry_batch(config, parts)  # the last check: after it, the run's folders are created
 
         run = open_run(config, run_id, resume, info, state, overwrite)
@@ -397,8 +398,8 @@ def log_end(run, config, trainer, metrics, seconds):
     if trainer.best_epoch is not None:
         lines.append(f"Best {trainer.monitor_key} {trainer.monitor_best:.6g} at epoch {trainer.best_epoch}"
                      f" ({best.name})")
-    if trainer.nonfinite_skips:
-        lines.append(f"Skipped {trainer.nonfinite_skips} steps with a non-finite loss")
+    if trainer.nonfinite_skips:  # a warning: visible at any verbosity
+        logger.warning(f"Skipped {trainer.nonfinite_skips} steps with a non-finite loss (trainer.skip_nonfinite)")
     lines.append(f"Checkpoints: {folder}")
     scored = best if best.is_file() else folder / f"checkpoint-epoch{metrics.get('epoch')}.pth"
     if config["trainer"].get("test_after_train", True) and scored.is_file():
