@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from base.base_trainer import Parts, Run
+from base.base_trainer import Parts, Run, RunStopped
 from trainer import build
 from utils import dist
 from utils.config import ConfigError, check_path_component, flatten, validate_config
 from utils.errors import UserError
 from utils.io import load_checkpoint, remove_stale_temp_files, write_json
-from utils.resume import apply_resume_changes, check_resume_changes, init_weights
+from utils.resume import (AUTO, apply_resume_changes, carry_data_args, check_resume_changes, find_resumable,
+                          init_weights, run_is_finished)
 
 
 def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None, overwrite=False):
@@ -51,7 +52,12 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     from utils.seed import seed_everything
 
     started = time.perf_counter()
-    state = load_checkpoint(resume) if resume else None
+    skipped = []
+    if resume == AUTO:  # the run's newest resumable checkpoint, continued in place; or the run started
+        resume, state, run_id, skipped = auto_resume(config, run_id)
+        overwrite = True
+    else:
+        state = load_checkpoint(resume) if resume else None
     config, changes = checked_config(config, state)
     device = build.resolve_device(config["device"])
     info, device = dist.setup(device)
@@ -62,12 +68,17 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                               " agree on each step); leave it false there, so a non-finite loss stops the run")
         seed_everything(config["seed"])
         parts = build_parts(config, device, info)
+        # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
+        # config, so that test.py (and a resume) rebuilds the data the same way.
+        config["data_loader"]["args"].update(parts.data_loader.data_args())
         init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
         check_plan(config, parts)
         dry_batch(config, parts)  # the last check: after it, the run's folders are created
 
         run = open_run(config, run_id, resume, info, state, overwrite)
         try:
+            for line in skipped if info.is_main else ():
+                run.logger.warning(line)
             with backend_flags(config["trainer"], device):
                 place_parts(parts, config, run)
                 trainer = Trainer(config, parts, run)
@@ -103,13 +114,32 @@ def checked_config(config, state=None):
             raise UserError("give a config (-c config.json) or a checkpoint to resume (-r checkpoint.pth)")
         return validate_config(config, registries), []
     saved = state["config"]
-    config = validate_config(saved if config is None else config, registries)
+    config = validate_config(saved if config is None else carry_data_args(saved, config), registries)
     changes = check_resume_changes(saved, config, mid_epoch=state["batch_in_epoch"] > 0)
     epochs, done = config["trainer"]["epochs"], state["epoch"]
     if done >= epochs:
         raise ConfigError(f"trainer.epochs: the checkpoint has completed {done} of {epochs} epochs, so there is"
                           f" nothing to train; resume with trainer.epochs={done + 1} or more to train on")
     return config, changes
+
+
+def auto_resume(config, run_id=None):
+    """``-r auto``: ``(checkpoint, state, run_id, skipped)`` of the run's newest resumable checkpoint (see
+    :func:`utils.resume.find_resumable`), or ``(None, None, run_id, skipped)`` to start the run.
+
+    Raises:
+        UserError: no config to find the run by, or a bad run id.
+        RunStopped: (exit code 0) the newest checkpoint has finished the run: nothing to do.
+    """
+    if config is None:
+        raise UserError("-r auto needs the run's config (-c CONFIG): its name and trainer.save_dir say where the run is")
+    if run_id is not None and (problem := check_path_component(run_id, "--run-id")):
+        raise UserError(problem)
+    checked = validate_config(config, build.registries())
+    path, state, found_id, skipped = find_resumable(checked, run_id)
+    if state is not None and (done := run_is_finished(state, checked)):
+        raise RunStopped(f"{path}: nothing to resume, {done} (raise trainer.epochs to train on)", exit_code=0)
+    return (str(path) if path else None), state, found_id or run_id, skipped
 
 
 # --------------------------------------------------------------------------- 3. the components
@@ -200,7 +230,7 @@ def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
             return run_id, checkpoint_dir, save_dir / "log" / name / run_id, None
     elif run_id is None:
         run_id = _free_id(models, time.strftime("%Y%m%d-%H%M%S"))
-    if (models / run_id).exists():
+    if (models / run_id).exists() and not overwrite:  # overwrite: -r auto starting a run that saved nothing yet
         raise UserError(f"run folder {models / run_id} already exists: choose another --run-id,"
                         " or resume it with -r <checkpoint>")
     return run_id, models / run_id, save_dir / "log" / name / run_id, branched_from
@@ -264,7 +294,7 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
             raise UserError(f"trainer.save_dir: cannot create the run folders under {cfg['save_dir']}: "
                             f"{err.strerror or err}; choose a folder you can write to") from None
     logger = setup_logging(log_dir if info.is_main else None, cfg["verbosity"] if info.is_main else 0)
-    purge = state["global_step"] + 1 if state else None
+    purge = state["global_step"] + 1 if state else 0 if overwrite else None  # (a restart drops the try before's)
     writer = TensorboardWriter(log_dir, cfg["tensorboard"] and info.is_main, purge_step=purge, logger=logger)
     return Run(run_id=run_id, checkpoint_dir=checkpoint_dir, log_dir=log_dir, logger=logger, writer=writer,
                dist=info, resumed_from=resume, branched_from=branched_from)

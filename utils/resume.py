@@ -17,6 +17,25 @@ FIXED_ON_RESUME = ("name", "arch", "optimizer.type", "optimizer.param_groups", "
 FIXED_MID_EPOCH = ("seed", "data_loader", "trainer.len_epoch", "trainer.accumulate_grad_batches")
 
 
+# Data loader arguments a run adds to its own config (see BaseDataLoader.data_args): not the user's to repeat.
+PINNED_DATA_ARGS = ("class_names", "feature_stats")
+
+
+def carry_data_args(saved, config):
+    """``config`` with the data arguments the checkpoint's run pinned (class order, feature scaling) where it has none.
+
+    Resuming with the original config file, which never had them, is then no change of the data.
+    """
+    saved_args = (saved.get("data_loader") or {}).get("args") or {}
+    args = (config.get("data_loader") or {}).get("args")
+    if not isinstance(args, dict) or config["data_loader"].get("type") != saved["data_loader"].get("type"):
+        return config
+    pinned = {k: saved_args[k] for k in PINNED_DATA_ARGS if k in saved_args and k not in args}
+    if not pinned:
+        return config
+    return {**config, "data_loader": {**config["data_loader"], "args": {**args, **pinned}}}
+
+
 def check_resume_changes(saved, config, mid_epoch):
     """Lines describing how ``config`` differs from the checkpoint's ``saved`` config.
 
@@ -85,3 +104,81 @@ def init_weights(model, path, strict):
         report += (f": missing keys {list(result.missing_keys)}, unexpected keys {list(result.unexpected_keys)},"
                    f" skipped for a different shape {reshaped}")
     return report
+
+
+# --------------------------------------------------------------------------- -r auto
+
+AUTO = "auto"  # ``-r auto``: resume the newest resumable checkpoint of the run, or start it
+
+
+def _candidates(folder):
+    """The checkpoints of one run folder that a run can continue from (``model_best.pth`` is a full state too)."""
+    import re
+    from pathlib import Path
+
+    names = re.compile(r"last\.pth|model_best\.pth|checkpoint-epoch\d+\.pth")
+    try:
+        return [p for p in Path(folder).iterdir() if names.fullmatch(p.name) and p.is_file()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _step_of(path):
+    """The global step a checkpoint holds, read without loading its tensors (memory-mapped); raises if unreadable."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise ValueError("it holds no global_step")
+    return step
+
+
+def find_resumable(config, run_id=None):
+    """The newest checkpoint of a run that a run can continue from, for ``train.py -r auto``.
+
+    The run is ``<save_dir>/models/<name>/<run_id>``; without ``run_id``, the run folder of
+    ``name`` whose checkpoints were written last. Its candidates are ``last.pth``,
+    ``checkpoint-epoch*.pth`` and ``model_best.pth``, newest first by the global step they
+    hold (then by modification time). A candidate that fails to load or lacks what a resume
+    needs is skipped, and said in ``skipped``, and the next newest is tried.
+
+    Returns:
+        ``(path, state, run_id, skipped)``: the checkpoint and its loaded state (both None when the run
+        has nothing to resume: start it fresh), the run id to use, and one line per skipped file.
+    """
+    import os
+    from pathlib import Path
+
+    models = Path(config["trainer"]["save_dir"]) / "models" / config["name"]
+    if run_id is None:
+        def newest_write(folder):
+            return max((os.stat(p).st_mtime for p in _candidates(folder)), default=None)
+
+        runs = [(t, d) for d in (models.iterdir() if models.is_dir() else []) if d.is_dir()
+                and (t := newest_write(d)) is not None]
+        if not runs:
+            return None, None, None, []
+        run_id = max(runs)[1].name
+    skipped, ranked = [], []
+    for path in _candidates(models / run_id):
+        try:
+            ranked.append((_step_of(path), os.stat(path).st_mtime, path))
+        except Exception as err:  # damaged, truncated, not ours: not a state to continue from
+            skipped.append(f"{path}: cannot be read ({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}); skipped")
+    for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
+        try:
+            return path, load_checkpoint(path), run_id, skipped
+        except UserError as err:
+            skipped.append(f"{err.problems[0]}; skipped")
+    return None, None, run_id, skipped
+
+
+def run_is_finished(state, config):
+    """Why the run that wrote ``state`` has nothing left to train under ``config`` (a line), or None."""
+    cfg = config["trainer"]
+    if state["epoch"] >= cfg["epochs"]:
+        return f"it has completed {state['epoch']} of {cfg['epochs']} epochs"
+    if cfg["max_steps"] and state["global_step"] >= cfg["max_steps"]:
+        return f"it has taken {state['global_step']} of trainer.max_steps={cfg['max_steps']} steps"
+    return None
