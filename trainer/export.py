@@ -1,0 +1,279 @@
+"""``export.py``: a checkpoint's model as TorchScript, ONNX or a ``torch.export`` program, checked before it is kept.
+
+Promises:
+
+* The model is exported in eval mode, from the checkpoint's config and weights, with a dynamic
+  batch dimension; the example input is a batch of the checkpoint's own test split (its config's
+  data), or, when that data is not on this machine, random inputs of the shape its config names.
+* Every export is checked before it is written: the exported model, loaded back from its bytes
+  (ONNX through ``onnxruntime``), gives the eager model's outputs within ``ATOL + RTOL * |eager|``
+  on that batch and on a batch of another size (the dynamic batch dimension). A mismatch, or a
+  model the format cannot express, is one ``error:`` line naming the format and, where the
+  exporter says, the failing operator; nothing is written then.
+* Beside the file, ``<file>.preprocess.json`` says what an input must be: its shape without the
+  batch dimension, dtype, the image size, channels, normalisation ``mean``/``std`` (images), the
+  feature names and standardisation (tables), the class names, and the check's tolerance and
+  largest difference. Both files are written whole or not at all (:func:`utils.io.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+FORMATS = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "exported_program": ".pt2"}
+ATOL = 1e-4
+RTOL = 1e-4
+EXAMPLE_BATCH = 8
+
+# Input shapes of the built-in loaders, for an export where the data is not on this machine.
+_BUILTIN_SHAPES = {"DigitsDataLoader": (1, 8, 8), "MnistDataLoader": (1, 28, 28), "Cifar10DataLoader": (3, 32, 32)}
+
+
+def default_output(checkpoint, fmt):
+    """``model_best.onnx`` for ``model_best.pth`` and ``onnx``."""
+    path = Path(checkpoint)
+    return path.with_name(path.stem + FORMATS[fmt])
+
+
+def preprocess_path(output):
+    output = Path(output)
+    return output.with_name(output.name + ".preprocess.json")
+
+
+# --------------------------------------------------------------------------- example inputs
+
+
+def example_inputs(config, batch=EXAMPLE_BATCH):
+    """``(inputs, source)``: up to ``batch`` inputs of the test split, or random ones of the config's input shape.
+
+    Raises:
+        UserError: neither the data nor an input shape can be found.
+    """
+    from trainer import build
+
+    try:
+        loader = build.build_data_loader(config, training=False)
+        loader.batch_size = max(loader.batch_size, batch)
+        inputs, _ = next(iter(loader))
+        return inputs[:batch].float(), "the test split"
+    except UserError as err:
+        reason = str(err).splitlines()[0]
+    shape = input_shape_from_config(config)
+    if shape is None:
+        raise UserError(f"cannot make an example input: the checkpoint's data is not here ({reason}) and its config"
+                        " does not say the input shape; point data_loader.args at the data (key.path=VALUE)")
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *shape, generator=generator), f"random inputs of shape {list(shape)} (data not found: {reason})"
+
+
+def input_shape_from_config(config):
+    """The shape of one input (no batch dimension) as far as the config says, else None."""
+    section = config["data_loader"]
+    args = section["args"]
+    if section["type"] in _BUILTIN_SHAPES:
+        return _BUILTIN_SHAPES[section["type"]]
+    if section["type"] == "SyntheticDataLoader":
+        return tuple(args.get("input_shape", (1, 8, 8)))
+    if section["type"] == "ImageFolderDataLoader" and args.get("image_size") is not None:
+        from data_loader.image_folder import _size_pair
+
+        return (args.get("channels", 3), *_size_pair(args["image_size"]))
+    if section["type"] == "CsvDataLoader":
+        features = (args.get("feature_stats") or {}).get("features") or args.get("features")
+        return (len(features),) if features else None
+    return None
+
+
+def preprocessing(loaded, inputs, fmt, output, max_diff, source):
+    """What ``<file>.preprocess.json`` holds (see the module's docstring)."""
+    config = loaded.config
+    info = {
+        "format": fmt,
+        "file": Path(output).name,
+        "input_shape": ["batch", *inputs.shape[1:]],
+        "input_dtype": "float32",
+        "class_names": loaded.class_names,
+    }
+    reader = loaded.inputs
+    if reader is not None and reader.kind == "images":
+        mean, std = reader.normalisation()
+        info.update(image_size=list(reader.size) if reader.size else list(inputs.shape[2:]),
+                    channels=reader.channels, color="RGB" if reader.channels == 3 else "L",
+                    scale="pixels / 255, then (x - mean) / std per channel" if mean else "pixels / 255",
+                    mean=mean, std=std, resize="resize to cover image_size keeping the aspect ratio, then centre-crop",
+                    eval_transforms=config["data_loader"]["args"].get("transforms", {}).get("eval", []))
+    elif reader is not None and reader.kind == "table":
+        info.update(feature_names=reader.features, feature_stats=reader.stats,
+                    scale="(x - mean) / std per feature" if reader.stats else "none")
+    info.update(checked_on=source, atol=ATOL, rtol=RTOL, max_abs_diff=max_diff,
+                arch=config["arch"], data_loader=config["data_loader"]["type"])
+    return info
+
+
+# --------------------------------------------------------------------------- exporters: bytes, and a runner of those bytes
+
+
+def _export_torchscript(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices say nothing about this model
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    data = buffer.getvalue()
+
+    def runner(inputs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        return module(inputs)
+
+    return data, runner
+
+
+def _export_program(model, x):
+    batch = torch.export.Dim("batch", min=1, max=2**20)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    data = buffer.getvalue()
+
+    def runner(inputs):
+        return torch.export.load(io.BytesIO(data)).module()(inputs)
+
+    return data, runner
+
+
+def _export_onnx(model, x):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("--format onnx needs the packages onnx and onnxruntime: pip install onnx onnxruntime") from None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    data = buffer.getvalue()
+
+    def runner(inputs):
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        (out,) = session.run(None, {"input": inputs.numpy()})
+        return torch.from_numpy(out)
+
+    return data, runner
+
+
+_EXPORTERS = {"torchscript": _export_torchscript, "onnx": _export_onnx, "exported_program": _export_program}
+
+
+def failing_operator(err):
+    """The operator an exporter's message names (``aten::svd``, ``aten.nonzero.default``, ...), or None."""
+    text = str(err)
+    for pattern in (r"ONNX export of operator (\S+?)[,.\s]", r"(aten(?:::|\.)\w+(?:\.\w+)?)", r"operator[: ]+'?([\w:.]+)"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(1)
+    return None
+
+
+def export_model(loaded, fmt, x):
+    """``(bytes, max_abs_diff)`` of ``loaded.model`` exported as ``fmt`` on the CPU and checked on ``x``.
+
+    Raises:
+        UserError: the format cannot express the model, or the exported outputs differ from the eager ones.
+    """
+    model = loaded.model.to("cpu").eval()
+    x = x.to("cpu", torch.float32)
+    try:
+        data, runner = _EXPORTERS[fmt](model, x)
+    except UserError:
+        raise
+    except Exception as err:  # every exporter has its own exception types; all mean "cannot export this"
+        op = failing_operator(err)
+        first = " ".join(str(err).split())[:300] or type(err).__name__
+        where = f" at operator {op}" if op else ""
+        raise UserError(f"{loaded.config['arch']['type']} cannot be exported as {fmt}{where}: {first}") from None
+    max_diff = 0.0
+    small = x[:1]  # another batch size: the batch dimension must really be dynamic
+    for inputs in (x, small):
+        with torch.no_grad():
+            expected = model(inputs).float()
+            try:
+                got = runner(inputs.clone()).float()
+            except Exception as err:
+                first = " ".join(str(err).split())[:300]
+                raise UserError(f"the {fmt} export of {loaded.config['arch']['type']} fails on a batch of"
+                                f" {len(inputs)}: {first}") from None
+        if got.shape != expected.shape:
+            raise UserError(f"the {fmt} export gives outputs of shape {tuple(got.shape)} where the model gives"
+                            f" {tuple(expected.shape)} (batch of {len(inputs)})")
+        diff = (got - expected).abs()
+        max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+        if not torch.allclose(got, expected, atol=ATOL, rtol=RTOL):
+            raise UserError(f"the {fmt} export's outputs differ from the model's by up to {float(diff.max()):.3g}"
+                            f" (tolerance {ATOL} + {RTOL} x |output|, batch of {len(inputs)}); nothing was written")
+    return data, max_diff
+
+
+def export_checkpoint(checkpoint, fmt, output=None, overrides=()):
+    """Export ``checkpoint``'s model as ``fmt`` to ``output`` (default beside the checkpoint), checked, with its
+    preprocessing JSON beside it. Returns ``(output path, preprocessing dict)``."""
+    from trainer.predict import load_for_inference
+    from utils.io import atomic_write, write_json
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    loaded = load_for_inference(checkpoint, list(overrides) + ["device=cpu"])
+    output = Path(output) if output else default_output(checkpoint, fmt)
+    if output.is_dir():
+        raise UserError(f"-o {output} is a folder: give a file path")
+    if not output.parent.is_dir():
+        raise UserError(f"-o {output}: folder {output.parent} does not exist")
+    x, source = example_inputs(loaded.config)
+    data, max_diff = export_model(loaded, fmt, x)
+    info = preprocessing(loaded, x, fmt, output, max_diff, source)
+    with atomic_write(output, expected_size=len(data)) as f:
+        f.write(data)
+    write_json(preprocess_path(output), info)
+    return output, info
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def export_parser():
+    parser = argparse.ArgumentParser(description="Export a checkpoint's model (eval mode, dynamic batch), checked"
+                                     " against the eager model, with its preprocessing as JSON beside it.")
+    parser.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="checkpoint to export")
+    parser.add_argument("--format", required=True, choices=list(FORMATS), help="what to export to")
+    parser.add_argument("-o", "--output", help="the exported file (default: beside the checkpoint,"
+                        " e.g. model_best.onnx)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=VALUE",
+                        help="change the checkpoint's config (e.g. data_loader.args.data_dir=... for real example inputs)")
+    return parser
+
+
+def export_command(argv=None):
+    """``python export.py -r CKPT --format FORMAT [-o FILE]``; returns the exit code."""
+    from trainer.cli import _run, overrides_of, parse
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(export_parser(), argv)
+
+    def run():
+        output, info = export_checkpoint(args.resume, args.format, args.output, overrides_of(args))
+        print(f"Exported {args.resume} as {args.format} to {output}")
+        print(f"    checked on {info['checked_on']}: largest difference {info['max_abs_diff']:.3g}"
+              f" (tolerance {ATOL} + {RTOL} x |output|), batch sizes {EXAMPLE_BATCH} and 1")
+        print(f"    preprocessing: {preprocess_path(output)}")
+
+    return _run(run)

@@ -1,0 +1,450 @@
+"""``predict.py``: a trained checkpoint's predictions for image files, folders of images or CSV rows.
+
+Promises:
+
+* The model, its weights, the eval transforms, the class names and the feature scaling all
+  come from the checkpoint (its config's ``arch`` and ``data_loader.args``), so an input is
+  preprocessed exactly as ``test.py`` preprocesses the test split, and its label is the
+  training run's class name.
+* Images are decoded like the training images (``image_folder.decode``: the run's channels
+  and ``image_size``), then go through ``data_loader.args.transforms.eval``; CSV rows are read
+  by the training table's feature columns and standardised with its saved ``feature_stats``.
+* One output row per input that could be read: its path (or the CSV file and row number),
+  the predicted class, its probability and the ``top_k`` classes; probabilities are the
+  softmax of the model's outputs (float32), summing to 1 over the classes.
+* An unreadable image or CSV row is reported on stderr and skipped; a missing input path,
+  an input kind the checkpoint's model does not read, or an input whose shape does not fit
+  the model is one ``error:`` line (:class:`~utils.errors.UserError`). Output files are
+  written whole or not at all (:func:`utils.io.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+CSV_EXTENSIONS = (".csv", ".tsv")
+
+# Loaders whose datasets normalise inside the dataset (not through transforms): how an image file becomes
+# one of their inputs. ``(channels, size, mean, std, class names)``.
+_BUILTIN_IMAGES = {
+    "MnistDataLoader": (1, (28, 28), (0.1307,), (0.3081,), [str(i) for i in range(10)]),
+    "Cifar10DataLoader": (3, (32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                          ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]),
+}
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+class Loaded:
+    """A checkpoint ready for inference.
+
+    Attributes:
+        model: the ``nn.Module`` in eval mode, on ``device``.
+        config: the checkpoint's config (with overrides), checked and completed with defaults.
+        device: ``torch.device``.
+        autocast: the run's autocast context (bf16/fp16 on an accelerator), or a no-op context.
+        inputs: how raw inputs become model inputs (:class:`ImageInputs` or :class:`TableInputs`), or
+            None when the checkpoint's data loader has no file form.
+        class_names: list of str, or None (a regression model).
+    """
+
+    def __init__(self, model, config, device, autocast, inputs, class_names):
+        self.model, self.config, self.device, self.autocast = model, config, device, autocast
+        self.inputs, self.class_names = inputs, class_names
+
+
+def load_for_inference(checkpoint, overrides=(), device=None):
+    """Rebuild the model of ``checkpoint`` (weights loaded, eval mode) with its config and preprocessing.
+
+    Raises:
+        UserError: the checkpoint is missing or damaged, its config no longer checks, or its weights do
+            not fit the model the config builds.
+    """
+    from trainer import build
+    from utils.config import apply_overrides, validate_config
+    from utils.io import load_checkpoint
+
+    state = load_checkpoint(checkpoint, purpose="weights")
+    config = apply_overrides(state["config"], list(overrides) + ([f"device={device}"] if device else []))
+    config = validate_config(config, build.registries())
+    device = build.resolve_device(config["device"])
+    model = build.build_model(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UserError(f"{checkpoint}: the weights do not fit the model its config builds ({str(err).splitlines()[0]})") from None
+    model.to(device).eval()
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
+    # As test.py does: autocast on an accelerator only, so CPU predictions equal test.py's bit for bit.
+    autocast = torch.autocast(device.type, dtype=amp) if amp and device.type != "cpu" else contextlib.nullcontext()
+    inputs = input_reader(config)
+    class_names = inputs.class_names if inputs is not None else None
+    return Loaded(model, config, device, autocast, inputs, class_names)
+
+
+def input_reader(config):
+    """How files become this config's model inputs: :class:`ImageInputs`, :class:`TableInputs` or None."""
+    section = config["data_loader"]
+    args = section["args"]
+    if section["type"] == "CsvDataLoader":
+        return TableInputs(args)
+    if section["type"] == "ImageFolderDataLoader":
+        from data_loader.augment import parse_transforms
+        from data_loader.image_folder import _size_pair
+
+        spec = parse_transforms(args.get("transforms"))
+        return ImageInputs(args.get("channels", 3), _size_pair(args.get("image_size")), spec.eval if spec else [],
+                           args.get("class_names"))
+    if section["type"] in _BUILTIN_IMAGES:
+        channels, size, mean, std, names = _BUILTIN_IMAGES[section["type"]]
+        from torchvision.transforms import v2
+
+        return ImageInputs(channels, size, [("Normalize", v2.Normalize(list(mean), list(std)))], names)
+    return None
+
+
+class ImageInputs:
+    """Image files decoded as the training images were, then the eval transforms."""
+
+    kind = "images"
+
+    def __init__(self, channels, size, steps, class_names):
+        from data_loader.augment import BatchPipeline, SamplePipeline, _batch_op
+
+        self.channels, self.size, self.steps, self.class_names = channels, size, list(steps), class_names
+        # The batched pipeline is the one test.py's in-memory loader uses; it equals the per-sample one bit for bit.
+        batchable = all(_batch_op(name, t) is not None for name, t in self.steps)
+        self._batch = BatchPipeline(self.steps) if batchable else None
+        self._sample = None if batchable else SamplePipeline(self.steps)
+
+    def normalisation(self):
+        """``(mean, std)`` of the eval transforms' ``Normalize``, or ``(None, None)``."""
+        for name, transform in self.steps:
+            if name == "Normalize":
+                return list(transform.mean), list(transform.std)
+        return None, None
+
+    def read(self, paths, report):
+        """Yield ``(label, uint8 tensor)`` per readable file; ``report(line)`` for each unreadable one."""
+        from data_loader.image_folder import Unreadable, decode
+
+        for path in paths:
+            try:
+                yield str(path), decode(path, self.channels, self.size)
+            except Unreadable as err:
+                report(f"skipped {path}: {err}")
+
+    def batch(self, samples):
+        """A list of uint8 ``(C, H, W)`` tensors of one shape -> the model's float batch."""
+        if self._batch is not None:
+            return self._batch(torch.stack(samples))
+        return torch.stack([self._sample(x) for x in samples])
+
+
+class TableInputs:
+    """CSV rows: the training table's feature columns, standardised with its saved statistics."""
+
+    kind = "table"
+
+    def __init__(self, args):
+        self.stats = args.get("feature_stats")
+        self.features = (self.stats or {}).get("features") or args.get("features")
+        self.target = args.get("target")
+        self.class_names = args.get("class_names") if args.get("task", "classification") == "classification" else None
+        self.delimiter = args.get("delimiter", ",")
+
+    def read(self, path, report):
+        """Yield ``(label, float32 tensor)`` per usable row of the CSV file ``path``; ``report`` the others."""
+        from data_loader.tables import MISSING, _number
+
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.reader(f, delimiter=self.delimiter)
+                header = [h.strip() for h in next(reader, None) or []]
+                if not any(header):
+                    raise UserError(f"{path} is empty: expected a first row naming the columns")
+                features = self.features
+                if features is None:  # what the training table used: every numeric column but the target
+                    features = [h for h in header if h != self.target]
+                missing = [name for name in features if name not in header]
+                if missing:
+                    raise UserError(f"{path}: no column {missing[0]!r}; the model reads the features"
+                                    f" {', '.join(features)} (columns here: {', '.join(header)})")
+                index = [header.index(name) for name in features]
+                mean = std = None
+                if self.stats:
+                    mean = torch.tensor(self.stats["mean"], dtype=torch.float64)
+                    std = torch.tensor(self.stats["std"], dtype=torch.float64)
+                for row_number, row in enumerate(reader, start=1):
+                    if not row or (len(row) == 1 and not row[0].strip()):
+                        continue
+                    where = f"{path} row {row_number} (line {reader.line_num})"
+                    if len(row) != len(header):
+                        report(f"skipped {where}: {len(row)} values, but the first row names {len(header)} columns")
+                        continue
+                    values = [row[i].strip() for i in index]
+                    bad = [(features[j], v) for j, v in enumerate(values) if v.lower() in MISSING or _number(v) is None]
+                    if bad:
+                        report(f"skipped {where}: column {bad[0][0]!r} is {bad[0][1]!r}, not a number")
+                        continue
+                    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+                    if mean is not None:
+                        x = (x - mean) / std
+                    yield (str(path), row_number), x.to(torch.float32)
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            report(f"skipped {path}: cannot read it ({' '.join(str(err).split())})")
+
+    @staticmethod
+    def batch(samples):
+        return torch.stack(samples)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _is_table(path):
+    return str(path).lower().endswith(CSV_EXTENSIONS)
+
+
+def expand_inputs(inputs, kind):
+    """The files the command line names, in order: files as given, folders' images recursively (sorted).
+
+    Raises:
+        UserError: a path that does not exist, a folder without images, a CSV file for an image model
+            or an image for a table model.
+    """
+    from data_loader.image_folder import IMAGE_EXTENSIONS, _images_under
+
+    if not inputs:
+        raise UserError("no inputs: give image files, folders of images or a CSV file after -r CHECKPOINT")
+    files = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            if kind == "table":
+                raise UserError(f"{path} is a folder; this checkpoint's model reads CSV rows: give a CSV file")
+            found = _images_under(path)
+            if not found:
+                raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += [Path(p) for p in found]
+        elif path.is_file():
+            if kind == "images" and _is_table(path):
+                raise UserError(f"{path} is a CSV file, but this checkpoint's model reads images: give image files or folders")
+            if kind == "table" and not _is_table(path):
+                raise UserError(f"{path} is not a CSV file (.csv, .tsv), but this checkpoint's model reads CSV rows")
+            files.append(path)
+        else:
+            raise UserError(f"input not found: {path}")
+    return files
+
+
+def _samples(loaded, files, report):
+    reader = loaded.inputs
+    if reader.kind == "table":
+        for path in files:
+            yield from reader.read(path, report)
+    else:
+        yield from reader.read(files, report)
+
+
+def _batches(samples, batch_size):
+    """Lists of ``(label, sample)`` of at most ``batch_size``, each of one sample shape."""
+    batch = []
+    for label, x in samples:
+        if batch and (len(batch) == batch_size or x.shape != batch[0][1].shape):
+            yield batch
+            batch = []
+        batch.append((label, x))
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- predicting
+
+
+def _describe_inputs(loaded):
+    reader = loaded.inputs
+    if reader.kind == "table":
+        return f"the features {', '.join(reader.features)}" if reader.features else "its table's numeric columns"
+    size = f" of {reader.size[0]}x{reader.size[1]}" if reader.size else ""
+    return f"{reader.channels}-channel images{size}"
+
+
+@torch.no_grad()
+def predict(loaded, files, top_k=3, batch_size=64, progress=False, report=None):
+    """Predictions for ``files`` (image files or CSV files, as :func:`expand_inputs` returns them).
+
+    Returns:
+        A list of dicts, one per usable input, in input order: ``input`` (the path), ``row`` (CSV row
+        number, 1 = the first row after the header; None for images), and for a classifier ``class``,
+        ``probability`` and ``top_k`` (a list of ``(class name, probability)``, most probable first); for a
+        regression model ``prediction`` (a float, or a list for several outputs).
+
+    Raises:
+        UserError: the inputs do not fit the model (one line, naming the shapes).
+    """
+    from tqdm import tqdm
+
+    report = report or (lambda line: print(line, file=sys.stderr))
+    model, device = loaded.model, loaded.device
+    names = loaded.class_names
+    results = []
+    total = len(files) if loaded.inputs.kind == "images" else None
+    bar = tqdm(total=total, desc="predict", unit=" inputs" if total else " rows", leave=False,
+               disable=None if progress else True, file=sys.stderr)
+    try:
+        for batch in _batches(_samples(loaded, files, report), batch_size):
+            labels, samples = zip(*batch)
+            try:
+                x = loaded.inputs.batch(list(samples)).to(device)
+                with loaded.autocast:
+                    output = model(x)
+            except (RuntimeError, ValueError, IndexError) as err:
+                reason = " ".join(str(err).split())[:240]
+                raise UserError(f"{labels[0] if isinstance(labels[0], str) else labels[0][0]}: inputs of shape"
+                                f" {tuple(samples[0].shape)} do not fit the model, which was trained on"
+                                f" {_describe_inputs(loaded)} ({reason})") from None
+            output = output.float()
+            if names is not None:
+                if output.dim() != 2 or output.shape[1] != len(names):
+                    raise UserError(f"the model gives outputs of shape {tuple(output.shape[1:])}, but its data has"
+                                    f" {len(names)} classes")
+                probs = output.softmax(dim=1).cpu()
+                k = max(1, min(top_k, len(names)))
+                top_p, top_i = probs.topk(k, dim=1)
+                for label, p_row, i_row in zip(labels, top_p.tolist(), top_i.tolist()):
+                    results.append(_row(label, class_=names[i_row[0]], probability=p_row[0],
+                                        top_k=[(names[i], p) for i, p in zip(i_row, p_row)]))
+            else:
+                values = output.cpu()
+                for label, value in zip(labels, values):
+                    value = value.tolist()
+                    results.append(_row(label, prediction=value[0] if isinstance(value, list) and len(value) == 1 else value))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return results
+
+
+def _row(label, class_=None, **values):
+    path, row = (label, None) if isinstance(label, str) else label
+    out = {"input": path, "row": row}
+    if class_ is not None:
+        out["class"] = class_
+    out.update(values)
+    return out
+
+
+def format_rows(results, top_k, as_json=False):
+    """The text of the predictions: CSV (a header row, then one row per input) or JSON lines."""
+    if as_json:
+        lines = []
+        for r in results:
+            r = dict(r)
+            if "top_k" in r:
+                r["top_k"] = [{"class": c, "probability": p} for c, p in r["top_k"]]
+            lines.append(json.dumps(r))
+        return "".join(line + "\n" for line in lines)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    classifier = bool(results) and "class" in results[0]
+    k = max((len(r.get("top_k", ())) for r in results), default=0)
+    if classifier:
+        header = ["input", "row", "class", "probability"]
+        for i in range(1, k + 1):
+            header += [f"top{i}_class", f"top{i}_probability"]
+    else:
+        header = ["input", "row", "prediction"]
+    writer.writerow(header)
+    for r in results:
+        row = ["" if r["row"] is None else r["row"]]
+        if classifier:
+            cells = [r["input"], *row, r["class"], f"{r['probability']:.6g}"]
+            for name, p in r["top_k"]:
+                cells += [name, f"{p:.6g}"]
+        else:
+            value = r["prediction"]
+            cells = [r["input"], *row, json.dumps(value) if isinstance(value, list) else f"{value:.6g}"]
+        writer.writerow(cells)
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def predict_parser():
+    parser = argparse.ArgumentParser(description="Predict with a trained checkpoint: image files, folders of images"
+                                     " (recursively) or CSV files with the training table's feature columns.")
+    parser.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="checkpoint to predict with")
+    parser.add_argument("-o", "--output", help="write the predictions to this file (default: standard output)")
+    parser.add_argument("--top-k", type=int, default=3, help="classes listed per input, most probable first (default 3)")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of CSV")
+    parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default 64)")
+    parser.add_argument("-d", "--device", help='device: "auto", "cpu", "cuda", "cuda:N" or "mps" (the config\'s "device")')
+    parser.add_argument("items", nargs="*", metavar="INPUT | key.path=VALUE",
+                        help="image files, folders or CSV files; key.path=VALUE changes the checkpoint's config")
+    return parser
+
+
+def _is_override(item):
+    key, sep, _ = item.partition("=")
+    return bool(sep) and not os.path.exists(item) and all(part.isidentifier() for part in key.split("."))
+
+
+def predict_command(argv=None):
+    """``python predict.py -r CKPT INPUT... [-o FILE] [--top-k K] [--json]``; returns the exit code."""
+    from trainer.cli import _run, overrides_of, parse
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = predict_parser()
+    args = parse(parser, argv)
+    if args.top_k < 1:
+        parser.error("--top-k: expected a positive integer")
+    if args.batch_size < 1:
+        parser.error("--batch-size: expected a positive integer")
+    args.overrides = [item for item in args.items if _is_override(item)]
+    inputs = [item for item in args.items if not _is_override(item)]
+
+    def run():
+        loaded = load_for_inference(args.resume, overrides_of(args))
+        if loaded.inputs is None:
+            raise UserError(f"{args.resume}: predict.py reads image files (ImageFolderDataLoader, MnistDataLoader,"
+                            " Cifar10DataLoader) and CSV rows (CsvDataLoader); this checkpoint's data loader"
+                            f" {loaded.config['data_loader']['type']} has no file form")
+        files = expand_inputs(inputs, loaded.inputs.kind)
+        skipped = []
+
+        def report(line):
+            skipped.append(line)
+            print(line, file=sys.stderr)
+
+        results = predict(loaded, files, args.top_k, args.batch_size, progress=True, report=report)
+        if not results:
+            raise UserError(f"no input could be read ({len(skipped)} skipped)")
+        text = format_rows(results, args.top_k, args.json)
+        if args.output:
+            from utils.io import atomic_write
+
+            data = text.encode("utf-8")
+            with atomic_write(args.output, expected_size=len(data)) as f:
+                f.write(data)
+            print(f"{len(results)} predictions written to {args.output}"
+                  + (f" ({len(skipped)} inputs skipped)" if skipped else ""), file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    return _run(run)
+
