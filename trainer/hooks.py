@@ -15,7 +15,11 @@ A hook overrides the moments it needs; each is a no-op by default:
 To add a feature: write a :class:`Hook`, and add it in :func:`hooks_for` when its config key is on.
 """
 
+import contextlib
+
 import torch
+
+from utils.config import EMA_DEFAULTS, PROFILE_DEFAULTS, settings_of
 
 
 class Hook:
@@ -47,6 +51,10 @@ def hooks_for(config, parts, run):
         hooks.append(StepCheckpoint(cfg["save_every_n_steps"]))
     if run.dist.is_main and run.writer and (cfg["log_images"] or cfg["histogram_every"]):
         hooks.append(EpochVisuals(cfg["log_images"], cfg["histogram_every"], cfg["activation_histograms"]))
+    if cfg["ema"]:
+        hooks.append(EMA(parts.model, parts.optimizer, settings_of(cfg["ema"], EMA_DEFAULTS)))
+    if cfg["profile"] and not cfg["fast_dev_run"]:  # fast_dev_run writes nothing, a trace included
+        hooks.append(Profile(settings_of(cfg["profile"], PROFILE_DEFAULTS), run, parts.device))
     return hooks
 
 
@@ -146,3 +154,133 @@ class EpochVisuals(Hook):
             for handle in handles:
                 handle.remove()
             model.train()
+
+
+class EMA(Hook):
+    """``trainer.ema``: an exponential moving average of the weights, used wherever the model is evaluated.
+
+    After every ``every_n_steps``-th optimizer step, ``average = decay * average + (1 - decay) * weights``
+    over all parameters (and the floating-point buffers, such as batch-norm statistics, with
+    ``buffers``; integer buffers are copied), as one fused ``torch._foreach_lerp_`` over every
+    tensor at once. For the first ``warmup`` steps the average is a copy of the weights.
+
+    It is updated from the optimizer's step post-hook, so it sees every optimizer step, the
+    run's last included, and none that an fp16 gradient scaler skipped; it costs nothing
+    on the steps it skips but a counter. Under torchrun every process keeps its own copy:
+    the weights are the same on every process after each step, so are the averages, and no
+    communication is needed. Validation, ``model_best.pth``'s choice and ``test.py`` use the
+    averaged weights (:meth:`swapped_in`); checkpoints hold them under ``"ema"``, with the
+    training weights under ``"model"`` as always, so a resume continues both bit-exactly.
+    """
+
+    def __init__(self, model, optimizer, settings):
+        self.decay, self.every, self.warmup = settings["decay"], settings["every_n_steps"], settings["warmup"]
+        params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        live = {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
+        kept = {name: t for name, t in live.items() if name in params or settings["buffers"]}
+        self.averaged = [name for name, t in kept.items() if t.is_floating_point()]
+        self.copied = [name for name, t in kept.items() if not t.is_floating_point()]
+        self.weights = {name: t.clone() for name, t in kept.items()}  # the average, by the model's own names
+        # The same tensors as lists, for the foreach ops; the live ones share storage with the model's.
+        self._live = [live[n] for n in self.averaged]
+        self._avg = [self.weights[n] for n in self.averaged]
+        self._live_copied = [live[n] for n in self.copied]
+        self._avg_copied = [self.weights[n] for n in self.copied]
+        self.updates = 0  # optimizer steps seen
+        optimizer.register_step_post_hook(self._after_optimizer_step)
+
+    @torch.no_grad()
+    def _after_optimizer_step(self, optimizer, args, kwargs):
+        self.updates += 1
+        if self.updates % self.every:
+            return
+        if self.updates <= self.warmup:
+            torch._foreach_copy_(self._avg, self._live)
+        else:
+            torch._foreach_lerp_(self._avg, self._live, 1.0 - self.decay)  # one fused kernel per device and dtype
+        if self._avg_copied:
+            torch._foreach_copy_(self._avg_copied, self._live_copied)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model holds the averaged weights inside the block, and its own (bit-identical) afterwards."""
+        live, average = self._live + self._live_copied, self._avg + self._avg_copied
+        with torch.no_grad():
+            backup = [t.clone() for t in live]
+            torch._foreach_copy_(live, average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, backup)
+
+    def state_dict(self):
+        return {"ema": {"weights": self.weights, "updates": self.updates}}
+
+    @torch.no_grad()
+    def load_state_dict(self, trainer, state):
+        # A checkpoint of a run without EMA starts the average at the weights it resumes.
+        saved = (state.get("ema") or {}).get("weights") or {}
+        for name, tensor in self.weights.items():
+            source = saved.get(name, state["model"].get(name))
+            if source is not None:
+                tensor.copy_(source)
+        self.updates = (state.get("ema") or {}).get("updates", 0)
+
+
+class Profile(Hook):
+    """``trainer.profile``: torch.profiler over a few optimizer steps of the first epoch.
+
+    The schedule skips ``wait`` steps, warms up for ``warmup`` and records ``active``; then
+    the trace goes to the run's log folder as ``profile-trace.json`` (``-rankN`` under
+    torchrun; open it in https://ui.perfetto.dev or chrome://tracing) and the operators
+    taking the most self time are printed. On CUDA it also prints the peak memory and writes
+    ``memory-snapshot.pickle`` (drop it on https://pytorch.org/memory_viz). After that the
+    hook leaves the per-step list, so the rest of the run pays nothing for it.
+    """
+
+    def __init__(self, settings, run, device):
+        self.settings, self.run, self.cuda = settings, run, device.type == "cuda"
+        suffix = f"-rank{run.dist.rank}" if run.dist.enabled else ""
+        self.trace_path = run.log_dir / f"profile-trace{suffix}.json"
+        self.snapshot_path = run.log_dir / f"memory-snapshot{suffix}.pickle"
+        self.profiler, self.done = None, False
+
+    def before_epoch(self, trainer, epoch):
+        if self.profiler is not None or self.done:
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        s = self.settings
+        if self.cuda:  # written by hand for CUDA; untested on a CPU-only machine
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        self.profiler = profile(activities=activities, schedule=schedule(wait=s["wait"], warmup=s["warmup"],
+                                active=s["active"], repeat=1), on_trace_ready=self._ready, profile_memory=self.cuda)
+        self.profiler.start()
+
+    def after_step(self, trainer, epoch, batch_idx):
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def after_train_epoch(self, trainer, epoch, last_batch):
+        if self.profiler is None:
+            return
+        self.profiler.stop()  # a schedule longer than the epoch: the trace holds what was recorded
+        self.profiler, self.done = None, True
+        if self in trainer._step_hooks:
+            trainer._step_hooks.remove(self)
+
+    def _ready(self, profiler):
+        logger = self.run.logger
+        self.trace_path.parent.mkdir(parents=True, exist_ok=True)  # rank 0 made it; another machine's rank may not have
+        profiler.export_chrome_trace(str(self.trace_path))
+        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=key, row_limit=15)
+        logger.info(f"Profile of {self.settings['active']} steps (trace: {self.trace_path}):\n{table}")
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            logger.info(f"Peak CUDA memory allocated: {peak:,.0f} MiB (snapshot: {self.snapshot_path})")
+            torch.cuda.memory._dump_snapshot(str(self.snapshot_path))
+            torch.cuda.memory._record_memory_history(enabled=None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import Parts, Run, RunStopped
-from trainer import build
+from trainer import build, tuning
 from utils import dist
 from utils.config import ConfigError, check_path_component, flatten, validate_config
 from utils.errors import UserError
@@ -68,6 +68,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                               " agree on each step); leave it false there, so a non-finite loss stops the run")
         seed_everything(config["seed"])
         parts = build_parts(config, device, info)
+        tuning.prepare(config, parts, info)  # debug modes and their checks (trainer/tuning.py)
         # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
         # config, so that test.py (and a resume) rebuilds the data the same way.
         config["data_loader"]["args"].update(parts.data_loader.data_args())
@@ -88,7 +89,10 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                     write_run_files(run, config, argv, resume)
                     log_summary(run, config, parts, state, changes, init_report)
                 metrics = trainer.train()
-            if info.is_main:
+            if info.is_main and config["trainer"]["fast_dev_run"]:
+                run.logger.info(f"fast_dev_run: {trainer.global_step} steps and validation ran; nothing was written"
+                                f" (the run would have gone to {run.checkpoint_dir} and {run.log_dir})")
+            elif info.is_main:
                 hparams = {k: v for k, v in flatten(config).items() if isinstance(v, (int, float, str, bool))}
                 run.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items() if k != "epoch"})
                 log_end(run, config, trainer, metrics, time.perf_counter() - started)
@@ -187,13 +191,16 @@ def backend_flags(cfg, device):
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True)
+    # Anomaly mode: a backward pass that produces NaN raises, naming the operation and where its forward ran.
+    anomaly = torch.autograd.set_detect_anomaly(True) if cfg["detect_anomaly"] else contextlib.nullcontext()
     if device.type == "cuda":
         # TF32 matmuls and cuDNN's autotuner: large speed-ups on Ampere and later GPUs; the autotuner picks
         # kernels by timing, so it is off when the run must be deterministic.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
         torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"] and not cfg["deterministic"]
     try:
-        yield
+        with anomaly:
+            yield
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
 
@@ -285,7 +292,8 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
 
     cfg, info = config["trainer"], info or dist.DistInfo()
     run_id, checkpoint_dir, log_dir, branched_from = agree_on_run(config, run_id, resume, info, state, overwrite)
-    if info.is_main:
+    writes = info.is_main and not cfg["fast_dev_run"]  # a fast_dev_run creates no folder and writes no file
+    if writes:
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -293,9 +301,9 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
         except OSError as err:
             raise UserError(f"trainer.save_dir: cannot create the run folders under {cfg['save_dir']}: "
                             f"{err.strerror or err}; choose a folder you can write to") from None
-    logger = setup_logging(log_dir if info.is_main else None, cfg["verbosity"] if info.is_main else 0)
+    logger = setup_logging(log_dir if writes else None, cfg["verbosity"] if info.is_main else 0)
     purge = state["global_step"] + 1 if state else 0 if overwrite else None  # (a restart drops the try before's)
-    writer = TensorboardWriter(log_dir, cfg["tensorboard"] and info.is_main, purge_step=purge, logger=logger)
+    writer = TensorboardWriter(log_dir, cfg["tensorboard"] and writes, purge_step=purge, logger=logger)
     return Run(run_id=run_id, checkpoint_dir=checkpoint_dir, log_dir=log_dir, logger=logger, writer=writer,
                dist=info, resumed_from=resume, branched_from=branched_from)
 
@@ -328,6 +336,10 @@ def write_run_files(run, config, argv, resume):
     A branch (a resume into a new folder) records where it came from, and the run it came
     from records the branch in its own manifest.
     """
+    if config["trainer"]["fast_dev_run"]:
+        run.logger.info(f"fast_dev_run: would write config.json and manifest.json to {run.checkpoint_dir}, and"
+                        f" info.log{' and TensorBoard events' if config['trainer']['tensorboard'] else ''} to {run.log_dir}")
+        return
     manifest_path = run.checkpoint_dir / "manifest.json"
     previous = _read_manifest(manifest_path) if resume else None
     write_json(run.checkpoint_dir / "config.json", config)
@@ -389,7 +401,7 @@ def log_summary(run, config, parts, state, changes, init_report):
 
     logger, info, loader, valid = run.logger, run.dist, parts.data_loader, parts.valid_data_loader
     trainable, frozen = count_parameters(parts.model)
-    logger.debug(str(parts.model))
+    logger.debug("\n".join(["Layers (output shapes of one batch):", *_layer_table(parts)]))  # the totals follow, once
     logger.info(f"Run {config['name']}/{run.run_id} on {parts.device}"
                 + (f", world size {info.world_size}" if info.enabled else ""))
     logger.info(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
@@ -412,6 +424,17 @@ def log_summary(run, config, parts, state, changes, init_report):
             logger.info(f"  changed: {line}")
     if init_report:
         logger.info(init_report)
+
+
+def _layer_table(parts):
+    """The model's per-layer table (trainer/tuning.py) from the first batch; a line saying why not if that fails."""
+    from trainer.preflight import _first_batch
+
+    try:
+        data, _ = _first_batch(parts.valid_data_loader or parts.data_loader)
+        return tuning.summary_lines(parts.model, data.to(parts.device))
+    except Exception as err:  # a summary must never stop a run that passed the dry batch
+        return [f"(no layer table: {type(err).__name__}: {err})"]
 
 
 def log_end(run, config, trainer, metrics, seconds):
@@ -475,6 +498,8 @@ def evaluate_checkpoint(resume, overrides=(), device=None, write=True, progress=
     model = build.build_model(config)
     try:
         model.load_state_dict(state["model"])
+        if (state.get("ema") or {}).get("weights"):  # trainer.ema: the averaged weights are the ones validation scored
+            model.load_state_dict(state["ema"]["weights"], strict=False)
     except RuntimeError as err:
         raise UserError(f"{resume}: the weights do not fit the model its config builds ({str(err).splitlines()[0]})") from None
     model.to(device)

@@ -3,18 +3,22 @@
 import contextlib
 import itertools
 import math
+import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, RunStopped
-from trainer.hooks import hooks_for, step_hooks
+from trainer import tuning
+from trainer.hooks import EMA, hooks_for, step_hooks
 from utils.metric_tracker import MetricTracker
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce=False, progress=False, desc="eval"):
-    """Mean loss and metrics of ``model`` over ``loader``, weighted by sample count.
+def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce=False, progress=False, desc="eval",
+             max_batches=None):
+    """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``, if given), weighted by sample count.
 
     ``reduce=True`` (under ``torch.distributed``) sums over all processes, so every
     process gets the value of the whole dataset.
@@ -22,7 +26,9 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
     model.eval()
     tracker = MetricTracker(["loss", *(fn.__name__ for fn in metric_fns)], device)
     autocast = autocast or contextlib.nullcontext()
-    for data, target in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
+    batches = loader if max_batches is None else itertools.islice(loader, max_batches)
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    for data, target in tqdm(batches, total=total, desc=desc, leave=False, disable=None if progress else True):
         data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast:
             output = model(data)
@@ -64,13 +70,44 @@ class Trainer(BaseTrainer):
         self.train_metrics = MetricTracker(names, self.device)
         self._train_metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
         self._params = self._optimizer_params()
+        # Debugging and tuning (trainer/tuning.py): batch limits, fast_dev_run, out-of-memory recovery.
+        self.train_batch_limit, self.val_batch_limit = tuning.train_limit(cfg), tuning.val_limit(cfg)
+        self.fast_dev_run = bool(cfg["fast_dev_run"])
+        if self.fast_dev_run:
+            self.epochs = 1
+        self.auto_accumulate = cfg["auto_accumulate"]
+        self.batch_changes = []  # what auto_accumulate changed, for the checkpoint
+        self._metrics_mark = None  # the running sums at the last optimizer step (auto_accumulate rolls back to them)
+        self._last_log = (time.perf_counter(), 0)  # for steps per second at the logging interval
         self.hooks = hooks_for(config, parts, run)
         self._step_hooks = step_hooks(self.hooks)
+        self.ema = next((hook for hook in self.hooks if isinstance(hook, EMA)), None)
 
     # ------------------------------------------------------------------ one epoch
 
     def train_epoch(self, epoch, start_batch=0):
-        """Train the batches of ``epoch`` from ``start_batch`` on; returns the epoch's mean loss and metrics."""
+        """Train the batches of ``epoch`` from ``start_batch`` on; returns the epoch's mean loss and metrics.
+
+        With ``trainer.auto_accumulate`` an out-of-memory error in a forward or backward pass
+        switches to a smaller batch and more accumulation (:func:`trainer.tuning.shrink_batch`)
+        and redoes the optimizer step's window of batches from its first.
+        """
+        self._last_log = (time.perf_counter(), self.global_step)
+        if not self.auto_accumulate:
+            return self._epoch_steps(epoch, start_batch)
+        while True:
+            self._metrics_mark = self.train_metrics.mark()
+            try:
+                return self._epoch_steps(epoch, start_batch)
+            except torch.OutOfMemoryError as err:
+                start_batch = tuning.shrink_batch(self, epoch, err)
+            # Out of the except block: the error's frames, which held the failed step's tensors, are gone.
+            self.train_metrics.rollback(self._metrics_mark)  # drop the window's batches: they are redone
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _epoch_steps(self, epoch, start_batch):
+        """The step loop: fetch, forward, loss, backward, (clip), step, for each batch of ``epoch`` from ``start_batch``."""
         model, optimizer, tracker = self.forward_model, self.optimizer, self.train_metrics
         model.train()
         if start_batch == 0:
@@ -136,6 +173,8 @@ class Trainer(BaseTrainer):
             self.lr_scheduler.step()
         if logging_step:
             self._log_step(epoch, batch_idx, loss, grad_norm)
+        if self.auto_accumulate:  # the sums an out-of-memory error in the next window rolls back to
+            self._metrics_mark = self.train_metrics.mark()
 
     def _log_step(self, epoch, batch_idx, loss, grad_norm):
         # The only host-device sync of a training step, and only at the logging interval.
@@ -152,6 +191,13 @@ class Trainer(BaseTrainer):
             self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
         if self.nonfinite_skips:
             self.writer.add_scalar("train/nonfinite_skips", self.nonfinite_skips, step)
+        now, (then, then_step) = time.perf_counter(), self._last_log
+        if step > then_step and now > then:  # the loss was read above: the steps before it have finished
+            steps_per_s = (step - then_step) / (now - then)
+            samples = self.data_loader.batch_size * self.accumulate * self.world_size  # per step, all processes
+            self.writer.add_scalar("perf/steps_per_s", steps_per_s, step)
+            self.writer.add_scalar("perf/samples_per_s", steps_per_s * samples, step)
+        self._last_log = (now, step)
         self.logger.debug(f"epoch {epoch} batch {batch_idx + 1}/{self.batches_per_epoch()} step {step} loss {value:.6f}")
 
     def _nonfinite(self, loss, epoch, batch_idx, since_last_log=False):
@@ -184,7 +230,7 @@ class Trainer(BaseTrainer):
         return _NO_CONTEXT
 
     def batches_per_epoch(self):
-        return self.len_epoch or len(self.data_loader)
+        return tuning.limited(self.train_batch_limit, self.len_epoch or len(self.data_loader))
 
     def _batches(self, epoch, start_batch):
         """The batches of ``epoch`` from ``start_batch`` on.
@@ -192,11 +238,11 @@ class Trainer(BaseTrainer):
         With ``len_epoch`` an epoch is a fixed number of batches cut from an endless
         stream of passes over the data; pass ``k`` has the data order of sampler epoch ``k``.
         """
-        loader = self.data_loader
+        loader, n_batches = self.data_loader, self.batches_per_epoch()
         if self.len_epoch is None:
             loader.set_epoch(epoch, start_batch)
-            return iter(loader)
-        return self._endless(loader, (epoch - 1) * self.len_epoch + start_batch, self.len_epoch - start_batch)
+            return iter(loader) if n_batches == len(loader) else itertools.islice(loader, n_batches - start_batch)
+        return self._endless(loader, (epoch - 1) * self.len_epoch + start_batch, n_batches - start_batch)
 
     @staticmethod
     def _endless(loader, position, count):
@@ -217,8 +263,11 @@ class Trainer(BaseTrainer):
         # Under DDP, evaluate the plain module: the wrapper's forward broadcasts buffers, a collective that
         # would wait forever on a process whose validation shard has fewer batches.
         model = self.model if self.distributed else self.forward_model
-        return evaluate(model, self.valid_data_loader, self.criterion, self.metric_fns, self.device,
-                        self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}")
+        limit = tuning.limited(self.val_batch_limit, len(self.valid_data_loader))
+        with self.ema.swapped_in() if self.ema else _NO_CONTEXT:  # with EMA on, the averaged weights are scored
+            return evaluate(model, self.valid_data_loader, self.criterion, self.metric_fns, self.device,
+                            self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}",
+                            max_batches=limit)
 
     def log_epoch(self, epoch, result):
         super().log_epoch(epoch, result)
@@ -245,6 +294,13 @@ class Trainer(BaseTrainer):
 
     # ------------------------------------------------------------------ checkpoint extras
 
+    def save(self, filename):
+        if self.fast_dev_run:  # a dry run writes nothing, but says what it would have written
+            path = Path(self.run.checkpoint_dir) / filename
+            self.logger.info(f"fast_dev_run: would write {path}")
+            return path
+        return super().save(filename)
+
     def before_checkpoint(self):
         # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective),
         # so that a resume, under any world size, ends the epoch with the numbers of the whole epoch.
@@ -258,6 +314,7 @@ class Trainer(BaseTrainer):
             "unfrozen": False,
             "nonfinite_skips": self.nonfinite_skips,
             "train_metrics": metrics_state or self.train_metrics.state_dict(),
+            "batch_changes": self.batch_changes,
             **super().extra_state(),  # the hooks' (the freezing schedule's "frozen" and "unfrozen")
         }
 
@@ -266,6 +323,9 @@ class Trainer(BaseTrainer):
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        self.batch_changes = list(state.get("batch_changes", []))
+        if self.fast_dev_run:
+            self.epochs = state["epoch"] + 1
         if state.get("batch_in_epoch"):
             # The sums are all processes' (see before_checkpoint): one process carries them on.
             if self.is_main:

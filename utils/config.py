@@ -650,6 +650,51 @@ def monitor_string(v):
     return None if ok else '"off", or "min NAME" / "max NAME" such as "min val_loss" or "max val_accuracy"'
 
 
+def batch_limit(v):
+    ok = (_is_int(v) and v > 0) or (isinstance(v, float) and 0 < v <= 1)
+    return None if ok else "a number of batches (an integer > 0) or a fraction of them in (0, 1]"
+
+
+def true_or_count(v):
+    return None if isinstance(v, bool) or (_is_int(v) and v >= 0) else "true, false or a number of batches (an integer >= 0)"
+
+
+# The settings of the optional features given as a mapping (or ``true`` for these defaults).
+EMA_DEFAULTS = {"decay": 0.999, "every_n_steps": 1, "warmup": 0, "buffers": True}
+PROFILE_DEFAULTS = {"wait": 1, "warmup": 1, "active": 3}
+_SETTING_CHECKS = {
+    "decay": lambda v: None if _is_number(v) and 0 <= v < 1 else "a number in [0, 1)",
+    "every_n_steps": positive_int, "warmup": non_negative_int, "buffers": boolean,
+    "wait": non_negative_int, "active": positive_int,
+}
+
+
+def feature_settings(defaults):
+    """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys."""
+
+    def inner(v):
+        if v is None or isinstance(v, bool):
+            return None
+        if not isinstance(v, dict):
+            return f"true, false, null or a mapping with keys {', '.join(defaults)}"
+        for key, value in v.items():
+            if key not in defaults:
+                return f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them{did_you_mean(key, defaults)})"
+            wanted = _SETTING_CHECKS[key](value)
+            if wanted:
+                return f"{key} to be {wanted}"
+        return None
+
+    return inner
+
+
+def settings_of(value, defaults):
+    """The completed settings of an optional feature, or None when it is off (``null`` or ``false``)."""
+    if value is None or value is False:
+        return None
+    return {**defaults, **(value if isinstance(value, dict) else {})}
+
+
 # key: (check, default). A default of REQUIRED means the key must be given.
 REQUIRED = object()
 
@@ -686,6 +731,15 @@ TRAINER_SCHEMA = {
     "save_every_n_steps": (optional(positive_int), None),
     # the end of a run
     "test_after_train": (boolean, True),
+    # debugging and tuning (see trainer/tuning.py)
+    "fast_dev_run": (true_or_count, False),
+    "overfit_batches": (non_negative_int, 0),
+    "limit_train_batches": (optional(batch_limit), None),
+    "limit_val_batches": (optional(batch_limit), None),
+    "detect_anomaly": (boolean, False),
+    "ema": (feature_settings(EMA_DEFAULTS), None),
+    "profile": (feature_settings(PROFILE_DEFAULTS), None),
+    "auto_accumulate": (boolean, False),
 }
 
 TOP_SCHEMA = {
@@ -849,6 +903,9 @@ def validate_config(config, registries):
         problems.extend(_check_monitor(t["monitor"], out, registries))
     if t["unfreeze_at_epoch"] is not None and not t["freeze"]:
         problems.append("trainer.unfreeze_at_epoch: set, but trainer.freeze is empty (nothing to unfreeze)")
+    if t["overfit_batches"] and t["limit_train_batches"] is not None:
+        problems.append("trainer.limit_train_batches: set together with trainer.overfit_batches, which picks the"
+                        " training batches itself; leave one of them")
 
     if problems:
         raise ConfigError(*problems)

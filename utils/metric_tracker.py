@@ -78,3 +78,14 @@ class MetricTracker:
         self._values, self._sizes = [], []
         self.sums.copy_(state["sums"])
         self.count = state["count"]
+
+    def mark(self):
+        """A snapshot for :meth:`rollback`: one copy of the small sums tensor, the queue by reference (its
+        tensors are never changed in place)."""
+        return self.sums.clone(), self.count, list(self._values), list(self._sizes)
+
+    def rollback(self, mark):
+        """Return to the state of :meth:`mark`: the batches added since are forgotten."""
+        sums, self.count, values, sizes = mark
+        self.sums.copy_(sums)
+        self._values, self._sizes = list(values), list(sizes)
