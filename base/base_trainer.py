@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from utils import dist
+from utils.cluster import OUT_OF_TIME, STOP_SIGNALS, exit_code, reason_code, reason_of
 from utils.dist import DistInfo
 from utils.io import save_checkpoint
 from utils.seed import rng_state, set_rng_state
@@ -108,7 +109,9 @@ class BaseTrainer:
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches completed of the epoch in progress
         self.global_step = 0  # optimizer steps taken
-        self.stop_signal = None  # set by a SIGINT/SIGTERM handler
+        self.stop_signal = None  # why to stop: a signal's name (set by its handler) or "max_time" (utils/cluster.py)
+        self.agreed_stop = None  # under torchrun: the stop reason all processes last agreed on
+        self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
         self.finished = False  # max_steps reached or early stop
         self.final_metrics = {}
@@ -124,7 +127,7 @@ class BaseTrainer:
                 epoch = self.epoch + 1
                 self.before_epoch(epoch)
                 result = self.train_epoch(epoch, self.batch_in_epoch)
-                if self.agreed_stop_signal():
+                if self.agreed_stop_signal(now=True):
                     self._stop_for_signal()
                 result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})
                 self._end_epoch(epoch, result)
@@ -257,16 +260,21 @@ class BaseTrainer:
     # ------------------------------------------------------------------ interruption
 
     def _install_signal_handlers(self):
-        """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+        """SIGINT/SIGTERM/SIGUSR1 ask the loop to stop after the current step; a second SIGINT stops at once.
+
+        (SIGUSR1 is SLURM's usual warning before a time limit: ``#SBATCH --signal=B:USR1@120``.)
+        """
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        when = (f"within {self.agree_every} steps (when the processes next agree)" if self.distributed
+                else "after the current step")
 
         def handler(signum, frame):
-            if self.stop_signal and signum == signal.SIGINT:
+            if self.stop_signal not in (None, OUT_OF_TIME) and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # the second Ctrl-C: files are written atomically, nothing tears
             self.stop_signal = signal.Signals(signum).name
-            self.logger.warning(f"{self.stop_signal} received: stopping after the current step (Ctrl-C again to quit at once)")
+            self.logger.warning(f"{self.stop_signal} received: stopping {when} (Ctrl-C again to quit at once)")
 
         for sig in previous:
             signal.signal(sig, handler)
@@ -277,24 +285,30 @@ class BaseTrainer:
 
         return restore
 
-    def agreed_stop_signal(self):
-        """The name of the signal to stop for now, or None; raises when a process saw the loss diverge.
+    def agreed_stop_signal(self, now=False):
+        """Why to stop now (a signal's name, or ``"max_time"``), or None; raises when a process saw the loss diverge.
 
-        One process: its own handler's. Under torchrun the signal reaches the processes at
-        different moments; one stopping alone would leave the others in a collective (and
-        rank 0 without a ``last.pth``), so all processes ask each other (one small collective,
-        at the same points on every rank) and stop after the same step. The same exchange
-        carries whether any process saw a non-finite loss, so that all of them stop then.
+        One process: its own reason, every step, at no cost. Under torchrun a signal reaches the
+        processes at different moments (and each one's clock runs out at its own); one stopping
+        alone would leave the others in a collective (and rank 0 without a ``last.pth``), so all
+        processes ask each other (one small collective on the host) and stop after the same step.
+        They ask every ``log_every_n_steps`` steps, and wherever ``now`` (an epoch's end, before
+        any checkpoint), at the same steps on every rank: asking every step would cost a round
+        trip per step. The same exchange carries whether any process saw a non-finite loss, so all
+        of them stop then, before the next checkpoint.
         """
         own = self.stop_signal  # read once: the handler may set it meanwhile
         if not self.distributed:
             return own
-        agreed, diverged = dist.max_over_ranks(signal.Signals[own].value if own else 0, bool(self.diverged))
+        if not now and self.global_step % self.agree_every:
+            return self.agreed_stop
+        agreed, diverged = dist.max_over_ranks(reason_code(own), bool(self.diverged))
         if diverged:
             raise RunStopped(self.diverged or "another process saw a non-finite loss; stopping without saving, so"
                              " the last good checkpoint is untouched")
-        self.stop_signal = signal.Signals(agreed).name if agreed else None
-        return self.stop_signal
+        if agreed:  # (never cleared: a signal arriving during the exchange is agreed on next time)
+            self.agreed_stop = self.stop_signal = reason_of(agreed)
+        return self.agreed_stop
 
     def before_checkpoint(self):
         """Called on every process before a mid-epoch checkpoint is written (by rank 0): collectives go here."""
@@ -313,7 +327,12 @@ class BaseTrainer:
                              " rate or set trainer.clip_grad_norm")
 
     def save_resumable(self, filename):
-        """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it."""
+        """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it.
+
+        Under torchrun the processes first agree (a non-finite loss on any of them stops all, unsaved).
+        """
+        if self.distributed:
+            self.agreed_stop_signal(now=True)
         self.check_finite_weights(f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
         self.before_checkpoint()
         if self.is_main:
@@ -323,10 +342,11 @@ class BaseTrainer:
     def _stop_for_signal(self):
         name = self.stop_signal
         path = self.save_resumable("last.pth")
+        why = f"out of time (trainer.max_time={self.config['trainer'].get('max_time')})" if name == OUT_OF_TIME else f"by {name}"
         if self.is_main:
             self.logger.warning(
-                f"Stopped by {name} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}."
-                f" Resume with: python train.py -r {path}"
+                f"Stopped {why} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}."
+                f" Resume with: python train.py -r {path} (or the same command with -r auto)"
             )
-        code = 128 + getattr(signal, name)
-        raise RunStopped(f"stopped by {name}; a resumable checkpoint is in last.pth", exit_code=code, logged=self.is_main)
+        raise RunStopped(f"stopped {why}; a resumable checkpoint is in last.pth", exit_code=exit_code(name),
+                         logged=self.is_main)

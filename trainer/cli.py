@@ -22,7 +22,9 @@ def _parser(description):
 def train_parser():
     parser = _parser("Train a model from a config file.")
     parser.add_argument("-c", "--config", help="config file (JSON, or YAML ending in .yaml/.yml)")
-    parser.add_argument("-r", "--resume", help="checkpoint to continue (its run folder and settings)")
+    parser.add_argument("-r", "--resume", help="checkpoint to continue (its run folder and settings); 'auto' (with -c,"
+                        " and --run-id or the config's name alone): the run's newest resumable checkpoint, or a fresh"
+                        " start when it has none, so the same command can be re-run after any interruption")
     parser.add_argument("--run-id", help="name of the run folder (default: the start time)")
     parser.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=VALUE")
     parser.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=VALUE")
@@ -65,6 +67,8 @@ def train_command(argv=None):
         parser.error("give -c CONFIG to start a run, or -r CHECKPOINT to resume one")
     if args.resume and args.init_from:
         parser.error("-r continues a run and --init-from starts a new one: give one of them")
+    if args.resume == "auto" and not args.config:
+        parser.error("-r auto needs -c CONFIG: the config's name and trainer.save_dir say where the run is")
 
     def run():
         from trainer.run import train
@@ -79,7 +83,8 @@ def train_command(argv=None):
         else:
             config = None  # the checkpoint's own
         train(config, resume=args.resume, run_id=args.run_id, init_from=args.init_from,
-              init_strict=args.init_from_strict == "true", argv=["train.py", *argv], overwrite=args.overwrite)
+              init_strict=args.init_from_strict == "true", argv=["train.py", *argv],
+              overwrite=args.overwrite and bool(args.resume))
 
     return _run(run)
 
