@@ -141,12 +141,14 @@ class Trainer(BaseTrainer):
                 continue
             self._optimizer_step(epoch, batch_idx, loss)
             self.batch_in_epoch = batch_idx + 1
-            stopping = self.agreed_stop_signal()
-            if stopping or (self.max_steps and self.global_step >= self.max_steps):
-                self.finished = self.finished or not stopping
-                break
+            # The step's hooks are part of the step: a stop after it (and its last.pth) includes what they did
+            # (the EMA update, a validation by step), so a resume repeats none of it and misses none of it.
             for hook in self._step_hooks:  # usually none: then this costs nothing per step
                 hook.after_step(self, epoch, batch_idx)
+            stopping = self.agreed_stop_signal()
+            if stopping or self.finished or (self.max_steps and self.global_step >= self.max_steps):
+                self.finished = self.finished or not stopping  # (finished: early stop by a validation by step)
+                break
         bar.close()
         for hook in self.hooks:
             hook.after_train_epoch(self, epoch, data)
