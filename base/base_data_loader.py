@@ -175,6 +175,8 @@ class BaseDataLoader:
             (and workers). Raises ConfigError for a bad spec.
         training: the training data (``train`` transforms; ``eval`` for its validation
             split). False: the test split (``eval`` transforms).
+        fold: ``[k, K]``: K-fold cross-validation, validating on fold k of K (replaces
+            ``validation_split``; the folds are the same whatever ``seed`` is).
 
     Attributes:
         class_names: the class names (a list of str) when the dataset has them, else None.
@@ -183,7 +185,8 @@ class BaseDataLoader:
 
     def __init__(self, dataset, batch_size=64, shuffle=True, validation_split=0.0, num_workers=0,
                  pin_memory=None, persistent_workers=None, prefetch_factor=None, in_memory=True,
-                 device_resident=False, drop_last=False, seed=0, transforms=None, training=True, indices=None):
+                 device_resident=False, drop_last=False, seed=0, transforms=None, training=True, indices=None,
+                 fold=None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise UserError(f"data_loader.args.batch_size: got {batch_size!r}, expected a positive integer")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -213,7 +216,10 @@ class BaseDataLoader:
             self._try_transforms(spec)
 
         all_indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices)
-        train_idx, self.valid_idx = self._split(all_indices, validation_split, seed)
+        if fold is not None and training:
+            train_idx, self.valid_idx = self._fold(all_indices, fold)
+        else:
+            train_idx, self.valid_idx = self._split(all_indices, validation_split, seed)
         self.sampler = EpochSampler(train_idx, shuffle, seed)
         self._loader = None
 
@@ -252,6 +258,26 @@ class BaseDataLoader:
         """Constructor arguments that pin this data's class order and feature scaling (for
         ``data_loader.args`` of the saved config, so evaluation rebuilds the same); ``{}`` when none."""
         return {}
+
+    @staticmethod
+    def _fold(indices, fold):
+        """K-fold cross-validation: validate on fold ``k`` of ``K``, train on the rest.
+
+        The folds come from one permutation seeded with 0, not with ``seed``: the same folds
+        for every configuration and every seed of a sweep, so their scores compare.
+        """
+        ok = (isinstance(fold, (list, tuple)) and len(fold) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                       for v in fold) and fold[1] >= 2 and 0 <= fold[0] < fold[1])
+        if not ok:
+            raise UserError(f"data_loader.args.fold: got {fold!r}, expected [k, K] with K >= 2 and 0 <= k < K"
+                            " (validate on fold k of K)")
+        k, count = fold
+        if len(indices) < count:
+            raise UserError(f"data_loader.args.fold: {count} folds of {len(indices)} samples leave a fold empty")
+        perm = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))]
+        bounds = [round(i * len(indices) / count) for i in range(count + 1)]
+        valid = perm[bounds[k]:bounds[k + 1]]
+        return torch.cat([perm[: bounds[k]], perm[bounds[k + 1]:]]), valid
 
     @staticmethod
     def _split(indices, split, seed):

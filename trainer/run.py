@@ -23,6 +23,7 @@ import torch
 from base.base_trainer import Parts, Run, RunStopped
 from trainer import build, tuning
 from utils import dist
+from utils.cluster import cluster_context
 from utils.config import ConfigError, check_path_component, flatten, validate_config
 from utils.errors import UserError
 from utils.io import load_checkpoint, remove_stale_temp_files, write_json
@@ -94,7 +95,11 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                                 f" (the run would have gone to {run.checkpoint_dir} and {run.log_dir})")
             elif info.is_main:
                 hparams = {k: v for k, v in flatten(config).items() if isinstance(v, (int, float, str, bool))}
-                run.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items() if k != "epoch"})
+                final = {f"hparam/{k}": v for k, v in metrics.items() if k != "epoch"}
+                if trainer.best_epoch is not None:
+                    final[f"hparam/best_{trainer.monitor_key}"] = trainer.monitor_best
+                run.writer.add_hparams(hparams, final)
+                run.writer.finish(run.checkpoint_dir)  # trackers' artifacts (MLflow: config, manifest, model_best)
                 log_end(run, config, trainer, metrics, time.perf_counter() - started)
             return metrics
         finally:
@@ -288,9 +293,10 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
     When resuming in place, TensorBoard drops the events the interrupted run wrote after its checkpoint.
     """
     from logger.logger import setup_logging
-    from logger.visualization import TensorboardWriter
+    from logger.trackers import build_writer, check_installed
 
     cfg, info = config["trainer"], info or dist.DistInfo()
+    check_installed(cfg)  # a tracker's missing package: exit 2 before anything is written
     run_id, checkpoint_dir, log_dir, branched_from = agree_on_run(config, run_id, resume, info, state, overwrite)
     writes = info.is_main and not cfg["fast_dev_run"]  # a fast_dev_run creates no folder and writes no file
     if writes:
@@ -303,7 +309,8 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
                             f"{err.strerror or err}; choose a folder you can write to") from None
     logger = setup_logging(log_dir if writes else None, cfg["verbosity"] if info.is_main else 0)
     purge = state["global_step"] + 1 if state else 0 if overwrite else None  # (a restart drops the try before's)
-    writer = TensorboardWriter(log_dir, cfg["tensorboard"] and writes, purge_step=purge, logger=logger)
+    # TensorBoard, metrics.csv, MLflow, ... as trainer.loggers names them (logger/trackers.py)
+    writer = build_writer(config, log_dir, writes, state, purge, run_id, branched_from is not None, logger)
     return Run(run_id=run_id, checkpoint_dir=checkpoint_dir, log_dir=log_dir, logger=logger, writer=writer,
                dist=info, resumed_from=resume, branched_from=branched_from)
 
@@ -374,7 +381,9 @@ def manifest(run, config, argv, resume, previous=None):
         tv = None
     history = list((previous or {}).get("resume_history", []))
     if resume:
-        history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": str(resume), "command": argv})
+        # (under SLURM or torchrun also the job id and how often it was requeued or restarted: utils/cluster.py)
+        history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": str(resume), "command": argv,
+                        **cluster_context()})
     return {
         "run_id": run.run_id,
         "command": (previous or {}).get("command", argv) if resume else argv,
@@ -384,6 +393,7 @@ def manifest(run, config, argv, resume, previous=None):
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": tv,
                      "cuda": torch.version.cuda},
         "resume_history": history,
+        "trackers": run.writer.run_ids() if hasattr(run.writer, "run_ids") else {},  # e.g. {"mlflow": RUN_ID}
     }
 
 
@@ -455,6 +465,7 @@ def log_end(run, config, trainer, metrics, seconds):
         logger.warning(f"Skipped {trainer.nonfinite_skips} steps with a non-finite loss (trainer.skip_nonfinite)")
     lines.append(f"Checkpoints: {folder}")
     scored = best if best.is_file() else folder / f"checkpoint-epoch{metrics.get('epoch')}.pth"
+    scores = None
     if config["trainer"].get("test_after_train", True) and scored.is_file():
         try:
             scores = evaluate_checkpoint(scored, progress=False)
@@ -465,6 +476,12 @@ def log_end(run, config, trainer, metrics, seconds):
             lines.append(f"Test split ({scores['n_samples']} samples, {scored.name}): {shown}")
     for line in lines:
         logger.info(line)
+    # What a script (a sweep, say) reads of the run: its final, best and test values.
+    write_json(folder / "result.json", {
+        "run_id": run.run_id, "epochs": trainer.epoch, "steps": trainer.global_step, "seconds": round(seconds, 3),
+        "final": metrics, "monitor": trainer.monitor_key,
+        "best": trainer.monitor_best if trainer.best_epoch is not None else None, "best_epoch": trainer.best_epoch,
+        "test": scores, "test_checkpoint": scored.name if scores else None})
 
 
 def _duration(seconds):

@@ -1,0 +1,146 @@
+"""Sweeps: grids and seeded random search, seeds and folds summarised as mean ± std, failures and resumption."""
+
+import csv
+import json
+import statistics
+
+import pytest
+import torch
+
+from conftest import make_config
+from trainer.sweep import Sweep, configurations, parse_grid, parse_random, sweep_command
+
+
+def write_config(tmp_path, **trainer):
+    config = make_config(tmp_path / "saved", **{"epochs": 2, **trainer})
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def trials_of(folder):
+    return json.loads((folder / "sweep.json").read_text())["trials"]
+
+
+def test_a_grid_runs_every_combination_and_a_crashing_trial_does_not_stop_it(tmp_path, capsys):
+    path = write_config(tmp_path)
+    code = sweep_command(["-c", str(path), "--grid", "optimizer.args.lr=0.1,1e30", "--grid", "trainer.epochs=1,2",
+                          "--name", "g"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    folder = tmp_path / "saved/sweeps/g"
+    trials = trials_of(folder)
+    assert [t["params"] for t in trials] == [{"optimizer.args.lr": 0.1, "trainer.epochs": 1},
+                                             {"optimizer.args.lr": 0.1, "trainer.epochs": 2},
+                                             {"optimizer.args.lr": 1e30, "trainer.epochs": 1},
+                                             {"optimizer.args.lr": 1e30, "trainer.epochs": 2}]
+    assert [t["status"] for t in trials] == ["done", "done", "failed", "failed"]
+    assert all("non-finite" in t["reason"] for t in trials[2:])  # the reason a trial failed is kept
+    with open(folder / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and json.loads(rows[0]["params"])["optimizer.args.lr"] == 0.1
+    assert "Failed trials:" in (folder / "summary.md").read_text()
+    assert out.count("FAILED") == 2 and "trial-001" in out
+
+
+def test_an_interrupted_sweep_resumes_without_running_a_trial_twice(tmp_path, capsys):
+    path = write_config(tmp_path, save_period=1)
+    argv = ["-c", str(path), "--grid", "optimizer.args.lr=0.1,0.05", "--name", "r"]
+    assert sweep_command(argv) == 0
+    folder = tmp_path / "saved/sweeps/r"
+    first = folder / "models/tiny/trial-000/result.json"
+    stamp = first.stat().st_mtime_ns
+    # As if the sweep had been stopped in trial-001's second epoch: its state says running, epoch 1 is saved.
+    state = json.loads((folder / "sweep.json").read_text())
+    state["trials"][1]["status"] = "running"
+    del state["trials"][1]["result"]
+    (folder / "sweep.json").write_text(json.dumps(state))
+    interrupted = folder / "models/tiny/trial-001"
+    for name in ("checkpoint-epoch2.pth", "result.json", "model_best.pth"):
+        (interrupted / name).unlink(missing_ok=True)
+    assert sweep_command(argv) == 0
+    assert first.stat().st_mtime_ns == stamp  # the finished trial was not run again
+    manifest = json.loads((interrupted / "manifest.json").read_text())
+    assert len(manifest["resume_history"]) == 1 and manifest["resume_history"][0]["checkpoint"].endswith("checkpoint-epoch1.pth")
+    assert [t["status"] for t in trials_of(folder)] == ["done", "done"]
+    assert torch.load(interrupted / "checkpoint-epoch2.pth", weights_only=True)["epoch"] == 2
+
+
+def test_a_sweep_folder_belongs_to_one_command(tmp_path, capsys):
+    path = write_config(tmp_path, epochs=1)
+    assert sweep_command(["-c", str(path), "--grid", "optimizer.args.lr=0.1", "--name", "x"]) == 0
+    assert sweep_command(["-c", str(path), "--grid", "optimizer.args.lr=0.2", "--name", "x"]) == 2
+    assert "holds a sweep of another command" in capsys.readouterr().err
+
+
+def test_seeds_and_folds_are_summarised_as_mean_and_std_of_the_trials(tmp_path, capsys):
+    path = write_config(tmp_path, epochs=1, test_after_train=False)
+    assert sweep_command(["-c", str(path), "--seeds", "0,1", "--folds", "2", "--name", "sf"]) == 0
+    folder = tmp_path / "saved/sweeps/sf"
+    trials = trials_of(folder)
+    assert [(t["seed"], t["fold"]) for t in trials] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    results = [json.loads((folder / "models/tiny" / t["id"] / "result.json").read_text()) for t in trials]
+    configs = [json.loads((folder / "models/tiny" / t["id"] / "config.json").read_text()) for t in trials]
+    assert [c["data_loader"]["args"]["fold"] for c in configs] == [[0, 2], [1, 2], [0, 2], [1, 2]]
+    best = [r["best"] for r in results]
+    with open(folder / "summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["n"] == "4"
+    assert float(row["best_mean"]) == pytest.approx(statistics.fmean(best), rel=1e-5)
+    assert float(row["best_std"]) == pytest.approx(statistics.stdev(best), rel=1e-5)
+    accuracy = [r["final"]["val_accuracy"] for r in results]
+    assert float(row["val_accuracy_mean"]) == pytest.approx(statistics.fmean(accuracy), rel=1e-5)
+
+
+def test_folds_partition_the_training_data_the_same_way_for_every_seed():
+    from data_loader.data_loaders import SyntheticDataLoader
+
+    loaders = {(seed, k): SyntheticDataLoader(num_samples=100, input_shape=(4,), num_classes=2, seed=seed, fold=[k, 3])
+               for seed in (0, 7) for k in range(3)}
+    valid = {key: set(loader.valid_idx.tolist()) for key, loader in loaders.items()}
+    for seed in (0, 7):
+        folds = [valid[(seed, k)] for k in range(3)]
+        assert sum(map(len, folds)) == 80 and set().union(*folds) == set(range(80))  # disjoint, covering
+        for k in range(3):
+            train = set(loaders[(seed, k)].sampler.indices.tolist())
+            assert not train & folds[k] and train | folds[k] == set(range(80))
+    assert all(valid[(0, k)] == valid[(7, k)] for k in range(3))
+
+
+@pytest.mark.parametrize("fold", [[3, 3], [0, 1], "0/3", [-1, 3]])
+def test_a_bad_fold_is_one_line(fold):
+    from data_loader.data_loaders import SyntheticDataLoader
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match=r"data_loader.args.fold: .*expected \[k, K\]"):
+        SyntheticDataLoader(num_samples=50, input_shape=(4,), fold=fold)
+
+
+def test_random_search_is_seeded_and_stays_in_its_ranges():
+    space = parse_random(["optimizer.args.lr=loguniform:1e-4:1e-1", "arch.args.width=choice:16,32,64",
+                          "trainer.epochs=int:1:3", "optimizer.args.momentum=uniform:0.5:0.99"])
+    first, again = configurations(space=space, trials=20, sweep_seed=3), configurations(space=space, trials=20, sweep_seed=3)
+    assert first == again and configurations(space=space, trials=20, sweep_seed=4) != first
+    for trial in first:
+        assert 1e-4 <= trial["optimizer.args.lr"] <= 1e-1 and trial["arch.args.width"] in (16, 32, 64)
+        assert trial["trainer.epochs"] in (1, 2, 3) and 0.5 <= trial["optimizer.args.momentum"] <= 0.99
+    assert len({t["optimizer.args.lr"] for t in first}) == 20
+
+
+@pytest.mark.parametrize("item", ["lr", "lr=", "lr=normal:0:1", "lr=loguniform:0:1", "lr=uniform:2:1", "lr=int:a:b"])
+def test_bad_search_specs_are_one_line(item):
+    from utils.errors import UserError
+
+    with pytest.raises(UserError):
+        parse_random([item]) if "=" in item and item.split("=")[1] else parse_grid([item])
+
+
+def test_grid_values_may_be_lists(tmp_path):
+    assert parse_grid(["arch.args.hidden_sizes=[16,16],[32]"]) == {"arch.args.hidden_sizes": [[16, 16], [32]]}
+
+
+def test_a_typo_in_the_base_config_fails_the_sweep_before_any_trial(tmp_path, capsys):
+    path = write_config(tmp_path)
+    assert sweep_command(["-c", str(path), "trainer.epoch=3", "--grid", "optimizer.args.lr=0.1"]) == 2
+    assert "trainer.epoch: unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "saved").exists()
