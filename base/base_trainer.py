@@ -210,6 +210,8 @@ class BaseTrainer:
             "rng": rng_state(),
         }
         state.update(self.extra_state())
+        if hasattr(self.writer, "checkpoint_state"):  # tracker run ids, for a resume to continue them (logger/trackers.py)
+            state["trackers"] = self.writer.checkpoint_state()
         return state
 
     def extra_state(self):

@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from utils.cluster import duration_string
+from logger.trackers import check_loggers
 from utils.errors import ConfigError, UserError
 
 # --------------------------------------------------------------------------- loading
@@ -707,6 +708,7 @@ TRAINER_SCHEMA = {
     "monitor": (monitor_string, "off"),
     "early_stop": (optional(non_negative_int), None),
     "tensorboard": (boolean, True),
+    "loggers": (check_loggers, ["tensorboard"]),  # also "csv", {"type": "mlflow", "args": {...}}
     "log_every_n_steps": (positive_int, 50),
     # training controls
     "clip_grad_norm": (optional(positive_number), None),
