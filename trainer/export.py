@@ -19,7 +19,9 @@ Promises:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import logging
 import re
 import sys
 import warnings
@@ -176,13 +178,33 @@ _EXPORTERS = {"torchscript": _export_torchscript, "onnx": _export_onnx, "exporte
 
 
 def failing_operator(err):
-    """The operator an exporter's message names (``aten::svd``, ``aten.nonzero.default``, ...), or None."""
+    """What an exporter's message says failed: ``"operator aten::linalg_eigh"``, ``"data-dependent control flow"``, or None."""
     text = str(err)
-    for pattern in (r"ONNX export of operator (\S+?)[,.\s]", r"(aten(?:::|\.)\w+(?:\.\w+)?)", r"operator[: ]+'?([\w:.]+)"):
+    for pattern in (r"the operator '([\w:.]+)'", r"ONNX export of operator (\S+?)[,.\s]"):
         found = re.search(pattern, text)
         if found:
-            return found.group(1)
-    return None
+            return f"operator {found.group(1)}"
+    if "data-dependent" in text:  # torch.export: a Python branch or a shape that depends on a tensor's values
+        return "data-dependent control flow (a Python branch on a tensor's value, e.g. after .item())"
+    found = re.search(r"(aten(?:::|\.)\w+(?:\.\w+)?)", text)
+    return f"operator {found.group(1)}" if found else None
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """The exporters log their graphs and guesses as warnings, and torch.export prints a failing graph; the
+    outcome is reported in one line instead."""
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.export prints the failing graph to stderr itself
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def export_model(loaded, fmt, x):
@@ -194,13 +216,14 @@ def export_model(loaded, fmt, x):
     model = loaded.model.to("cpu").eval()
     x = x.to("cpu", torch.float32)
     try:
-        data, runner = _EXPORTERS[fmt](model, x)
+        with _quiet_torch():
+            data, runner = _EXPORTERS[fmt](model, x)
     except UserError:
         raise
     except Exception as err:  # every exporter has its own exception types; all mean "cannot export this"
         op = failing_operator(err)
         first = " ".join(str(err).split())[:300] or type(err).__name__
-        where = f" at operator {op}" if op else ""
+        where = f" ({op})" if op else ""
         raise UserError(f"{loaded.config['arch']['type']} cannot be exported as {fmt}{where}: {first}") from None
     max_diff = 0.0
     small = x[:1]  # another batch size: the batch dimension must really be dynamic

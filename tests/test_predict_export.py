@@ -1,0 +1,261 @@
+"""predict.py and export.py on checkpoints of the own-data example configs (image folders and a CSV table)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import build, export, predict, run
+from utils.config import apply_overrides, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def example_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("example")
+    subprocess.run([sys.executable, "tools/make_example_data.py", "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return out
+
+
+def _train(name, example_data, save_dir):
+    overrides = [f"trainer.save_dir={save_dir}", "trainer.verbosity=0", "trainer.tensorboard=false", "device=cpu",
+                 "trainer.epochs=1"]
+    if name == "image_folder":
+        overrides += [f"data_loader.args.data_dir={example_data / 'example_images'}",
+                      f"data_loader.args.cache_dir={save_dir / 'cache'}"]
+    else:
+        overrides.append(f"data_loader.args.path={example_data / 'example_table.csv'}")
+    config = apply_overrides(load_config(ROOT / f"configs/{name}.json"), overrides)
+    run.train(config, run_id="r")
+    return save_dir / "models" / config["name"] / "r" / "model_best.pth"
+
+
+@pytest.fixture(scope="module")
+def image_ckpt(example_data, tmp_path_factory):
+    return _train("image_folder", example_data, tmp_path_factory.mktemp("img") / "saved")
+
+
+@pytest.fixture(scope="module")
+def csv_ckpt(example_data, tmp_path_factory):
+    return _train("csv", example_data, tmp_path_factory.mktemp("csv") / "saved")
+
+
+def _test_split_predictions(ckpt):
+    """The class index ``test.py``'s model and loader give each test sample, in the loader's order."""
+    loaded = predict.load_for_inference(ckpt)
+    loader = build.build_data_loader(loaded.config, training=False)
+    with torch.no_grad():
+        return loader, torch.cat([loaded.model(x).argmax(1) for x, _ in loader]).tolist()
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def test_predict_images_equals_test_py_on_the_same_files(image_ckpt, example_data, tmp_path):
+    from data_loader.image_folder import Layout
+
+    loader, expected = _test_split_predictions(image_ckpt)
+    names = loader.class_names
+    files = [path for path, _ in Layout(example_data / "example_images").splits["test"]]
+    out = tmp_path / "p.csv"
+    code = predict.predict_command(["-r", str(image_ckpt), str(example_data / "example_images/test"), "-o", str(out),
+                                    "--top-k", "2"])
+    assert code == 0
+    lines = out.read_text().splitlines()
+    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
+    assert header == ["input", "row", "class", "probability", "top1_class", "top1_probability", "top2_class",
+                      "top2_probability"]
+    by_path = {row[0]: row for row in rows}
+    assert len(by_path) == len(files) == 90
+    assert [by_path[str(p)][2] for p in files] == [names[i] for i in expected]
+    for row in rows:
+        assert row[2] == row[4] and float(row[3]) >= float(row[5])
+
+
+def test_predict_probabilities_sum_to_one_and_json_lines(image_ckpt, example_data, capsys):
+    folder = example_data / "example_images/test/triangle"
+    code = predict.predict_command(["-r", str(image_ckpt), str(folder / "triangle_000.png"), str(folder), "--json",
+                                    "--top-k", "5", "-d", "cpu"])
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 31 and rows[0]["input"] == rows[1]["input"]  # a file named twice is predicted twice
+    for row in rows:
+        assert len(row["top_k"]) == 3  # capped at the 3 classes
+        assert {t["class"] for t in row["top_k"]} == {"circle", "square", "triangle"}
+        assert sum(t["probability"] for t in row["top_k"]) == pytest.approx(1.0, abs=1e-5)
+        assert row["class"] == row["top_k"][0]["class"] and row["probability"] == row["top_k"][0]["probability"]
+
+
+def test_predict_skips_unreadable_images_and_reports_them(image_ckpt, example_data, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub/broken.png").write_bytes(b"not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    good = example_data / "example_images/test/circle/circle_000.png"
+    (folder / "sub/good.png").write_bytes(good.read_bytes())
+    code = predict.predict_command(["-r", str(image_ckpt), str(folder)])
+    captured = capsys.readouterr()
+    assert code == 0
+    rows = captured.out.splitlines()[1:]
+    assert len(rows) == 1 and rows[0].startswith(str(folder / "sub/good.png"))
+    assert "skipped" in captured.err and "broken.png" in captured.err and "empty.jpg" in captured.err
+    assert "Traceback" not in captured.err
+    # Nothing readable at all: one error line, exit 2, no output file.
+    out = tmp_path / "none.csv"
+    assert predict.predict_command(["-r", str(image_ckpt), str(folder / "sub/broken.png"), "-o", str(out)]) == 2
+    assert "error: no input could be read" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "csv_to_images", "wrong_channels"])
+def test_predict_user_errors_are_one_line(case, image_ckpt, example_data, tmp_path, capsys):
+    image = str(example_data / "example_images/test/circle/circle_000.png")
+    argv = {
+        "missing": [str(tmp_path / "nope.png")],
+        "csv_to_images": [str(example_data / "example_table.csv")],
+        # The run's transforms normalise 3 channels: grey images are the wrong channel count.
+        "wrong_channels": [image, "data_loader.args.channels=1"],
+    }[case]
+    out = tmp_path / "out.csv"
+    assert predict.predict_command(["-r", str(image_ckpt), *argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    if case == "wrong_channels":
+        assert "(1, 32, 32) do not fit the model" in err
+
+
+def test_predict_csv_rows_equal_test_py_and_skip_bad_rows(csv_ckpt, example_data, tmp_path, capsys):
+    loader, expected = _test_split_predictions(csv_ckpt)
+    names = loader.class_names
+    out = tmp_path / "p.jsonl"
+    assert predict.predict_command(["-r", str(csv_ckpt), str(example_data / "example_table.csv"), "-o", str(out),
+                                    "--json"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == list(range(1, 301))
+    by_row = {r["row"]: r["class"] for r in rows}
+    test_rows = (loader.sampler.indices + 1).tolist()  # table index i is data row i + 1
+    assert [by_row[i] for i in test_rows] == [names[i] for i in expected]
+    # A table without the target column, columns in another order, one bad row: the rest is predicted.
+    table = tmp_path / "new.csv"
+    table.write_text("x4,x3,x2,x1\n2.0,1.0,0.0,0.0\n1,2,NA,3\n0.5,1.5,2.0,0.5\n")
+    assert predict.predict_command(["-r", str(csv_ckpt), str(table), "--top-k", "1"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == "input,row,class,probability,top1_class,top1_probability"
+    assert [line.split(",")[1] for line in lines[1:]] == ["1", "3"]
+    assert "row 2" in captured.err and "'x2'" in captured.err
+
+
+def test_predict_csv_of_the_wrong_shape_is_one_line(csv_ckpt, tmp_path, capsys):
+    table = tmp_path / "three.csv"
+    table.write_text("x1,x2,x3\n1,2,3\n")
+    assert predict.predict_command(["-r", str(csv_ckpt), str(table)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no column 'x4'" in err and len(err.strip().splitlines()) == 1
+    # Without the saved scaling and with fewer features named, the model itself rejects the rows.
+    assert predict.predict_command(["-r", str(csv_ckpt), str(table), "data_loader.args.feature_stats=null",
+                                    "data_loader.args.standardize=false", 'data_loader.args.features=["x1","x2","x3"]']) == 2
+    err = capsys.readouterr().err
+    assert "inputs of shape (3,) do not fit the model" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported_program", "onnx"])
+def test_export_matches_the_eager_model_on_other_batch_sizes(fmt, image_ckpt, tmp_path, capsys):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / f"model{export.FORMATS[fmt]}"
+    assert export.export_command(["-r", str(image_ckpt), "--format", fmt, "-o", str(out)]) == 0
+    assert "checked on the test split" in capsys.readouterr().out
+    info = json.loads(export.preprocess_path(out).read_text())
+    assert info["class_names"] == ["circle", "square", "triangle"]
+    assert info["input_shape"] == ["batch", 3, 32, 32] and info["image_size"] == [32, 32]
+    assert info["mean"] == [0.5, 0.5, 0.5] and info["std"] == [0.25, 0.25, 0.25]
+    assert info["max_abs_diff"] <= export.ATOL
+    # Independently of the export's own check: load the file and compare on a batch of 5 real images.
+    loaded = predict.load_for_inference(image_ckpt)
+    x = next(iter(build.build_data_loader(loaded.config, training=False)))[0][:5]
+    with torch.no_grad():
+        expected = loaded.model(x)
+    if fmt == "torchscript":
+        got = torch.jit.load(str(out))(x)
+    elif fmt == "exported_program":
+        got = torch.export.load(str(out)).module()(x)
+    else:
+        import onnxruntime
+
+        got = torch.from_numpy(onnxruntime.InferenceSession(str(out)).run(None, {"input": x.numpy()})[0])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_csv_model_and_default_path(csv_ckpt, tmp_path):
+    output, info = export.export_checkpoint(csv_ckpt, "torchscript")
+    assert output == csv_ckpt.with_name("model_best.torchscript.pt") and output.is_file()
+    assert info["input_shape"] == ["batch", 4] and info["feature_names"] == ["x1", "x2", "x3", "x4"]
+    assert set(info["feature_stats"]) == {"features", "mean", "std"}
+
+
+def test_export_without_the_data_uses_the_configs_shape(csv_ckpt, tmp_path):
+    out = tmp_path / "m.pt2"
+    _, info = export.export_checkpoint(csv_ckpt, "exported_program", out,
+                                       [f"data_loader.args.path={tmp_path / 'gone.csv'}"])
+    assert info["checked_on"].startswith("random inputs of shape [4]")
+
+
+class _BranchOnValue(torch.nn.Module):
+    """A Python branch on a tensor's value: torch.export cannot capture it."""
+
+    def forward(self, x):
+        return x.flatten(1) if x.sum() > 0 else -x.flatten(1)
+
+
+class _Eigh(torch.nn.Module):
+    """``linalg_eigh`` has no ONNX translation."""
+
+    def forward(self, x):
+        v = x.flatten(1)[:, :4]
+        return torch.linalg.eigh(v.unsqueeze(2) @ v.unsqueeze(1)).eigenvalues
+
+
+@pytest.mark.parametrize("fmt,module,named", [("exported_program", _BranchOnValue, "(data-dependent control flow"),
+                                              ("onnx", _Eigh, "(operator aten::linalg_eigh)")])
+def test_export_failure_is_one_line_naming_the_operator(fmt, module, named, tiny_config, tmp_path, monkeypatch, capsys):
+    from trainer import build as build_module
+    from utils.io import save_checkpoint
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    ckpt = tmp_path / "m.pth"
+    save_checkpoint({"model": module().state_dict(), "config": tiny_config}, ckpt)
+    monkeypatch.setattr(build_module, "build_model", lambda config: module())
+    out = tmp_path / "m.out"
+    assert export.export_command(["-r", str(ckpt), "--format", fmt, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: MLP cannot be exported as {fmt}") and len(err.strip().splitlines()) == 1, err
+    assert named in err, err
+    assert not out.exists() and not export.preprocess_path(out).exists()
+
+
+def test_export_mismatch_writes_nothing(image_ckpt, tmp_path, monkeypatch, capsys):
+    def broken(model, x):  # an exporter whose program computes something else
+        return b"bytes", lambda inputs: model(inputs) + 1e-2
+
+    monkeypatch.setitem(export._EXPORTERS, "torchscript", broken)
+    out = tmp_path / "m.pt"
+    assert export.export_command(["-r", str(image_ckpt), "--format", "torchscript", "-o", str(out)]) == 2
+    assert "differ from the model's by up to 0.01" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_entry_points_are_thin():
+    for name, command in (("predict.py", "predict_command"), ("export.py", "export_command")):
+        text = (ROOT / name).read_text()
+        assert command in text and len(text.splitlines()) <= 20
