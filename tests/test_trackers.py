@@ -1,0 +1,324 @@
+"""trainer.loggers: metrics.csv and MLflow, after a run and after a crash and resume.
+
+The tiny run (conftest's): 13 optimizer steps per epoch, 2 epochs = steps 1..26; with
+``log_every_n_steps`` 4 the logged steps are 4, 8, ..., 24 and the epochs end at steps
+13 and 26. The crash: ``save_every_n_steps`` 8 writes last.pth at steps 8, 16 and 24;
+the process dies at step 20 (after logging it), resumes from last.pth (step 16) and runs
+to the end. Resuming on the CPU is bit-exact, so the resumed run's values equal an
+uninterrupted run's, and each reader must show exactly those: one value per step and tag.
+"""
+
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, with_changes
+from logger.trackers import RunWriter, Tracker, check_loggers, logger_specs, read_metrics_csv
+from trainer import cli
+from trainer.run import train
+from trainer.trainer import Trainer
+from utils.config import ConfigError
+
+LOGGED_STEPS = [4, 8, 12, 16, 20, 24]
+EPOCH_ENDS = [13, 26]
+CRASH_STEP, RESUMED_FROM = 20, 16
+
+
+def config_with(tmp_path, loggers, **trainer):
+    return make_config(tmp_path / "saved", loggers=loggers, log_every_n_steps=4, **trainer)
+
+
+def crash_at(monkeypatch, step):
+    """Make the run die (an exception, as a crash would) right after it logged optimizer step ``step``."""
+    original = Trainer._log_step
+
+    def log_then_crash(self, *args):
+        original(self, *args)
+        if self.global_step == step:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Trainer, "_log_step", log_then_crash)
+
+
+def crashed_and_resumed(tmp_path, monkeypatch, loggers):
+    """Run to step CRASH_STEP, die, resume from last.pth; returns (metrics, run folder, log folder)."""
+    config = config_with(tmp_path, loggers, save_every_n_steps=8)
+    with monkeypatch.context() as patch:
+        crash_at(patch, CRASH_STEP)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(config, run_id="r")
+    folder = tmp_path / "saved/models/tiny/r"
+    assert torch.load(folder / "last.pth", weights_only=True)["global_step"] == RESUMED_FROM
+    metrics = train(None, resume=folder / "last.pth")
+    return metrics, folder, tmp_path / "saved/log/tiny/r"
+
+
+def key(rows):
+    return [(r["step"], r["tag"]) for r in rows]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_loggers_config_forms_and_errors():
+    assert check_loggers(["tensorboard", "csv", {"type": "mlflow", "args": {"tracking_uri": "http://h:5000"}}]) is None
+    assert check_loggers([]) is None
+    problem = check_loggers(["tensorbord"])
+    assert "'tensorbord' is none of them; did you mean 'tensorboard'?" in problem and "\n" not in problem
+    assert "did you mean 'experiment'" in check_loggers([{"type": "mlflow", "args": {"experimnt": "x"}}])
+    assert "log_checkpoints to be true or false" in check_loggers([{"type": "mlflow", "args": {"log_checkpoints": 1}}])
+    assert check_loggers("csv") is not None
+    # trainer.tensorboard: false still turns TensorBoard off, whatever loggers says
+    assert [n for n, _ in logger_specs({"loggers": ["tensorboard", "csv"], "tensorboard": False})] == ["csv"]
+    assert [n for n, _ in logger_specs({"tensorboard": True})] == ["tensorboard"]
+
+
+def test_unknown_logger_is_one_error_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config_with(tmp_path, ["csv", "mlflw"])))
+    assert cli.train_command(["-c", str(path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.loggers:") and "did you mean 'mlflow'" in lines[0]
+    assert not (tmp_path / "saved").exists()
+
+
+def test_missing_mlflow_is_exit_2_naming_the_install_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import logger.trackers as trackers
+
+    real = trackers.importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config_with(tmp_path, ["csv", {"type": "mlflow"}])))
+    assert cli.train_command(["-c", str(path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 1 and "pip install mlflow" in lines[0]
+    assert not (tmp_path / "saved").exists()
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+class Recorder(Tracker):
+    """A tracker of one's own, as the README shows: it records what it is given."""
+
+    def __init__(self):
+        self.scalars, self.params = [], {}
+
+    def log_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def log_params(self, params):
+        self.params.update(params)
+
+
+def test_run_writer_fans_out_and_pictures_go_only_where_taken():
+    one, two = Recorder(), Recorder()
+    writer = RunWriter([one, two])
+    assert writer and not RunWriter([])
+    writer.add_scalar("train/loss", 0.5, 3)
+    writer.add_scalars({"loss": 1.0}, 4, prefix="epoch/")
+    writer.add_histogram("params/w", torch.zeros(3), 4)  # no tracker takes pictures: nothing is done
+    writer.add_images("inputs", torch.zeros(1, 1, 2, 2), 4)
+    writer.add_hparams({"lr": 0.1}, {"hparam/loss": 1.0})
+    assert one.scalars == two.scalars == [("train/loss", 0.5, 3), ("epoch/loss", 1.0, 4), ("hparam/loss", 1.0, 4)]
+    writer.close()
+    assert not writer
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def test_csv_rows_and_columns_after_a_run(tmp_path):
+    metrics = train(config_with(tmp_path, ["csv"]), run_id="a")
+    path = tmp_path / "saved/log/tiny/a/metrics.csv"
+    assert path.read_text().splitlines()[0] == "step,epoch,tag,value,wall_time"
+    rows = read_metrics_csv(path)
+    assert len(set(key(rows))) == len(rows), "a step and tag logged twice"
+    by_tag = {}
+    for row in rows:
+        by_tag.setdefault(row["tag"], []).append(row)
+    assert [r["step"] for r in by_tag["train/loss"]] == LOGGED_STEPS
+    assert [r["epoch"] for r in by_tag["train/loss"]] == [1, 1, 1, 2, 2, 2]
+    assert [r["step"] for r in by_tag["lr/group0"]] == sorted(LOGGED_STEPS + EPOCH_ENDS)  # also at each epoch's end
+    assert [(r["step"], r["epoch"]) for r in by_tag["epoch/val_loss"]] == list(zip(EPOCH_ENDS, [1, 2]))
+    assert by_tag["epoch/val_loss"][-1]["value"] == metrics["val_loss"]  # full precision (repr)
+    assert by_tag["train/grad_norm"] and all(r["value"] > 0 for r in by_tag["train/grad_norm"])
+    # the end of the run: final and best monitored values, at the last step
+    assert by_tag["hparam/val_loss"][0]["value"] == metrics["val_loss"]
+    assert by_tag["hparam/best_val_loss"][0]["step"] == EPOCH_ENDS[-1]
+    assert not list((tmp_path / "saved/log/tiny/a").glob("events.out.tfevents*")), "TensorBoard was not named"
+
+
+def test_csv_after_a_crash_and_mid_epoch_resume_has_each_step_once(tmp_path, monkeypatch):
+    reference = read_metrics_csv(_run_to_end(tmp_path / "ref", ["csv"]) / "metrics.csv")
+    metrics, _, log_dir = crashed_and_resumed(tmp_path / "crash", monkeypatch, ["csv"])
+    rows = read_metrics_csv(log_dir / "metrics.csv")
+    # The rows the dead process wrote after step 16 (step 20's) were dropped and written again by the resume:
+    # the file has the uninterrupted run's rows, in the same order, with the same values (resume is exact).
+    assert key(rows) == key(reference)
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in reference]
+    exact = lambda rows: [(r["tag"], r["value"]) for r in rows if not r["tag"].startswith("perf/")]  # noqa: E731
+    assert exact(rows) == exact(reference)  # (perf/ values are timings)
+    assert rows[-1]["wall_time"] >= rows[0]["wall_time"]
+
+
+def _run_to_end(root, loggers):
+    train(config_with(root, loggers, save_every_n_steps=8), run_id="r")
+    return root / "saved/log/tiny/r"
+
+
+# --------------------------------------------------------------------------- MLflow (SQLite store)
+
+needs_mlflow = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                                  reason="mlflow is optional and not installed (pip install mlflow)")
+
+
+def client_for(save_dir):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri="sqlite:///" + str((Path(save_dir) / "mlflow.db").resolve()))
+
+
+def history(client, run_id, tag):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, tag))
+
+
+@needs_mlflow
+def test_mlflow_run_in_the_default_sqlite_store(tmp_path):
+    metrics = train(config_with(tmp_path, ["csv", {"type": "mlflow"}]), run_id="m")
+    folder = tmp_path / "saved/models/tiny/m"
+    run_id = json.loads((folder / "manifest.json").read_text())["trackers"]["mlflow"]
+    assert torch.load(folder / "model_best.pth", weights_only=True)["trackers"]["mlflow"]["run_id"] == run_id
+    client = client_for(tmp_path / "saved")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "m"
+    assert client.get_experiment(run.info.experiment_id).name == "tiny"  # the config's name
+    assert run.data.params["optimizer.args.lr"] == "0.1" and run.data.params["arch.type"] == "MLP"
+    assert run.data.params["trainer.loggers"].startswith('["csv"')
+    # every scalar the CSV has, the same history in MLflow
+    rows = read_metrics_csv(tmp_path / "saved/log/tiny/m/metrics.csv")
+    for tag in ("train/loss", "lr/group0", "epoch/val_loss", "hparam/best_val_loss"):
+        assert history(client, run_id, tag) == [(r["step"], r["value"]) for r in rows if r["tag"] == tag]
+    assert [s for s, _ in history(client, run_id, "train/loss")] == LOGGED_STEPS
+    assert run.data.metrics["hparam/val_loss"] == metrics["val_loss"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert artifacts == {"config.json", "manifest.json", "model_best.pth"}
+    assert Path(tmp_path / "saved/mlartifacts").is_dir()  # under save_dir, not ./mlruns
+
+
+@needs_mlflow
+def test_mlflow_log_checkpoints_false_skips_the_weights(tmp_path):
+    train(config_with(tmp_path, [{"type": "mlflow", "args": {"log_checkpoints": False, "experiment": "e"}}]),
+          run_id="n")
+    client = client_for(tmp_path / "saved")
+    (run,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "manifest.json"}
+
+
+@needs_mlflow
+def test_mlflow_resume_is_the_same_run_with_one_history(tmp_path, monkeypatch):
+    loggers = ["csv", {"type": "mlflow"}]
+    metrics, folder, log_dir = crashed_and_resumed(tmp_path, monkeypatch, loggers)
+    client = client_for(tmp_path / "saved")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) == 1, "the resume made a second MLflow run"
+    run_id = runs[0].info.run_id
+    assert json.loads((folder / "manifest.json").read_text())["trackers"]["mlflow"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # Step 20 was logged by the process that died, after its last checkpoint (step 16): MLflow never got it
+    # from that process, so the history has each step once, the resumed run's values (= the CSV's).
+    rows = read_metrics_csv(log_dir / "metrics.csv")
+    for tag in ("train/loss", "epoch/loss", "lr/group0"):
+        got = client.get_metric_history(run_id, tag)
+        assert len({m.step for m in got}) == len(got), f"{tag}: a step twice"
+        assert sorted((m.step, m.value) for m in got) == [(r["step"], r["value"]) for r in rows if r["tag"] == tag]
+    assert client.get_run(run_id).data.metrics["epoch/val_loss"] == metrics["val_loss"]
+
+
+@needs_mlflow
+def test_mlflow_unreachable_never_stops_training(tmp_path, caplog):
+    # Nothing listens on this port: every send fails at once (connection refused).
+    port = _free_port()
+    config = config_with(tmp_path, ["csv", {"type": "mlflow", "args": {"tracking_uri": f"http://127.0.0.1:{port}"}}],
+                         verbosity=1)
+    metrics = train(config, run_id="u")
+    log = (tmp_path / "saved/log/tiny/u/info.log").read_text()
+    assert log.count("MLflow at http://127.0.0.1") == 1, "warn once per outage, not at every retry"
+    assert "training goes on" in log
+    rows = read_metrics_csv(tmp_path / "saved/log/tiny/u/metrics.csv")
+    assert [r["value"] for r in rows if r["tag"] == "epoch/val_loss"][-1] == metrics["val_loss"]
+    # what could not be sent is kept in the checkpoint, for the next try
+    pending = torch.load(tmp_path / "saved/models/tiny/u/checkpoint-epoch2.pth", weights_only=True)["trackers"]["mlflow"]["pending"]
+    assert {p[0] for p in pending} >= {"train/loss", "epoch/val_loss"}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- a real MLflow server
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen([exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):  # up to a minute: the server creates its database first
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("mlflow server exited at start")
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not answer within a minute")
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+@pytest.mark.slow
+@needs_mlflow
+def test_real_mlflow_server_stopped_mid_run(tmp_path, mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    url, proc = mlflow_server
+    original = Trainer._log_step
+
+    def stop_server_at_step_16(self, *args):
+        original(self, *args)
+        if self.global_step == 16 and proc.poll() is None:  # after the epoch-1 checkpoint was sent
+            proc.kill()
+            proc.wait()
+
+    monkeypatch.setattr(Trainer, "_log_step", stop_server_at_step_16)
+    config = config_with(tmp_path, ["csv", {"type": "mlflow", "args": {"tracking_uri": url}}], verbosity=1)
+    metrics = train(config, run_id="s")  # finishes although the server is gone
+    assert metrics["epoch"] == 2
+    log = (tmp_path / "saved/log/tiny/s/info.log").read_text()
+    assert f"MLflow at {url} failed" in log and "training goes on" in log
+    rows = read_metrics_csv(tmp_path / "saved/log/tiny/s/metrics.csv")
+    assert [r["step"] for r in rows if r["tag"] == "train/loss"] == LOGGED_STEPS  # the CSV has everything
+    # What the server got before it stopped: epoch 1 (sent with the epoch-1 checkpoint), one history
+    run_id = json.loads((tmp_path / "saved/models/tiny/s/manifest.json").read_text())["trackers"]["mlflow"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/server.db")
+    assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == [4, 8, 12]
