@@ -376,6 +376,26 @@ def _probability_target_loss(log_probs, target, class_weight, label_smoothing):
     return loss, loss.numel() if log_probs.numel() else float("nan")
 
 
+def targets_averaged(output, target, weight=None, ignore_index=-100, reduction="mean", **_):
+    """What a class-index loss's ``"mean"`` divides by in this batch: the summed class ``weight`` of the targets
+    that are not ``ignore_index`` (their count without ``weight``), as a tensor on the device; None where the
+    loss averages over every position (probability targets) or does not average (``"sum"``, ``"none"``).
+
+    The trainer weights each batch's loss by it, so that the epoch's loss is the mean over the kept targets
+    of the epoch, not a mean of batch means (which overweights batches with many ignored targets).
+    """
+    if reduction != "mean" or target.is_floating_point() or output.dim() < 2:
+        return None
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum()
+    weight = torch.as_tensor(weight, dtype=output.dtype if output.is_floating_point() else None, device=output.device)
+    return (weight[target.masked_fill(~kept, 0)] * kept).sum()
+
+
+nll_loss.averages_over = cross_entropy.averages_over = logsumexp_cross_entropy.averages_over = targets_averaged
+
+
 LOSSES = {
     "nll_loss": nll_loss,
     "cross_entropy": cross_entropy,

@@ -1,22 +1,36 @@
 """Metrics: ``fn(output, target) -> 0-d tensor``, the batch's mean, left on the device.
 
-The trainer weights each batch's value by its number of samples, so an epoch's value is
-the true mean over its samples, and a short last batch counts for what it holds. Nothing
+The trainer weights each batch's value by its number of samples (or, for a metric with an
+``averages_over(output, target)`` attribute, by what that returns: accuracy's count of
+targets not ignored), so an epoch's value is the true mean over its samples, and a short
+last batch counts for what it holds. Nothing
 here calls ``.item()``: reading a value back to the host is a device sync, done only when
 a value is logged.
 """
 
 
-def accuracy(output, target):
-    """Fraction of samples whose highest-scoring class is the target."""
-    return (output.argmax(dim=1) == target).float().mean()
+def accuracy(output, target, ignore_index=-100):
+    """Fraction of the targets whose highest-scoring class is the target; targets equal to ``ignore_index``
+    (as in ``F.cross_entropy``) are left out (0 when every target is)."""
+    kept = target != ignore_index
+    return ((output.argmax(dim=1) == target) & kept).sum() / kept.sum().clamp(min=1)
 
 
-def top_k_acc(output, target, k=3):
-    """Fraction of samples whose target is among the ``k`` highest-scoring classes."""
+def top_k_acc(output, target, k=3, ignore_index=-100):
+    """Fraction of the targets among the ``k`` highest-scoring classes; ``ignore_index`` targets left out."""
     k = min(k, output.shape[1])
     top = output.topk(k, dim=1).indices
-    return (top == target.unsqueeze(1)).any(dim=1).float().mean()
+    kept = target != ignore_index
+    return ((top == target.unsqueeze(1)).any(dim=1) & kept).sum() / kept.sum().clamp(min=1)
+
+
+def kept_targets(output, target, ignore_index=-100):
+    """What :func:`accuracy` and :func:`top_k_acc` average over: the count of targets not ignored."""
+    return (target != ignore_index).sum()
+
+
+# The tracker weights a batch's value by what it averages over (utils.metric_tracker.batch_weights).
+accuracy.averages_over = top_k_acc.averages_over = kept_targets
 
 
 def mae(output, target):

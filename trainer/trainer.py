@@ -12,13 +12,14 @@ from tqdm import tqdm
 from base.base_trainer import BaseTrainer, RunStopped
 from trainer import tuning
 from trainer.hooks import EMA, hooks_for, step_hooks
-from utils.metric_tracker import MetricTracker
+from utils.metric_tracker import MetricTracker, batch_weights
 
 
 @torch.no_grad()
 def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce=False, progress=False, desc="eval",
              max_batches=None):
-    """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``, if given), weighted by sample count.
+    """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``, if given), each batch weighted
+    by what its value averages over (its sample count; a loss's or accuracy's kept targets under ``ignore_index``).
 
     ``reduce=True`` (under ``torch.distributed``) sums over all processes, so every
     process gets the value of the whole dataset.
@@ -33,7 +34,8 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
         with autocast:
             output = model(data)
             loss = criterion(output, target)
-        tracker.update([loss.detach(), *(fn(output, target) for fn in metric_fns)], target.shape[0])
+        tracker.update([loss.detach(), *(fn(output, target) for fn in metric_fns)], target.shape[0],
+                       batch_weights([criterion, *metric_fns], output, target))
     return tracker.result(reduce=reduce)
 
 
@@ -136,7 +138,8 @@ class Trainer(BaseTrainer):
                 scaled = loss / (window_end - window_start) if window_end - window_start > 1 else loss
                 with self._sync_context(last_in_window):
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                tracker.update([loss.detach(), *(fn(output, target) for fn in self.metric_fns)], target.shape[0])
+                tracker.update([loss.detach(), *(fn(output, target) for fn in self.metric_fns)], target.shape[0],
+                               batch_weights([self.criterion, *self.metric_fns], output, target))
             if not last_in_window:
                 continue
             self._optimizer_step(epoch, batch_idx, loss)

@@ -1,10 +1,19 @@
-"""Sample-weighted sums of the loss and the metrics, kept on the device."""
+"""Weighted sums of the loss and the metrics, kept on the device.
+
+Each batch's value is weighted by what it averages over: its sample count, unless the
+update says otherwise for that value (a loss averaging over the kept targets only, under
+``ignore_index`` or class ``weight``; an accuracy leaving ignored targets out). An epoch's
+value is then the mean over everything the batch values averaged over, whatever the
+batches' sizes.
+"""
 
 import torch
 
 
 class MetricTracker:
-    """Accumulates ``value * batch_size`` for each name; :meth:`result` divides by the sample count.
+    """Accumulates ``value * weight`` and ``weight`` for each name; :meth:`result` divides the one by the other.
+
+    The weight is the batch's sample count, or the value's own weight given to :meth:`update`.
 
     The sums stay on the device, so :meth:`update` never forces a host-device sync;
     :meth:`result` reads them back (and, under ``torch.distributed``, sums them over
@@ -16,21 +25,31 @@ class MetricTracker:
         # float64 keeps long sums exact enough; MPS has no float64.
         self.dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
         self.sums = torch.zeros(len(self.names), dtype=self.dtype, device=device)
+        self.weight_sums = torch.zeros(len(self.names), dtype=self.dtype, device=device)
         self.count = 0
         self._values, self._sizes = [], []  # batches not yet added to the sums
+        self._weights = []  # (row in the queue, index of the name, weight tensor) of values not weighted by n
 
     def reset(self):
         self.sums.zero_()
+        self.weight_sums.zero_()
         self.count = 0
-        self._values, self._sizes = [], []
+        self._values, self._sizes, self._weights = [], [], []
 
-    def update(self, values, n):
+    def update(self, values, n, weights=None):
         """Add one batch: ``values`` are 0-d tensors in the order of ``names``, ``n`` the batch's sample count.
+
+        ``weights``, when given, holds one entry per value: None (weighted by ``n``) or a 0-d tensor,
+        what that value averages over in this batch (e.g. the count of targets not ignored). A value
+        of weight 0 adds nothing, even when it is NaN (a mean over no targets).
 
         This runs every step, so it only queues the tensors: a handful of tiny tensor ops
         per step would cost a few percent of a small model's step time. They are summed, in
         one go, when read (and every few hundred batches, to bound the queue).
         """
+        if weights is not None:
+            row = len(self._sizes)
+            self._weights += [(row, i, w) for i, w in enumerate(weights) if w is not None]
         self._values += values
         self._sizes.append(n)
         self.count += n
@@ -42,8 +61,16 @@ class MetricTracker:
             return
         values = torch.stack(self._values).to(self.dtype).view(len(self._sizes), len(self.names))
         sizes = torch.tensor(self._sizes, dtype=self.dtype, device=values.device)
-        self.sums += (values * sizes[:, None]).sum(0)
-        self._values, self._sizes = [], []
+        if not self._weights:  # the usual case: every value weighted by its batch's sample count
+            self.sums += (values * sizes[:, None]).sum(0)
+            self.weight_sums += sizes.sum()
+        else:
+            weights = sizes[:, None].repeat(1, len(self.names))
+            rows, cols, given = zip(*self._weights)
+            weights[list(rows), list(cols)] = torch.stack(given).to(device=values.device, dtype=self.dtype)
+            self.sums += torch.where(weights > 0, values * weights, 0).sum(0)
+            self.weight_sums += weights.sum(0)
+        self._values, self._sizes, self._weights = [], [], []
 
     def totals(self):
         """The sample-weighted sums so far (a tensor on the device)."""
@@ -51,41 +78,61 @@ class MetricTracker:
         return self.sums
 
     def result(self, reduce=False):
-        """The mean of each name over all samples seen; ``reduce=True`` sums over processes first."""
-        sums = self.totals()
-        count = torch.tensor(float(self.count), dtype=self.dtype, device=sums.device)
+        """The weighted mean of each name over all batches seen; ``reduce=True`` sums over processes first."""
+        sums, weights = self.totals(), self.weight_sums
         if reduce:
             import torch.distributed as dist
 
-            both = torch.cat([sums, count.view(1)])
+            both = torch.cat([sums, weights])
             dist.all_reduce(both)
-            sums, count = both[:-1], both[-1]
-        values = (sums / count.clamp(min=1)).tolist()
+            sums, weights = both.split(len(self.names))
+        values = (sums / torch.where(weights > 0, weights, 1)).tolist()
         return dict(zip(self.names, values))
 
     def state_dict(self, reduce=False):
-        """The running sums and count; ``reduce=True`` (a collective) sums them over all processes first."""
-        sums, count = self.totals().detach(), self.count
+        """The running sums, their weights and the count; ``reduce=True`` (a collective) sums them over all processes first."""
+        sums, weights, count = self.totals().detach(), self.weight_sums.detach(), self.count
         if reduce:
             import torch.distributed as dist
 
-            both = torch.cat([sums, torch.tensor([float(count)], dtype=self.dtype, device=sums.device)])
-            dist.all_reduce(both)
-            sums, count = both[:-1], int(both[-1].item())
-        return {"sums": sums.cpu(), "count": count}
+            n = len(self.names)
+            all_ = torch.cat([sums, weights, torch.tensor([float(count)], dtype=self.dtype, device=sums.device)])
+            dist.all_reduce(all_)
+            sums, weights, count = all_[:n], all_[n:2 * n], int(all_[-1].item())
+        return {"sums": sums.cpu(), "weights": weights.cpu(), "count": count}
 
     def load_state_dict(self, state):
-        self._values, self._sizes = [], []
+        self._values, self._sizes, self._weights = [], [], []
         self.sums.copy_(state["sums"])
+        # Checkpoints from before per-value weights: every value was weighted by the sample count.
+        self.weight_sums.copy_(state["weights"] if "weights" in state else torch.full_like(self.weight_sums, state["count"]))
         self.count = state["count"]
 
     def mark(self):
         """A snapshot for :meth:`rollback`: one copy of the small sums tensor, the queue by reference (its
         tensors are never changed in place)."""
-        return self.sums.clone(), self.count, list(self._values), list(self._sizes)
+        return self.sums.clone(), self.weight_sums.clone(), self.count, list(self._values), list(self._sizes), list(self._weights)
 
     def rollback(self, mark):
         """Return to the state of :meth:`mark`: the batches added since are forgotten."""
-        sums, self.count, values, sizes = mark
+        sums, weight_sums, self.count, values, sizes, weights = mark
         self.sums.copy_(sums)
-        self._values, self._sizes = list(values), list(sizes)
+        self.weight_sums.copy_(weight_sums)
+        self._values, self._sizes, self._weights = list(values), list(sizes), list(weights)
+
+
+def batch_weights(fns, output, target):
+    """What each of ``fns`` (the loss, then the metrics) averages over in this batch, for :meth:`MetricTracker.update`.
+
+    A function (or a ``functools.partial`` of one) with an ``averages_over(output, target, **its args)``
+    attribute gives its own weight (a 0-d tensor, or None for the sample count); the others are weighted
+    by the sample count. Returns None when every value is (the tracker's fast path).
+    """
+    weights, any_given = [], False
+    for fn in fns:
+        func, kwargs = (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
+        weigh = getattr(func, "averages_over", None)
+        weight = weigh(output, target, **kwargs) if weigh is not None else None
+        any_given = any_given or weight is not None
+        weights.append(weight)
+    return weights if any_given else None
