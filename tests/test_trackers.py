@@ -10,6 +10,8 @@ uninterrupted run's, and each reader must show exactly those: one value per step
 
 import importlib.util
 import json
+import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -288,11 +290,16 @@ def mlflow_server(tmp_path):
                 pytest.fail("mlflow server exited at start")
             time.sleep(0.1)
     else:
-        proc.kill()
+        stop(proc)
         pytest.fail("mlflow server did not answer within a minute")
     yield url, proc
+    stop(proc)
+
+
+def stop(proc):
+    """Kill the server and its workers (its own process group), and wait for it."""
     if proc.poll() is None:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -307,8 +314,7 @@ def test_real_mlflow_server_stopped_mid_run(tmp_path, mlflow_server, monkeypatch
     def stop_server_at_step_16(self, *args):
         original(self, *args)
         if self.global_step == 16 and proc.poll() is None:  # after the epoch-1 checkpoint was sent
-            proc.kill()
-            proc.wait()
+            stop(proc)
 
     monkeypatch.setattr(Trainer, "_log_step", stop_server_at_step_16)
     config = config_with(tmp_path, ["csv", {"type": "mlflow", "args": {"tracking_uri": url}}], verbosity=1)
