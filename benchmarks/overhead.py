@@ -462,6 +462,40 @@ def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True,
     return result
 
 
+def ema_cost(name, bare, rounds, chunk, log, decay=0.999):
+    """What ``trainer.ema`` (updated every step) adds per step: the bare loop with and without the EMA update
+    (trainer/hooks.py's ``EMA``, one ``torch._foreach_lerp_`` over all weights) registered on its optimizer, in
+    alternating chunks of ``chunk`` steps; and the update alone, timed over as many calls."""
+    import torch
+
+    from trainer.hooks import EMA
+
+    # The average follows the bare loop's weights; the optimizer given to EMA itself is never stepped.
+    ema = EMA(bare.model, torch.optim.SGD(bare.model.parameters(), lr=0.0),
+              {"decay": decay, "every_n_steps": 1, "warmup": 0, "buffers": True})
+    times = {"plain": [], "ema": []}
+    log(f"{name}: EMA cost, {rounds} rounds of {chunk} steps each way")
+    for r in range(rounds + 1):  # round 0 warms up
+        for side in ("plain", "ema") if r % 2 else ("ema", "plain"):
+            handle = bare.optimizer.register_step_post_hook(ema._after_optimizer_step) if side == "ema" else None
+            start = time.perf_counter()
+            bare.run(chunk)
+            elapsed = (time.perf_counter() - start) / chunk
+            if handle is not None:
+                handle.remove()
+            if r:
+                times[side].append(elapsed)
+    start = time.perf_counter()
+    for _ in range(chunk):
+        ema._after_optimizer_step(None, (), {})
+    alone = (time.perf_counter() - start) / chunk
+    ratios = [e / p for e, p in zip(times["ema"], times["plain"])]
+    return {"decay": decay, "step_ms_plain": statistics.median(times["plain"]) * 1e3,
+            "step_ms_ema": statistics.median(times["ema"]) * 1e3, "ratio_paired": statistics.median(ratios),
+            "update_ms": alone * 1e3, "tensors": len(ema._avg) + len(ema._avg_copied),
+            "values": sum(t.numel() for t in ema._avg)}
+
+
 def cpu_workload(name, spec, smoke, save_root, log):
     import torch
 
@@ -478,6 +512,7 @@ def cpu_workload(name, spec, smoke, save_root, log):
         bare = make_bare(built, lambda params: torch.optim.Adam(params, lr=1e-3))
         control = make_bare(built, lambda params: torch.optim.Adam(params, lr=1e-3))
         result = measure(name, built, bare, rounds, 2 if smoke else spec["every"], count_steps, log, control=control)
+        result["ema"] = ema_cost(name, bare, 1 if smoke else 2 * rounds, 2 if smoke else spec["every"], log)
     finally:
         built.close()
     result["description"] = spec["description"] if not smoke else f"{spec['description']} (smoke: {samples} samples)"
@@ -715,6 +750,12 @@ def main(argv=None):
             print(f"{name}: {result['description']}; {result['steps_per_epoch']} steps an epoch, {result['rounds']} rounds",
                   file=out)
     print("\n".join(verdicts(results)), file=out)
+    for name, result in results.items():
+        if "ema" in result:
+            e = result["ema"]
+            print(f"{name:17s} EMA (decay {e['decay']}, every step): {e['step_ms_plain']:.3f} -> {e['step_ms_ema']:.3f}"
+                  f" ms/step ({e['ratio_paired']:.3f}x paired); the update alone {e['update_ms']:.3f} ms"
+                  f" ({e['tensors']} tensors, {e['values']:,} values, one foreach lerp)", file=out)
     if args.profile:
         print(buffer.getvalue(), file=out)
     print(f"results: {path}", file=out)
