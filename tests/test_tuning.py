@@ -460,3 +460,23 @@ def test_auto_accumulate_is_refused_under_torchrun(tiny_config):
     parts = run.build_parts(config, torch.device("cpu"))
     with pytest.raises(ConfigError, match="auto_accumulate: not supported under torchrun"):
         tuning.prepare(config, parts, SimpleNamespace(enabled=True))
+
+
+def test_debug_flags_are_overrides():
+    from trainer import cli
+
+    args = cli.parse(cli.train_parser(), ["-c", "x.json", "--fast-dev-run", "2", "trainer.epochs=3", "--detect-anomaly",
+                                          "--overfit-batches", "4"])
+    assert cli.overrides_of(args) == ["trainer.epochs=3", "trainer.fast_dev_run=2", "trainer.overfit_batches=4",
+                                      "trainer.detect_anomaly=true"]
+    assert cli.overrides_of(cli.parse(cli.train_parser(), ["-c", "x.json"])) == []
+
+
+def test_fast_dev_run_from_the_command_line_writes_nothing(tmp_path, capsys):
+    from trainer import cli
+
+    config_path = tmp_path / "c.json"
+    config_path.write_text(json.dumps(make_config(tmp_path / "saved", verbosity=1)))
+    assert cli.train_command(["-c", str(config_path), "--fast-dev-run", "2"]) == 0
+    assert not (tmp_path / "saved").exists()
+    assert "fast_dev_run: 2 steps and validation ran; nothing was written" in capsys.readouterr().out

@@ -34,6 +34,13 @@ def train_parser():
     parser.add_argument("--overwrite", action="store_true",
                         help="with -r: continue in the checkpoint's folder even if it holds later checkpoints"
                              " (by default such a resume continues in a new folder)")
+    debug = parser.add_argument_group("when a run misbehaves (shortcuts for trainer.* keys)")
+    debug.add_argument("--fast-dev-run", type=int, metavar="N",
+                       help="N training and N validation batches, one epoch, nothing written (trainer.fast_dev_run=N)")
+    debug.add_argument("--overfit-batches", type=int, metavar="N",
+                       help="train and validate on the same N batches, unshuffled, unaugmented (trainer.overfit_batches=N)")
+    debug.add_argument("--detect-anomaly", action="store_const", const="true",
+                       help="autograd anomaly mode: name the operation whose backward made a NaN (trainer.detect_anomaly=true)")
     return parser
 
 
@@ -51,7 +58,9 @@ def parse(parser, argv):
 def overrides_of(args):
     """The ``key.path=VALUE`` overrides a command line asks for, shortcuts included."""
     overrides = list(args.overrides)
-    for flag, key in (("lr", "optimizer.args.lr"), ("bs", "data_loader.args.batch_size"), ("device", "device")):
+    for flag, key in (("lr", "optimizer.args.lr"), ("bs", "data_loader.args.batch_size"), ("device", "device"),
+                      ("fast_dev_run", "trainer.fast_dev_run"), ("overfit_batches", "trainer.overfit_batches"),
+                      ("detect_anomaly", "trainer.detect_anomaly")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
