@@ -1,0 +1,110 @@
+"""Epoch loss and metrics weighted by what each batch averages over (ignore_index, class weights)."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.loss import cross_entropy, logsumexp_cross_entropy, mse_loss, nll_loss
+from model.metric import accuracy, top_k_acc
+from trainer.trainer import evaluate
+from utils.metric_tracker import MetricTracker, batch_weights
+
+
+def _two_batches():
+    """Two batches of 5; four targets of the first are ignored (-100)."""
+    g = torch.Generator().manual_seed(3)
+    output = torch.randn(10, 4, generator=g) * 3
+    target = torch.randint(0, 4, (10,), generator=g)
+    target[:4] = -100
+    return output, target
+
+
+class _Fixed(torch.nn.Module):
+    """Returns the stored logits of the samples whose indices it is given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, index):
+        return self.logits[index]
+
+
+def _evaluate(criterion, metric_fns, output, target, batch=5):
+    loader = [(torch.arange(i, min(i + batch, len(target))), target[i:i + batch]) for i in range(0, len(target), batch)]
+    return evaluate(_Fixed(output), loader, criterion, metric_fns, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("loss", [logsumexp_cross_entropy, cross_entropy])
+def test_epoch_loss_is_the_mean_over_the_kept_targets(loss):
+    output, target = _two_batches()
+    result = _evaluate(loss, [accuracy, top_k_acc], output, target)
+    whole = F.cross_entropy(output, target).item()  # the mean over the 6 kept targets
+    batch_means = [F.cross_entropy(output[i:i + 5], target[i:i + 5]).item() for i in (0, 5)]
+    assert result["loss"] == pytest.approx(whole, rel=1e-6)
+    assert abs(sum(batch_means) / 2 - whole) > 0.05  # sample-count weighting would have been visibly wrong here
+    kept = target != -100
+    assert result["accuracy"] == pytest.approx((output.argmax(1) == target)[kept].float().mean().item())
+    top3 = (output.topk(3, 1).indices == target[:, None]).any(1)
+    assert result["top_k_acc"] == pytest.approx(top3[kept].float().mean().item())
+
+
+def test_class_weights_and_a_custom_ignore_index():
+    output, target = _two_batches()
+    target = target.masked_fill(target == -100, 3)  # class 3 is now the ignored one
+    weight = torch.tensor([0.5, 2.0, 1.0, 4.0])
+    loss = functools.partial(logsumexp_cross_entropy, weight=weight, ignore_index=3)
+    result = _evaluate(loss, [], output, target, batch=3)  # uneven: 3, 3, 3, 1
+    assert result["loss"] == pytest.approx(F.cross_entropy(output, target, weight=weight, ignore_index=3).item(), rel=1e-6)
+    nll = functools.partial(nll_loss, weight=weight, ignore_index=3)
+    result = _evaluate(nll, [], output.log_softmax(1), target, batch=4)
+    assert result["loss"] == pytest.approx(F.nll_loss(output.log_softmax(1), target, weight=weight, ignore_index=3).item(), rel=1e-6)
+
+
+def test_accuracy_leaves_ignored_targets_out():
+    output = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    target = torch.tensor([0, -100, -100, 0])  # one right, one wrong, two ignored
+    assert accuracy(output, target).item() == 0.5
+    assert top_k_acc(output, target, k=1).item() == 0.5
+    assert accuracy(output, torch.full((4,), -100)).item() == 0.0  # nothing kept: 0, not NaN
+    assert accuracy(output, torch.tensor([0, 0, 1, 1])).item() == 1.0
+
+
+def test_a_batch_with_every_target_ignored_adds_nothing():
+    output, target = _two_batches()
+    target[5:] = -100  # the second batch is all ignored: its loss is NaN (a mean over nothing)
+    result = _evaluate(logsumexp_cross_entropy, [accuracy], output, target)
+    assert result["loss"] == pytest.approx(F.cross_entropy(output[:5], target[:5]).item(), rel=1e-6)
+    assert result["accuracy"] == pytest.approx(accuracy(output[:5], target[:5]).item())
+
+
+def test_losses_without_a_target_count_keep_the_sample_count_fast_path():
+    output, target = torch.randn(6, 1), torch.randn(6)
+    assert batch_weights([mse_loss], output, target) is None
+    probabilities = torch.softmax(torch.randn(6, 3), 1)
+    assert batch_weights([cross_entropy], torch.randn(6, 3), probabilities) is None  # averages over positions
+    assert batch_weights([functools.partial(cross_entropy, reduction="sum")], torch.randn(6, 3), target.long()) is None
+    assert batch_weights([lambda o, t: o.mean()], output, target) is None
+
+
+def test_tracker_state_round_trip_keeps_the_weights_and_reads_old_checkpoints():
+    output, target = _two_batches()
+    fns = [logsumexp_cross_entropy, accuracy]
+    tracker = MetricTracker(["loss", "accuracy"], "cpu")
+    tracker.update([fn(output[:5], target[:5]) for fn in fns], 5, batch_weights(fns, output[:5], target[:5]))
+    state = tracker.state_dict()
+    assert state["weights"].tolist() == [1.0, 1.0] and state["count"] == 5
+    resumed = MetricTracker(["loss", "accuracy"], "cpu")
+    resumed.load_state_dict(state)
+    mark = resumed.mark()
+    for t in (tracker, resumed):
+        t.update([fn(output[5:], target[5:]) for fn in fns], 5, batch_weights(fns, output[5:], target[5:]))
+    assert resumed.result() == tracker.result()
+    assert resumed.result()["loss"] == pytest.approx(F.cross_entropy(output, target).item(), rel=1e-6)
+    resumed.rollback(mark)
+    assert resumed.result()["loss"] == pytest.approx(F.cross_entropy(output[:5], target[:5]).item(), rel=1e-6)
+    old = MetricTracker(["loss"], "cpu")
+    old.load_state_dict({"sums": torch.tensor([6.0], dtype=torch.float64), "count": 4})  # a checkpoint from before
+    assert old.result()["loss"] == 1.5
