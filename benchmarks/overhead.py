@@ -496,6 +496,9 @@ def ema_cost(name, bare, rounds, chunk, log, decay=0.999):
             "values": sum(t.numel() for t in ema._avg)}
 
 
+LOGGERS = None  # --loggers
+
+
 def cpu_workload(name, spec, smoke, save_root, log):
     import torch
 
@@ -506,6 +509,7 @@ def cpu_workload(name, spec, smoke, save_root, log):
         f"overhead_{name}", spec["arch"], data_args(spec["input_shape"], samples, spec["batch_size"]),
         {"type": "Adam", "args": {"lr": 1e-3}}, save_root / name, device="cpu",
         epochs=1, save_period=10**6,  # defaults otherwise: verbosity 2, tensorboard on, log_every_n_steps 50
+        **({"loggers": LOGGERS} if LOGGERS else {}),
     )
     built = C.build_trainer(config)
     try:
@@ -682,7 +686,11 @@ def main(argv=None):
                         help="also print cProfile of a trainer epoch and a bare epoch of this CPU workload")
     parser.add_argument("--resnet-on-cpu", action="store_true",
                         help="run the ResNet-18 workload on the CPU (eager only; to check its code path without CUDA)")
+    parser.add_argument("--loggers", help='trainer.loggers of the CPU workloads, e.g. "tensorboard,csv" (default: the'
+                        " project's, TensorBoard): compare the per-step calls and ratios with and without a logger")
     args = parser.parse_args(argv)
+    global LOGGERS
+    LOGGERS = [name.strip() for name in args.loggers.split(",")] if args.loggers else None
 
     import torch
 
