@@ -411,7 +411,8 @@ class RunWriter:
 
 # --------------------------------------------------------------------------- from the config
 
-# name in trainer.loggers -> (class, the module it needs or None, its args' defaults)
+# The names trainer.loggers may use. A tracker of your own: add it here; its constructor gets log_dir and its
+# "args" (give TRACKER_ARGS an entry to have them checked with the config, NEEDS to name its package).
 TRACKERS = {
     "tensorboard": TensorboardTracker,
     "csv": CsvTracker,
@@ -445,13 +446,13 @@ def check_loggers(value):
             args = item.get("args") or {}
             if extra or not isinstance(args, dict):
                 return f'{wanted} ({name}: only "type" and "args", a mapping)'
-            for key, arg in args.items():
+            for key, arg in args.items() if name in TRACKER_ARGS else ():
                 if key not in TRACKER_ARGS[name]:
                     close = difflib.get_close_matches(key, list(TRACKER_ARGS[name]), n=1, cutoff=0.6)
                     hint = f"; did you mean {close[0]!r}?" if close else ""
                     valid = ", ".join(TRACKER_ARGS[name]) or "none"
                     return f"{wanted} ({name} takes no argument {key!r}{hint} valid: {valid})"
-                if not _ARG_CHECKS[key](arg):
+                if key in _ARG_CHECKS and not _ARG_CHECKS[key](arg):
                     return f"{wanted} ({name}.args.{key} to be {_ARG_WANTED[key]})"
     return None
 
@@ -463,7 +464,7 @@ def logger_specs(cfg):
         name, args = (item["type"], dict(item.get("args") or {})) if isinstance(item, dict) else (item, {})
         if name == "tensorboard" and not cfg.get("tensorboard", True):
             continue
-        specs.append((name, {**TRACKER_ARGS[name], **args}))
+        specs.append((name, {**TRACKER_ARGS.get(name, {}), **args}))
     return specs
 
 
@@ -472,7 +473,7 @@ def check_installed(cfg):
     from utils.config import ConfigError
 
     for name, _ in logger_specs(cfg):
-        module = NEEDS[name]
+        module = NEEDS.get(name)
         if module and importlib.util.find_spec(module) is None:
             raise ConfigError(f"trainer.loggers: {name} is not installed; pip install {module}"
                               f" (or remove {name} from trainer.loggers)")

@@ -23,12 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config, with_changes
+from conftest import make_config
 from logger.trackers import RunWriter, Tracker, check_loggers, logger_specs, read_metrics_csv
 from trainer import cli
 from trainer.run import train
 from trainer.trainer import Trainer
-from utils.config import ConfigError
 
 LOGGED_STEPS = [4, 8, 12, 16, 20, 24]
 EPOCH_ENDS = [13, 26]
