@@ -27,6 +27,13 @@ def _torchvision_model(name):
     return torchvision.models.get_model_builder(short) if short in torchvision.models.list_models() else None
 
 
+def _external_model(name):
+    # torchvision.models.NAME or timm.NAME (model/timm_models.py); each library is imported only when named.
+    from model.timm_models import timm_model
+
+    return _torchvision_model(name) or timm_model(name)
+
+
 def _classes(module, base, exclude=()):
     return {
         name: obj for name, obj in vars(module).items()
@@ -40,7 +47,8 @@ def registries():
     schedulers = _classes(torch.optim.lr_scheduler, object, exclude=("LRScheduler", "Optimizer", "Counter"))
     schedulers = {n: c for n, c in schedulers.items() if hasattr(c, "step") and hasattr(c, "state_dict")}
     return {
-        "arch": Registry("model", MODELS, _torchvision_model, "a torchvision model as torchvision.models.NAME"),
+        "arch": Registry("model", MODELS, _external_model,
+                         "a torchvision model as torchvision.models.NAME, a timm model as timm.NAME"),
         "data_loader": Registry("data loader", DATA_LOADERS),
         "loss": Registry("loss", LOSSES),
         "metrics": Registry("metric", METRICS),
