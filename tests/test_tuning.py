@@ -106,13 +106,26 @@ def test_overfit_batches_reaches_full_accuracy_on_the_same_batches(tiny_config, 
 
 
 def test_overfit_batches_turns_augmentation_and_shuffling_off(tiny_config):
-    config = run.checked_config(with_changes(tiny_config, trainer__overfit_batches=2))[0]
-    parts = run.build_parts(config, torch.device("cpu"))
-    tuning.prepare(config, parts, None)
-    loader, valid = parts.data_loader, parts.valid_data_loader
-    assert not loader.sampler.shuffle and loader._pipeline is loader._pipelines["eval"]
-    assert len(loader) == len(valid) == 2
-    assert torch.equal(loader.sampler.indices, valid.sampler.indices)
+    flips = {"train": [{"type": "RandomHorizontalFlip", "args": {"p": 0.5}}]}
+    args = {**tiny_config["data_loader"]["args"], "transforms": flips}
+
+    def two_epochs(**changes):
+        config = run.checked_config(with_changes(tiny_config, data_loader__args=args, **changes))[0]
+        parts = run.build_parts(config, torch.device("cpu"))
+        tuning.prepare(config, parts, None)
+        epochs = []
+        for epoch in (1, 2):
+            parts.data_loader.set_epoch(epoch)
+            epochs.append([x for x, _ in list(parts.data_loader)[:2]])
+        return parts, epochs
+
+    parts, (first, second) = two_epochs(trainer__overfit_batches=2)
+    assert len(parts.data_loader) == len(parts.valid_data_loader) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # the same batches, unflipped, unshuffled
+    parts.valid_data_loader.set_epoch(1)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(first, parts.valid_data_loader))  # validation: the same
+    _, (first, second) = two_epochs()
+    assert not torch.equal(first[0], second[0])  # without it: another order and other flips each epoch
 
 
 def test_detect_anomaly_names_the_backward_op_that_made_nan(tiny_config, monkeypatch):
@@ -384,9 +397,9 @@ def _oom_config(tiny_config, **changes):
                                         "trainer__auto_accumulate": True, "data_loader__args": args, **changes})
 
 
-def _reference(tiny_config, epochs=2):
+def _reference(tiny_config, epochs=2, accumulate=2):
     small = _oom_config(tiny_config, name="small", trainer__epochs=epochs, trainer__auto_accumulate=False,
-                        trainer__accumulate_grad_batches=2)
+                        trainer__accumulate_grad_batches=accumulate)
     small["data_loader"]["args"]["batch_size"] = 8
     run.train(small, run_id="small")
     return load(run_dir(small, "small") / f"checkpoint-epoch{epochs}.pth")
@@ -410,13 +423,16 @@ def test_oom_at_the_first_step_gives_the_small_batch_run_exactly(tiny_config, oo
 
 
 def test_oom_mid_epoch_keeps_the_global_batch_and_resume_continues_small(tiny_config, oom_at):
-    oom_at(6)  # 5 steps with batches of 16, then out of memory in the 6th
-    config = _oom_config(tiny_config, trainer__epochs=1)
+    # Windows of 2 batches of 16: 2 steps, then out of memory in the second batch of the third window, after
+    # its first batch went into the running sums.
+    oom_at(6)
+    config = _oom_config(tiny_config, trainer__epochs=1, trainer__accumulate_grad_batches=2)
     metrics = run.train(config, run_id="oom")
     first = load(run_dir(config, "oom") / "checkpoint-epoch1.pth")
-    assert first["global_step"] == 16 and first["batch_changes"][0]["global_step"] == 5
+    assert first["global_step"] == 8 and first["batch_changes"][0]["global_step"] == 2
+    assert first["batch_changes"][0]["accumulate_grad_batches"] == [2, 4]
     # The epoch's training loss counts each of the 256 samples once, though one window was redone.
-    reference_one = _reference(tiny_config, epochs=1)
+    reference_one = _reference(tiny_config, epochs=1, accumulate=4)
     for key, value in reference_one["model"].items():
         torch.testing.assert_close(first["model"][key], value, rtol=1e-5, atol=1e-6)
     small_loss = reference_one["train_metrics"]
@@ -425,7 +441,8 @@ def test_oom_mid_epoch_keeps_the_global_batch_and_resume_continues_small(tiny_co
     # A resume continues with the smaller batch its checkpoint's config holds.
     run.train(with_changes(first["config"], trainer__epochs=2), resume=str(run_dir(config, "oom") / "checkpoint-epoch1.pth"))
     second = load(run_dir(config, "oom") / "checkpoint-epoch2.pth")
-    assert second["global_step"] == 32 and second["config"]["data_loader"]["args"]["batch_size"] == 8
+    assert second["global_step"] == 16 and second["config"]["data_loader"]["args"]["batch_size"] == 8
+    assert second["config"]["trainer"]["accumulate_grad_batches"] == 4 and len(second["batch_changes"]) == 1
 
 
 def test_oom_with_a_batch_of_one_or_in_the_optimizer_step_is_raised(tiny_config, oom_at, monkeypatch):
