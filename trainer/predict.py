@@ -80,7 +80,9 @@ def load_for_inference(checkpoint, overrides=(), device=None):
     config = apply_overrides(state["config"], list(overrides) + ([f"device={device}"] if device else []))
     config = validate_config(config, build.registries())
     device = build.resolve_device(config["device"])
-    model = build.build_model(config)
+    # The checkpoint's weights replace any pretrained ones: a timm model's pretrained_path need not exist here.
+    arch_args = {k: v for k, v in config["arch"]["args"].items() if k != "pretrained_path"}
+    model = build.build_model({**config, "arch": {**config["arch"], "args": arch_args}})
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
