@@ -411,7 +411,8 @@ def log_summary(run, config, parts, state, changes, init_report):
 
     logger, info, loader, valid = run.logger, run.dist, parts.data_loader, parts.valid_data_loader
     trainable, frozen = count_parameters(parts.model)
-    logger.debug("\n".join(["Layers (output shapes of one batch):", *_layer_table(parts)]))  # the totals follow, once
+    if config["trainer"]["verbosity"] == 2:  # (a forward pass of one more batch: only when it is shown)
+        logger.debug("\n".join(["Layers (output shapes of one batch):", *_layer_table(parts)]))  # totals follow, once
     logger.info(f"Run {config['name']}/{run.run_id} on {parts.device}"
                 + (f", world size {info.world_size}" if info.enabled else ""))
     logger.info(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
