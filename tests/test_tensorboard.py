@@ -255,7 +255,7 @@ def test_resume_from_an_earlier_checkpoint_drops_the_orphaned_steps(tmp_path):
     config = make_config(tmp_path, epochs=3)
     main(config)
     checkpoint_dir, log_dir = only_run_folder(tmp_path, "models"), only_run_folder(tmp_path, "log")
-    resumed = main(copy.deepcopy(config), resume=str(checkpoint_dir / "checkpoint-epoch2.pth"))
+    resumed = main(copy.deepcopy(config), resume=str(checkpoint_dir / "checkpoint-epoch2.pth"), overwrite=True)  # in place
     assert only_run_folder(tmp_path, "log") == log_dir
 
     # the raw files hold epoch 3 twice; the purge_step record makes readers drop the first copy
