@@ -42,7 +42,8 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
 class Trainer(BaseTrainer):
     """Trains ``parts`` with the settings of ``config["trainer"]``; see :class:`base.base_trainer.BaseTrainer`.
 
-    The step itself is :meth:`train_epoch` (fetch, forward, loss, backward, clip, step);
+    The step itself is :meth:`_epoch_steps` (fetch, forward, loss, backward, clip, step), which
+    :meth:`train_epoch` calls (again, after an out-of-memory error, with ``trainer.auto_accumulate``);
     optional behaviour around it is in ``self.hooks`` (trainer/hooks.py).
     """
 
