@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from trainer.sweep import Sweep, configurations, parse_grid, parse_random, sweep_command
+from trainer.sweep import configurations, parse_grid, parse_random, sweep_command
 
 
 def write_config(tmp_path, **trainer):

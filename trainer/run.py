@@ -28,7 +28,7 @@ from utils.config import ConfigError, check_path_component, flatten, validate_co
 from utils.errors import UserError
 from utils.io import load_checkpoint, remove_stale_temp_files, write_json
 from utils.resume import (AUTO, apply_resume_changes, carry_data_args, check_resume_changes, find_resumable,
-                          init_weights, run_is_finished)
+                          init_weights, newer_checkpoints, run_is_finished)
 
 
 def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None, overwrite=False):
@@ -254,22 +254,6 @@ def _free_id(folder, base):
         n += 1
         run_id = f"{base}-{n}"
     return run_id
-
-
-def newer_checkpoints(folder, resumed, global_step):
-    """Names of the checkpoints in ``folder`` that hold a later step than ``global_step``: what resuming in place
-    would overwrite. Tensors are memory-mapped, not read; unreadable files are left out."""
-    newer = []
-    for path in sorted(Path(folder).glob("*.pth")):
-        if path.resolve() == Path(resumed).resolve():
-            continue
-        try:
-            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-        except Exception:  # not ours, damaged, or not a zip file: it is not a later state of this run
-            continue
-        if isinstance(step, int) and step > global_step:
-            newer.append(path.name)
-    return newer
 
 
 def agree_on_run(config, run_id, resume, info, state=None, overwrite=False):

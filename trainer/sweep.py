@@ -6,7 +6,7 @@ every trial's run (``models/<config name>/trial-NNN``, ``log/...``) and the summ
 subprocess, so a crash, an out-of-memory error or a diverged loss fails that trial only
 (recorded with its reason) and the sweep goes on. Running the same command again resumes
 the sweep: finished and failed trials are kept, an interrupted trial continues from its
-newest checkpoint.
+newest checkpoint (``train.py -r auto``).
 
 The trials are a pure function of the command: the grid's product, or ``--trials`` draws
 from a generator seeded with ``--sweep-seed``; each repeated for every ``--seeds`` value and
@@ -186,21 +186,13 @@ class Sweep:
         return self.summarize()
 
     def _command(self, trial):
-        run_dir = self.run_dir(trial)
-        resume = newest_checkpoint(run_dir) if run_dir.exists() else None
-        if run_dir.exists() and resume is None:  # started, but nothing worth keeping: start it again
-            import shutil
-
-            shutil.rmtree(run_dir)
-            shutil.rmtree(self.folder / "log" / self.base["name"] / trial["id"], ignore_errors=True)
+        # -r auto: a trial started before (the sweep was interrupted) continues from its newest checkpoint,
+        # a new one starts; a finished one says so and exits 0.
         launcher = [sys.executable]
         if self.nproc:
             launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}"]
-        args = ["-c", self.config_path, *self.overrides, *trial["overrides"], f"trainer.save_dir={self.folder}",
-                "--run-id", trial["id"]]
-        if resume is not None:
-            args += ["-r", str(resume), "--overwrite"]
-        return launcher + [str(ROOT / "train.py"), *args]
+        return launcher + [str(ROOT / "train.py"), "-c", self.config_path, *self.overrides, *trial["overrides"],
+                           f"trainer.save_dir={self.folder}", "--run-id", trial["id"], "-r", "auto"]
 
     def _run_trial(self, trial, out):
         trial["status"] = "running"
@@ -285,23 +277,6 @@ class Sweep:
             f.write("\n".join(md) + "\n")
 
 
-def newest_checkpoint(folder):
-    """The checkpoint of ``folder`` holding the latest step (``model_best.pth`` aside), or None."""
-    import torch
-
-    best, best_step = None, -1
-    for path in Path(folder).glob("*.pth"):
-        if path.name == "model_best.pth":
-            continue
-        try:
-            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1)
-        except Exception:  # damaged (a kill -9 cannot tear one, but a disk can): try the others
-            continue
-        if isinstance(step, int) and step > best_step:
-            best, best_step = path, step
-    return best
-
-
 def sweep_command(argv=None):
     """``python sweep.py ...``; returns the exit code."""
     import argparse
@@ -329,6 +304,9 @@ def sweep_command(argv=None):
             raise UserError("--random needs --trials N")
         if args.folds is not None and args.folds < 2:
             raise UserError(f"--folds: got {args.folds}, expected 2 or more")
+        for flag, value in (("--trials", args.trials), ("--nproc", args.nproc)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag}: got {value}, expected 1 or more")
         try:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         except ValueError:

@@ -111,7 +111,7 @@ def init_weights(model, path, strict):
 AUTO = "auto"  # ``-r auto``: resume the newest resumable checkpoint of the run, or start it
 
 
-def _candidates(folder):
+def resumable_checkpoints(folder):
     """The checkpoints of one run folder that a run can continue from (``model_best.pth`` is a full state too)."""
     import re
     from pathlib import Path
@@ -123,7 +123,7 @@ def _candidates(folder):
         return []
 
 
-def _step_of(path):
+def checkpoint_step(path):
     """The global step a checkpoint holds, read without loading its tensors (memory-mapped); raises if unreadable."""
     import torch
 
@@ -153,7 +153,7 @@ def find_resumable(config, run_id=None):
     models = Path(config["trainer"]["save_dir"]) / "models" / config["name"]
     if run_id is None:
         def newest_write(folder):
-            return max((os.stat(p).st_mtime for p in _candidates(folder)), default=None)
+            return max((os.stat(p).st_mtime for p in resumable_checkpoints(folder)), default=None)
 
         runs = [(t, d) for d in (models.iterdir() if models.is_dir() else []) if d.is_dir()
                 and (t := newest_write(d)) is not None]
@@ -161,9 +161,9 @@ def find_resumable(config, run_id=None):
             return None, None, None, []
         run_id = max(runs)[1].name
     skipped, ranked = [], []
-    for path in _candidates(models / run_id):
+    for path in resumable_checkpoints(models / run_id):
         try:
-            ranked.append((_step_of(path), os.stat(path).st_mtime, path))
+            ranked.append((checkpoint_step(path), os.stat(path).st_mtime, path))
         except Exception as err:  # damaged, truncated, not ours: not a state to continue from
             skipped.append(f"{path}: cannot be read ({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}); skipped")
     for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
@@ -172,6 +172,24 @@ def find_resumable(config, run_id=None):
         except UserError as err:
             skipped.append(f"{err.problems[0]}; skipped")
     return None, None, run_id, skipped
+
+
+def newer_checkpoints(folder, resumed, global_step):
+    """Names of the run's checkpoints in ``folder`` that hold a later step than ``global_step``: what resuming
+    ``resumed`` in place would overwrite. Unreadable files are left out: they are no later state of the run."""
+    from pathlib import Path
+
+    newer = []
+    for path in sorted(resumable_checkpoints(folder)):
+        if path.resolve() == Path(resumed).resolve():
+            continue
+        try:
+            step = checkpoint_step(path)
+        except Exception:  # damaged, truncated, not ours
+            continue
+        if step > global_step:
+            newer.append(path.name)
+    return newer
 
 
 def run_is_finished(state, config):
