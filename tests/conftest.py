@@ -50,3 +50,41 @@ def with_changes(config, **dotted):
             node = node[part]
         node[path[-1]] = value
     return config
+
+
+@pytest.fixture(scope="session")
+def example_data(tmp_path_factory):
+    """The own-data examples of ``tools/make_example_data.py`` (image folders, CSV tables), made once per session."""
+    from tools import make_example_data
+
+    out = tmp_path_factory.mktemp("example")
+    make_example_data.main(["--out", str(out)])
+    return out
+
+
+def example_config(name, example_data, save_dir, *overrides):
+    """``configs/<name>.json`` (``image_folder`` or ``csv``) on the example data, quiet, on the CPU, saving in ``save_dir``."""
+    from pathlib import Path
+
+    from utils.config import apply_overrides, load_config
+
+    where = [f"data_loader.args.data_dir={example_data / 'example_images'}",
+             f"data_loader.args.cache_dir={save_dir / 'cache'}"] if name == "image_folder" else \
+        [f"data_loader.args.path={example_data / 'example_table.csv'}"]
+    root = Path(__file__).resolve().parents[1]
+    return apply_overrides(load_config(root / f"configs/{name}.json"),
+                           [f"trainer.save_dir={save_dir}", "trainer.verbosity=0", "trainer.tensorboard=false",
+                            "device=cpu", *where, *overrides])
+
+
+def assert_states_identical(a, b):
+    """Model and optimizer state bit-identical (torch.equal, not allclose)."""
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for index in sa:
+        for name, value in sa[index].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[index][name])), (index, name)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["global_step"] == b["global_step"]

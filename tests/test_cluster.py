@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from base.base_trainer import RunStopped
-from tests.conftest import make_config, with_changes
+from conftest import assert_states_identical, make_config, with_changes
 from trainer import run
 from trainer.cli import train_command
 from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, parse_duration
@@ -31,17 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load(path):
     return torch.load(path, weights_only=True, map_location="cpu")
-
-
-def assert_states_identical(a, b):
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for index in sa:
-        for name, value in sa[index].items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[index][name])), (index, name)
-    assert a["global_step"] == b["global_step"]
 
 
 @pytest.fixture

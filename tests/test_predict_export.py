@@ -1,36 +1,19 @@
 """predict.py and export.py on checkpoints of the own-data example configs (image folders and a CSV table)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import example_config
 from trainer import build, export, predict, run
-from utils.config import apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def example_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("example")
-    subprocess.run([sys.executable, "tools/make_example_data.py", "--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True)
-    return out
-
-
 def _train(name, example_data, save_dir):
-    overrides = [f"trainer.save_dir={save_dir}", "trainer.verbosity=0", "trainer.tensorboard=false", "device=cpu",
-                 "trainer.epochs=1"]
-    if name == "image_folder":
-        overrides += [f"data_loader.args.data_dir={example_data / 'example_images'}",
-                      f"data_loader.args.cache_dir={save_dir / 'cache'}"]
-    else:
-        overrides.append(f"data_loader.args.path={example_data / 'example_table.csv'}")
-    config = apply_overrides(load_config(ROOT / f"configs/{name}.json"), overrides)
+    config = example_config(name, example_data, save_dir, "trainer.epochs=1")
     run.train(config, run_id="r")
     return save_dir / "models" / config["name"] / "r" / "model_best.pth"
 

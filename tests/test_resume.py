@@ -15,22 +15,9 @@ import torch
 from trainer import cli, run
 from base.base_trainer import RunStopped
 from utils.errors import UserError
-from conftest import make_config, with_changes
+from conftest import assert_states_identical, make_config, with_changes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def assert_states_identical(a, b):
-    """Model and optimizer state bit-identical (torch.equal, not allclose)."""
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for index in sa:
-        for name, value in sa[index].items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[index][name])), (index, name)
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    assert a["global_step"] == b["global_step"]
 
 
 def load(path):
