@@ -242,3 +242,11 @@ def test_a_stop_is_said_once(tmp_path, capsys, monkeypatch):
     said = out + "\n".join(lines)
     assert said.count("Stopped by SIGTERM") == 1 and "Resume with: python train.py -r" in said
     assert not any(line.startswith("stopped:") for line in lines), lines
+
+
+@pytest.mark.parametrize("argv", [["-c", "x.json", "--bs", "many"], ["-c", "x.json", "--no-such-flag"], []])
+def test_a_command_line_mistake_is_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.train_command(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--help" in err[0], err

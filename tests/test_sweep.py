@@ -144,3 +144,14 @@ def test_a_typo_in_the_base_config_fails_the_sweep_before_any_trial(tmp_path, ca
     assert sweep_command(["-c", str(path), "trainer.epoch=3", "--grid", "optimizer.args.lr=0.1"]) == 2
     assert "trainer.epoch: unknown key" in capsys.readouterr().err
     assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.parametrize("flags,named", [(["--random", "optimizer.args.lr=uniform:0:1", "--trials", "0"], "--trials"),
+                                         (["--nproc", "0"], "--nproc"), (["--folds", "1"], "--folds"),
+                                         (["--seeds", "a,b"], "--seeds")])
+def test_bad_sweep_flags_are_one_line_before_anything_is_written(flags, named, tmp_path, capsys):
+    path = write_config(tmp_path)
+    assert sweep_command(["-c", str(path), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {named}"), err
+    assert not (tmp_path / "saved").exists()

@@ -8,7 +8,6 @@ that trains with it, and writes a plot of loss against learning rate as a PNG
 (``<save_dir>/lr_find/<name>.png`` unless ``--out`` says where). Nothing else is written.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,9 @@ if str(ROOT) not in sys.path:
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Learning-rate range test: suggest a learning rate for a config.")
+    from trainer.cli import CommandParser
+
+    p = CommandParser(prog="tools/lr_find.py", description="Learning-rate range test: suggest a learning rate for a config.")
     p.add_argument("-c", "--config", required=True, help="config file (JSON, or YAML ending in .yaml/.yml)")
     p.add_argument("-d", "--device", help='device: "auto", "cpu", "cuda", "cuda:N" or "mps"')
     p.add_argument("--min-lr", type=float, default=1e-7, help="the first learning rate tried (default 1e-7)")

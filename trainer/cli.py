@@ -11,8 +11,16 @@ import argparse
 import sys
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the project's way of reporting a mistake: one ``error:`` line and exit code 2 (argparse's
+    own prints its whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
+
+
 def _parser(description):
-    parser = argparse.ArgumentParser(description=description)
+    parser = CommandParser(description=description)
     parser.add_argument("-d", "--device", help='device: "auto", "cpu", "cuda", "cuda:N" or "mps" (the config\'s "device")')
     parser.add_argument("overrides", nargs="*", metavar="key.path=VALUE",
                         help="change any config key; the value is read as JSON, else as a string")

@@ -18,7 +18,6 @@ Promises:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
@@ -274,7 +273,9 @@ def export_checkpoint(checkpoint, fmt, output=None, overrides=()):
 
 
 def export_parser():
-    parser = argparse.ArgumentParser(description="Export a checkpoint's model (eval mode, dynamic batch), checked"
+    from trainer.cli import CommandParser
+
+    parser = CommandParser(description="Export a checkpoint's model (eval mode, dynamic batch), checked"
                                      " against the eager model, with its preprocessing as JSON beside it.")
     parser.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="checkpoint to export")
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="what to export to")

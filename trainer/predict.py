@@ -20,7 +20,6 @@ Promises:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -387,7 +386,9 @@ def format_rows(results, top_k, as_json=False):
 
 
 def predict_parser():
-    parser = argparse.ArgumentParser(description="Predict with a trained checkpoint: image files, folders of images"
+    from trainer.cli import CommandParser
+
+    parser = CommandParser(description="Predict with a trained checkpoint: image files, folders of images"
                                      " (recursively) or CSV files with the training table's feature columns.")
     parser.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="checkpoint to predict with")
     parser.add_argument("-o", "--output", help="write the predictions to this file (default: standard output)")

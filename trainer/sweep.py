@@ -279,11 +279,9 @@ class Sweep:
 
 def sweep_command(argv=None):
     """``python sweep.py ...``; returns the exit code."""
-    import argparse
+    from trainer.cli import CommandParser, _run
 
-    from trainer.cli import _run
-
-    parser = argparse.ArgumentParser(description="Run a sweep of trials (grid or random search, seeds, folds).")
+    parser = CommandParser(description="Run a sweep of trials (grid or random search, seeds, folds).")
     parser.add_argument("-c", "--config", required=True, help="the base config")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a key and its values")
     parser.add_argument("--random", action="append", default=[], metavar="KEY=DIST:ARGS",
@@ -298,15 +296,15 @@ def sweep_command(argv=None):
     args = parser.parse_intermixed_args(argv)
 
     def run():
+        for flag, value in (("--trials", args.trials), ("--nproc", args.nproc)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag}: got {value}, expected 1 or more")
         if args.grid and args.random:
             raise UserError("give --grid or --random, not both")
         if args.random and not args.trials:
             raise UserError("--random needs --trials N")
         if args.folds is not None and args.folds < 2:
             raise UserError(f"--folds: got {args.folds}, expected 2 or more")
-        for flag, value in (("--trials", args.trials), ("--nproc", args.nproc)):
-            if value is not None and value < 1:
-                raise UserError(f"{flag}: got {value}, expected 1 or more")
         try:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         except ValueError:
