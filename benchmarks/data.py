@@ -165,20 +165,28 @@ class PathTimer:
                 return elapsed / epochs
 
 
-def bench_dataset(name, dataset, description, batch_size, split, rounds, min_seconds, log):
-    paths, n = make_paths(dataset, batch_size, split)
+def interleaved_epochs(paths, rounds, min_seconds, n, log, name):
+    """Time each path's epochs over ``rounds`` rounds, each round starting with the next path (so a slow moment
+    of the machine falls on every path alike); returns the timers (with ``first_s``, the first epoch's time)
+    and each path's epoch times."""
     timers = {path: PathTimer(loader) for path, loader in paths.items()}
-    for path, timer in timers.items():
+    for timer in timers.values():
         t0 = time.perf_counter()
         timer.one_epoch()
         timer.first_s = time.perf_counter() - t0
     samples = {path: [] for path in timers}
     names = list(timers)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for path in order:
+        for path in names[r % len(names):] + names[: r % len(names)]:
             samples[path].append(timers[path].timed(min_seconds))
         log(f"  {name} round {r + 1}/{rounds}: " + ", ".join(f"{p}: {n / samples[p][-1]:,.0f}/s" for p in names))
+    return timers, samples
+
+
+def bench_dataset(name, dataset, description, batch_size, split, rounds, min_seconds, log):
+    paths, n = make_paths(dataset, batch_size, split)
+    timers, samples = interleaved_epochs(paths, rounds, min_seconds, n, log, name)
+    names = list(timers)
     fast_rate = n / statistics.median(samples["BaseDataLoader in_memory=True"])
     result = {
         "description": description,
@@ -287,18 +295,8 @@ def bench_augmentation(n, rounds, min_seconds, smoke, log):
     dataset = cifar_shaped_images(n)
     paths = augmentation_paths(dataset)
     samples_per_epoch = len(paths["batched fast path"].sampler)
-    timers = {path: PathTimer(loader) for path, loader in paths.items()}
-    for timer in timers.values():
-        t0 = time.perf_counter()
-        timer.one_epoch()
-        timer.first_s = time.perf_counter() - t0
-    samples = {path: [] for path in timers}
+    timers, samples = interleaved_epochs(paths, rounds, min_seconds, samples_per_epoch, log, "augmentation")
     names = list(timers)
-    for r in range(rounds):
-        for path in names[r % len(names):] + names[: r % len(names)]:
-            samples[path].append(timers[path].timed(min_seconds))
-        log(f"  augmentation round {r + 1}/{rounds}: "
-            + ", ".join(f"{p}: {samples_per_epoch / samples[p][-1]:,.0f}/s" for p in names))
     for loader in paths.values():
         stop_workers(loader)
     rates = {path: samples_per_epoch / statistics.median(samples[path]) for path in names}

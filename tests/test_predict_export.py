@@ -242,3 +242,17 @@ def test_entry_points_are_thin():
     for name, command in (("predict.py", "predict_command"), ("export.py", "export_command")):
         text = (ROOT / name).read_text()
         assert command in text and len(text.splitlines()) <= 20
+
+
+def test_test_py_and_predict_use_the_ema_weights_validation_scored(tmp_path):
+    from conftest import make_config
+
+    config = make_config(tmp_path / "saved", epochs=1, ema={"decay": 0.9})
+    run.train(config, run_id="e")
+    ckpt = tmp_path / "saved/models/tiny/e/checkpoint-epoch1.pth"
+    state = torch.load(ckpt, weights_only=True)
+    averaged = state["ema"]["weights"]
+    assert any(not torch.equal(averaged[k], state["model"][k]) for k in averaged)  # the two differ
+    for model in (build.trained_model(ckpt)[0], predict.load_for_inference(ckpt).model):
+        weights = model.state_dict()
+        assert all(torch.equal(weights[k], v) for k, v in averaged.items())

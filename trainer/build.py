@@ -89,6 +89,45 @@ def build_model(config):
     return model
 
 
+def trained_model(checkpoint, overrides=(), device=None):
+    """The model a checkpoint holds, rebuilt from the checkpoint's own config: what ``test.py``, ``predict.py``
+    and ``export.py`` use.
+
+    ``overrides`` (``key.path=VALUE``) and ``device`` change that config first. The weights are the
+    checkpoint's, or its EMA weights when the run kept them (``trainer.ema``: the ones validation
+    scored); a timm model's ``pretrained_path`` is not read, so it need not exist any more. Returns
+    ``(model, config, device, autocast)``: the model in eval mode on ``device``, and the run's autocast
+    on an accelerator (on the CPU none, so CPU scores are exact).
+
+    Raises:
+        UserError: the checkpoint is missing or damaged, its config no longer checks, or its weights do not
+            fit the model the config builds.
+    """
+    import contextlib
+
+    from utils.config import apply_overrides, validate_config
+    from utils.errors import UserError
+    from utils.io import load_checkpoint
+
+    state = load_checkpoint(checkpoint, purpose="weights")
+    config = apply_overrides(state["config"], list(overrides) + ([f"device={device}"] if device else []))
+    config = validate_config(config, registries())
+    device = resolve_device(config["device"])
+    arch_args = {k: v for k, v in config["arch"]["args"].items() if k != "pretrained_path"}
+    model = build_model({**config, "arch": {**config["arch"], "args": arch_args}})
+    try:
+        model.load_state_dict(state["model"])
+        if (state.get("ema") or {}).get("weights"):
+            model.load_state_dict(state["ema"]["weights"], strict=False)
+    except RuntimeError as err:
+        raise UserError(f"{checkpoint}: the weights do not fit the model its config builds"
+                        f" ({str(err).splitlines()[0]})") from None
+    model.to(device).eval()
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
+    autocast = torch.autocast(device.type, dtype=amp) if amp and device.type != "cpu" else contextlib.nullcontext()
+    return model, config, device, autocast
+
+
 def build_loss(config):
     section = config["loss"]
     fn = registries()["loss"].get(section["type"], "loss.type")

@@ -20,7 +20,6 @@ Promises:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -72,24 +71,8 @@ def load_for_inference(checkpoint, overrides=(), device=None):
             not fit the model the config builds.
     """
     from trainer import build
-    from utils.config import apply_overrides, validate_config
-    from utils.io import load_checkpoint
 
-    state = load_checkpoint(checkpoint, purpose="weights")
-    config = apply_overrides(state["config"], list(overrides) + ([f"device={device}"] if device else []))
-    config = validate_config(config, build.registries())
-    device = build.resolve_device(config["device"])
-    # The checkpoint's weights replace any pretrained ones: a timm model's pretrained_path need not exist here.
-    arch_args = {k: v for k, v in config["arch"]["args"].items() if k != "pretrained_path"}
-    model = build.build_model({**config, "arch": {**config["arch"], "args": arch_args}})
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise UserError(f"{checkpoint}: the weights do not fit the model its config builds ({str(err).splitlines()[0]})") from None
-    model.to(device).eval()
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
-    # As test.py does: autocast on an accelerator only, so CPU predictions equal test.py's bit for bit.
-    autocast = torch.autocast(device.type, dtype=amp) if amp and device.type != "cpu" else contextlib.nullcontext()
+    model, config, device, autocast = build.trained_model(checkpoint, overrides, device)
     inputs = input_reader(config)
     class_names = inputs.class_names if inputs is not None else None
     return Loaded(model, config, device, autocast, inputs, class_names)

@@ -490,24 +490,10 @@ def evaluate_checkpoint(resume, overrides=(), device=None, write=True, progress=
     With ``write``, the result is also written beside the checkpoint (``.test.json`` for ``.pth``).
     """
     from trainer.trainer import evaluate
-    from utils.config import apply_overrides
 
-    state = load_checkpoint(resume, purpose="weights")
-    config = apply_overrides(state["config"], list(overrides) + ([f"device={device}"] if device else []))
-    config = validate_config(config, build.registries())
-    device = build.resolve_device(config["device"])
+    model, config, device, autocast = build.trained_model(resume, overrides, device)
     loader = build.build_data_loader(config, training=False)
-    model = build.build_model(config)
-    try:
-        model.load_state_dict(state["model"])
-        if (state.get("ema") or {}).get("weights"):  # trainer.ema: the averaged weights are the ones validation scored
-            model.load_state_dict(state["ema"]["weights"], strict=False)
-    except RuntimeError as err:
-        raise UserError(f"{resume}: the weights do not fit the model its config builds ({str(err).splitlines()[0]})") from None
-    model.to(device)
     loader.to(device)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
-    autocast = torch.autocast(device.type, dtype=amp) if amp and device.type != "cpu" else None
     progress = config["trainer"]["verbosity"] > 0 if progress is None else progress
     metrics = evaluate(model, loader, build.build_loss(config), build.build_metrics(config), device, autocast,
                        progress=progress)
