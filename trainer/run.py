@@ -101,9 +101,13 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                 run.writer.add_hparams(hparams, final)
                 run.writer.finish(run.checkpoint_dir)  # trackers' artifacts (MLflow: config, manifest, model_best)
                 log_end(run, config, trainer, metrics, time.perf_counter() - started)
+            dist.leave_together()
             return metrics
         finally:
             close_run(run)
+    except RunStopped:  # every process stops together (the stop was agreed on): they leave together too
+        dist.leave_together()
+        raise
     finally:
         dist.cleanup()
 

@@ -99,6 +99,18 @@ def max_over_ranks(*values):
     return out[0] if len(out) == 1 else out
 
 
+def leave_together():
+    """Wait until every process got here (a barrier over gloo, on the host); nothing without a group.
+
+    Called before :func:`cleanup` when the processes end a run together (finished, or an
+    agreed stop): rank 0 may still be writing the run's last files or scoring the test split,
+    and a process that tears its group down while a peer still holds connections to it can
+    abort inside gloo ("terminate called without an active exception").
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=_control_group)
+
+
 def cleanup():
     global _control_group
     _control_group = None
