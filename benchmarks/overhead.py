@@ -374,10 +374,13 @@ def loaders_of_lengths(built, lengths):
     return out
 
 
-def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True, prepare_loader=None, control=None):
+def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True, prepare_loader=None, control=None,
+            other=None):
     """Time the Trainer against the bare loop, interleaved, then count calls per step; returns the results.
 
     ``control``: a second bare loop (another model copy) run as the A/A control side.
+    ``other``: a second built Trainer (another ``trainer.loggers``, say) run as side ``trainer_b`` in
+    the same rounds, so that the two Trainers' ratios to the bare loop are paired round by round.
     """
     arm = TrainerArm(built)
     clock = BareClock(bare)
@@ -386,6 +389,8 @@ def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True,
     sides = {"trainer": (arm, contextlib.nullcontext)}
     if no_tty_arm:
         sides["trainer_no_tty"] = (arm, not_a_tty)
+    if other is not None:
+        sides["trainer_b"] = (TrainerArm(other), contextlib.nullcontext)
     if control is not None:
         sides["control"] = (TrainerArm(built, LoaderLoop(control, built.loader)), contextlib.nullcontext)
     trainer_sides = [side for side in sides if side != "control"]
@@ -444,6 +449,7 @@ def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True,
             for side in sides
         },
         "calls": calls,
+        **({"b_over_a": _b_over_a(samples, pairs)} if other is not None else {}),
         "calls_ratio": {side: calls[side]["per_step"]["call"] / calls["bare"]["per_step"]["call"] for side in trainer_sides},
         "calls_total_ratio": {
             side: calls[side]["per_step"]["total"] / calls["bare"]["per_step"]["total"] for side in trainer_sides
@@ -460,6 +466,16 @@ def measure(name, built, bare, rounds, every, count_steps, log, no_tty_arm=True,
         for side in trainer_sides
     }
     return result
+
+
+def _b_over_a(samples, pairs):
+    """Side ``trainer_b`` against side ``trainer``: the median over rounds of (b / its bare) / (a / its bare)."""
+    out = {}
+    for clock_name in ("wall", "cpu"):
+        a = [m / t for m, t in zip(samples["trainer"][clock_name], pairs["trainer"][clock_name])]
+        b = [m / t for m, t in zip(samples["trainer_b"][clock_name], pairs["trainer_b"][clock_name])]
+        out[clock_name] = statistics.median(y / x for x, y in zip(a, b))
+    return out
 
 
 def ema_cost(name, bare, rounds, chunk, log, decay=0.999):
@@ -497,6 +513,7 @@ def ema_cost(name, bare, rounds, chunk, log, decay=0.999):
 
 
 LOGGERS = None  # --loggers
+LOGGERS_B = None  # --ab-loggers
 
 
 def cpu_workload(name, spec, smoke, save_root, log):
@@ -512,13 +529,21 @@ def cpu_workload(name, spec, smoke, save_root, log):
         **({"loggers": LOGGERS} if LOGGERS else {}),
     )
     built = C.build_trainer(config)
+    other = None
     try:
+        if LOGGERS_B:
+            config_b = copy.deepcopy(config)
+            config_b["trainer"].update(loggers=LOGGERS_B, save_dir=str(save_root / f"{name}_b"))
+            other = C.build_trainer(config_b)
         bare = make_bare(built, lambda params: torch.optim.Adam(params, lr=1e-3))
         control = make_bare(built, lambda params: torch.optim.Adam(params, lr=1e-3))
-        result = measure(name, built, bare, rounds, 2 if smoke else spec["every"], count_steps, log, control=control)
+        result = measure(name, built, bare, rounds, 2 if smoke else spec["every"], count_steps, log, control=control,
+                         other=other)
         result["ema"] = ema_cost(name, bare, 1 if smoke else 2 * rounds, 2 if smoke else spec["every"], log)
     finally:
         built.close()
+        if other is not None:
+            other.close()
     result["description"] = spec["description"] if not smoke else f"{spec['description']} (smoke: {samples} samples)"
     result["device"] = "cpu"
     return result
@@ -626,7 +651,7 @@ def profile_workload(name, save_root, steps, out):
 
 
 SIDE_LABELS = {"bare": "bare loop", "trainer": "Trainer (bar on, pty)", "trainer_no_tty": "Trainer (no TTY, bar off)",
-               "control": "A/A control (bare via harness)"}
+               "control": "A/A control (bare via harness)", "trainer_b": "Trainer B (--ab-loggers)"}
 HEADERS = ["workload", "side", "median ms/step", "min ms/step", "ratio paired", "ratio medians", "ratio minima",
            "CPU ratio", "steady ratio", "calls/step", "c_calls/step", "calls ratio"]
 
@@ -688,9 +713,12 @@ def main(argv=None):
                         help="run the ResNet-18 workload on the CPU (eager only; to check its code path without CUDA)")
     parser.add_argument("--loggers", help='trainer.loggers of the CPU workloads, e.g. "tensorboard,csv" (default: the'
                         " project's, TensorBoard): compare the per-step calls and ratios with and without a logger")
+    parser.add_argument("--ab-loggers", help='a second Trainer with these trainer.loggers (e.g. "tensorboard,csv"),'
+                        " timed in the same interleaved rounds as the first: prints their paired ratio")
     args = parser.parse_args(argv)
-    global LOGGERS
+    global LOGGERS, LOGGERS_B
     LOGGERS = [name.strip() for name in args.loggers.split(",")] if args.loggers else None
+    LOGGERS_B = [name.strip() for name in args.ab_loggers.split(",")] if args.ab_loggers else None
 
     import torch
 
@@ -759,6 +787,11 @@ def main(argv=None):
                   file=out)
     print("\n".join(verdicts(results)), file=out)
     for name, result in results.items():
+        if "b_over_a" in result:
+            r = result["b_over_a"]
+            print(f"{name:17s} Trainer with loggers {','.join(LOGGERS_B)} / Trainer with"
+                  f" {','.join(LOGGERS or ['the default loggers'])}: {r['wall']:.3f}x wall, {r['cpu']:.3f}x CPU"
+                  " (paired by round)", file=out)
         if "ema" in result:
             e = result["ema"]
             print(f"{name:17s} EMA (decay {e['decay']}, every step): {e['step_ms_plain']:.3f} -> {e['step_ms_ema']:.3f}"

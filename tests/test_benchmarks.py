@@ -68,6 +68,15 @@ def test_overhead_smoke(tmp_path, capsys):
         assert "CUDA not available: ResNet-18 workload skipped" in capsys.readouterr().out
 
 
+def test_overhead_ab_loggers_pairs_a_second_trainer(tmp_path, capsys):
+    # --ab-loggers: a second Trainer (here with the CSV logger as well) timed in the same rounds as the first.
+    overhead_bench.main(["--smoke", "--out", str(tmp_path), "--workloads", "mlp", "--ab-loggers", "tensorboard,csv"])
+    result = read_json(tmp_path / "overhead.json")["workloads"]["mlp"]
+    check_overhead_workload(result, ["trainer", "trainer_no_tty", "trainer_b"])
+    assert all(positive(result["b_over_a"][clock]) for clock in ("wall", "cpu"))
+    assert "Trainer with loggers tensorboard,csv / Trainer with the default loggers" in capsys.readouterr().out
+
+
 def test_overhead_resnet_workload_runs_on_cpu(tmp_path):
     # The CUDA workload's code (torchvision ResNet-18, bf16 autocast, channels_last, device-resident data),
     # run eagerly on the CPU so that it is exercised where there is no GPU.

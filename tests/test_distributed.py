@@ -31,6 +31,7 @@ N_TRAIN, N_VALID = 224, 33  # 224 = 14 global batches of 16: no padding; 33 = 17
 WORLD = 2
 PER_PROCESS_BATCH = 8
 LAUNCH_TIMEOUT = 120
+CSV = ["tensorboard", "csv"]  # the "part" run also logs to metrics.csv (only rank 0 may write it)
 UNFREEZE = {"freeze": ["net.1.*"], "unfreeze_at_epoch": 2}  # the hidden layer trains from epoch 2 on
 
 pytestmark = pytest.mark.skipif(
@@ -142,7 +143,7 @@ def two_proc(tmp_path_factory):
     full, part, mid = tmp / "full", tmp / "part", tmp / "mid"
     output = launch(tmp, [
         {"config": tiny_config(full, save_every_n_steps=20), "out": str(tmp / "full")},
-        {"config": tiny_config(part, epochs=1), "run_id": "part", "out": str(tmp / "part")},
+        {"config": tiny_config(part, epochs=1, loggers=CSV), "run_id": "part", "out": str(tmp / "part")},
         {"config": tiny_config(tmp / "accum", batch_size=PER_PROCESS_BATCH // 2, accumulate_grad_batches=2,
                                tensorboard=False, verbosity=0), "run_id": "accum", "out": str(tmp / "accum")},
         {"config": tiny_config(tmp / "unfreeze", tensorboard=False, verbosity=0, **UNFREEZE),
@@ -154,7 +155,7 @@ def two_proc(tmp_path_factory):
     (mid / "models" / NAME / "mid").mkdir(parents=True)
     shutil.copy(full_run / "last.pth", mid / "models" / NAME / "mid" / "last.pth")
     resume_output = launch(tmp, [
-        {"config": tiny_config(part, epochs=2), "resume": str(resume_from), "out": str(tmp / "resumed")},
+        {"config": tiny_config(part, epochs=2, loggers=CSV), "resume": str(resume_from), "out": str(tmp / "resumed")},
         {"config": tiny_config(mid), "resume": str(mid / "models" / NAME / "mid" / "last.pth"),
          "out": str(tmp / "mid")},
     ], "resume")
@@ -277,6 +278,29 @@ def test_one_run_folder_and_one_event_file(two_proc):
             "manifest.json"} <= files
     assert not [name for name in files if name.startswith(".")], files  # no temporary files left behind
     assert torch.load(models[0] / "model_best.pth", map_location="cpu", weights_only=True)["run_id"] == models[0].name
+
+
+def test_only_rank_0_writes_the_csv_log_across_a_resume(two_proc):
+    """The "part" run (1 epoch, then resumed to 2) logs to metrics.csv too: one file, written by rank 0 alone.
+
+    Two writers would duplicate rows (or interleave them); the resumed segment appends to the same file.
+    """
+    import csv
+
+    _, (log_dir,) = run_folders(two_proc["part"])
+    assert sorted(p.name for p in log_dir.glob("*.csv")) == ["metrics.csv"]
+    with open(log_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = [(row["step"], row["tag"]) for row in rows]
+    assert len(keys) == len(set(keys)), "a (step, tag) pair was logged twice"
+    steps_per_epoch = N_TRAIN // (WORLD * PER_PROCESS_BATCH)
+    epoch_rows = {(int(row["epoch"]), row["tag"]): float(row["value"]) for row in rows if row["tag"].startswith("epoch/")}
+    assert {epoch for epoch, _ in epoch_rows} == {1, 2}
+    for (epoch, tag), value in epoch_rows.items():
+        assert int(next(r["step"] for r in rows if r["tag"] == tag and int(r["epoch"]) == epoch)) == epoch * steps_per_epoch
+    final = results(two_proc["tmp"] / "resumed")[0]["metrics"]
+    val_loss = next(v for (epoch, tag), v in epoch_rows.items() if epoch == 2 and tag.endswith("val_loss"))
+    assert val_loss == pytest.approx(final["val_loss"], rel=1e-6)
 
 
 def test_checkpoint_keys_have_no_module_prefix(two_proc, single_proc):
