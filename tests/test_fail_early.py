@@ -209,6 +209,21 @@ def test_test_after_train_can_be_turned_off(tmp_path, capsys):
     assert not list((tmp_path / "saved/models/tiny/off").glob("*.test.json"))
 
 
+def test_an_empty_test_split_is_said_not_scored_as_zero(tmp_path, capsys):
+    """No test split (test_fraction 0): the end block says so, result.json has no test scores, test.py exits 2."""
+    config = make_config(tmp_path / "saved", epochs=1, verbosity=1)
+    config["data_loader"]["args"]["test_fraction"] = 0.0
+    code, _, out = run_cli(tmp_path, capsys, config, "--run-id", "empty")
+    folder = tmp_path / "saved/models/tiny/empty"
+    assert code == 0 and "Test split not scored: SyntheticDataLoader: the test split is empty (0 samples)" in out
+    assert "Test split (0 samples" not in out
+    assert json.loads((folder / "result.json").read_text())["test"] is None
+    assert not list(folder.glob("*.test.json"))
+    assert cli.test_command(["-r", str(folder / "model_best.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the test split is empty" in err[0], err
+
+
 def test_test_py_says_what_it_scored_and_where_it_wrote(tmp_path, capsys):
     config = make_config(tmp_path / "saved", epochs=1, test_after_train=False)
     run.train(config, run_id="t")

@@ -497,6 +497,9 @@ def evaluate_checkpoint(resume, overrides=(), device=None, write=True, progress=
 
     model, config, device, autocast = build.trained_model(resume, overrides, device)
     loader = build.build_data_loader(config, training=False)
+    if len(loader.sampler) == 0:
+        raise UserError(f"{config['data_loader']['type']}: the test split is empty (0 samples), so there is nothing to"
+                        " score; give the data a test split (the built-in sets: data_loader.args.test_fraction > 0)")
     loader.to(device)
     progress = config["trainer"]["verbosity"] > 0 if progress is None else progress
     metrics = evaluate(model, loader, build.build_loss(config), build.build_metrics(config), device, autocast,
