@@ -140,15 +140,19 @@ def assert_identical(a, b):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One launch: the memory check of process 1 runs out of memory (1 epoch), that run resumed to epoch 2, the
-    run started with half the batch and twice the accumulation, and a run with and one without the check."""
+    run started with half the batch and twice the accumulation, a run with and one without the check, and the
+    first one's mid-epoch ``last.pth`` resumed with an out-of-memory error in process 0's check."""
     tmp = tmp_path_factory.mktemp("oom_dist")
     first = run_dir(tmp, "switch") / "checkpoint-epoch1.pth"
     code, output = launch(tmp, [
         job(tmp, "switch", cfg=config(tmp, epochs=1, auto_accumulate=True), oom={"rank": 1, "batch": BATCH, "at": 1}),
         job(tmp, "resumed", argv=["-r", str(first), "trainer.epochs=2"]),
         job(tmp, "reference", cfg=config(tmp, batch_size=BATCH // 2, accumulate_grad_batches=2)),
-        job(tmp, "checked", cfg=config(tmp, auto_accumulate=True)),
+        job(tmp, "checked", cfg=config(tmp, auto_accumulate=True, save_every_n_steps=10)),
         job(tmp, "plain", cfg=config(tmp)),
+        # last.pth of step 10 (epoch 2, batch 3 of 7), resumed into a new folder; process 0's check runs out.
+        job(tmp, "midway", argv=["-r", str(run_dir(tmp, "checked") / "last.pth")],
+            oom={"rank": 0, "batch": BATCH, "at": 1}),
     ], "runs")
     assert code == 0, output[-6000:]
     return {"tmp": tmp, "output": output}
@@ -204,6 +208,22 @@ def test_the_memory_check_changes_nothing(runs):
                          load(run_dir(tmp, "plain") / f"checkpoint-epoch{epoch}.pth")["model"])
 
 
+def test_a_mid_epoch_resume_switches_and_goes_on_from_the_same_sample(runs):
+    """Batch 3 of 16 samples done becomes batch 6 of 8; the rest of the epoch is the same samples, in halves."""
+    tmp = runs["tmp"]
+    for rank in results(tmp, "midway"):
+        assert rank["code"] == 0 and rank["batches"] == [16] + [8] * 9, rank  # both checks, 8 batches left
+    folder = run_dir(tmp, "checked-from-last")
+    state = load(folder / "checkpoint-epoch2.pth")
+    assert state["global_step"] == 14 and state["batch_changes"][0]["global_step"] == 10
+    # Rank 0's running count: both processes' 2 x 3 x 16 samples before last.pth, then its own 8 batches of 8
+    # (restarting at batch 3 of 8 samples instead of 6 would give 96 + 11 x 8).
+    assert state["train_metrics"]["count"] == 2 * 3 * 16 + 8 * 8
+    # Two half batches average to the full batch's gradient up to rounding: the weights agree to float precision.
+    for key, value in load(run_dir(tmp, "plain") / "checkpoint-epoch2.pth")["model"].items():
+        torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
     """One launch: a batch of 1 that does not fit on process 0, then a run whose process 1 runs out of memory in the
@@ -254,6 +274,62 @@ def test_the_resume_command_of_the_message_works(stopped):
 
 
 # ---------------------------------------------------------------- the memory check's parts, in this process
+
+
+class _Batches:
+    """Two batches of 6 samples of 4 features, as a loader gives them (``set_epoch``, iteration)."""
+
+    def __init__(self):
+        self.data = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+        self.epochs = []
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epochs.append((epoch, start_batch))
+
+    def __iter__(self):
+        return iter([(self.data[:6], torch.zeros(6, dtype=torch.long)), (self.data[6:], torch.ones(6, dtype=torch.long))])
+
+
+def _probe_trainer(model):
+    import contextlib
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=model, forward_model=model, data_loader=_Batches(), device=torch.device("cpu"),
+                           optimizer=torch.optim.Adam(model.parameters()), autocast=contextlib.nullcontext(),
+                           criterion=torch.nn.functional.cross_entropy,
+                           _sync_context=lambda last_in_window: contextlib.nullcontext())
+
+
+def test_the_memory_check_puts_back_rng_buffers_and_gradients():
+    from trainer.tuning import out_of_memory_in_probe
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3))
+    trainer = _probe_trainer(model)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(5)
+    assert out_of_memory_in_probe(trainer, epoch=4) is False
+    assert torch.equal(torch.rand(3), expected_draw)  # the dropout masks' draws were given back
+    for key, value in model.state_dict().items():  # batch-norm statistics and counter as before
+        assert torch.equal(value, buffers[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    assert trainer.data_loader.epochs == [(4, 0)]  # the first batch of the epoch about to be trained
+
+
+def test_the_memory_check_reports_out_of_memory_and_still_puts_back():
+    from trainer.tuning import out_of_memory_in_probe
+
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("injected")
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), Fails())
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    assert out_of_memory_in_probe(_probe_trainer(model), epoch=1) is True
+    for key, value in model.state_dict().items():  # the batch norm ran before the error: its statistics are back
+        assert torch.equal(value, buffers[key]), key
 
 
 def test_optimizer_state_bytes_is_what_the_first_step_makes():

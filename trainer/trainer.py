@@ -79,6 +79,9 @@ class Trainer(BaseTrainer):
         if self.fast_dev_run:
             self.epochs = 1
         self.auto_accumulate = cfg["auto_accumulate"]
+        # One process redoes a window after an out-of-memory error, from the running sums of the step before it;
+        # under torchrun such an error stops the run, so no step keeps them.
+        self._keep_marks = self.auto_accumulate and not self.distributed
         self.batch_changes = []  # what auto_accumulate changed, for the checkpoint
         self._metrics_mark = None  # the running sums at the last optimizer step (auto_accumulate rolls back to them)
         self._last_log = (time.perf_counter(), 0)  # for steps per second at the logging interval
@@ -195,7 +198,7 @@ class Trainer(BaseTrainer):
             self.lr_scheduler.step()
         if logging_step:
             self._log_step(epoch, batch_idx, loss, grad_norm)
-        if self.auto_accumulate:  # the sums an out-of-memory error in the next window rolls back to
+        if self._keep_marks:  # the sums an out-of-memory error in the next window rolls back to
             self._metrics_mark = self.train_metrics.mark()
 
     def _log_step(self, epoch, batch_idx, loss, grad_norm):
