@@ -111,7 +111,7 @@ def test_overfit_batches_turns_augmentation_and_shuffling_off(tiny_config):
     def two_epochs(**changes):
         config = run.checked_config(with_changes(tiny_config, data_loader__args=args, **changes))[0]
         parts = run.build_parts(config, torch.device("cpu"))
-        tuning.prepare(config, parts, None)
+        tuning.prepare(config, parts)
         epochs = []
         for epoch in (1, 2):
             parts.data_loader.set_epoch(epoch)

@@ -69,7 +69,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                               " agree on each step); leave it false there, so a non-finite loss stops the run")
         seed_everything(config["seed"])
         parts = build_parts(config, device, info)
-        tuning.prepare(config, parts, info)  # debug modes and their checks (trainer/tuning.py)
+        tuning.prepare(config, parts)  # debug modes (trainer/tuning.py)
         # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
         # config, so that test.py (and a resume) rebuilds the data the same way.
         config["data_loader"]["args"].update(parts.data_loader.data_args())

@@ -42,7 +42,7 @@ EXIT_OUT_OF_MEMORY = 12
 # --------------------------------------------------------------------------- debug modes
 
 
-def prepare(config, parts, info):
+def prepare(config, parts):
     """Fix the batches of ``overfit_batches``; before the dry batch."""
     cfg = config["trainer"]
     if cfg["overfit_batches"]:
