@@ -28,10 +28,13 @@ from utils.seed import rng_state, set_rng_state
 class RunStopped(Exception):
     """The run stopped before its end; ``exit_code`` is what the command line exits with."""
 
-    def __init__(self, message, exit_code=1, logged=False):
+    def __init__(self, message, exit_code=1, logged=False, together=True):
         super().__init__(message)
         self.exit_code = exit_code
         self.logged = logged  # already said in the run's log: the command line need not repeat it
+        # Under torchrun: whether every process stops here at the same point (an agreed stop), so that they can
+        # wait for each other before leaving; False when this process stops on its own (see trainer/tuning.py).
+        self.together = together
 
 
 @dataclass

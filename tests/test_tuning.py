@@ -4,7 +4,6 @@ the learning-rate finder, the profiler, and out-of-memory recovery that keeps th
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,7 +111,7 @@ def test_overfit_batches_turns_augmentation_and_shuffling_off(tiny_config):
     def two_epochs(**changes):
         config = run.checked_config(with_changes(tiny_config, data_loader__args=args, **changes))[0]
         parts = run.build_parts(config, torch.device("cpu"))
-        tuning.prepare(config, parts, None)
+        tuning.prepare(config, parts)
         epochs = []
         for epoch in (1, 2):
             parts.data_loader.set_epoch(epoch)
@@ -443,6 +442,8 @@ def test_oom_mid_epoch_keeps_the_global_batch_and_resume_continues_small(tiny_co
     second = load(run_dir(config, "oom") / "checkpoint-epoch2.pth")
     assert second["global_step"] == 16 and second["config"]["data_loader"]["args"]["batch_size"] == 8
     assert second["config"]["trainer"]["accumulate_grad_batches"] == 4 and len(second["batch_changes"]) == 1
+    # The resume rewrote the manifest: the switch is still in it.
+    assert len(json.loads((run_dir(config, "oom") / "manifest.json").read_text())["batch_changes"]) == 1
 
 
 def test_oom_with_a_batch_of_one_or_in_the_optimizer_step_is_raised(tiny_config, oom_at, monkeypatch):
@@ -470,13 +471,6 @@ def test_oom_with_a_batch_of_one_or_in_the_optimizer_step_is_raised(tiny_config,
     monkeypatch.setattr(build, "build_loss", lambda config: oom_loss)
     with pytest.raises(torch.OutOfMemoryError):
         run.train(config)
-
-
-def test_auto_accumulate_is_refused_under_torchrun(tiny_config):
-    config = run.checked_config(with_changes(tiny_config, trainer__auto_accumulate=True))[0]
-    parts = run.build_parts(config, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="auto_accumulate: not supported under torchrun"):
-        tuning.prepare(config, parts, SimpleNamespace(enabled=True))
 
 
 def test_debug_flags_are_overrides():

@@ -69,7 +69,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                               " agree on each step); leave it false there, so a non-finite loss stops the run")
         seed_everything(config["seed"])
         parts = build_parts(config, device, info)
-        tuning.prepare(config, parts, info)  # debug modes and their checks (trainer/tuning.py)
+        tuning.prepare(config, parts)  # debug modes (trainer/tuning.py)
         # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
         # config, so that test.py (and a resume) rebuilds the data the same way.
         config["data_loader"]["args"].update(parts.data_loader.data_args())
@@ -87,7 +87,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                 if state is not None:
                     restore(trainer, state, config)
                 if info.is_main:
-                    write_run_files(run, config, argv, resume)
+                    write_run_files(run, config, argv, resume, trainer.batch_changes)
                     log_summary(run, config, parts, state, changes, init_report)
                 metrics = trainer.train()
             if info.is_main and config["trainer"]["fast_dev_run"]:
@@ -105,8 +105,9 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
             return metrics
         finally:
             close_run(run)
-    except RunStopped:  # every process stops together (the stop was agreed on): they leave together too
-        dist.leave_together()
+    except RunStopped as stopped:  # every process stops together (the stop was agreed on): they leave together too
+        if stopped.together:  # (not a process stopping alone: the others are not there to wait for)
+            dist.leave_together()
         raise
     finally:
         dist.cleanup()
@@ -325,11 +326,12 @@ def restore(trainer, state, config):
                        " each process's share of the data, and so the data order, changes from here on")
 
 
-def write_run_files(run, config, argv, resume):
+def write_run_files(run, config, argv, resume, batch_changes=()):
     """The run's ``config.json`` and ``manifest.json`` (a resume adds to the manifest's history).
 
     A branch (a resume into a new folder) records where it came from, and the run it came
-    from records the branch in its own manifest.
+    from records the branch in its own manifest. ``batch_changes``: what ``auto_accumulate``
+    changed before the resumed checkpoint (its own record), kept in the manifest.
     """
     if config["trainer"]["fast_dev_run"]:
         run.logger.info(f"fast_dev_run: would write config.json and manifest.json to {run.checkpoint_dir}, and"
@@ -339,6 +341,8 @@ def write_run_files(run, config, argv, resume):
     previous = _read_manifest(manifest_path) if resume else None
     write_json(run.checkpoint_dir / "config.json", config)
     record = manifest(run, config, argv or [], resume, previous)
+    if batch_changes:
+        record["batch_changes"] = list(batch_changes)
     if run.branched_from:
         origin_path = Path(run.branched_from["run_dir"]) / "manifest.json"
         origin = _read_manifest(origin_path)

@@ -79,6 +79,9 @@ class Trainer(BaseTrainer):
         if self.fast_dev_run:
             self.epochs = 1
         self.auto_accumulate = cfg["auto_accumulate"]
+        # One process redoes a window after an out-of-memory error, from the running sums of the step before it;
+        # under torchrun such an error stops the run, so no step keeps them.
+        self._keep_marks = self.auto_accumulate and not self.distributed
         self.batch_changes = []  # what auto_accumulate changed, for the checkpoint
         self._metrics_mark = None  # the running sums at the last optimizer step (auto_accumulate rolls back to them)
         self._last_log = (time.perf_counter(), 0)  # for steps per second at the logging interval
@@ -88,16 +91,32 @@ class Trainer(BaseTrainer):
 
     # ------------------------------------------------------------------ one epoch
 
+    def train(self):
+        if self.auto_accumulate and self.distributed:
+            # Once, before the first step: a batch that fits on every process (trainer/tuning.py).
+            tuning.fit_batch_together(self)
+        return super().train()
+
     def train_epoch(self, epoch, start_batch=0):
         """Train the batches of ``epoch`` from ``start_batch`` on; returns the epoch's mean loss and metrics.
 
         With ``trainer.auto_accumulate`` an out-of-memory error in a forward or backward pass
         switches to a smaller batch and more accumulation (:func:`trainer.tuning.shrink_batch`)
-        and redoes the optimizer step's window of batches from its first.
+        and redoes the optimizer step's window of batches from its first. Under torchrun the
+        batch was fitted before the first step; such an error now stops the run
+        (:func:`trainer.tuning.stop_out_of_step`).
         """
         self._last_log = (time.perf_counter(), self.global_step)
         if not self.auto_accumulate:
             return self._epoch_steps(epoch, start_batch)
+        if self.distributed:
+            try:
+                return self._epoch_steps(epoch, start_batch)
+            except RuntimeError as err:  # (torch.OutOfMemoryError is one, and so is a failed collective)
+                stopped = tuning.stop_out_of_step(self, epoch, err)
+                if stopped is None:
+                    raise
+            raise stopped  # out of the except block: the failed step's frames are let go
         while True:
             self._metrics_mark = self.train_metrics.mark()
             try:
@@ -179,7 +198,7 @@ class Trainer(BaseTrainer):
             self.lr_scheduler.step()
         if logging_step:
             self._log_step(epoch, batch_idx, loss, grad_norm)
-        if self.auto_accumulate:  # the sums an out-of-memory error in the next window rolls back to
+        if self._keep_marks:  # the sums an out-of-memory error in the next window rolls back to
             self._metrics_mark = self.train_metrics.mark()
 
     def _log_step(self, epoch, batch_idx, loss, grad_norm):

@@ -11,6 +11,14 @@
   batch) and multiplies ``accumulate_grad_batches`` by it, so every optimizer step still
   sees the same samples; the step's window is then redone. The change goes into the run's
   config (so checkpoints, and a resume, carry the smaller batch), the log and the manifest.
+- :func:`fit_batch_together`: ``auto_accumulate`` under torchrun. A process out of memory
+  in a step cannot tell the others, which wait for it in the gradient all-reduce, and
+  agreeing after every step would cost a collective per step. So the batch is fitted
+  once, before the first step (and after a resume): a forward and backward of a full
+  batch on every process without communication, one agreement, and the same switch on
+  every process where any of them ran out. An out-of-memory error later in the run
+  (inputs that vary in size) stops every process (:func:`stop_out_of_step`), without a
+  checkpoint, saying how to resume with the smaller batch.
 - :func:`lr_range_test`: the exponential learning-rate range test, on copies.
 """
 
@@ -23,23 +31,20 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import ConfigError, UserError
+from utils.errors import UserError
 from utils.seed import rng_state, set_rng_state
+
+# The exit code of a run that out-of-memory errors stopped (under torchrun, or a batch of 1 that does not fit):
+# ENOMEM's number, as a full disk exits with ENOSPC's (utils/errors.py), so a script can tell "resume with a
+# smaller batch" from other failures.
+EXIT_OUT_OF_MEMORY = 12
 
 # --------------------------------------------------------------------------- debug modes
 
 
-def prepare(config, parts, info):
-    """Refuse the combinations that cannot work, and fix the batches of ``overfit_batches``; before the dry batch.
-
-    Raises:
-        ConfigError: ``auto_accumulate`` under torchrun (see the README's "When a run misbehaves").
-    """
+def prepare(config, parts):
+    """Fix the batches of ``overfit_batches``; before the dry batch."""
     cfg = config["trainer"]
-    if cfg["auto_accumulate"] and info is not None and info.enabled:
-        raise ConfigError("trainer.auto_accumulate: not supported under torchrun yet (a process out of memory cannot"
-                          " tell the others, which wait in the gradient all-reduce); lower data_loader.args.batch_size"
-                          " and raise trainer.accumulate_grad_batches by the same factor instead")
     if cfg["overfit_batches"]:
         overfit(parts, cfg["overfit_batches"])
 
@@ -159,40 +164,234 @@ def shrink_batch(trainer, epoch, err):
     Raises:
         the error itself when it cannot be recovered from (a batch of 1, or an error in the optimizer step).
     """
-    loader, config = trainer.data_loader, trainer.config
+    loader = trainer.data_loader
     smaller = smaller_batch(loader.batch_size)
     if smaller is None or not recoverable(err):
         trainer.logger.error("auto_accumulate: out of memory " + ("in the optimizer step, which cannot be redone"
                              if smaller is not None else "with a batch of 1 sample; nothing left to divide"))
         raise err
-    old = (loader.batch_size, trainer.accumulate)
-    new_batch, factor = smaller
-    loader.batch_size, loader._loader = new_batch, None
-    trainer.accumulate *= factor
+    switch_batch(trainer, epoch, *smaller, where=f"at epoch {epoch}, step {trainer.global_step + 1}",
+                 then="; the step is redone")
+    return trainer.batch_in_epoch * smaller[1]
+
+
+def smaller_settings(trainer, factor):
+    """The config values (dotted keys) that a batch ``factor`` times smaller changes: the batch, the accumulation,
+    and the counts of batches (``len_epoch``, ``limit_train_batches``, ``fast_dev_run``), so an epoch and an
+    optimizer step hold the same samples as before."""
+    cfg = trainer.config["trainer"]
+    changed = {"data_loader.args.batch_size": trainer.data_loader.batch_size // factor,
+               "trainer.accumulate_grad_batches": trainer.accumulate * factor}
+    for key in ("len_epoch", "limit_train_batches", "fast_dev_run"):
+        if isinstance(cfg[key], int) and not isinstance(cfg[key], bool):
+            changed[f"trainer.{key}"] = cfg[key] * factor
+    return changed
+
+
+def switch_batch(trainer, epoch, new_batch, factor, where, then=""):
+    """Divide the per-process batch by ``factor`` and multiply the accumulation by it; log the change, record it in
+    the config (so checkpoints carry it), the checkpoints' ``batch_changes`` and the run's manifest."""
+    loader, config = trainer.data_loader, trainer.config
     cfg = config["trainer"]
-    config["data_loader"]["args"]["batch_size"] = new_batch
-    cfg["accumulate_grad_batches"] = trainer.accumulate
-    # Counts of batches are counts of the old size: scale them so an epoch holds the same samples.
+    old = (loader.batch_size, trainer.accumulate)
+    for key, value in smaller_settings(trainer, factor).items():
+        section, *rest = key.split(".")
+        node = config[section]
+        for part in rest[:-1]:
+            node = node[part]
+        node[rest[-1]] = value
+    loader.batch_size, loader._loader = new_batch, None
+    trainer.accumulate = cfg["accumulate_grad_batches"]
+    # Counts of batches are counts of the old size: scaled so an epoch holds the same samples.
     if trainer.len_epoch:
-        trainer.len_epoch = cfg["len_epoch"] = trainer.len_epoch * factor
+        trainer.len_epoch = cfg["len_epoch"]
     if isinstance(trainer.train_batch_limit, int) and not isinstance(trainer.train_batch_limit, bool):
         trainer.train_batch_limit *= factor
-    for key in ("fast_dev_run", "limit_train_batches"):
-        if isinstance(cfg[key], int) and not isinstance(cfg[key], bool):
-            cfg[key] *= factor
     trainer.optimizer.zero_grad(set_to_none=True)
     if trainer.device.type == "cuda":
         torch.cuda.empty_cache()
     event = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": epoch, "global_step": trainer.global_step,
              "batch_size": [old[0], new_batch], "accumulate_grad_batches": [old[1], trainer.accumulate]}
     trainer.batch_changes.append(event)
-    trainer.logger.warning(
-        f"out of memory at epoch {epoch}, step {trainer.global_step + 1} with a batch of {old[0]} per process:"
-        f" continuing with batches of {new_batch} and accumulate_grad_batches {trainer.accumulate} (the same"
-        f" {old[0] * old[1]} samples per process and optimizer step); the step is redone")
+    if trainer.is_main:  # (under torchrun every process switches; one line says so)
+        trainer.logger.warning(
+            f"out of memory {where} with a batch of {old[0]} per process: continuing with batches of {new_batch}"
+            f" and accumulate_grad_batches {trainer.accumulate} (the same {old[0] * old[1]} samples per process and"
+            f" optimizer step){then}")
     if trainer.is_main and not cfg["fast_dev_run"]:
         record_in_manifest(trainer.run.checkpoint_dir, config, event)
-    return trainer.batch_in_epoch * factor
+    return event
+
+
+# --------------------------------------------------------------------------- out-of-memory recovery under torchrun
+
+
+def fit_batch_together(trainer):
+    """``auto_accumulate`` under torchrun: before the first step (of a run, or of a resume), a batch every process fits.
+
+    Every process runs a forward and backward of one full batch (:func:`out_of_memory_in_probe`: no
+    communication, and nothing it touches changes the run), then they agree in one small
+    collective whether any of them ran out of memory; if so, all switch to the smaller batch
+    (:func:`switch_batch`, recorded as a switch in a step is) and try again.
+
+    Raises:
+        RunStopped: (every process, exit code 12) a batch of 1 sample does not fit.
+    """
+    from base.base_trainer import RunStopped
+    from utils import dist
+
+    epoch, loader = trainer.epoch + 1, trainer.data_loader
+    rank, world_size = trainer.run.dist.rank, trainer.world_size
+    while True:
+        failed = out_of_memory_in_probe(trainer, epoch)
+        if trainer.device.type == "cuda":
+            torch.cuda.empty_cache()  # (the probe's tensors are gone with its frame)
+        short = [r for r, flag in enumerate(dist.max_over_ranks(*(failed and r == rank for r in range(world_size))))
+                 if flag]
+        if not short:
+            return
+        which = f"process{'es' if len(short) > 1 else ''} {', '.join(map(str, short))} of {world_size}"
+        smaller = smaller_batch(loader.batch_size)
+        if smaller is None:
+            message = (f"auto_accumulate: out of memory on {which} with a batch of 1 sample per process, in the memory"
+                       " check before the first step; nothing left to divide: the model does not fit this device's"
+                       " memory (use a smaller model, trainer.amp, or devices with more memory)")
+            if trainer.is_main:
+                trainer.logger.error(message)
+            raise RunStopped(message, exit_code=EXIT_OUT_OF_MEMORY, logged=True)  # every process, at the same point
+        switch_batch(trainer, epoch, *smaller,
+                     where=f"on {which} in the memory check before epoch {epoch}, step {trainer.global_step + 1}",
+                     then=" on every process")
+        trainer.batch_in_epoch *= smaller[1]  # a mid-epoch resume: the same samples done, in batches of the new size
+
+
+def out_of_memory_in_probe(trainer, epoch):
+    """Whether one forward and backward of a full batch of ``epoch`` (its first) runs out of memory here.
+
+    Under DDP's ``no_sync`` (no gradient all-reduce: a process out of memory leaves no other
+    waiting). On an accelerator, memory for the optimizer's state is held meanwhile when the
+    optimizer has none yet (a fresh run: it is made at the first step, and the steps after it
+    run beside it). Everything the probe touches is put back: every RNG state, the buffers
+    (batch-norm statistics), the gradients (None, as at the start of a step), the data order.
+    """
+    model, loader, device = trainer.model, trainer.data_loader, trainer.device
+    saved_rng = rng_state()
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        loader.set_epoch(epoch, 0)  # (every epoch sets its own order and start again: trainer._batches)
+        iterator = iter(loader)
+        data, target = next(iterator)
+        del iterator  # frees non-persistent workers now
+        data, target = data.to(device), target.to(device)
+        reserve = None
+        if device.type != "cpu" and (size := optimizer_state_bytes(trainer.optimizer)):
+            reserve = torch.empty(size, dtype=torch.uint8, device=device)
+        with trainer._sync_context(False), trainer.autocast:
+            loss = trainer.criterion(trainer.forward_model(data), target)
+        with trainer._sync_context(False):
+            loss.backward()
+        del reserve
+        return False
+    except torch.OutOfMemoryError:
+        return True
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for live, saved in buffers:
+                live.copy_(saved)
+        set_rng_state(saved_rng)
+
+
+def optimizer_state_bytes(optimizer):
+    """The bytes of the state ``optimizer`` makes at its first step (momentum, Adam's two moments); 0 when it has
+    state already or the amount cannot be told.
+
+    Found by stepping an optimizer of the same type and settings over stand-ins on the meta device:
+    no memory, no computation, and the real optimizer (and any hook on it) sees nothing.
+    """
+    if optimizer.state:
+        return 0
+    skip = ("params", "initial_lr", "fused", "foreach", "capturable", "differentiable")
+    groups = []
+    for group in optimizer.param_groups:
+        stand_ins = []
+        for p in group["params"]:
+            stand_in = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            if p.requires_grad:  # (a frozen parameter gets no gradient, so no state)
+                stand_in.grad = torch.empty_like(stand_in)
+            stand_ins.append(stand_in)
+        groups.append({**{k: v for k, v in group.items() if k not in skip}, "params": stand_ins})
+    try:
+        trial = type(optimizer)(groups)
+        with torch.no_grad():
+            trial.step()
+    except Exception:  # an optimizer that cannot run on stand-ins: the probe goes without the reserve
+        return 0
+    return sum(t.numel() * t.element_size() for state in trial.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor) and t.device.type == "meta")
+
+
+def stop_out_of_step(trainer, epoch, err):
+    """The :class:`RunStopped` for an error in a step under torchrun with ``auto_accumulate``, or None (re-raise it).
+
+    An out-of-memory error here (the memory check before the first step passed: inputs that vary
+    in size, say) leaves this process out of step with the others, which wait for it in the
+    gradient all-reduce: they cannot switch to a smaller batch together, and no checkpoint of
+    this moment would be consistent. This process leaves its message for the others
+    (:func:`utils.dist.tell_others`) and stops alone, without saving; the others stop when their
+    next collective fails (this function again, with that error: they find the message). The
+    message says how to resume from the newest checkpoint with the smaller batch.
+    """
+    from base.base_trainer import RunStopped
+    from utils import dist
+
+    if not isinstance(err, torch.OutOfMemoryError):
+        told = dist.told_by_others()
+        if told is None:
+            return None
+        message = f"another process stopped: {told}"
+    else:
+        rank, batch = trainer.run.dist.rank, trainer.data_loader.batch_size
+        where = f"out of memory on process {rank} at epoch {epoch}, step {trainer.global_step + 1}, with a batch of {batch}"
+        smaller = smaller_batch(batch)
+        if not recoverable(err):
+            message = (f"{where}, in the optimizer step: the optimizer's state does not fit, and a smaller batch would"
+                       " not change that; stopping every process without saving")
+        elif smaller is None:
+            message = f"{where}: nothing left to divide; stopping every process without saving"
+        else:
+            message = (f"{where}, after the memory check at the start passed (do the batches vary in size?). Under"
+                       " torchrun the processes cannot switch to a smaller batch in the middle of a run (the others"
+                       " wait in the gradient all-reduce), so every process stops without saving. "
+                       + resume_advice(trainer, smaller[1]))
+        dist.tell_others(message)
+    trainer.logger.error(message)
+    return RunStopped(message, exit_code=EXIT_OUT_OF_MEMORY, logged=True, together=False)
+
+
+def resume_advice(trainer, factor):
+    """How to continue with a batch ``factor`` times smaller: the command that resumes the newest checkpoint that
+    was written at an epoch's end (a mid-epoch one cannot take another batch size)."""
+    settings = " ".join(f"{k}={v}" for k, v in smaller_settings(trainer, factor).items())
+    checkpoint = newest_epoch_checkpoint(trainer.run.checkpoint_dir)
+    if checkpoint is None:
+        return f"Start the run again with {settings}"
+    return f"Resume with the smaller batch: python train.py -r {checkpoint} {settings}"
+
+
+def newest_epoch_checkpoint(folder):
+    """The checkpoint of ``folder`` written at an epoch's end with the most steps, or None."""
+    from utils.resume import resumable_checkpoints
+
+    found = []
+    for path in resumable_checkpoints(folder):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if state["batch_in_epoch"] == 0:
+                found.append((state["global_step"], path.stat().st_mtime, path))
+        except Exception:  # damaged, or not ours: not one to resume
+            continue
+    return max(found)[2] if found else None
 
 
 def record_in_manifest(folder, config, event):

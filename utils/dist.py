@@ -111,6 +111,47 @@ def leave_together():
         dist.barrier(group=_control_group)
 
 
+# The store key under which a process that stops on its own leaves its reason (see :func:`tell_others`).
+_STOPPED_KEY = "utils.dist/stopped_alone"
+
+
+def tell_others(message):
+    """Leave ``message`` for the other processes before this one stops on its own, out of step with them.
+
+    Not a collective: it goes to the process group's key-value store (torchrun's), which
+    outlives this process. The others learn of it only when a collective of theirs fails
+    (:func:`told_by_others`), so it costs nothing while the run goes well.
+    """
+    store = _store()
+    if store is not None:
+        try:
+            store.set(_STOPPED_KEY, message)
+        except Exception:  # the message is a courtesy: the others still stop, with gloo's or nccl's own error
+            pass
+
+
+def told_by_others():
+    """The message a process that stopped on its own left (:func:`tell_others`), or None."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        if store.check([_STOPPED_KEY]):
+            return store.get(_STOPPED_KEY).decode("utf-8", "replace")
+    except Exception:
+        pass
+    return None
+
+
+def _store():
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # (a private helper: should it go, the messages are lost, not the stop)
+        return None
+
+
 def cleanup():
     global _control_group
     _control_group = None
