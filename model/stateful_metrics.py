@@ -150,7 +150,8 @@ class TorchMetric:
         """The epoch's value as a float (a collective under torchrun: every process must call it)."""
         value = self.metric.compute()
         if value.numel() != 1:
-            raise ValueError(f"{self.__name__} computes {tuple(value.shape)} values, not one number")
+            raise ValueError(f"{self.__name__} computes {tuple(value.shape)} values, not one number"
+                             ' (an average of "none"?)')
         return float(value)
 
     def reset(self):
