@@ -211,9 +211,9 @@ class ConfusionMatrix:
     """
 
     stateful = True
-    __name__ = CONFUSION_NAME
 
     def __init__(self, ignore_index=-100, device=None, sync=True):
+        self.__name__ = CONFUSION_NAME  # the key evaluate() returns the matrix under
         self.ignore_index, self.device, self.sync = ignore_index, device, sync
         self.counts = None  # (C, C), made at the first batch: C is the output's number of classes
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 NAME = "dist_tm"
 N_TRAIN, N_VALID = 210, 33  # 105 per rank in batches of 8: 13 of 8 and one of 1; validation 17 + 16: 8, 8, 1 and 8, 8
+N_TEST = 27  # 10% of the 270 samples: the test split rank 0 scores alone at the end (torchmetrics must not sync there)
 PER_PROCESS_BATCH = 8
 BATCHES = 14
 F1 = {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3, "average": "macro"}}
@@ -72,15 +73,15 @@ def config(save_dir, **trainer):
         "arch": {"type": "MLP", "args": {"input_size": 16, "hidden_sizes": [8], "num_classes": 3}},
         "data_loader": {
             "type": "SyntheticDataLoader",
-            "args": {"num_samples": N_TRAIN + N_VALID, "input_shape": [1, 4, 4], "num_classes": 3, "noise": 3.0,
-                     "test_fraction": 0.0, "batch_size": PER_PROCESS_BATCH, "shuffle": True,
+            "args": {"num_samples": N_TRAIN + N_VALID + N_TEST, "input_shape": [1, 4, 4], "num_classes": 3,
+                     "noise": 3.0, "test_fraction": 0.1, "batch_size": PER_PROCESS_BATCH, "shuffle": True,
                      "validation_split": N_VALID},
         },
         "optimizer": {"type": "SGD", "args": {"lr": 0.1, "momentum": 0.9}},
         "loss": "cross_entropy",
         "metrics": ["accuracy", F1, AUROC],
         "trainer": {"epochs": 2, "save_dir": str(save_dir), "save_period": 1, "verbosity": 0, "tensorboard": False,
-                    "monitor": "max val_auroc", "log_every_n_steps": 5, "test_after_train": False, **trainer},
+                    "monitor": "max val_auroc", "log_every_n_steps": 5, **trainer},
     }
 
 
@@ -161,6 +162,12 @@ def test_validation_values_are_those_of_all_held_out_samples(runs):
     metrics = metrics_of(runs / "full")[0]
     assert metrics["val_multiclass_f1_score"] == pytest.approx(f1, abs=1e-6)
     assert metrics["val_auroc"] == pytest.approx(auroc, abs=1e-6)
+
+
+def test_rank_0_scores_the_test_split_alone_at_the_end(runs):
+    """After training, rank 0 alone evaluates model_best.pth: a torchmetrics sync there would wait forever."""
+    scores = json.loads((runs / "full" / "models" / NAME / "full" / "model_best.test.json").read_text())
+    assert scores["n_samples"] == N_TEST and 0 < scores["auroc"] <= 1 and 0 <= scores["multiclass_f1_score"] <= 1
 
 
 def test_a_mid_epoch_resume_under_two_processes_ends_with_the_same_values(runs):
