@@ -6,6 +6,7 @@ made the same way for training, resuming and evaluating.
 
 import fnmatch
 import functools
+import inspect
 
 import torch
 
@@ -34,6 +35,13 @@ def _external_model(name):
     return _torchvision_model(name) or timm_model(name)
 
 
+def _external_metric(name):
+    # torchmetrics.<module>.<Class> (model/stateful_metrics.py); torchmetrics is imported only when named.
+    from model.stateful_metrics import torchmetrics_metric
+
+    return torchmetrics_metric(name)
+
+
 def _classes(module, base, exclude=()):
     return {
         name: obj for name, obj in vars(module).items()
@@ -51,7 +59,8 @@ def registries():
                          "a torchvision model as torchvision.models.NAME, a timm model as timm.NAME"),
         "data_loader": Registry("data loader", DATA_LOADERS),
         "loss": Registry("loss", LOSSES),
-        "metrics": Registry("metric", METRICS),
+        "metrics": Registry("metric", METRICS, _external_metric,
+                            'a torchmetrics class as {"type": "torchmetrics.classification.MulticlassF1Score", "args": {...}}'),
         "optimizer": Registry("optimizer", _classes(torch.optim, torch.optim.Optimizer, exclude=("Optimizer",))),
         "lr_scheduler": Registry("lr scheduler", schedulers),
     }
@@ -128,14 +137,39 @@ def trained_model(checkpoint, overrides=(), device=None):
     return model, config, device, autocast
 
 
-def build_loss(config):
+def build_loss(config, device=None):
+    """The loss function, with its ``args`` bound. Class weights given as a JSON list (``"weight": [1, 2, 0.5]``)
+    become a float tensor on ``device`` (the CPU when None), as ``F.cross_entropy`` needs."""
     section = config["loss"]
     fn = registries()["loss"].get(section["type"], "loss.type")
-    return functools.partial(fn, **section["args"]) if section["args"] else fn
+    args = dict(section["args"])
+    if isinstance(args.get("weight"), list):
+        args["weight"] = torch.tensor(args["weight"], dtype=torch.float32, device=device)
+    return functools.partial(fn, **args) if args else fn
 
 
 def build_metrics(config):
-    return [registries()["metrics"].get(name, "metrics") for name in config["metrics"]]
+    """The metrics of ``config["metrics"]``, in order: a built-in's function (``model/metric.py``), or for a
+    ``{"type": "torchmetrics...."}`` entry a :class:`model.stateful_metrics.TorchMetric` spec.
+
+    A torchmetrics metric that takes ``ignore_index`` gets the loss's (default -100) unless its args set one,
+    so targets the loss ignores are left out of it too.
+    """
+    from utils.config import metric_name
+
+    metrics = []
+    for entry in config["metrics"]:
+        if isinstance(entry, str):
+            metrics.append(registries()["metrics"].get(entry, "metrics"))
+            continue
+        from model.stateful_metrics import TorchMetric
+
+        build = registries()["metrics"].get(entry["type"], "metrics")
+        args = dict(entry.get("args") or {})
+        if "ignore_index" in inspect.signature(build).parameters and "ignore_index" not in args:
+            args["ignore_index"] = config["loss"]["args"].get("ignore_index", -100)
+        metrics.append(TorchMetric(metric_name(entry), build, args))
+    return metrics
 
 
 # --------------------------------------------------------------------------- parameters

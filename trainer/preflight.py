@@ -44,7 +44,9 @@ def dry_batch(config, parts):
             loss = _loss(parts.criterion, output, target, config)
             _check_loss(loss, output, config)
             for fn in parts.metric_fns:
-                _metric(fn, output, target)
+                _metric(fn, output, target, parts.device)
+            if config["trainer"]["confusion_matrix"]:
+                _check_confusion(output, target)
     finally:
         model.train(was_training)
         set_rng_state(saved_rng)
@@ -211,10 +213,23 @@ def _check_loss(loss, output, config):
                             " a model that returns logits, or end the model with log_softmax")
 
 
-def _metric(fn, output, target):
+def _metric(fn, output, target, device):
     try:
-        fn(output, target)
+        if getattr(fn, "stateful", False):  # a torchmetrics metric: one update and a compute, on a probe of its own
+            probe = fn.new(device, sync=False)
+            probe.update(output, target)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "no positive samples" on one small batch
+                probe.compute()
+        else:
+            fn(output, target)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"metrics: {fn.__name__} cannot take the model's output {_shape(output)} and the targets"
                         f" {_shape(target)}: {reason}") from None
+
+
+def _check_confusion(output, target):
+    if target.is_floating_point() or output.dim() != 2:
+        raise UserError(f"trainer.confusion_matrix: needs class scores of shape (N, C) and class-index targets, but"
+                        f" the model gives {_shape(output)} and the targets are {_shape(target)}; set it false")

@@ -176,7 +176,7 @@ def build_parts(config, device, info=None):
         names = [n for n, _ in model.named_modules() if n][:8]
         raise ConfigError(f"trainer.activation_histograms: no module named {missing[0]!r};"
                           f" modules are named like {', '.join(names)}")
-    return Parts(model=model, criterion=build.build_loss(config), metric_fns=build.build_metrics(config),
+    return Parts(model=model, criterion=build.build_loss(config, device), metric_fns=build.build_metrics(config),
                  optimizer=optimizer, lr_scheduler=build.build_scheduler(optimizer, config),
                  data_loader=data_loader, valid_data_loader=valid_data_loader, device=device, frozen=frozen,
                  scaler=build.grad_scaler(device) if cfg["amp"] == "fp16" else None,
@@ -506,7 +506,7 @@ def evaluate_checkpoint(resume, overrides=(), device=None, write=True, progress=
                         " score; give the data a test split (the built-in sets: data_loader.args.test_fraction > 0)")
     loader.to(device)
     progress = config["trainer"]["verbosity"] > 0 if progress is None else progress
-    metrics = evaluate(model, loader, build.build_loss(config), build.build_metrics(config), device, autocast,
+    metrics = evaluate(model, loader, build.build_loss(config, device), build.build_metrics(config), device, autocast,
                        progress=progress)
     metrics["n_samples"] = len(loader.sampler)
     if write:

@@ -21,11 +21,15 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
     """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``, if given), each batch weighted
     by what its value averages over (its sample count; a loss's or accuracy's kept targets under ``ignore_index``).
 
+    Stateful metrics in ``metric_fns`` (torchmetrics ones, the confusion matrix: see model/stateful_metrics.py)
+    get a fresh accumulator each call, updated per batch and computed at the end.
     ``reduce=True`` (under ``torch.distributed``) sums over all processes, so every
-    process gets the value of the whole dataset.
+    process gets the value of the whole dataset (every process must then call this).
     """
     model.eval()
-    tracker = MetricTracker(["loss", *(fn.__name__ for fn in metric_fns)], device)
+    plain, stateful = split_metrics(metric_fns)
+    stateful = [fn.new(device, sync=reduce) for fn in stateful]
+    tracker = MetricTracker(["loss", *(fn.__name__ for fn in plain)], device)
     autocast = autocast or contextlib.nullcontext()
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
@@ -34,9 +38,20 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
         with autocast:
             output = model(data)
             loss = criterion(output, target)
-        tracker.update([loss.detach(), *(fn(output, target) for fn in metric_fns)], target.shape[0],
-                       batch_weights([criterion, *metric_fns], output, target))
-    return tracker.result(reduce=reduce)
+        tracker.update([loss.detach(), *(fn(output, target) for fn in plain)], target.shape[0],
+                       batch_weights([criterion, *plain], output, target))
+        for metric in stateful:
+            metric.update(output, target)
+    result = tracker.result(reduce=reduce)
+    for metric in stateful:  # under torchrun a collective: every process computes, in the same order
+        result[metric.__name__] = metric.compute()
+    return result
+
+
+def split_metrics(metric_fns):
+    """``(per-batch functions, stateful metric specs)`` of a list of metrics, each in its order."""
+    stateful = [fn for fn in metric_fns if getattr(fn, "stateful", False)]
+    return [fn for fn in metric_fns if not getattr(fn, "stateful", False)], stateful
 
 
 class Trainer(BaseTrainer):
@@ -51,6 +66,15 @@ class Trainer(BaseTrainer):
         super().__init__(config, parts, run)
         cfg = config["trainer"]
         self.criterion, self.metric_fns, self.device = parts.criterion, list(parts.metric_fns), parts.device
+        # Per-batch metrics go through the tracker; stateful ones (torchmetrics) keep their own state for the epoch.
+        self.batch_metric_fns, stateful = split_metrics(self.metric_fns)
+        self.epoch_metrics = [spec.new(self.device, sync=run.dist.enabled) for spec in stateful]
+        self._epoch_metrics_state = None  # their states (all processes'), for the next mid-epoch checkpoint
+        self.confusion = None  # trainer.confusion_matrix: counted over each validation, logged as an image
+        if cfg["confusion_matrix"] and parts.valid_data_loader is not None:
+            from model.stateful_metrics import ConfusionMatrix
+
+            self.confusion = ConfusionMatrix(config["loss"]["args"].get("ignore_index", -100))
         self.forward_model = parts.forward_model
         self.data_loader, self.valid_data_loader = parts.data_loader, parts.valid_data_loader
         self.scaler = parts.scaler
@@ -69,7 +93,7 @@ class Trainer(BaseTrainer):
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
         self.autocast = torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
         self.nonfinite_skips = 0
-        names = ["loss", *(fn.__name__ for fn in self.metric_fns)]
+        names = ["loss", *(fn.__name__ for fn in self.batch_metric_fns)]
         self.train_metrics = MetricTracker(names, self.device)
         self._train_metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
         self._params = self._optimizer_params()
@@ -118,22 +142,23 @@ class Trainer(BaseTrainer):
                     raise
             raise stopped  # out of the except block: the failed step's frames are let go
         while True:
-            self._metrics_mark = self.train_metrics.mark()
+            self._metrics_mark = self._mark_metrics()
             try:
                 return self._epoch_steps(epoch, start_batch)
             except torch.OutOfMemoryError as err:
                 start_batch = tuning.shrink_batch(self, epoch, err)
             # Out of the except block: the error's frames, which held the failed step's tensors, are gone.
-            self.train_metrics.rollback(self._metrics_mark)  # drop the window's batches: they are redone
+            self._rollback_metrics(self._metrics_mark)  # drop the window's batches: they are redone
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def _epoch_steps(self, epoch, start_batch):
         """The step loop: fetch, forward, loss, backward, (clip), step, for each batch of ``epoch`` from ``start_batch``."""
         model, optimizer, tracker = self.forward_model, self.optimizer, self.train_metrics
+        batch_metrics, epoch_metrics = self.batch_metric_fns, self.epoch_metrics
         model.train()
         if start_batch == 0:
-            tracker.reset()
+            self._reset_metrics()
         n_batches = self.batches_per_epoch()
         accumulate, device = self.accumulate, self.device
         move = device.type != "cpu"  # batches are made on the CPU: there, moving them is a no-op worth skipping
@@ -158,8 +183,10 @@ class Trainer(BaseTrainer):
                 scaled = loss / (window_end - window_start) if window_end - window_start > 1 else loss
                 with self._sync_context(last_in_window):
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                tracker.update([loss.detach(), *(fn(output, target) for fn in self.metric_fns)], target.shape[0],
-                               batch_weights([self.criterion, *self.metric_fns], output, target))
+                tracker.update([loss.detach(), *(fn(output, target) for fn in batch_metrics)], target.shape[0],
+                               batch_weights([self.criterion, *batch_metrics], output, target))
+                for metric in epoch_metrics:  # usually none
+                    metric.update(output, target)
             if not last_in_window:
                 continue
             self._optimizer_step(epoch, batch_idx, loss)
@@ -175,7 +202,23 @@ class Trainer(BaseTrainer):
         bar.close()
         for hook in self.hooks:
             hook.after_train_epoch(self, epoch, data)
-        return tracker.result(reduce=self.distributed)
+        result = tracker.result(reduce=self.distributed)
+        for metric in epoch_metrics:  # under torchrun a collective (torchmetrics' sync): every process computes
+            result[metric.__name__] = metric.compute()
+        return result
+
+    def _reset_metrics(self):
+        self.train_metrics.reset()
+        for metric in self.epoch_metrics:
+            metric.reset()
+
+    def _mark_metrics(self):
+        return self.train_metrics.mark(), [metric.mark() for metric in self.epoch_metrics]
+
+    def _rollback_metrics(self, mark):
+        self.train_metrics.rollback(mark[0])
+        for metric, saved in zip(self.epoch_metrics, mark[1]):
+            metric.rollback(saved)
 
     def _optimizer_step(self, epoch, batch_idx, loss):
         if self.scaler:
@@ -199,7 +242,7 @@ class Trainer(BaseTrainer):
         if logging_step:
             self._log_step(epoch, batch_idx, loss, grad_norm)
         if self._keep_marks:  # the sums an out-of-memory error in the next window rolls back to
-            self._metrics_mark = self.train_metrics.mark()
+            self._metrics_mark = self._mark_metrics()
 
     def _log_step(self, epoch, batch_idx, loss, grad_norm):
         # The only host-device sync of a training step, and only at the logging interval.
@@ -289,10 +332,23 @@ class Trainer(BaseTrainer):
         # would wait forever on a process whose validation shard has fewer batches.
         model = self.model if self.distributed else self.forward_model
         limit = tuning.limited(self.val_batch_limit, len(self.valid_data_loader))
+        metric_fns = self.metric_fns + [self.confusion] if self.confusion else self.metric_fns
         with self.ema.swapped_in() if self.ema else _NO_CONTEXT:  # with EMA on, the averaged weights are scored
-            return evaluate(model, self.valid_data_loader, self.criterion, self.metric_fns, self.device,
-                            self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}",
-                            max_batches=limit)
+            result = evaluate(model, self.valid_data_loader, self.criterion, metric_fns, self.device,
+                              self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}",
+                              max_batches=limit)
+        if self.confusion:
+            self._log_confusion(result.pop(self.confusion.__name__))
+        return result
+
+    def _log_confusion(self, counts):
+        """The validation's confusion matrix as a TensorBoard image, with the data's class names (rank 0)."""
+        if not (self.is_main and self.writer) or counts.numel() == 0:
+            return
+        from model.stateful_metrics import confusion_image
+
+        names = getattr(self.valid_data_loader, "class_names", None)
+        self.writer.add_images("val/confusion_matrix", confusion_image(counts, names)[None], self.global_step)
 
     def log_epoch(self, epoch, result):
         super().log_epoch(epoch, result)
@@ -330,9 +386,12 @@ class Trainer(BaseTrainer):
         # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective),
         # so that a resume, under any world size, ends the epoch with the numbers of the whole epoch.
         self._train_metrics_state = self.train_metrics.state_dict(reduce=self.distributed)
+        if self.epoch_metrics:  # the same for stateful metrics: their states, gathered by torchmetrics' sync
+            self._epoch_metrics_state = {m.__name__: m.state_dict(reduce=self.distributed) for m in self.epoch_metrics}
 
     def extra_state(self):
         metrics_state, self._train_metrics_state = self._train_metrics_state, None
+        epoch_metrics_state, self._epoch_metrics_state = self._epoch_metrics_state, None
         return {
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "frozen": [],
@@ -340,6 +399,8 @@ class Trainer(BaseTrainer):
             "nonfinite_skips": self.nonfinite_skips,
             "train_metrics": metrics_state or self.train_metrics.state_dict(),
             "batch_changes": self.batch_changes,
+            # (only mid-epoch: after an epoch's end a resume starts the next epoch afresh)
+            **({"train_epoch_metrics": epoch_metrics_state} if epoch_metrics_state else {}),
             **super().extra_state(),  # the hooks' (the freezing schedule's "frozen" and "unfrozen")
         }
 
@@ -357,6 +418,14 @@ class Trainer(BaseTrainer):
                 self.train_metrics.load_state_dict(state["train_metrics"])
             else:
                 self.train_metrics.reset()
+            saved = state.get("train_epoch_metrics") or {}
+            for metric in self.epoch_metrics:
+                metric.reset()
+                if self.is_main and metric.__name__ in saved:
+                    metric.load_state_dict(saved[metric.__name__])
+                elif self.is_main:
+                    self.logger.warning(f"the checkpoint holds no running state of {metric.__name__}: its value"
+                                        f" for epoch {state['epoch'] + 1} covers only the batches after the resume")
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing

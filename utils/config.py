@@ -631,6 +631,76 @@ def string_list(v):
     return None if isinstance(v, list) and all(isinstance(s, str) and s for s in v) else "a list of strings"
 
 
+def metric_list(v):
+    ok = isinstance(v, list) and all((isinstance(m, str) and m) or isinstance(m, dict) for m in v)
+    return None if ok else 'a list of metric names, or {"type": "torchmetrics.<module>.<Class>", "args": {...}} entries'
+
+
+METRIC_KEYS = ("type", "args", "name")
+
+
+def metric_name(entry):
+    """The name an entry of ``metrics`` goes by in results (``val_<name>``) and in ``trainer.monitor``: a built-in's
+    own name, or a torchmetrics entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry.get("name"), str):
+        return entry["name"]
+    kind = entry.get("type")
+    cls = kind.rsplit(".", 1)[-1] if isinstance(kind, str) else "?"
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
+
+
+def _check_metrics(metrics, registry, problems):
+    """One line per problem in ``metrics``: unknown names, malformed torchmetrics entries, arguments that do not
+    bind or that the class rejects, repeated names. torchmetrics is imported only if an entry names it."""
+    if metric_list(metrics) is not None:
+        return  # already reported by the schema
+    for index, entry in enumerate(metrics):
+        where = f"metrics[{index}]"
+        if isinstance(entry, str):
+            if entry not in registry.table:
+                problems.append(f"metrics: unknown metric {entry!r}{did_you_mean(entry, registry.table)}"
+                                f" valid: {_listing(registry.table)}")
+            continue
+        unknown = [key for key in entry if key not in METRIC_KEYS]
+        if unknown:
+            problems.append(f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)}"
+                            f" valid: {', '.join(METRIC_KEYS)}")
+            continue
+        kind, args, name = entry.get("type"), entry.get("args") or {}, entry.get("name")
+        if not isinstance(kind, str) or not kind:
+            problems.append(f"{where}.type: missing or not a string (a torchmetrics class, e.g."
+                            ' "torchmetrics.classification.MulticlassF1Score")')
+            continue
+        if kind in registry.table:
+            problems.append(f"{where}: {kind!r} is a built-in metric; write it as the plain name \"{kind}\"")
+            continue
+        if not isinstance(args, dict):
+            problems.append(f"{where}.args: expected a mapping of argument names to values, got {json.dumps(args)}")
+            continue
+        if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)):
+            problems.append(f"{where}.name: got {_show(name)}, expected a short name of letters, digits and _")
+            continue
+        try:
+            build = registry.get(kind, f"{where}.type")
+        except ConfigError as err:
+            problems.extend(p.replace("metrics:", f"{where}.type:", 1) for p in err.problems)
+            continue
+        bad = check_args(build, args, f"{where}.args")
+        if bad:
+            problems.extend(bad)
+            continue
+        try:  # cheap (no data yet), and the only way to catch values the class itself refuses (average="macr")
+            build(**args)
+        except (TypeError, ValueError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            problems.append(f"{where}.args: {kind} rejected its arguments: {reason}")
+    names = [metric_name(entry) for entry in metrics]
+    for name in sorted({n for n in names if names.count(n) > 1 or n in ("loss", "confusion_matrix")}):
+        problems.append(f"metrics: the name {name!r} is taken twice (or is reserved); give the entry its own \"name\"")
+
+
 def one_of(*choices):
     def inner(v):
         return None if any(v == c and type(v) is type(c) for c in choices) else "one of " + ", ".join(json.dumps(c) for c in choices)
@@ -731,6 +801,7 @@ TRAINER_SCHEMA = {
     "histogram_every": (non_negative_int, 0),
     "activation_histograms": (string_list, []),
     "log_images": (boolean, True),
+    "confusion_matrix": (boolean, False),  # the validation's confusion matrix as a TensorBoard image
     # checkpoints
     "keep_last": (optional(positive_int), None),
     "save_every_n_steps": (optional(positive_int), None),
@@ -757,7 +828,7 @@ TOP_SCHEMA = {
     "optimizer": (None, REQUIRED),
     "lr_scheduler": (None, None),
     "loss": (None, REQUIRED),
-    "metrics": (string_list, []),
+    "metrics": (metric_list, []),  # built-in names, or {"type": "torchmetrics.<...>.<Class>", "args": {...}, "name": ...}
     "trainer": (None, {}),
 }
 
@@ -894,12 +965,7 @@ def validate_config(config, registries):
                         if problem:
                             problems.append(problem)
 
-    metrics = out.get("metrics") or []
-    if string_list(metrics) is None:
-        for name in metrics:
-            if name not in registries["metrics"].table:
-                valid = registries["metrics"].table
-                problems.append(f"metrics: unknown metric {name!r}{did_you_mean(name, valid)} valid: {_listing(valid)}")
+    _check_metrics(out.get("metrics") or [], registries["metrics"], problems)
 
     t = out["trainer"]
     split_reported = any(p.startswith("data_loader.args.validation_split:") for p in problems)
@@ -940,7 +1006,7 @@ def has_validation(config, registries):
 
 def _check_monitor(monitor, config, registries):
     _, name = monitor.split()
-    metric_names = ["loss"] + list(config.get("metrics") or [])
+    metric_names = ["loss"] + [metric_name(m) for m in config.get("metrics") or [] if isinstance(m, (str, dict))]
     available = list(metric_names)
     if has_validation(config, registries):
         available += [f"val_{m}" for m in metric_names]

@@ -1,0 +1,304 @@
+"""torchmetrics metrics by name, the confusion matrix image, and class weights given as a list.
+
+What is checked: a torchmetrics F1 (macro) and AUROC from ``evaluate`` and from a training run
+equal torchmetrics computed directly over the whole epoch's outputs (uneven last batches, ignored
+targets); a run resumed mid-epoch ends with bit-identical values; config mistakes are one line and
+exit code 2 with nothing written, and naming no torchmetrics metric does not import torchmetrics;
+the confusion matrix reaches TensorBoard as an image; a loss ``weight`` list works.
+(2 processes under torchrun: tests/test_torchmetrics_distributed.py.)
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, with_changes
+
+torchmetrics = pytest.importorskip("torchmetrics")
+from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score  # noqa: E402
+
+from base.base_trainer import RunStopped  # noqa: E402
+from model.stateful_metrics import confusion_image  # noqa: E402
+from trainer import build, run  # noqa: E402
+from trainer.trainer import evaluate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+F1 = {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3, "average": "macro"}}
+AUROC = {"type": "torchmetrics.classification.MulticlassAUROC", "args": {"num_classes": 3}, "name": "auroc"}
+
+
+def direct(outputs, targets):
+    """F1 (macro) and AUROC of torchmetrics over all of ``outputs`` at once, ignoring targets of -100."""
+    f1 = MulticlassF1Score(num_classes=3, average="macro", ignore_index=-100)
+    auroc = MulticlassAUROC(num_classes=3, ignore_index=-100)
+    return {"multiclass_f1_score": float(f1(outputs, targets)), "auroc": float(auroc(outputs, targets))}
+
+
+def tm_config(save_dir, **trainer):
+    """The tiny run with F1 and AUROC: 205 training samples in batches of 24 (8 of 24, one of 13), 51 validation
+    samples (24, 24, 3)."""
+    config = make_config(save_dir, **trainer)
+    config["data_loader"]["args"]["batch_size"] = 24
+    config["metrics"] = ["accuracy", F1, AUROC]
+    return config
+
+
+class _Fixed(torch.nn.Module):
+    """Returns the stored logits of the samples whose indices it is given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, index):
+        return self.logits[index]
+
+
+# --------------------------------------------------------------------------- equal to torchmetrics over the epoch
+
+
+def test_evaluate_equals_torchmetrics_over_the_whole_epoch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(23, 3, generator=g) * 2
+    target = torch.randint(0, 3, (23,), generator=g)
+    target[[2, 9, 17]] = -100  # ignored, as by the loss
+    loader = [(torch.arange(i, min(i + 5, 23)), target[i:i + 5]) for i in range(0, 23, 5)]  # 5, 5, 5, 5, 3
+    config = {"metrics": ["accuracy", F1, AUROC], "loss": {"type": "cross_entropy", "args": {}}}
+    result = evaluate(_Fixed(logits), loader, torch.nn.functional.cross_entropy, build.build_metrics(config),
+                      torch.device("cpu"))
+    expected = direct(logits, target)
+    assert result["multiclass_f1_score"] == expected["multiclass_f1_score"]
+    assert result["auroc"] == expected["auroc"]
+    # The batches' mean F1 would differ: the metric really is computed over the epoch.
+    per_batch = [float(MulticlassF1Score(num_classes=3, ignore_index=-100)(logits[i:i + 5], target[i:i + 5]))
+                 for i in range(0, 23, 5)]
+    assert abs(sum(per_batch) / len(per_batch) - expected["multiclass_f1_score"]) > 1e-3
+    kept = target != -100
+    assert result["accuracy"] == pytest.approx((logits.argmax(1) == target)[kept].float().mean().item())
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The (output, target) of every training batch (the loss's inputs while gradients are on)."""
+    records = []
+    build_loss = build.build_loss
+
+    def recording(config, device=None):
+        loss = build_loss(config, device)
+
+        def record(output, target):
+            if torch.is_grad_enabled():
+                records.append((output.detach().clone(), target.clone()))
+            return loss(output, target)
+
+        return record
+
+    monkeypatch.setattr(build, "build_loss", recording)
+    return records
+
+
+def _outputs(model, loader):
+    model.eval()
+    with torch.no_grad():
+        pairs = [(model(data), target) for data, target in loader]
+    return torch.cat([o for o, _ in pairs]), torch.cat([t for _, t in pairs])
+
+
+def test_a_run_reports_torchmetrics_of_its_whole_epochs(tmp_path, recorded):
+    config = tm_config(tmp_path / "saved", monitor="max val_auroc")
+    metrics = run.train(config, run_id="r")
+    per_epoch = len(recorded) // 2
+    assert len(recorded) == 2 * per_epoch == 18  # 2 epochs of 9 batches (205 samples: the last batch holds 13)
+    assert recorded[per_epoch - 1][1].shape[0] == 13 and recorded[0][1].shape[0] == 24
+    outputs = torch.cat([o for o, _ in recorded[per_epoch:]])
+    targets = torch.cat([t for _, t in recorded[per_epoch:]])
+    expected = direct(outputs, targets)
+    assert metrics["multiclass_f1_score"] == expected["multiclass_f1_score"]
+    assert metrics["auroc"] == expected["auroc"]
+
+    # Validation: the epoch-2 model over the held-out samples, batch by batch as the run saw them.
+    state = torch.load(tmp_path / "saved/models/tiny/r/checkpoint-epoch2.pth", map_location="cpu", weights_only=True)
+    model = build.build_model(state["config"])
+    model.load_state_dict(state["model"])
+    valid = build.build_data_loader(state["config"]).split_validation()
+    assert [len(t) for _, t in valid] == [24, 24, 3]
+    expected = direct(*_outputs(model, valid))
+    assert metrics["val_multiclass_f1_score"] == expected["multiclass_f1_score"]
+    assert metrics["val_auroc"] == expected["auroc"]
+    # test.py scores them too, from the checkpoint's config
+    scores = json.loads((tmp_path / "saved/models/tiny/r/model_best.test.json").read_text())
+    assert 0 <= scores["auroc"] <= 1 and "multiclass_f1_score" in scores
+
+
+@pytest.fixture
+def interrupt_at_step():
+    """Send this process SIGINT from inside optimizer step ``n``, as a Ctrl-C would arrive."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handles = []
+
+    def arm(n):
+        count = [0]
+
+        def hook(opt, args, kwargs):
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        handles.append(register_optimizer_step_post_hook(hook))
+
+    yield arm
+    for handle in handles:
+        handle.remove()
+
+
+def test_a_mid_epoch_resume_ends_with_the_same_values(tmp_path, interrupt_at_step):
+    config = tm_config(tmp_path / "saved", epochs=2)
+    whole = run.train(with_changes(config, name="whole"), run_id="w")
+    interrupt_at_step(15)  # epoch 2, batch 6 of 9
+    with pytest.raises(RunStopped):
+        run.train(config, run_id="cut")
+    last = torch.load(tmp_path / "saved/models/tiny/cut/last.pth", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["batch_in_epoch"]) == (1, 6)
+    saved = last["train_epoch_metrics"]
+    assert saved["auroc"]["states"]["preds"][0].shape == (6 * 24, 3)  # the 6 batches' scores, on the CPU
+    assert saved["multiclass_f1_score"]["states"]["tp"].sum() > 0
+    resumed = run.train(None, resume=tmp_path / "saved/models/tiny/cut/last.pth")
+    for key in ("multiclass_f1_score", "auroc", "val_multiclass_f1_score", "val_auroc", "loss", "accuracy"):
+        assert resumed[key] == whole[key], key  # bit-identical
+    # Without the saved state the epoch's value would have covered only the batches after the resume.
+    assert len({whole["auroc"], whole["val_auroc"], whole["multiclass_f1_score"]}) > 1
+
+
+# --------------------------------------------------------------------------- config mistakes
+
+
+def _train_cli(tmp_path, *overrides):
+    proc = subprocess.run([sys.executable, "train.py", "-c", "config.json", f"trainer.save_dir={tmp_path / 'saved'}",
+                           "trainer.monitor=off", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert not (tmp_path / "saved").exists(), "something was written"
+    return proc
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"type": "torchmetrics.classification.MulticlassF1Scor", "args": {"num_classes": 10}},
+     "error: metrics[0].type: unknown torchmetrics metric 'torchmetrics.classification.MulticlassF1Scor'; did you mean"
+     " 'torchmetrics.classification.MulticlassF1Score'?"),
+    ({"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_class": 10}},
+     "error: metrics[0].args: MulticlassF1Score takes no argument 'num_class'; did you mean 'num_classes'?"),
+    ({"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 10, "average": "macr"}},
+     "error: metrics[0].args: torchmetrics.classification.MulticlassF1Score rejected its arguments: Expected"
+     " argument `average`"),
+], ids=["unknown-class", "unknown-arg", "bad-value"])
+def test_a_torchmetrics_mistake_is_one_line_and_exit_2(tmp_path, entry, message):
+    proc = _train_cli(tmp_path, f"metrics={json.dumps([entry])}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines
+    assert lines[0].startswith(message), lines
+    assert "Traceback" not in proc.stderr
+
+
+def test_all_metric_mistakes_are_reported_at_once(tmp_path):
+    entries = ["acuracy", {"type": "accuracy"}, {"type": "torchmetrics.MeanSquaredError", "nme": "x"},
+               {"type": "torchmetrics.classification.MulticlassAUROC", "args": {"num_classes": 0}}]
+    proc = _train_cli(tmp_path, f"metrics={json.dumps(entries)}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 4, lines
+    assert "unknown metric 'acuracy'; did you mean 'accuracy'?" in lines[0]
+    assert "metrics[1]: 'accuracy' is a built-in metric" in lines[1]
+    assert "metrics[2].nme: unknown key; did you mean 'name'?" in lines[2]
+    assert "metrics[3].args.num_classes: got 0, expected a positive integer" in lines[3]
+
+
+def test_a_metric_giving_several_numbers_is_stopped_by_the_dry_batch(tmp_path):
+    entry = {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 10, "average": "none"}}
+    proc = _train_cli(tmp_path, f"metrics={json.dumps([entry])}", "trainer.epochs=1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: metrics: multiclass_f1_score cannot take the model's output [32, 10] (float32) and the targets [32]"
+        " (int64): multiclass_f1_score computes (10,) values, not one number (an average of \"none\"?)"]
+
+
+def test_monitor_uses_the_short_name():
+    from utils.config import ConfigError, validate_config
+
+    config = tm_config("/nonexistent", monitor="max val_multiclass_f1_score")
+    validate_config(config, build.registries())
+    with pytest.raises(ConfigError, match="did you mean 'val_auroc'"):
+        validate_config(with_changes(config, trainer__monitor="max val_aurok"), build.registries())
+
+
+def test_built_in_metrics_do_not_import_torchmetrics():
+    code = ("import sys; sys.path.insert(0, '.'); from trainer import build;"
+            " from utils.config import load_config, validate_config;"
+            " c = validate_config(load_config('config.json'), build.registries()); build.build_metrics(c);"
+            " print(sorted(m for m in ('torchmetrics', 'matplotlib', 'PIL') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- confusion matrix
+
+
+def test_confusion_matrix_image_counts_every_validation_sample(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from model import stateful_metrics
+
+    drawn = []
+    image = stateful_metrics.confusion_image
+    monkeypatch.setattr(stateful_metrics, "confusion_image", lambda counts, names: drawn.append(counts) or image(counts, names))
+    config = make_config(tmp_path / "saved", confusion_matrix=True, tensorboard=True, log_images=False)
+    metrics = run.train(config, run_id="cm")
+    assert len(drawn) == 2 and all(c.shape == (3, 3) and int(c.sum()) == 51 for c in drawn)  # 51 validation samples
+    assert int(drawn[-1].trace()) / 51 == pytest.approx(metrics["val_accuracy"])  # the diagonal: the right answers
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "saved/log/tiny/cm"), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images("val/confusion_matrix")
+    expected = image(torch.zeros(3, 3), None).shape
+    assert len(images) == 2  # one per validation
+    assert all((im.height, im.width) == tuple(expected[1:]) for im in images)
+    assert images[0].encoded_image_string.startswith(b"\x89PNG")
+
+
+def test_confusion_image_shades_by_row_share_and_names_the_classes():
+    counts = torch.tensor([[9, 1], [0, 5]])
+    named = confusion_image(counts, ["cat", "a_long_class_name"])
+    plain = confusion_image(counts, None)
+    assert named.shape[0] == 3 and named.shape[1] > plain.shape[1]  # room for the longer labels
+    assert 0 <= float(named.min()) and float(named.max()) <= 1
+
+    def cell_blue_share(img, row, col, n=2, cell=28):
+        label = img.shape[1] - n * cell - 4
+        y, x = label + row * cell + 2, label + col * cell + 2  # a corner of the cell, away from its text
+        red, green, blue = img[:, y, x].tolist()
+        return blue - red
+
+    # the diagonal's shares (0.9, 1.0) are darker than the off-diagonal's (0.1, 0)
+    assert cell_blue_share(plain, 0, 0) > cell_blue_share(plain, 0, 1) >= cell_blue_share(plain, 1, 0)
+    assert cell_blue_share(plain, 1, 1) > cell_blue_share(plain, 0, 0)
+
+
+# --------------------------------------------------------------------------- loss weight as a list
+
+
+def test_a_weight_list_becomes_a_tensor_and_weights_the_loss(tmp_path):
+    config = make_config(tmp_path / "saved")
+    config["loss"] = {"type": "cross_entropy", "args": {"weight": [1, 2.5, 0.5]}}
+    loss = build.build_loss(config, torch.device("cpu"))
+    weight = loss.keywords["weight"]
+    assert isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.tolist() == [1, 2.5, 0.5]
+    output, target = torch.randn(8, 3), torch.tensor([0, 1, 2, 1, 0, 2, 2, 1])
+    assert loss(output, target) == torch.nn.functional.cross_entropy(output, target, weight=weight)
+    assert loss(output, target) != torch.nn.functional.cross_entropy(output, target)
+    metrics = run.train(with_changes(config, trainer__epochs=1), run_id="w")  # was: a list reached F.cross_entropy
+    assert metrics["loss"] == metrics["loss"]
