@@ -310,6 +310,13 @@ def _get_json(base, path, **params):
         return json.loads(response.read().decode())
 
 
+def _post_json(base, path, body):
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read().decode())
+
+
 def _start_tensorboard(logdir, out_path):
     """Start ``tensorboard`` on a free port; returns ``(process, base_url)`` once it answers."""
     deadline = time.monotonic() + 60
@@ -390,6 +397,16 @@ def test_tensorboard_server_serves_the_run(trained_run, tmp_path):
         assert "inputs" in images[run], images
         histograms = _get_json(base, "/data/plugin/histograms/tags")
         assert {"activations/net.1", "params/net.1.weight", "grads/net.1.weight"} <= set(histograms[run]), histograms
+
+        # the HParams tab: one session (the run's record), its config and final values
+        request = {"experimentName": "", "startIndex": 0, "sliceSize": 10,
+                   "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                   "colParams": [{"metric": {"tag": "hparam/val_loss"}}, {"hparam": "optimizer.args.lr"}]}
+        groups = _post_json(base, "/data/plugin/hparams/session_groups", request)["sessionGroups"]
+        assert [[s["name"] for s in g["sessions"]] for g in groups] == [[f"{run}/hparams"]], groups
+        assert groups[0]["hparams"]["optimizer.args.lr"] == pytest.approx(0.1)
+        values = {m["name"]["tag"]: m["value"] for m in groups[0]["metricValues"]}
+        assert values["hparam/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
     finally:
         _stop(proc)
     assert proc.poll() is not None

@@ -323,6 +323,7 @@ class Sweep:
 
         monitor = self.monitor.split()[-1] if self.monitor != "off" else "val_loss"
         figure = plot_figure(Figure, trials, self.swept, f"best {monitor}" if self.monitor != "off" else monitor)
+        self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(self.folder / PLOT, "wb") as f:
             figure.savefig(f, format="png", dpi=100)
         return f"Plot: {self.folder / PLOT}"
@@ -343,6 +344,7 @@ def plot_figure(figure_class, trials, swept, label):
         if kind == "loguniform" or (kind == "grid" and numbers and min(numbers) > 0
                                     and max(numbers) >= 100 * min(numbers)):
             ax.set_xscale("log")
+            ax.tick_params(axis="x", which="minor", labelbottom=False)  # (labelled minor ticks overlap)
         ax.set_xlabel(key)
         ax.set_ylabel(label)
         if any(t["status"] == "pruned" for t in trials):
