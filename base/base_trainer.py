@@ -116,7 +116,8 @@ class BaseTrainer:
         self.agreed_stop = None  # under torchrun: the stop reason all processes last agreed on
         self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
-        self.finished = False  # max_steps reached or early stop
+        self.finished = False  # max_steps reached, early stop, or pruned
+        self.pruned_at = None  # the epoch after which a sweep's pruner ended the run (trainer/hooks.py, StudyReport)
         self.final_metrics = {}
         self.hooks = []  # optional behaviour at fixed moments (see trainer/hooks.py); a subclass fills it
 
@@ -166,6 +167,8 @@ class BaseTrainer:
             self.logger.info(f"{self.monitor_key} did not improve for {self.not_improved_count} epochs"
                              f" (trainer.early_stop={self.early_stop}): training stops")
             self.finished = True
+        for hook in self.hooks:  # before the saves: a hook that ends the run (a sweep's pruner) gets its checkpoint
+            hook.after_epoch(self, epoch, result)
         periodic = epoch % self.save_period == 0 or epoch == self.epochs or self.finished
         if improved or periodic:
             self.check_finite_weights(f"the end of epoch {epoch}")

@@ -88,11 +88,13 @@ class TensorboardTracker(Tracker):
         from logger.visualization import TensorboardWriter
 
         self.writer = TensorboardWriter(log_dir, True, purge_step=purge_step, logger=logger)
+        self.last_step = 0
 
     def __bool__(self):
         return bool(self.writer)  # False when the tensorboard package is missing (a warning said so)
 
     def log_scalar(self, tag, value, step):
+        self.last_step = step
         self.writer.add_scalar(tag, value, step)
 
     def log_images(self, tag, images, step):
@@ -102,7 +104,7 @@ class TensorboardTracker(Tracker):
         self.writer.add_histogram(tag, values, step)
 
     def log_hparams(self, hparams, metrics):
-        self.writer.add_hparams(hparams, metrics)
+        self.writer.add_hparams(hparams, metrics, self.last_step)  # replaces the record of a run segment before
 
     def flush(self):
         self.writer.flush()
@@ -373,7 +375,8 @@ class RunWriter:
             tracker.log_params(params)
 
     def add_hparams(self, hparams, metrics):
-        """The end of a run: the final values (TensorBoard: its HParams tab; the others: scalars at the last step)."""
+        """The end of a run (or of a resumed segment of it): its config and final values. TensorBoard keeps one
+        record per run in its HParams tab, replaced at each end; the others get the values as scalars at the last step."""
         for tracker in self.trackers:
             if isinstance(tracker, TensorboardTracker):
                 tracker.log_hparams(hparams, metrics)

@@ -146,12 +146,35 @@ def test_a_typo_in_the_base_config_fails_the_sweep_before_any_trial(tmp_path, ca
     assert not (tmp_path / "saved").exists()
 
 
+OPTUNA = ["--optuna", "optimizer.args.lr=uniform:0.01:0.1", "--trials", "2"]
+
+
 @pytest.mark.parametrize("flags,named", [(["--random", "optimizer.args.lr=uniform:0:1", "--trials", "0"], "--trials"),
                                          (["--nproc", "0"], "--nproc"), (["--folds", "1"], "--folds"),
-                                         (["--seeds", "a,b"], "--seeds")])
+                                         (["--seeds", "a,b"], "--seeds"),
+                                         (["--optuna", "optimizer.args.lr=uniform:0:1"], "--optuna needs --trials"),
+                                         (["--optuna", "lr=normal:0:1", "--trials", "2"], "--optuna 'lr=normal:0:1'"),
+                                         ([*OPTUNA, "--grid", "trainer.epochs=1,2"], "give one of"),
+                                         ([*OPTUNA, "--pruner", "mean"], "--pruner 'mean'"),
+                                         ([*OPTUNA, "--pruner", "median:a"], "--pruner"),
+                                         ([*OPTUNA, "--seeds", "0,1"], "--optuna runs each trial once"),
+                                         ([*OPTUNA, "--direction", "max"], "--direction max"),
+                                         ([*OPTUNA, "trainer.monitor=off"], '--optuna: the study optimizes'),
+                                         (["--grid", "trainer.epochs=1,2", "--pruner", "none"], "--pruner is for")])
 def test_bad_sweep_flags_are_one_line_before_anything_is_written(flags, named, tmp_path, capsys):
     path = write_config(tmp_path)
     assert sweep_command(["-c", str(path), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {named}"), err
     assert not (tmp_path / "saved").exists()
+
+
+def test_a_random_search_resumes_its_own_folder(tmp_path):
+    path = write_config(tmp_path)
+    space = parse_random(["optimizer.args.lr=loguniform:1e-4:1e-1", "arch.args.hidden_sizes=choice:[16],[8,8]"])
+    from trainer.sweep import Sweep
+
+    first = Sweep(path, [], space=space, trials=3, name="again")
+    first.save()
+    again = Sweep(path, [], space=space, trials=3, name="again")  # the spec as sweep.json keeps it is the same
+    assert again.state == json.loads((first.folder / "sweep.json").read_text())

@@ -155,8 +155,10 @@ def test_epoch_scalars_match_returned_metrics(trained_run):
     for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
         last = acc.Scalars(f"epoch/{key}")[-1].value  # stored as float32
         assert math.isclose(last, metrics[key], rel_tol=1e-6, abs_tol=1e-7), (key, last, metrics[key])
-    # the hparams metrics are the same final values
-    assert math.isclose(acc.Scalars("hparam/loss")[-1].value, metrics["loss"], rel_tol=1e-6)
+    # the hparams metrics are the same final values, in the run's hparams folder
+    hparams = accumulate(trained_run[0] / "hparams")
+    assert math.isclose(hparams.Scalars("hparam/loss")[-1].value, metrics["loss"], rel_tol=1e-6)
+    assert "hparam/loss" not in acc.Tags()[event_accumulator.SCALARS]
 
 
 def test_lr_logged_once_per_step(trained_run):
@@ -188,23 +190,36 @@ def test_image_and_histograms(trained_run):
     assert acc.Histograms("activations/net.1")[-1].histogram_value.num == 16 * 16
 
 
+def hparams_records(log_dir):
+    """Every HParams session record under a run's log folder (its sub-folders included), as parsed protos."""
+    starts = [plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info
+              for folder in [log_dir, *(p for p in log_dir.rglob("*") if p.is_dir())]
+              if glob.glob(os.path.join(str(folder), "events.out.tfevents.*"))
+              for _, tag, value in raw_summaries(folder) if tag == "_hparams_/session_start_info"]
+    return starts
+
+
 def test_hparams_plugin_data(trained_run):
-    log_dir, metrics, acc = trained_run
+    log_dir, metrics, _ = trained_run
+    # one record, in <run>/hparams/ (a run of its own, rewritten at each end), none in the run's own event file
+    assert [p.name for p in log_dir.iterdir() if p.is_dir()] == ["hparams"]
+    assert not [tag for _, tag, _ in raw_summaries(log_dir) if tag.startswith("_hparams_")]
+    assert len(glob.glob(str(log_dir / "hparams" / "events.out.tfevents.*"))) == 1
+    acc = accumulate(log_dir / "hparams")
     content = acc.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(content)
     assert acc.SummaryMetadata("_hparams_/experiment").plugin_data.plugin_name == "hparams"
-    # the summaries are in the run's own event file, not a sub-run folder
-    raw_tags = {tag for _, tag, _ in raw_summaries(log_dir)}
-    assert "_hparams_/session_start_info" in raw_tags
-    assert not [p for p in log_dir.iterdir() if p.is_dir()], "add_hparams made a sub-run folder"
 
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    (start,) = hparams_records(log_dir)
     assert math.isclose(start.hparams["optimizer.args.lr"].number_value, 0.1)
     assert start.hparams["arch.type"].string_value == "MLP"
     assert start.hparams["trainer.log_every_n_steps"].number_value == LOG_EVERY
+    assert json.loads(start.hparams["arch.args.hidden_sizes"].string_value) == [16]  # a list as its JSON text
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     metric_tags = {m.name.tag for m in experiment.metric_infos}
-    assert {f"hparam/{k}" for k in metrics if k != "epoch"} <= metric_tags
+    assert {f"hparam/{k}" for k in metrics if k != "epoch"} | {"hparam/best_val_loss"} <= metric_tags
+    for tag in metric_tags:  # each metric once, at the run's last step
+        assert steps_of(acc, tag) == [EPOCHS * STEPS_PER_EPOCH], tag
     end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
     assert end.status == api_pb2.STATUS_SUCCESS
 
@@ -221,6 +236,8 @@ def test_resume_continues_the_same_tensorboard_run(tmp_path):
     checkpoint = checkpoint_dir / "checkpoint-epoch2.pth"
     assert checkpoint.is_file()
     files_before = set(log_dir.glob("events.out.tfevents.*"))
+    (start,) = hparams_records(log_dir)
+    assert start.hparams["trainer.epochs"].number_value == 2
 
     config3 = copy.deepcopy(config)
     config3["trainer"]["epochs"] = 3
@@ -248,6 +265,14 @@ def test_resume_continues_the_same_tensorboard_run(tmp_path):
     assert steps_of(acc, "epoch/loss") == steps
     assert steps_of(acc, "epoch/epoch") == steps
     assert [e.value for e in acc.Scalars("epoch/epoch")] == [1.0, 2.0, 3.0]
+
+    # one hparams record, replaced by the resume's: the final config and values, each value once
+    (start,) = hparams_records(log_dir)
+    assert start.hparams["trainer.epochs"].number_value == 3
+    hparams = accumulate(log_dir / "hparams")
+    assert [(e.step, e.value) for e in hparams.Scalars("hparam/loss")] == [(3 * STEPS_PER_EPOCH, pytest.approx(resumed["loss"], rel=1e-6))]
+    best = min(e.value for e in acc.Scalars("epoch/val_loss"))
+    assert hparams.Scalars("hparam/best_val_loss")[-1].value == pytest.approx(best, rel=1e-6)
 
 
 def test_resume_from_an_earlier_checkpoint_drops_the_orphaned_steps(tmp_path):
@@ -282,6 +307,13 @@ def _get_json(base, path, **params):
     url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200, url
+        return json.loads(response.read().decode())
+
+
+def _post_json(base, path, body):
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read().decode())
 
 
@@ -341,7 +373,7 @@ def test_tensorboard_server_serves_the_run(trained_run, tmp_path):
         deadline = time.monotonic() + 60
 
         runs = _poll(lambda: _get_json(base, "/data/runs"), lambda r: run in r, deadline)
-        assert runs == [run], runs
+        assert sorted(runs) == [run, f"{run}/hparams"], runs  # the run, and its HParams record
 
         tags = _poll(lambda: _get_json(base, "/data/plugin/scalars/tags"),
                      lambda t: "epoch/loss" in t.get(run, {}), deadline)
@@ -365,6 +397,16 @@ def test_tensorboard_server_serves_the_run(trained_run, tmp_path):
         assert "inputs" in images[run], images
         histograms = _get_json(base, "/data/plugin/histograms/tags")
         assert {"activations/net.1", "params/net.1.weight", "grads/net.1.weight"} <= set(histograms[run]), histograms
+
+        # the HParams tab: one session (the run's record), its config and final values
+        request = {"experimentName": "", "startIndex": 0, "sliceSize": 10,
+                   "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                   "colParams": [{"metric": {"tag": "hparam/val_loss"}}, {"hparam": "optimizer.args.lr"}]}
+        groups = _post_json(base, "/data/plugin/hparams/session_groups", request)["sessionGroups"]
+        assert [[s["name"] for s in g["sessions"]] for g in groups] == [[f"{run}/hparams"]], groups
+        assert groups[0]["hparams"]["optimizer.args.lr"] == pytest.approx(0.1)
+        values = {m["name"]["tag"]: m["value"] for m in groups[0]["metricValues"]}
+        assert values["hparam/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
     finally:
         _stop(proc)
     assert proc.poll() is not None

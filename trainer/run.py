@@ -94,7 +94,9 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
                 run.logger.info(f"fast_dev_run: {trainer.global_step} steps and validation ran; nothing was written"
                                 f" (the run would have gone to {run.checkpoint_dir} and {run.log_dir})")
             elif info.is_main:
-                hparams = {k: v for k, v in flatten(config).items() if isinstance(v, (int, float, str, bool))}
+                # The config as it is at the end (a list as its JSON text), once per run: a resume replaces it.
+                hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                           for k, v in flatten(config).items() if v is not None}
                 final = {f"hparam/{k}": v for k, v in metrics.items() if k != "epoch"}
                 if trainer.best_epoch is not None:
                     final[f"hparam/best_{trainer.monitor_key}"] = trainer.monitor_best
@@ -454,6 +456,8 @@ def log_end(run, config, trainer, metrics, seconds):
     if trainer.best_epoch is not None:
         lines.append(f"Best {trainer.monitor_key} {trainer.monitor_best:.6g} at epoch {trainer.best_epoch}"
                      f" ({best.name})")
+    if trainer.pruned_at is not None:
+        lines.append(f"Pruned by the sweep's study after epoch {trainer.pruned_at}")
     if trainer.nonfinite_skips:  # a warning: visible at any verbosity
         logger.warning(f"Skipped {trainer.nonfinite_skips} steps with a non-finite loss (trainer.skip_nonfinite)")
     lines.append(f"Checkpoints: {folder}")
@@ -474,7 +478,7 @@ def log_end(run, config, trainer, metrics, seconds):
         "run_id": run.run_id, "epochs": trainer.epoch, "steps": trainer.global_step, "seconds": round(seconds, 3),
         "final": metrics, "monitor": trainer.monitor_key,
         "best": trainer.monitor_best if trainer.best_epoch is not None else None, "best_epoch": trainer.best_epoch,
-        "test": scores, "test_checkpoint": scored.name if scores else None})
+        "pruned_at": trainer.pruned_at, "test": scores, "test_checkpoint": scored.name if scores else None})
 
 
 def _duration(seconds):

@@ -1,16 +1,19 @@
-"""Experiments: a grid or seeded random search over config keys, repeated over seeds and folds, resumable.
+"""Experiments: a grid or seeded random search over config keys, repeated over seeds and folds, or an Optuna
+study; resumable.
 
 A sweep is a folder, ``<save_dir>/sweeps/<name>/``, holding its state (``sweep.json``),
-every trial's run (``models/<config name>/trial-NNN``, ``log/...``) and the summary
-(``summary.csv``, ``summary.md``). Each trial is an ordinary ``train.py`` run in a
+every trial's run (``models/<config name>/trial-NNN``, ``log/...``), the summary
+(``summary.csv``, ``summary.md``) and a plot of the monitored value against each swept key
+(``plot.png``, with matplotlib). Each trial is an ordinary ``train.py`` run in a
 subprocess, so a crash, an out-of-memory error or a diverged loss fails that trial only
 (recorded with its reason) and the sweep goes on. Running the same command again resumes
-the sweep: finished and failed trials are kept, an interrupted trial continues from its
-newest checkpoint (``train.py -r auto``).
+the sweep: finished, failed and pruned trials are kept, an interrupted trial continues from
+its newest checkpoint (``train.py -r auto``).
 
-The trials are a pure function of the command: the grid's product, or ``--trials`` draws
-from a generator seeded with ``--sweep-seed``; each repeated for every ``--seeds`` value and
-every fold of ``--folds``.
+The trials of a grid or random search are a pure function of the command: the grid's
+product, or ``--trials`` draws from a generator seeded with ``--sweep-seed``; each repeated
+for every ``--seeds`` value and every fold of ``--folds``. An Optuna study
+(:class:`OptunaSweep`) asks for its trials one at a time, and keeps them in ``study.db``.
 """
 
 import csv
@@ -19,6 +22,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import signal
 import statistics
@@ -65,14 +69,14 @@ def _split_values(text):
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 
 
-def parse_random(items):
+def parse_random(items, flag="--random"):
     """``["optimizer.args.lr=loguniform:1e-4:1e-1", "arch.args.width=choice:16,32"]`` -> ``{key: (kind, args)}``."""
     space = {}
     for item in items:
         key, sep, spec = item.partition("=")
         kind, _, rest = spec.partition(":")
         if not sep or kind not in DISTRIBUTIONS or not rest:
-            raise UserError(f"--random {item!r}: expected key.path=DIST:ARGS with DIST one of {', '.join(DISTRIBUTIONS)}"
+            raise UserError(f"{flag} {item!r}: expected key.path=DIST:ARGS with DIST one of {', '.join(DISTRIBUTIONS)}"
                             " (uniform:LOW:HIGH, loguniform:LOW:HIGH, int:LOW:HIGH, choice:A,B,C)")
         if kind == "choice":
             space[key] = (kind, [parse_value(v) for v in _split_values(rest)])
@@ -80,9 +84,9 @@ def parse_random(items):
         try:
             low, high = (float(v) for v in rest.split(":"))
         except ValueError:
-            raise UserError(f"--random {item!r}: {kind} takes LOW:HIGH numbers") from None
+            raise UserError(f"{flag} {item!r}: {kind} takes LOW:HIGH numbers") from None
         if not low < high or (kind == "loguniform" and low <= 0):
-            raise UserError(f"--random {item!r}: need LOW < HIGH{' and LOW > 0' if kind == 'loguniform' else ''}")
+            raise UserError(f"{flag} {item!r}: need LOW < HIGH{' and LOW > 0' if kind == 'loguniform' else ''}")
         space[key] = (kind, (low, high))
     return space
 
@@ -130,29 +134,51 @@ def trial_overrides(trial, folds):
 
 # --------------------------------------------------------------------------- running
 
+FINISHED = ("done", "failed", "pruned")  # a trial in one of these states is never run again
+STUDY, PLOT = "study.db", "plot.png"
+STUDY_TRIAL_ENV = "SWEEP_OPTUNA_TRIAL"  # tells an Optuna trial's run its study and trial (trainer/hooks.py, StudyReport)
+
+
+def monitored_value(result):
+    """What a finished trial is judged by (its ``result.json``): the best monitored value, else its final
+    ``val_loss`` (or ``loss``) when nothing is monitored."""
+    if result.get("best") is not None:
+        return result["best"]
+    return result["final"].get("val_loss", result["final"].get("loss"))
+
 
 class Sweep:
     """A sweep's folder and state; :meth:`run` runs what is left of it."""
 
     def __init__(self, config_path, overrides, grid=None, space=None, trials=None, sweep_seed=0, seeds=None,
                  folds=None, name=None, nproc=None, save_dir=None):
-        self.config_path, self.overrides = str(config_path), list(overrides)
+        self._load_config(config_path, overrides, nproc)
+        self.folds = folds
+        self.swept = {key: kind for key, (kind, _) in space.items()} if space else dict.fromkeys(grid or {}, "grid")
+        spec = {"config": self.config_path, "overrides": self.overrides, "grid": grid, "random": space,
+                "trials": trials, "sweep_seed": sweep_seed, "seeds": seeds, "folds": folds}
+        trials_list = expand(configurations(grid, space, trials, sweep_seed), seeds, folds)
+        for i, trial in enumerate(trials_list):
+            trial.update(id=f"trial-{i:03d}", status="pending", overrides=trial_overrides(trial, folds))
+        self._open(spec, trials_list, name, save_dir)
+
+    def _load_config(self, config_path, overrides, nproc):
+        self.config_path, self.overrides, self.nproc = str(config_path), list(overrides), nproc
         base = apply_overrides(load_config(config_path), self.overrides)
         from trainer.build import registries
 
         self.base = validate_config(base, registries())  # a typo fails the sweep before any trial
-        self.folds, self.nproc = folds, nproc
-        spec = {"config": self.config_path, "overrides": self.overrides, "grid": grid, "random": space,
-                "trials": trials, "sweep_seed": sweep_seed, "seeds": seeds, "folds": folds}
-        digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        self.monitor = self.base["trainer"]["monitor"]
+
+    def _open(self, spec, trials, name, save_dir):
+        """Name the folder (by the command's hash unless ``name``); take its state when it holds this command's sweep."""
+        spec = json.loads(json.dumps(spec, default=str))  # as sweep.json keeps it (a tuple is a list there)
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
         name = name or f"{self.base['name']}-{digest}"
         if problem := check_path_component(name, "--name"):
             raise UserError(problem)
         self.folder = Path(save_dir or self.base["trainer"]["save_dir"]) / "sweeps" / name
-        trials_list = expand(configurations(grid, space, trials, sweep_seed), seeds, folds)
-        for i, trial in enumerate(trials_list):
-            trial.update(id=f"trial-{i:03d}", status="pending", overrides=trial_overrides(trial, folds))
-        self.state = {"spec": spec, "trials": trials_list}
+        self.state = {"spec": spec, "trials": trials}
         previous = self.folder / STATE
         if previous.is_file():
             saved = json.loads(previous.read_text())
@@ -168,14 +194,11 @@ class Sweep:
         return self.folder / "models" / self.base["name"] / trial["id"]
 
     def run(self, out=None):
-        """Run every trial not yet done or failed; returns the summary rows. Ctrl-C stops after saving the state."""
-        from tqdm import tqdm
-
+        """Run every trial not yet finished; returns the summary rows. Ctrl-C stops after saving the state."""
         out = out or sys.stdout
         self.save()
-        todo = [t for t in self.state["trials"] if t["status"] not in ("done", "failed")]
-        bar = tqdm(total=len(self.state["trials"]), initial=len(self.state["trials"]) - len(todo), desc="sweep",
-                   file=out, disable=None)
+        todo = [t for t in self.state["trials"] if t["status"] not in FINISHED]
+        bar = _progress_bar(len(self.state["trials"]), len(self.state["trials"]) - len(todo), out)
         try:
             for trial in todo:
                 self._run_trial(trial, out)
@@ -194,23 +217,28 @@ class Sweep:
         return launcher + [str(ROOT / "train.py"), "-c", self.config_path, *self.overrides, *trial["overrides"],
                            f"trainer.save_dir={self.folder}", "--run-id", trial["id"], "-r", "auto"]
 
-    def _run_trial(self, trial, out):
+    def _run_trial(self, trial, out, env=None):
+        """Run one trial and record how it ended; raises KeyboardInterrupt (state saved) when the sweep is stopped."""
         trial["status"] = "running"
         self.save()
         started = time.perf_counter()
-        proc = subprocess.run(self._command(trial), cwd=ROOT, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(self._command(trial), cwd=ROOT, capture_output=True, text=True, env=env)
+        except KeyboardInterrupt:  # Ctrl-C reached the sweep while it waited: the trial is cut short with it
+            proc = None
         trial["seconds"] = round(time.perf_counter() - started + trial.get("seconds", 0), 3)
-        if proc.returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM):  # the sweep itself is being stopped
+        if proc is None or proc.returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM):
             trial["status"] = "interrupted"
             self.save()
             raise KeyboardInterrupt
         result = self.run_dir(trial) / "result.json"
         if proc.returncode == 0 and result.is_file():
-            trial["status"], trial["result"] = "done", json.loads(result.read_text())
-            value = trial["result"].get("best")
-            if value is None:
-                value = trial["result"]["final"].get("val_loss", trial["result"]["final"].get("loss"))
-            shown = f"{trial['result']['monitor'] or 'loss'} {value:.6g}"
+            trial["result"] = json.loads(result.read_text())
+            shown = f"{trial['result']['monitor'] or 'loss'} {monitored_value(trial['result']):.6g}"
+            trial["status"] = "done"
+            if trial["result"].get("pruned_at") is not None:
+                trial["status"] = "pruned"
+                shown = f"PRUNED after epoch {trial['result']['pruned_at']} ({shown})"
         else:
             lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
             trial["status"], trial["reason"] = "failed", (lines[-1] if lines else f"exit code {proc.returncode}")[:500]
@@ -221,12 +249,12 @@ class Sweep:
         tqdm.write(f"{trial['id']}  {' '.join(trial['overrides']) or '(base config)'}  {shown}  {trial['seconds']:.1f} s",
                    file=out)
 
-    # ------------------------------------------------------------------ the summary
+    # ------------------------------------------------------------------ the summary and the plot
 
     def summarize(self):
         """Group finished trials by configuration: n, mean and std of the best monitored value and every final
         and test metric; best configuration first. Writes ``summary.csv`` and ``summary.md``."""
-        mode = "max" if str(self.base["trainer"]["monitor"]).startswith("max") else "min"
+        mode = "max" if str(self.monitor).startswith("max") else "min"
         groups = {}
         for trial in self.state["trials"]:
             if trial["status"] == "done":
@@ -265,6 +293,11 @@ class Sweep:
             params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "(base config)"
             cells = [f"{r[m][0]:.4g} ± {r[m][1]:.2g}" if m in r else "" for m in metrics]
             md.append(f"| {params} | {r['n']} | " + " | ".join(cells) + " |")
+        pruned = [t for t in self.state["trials"] if t["status"] == "pruned"]
+        if pruned:
+            md += ["", "Pruned trials (stopped early by the study's pruner; not in the table):",
+                   *(f"- {t['id']} ({' '.join(t['overrides'])}): after epoch {t['result']['pruned_at']},"
+                     f" {t['result']['monitor']} {monitored_value(t['result']):.4g}" for t in pruned)]
         failed = [t for t in self.state["trials"] if t["status"] == "failed"]
         if failed:
             md += ["", "Failed trials:", *(f"- {t['id']} ({' '.join(t['overrides'])}): {t['reason']}" for t in failed)]
@@ -276,18 +309,242 @@ class Sweep:
         with atomic_write(self.folder / "summary.md", "w") as f:
             f.write("\n".join(md) + "\n")
 
+    def plot(self):
+        """``plot.png``: the monitored value of every finished trial against each swept key. Returns the line
+        to print (where it is, or why there is none), or None when no key was swept."""
+        trials = [t for t in self.state["trials"] if t["status"] in ("done", "pruned")]
+        if not self.swept or not trials:
+            return None
+        try:
+            from matplotlib.figure import Figure  # (no pyplot: nothing global changes, no display needed)
+        except ImportError:
+            return "Plot skipped: matplotlib is not installed (pip install matplotlib)"
+        from utils.io import atomic_write
+
+        monitor = self.monitor.split()[-1] if self.monitor != "off" else "val_loss"
+        figure = plot_figure(Figure, trials, self.swept, f"best {monitor}" if self.monitor != "off" else monitor)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.folder / PLOT, "wb") as f:
+            figure.savefig(f, format="png", dpi=100)
+        return f"Plot: {self.folder / PLOT}"
+
+
+def plot_figure(figure_class, trials, swept, label):
+    """One panel per swept key: each trial's monitored value against its value of the key (a pruned trial as a
+    grey cross). The x axis is logarithmic for a loguniform key, and for a grid of positive numbers spanning
+    a factor of 100 or more; values that are not numbers are categories."""
+    figure = figure_class(figsize=(4 * len(swept), 3.4), layout="constrained")
+    for ax, (key, kind) in zip(figure.subplots(1, len(swept), squeeze=False)[0], swept.items()):
+        for status, style in (("done", {"marker": "o"}), ("pruned", {"marker": "x", "color": "grey"})):
+            chosen = [t for t in trials if t["status"] == status]
+            if chosen:
+                ax.scatter([_plotted(t["params"][key]) for t in chosen],
+                           [monitored_value(t["result"]) for t in chosen], label=status, **style)
+        numbers = [v for t in trials if isinstance(v := _plotted(t["params"][key]), float)]
+        if kind == "loguniform" or (kind == "grid" and numbers and min(numbers) > 0
+                                    and max(numbers) >= 100 * min(numbers)):
+            ax.set_xscale("log")
+            ax.tick_params(axis="x", which="minor", labelbottom=False)  # (labelled minor ticks overlap)
+        ax.set_xlabel(key)
+        ax.set_ylabel(label)
+        if any(t["status"] == "pruned" for t in trials):
+            ax.legend(fontsize="small")
+    return figure
+
+
+def _plotted(value):
+    # a number as a float; anything else (a string, a list, true/false, null) as a category, its JSON text
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else json.dumps(value)
+
+
+def _progress_bar(total, done, out):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="sweep", unit="trial", file=out, disable=None)
+
+
+# --------------------------------------------------------------------------- Optuna
+
+
+def parse_pruner(text):
+    """``median``, ``median:STARTUP_TRIALS:WARMUP_EPOCHS`` or ``none`` -> ``("median", 5, 0)`` or ``("none",)``."""
+    name, *numbers = text.split(":")
+    if name == "none" and not numbers:
+        return ("none",)
+    if name == "median" and len(numbers) <= 2 and all(n.isdigit() for n in numbers):
+        startup, warmup = [int(n) for n in numbers] + [5, 0][len(numbers):]
+        return ("median", startup, warmup)
+    raise UserError(f"--pruner {text!r}: expected median, median:STARTUP_TRIALS:WARMUP_EPOCHS (for example"
+                    " median:5:1) or none")
+
+
+def make_pruner(text):
+    """The Optuna pruner ``--pruner`` names. Median: a trial stops after an epoch whose best value so far is
+    worse than the median of the finished trials' values at that epoch, once STARTUP_TRIALS trials have
+    finished, and never within its first WARMUP_EPOCHS epochs."""
+    import optuna
+
+    parsed = parse_pruner(text)
+    if parsed[0] == "none":
+        return optuna.pruners.NopPruner()
+    # (steps are epochs, counted from 1: a step below n_warmup_steps is never pruned)
+    return optuna.pruners.MedianPruner(n_startup_trials=parsed[1], n_warmup_steps=parsed[2] + 1)
+
+
+def open_study_trial(spec):
+    """In a trial's run: the :class:`optuna.trial.Trial` the sweep named (``{"storage", "study", "trial", "pruner"}``)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(spec["storage"])
+    study = optuna.load_study(study_name=spec["study"], storage=storage, pruner=make_pruner(spec["pruner"]),
+                              sampler=optuna.samplers.RandomSampler())  # (it samples nothing here)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(spec["study"]),
+                                                               spec["trial"])
+    return optuna.trial.Trial(study, trial_id)
+
+
+def _category(value):
+    # Optuna's categories are None, bools, numbers and strings: a list is kept as its JSON text
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+class OptunaSweep(Sweep):
+    """``--optuna``: an Optuna study (TPE sampler, median pruner) over config keys, each trial a ``train.py`` run.
+
+    The study is ``study.db`` (SQLite) in the sweep's folder, named after the folder; it
+    minimizes or maximizes each trial's best monitored value, as ``trainer.monitor`` says.
+    A trial's run reports every epoch's monitored value to the study and stops when the pruner
+    says so (trainer/hooks.py, :class:`~trainer.hooks.StudyReport`): that trial is recorded as
+    pruned. Running the same command again resumes the study: finished trials are kept, an
+    interrupted trial is run again under its own trial number and parameters (continuing from
+    its newest checkpoint, its earlier epochs' reports kept), and then new trials are asked for
+    until the study has ``--trials`` of them; a larger ``--trials`` extends a finished study.
+    """
+
+    def __init__(self, config_path, overrides, space, trials, direction="auto", pruner="median", sweep_seed=0,
+                 name=None, nproc=None, save_dir=None):
+        self._load_config(config_path, overrides, nproc)
+        if self.monitor == "off":
+            raise UserError('--optuna: the study optimizes the monitored value, and trainer.monitor is "off"; set'
+                            ' one, for example trainer.monitor="min val_loss"')
+        mode = self.monitor.split()[0]
+        if direction not in ("auto", mode):
+            raise UserError(f"--direction {direction}: the study follows trainer.monitor ({self.monitor!r}); to"
+                            f' {direction}imize, set trainer.monitor="{direction} KEY"')
+        self.folds, self.space, self.total, self.sweep_seed, self.pruner = None, space, trials, sweep_seed, pruner
+        self.direction = "minimize" if mode == "min" else "maximize"
+        self.swept = {key: kind for key, (kind, _) in space.items()}
+        # (--trials is not part of it: the same command with a larger --trials extends the study)
+        spec = {"config": self.config_path, "overrides": self.overrides, "optuna": space, "pruner": pruner,
+                "sweep_seed": sweep_seed}
+        self._open(spec, [], name, save_dir)
+        self.storage = "sqlite:///" + str((self.folder / STUDY).resolve())
+
+    def run(self, out=None):
+        import optuna
+
+        out = out or sys.stdout
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
+        self.save()
+        study = optuna.create_study(storage=self.storage, study_name=self.folder.name, direction=self.direction,
+                                    pruner=make_pruner(self.pruner), load_if_exists=True)
+        self._reconcile(study)
+        # Seeded by the number of trials so far: a resumed study does not draw its first trials' values again.
+        study.sampler = optuna.samplers.TPESampler(seed=self.sweep_seed + len(study.trials))
+        trials = self.state["trials"]
+        bar = _progress_bar(max(self.total, len(trials)), sum(t["status"] in FINISHED for t in trials), out)
+        try:
+            for trial in [t for t in trials if t["status"] not in FINISHED]:  # interrupted before: resumed
+                self._run_study_trial(study, trial, out)
+                bar.update()
+            while self._asked(study) < self.total:
+                asked = study.ask(self._distributions())
+                trials.append(self._new_trial(asked.number, asked.params))
+                self._run_study_trial(study, trials[-1], out)
+                bar.update()
+        finally:
+            bar.close()
+            self.save()
+        return self.summarize()
+
+    def _asked(self, study):
+        from optuna.trial import TrialState
+
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    def _distributions(self):
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        made = {}
+        for key, (kind, args) in self.space.items():
+            if kind == "choice":
+                made[key] = CategoricalDistribution([_category(v) for v in args])
+            elif kind == "int":
+                made[key] = IntDistribution(int(args[0]), int(args[1]))
+            else:
+                made[key] = FloatDistribution(args[0], args[1], log=kind == "loguniform")
+        return made
+
+    def _new_trial(self, number, study_params):
+        params = {}
+        for key, value in study_params.items():
+            kind, args = self.space[key]
+            params[key] = args[[_category(v) for v in args].index(value)] if kind == "choice" else value
+        trial = {"id": f"trial-{number:03d}", "number": number, "configuration": number, "params": params,
+                 "seed": None, "fold": None, "status": "pending"}
+        trial["overrides"] = trial_overrides(trial, None)
+        return trial
+
+    def _reconcile(self, study):
+        """Make sweep.json and the study agree after the sweep was killed between writing one and the other."""
+        from optuna.trial import TrialState
+
+        known = {t["number"]: t for t in self.state["trials"]}
+        for frozen in study.get_trials(deepcopy=False):
+            trial = known.get(frozen.number)
+            if trial is None and frozen.state == TrialState.RUNNING:  # asked for, not yet in sweep.json
+                self.state["trials"].append(self._new_trial(frozen.number, frozen.params))
+            elif trial is not None and trial["status"] in FINISHED and frozen.state == TrialState.RUNNING:
+                self._tell(study, trial)  # run, but the study was not told
+        self.state["trials"].sort(key=lambda t: t["number"])
+
+    def _run_study_trial(self, study, trial, out):
+        spec = {"storage": self.storage, "study": self.folder.name, "trial": trial["number"], "pruner": self.pruner}
+        # Ctrl-C: _run_trial raises, and the study's trial stays running, to be resumed by the next run
+        self._run_trial(trial, out, env={**os.environ, STUDY_TRIAL_ENV: json.dumps(spec)})
+        self._tell(study, trial)
+
+    def _tell(self, study, trial):
+        from optuna.trial import TrialState
+
+        value = monitored_value(trial["result"]) if trial["status"] == "done" else None
+        if value is not None and math.isfinite(value):
+            study.tell(trial["number"], value, skip_if_finished=True)
+        else:  # (a pruned trial's value is its last reported one, which the study has)
+            state = TrialState.PRUNED if trial["status"] == "pruned" else TrialState.FAIL
+            study.tell(trial["number"], state=state, skip_if_finished=True)
+
 
 def sweep_command(argv=None):
     """``python sweep.py ...``; returns the exit code."""
     from trainer.cli import CommandParser, _run
 
-    parser = CommandParser(description="Run a sweep of trials (grid or random search, seeds, folds).")
+    parser = CommandParser(description="Run a sweep of trials (grid or random search, seeds, folds, an Optuna study).")
     parser.add_argument("-c", "--config", required=True, help="the base config")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a key and its values")
     parser.add_argument("--random", action="append", default=[], metavar="KEY=DIST:ARGS",
                         help="uniform:LOW:HIGH, loguniform:LOW:HIGH, int:LOW:HIGH or choice:A,B")
-    parser.add_argument("--trials", type=int, help="number of random draws (with --random)")
-    parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the random search (default 0)")
+    parser.add_argument("--optuna", action="append", default=[], metavar="KEY=DIST:ARGS",
+                        help="a key of an Optuna study, in --random's distributions (needs pip install optuna)")
+    parser.add_argument("--trials", type=int, help="number of random draws (--random), or of the study's trials"
+                        " (--optuna: a larger number on a later run extends the study)")
+    parser.add_argument("--direction", choices=("auto", "min", "max"),
+                        help="with --optuna: the study follows trainer.monitor; min or max only confirms it")
+    parser.add_argument("--pruner", help="with --optuna: median (default; median:STARTUP_TRIALS:WARMUP_EPOCHS, e.g."
+                        " median:5:1) or none")
+    parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the random search or sampler (default 0)")
     parser.add_argument("--seeds", help="comma-separated seeds: every configuration runs once per seed")
     parser.add_argument("--folds", type=int, help="K-fold cross-validation: every configuration runs on each fold")
     parser.add_argument("--name", help="the sweep's folder name (default: the config's name and a hash of the command)")
@@ -299,24 +556,51 @@ def sweep_command(argv=None):
         for flag, value in (("--trials", args.trials), ("--nproc", args.nproc)):
             if value is not None and value < 1:
                 raise UserError(f"{flag}: got {value}, expected 1 or more")
-        if args.grid and args.random:
-            raise UserError("give --grid or --random, not both")
-        if args.random and not args.trials:
-            raise UserError("--random needs --trials N")
+        if sum(map(bool, (args.grid, args.random, args.optuna))) > 1:
+            raise UserError("give one of --grid, --random and --optuna")
+        for flag, value in (("--random", args.random), ("--optuna", args.optuna)):
+            if value and not args.trials:
+                raise UserError(f"{flag} needs --trials N")
         if args.folds is not None and args.folds < 2:
             raise UserError(f"--folds: got {args.folds}, expected 2 or more")
         try:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         except ValueError:
             raise UserError(f"--seeds: got {args.seeds!r}, expected comma-separated integers such as 0,1,2") from None
-        sweep = Sweep(args.config, args.overrides, grid=parse_grid(args.grid), space=parse_random(args.random),
-                      trials=args.trials, sweep_seed=args.sweep_seed, seeds=seeds, folds=args.folds, name=args.name,
-                      nproc=args.nproc)
-        print(f"Sweep {sweep.folder}: {len(sweep.state['trials'])} trials")
+        if args.optuna:
+            sweep = _optuna_sweep(args, seeds)
+            print(f"Sweep {sweep.folder}: an Optuna study of {args.trials} trials ({sweep.direction} the best"
+                  f" {sweep.monitor.split()[1]}), kept in {STUDY}")
+        else:
+            for flag in ("direction", "pruner"):
+                if getattr(args, flag) is not None:
+                    raise UserError(f"--{flag} is for an Optuna study (--optuna)")
+            sweep = Sweep(args.config, args.overrides, grid=parse_grid(args.grid), space=parse_random(args.random),
+                          trials=args.trials, sweep_seed=args.sweep_seed, seeds=seeds, folds=args.folds,
+                          name=args.name, nproc=args.nproc)
+            print(f"Sweep {sweep.folder}: {len(sweep.state['trials'])} trials")
         rows = sweep.run()
         print((sweep.folder / "summary.md").read_text(), end="")
         print(f"Summary: {sweep.folder / 'summary.csv'}")
+        if line := sweep.plot():
+            print(line)
+        if any((sweep.folder / "log").rglob("events.out.tfevents.*")):
+            print(f"TensorBoard (its HParams tab compares the trials): tensorboard --logdir {sweep.folder / 'log'}")
         return rows
 
     return _run(run)
 
+
+def _optuna_sweep(args, seeds):
+    """The checks of an Optuna command line, then its :class:`OptunaSweep` (nothing written yet)."""
+    import importlib.util
+
+    if seeds or args.folds:
+        raise UserError("--optuna runs each trial once: --seeds and --folds are for --grid and --random")
+    space = parse_random(args.optuna, flag="--optuna")
+    pruner = args.pruner or "median"
+    parse_pruner(pruner)
+    if importlib.util.find_spec("optuna") is None:
+        raise UserError("--optuna needs the optuna package: pip install optuna")
+    return OptunaSweep(args.config, args.overrides, space, args.trials, direction=args.direction or "auto",
+                       pruner=pruner, sweep_seed=args.sweep_seed, name=args.name, nproc=args.nproc)
