@@ -132,8 +132,8 @@ def test_skipped_steps_are_counted_at_the_end(tmp_path, monkeypatch, capsys):
     real = trainer.build.build_loss
     calls = {"n": 0}
 
-    def some_nan(config):
-        loss = real(config)
+    def some_nan(config, device=None):
+        loss = real(config, device)
 
         def fn(output, target):
             value = loss(output, target)

@@ -468,7 +468,7 @@ def test_oom_with_a_batch_of_one_or_in_the_optimizer_step_is_raised(tiny_config,
             raise torch.OutOfMemoryError("injected")
         return torch.nn.functional.cross_entropy(output, target)
 
-    monkeypatch.setattr(build, "build_loss", lambda config: oom_loss)
+    monkeypatch.setattr(build, "build_loss", lambda config, device=None: oom_loss)
     with pytest.raises(torch.OutOfMemoryError):
         run.train(config)
 
