@@ -114,6 +114,7 @@ class BaseTrainer:
         self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
         self.finished = False  # max_steps reached or early stop
+        self.stopped_early = False  # early stopping ended the run: checkpoints say so, and -r auto does not go on
         self.final_metrics = {}
         self.hooks = []  # optional behaviour at fixed moments (see trainer/hooks.py); a subclass fills it
 
@@ -162,7 +163,7 @@ class BaseTrainer:
         if self.not_improved_count > self.early_stop:  # before the saves: the last epoch's checkpoint is written
             self.logger.info(f"{self.monitor_key} did not improve for {self.not_improved_count} epochs"
                              f" (trainer.early_stop={self.early_stop}): training stops")
-            self.finished = True
+            self.finished = self.stopped_early = True
         periodic = epoch % self.save_period == 0 or epoch == self.epochs or self.finished
         if improved or periodic:
             self.check_finite_weights(f"the end of epoch {epoch}")
@@ -207,6 +208,7 @@ class BaseTrainer:
             "monitor_best": self.monitor_best,
             "not_improved_count": self.not_improved_count,
             "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,  # (not restored: a resume that may go on has raised the patience)
             "rng": rng_state(),
         }
         state.update(self.extra_state())

@@ -60,6 +60,8 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     else:
         state = load_checkpoint(resume) if resume else None
     config, changes = checked_config(config, state)
+    if state is not None and state.get("stopped_early") and (done := run_is_finished(state, config)):
+        raise RunStopped(f"{resume}: nothing to resume: {done}", exit_code=0)  # -r CKPT of an early-stopped run
     device = build.resolve_device(config["device"])
     info, device = dist.setup(device)
     try:
@@ -151,7 +153,7 @@ def auto_resume(config, run_id=None):
     checked = validate_config(config, build.registries())
     path, state, found_id, skipped = find_resumable(checked, run_id)
     if state is not None and (done := run_is_finished(state, checked)):
-        raise RunStopped(f"{path}: nothing to resume, {done} (raise trainer.epochs to train on)", exit_code=0)
+        raise RunStopped(f"{path}: nothing to resume: {done}", exit_code=0)
     return (str(path) if path else None), state, found_id or run_id, skipped
 
 
