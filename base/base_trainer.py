@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from utils import dist
-from utils.cluster import OUT_OF_TIME, STOP_SIGNALS, exit_code, reason_code, reason_of
+from utils.cluster import OUT_OF_TIME, STOP_SIGNALS, exit_code, out_of_time_mark, reason_code, reason_of
 from utils.dist import DistInfo
 from utils.io import save_checkpoint
 from utils.seed import rng_state, set_rng_state
@@ -115,6 +115,7 @@ class BaseTrainer:
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
         self.finished = False  # max_steps reached or early stop
         self.stopped_early = False  # early stopping ended the run: checkpoints say so, and -r auto does not go on
+        self.out_of_time = None  # under torchrun, where trainer.max_time ran out (utils.cluster.out_of_time_mark)
         self.final_metrics = {}
         self.hooks = []  # optional behaviour at fixed moments (see trainer/hooks.py); a subclass fills it
 
@@ -209,6 +210,7 @@ class BaseTrainer:
             "not_improved_count": self.not_improved_count,
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,  # (not restored: a resume that may go on has raised the patience)
+            "out_of_time": self.out_of_time,  # (not restored either: it concerns the launch that wrote it)
             "rng": rng_state(),
         }
         state.update(self.extra_state())
@@ -345,6 +347,8 @@ class BaseTrainer:
 
     def _stop_for_signal(self):
         name = self.stop_signal
+        if name == OUT_OF_TIME:
+            self.out_of_time = out_of_time_mark()
         path = self.save_resumable("last.pth")
         why = f"out of time (trainer.max_time={self.config['trainer'].get('max_time')})" if name == OUT_OF_TIME else f"by {name}"
         if self.is_main:

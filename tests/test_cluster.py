@@ -24,7 +24,7 @@ from base.base_trainer import RunStopped
 from conftest import assert_states_identical, make_config, with_changes
 from trainer import run
 from trainer.cli import train_command
-from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, parse_duration
+from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, parse_duration, spent_in_this_launch
 from utils.resume import find_resumable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -303,6 +303,7 @@ LAUNCH_TIMEOUT = 180
 # COUNT_OUT: write how often this rank called utils.dist.max_over_ranks, and after how many steps;
 # KILL_AT_STEP: on the first attempt, rank 1 kills itself with SIGKILL right after that optimizer step;
 # NAN_AT_STEP: rank 1's training loss is NaN at that step;
+# FAKE_CLOCK: trainer.hooks' clock advances one second per read (as the fake_clock fixture: max_time of N s is step N);
 # RANK1_FIRST_ON_RESTART (a file): in a round torchrun restarted, rank 0 joins the process group only once rank 1
 # has begun to (and so looks up rank 0's address in torchrun's store before rank 0 has written this round's).
 DRIVER = """
@@ -343,6 +344,14 @@ if kill_at and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") =
         if self.global_step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     tt.Trainer._optimizer_step = step
+if os.environ.get("FAKE_CLOCK"):
+    import types
+    from trainer import hooks as th
+    clock = [1000.0]
+    def monotonic():
+        clock[0] += 1.0
+        return clock[0]
+    th.time = types.SimpleNamespace(monotonic=monotonic)
 first = os.environ.get("RANK1_FIRST_ON_RESTART")
 if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
     import time
@@ -519,6 +528,38 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     (entry,) = manifest["resume_history"]
     assert Path(entry["checkpoint"]).name == "last.pth" and entry["torchrun_restart_count"] == 1
     assert load(models / "killed" / "checkpoint-epoch3.pth")["global_step"] == 42
+
+
+@gloo
+@pytest.mark.slow  # ~35 s: four rounds of torchrun workers
+def test_torchrun_does_not_train_on_after_max_time_ran_out(tmp_path):
+    """Out of time under torchrun: the workers stop at step 15 with last.pth and exit 75, which torchrun takes for
+    a failure and restarts. The restarted rounds must not train on with a fresh budget: each stops at once (75),
+    without writing anything, until torchrun gives up; the launch ends. The same command again (a new launch,
+    as a requeued job is) continues from step 15 with a new budget."""
+    config = dist_config(tmp_path / "saved", max_time="00:00:00:15", epochs=3)  # 42 steps in all
+    proc = torchrun(tmp_path, config, "timed", "--max-restarts=2", env={"FAKE_CLOCK": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    folder = tmp_path / "saved" / "models" / "dist_tiny" / "timed"
+    assert load(folder / "last.pth")["global_step"] == 15
+    assert load(folder / "last.pth")["out_of_time"]["round"] == 0
+    assert output.count("out of time: trainer.max_time ran out earlier in this torchrun launch (round 0)") == 2 * WORLD
+    assert "Resumed from" not in output  # the restarted rounds trained nothing
+    assert json.loads((folder / "manifest.json").read_text())["resume_history"] == []  # and wrote nothing
+
+    again = torchrun(tmp_path, config, "timed", "--max-restarts=0", env={"FAKE_CLOCK": "1"})
+    assert "Resumed from epoch 1, batch 1, step 15" in again.stdout + again.stderr, (again.stdout + again.stderr)[-4000:]
+    assert load(folder / "last.pth")["global_step"] == 30
+
+
+def test_spent_in_this_launch_needs_the_same_launch_and_a_later_round():
+    state = {"out_of_time": {"torchrun_run_id": "job7", "round": 0}}
+    assert spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert not spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "0"})  # requeued
+    assert not spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "other", "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert not spent_in_this_launch(state, {})  # plain python train.py
+    assert not spent_in_this_launch({"out_of_time": None}, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "1"})
 
 
 # ---------------------------------------------------------------- SLURM's warning signal and the batch script
