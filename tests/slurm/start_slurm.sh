@@ -70,6 +70,9 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A job step credential lives 10 s (default 120). This is also how long SLURM holds a requeued job before it may
+# start again (its old credential is revoked on the node until then): the test's requeued job starts after ~11 s.
+AuthInfo=cred_expire=10
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$DIR/state
