@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv train test test-slow bench clean
+.PHONY: venv train test test-slow test-slurm bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# A one-node SLURM cluster on this machine (root; installs slurm-wlm and munge with apt-get where missing),
+# then slurm/train.sbatch warned, requeued and resumed on it. Stop the cluster: tests/slurm/start_slurm.sh --stop
+SLURM_DIR ?= /tmp/slurm-test
+test-slurm: venv
+	tests/slurm/start_slurm.sh $(SLURM_DIR)
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(PY) -m pytest -q -m slurm -s tests/test_slurm.py
 
 bench: venv
 	$(PY) benchmarks/overhead.py

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from utils import dist
-from utils.cluster import OUT_OF_TIME, STOP_SIGNALS, exit_code, reason_code, reason_of
+from utils.cluster import OUT_OF_TIME, STOP_SIGNALS, exit_code, out_of_time_mark, reason_code, reason_of
 from utils.dist import DistInfo
 from utils.io import save_checkpoint
 from utils.seed import rng_state, set_rng_state
@@ -117,6 +117,8 @@ class BaseTrainer:
         self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
         self.finished = False  # max_steps reached, early stop, or pruned
+        self.stopped_early = False  # early stopping ended the run: checkpoints say so, and -r auto does not go on
+        self.out_of_time = None  # under torchrun, where trainer.max_time ran out (utils.cluster.out_of_time_mark)
         self.pruned_at = None  # the epoch after which a sweep's pruner ended the run (trainer/hooks.py, StudyReport)
         self.final_metrics = {}
         self.hooks = []  # optional behaviour at fixed moments (see trainer/hooks.py); a subclass fills it
@@ -166,7 +168,7 @@ class BaseTrainer:
         if self.not_improved_count > self.early_stop:  # before the saves: the last epoch's checkpoint is written
             self.logger.info(f"{self.monitor_key} did not improve for {self.not_improved_count} epochs"
                              f" (trainer.early_stop={self.early_stop}): training stops")
-            self.finished = True
+            self.finished = self.stopped_early = True
         for hook in self.hooks:  # before the saves: a hook that ends the run (a sweep's pruner) gets its checkpoint
             hook.after_epoch(self, epoch, result)
         periodic = epoch % self.save_period == 0 or epoch == self.epochs or self.finished
@@ -213,6 +215,8 @@ class BaseTrainer:
             "monitor_best": self.monitor_best,
             "not_improved_count": self.not_improved_count,
             "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,  # (not restored: a resume that may go on has raised the patience)
+            "out_of_time": self.out_of_time,  # (not restored either: it concerns the launch that wrote it)
             "rng": rng_state(),
         }
         state.update(self.extra_state())
@@ -349,6 +353,8 @@ class BaseTrainer:
 
     def _stop_for_signal(self):
         name = self.stop_signal
+        if name == OUT_OF_TIME:
+            self.out_of_time = out_of_time_mark()
         path = self.save_resumable("last.pth")
         why = f"out of time (trainer.max_time={self.config['trainer'].get('max_time')})" if name == OUT_OF_TIME else f"by {name}"
         if self.is_main:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from base.base_trainer import RunStopped
 from conftest import assert_states_identical, make_config, with_changes
 from trainer import run
 from trainer.cli import train_command
-from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, parse_duration
+from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, parse_duration, spent_in_this_launch
 from utils.resume import find_resumable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +151,56 @@ def test_auto_of_a_finished_run_does_nothing_and_exits_0(tmp_path, config, capsy
     assert {p.name: p.stat().st_mtime_ns for p in models_dir(config, "done").iterdir()} == before
 
 
+def snapshot(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_an_early_stop_is_the_end_of_the_run_for_a_resume(tmp_path, config, capsys):
+    """Early stopping ends the run at epoch 2 of 6 ("max val_loss" while the loss falls: epoch 1 improves on -inf,
+    epoch 2 does not, and early_stop=0 allows no miss). The checkpoint says so: the same command with -r auto, and
+    -r on that checkpoint, have nothing to resume (exit 0, nothing written); a raised patience trains on."""
+    stopping = with_changes(config, trainer__epochs=6, trainer__early_stop=0, trainer__monitor="max val_loss")
+    path = write_config(tmp_path, stopping)
+    assert train_command(["-c", path, "--run-id", "es", "-r", "auto"]) == 0
+    folder = models_dir(config, "es")
+    checkpoint = folder / "checkpoint-epoch2.pth"
+    assert load(checkpoint)["stopped_early"] is True and not (folder / "checkpoint-epoch3.pth").exists()
+    before = snapshot(folder)
+    capsys.readouterr()
+
+    for command in (["-c", path, "--run-id", "es", "-r", "auto"], ["-r", str(checkpoint)],
+                    ["-r", str(checkpoint), "trainer.epochs=6"]):
+        assert train_command(command) == 0, command
+        err = capsys.readouterr().err
+        assert "nothing to resume: the run stopped early at epoch 2, step 26" in err, (command, err)
+        assert "trainer.early_stop=0 epochs" in err and "raise trainer.early_stop" in err
+        assert len(err.strip().splitlines()) == 1
+        assert snapshot(folder) == before, command  # nothing written
+
+    # More patience: the run goes on, in place, to its last epoch (val_loss keeps falling: 4 misses, patience 5).
+    assert train_command(["-c", path, "--run-id", "es", "-r", "auto", "trainer.early_stop=5"]) == 0
+    final = load(folder / "checkpoint-epoch6.pth")
+    assert final["stopped_early"] is False and final["epoch"] == 6
+    (entry,) = json.loads((folder / "manifest.json").read_text())["resume_history"]
+    assert Path(entry["checkpoint"]).name == "checkpoint-epoch2.pth"
+
+
+def test_an_early_stop_by_step_validation_is_the_end_of_the_run_too(tmp_path, config, capsys):
+    stopping = with_changes(config, trainer__val_every_n_steps=4, trainer__early_stop=0,
+                            trainer__monitor="max val_loss", trainer__save_every_n_steps=8)
+    path = write_config(tmp_path, stopping)
+    assert train_command(["-c", path, "--run-id", "es", "-r", "auto"]) == 0
+    folder = models_dir(config, "es")
+    assert load(folder / "checkpoint-epoch1.pth")["stopped_early"] is True
+    assert load(folder / "last.pth")["stopped_early"] is True  # written at the same step, 8, mid-epoch
+    before = snapshot(folder)
+    capsys.readouterr()
+    assert train_command(["-c", path, "--run-id", "es", "-r", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing to resume: the run stopped early at epoch 1, step 8" in err and "0 validations" in err, err
+    assert snapshot(folder) == before
+
+
 def test_auto_needs_a_config(capsys):
     with pytest.raises(SystemExit) as exited:
         train_command(["-r", "auto"])
@@ -251,7 +302,10 @@ LAUNCH_TIMEOUT = 180
 # Runs train.py's command line in each worker, with test instruments chosen by the environment:
 # COUNT_OUT: write how often this rank called utils.dist.max_over_ranks, and after how many steps;
 # KILL_AT_STEP: on the first attempt, rank 1 kills itself with SIGKILL right after that optimizer step;
-# NAN_AT_STEP: rank 1's training loss is NaN at that step.
+# NAN_AT_STEP: rank 1's training loss is NaN at that step;
+# FAKE_CLOCK: trainer.hooks' clock advances one second per read (as the fake_clock fixture: max_time of N s is step N);
+# RANK1_FIRST_ON_RESTART (a file): in a round torchrun restarted, rank 0 joins the process group only once rank 1
+# has begun to (and so looks up rank 0's address in torchrun's store before rank 0 has written this round's).
 DRIVER = """
 import json, os, signal, sys
 sys.path.insert(0, {repo!r})
@@ -290,6 +344,27 @@ if kill_at and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") =
         if self.global_step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     tt.Trainer._optimizer_step = step
+if os.environ.get("FAKE_CLOCK"):
+    import types
+    from trainer import hooks as th
+    clock = [1000.0]
+    def monotonic():
+        clock[0] += 1.0
+        return clock[0]
+    th.time = types.SimpleNamespace(monotonic=monotonic)
+first = os.environ.get("RANK1_FIRST_ON_RESTART")
+if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    import time
+    _join = udist._init_group
+    def join(*args):
+        if rank == 1:
+            open(first, "w").close()
+        else:
+            give_up = time.monotonic() + 120
+            while not os.path.exists(first) and time.monotonic() < give_up:
+                time.sleep(0.02)  # polling for rank 1's file
+        return _join(*args)
+    udist._init_group = join
 code = train_command(sys.argv[1:])
 if os.environ.get("COUNT_OUT"):
     with open(os.environ["COUNT_OUT"] + f".rank{{rank}}.json", "w") as f:
@@ -319,8 +394,78 @@ def torchrun(tmp, config, run_id, *torchrun_args, env=None):
     path.write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            *torchrun_args, str(driver), "-c", str(path), "--run-id", run_id, "-r", "auto"]
-    return subprocess.run(cmd, cwd=tmp, env=_env(**(env or {})), capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT, check=False)
+    return run_with_hard_limit(cmd, LAUNCH_TIMEOUT, cwd=tmp, env=_env(**(env or {})))
+
+
+def _descendants(pid):
+    """The ids of every process below ``pid`` (children, grandchildren, ...), from /proc; empty where there is none."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid):
+    """SIGKILL ``pid`` and every process below it."""
+    import signal
+
+    for victim in [pid, *_descendants(pid)]:  # listed before any dies: an orphan loses its link to the tree
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_with_hard_limit(cmd, limit, **kwargs):
+    """``subprocess.run(cmd, capture_output=True, text=True)`` that cannot outlive ``limit`` seconds.
+
+    subprocess.run's own timeout kills torchrun only; its workers (each in a session of its own)
+    keep the output pipes open, and collecting the output would then wait for them forever. Here
+    torchrun and every process below it are killed, and the test fails with the output so far.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(no output: a process still held the pipes)"
+        pytest.fail(f"{' '.join(cmd[:6])} ... ran past {limit} s and was killed with its workers; its output:\n"
+                    f"{(out + err)[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_kill_tree_reaches_a_worker_in_a_session_of_its_own(tmp_path):
+    """What run_with_hard_limit does past its limit: a launcher's worker (started as torchrun starts one, in a new
+    session, holding the launcher's output pipe) dies with it, so collecting the output ends."""
+    pidfile = tmp_path / "worker.pid"
+    launcher = ("import subprocess, sys, time\n"
+                "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'], start_new_session=True)\n"
+                f"open({str(pidfile)!r} + '.tmp', 'w').write(str(worker.pid))\n"
+                f"__import__('os').replace({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
+                "time.sleep(3600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        give_up = time.monotonic() + LAUNCH_TIMEOUT
+        while not pidfile.exists() and time.monotonic() < give_up and proc.poll() is None:
+            time.sleep(0.05)  # polling for the file
+        worker = int(pidfile.read_text())
+    finally:
+        kill_tree(proc.pid)
+    proc.communicate(timeout=LAUNCH_TIMEOUT)  # returns: no process holds the pipes any more
+    stat = Path(f"/proc/{worker}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
 
 
 gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -356,16 +501,22 @@ def test_a_nonfinite_loss_on_one_process_stops_every_process_without_a_checkpoin
 
 
 @gloo
-@pytest.mark.slow  # ~45 s; and once in three runs on this 2-core VM the restarted round hung (undiagnosed)
+@pytest.mark.slow  # ~45 s
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(tmp_path):
     """kill -9 of rank 1 after step 17 (epoch 2, batch 3 of 14); the newest checkpoint is last.pth of step 16.
     torchrun --max-restarts=1 restarts both workers, ``-r auto`` continues from step 16, and the final weights
     equal those of the same 2-process run left alone (the data order is a function of the seed and epoch, so
-    the restarted run sees the same batches)."""
+    the restarted run sees the same batches).
+
+    torchrun keeps one store for all its rounds, where the processes publish their addresses when they join
+    the process group: the restarted round must not find the first round's (utils.dist._init_group). Rank 0
+    joins last here, so a rank 1 that looked up the old keys would connect to a process that is gone
+    ("connection refused"; or hang: the launches are killed past LAUNCH_TIMEOUT)."""
     config = dist_config(tmp_path / "saved", save_every_n_steps=4, epochs=3)
     whole = torchrun(tmp_path, config, "whole")
     assert whole.returncode == 0, (whole.stdout + whole.stderr)[-4000:]
-    proc = torchrun(tmp_path, config, "killed", "--max-restarts=1", env={"KILL_AT_STEP": "17"})
+    proc = torchrun(tmp_path, config, "killed", "--max-restarts=1",
+                    env={"KILL_AT_STEP": "17", "RANK1_FIRST_ON_RESTART": str(tmp_path / "rank1-joining")})
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     models = tmp_path / "saved" / "models" / "dist_tiny"
@@ -377,6 +528,38 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     (entry,) = manifest["resume_history"]
     assert Path(entry["checkpoint"]).name == "last.pth" and entry["torchrun_restart_count"] == 1
     assert load(models / "killed" / "checkpoint-epoch3.pth")["global_step"] == 42
+
+
+@gloo
+@pytest.mark.slow  # ~35 s: four rounds of torchrun workers
+def test_torchrun_does_not_train_on_after_max_time_ran_out(tmp_path):
+    """Out of time under torchrun: the workers stop at step 15 with last.pth and exit 75, which torchrun takes for
+    a failure and restarts. The restarted rounds must not train on with a fresh budget: each stops at once (75),
+    without writing anything, until torchrun gives up; the launch ends. The same command again (a new launch,
+    as a requeued job is) continues from step 15 with a new budget."""
+    config = dist_config(tmp_path / "saved", max_time="00:00:00:15", epochs=3)  # 42 steps in all
+    proc = torchrun(tmp_path, config, "timed", "--max-restarts=2", env={"FAKE_CLOCK": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    folder = tmp_path / "saved" / "models" / "dist_tiny" / "timed"
+    assert load(folder / "last.pth")["global_step"] == 15
+    assert load(folder / "last.pth")["out_of_time"]["round"] == 0
+    assert output.count("out of time: trainer.max_time ran out earlier in this torchrun launch (round 0)") == 2 * WORLD
+    assert "Resumed from" not in output  # the restarted rounds trained nothing
+    assert json.loads((folder / "manifest.json").read_text())["resume_history"] == []  # and wrote nothing
+
+    again = torchrun(tmp_path, config, "timed", "--max-restarts=0", env={"FAKE_CLOCK": "1"})
+    assert "Resumed from epoch 1, batch 1, step 15" in again.stdout + again.stderr, (again.stdout + again.stderr)[-4000:]
+    assert load(folder / "last.pth")["global_step"] == 30
+
+
+def test_spent_in_this_launch_needs_the_same_launch_and_a_later_round():
+    state = {"out_of_time": {"torchrun_run_id": "job7", "round": 0}}
+    assert spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert not spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "0"})  # requeued
+    assert not spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "other", "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert not spent_in_this_launch(state, {})  # plain python train.py
+    assert not spent_in_this_launch({"out_of_time": None}, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "1"})
 
 
 # ---------------------------------------------------------------- SLURM's warning signal and the batch script

@@ -159,7 +159,7 @@ class StepValidation(Hook):
             trainer.save_resumable("model_best.pth")  # every process: the epoch's running sums are gathered
         if trainer.not_improved_count > trainer.early_stop:
             logger.info(f"Validation performance didn't improve for {trainer.early_stop} validations. Training stops.")
-            trainer.finished = True
+            trainer.finished = trainer.stopped_early = True
 
 
 class StudyReport(Hook):

@@ -23,7 +23,7 @@ import torch
 from base.base_trainer import Parts, Run, RunStopped
 from trainer import build, tuning
 from utils import dist
-from utils.cluster import cluster_context
+from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, spent_in_this_launch
 from utils.config import ConfigError, check_path_component, flatten, validate_config
 from utils.errors import UserError
 from utils.io import load_checkpoint, remove_stale_temp_files, write_json
@@ -60,6 +60,12 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     else:
         state = load_checkpoint(resume) if resume else None
     config, changes = checked_config(config, state)
+    if state is not None and state.get("stopped_early") and (done := run_is_finished(state, config)):
+        raise RunStopped(f"{resume}: nothing to resume: {done}", exit_code=0)  # -r CKPT of an early-stopped run
+    if spent_in_this_launch(state):  # torchrun restarted workers that ran out of time: end, don't train on
+        raise RunStopped(f"{resume}: out of time: trainer.max_time ran out earlier in this torchrun launch (round"
+                         f" {state['out_of_time']['round']}); stopping at once so that the launch ends. Run the"
+                         " command again for a new budget", exit_code=EXIT_OUT_OF_TIME)
     device = build.resolve_device(config["device"])
     info, device = dist.setup(device)
     try:
@@ -154,7 +160,7 @@ def auto_resume(config, run_id=None):
     checked = validate_config(config, build.registries())
     path, state, found_id, skipped = find_resumable(checked, run_id)
     if state is not None and (done := run_is_finished(state, checked)):
-        raise RunStopped(f"{path}: nothing to resume, {done} (raise trainer.epochs to train on)", exit_code=0)
+        raise RunStopped(f"{path}: nothing to resume: {done}", exit_code=0)
     return (str(path) if path else None), state, found_id or run_id, skipped
 
 

@@ -90,3 +90,34 @@ def cluster_context(environ=None):
         if value is not None:
             context[key] = int(value) if value.isdigit() and key != "slurm_job_id" else value
     return context
+
+
+def torchrun_round(environ=None):
+    """``(run id, restart count)`` of the torchrun launch this process belongs to, or None outside torchrun.
+
+    The run id is torchrun's ``--rdzv-id`` (a fresh one per launch with ``--standalone``; the job id
+    in slurm/train.sbatch); the count is how often this launch restarted its workers.
+    """
+    environ = os.environ if environ is None else environ
+    run_id, count = environ.get("TORCHELASTIC_RUN_ID"), environ.get("TORCHELASTIC_RESTART_COUNT")
+    if run_id is None or count is None or not count.isdigit():
+        return None
+    return run_id, int(count)
+
+
+def out_of_time_mark(environ=None):
+    """What a checkpoint written because ``trainer.max_time`` ran out records under torchrun (None elsewhere):
+    the launch and the round in which the budget ran out (see :func:`spent_in_this_launch`)."""
+    here = torchrun_round(environ)
+    return None if here is None else {"torchrun_run_id": here[0], "round": here[1]}
+
+
+def spent_in_this_launch(state, environ=None):
+    """Whether the run's budget ran out earlier in this same torchrun launch: its workers stopped with exit 75,
+    which torchrun takes for a failure and answers with a restart (``--max-restarts``). A restarted round must
+    not train on with a fresh budget: out of time means the launch, and the job around it, should end.
+    A new launch (the command run again, a requeued SLURM job: its restart count starts at 0) trains on."""
+    mark = (state or {}).get("out_of_time")
+    here = torchrun_round(environ)
+    return bool(mark and here and mark.get("torchrun_run_id") == here[0] and mark.get("round", here[1]) < here[1])
+

@@ -54,20 +54,25 @@ def setup(device):
 
 
 def _init_group(backend, info):
-    """``init_process_group`` from torchrun's environment, under a key prefix new to this initialisation.
+    """``init_process_group`` from torchrun's environment, under a key prefix of its own when the store has been used.
 
-    Every initialisation rendezvouses through the same store (torchrun's, at
-    ``MASTER_ADDR:MASTER_PORT``) under the same keys, so after a ``destroy_process_group``
-    a second one would read the first one's stale addresses and hang. The first
-    initialisation is the plain one; later ones (every rank counts the same) use their own prefix.
+    Every initialisation rendezvouses through torchrun's store (at ``MASTER_ADDR:MASTER_PORT``)
+    under the same keys, where each process publishes its address. That store outlives a
+    process: a second initialisation in the same process (after ``destroy_process_group``), and
+    every process of a round that torchrun restarted (``--max-restarts``; torchrun keeps one store
+    for all rounds), would find the addresses of processes that are gone, and hang or fail with
+    "connection refused". So only the first initialisation of torchrun's first round uses the
+    plain keys; the others use a prefix naming the round and the initialisation (the same on
+    every rank).
     """
     global _generation, _control_group
     _generation += 1
-    if _generation == 1:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if _generation == 1 and restart == "0":
         dist.init_process_group(backend)
     else:
         store, _, _ = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"utils.dist/{_generation}/", store)
+        store = dist.PrefixStore(f"utils.dist/round{restart}/{_generation}/", store)
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
     # Collective: every rank creates it, right after joining.
     _control_group = None if backend == "gloo" else dist.new_group(backend="gloo")

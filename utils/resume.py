@@ -193,10 +193,29 @@ def newer_checkpoints(folder, resumed, global_step):
 
 
 def run_is_finished(state, config):
-    """Why the run that wrote ``state`` has nothing left to train under ``config`` (a line), or None."""
+    """Why the run that wrote ``state`` has nothing left to train under ``config``, and how to go on (a line), or None.
+
+    A run that early stopping ended is finished unless ``config`` asks for more than the run had: a larger
+    ``trainer.early_stop`` (or none), or more ``trainer.epochs``.
+    """
     cfg = config["trainer"]
     if state["epoch"] >= cfg["epochs"]:
-        return f"it has completed {state['epoch']} of {cfg['epochs']} epochs"
+        return f"it has completed {state['epoch']} of {cfg['epochs']} epochs (raise trainer.epochs to train on)"
     if cfg["max_steps"] and state["global_step"] >= cfg["max_steps"]:
-        return f"it has taken {state['global_step']} of trainer.max_steps={cfg['max_steps']} steps"
+        return (f"it has taken {state['global_step']} of trainer.max_steps={cfg['max_steps']} steps"
+                " (raise trainer.max_steps to train on)")
+    if state.get("stopped_early") and not _asks_for_more(state["config"]["trainer"], cfg):
+        saved = state["config"]["trainer"]
+        epoch = state["epoch"] + (1 if state["batch_in_epoch"] else 0)
+        counted = "validations" if saved.get("val_every_n_steps") else "epochs"
+        return (f"the run stopped early at epoch {epoch}, step {state['global_step']}: its"
+                f" {saved['monitor'].split()[-1]} did not improve for more than trainer.early_stop={saved['early_stop']}"
+                f" {counted} (raise trainer.early_stop, or trainer.epochs, to train on)")
     return None
+
+
+def _asks_for_more(saved, cfg):
+    """Whether trainer settings ``cfg`` raise the patience or the epochs of the run that had ``saved``."""
+    patience, before = cfg.get("early_stop"), saved.get("early_stop")
+    more_patience = before is not None and (patience is None or patience > before)
+    return more_patience or cfg["epochs"] > saved["epochs"]
