@@ -179,11 +179,17 @@ def test_a_mid_epoch_resume_ends_with_the_same_values(tmp_path, interrupt_at_ste
 # --------------------------------------------------------------------------- config mistakes
 
 
-def _train_cli(tmp_path, *overrides):
-    proc = subprocess.run([sys.executable, "train.py", "-c", "config.json", f"trainer.save_dir={tmp_path / 'saved'}",
-                           "trainer.monitor=off", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _train_cli(tmp_path, capsys, *overrides):
+    """``train.py -c config.json ...`` in this process (train.py's own code, without a second torch import)."""
+    from types import SimpleNamespace
+
+    from trainer import cli
+
+    capsys.readouterr()
+    code = cli.train_command(["-c", str(ROOT / "config.json"), f"trainer.save_dir={tmp_path / 'saved'}",
+                              "trainer.monitor=off", *overrides])
     assert not (tmp_path / "saved").exists(), "something was written"
-    return proc
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -196,8 +202,8 @@ def _train_cli(tmp_path, *overrides):
      "error: metrics[0].args: torchmetrics.classification.MulticlassF1Score rejected its arguments: Expected"
      " argument `average`"),
 ], ids=["unknown-class", "unknown-arg", "bad-value"])
-def test_a_torchmetrics_mistake_is_one_line_and_exit_2(tmp_path, entry, message):
-    proc = _train_cli(tmp_path, f"metrics={json.dumps([entry])}")
+def test_a_torchmetrics_mistake_is_one_line_and_exit_2(tmp_path, capsys, entry, message):
+    proc = _train_cli(tmp_path, capsys, f"metrics={json.dumps([entry])}")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert [line for line in lines if line.startswith("error:")] == lines
@@ -205,10 +211,10 @@ def test_a_torchmetrics_mistake_is_one_line_and_exit_2(tmp_path, entry, message)
     assert "Traceback" not in proc.stderr
 
 
-def test_all_metric_mistakes_are_reported_at_once(tmp_path):
+def test_all_metric_mistakes_are_reported_at_once(tmp_path, capsys):
     entries = ["acuracy", {"type": "accuracy"}, {"type": "torchmetrics.MeanSquaredError", "nme": "x"},
                {"type": "torchmetrics.classification.MulticlassAUROC", "args": {"num_classes": 0}}]
-    proc = _train_cli(tmp_path, f"metrics={json.dumps(entries)}")
+    proc = _train_cli(tmp_path, capsys, f"metrics={json.dumps(entries)}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 4, lines
@@ -218,9 +224,9 @@ def test_all_metric_mistakes_are_reported_at_once(tmp_path):
     assert "metrics[3].args.num_classes: got 0, expected a positive integer" in lines[3]
 
 
-def test_a_metric_giving_several_numbers_is_stopped_by_the_dry_batch(tmp_path):
+def test_a_metric_giving_several_numbers_is_stopped_by_the_dry_batch(tmp_path, capsys):
     entry = {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 10, "average": "none"}}
-    proc = _train_cli(tmp_path, f"metrics={json.dumps([entry])}", "trainer.epochs=1")
+    proc = _train_cli(tmp_path, capsys, f"metrics={json.dumps([entry])}", "trainer.epochs=1")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: metrics: multiclass_f1_score cannot take the model's output [32, 10] (float32) and the targets [32]"
