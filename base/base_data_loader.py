@@ -208,6 +208,7 @@ class BaseDataLoader:
                 " transformed on its own in this process; set data_loader.args.num_workers > 0 to use worker processes")
         self.device_resident = device_resident
         self._tensors = dataset.tensors() if self.in_memory else None
+        self._holds = {}  # holds_target's answers
         self._device = None
         self.start_batch = 0
         self._pipelines = {split: self._pipeline_for(spec, split) for split in ("train", "eval")}
@@ -307,6 +308,22 @@ class BaseDataLoader:
         valid._pipeline = self._pipelines["eval"]  # held-out data never sees random augmentation
         valid.sampler = EpochSampler(self.valid_idx, shuffle=False, seed=self.seed, pad=False)
         return valid
+
+    def holds_target(self, value):
+        """Whether some target of this data equals ``value`` (an ``ignore_index``, say); None when not known.
+
+        Known when the dataset offers its targets as one 1-d integer tensor (``tensors()``):
+        asked once per run, never per step, and kept. With the answer False the trainer skips
+        counting the ignored targets of every batch (see :func:`utils.metric_tracker.weighing`).
+        """
+        if value not in self._holds:  # (the validation loader shares this dict: same dataset)
+            tensors = self._tensors if self._tensors is not None else (
+                self.dataset.tensors() if hasattr(self.dataset, "tensors") else None)
+            targets = None if tensors is None else tensors[1]
+            known = (isinstance(targets, torch.Tensor) and targets.dim() == 1 and not targets.is_floating_point()
+                     and not targets.is_complex())
+            self._holds[value] = bool((targets == value).any()) if known else None
+        return self._holds[value]
 
     # ---- configuration by the trainer
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from base.base_trainer import BaseTrainer, RunStopped
 from trainer import tuning
 from trainer.hooks import EMA, hooks_for, step_hooks
-from utils.metric_tracker import MetricTracker, batch_weights
+from utils.metric_tracker import MetricTracker, batch_weights, weighing
 
 
 @torch.no_grad()
@@ -28,6 +28,7 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
     """
     model.eval()
     plain, stateful = split_metrics(metric_fns)
+    plain, weighed = weighing(criterion, plain, loader)
     stateful = [fn.new(device, sync=reduce) for fn in stateful]
     tracker = MetricTracker(["loss", *(fn.__name__ for fn in plain)], device)
     autocast = autocast or contextlib.nullcontext()
@@ -39,7 +40,7 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
             output = model(data)
             loss = criterion(output, target)
         tracker.update([loss.detach(), *(fn(output, target) for fn in plain)], target.shape[0],
-                       batch_weights([criterion, *plain], output, target))
+                       weighed and batch_weights(weighed, output, target))
         for metric in stateful:
             metric.update(output, target)
     result = tracker.result(reduce=reduce)
@@ -68,6 +69,8 @@ class Trainer(BaseTrainer):
         self.criterion, self.metric_fns, self.device = parts.criterion, list(parts.metric_fns), parts.device
         # Per-batch metrics go through the tracker; stateful ones (torchmetrics) keep their own state for the epoch.
         self.batch_metric_fns, stateful = split_metrics(self.metric_fns)
+        # Counting each batch's ignored targets only where the data can hold one (most data cannot).
+        self.batch_metric_fns, self._weighed = weighing(self.criterion, self.batch_metric_fns, parts.data_loader)
         self.epoch_metrics = [spec.new(self.device, sync=run.dist.enabled) for spec in stateful]
         self._epoch_metrics_state = None  # their states (all processes'), for the next mid-epoch checkpoint
         self.confusion = None  # trainer.confusion_matrix: counted over each validation, logged as an image
@@ -155,7 +158,7 @@ class Trainer(BaseTrainer):
     def _epoch_steps(self, epoch, start_batch):
         """The step loop: fetch, forward, loss, backward, (clip), step, for each batch of ``epoch`` from ``start_batch``."""
         model, optimizer, tracker = self.forward_model, self.optimizer, self.train_metrics
-        batch_metrics, epoch_metrics = self.batch_metric_fns, self.epoch_metrics
+        batch_metrics, epoch_metrics, weighed = self.batch_metric_fns, self.epoch_metrics, self._weighed
         model.train()
         if start_batch == 0:
             self._reset_metrics()
@@ -184,7 +187,7 @@ class Trainer(BaseTrainer):
                 with self._sync_context(last_in_window):
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 tracker.update([loss.detach(), *(fn(output, target) for fn in batch_metrics)], target.shape[0],
-                               batch_weights([self.criterion, *batch_metrics], output, target))
+                               weighed and batch_weights(weighed, output, target))
                 for metric in epoch_metrics:  # usually none
                     metric.update(output, target)
             if not last_in_window:

@@ -121,6 +121,30 @@ class MetricTracker:
         self._values, self._sizes, self._weights = list(values), list(sizes), list(weights)
 
 
+def weighing(criterion, metric_fns, loader):
+    """The per-batch metrics as a loop should call them, and the functions whose weights it must ask each batch.
+
+    Returns ``(metric_fns, weighed)``: ``weighed`` is ``[criterion, *metric_fns]`` for
+    :func:`batch_weights`, or None when every batch's values average over its samples, so that
+    the sample count is every weight and nothing need be counted per batch. That holds when no
+    function that weighs itself (``averages_over``) has a class ``weight`` and the data never
+    holds a target equal to its ``ignore_index`` (asked once of ``loader.holds_target``). On
+    such data a metric with an ``all_kept`` variant (accuracy: the same value, fewer tensor
+    operations) is replaced by it.
+    """
+    holds = getattr(loader, "holds_target", None)
+
+    def all_kept(fn):
+        func, kwargs = (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
+        if getattr(func, "averages_over", None) is None:
+            return True
+        return kwargs.get("weight") is None and holds is not None and holds(kwargs.get("ignore_index", -100)) is False
+
+    fast = [fn.all_kept if all_kept(fn) and hasattr(fn, "all_kept") else fn for fn in metric_fns]
+    needed = not all(all_kept(fn) for fn in [criterion, *metric_fns])
+    return fast, [criterion, *fast] if needed else None
+
+
 def batch_weights(fns, output, target):
     """What each of ``fns`` (the loss, then the metrics) averages over in this batch, for :meth:`MetricTracker.update`.
 
