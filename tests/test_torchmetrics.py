@@ -308,3 +308,22 @@ def test_a_weight_list_becomes_a_tensor_and_weights_the_loss(tmp_path):
     assert loss(output, target) != torch.nn.functional.cross_entropy(output, target)
     metrics = run.train(with_changes(config, trainer__epochs=1), run_id="w")  # was: a list reached F.cross_entropy
     assert metrics["loss"] == metrics["loss"]
+
+
+def test_fewer_validation_samples_than_processes_is_one_line_for_torchmetrics(tmp_path):
+    """Under torchrun a torchmetrics metric gathers every process's validation share: each needs one sample."""
+    from trainer.preflight import check_shards
+    from trainer.run import build_parts
+    from utils.config import ConfigError, validate_config
+    from utils.dist import DistInfo
+
+    config = make_config(tmp_path / "saved")
+    config["metrics"] = ["accuracy", {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3}}]
+    config["data_loader"]["args"]["validation_split"] = 3
+    parts = build_parts(validate_config(config, build.registries()), torch.device("cpu"))
+    check_shards(parts, DistInfo(rank=0, world_size=3))  # one sample each: fine
+    check_shards(parts, DistInfo())  # one process: nothing to check
+    with pytest.raises(ConfigError, match="3 validation samples for 4 processes.*hold out at least 4 samples"):
+        check_shards(parts, DistInfo(rank=0, world_size=4))
+    parts.metric_fns = [fn for fn in parts.metric_fns if not getattr(fn, "stateful", False)]
+    check_shards(parts, DistInfo(rank=0, world_size=4))  # built-in metrics reduce sums: an empty share is fine

@@ -59,6 +59,23 @@ UNSUPPORTED_OPTIMIZERS = {
 }
 
 
+def check_shards(parts, info):
+    """Under torchrun, a torchmetrics metric gathers every process's validation share, so each needs one sample.
+
+    Validation is sharded without padding (no sample counted twice): with fewer held-out
+    samples than processes, some process would hold none, and torchmetrics' gather of an
+    empty list state fails. One line instead, before anything is written.
+    """
+    valid = parts.valid_data_loader
+    if not info.enabled or valid is None or not any(getattr(fn, "stateful", False) for fn in parts.metric_fns):
+        return
+    held_out = len(valid.sampler)
+    if held_out < info.world_size:
+        raise ConfigError(f"data_loader.args.validation_split: {held_out} validation samples for {info.world_size}"
+                          " processes, and the torchmetrics metrics need at least one on every process; hold out at"
+                          f" least {info.world_size} samples")
+
+
 def check_plan(config, parts):
     """Raise a one-line ConfigError for an optimizer or scheduler that would fail later in the run.
 
