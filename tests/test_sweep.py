@@ -178,3 +178,13 @@ def test_a_random_search_resumes_its_own_folder(tmp_path):
     first.save()
     again = Sweep(path, [], space=space, trials=3, name="again")  # the spec as sweep.json keeps it is the same
     assert again.state == json.loads((first.folder / "sweep.json").read_text())
+
+
+def test_drawn_values_are_shown_short_and_kept_whole():
+    from trainer.sweep import short
+
+    assert short("optimizer.args.lr=0.044303752452182654") == "optimizer.args.lr=0.0443"
+    assert short("optimizer.args.lr=1e-05") == "optimizer.args.lr=1e-05"
+    assert short("trainer.epochs=3") == "trainer.epochs=3"  # an int stays as written
+    assert short("arch.type=MLP") == "arch.type=MLP"
+    assert short('metrics=["accuracy"]') == 'metrics=["accuracy"]'

@@ -123,6 +123,16 @@ def expand(configs, seeds=None, folds=None):
     return trials
 
 
+def short(override):
+    """``key=VALUE`` for reading: a drawn float to 4 significant digits (the trial itself used every digit)."""
+    key, _, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}={number:.4g}" if "." in value or "e" in value.lower() else override
+
+
 def trial_overrides(trial, folds):
     overrides = [f"{k}={json.dumps(v)}" for k, v in trial["params"].items()]
     if trial["seed"] is not None:
@@ -246,7 +256,7 @@ class Sweep:
         self.save()
         from tqdm import tqdm
 
-        tqdm.write(f"{trial['id']}  {' '.join(trial['overrides']) or '(base config)'}  {shown}  {trial['seconds']:.1f} s",
+        tqdm.write(f"{trial['id']}  {' '.join(map(short, trial['overrides'])) or '(base config)'}  {shown}  {trial['seconds']:.1f} s",
                    file=out)
 
     # ------------------------------------------------------------------ the summary and the plot
@@ -290,8 +300,9 @@ class Sweep:
                              *(f"{v:.6g}" for m in metrics for v in r.get(m, (float("nan"), float("nan"))))])
         md = ["| configuration | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
         for r in rows:
-            params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "(base config)"
-            cells = [f"{r[m][0]:.4g} ± {r[m][1]:.2g}" if m in r else "" for m in metrics]
+            params = ", ".join(short(f"{k}={v}") for k, v in r["params"].items()) or "(base config)"
+            cells = [("" if m not in r else f"{r[m][0]:.4g}" if r["n"] == 1 else f"{r[m][0]:.4g} ± {r[m][1]:.2g}")
+                     for m in metrics]  # (no spread from one trial; summary.csv keeps every digit)
             md.append(f"| {params} | {r['n']} | " + " | ".join(cells) + " |")
         pruned = [t for t in self.state["trials"] if t["status"] == "pruned"]
         if pruned:
