@@ -272,3 +272,64 @@ def test_checkpoints_load_weights_only_with_plain_keys(resume_config):
     for path in (Path(resume_config["trainer"]["save_dir"]) / "models/tiny/w").glob("*.pth"):
         state = torch.load(path, weights_only=True, map_location="cpu")
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+
+
+# --------------------------------------------------------------------------- a batch split on a mid-epoch resume
+
+
+def test_batch_split_is_recognised_only_when_steps_and_epochs_keep_their_samples():
+    from utils.resume import batch_split
+
+    saved = make_config("s", accumulate_grad_batches=2)  # batch 16
+    split = lambda batch, accumulate, **trainer: with_changes(  # noqa: E731
+        saved, data_loader__args__batch_size=batch, trainer__accumulate_grad_batches=accumulate,
+        **{f"trainer__{k}": v for k, v in trainer.items()})
+    assert batch_split(saved, split(8, 4)) == 2 and batch_split(saved, split(4, 8)) == 4
+    assert batch_split(saved, split(8, 2)) is None  # fewer samples per optimizer step
+    assert batch_split(saved, split(12, 2)) is None  # 16 is not made of batches of 12
+    assert batch_split(saved, split(32, 1)) is None  # a larger batch is no split
+    with_len = with_changes(saved, trainer__len_epoch=10)
+    assert batch_split(with_len, with_changes(split(8, 4), trainer__len_epoch=20)) == 2
+    assert batch_split(with_len, with_changes(split(8, 4), trainer__len_epoch=10)) is None  # half the samples an epoch
+
+
+def test_a_mid_epoch_resume_may_split_each_batch_and_continues_at_the_same_sample(tmp_path, capsys, interrupt_at_step,
+                                                                                monkeypatch):
+    """An out-of-memory error's remedy: resume last.pth with batch 16 -> 8 and accumulation 1 -> 2."""
+    config = with_changes(make_config(tmp_path / "saved", epochs=2, verbosity=1),
+                          arch__args__dropout=0.0)  # dropout's draws differ between one batch of 16 and two of 8
+    reference = run.train(with_changes(config, name="whole"), run_id="w")
+    # 13 steps an epoch (205 samples: 12 batches of 16, then 13); stopped in epoch 2 after batch 6
+    interrupt_at_step(19)
+    with pytest.raises(RunStopped):
+        run.train(config, run_id="cut")
+    folder = Path(config["trainer"]["save_dir"]) / "models/tiny/cut"
+    assert load(folder / "last.pth")["batch_in_epoch"] == 6
+    capsys.readouterr()
+
+    for bad in ({"data_loader__args__batch_size": 12}, {"data_loader__args__batch_size": 8}):
+        with pytest.raises(UserError, match="batch split into N, with accumulate_grad_batches times N"):
+            run.train(with_changes(config, **bad), resume=folder / "last.pth")
+    split = with_changes(config, data_loader__args__batch_size=8, trainer__accumulate_grad_batches=2)
+    resumed = run.train(split, resume=folder / "last.pth")
+    out = capsys.readouterr().out
+    assert "continuing at batch 12 of the epoch, the same sample as the checkpoint's batch 6" in out
+    state = load(folder / "checkpoint-epoch2.pth")
+    assert state["global_step"] == 26 and state["epoch"] == 2  # not one step more or less than the whole run
+    whole = load(Path(config["trainer"]["save_dir"]) / "models/whole/w/checkpoint-epoch2.pth")
+    gap = max((state["model"][k] - v).abs().max().item() for k, v in whole["model"].items())
+
+    # The control: the same resume without moving to batch 12 restarts at sample 48, not 96.
+    import trainer.run
+
+    monkeypatch.setattr(trainer.run, "batch_split", lambda saved, config: None)
+    run.train(split, resume=folder / "last.pth")  # (into a branch: checkpoint-epoch2.pth is newer than last.pth)
+    (branch,) = folder.parent.glob("cut-from-*")
+    wrong = load(branch / "checkpoint-epoch2.pth")
+    wrong_gap = max((wrong["model"][k] - v).abs().max().item() for k, v in whole["model"].items())
+    # The same samples per step: only rounding differs (a batch's gradient summed as two halves), a few 1e-6
+    # after 13 steps at lr 0.1 with momentum; from the wrong sample the weights differ by about 1e-2 and more.
+    assert gap < 1e-5 and wrong_gap > 1e-3, (gap, wrong_gap)
+    # The epoch's values, from half-batch means: the same to rounding (the loss here is about 1e-2).
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key

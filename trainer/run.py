@@ -27,7 +27,7 @@ from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, spent_in_this_launc
 from utils.config import ConfigError, check_path_component, flatten, validate_config
 from utils.errors import UserError
 from utils.io import load_checkpoint, remove_stale_temp_files, write_json
-from utils.resume import (AUTO, apply_resume_changes, carry_data_args, check_resume_changes, find_resumable,
+from utils.resume import (AUTO, apply_resume_changes, batch_split, carry_data_args, check_resume_changes, find_resumable,
                           init_weights, newer_checkpoints, run_is_finished)
 
 
@@ -328,6 +328,10 @@ def restore(trainer, state, config):
     trainer.load_state_dict(state)
     apply_resume_changes(state["config"], config, trainer.optimizer, trainer.lr_scheduler)
     logger = trainer.logger
+    if state["batch_in_epoch"] and (factor := batch_split(state["config"], config)):
+        trainer.batch_in_epoch *= factor  # the same samples done, counted in batches of the new size
+        logger.info(f"each batch is split in {factor} from here on: continuing at batch {trainer.batch_in_epoch}"
+                    f" of the epoch, the same sample as the checkpoint's batch {state['batch_in_epoch']}")
     if state["config"]["seed"] != config["seed"]:
         logger.warning("the seed changed: the data order from here on differs from the original run's")
     if state.get("world_size", 1) != trainer.world_size:

@@ -370,25 +370,24 @@ def stop_out_of_step(trainer, epoch, err):
 
 
 def resume_advice(trainer, factor):
-    """How to continue with a batch ``factor`` times smaller: the command that resumes the newest checkpoint that
-    was written at an epoch's end (a mid-epoch one cannot take another batch size)."""
+    """How to continue with a batch ``factor`` times smaller: the command that resumes the newest checkpoint (a
+    mid-epoch one too: a batch split is the one data change a mid-epoch resume takes, utils.resume.batch_split)."""
     settings = " ".join(f"{k}={v}" for k, v in smaller_settings(trainer, factor).items())
-    checkpoint = newest_epoch_checkpoint(trainer.run.checkpoint_dir)
+    checkpoint = newest_checkpoint(trainer.run.checkpoint_dir)
     if checkpoint is None:
         return f"Start the run again with {settings}"
     return f"Resume with the smaller batch: python train.py -r {checkpoint} {settings}"
 
 
-def newest_epoch_checkpoint(folder):
-    """The checkpoint of ``folder`` written at an epoch's end with the most steps, or None."""
+def newest_checkpoint(folder):
+    """The checkpoint of ``folder`` with the most steps, or None."""
     from utils.resume import resumable_checkpoints
 
     found = []
     for path in resumable_checkpoints(folder):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if state["batch_in_epoch"] == 0:
-                found.append((state["global_step"], path.stat().st_mtime, path))
+            found.append((state["global_step"], path.stat().st_mtime, path))
         except Exception:  # damaged, or not ours: not one to resume
             continue
     return max(found)[2] if found else None

@@ -36,6 +36,43 @@ def carry_data_args(saved, config):
     return {**config, "data_loader": {**config["data_loader"], "args": {**args, **pinned}}}
 
 
+# Counts of batches: a batch split (see batch_split) scales them, so an epoch holds the same samples.
+BATCH_COUNTS = ("trainer.len_epoch", "trainer.limit_train_batches", "trainer.fast_dev_run")
+
+
+def batch_split(saved, config):
+    """``f`` when ``config`` splits each batch of the ``saved`` run into ``f`` (an integer > 1), else None.
+
+    That is: the per-process batch divided by ``f``, ``accumulate_grad_batches`` multiplied by
+    it, and every count of batches (``len_epoch``, an integer ``limit_train_batches`` or
+    ``fast_dev_run``) multiplied by it, so an optimizer step and an epoch hold the same samples
+    in the same order. Such a change is allowed in the middle of an epoch (after an
+    out-of-memory error, say): the resumed run continues at the same sample.
+    """
+    def get(cfg, key):
+        section, *rest = key.split(".")
+        node = cfg.get(section) or {}
+        for part in rest:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    def count(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    old, new = get(saved, "data_loader.args.batch_size"), get(config, "data_loader.args.batch_size")
+    if not (count(old) and count(new)) or not 0 < new < old or old % new:
+        return None
+    factor = old // new
+    if (get(config, "trainer.accumulate_grad_batches") or 1) != (get(saved, "trainer.accumulate_grad_batches") or 1) * factor:
+        return None
+    for key in BATCH_COUNTS:
+        before, after = get(saved, key), get(config, key)
+        if (count(before) and before) or (count(after) and after):
+            if not (count(before) and count(after) and after == before * factor):
+                return None
+    return factor
+
+
 def check_resume_changes(saved, config, mid_epoch):
     """Lines describing how ``config`` differs from the checkpoint's ``saved`` config.
 
@@ -44,9 +81,14 @@ def check_resume_changes(saved, config, mid_epoch):
     """
     changes = config_diff(saved, config)
     fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH if mid_epoch else ())
-    refused = [line for line in changes if any(line == k or line.startswith((k + ".", k + ":")) for k in fixed)]
+    split = mid_epoch and batch_split(saved, config)
+    allowed = ("data_loader.args.batch_size", "trainer.accumulate_grad_batches", *BATCH_COUNTS) if split else ()
+    refused = [line for line in changes if any(line == k or line.startswith((k + ".", k + ":")) for k in fixed)
+               and not line.startswith(tuple(k + ":" for k in allowed))]
     if refused:
-        why = "in the middle of an epoch; resume from a checkpoint-epoch*.pth" if mid_epoch else "start a new run with --init-from"
+        why = ("in the middle of an epoch (a batch split into N, with accumulate_grad_batches times N, is the one"
+               " change of the data allowed there); resume from a checkpoint-epoch*.pth" if mid_epoch
+               else "start a new run with --init-from")
         raise ConfigError(*(f"cannot resume with a changed {line.split(':')[0]} ({line}); {why}" for line in refused))
     return changes
 
