@@ -128,17 +128,23 @@ class TorchMetric:
 
     stateful = True  # evaluate() and the trainer tell these from the per-batch functions by this
 
-    def __init__(self, name, build, args, device=None, sync=True):
+    def __init__(self, name, build, args, device=None, sync=True, check_inputs=False):
         self.__name__ = name
         self._build, self._args = build, dict(args)
         self.metric = None
         if device is not None:
-            # sync_on_compute=False where only this process computes (test.py, the end-of-run test score).
-            self.metric = build(**self._args, **({} if sync else {"sync_on_compute": False})).to(device)
+            extra = {} if sync else {"sync_on_compute": False}  # where only this process computes (test.py, ...)
+            # torchmetrics checks every update's inputs (target values in range, ...), which reads values back
+            # from the device: a sync per step on a GPU. The dry batch before the run checks them once
+            # (check_inputs=True); the loop's own metrics skip it, unless the config sets validate_args.
+            if not check_inputs and "validate_args" in inspect.signature(build).parameters and "validate_args" not in args:
+                extra["validate_args"] = False
+            self.metric = build(**self._args, **extra).to(device)
 
-    def new(self, device, sync=True):
-        """A fresh accumulator on ``device``; ``sync``: whether compute() combines all processes' states."""
-        return TorchMetric(self.__name__, self._build, self._args, device, sync)
+    def new(self, device, sync=True, check_inputs=False):
+        """A fresh accumulator on ``device``; ``sync``: whether compute() combines all processes' states;
+        ``check_inputs``: torchmetrics' per-update input checks (off in the loop: see ``__init__``)."""
+        return TorchMetric(self.__name__, self._build, self._args, device, sync, check_inputs)
 
     def update(self, output, target):
         output = output.detach()
@@ -148,7 +154,12 @@ class TorchMetric:
 
     def compute(self):
         """The epoch's value as a float (a collective under torchrun: every process must call it)."""
+        import torch
+
         value = self.metric.compute()
+        if not isinstance(value, torch.Tensor):  # a curve (ROC: a tuple), a dict of values
+            raise ValueError(f"{self.__name__} computes a {type(value).__name__}, not one number; name a metric"
+                             " that gives one value per epoch")
         if value.numel() != 1:
             raise ValueError(f"{self.__name__} computes {tuple(value.shape)} values, not one number"
                              ' (an average of "none"?)')
@@ -173,7 +184,35 @@ class TorchMetric:
                 else:
                     value = value.to("cpu", copy=True)
                 states[attr] = value
-        return {"states": states, "updates": int(self.metric.update_count)}
+        return {"spec": self.spec(), "states": states, "updates": int(self.metric.update_count)}
+
+    def spec(self):
+        """What the state means: the metric's class and arguments (a resume with other ones must not load it)."""
+        return [self._build.dotted_name, {k: self._args[k] for k in sorted(self._args)}]
+
+    def fits(self, state):
+        """Whether ``state`` (from :meth:`state_dict`) is this metric's: the same spec, each state's shape and type."""
+        import torch
+
+        if state.get("spec", self.spec()) != self.spec():
+            return False
+        for attr, default in self.metric._defaults.items():
+            saved = state["states"].get(attr)
+            if isinstance(default, list):
+                if not isinstance(saved, list):
+                    return False
+            elif not (isinstance(saved, torch.Tensor) and saved.shape == default.shape and saved.dtype == default.dtype):
+                return False
+        return True
+
+    def load_empty_like(self, state):
+        """Start empty, but with list states of the saved dtype and shape (an empty slice of each): a process
+        whose share comes back empty then still gathers with the others (torchmetrics' stand-in for an empty
+        list state is a 1-d float tensor, which matches no other process's scores)."""
+        self.metric.reset()
+        for attr, value in state["states"].items():
+            if isinstance(value, list) and value:
+                setattr(self.metric, attr, [value[0][:0].to(self.metric.device)])
 
     def load_state_dict(self, state):
         device = self.metric.device

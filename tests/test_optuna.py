@@ -101,3 +101,27 @@ def test_a_study_without_optuna_installed_is_one_line(tmp_path, capsys, monkeypa
     assert sweep_command(["-c", str(path), "--optuna", f"{LR}=uniform:0.01:0.1", "--trials", "2"]) == 2
     assert capsys.readouterr().err.strip() == "error: --optuna needs the optuna package: pip install optuna"
     assert not (tmp_path / "saved").exists()
+
+
+def test_a_study_of_the_other_direction_is_one_line(tmp_path, capsys):
+    """A study keeps the direction it was made with; the sweep refuses one that does not follow trainer.monitor."""
+    path = write_config(tmp_path)  # trainer.monitor "min val_loss"
+    folder = tmp_path / "saved/sweeps/o"
+    folder.mkdir(parents=True)
+    optuna.create_study(study_name="o", storage=f"sqlite:///{folder / 'study.db'}", direction="maximize")
+    argv = ["-c", str(path), "--optuna", f"{LR}=loguniform:1e-5:0.5", "--trials", "1", "--name", "o"]
+    assert sweep_command(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the study there is to maximize, but trainer.monitor is 'min val_loss'" in err[0], err
+    assert not (folder / "models").exists()  # no trial ran
+
+
+def test_the_monitor_is_part_of_what_names_a_study_folder(tmp_path):
+    path = write_config(tmp_path)
+    space = parse_random([f"{LR}=loguniform:1e-5:0.5"], "--optuna")
+    from trainer.sweep import OptunaSweep
+
+    low = OptunaSweep(str(path), [], space, 2)
+    assert write_config(tmp_path, monitor="max val_accuracy") == path  # the same file, edited
+    high = OptunaSweep(str(path), [], space, 2)
+    assert low.folder != high.folder and (low.direction, high.direction) == ("minimize", "maximize")

@@ -327,3 +327,52 @@ def test_fewer_validation_samples_than_processes_is_one_line_for_torchmetrics(tm
         check_shards(parts, DistInfo(rank=0, world_size=4))
     parts.metric_fns = [fn for fn in parts.metric_fns if not getattr(fn, "stateful", False)]
     check_shards(parts, DistInfo(rank=0, world_size=4))  # built-in metrics reduce sums: an empty share is fine
+
+
+def test_a_mid_epoch_resume_with_changed_metric_args_does_not_load_the_old_state(tmp_path, interrupt_at_step, capsys):
+    """F1 macro's state (per class) is not F1 micro's: a resume that changes the average starts the metric afresh,
+    with a warning, instead of adding the new counts onto the old ones."""
+    config = tm_config(tmp_path / "saved", epochs=2, verbosity=1)
+    interrupt_at_step(15)  # epoch 2, batch 6 of 9
+    with pytest.raises(RunStopped):
+        run.train(config, run_id="cut")
+    capsys.readouterr()
+    micro = dict(F1, args={**F1["args"], "average": "micro"})
+    changed = with_changes(config, metrics=["accuracy", micro, AUROC])
+    resumed = run.train(changed, resume=tmp_path / "saved/models/tiny/cut/last.pth")
+    out = capsys.readouterr().out
+    assert "the checkpoint holds the state of another metric (changed args?) for multiclass_f1_score" in out
+    assert "for auroc" not in out  # unchanged: its state is carried on
+    assert 0 < resumed["multiclass_f1_score"] <= 1
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"type": "torchmetrics.classification.MulticlassROC", "args": {"num_classes": 10}},
+     "metrics: multiclass_roc cannot take the model's output"),
+], ids=["a-curve"])
+def test_a_metric_that_gives_no_single_number_is_one_line(tmp_path, capsys, entry, message):
+    proc = _train_cli(tmp_path, capsys, f"metrics={json.dumps([entry])}", "trainer.epochs=1")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "computes a tuple, not one number" in lines[0], lines
+
+
+def test_a_metric_needing_a_missing_package_is_one_line(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed: the metric can be built here")
+    entry = {"type": "torchmetrics.image.MemorizationInformedFrechetInceptionDistance"}
+    proc = _train_cli(tmp_path, capsys, f"metrics={json.dumps([entry])}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "metrics[0].type: " in lines[0] and "cannot be built here" in lines[0], lines
+
+
+@pytest.mark.parametrize("weight", [["a", 1, 1], [1, None, 1], []], ids=["a-string", "a-null", "empty"])
+def test_a_weight_list_that_is_not_numbers_is_one_line(tmp_path, capsys, weight):
+    loss = {"type": "cross_entropy", "args": {"weight": weight}}
+    proc = _train_cli(tmp_path, capsys, f"loss={json.dumps(loss)}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: loss.args.weight: expected a list of numbers, one per class, got {json.dumps(weight)}"]

@@ -116,11 +116,18 @@ def runs(tmp_path_factory):
     confusion matrix on. Launch 2: that ``last.pth`` resumed by 2 processes."""
     tmp = tmp_path_factory.mktemp("tm_dist")
     launch(tmp, [{"config": config(tmp / "full", save_every_n_steps=20, confusion_matrix=True, tensorboard=True),
-                  "run_id": "full", "out": str(tmp / "full")}], "first")
-    mid = tmp / "mid" / "models" / NAME / "mid"
-    mid.mkdir(parents=True)
-    shutil.copy(tmp / "full" / "models" / NAME / "full" / "last.pth", mid / "last.pth")
-    launch(tmp, [{"config": config(tmp / "mid"), "resume": str(mid / "last.pth"), "out": str(tmp / "mid")}], "resume")
+                  "run_id": "full", "out": str(tmp / "full")},
+                 # a last.pth after the epoch's last batch (step 14 of 14), before the epoch's end
+                 {"config": config(tmp / "edge", save_every_n_steps=BATCHES, epochs=1), "run_id": "edge",
+                  "out": str(tmp / "edge")}], "first")
+    resumes = []
+    for label, source in (("mid", "full"), ("edge_resumed", "edge")):
+        folder = tmp / label / "models" / NAME / label
+        folder.mkdir(parents=True)
+        shutil.copy(tmp / source / "models" / NAME / source / "last.pth", folder / "last.pth")
+        resumes.append({"config": config(tmp / label, epochs=2 if label == "mid" else 1),
+                        "resume": str(folder / "last.pth"), "out": str(tmp / label)})
+    launch(tmp, resumes, "resume")
     return tmp
 
 
@@ -179,6 +186,19 @@ def test_a_mid_epoch_resume_under_two_processes_ends_with_the_same_values(runs):
     for key in KEYS + ["loss", "accuracy", "val_loss"]:
         assert resumed[key] == full[key], key
     assert [len(r) for r in records_of(runs / "mid")] == [BATCHES - 6] * WORLD  # it trained only the rest
+
+
+def test_a_resume_after_the_epochs_last_batch_computes_on_every_process(runs):
+    """Resumed after the last batch, no process trains a batch: rank 1's AUROC scores are empty, and must still
+    gather with rank 0's saved ones (an empty list state of another shape aborts gloo)."""
+    state = torch.load(runs / "edge_resumed" / "models" / NAME / "edge_resumed" / "last.pth", map_location="cpu",
+                       weights_only=True)
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, BATCHES)
+    edge, resumed = metrics_of(runs / "edge"), metrics_of(runs / "edge_resumed")
+    assert resumed[0] == resumed[1]
+    for key in KEYS + ["loss", "accuracy"]:
+        assert resumed[0][key] == edge[0][key], key
+    assert [len(r) for r in records_of(runs / "edge_resumed")] == [0] * WORLD
 
 
 def test_the_confusion_matrix_image_is_logged_once_per_validation_by_rank_0(runs):

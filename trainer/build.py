@@ -6,6 +6,7 @@ made the same way for training, resuming and evaluating.
 
 import fnmatch
 import functools
+import json
 import inspect
 
 import torch
@@ -144,7 +145,10 @@ def build_loss(config, device=None):
     fn = registries()["loss"].get(section["type"], "loss.type")
     args = dict(section["args"])
     if isinstance(args.get("weight"), list):
-        args["weight"] = torch.tensor(args["weight"], dtype=torch.float32, device=device)
+        weight = args["weight"]
+        if not weight or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weight):
+            raise ConfigError(f"loss.args.weight: expected a list of numbers, one per class, got {json.dumps(weight)}")
+        args["weight"] = torch.tensor(weight, dtype=torch.float32, device=device)
     return functools.partial(fn, **args) if args else fn
 
 

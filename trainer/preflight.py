@@ -233,7 +233,7 @@ def _check_loss(loss, output, config):
 def _metric(fn, output, target, device):
     try:
         if getattr(fn, "stateful", False):  # a torchmetrics metric: one update and a compute, on a probe of its own
-            probe = fn.new(device, sync=False)
+            probe = fn.new(device, sync=False, check_inputs=True)
             probe.update(output, target)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. "no positive samples" on one small batch

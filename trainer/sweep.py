@@ -447,8 +447,9 @@ class OptunaSweep(Sweep):
         self.direction = "minimize" if mode == "min" else "maximize"
         self.swept = {key: kind for key, (kind, _) in space.items()}
         # (--trials is not part of it: the same command with a larger --trials extends the study)
+        # The monitor too: the config file it comes from may be edited, and a study's direction is fixed.
         spec = {"config": self.config_path, "overrides": self.overrides, "optuna": space, "pruner": pruner,
-                "sweep_seed": sweep_seed}
+                "sweep_seed": sweep_seed, "monitor": self.monitor}
         self._open(spec, [], name, save_dir)
         self.storage = "sqlite:///" + str((self.folder / STUDY).resolve())
 
@@ -460,6 +461,9 @@ class OptunaSweep(Sweep):
         self.save()
         study = optuna.create_study(storage=self.storage, study_name=self.folder.name, direction=self.direction,
                                     pruner=make_pruner(self.pruner), load_if_exists=True)
+        if study.direction.name.lower() != self.direction:  # (an existing study keeps its own)
+            raise UserError(f"{self.storage}: the study there is to {study.direction.name.lower()}, but"
+                            f" trainer.monitor is {self.monitor!r}; start another sweep (--name) for this one")
         self._reconcile(study)
         # Seeded by the number of trials so far: a resumed study does not draw its first trials' values again.
         study.sampler = optuna.samplers.TPESampler(seed=self.sweep_seed + len(study.trials))

@@ -424,11 +424,16 @@ class Trainer(BaseTrainer):
             saved = state.get("train_epoch_metrics") or {}
             for metric in self.epoch_metrics:
                 metric.reset()
-                if self.is_main and metric.__name__ in saved:
-                    metric.load_state_dict(saved[metric.__name__])
+                mine = saved.get(metric.__name__)
+                if mine is not None and metric.fits(mine):
+                    if self.is_main:
+                        metric.load_state_dict(mine)
+                    else:  # the others start empty, in a form that still gathers with rank 0's
+                        metric.load_empty_like(mine)
                 elif self.is_main:
-                    self.logger.warning(f"the checkpoint holds no running state of {metric.__name__}: its value"
-                                        f" for epoch {state['epoch'] + 1} covers only the batches after the resume")
+                    why = "no running state" if mine is None else "the state of another metric (changed args?)"
+                    self.logger.warning(f"the checkpoint holds {why} for {metric.__name__}: its value for epoch"
+                                        f" {state['epoch'] + 1} covers only the batches after the resume")
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing

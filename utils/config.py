@@ -696,6 +696,9 @@ def _check_metrics(metrics, registry, problems):
         except (TypeError, ValueError) as err:
             reason = " ".join(str(err).split()) or type(err).__name__
             problems.append(f"{where}.args: {kind} rejected its arguments: {reason}")
+        except (ImportError, OSError, RuntimeError) as err:  # an optional package it needs, weights to download
+            reason = " ".join(str(err).split()) or type(err).__name__
+            problems.append(f"{where}.type: {kind} cannot be built here: {reason[:300]}")
     names = [metric_name(entry) for entry in metrics]
     for name in sorted({n for n in names if names.count(n) > 1 or n in ("loss", "confusion_matrix")}):
         problems.append(f"metrics: the name {name!r} is taken twice (or is reserved); give the entry its own \"name\"")
