@@ -103,7 +103,7 @@ def job(tmp, label, argv=None, cfg=None, run_id=None, oom=None):
     return {"argv": argv, "out": str(tmp / label), "oom": oom}
 
 
-def launch(tmp, jobs, label):
+def launch(tmp, jobs, label, torchrun_args=()):
     """Run ``jobs`` in one torchrun launch of 2 processes; returns ``(exit code, output)``."""
     driver = tmp / "driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO)))
@@ -113,7 +113,7 @@ def launch(tmp, jobs, label):
                                                               "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={WORLD}", str(driver), str(spec)],
+                           f"--nproc_per_node={WORLD}", *torchrun_args, str(driver), str(spec)],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -271,6 +271,22 @@ def test_the_resume_command_of_the_message_works(stopped):
         assert rank["batches"] == [8] * 15
     state = load(run_dir(tmp, "late") / "checkpoint-epoch2.pth")
     assert state["epoch"] == 2 and state["config"]["data_loader"]["args"]["batch_size"] == 8
+
+
+def test_torchrun_restarts_do_not_train_into_the_same_error_again(tmp_path):
+    """With --max-restarts, torchrun restarts the processes that stopped for memory; -r auto would resume the same
+    checkpoint with the same batch and run out at the same step. The restarted rounds stop at once instead."""
+    cfg = config(tmp_path, auto_accumulate=True)
+    code, output = launch(tmp_path, [job(tmp_path, "again", argv=["-r", "auto"], cfg=cfg,
+                                         oom={"rank": 1, "batch": BATCH, "at": 10})], "again", ["--max-restarts=2"])
+    assert code != 0, output[-6000:]
+    assert output.count("another process stopped: out of memory") == 1, output[-6000:]  # one round trained
+    # rounds 1 and 2: each process stops before training, with the first round's message
+    assert output.count("an earlier round of this torchrun launch stopped: out of memory on process 1") == 4, \
+        output[-6000:]
+    for rank in results(tmp_path, "again"):  # the last round's processes: no training forward, exit 12
+        assert rank == {"code": EXIT_OUT_OF_MEMORY, "batches": []}, rank
+    assert sorted(p.name for p in run_dir(tmp_path, "again").glob("*.pth")) == ["checkpoint-epoch1.pth"]
 
 
 # ---------------------------------------------------------------- the memory check's parts, in this process

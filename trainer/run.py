@@ -69,6 +69,10 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     device = build.resolve_device(config["device"])
     info, device = dist.setup(device)
     try:
+        if (stopped := dist.launch_stopped()) is not None:  # torchrun restarted workers that ran out of memory
+            raise RunStopped(f"an earlier round of this torchrun launch stopped: {stopped} (not trained again in this"
+                             " round: it would resume the same checkpoint and run out again)",
+                             exit_code=tuning.EXIT_OUT_OF_MEMORY)
         build.check_amp(config["trainer"]["amp"], device)
         if info.enabled and config["trainer"]["skip_nonfinite"]:
             raise ConfigError("trainer.skip_nonfinite: not supported under torchrun (every process would have to"

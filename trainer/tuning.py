@@ -365,6 +365,7 @@ def stop_out_of_step(trainer, epoch, err):
                        " wait in the gradient all-reduce), so every process stops without saving. "
                        + resume_advice(trainer, smaller[1]))
         dist.tell_others(message)
+        dist.stop_the_launch(message)  # a torchrun restart would resume the same checkpoint and run out again
     trainer.logger.error(message)
     return RunStopped(message, exit_code=EXIT_OUT_OF_MEMORY, logged=True, together=False)
 

@@ -148,6 +148,54 @@ def told_by_others():
     return None
 
 
+def _launch_key():
+    return f"utils.dist/launch/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/stopped"
+
+
+def stop_the_launch(message):
+    """Leave ``message`` where every later round of this torchrun launch finds it (:func:`launch_stopped`).
+
+    For a stop that a restart would only repeat (an out-of-memory error at the same step of the
+    same data): torchrun restarts failed workers with ``--max-restarts``, and they would resume
+    the same checkpoint with the same batch. It goes to torchrun's own store, under no round's
+    prefix, so it outlives this round and nothing is written to disk.
+    """
+    store = _launch_store()
+    if store is not None:
+        try:
+            store.set(_launch_key(), message)
+        except Exception:  # a courtesy too: without it, a restart repeats the work and stops the same way
+            pass
+
+
+def launch_stopped():
+    """The message of :func:`stop_the_launch` when an earlier round of this launch left one, else None.
+
+    Asked after joining the group, by every process alike (all read the same key), and only in a
+    round that torchrun restarted.
+    """
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return None
+    store = _launch_store()
+    try:
+        if store is not None and store.check([_launch_key()]):
+            return store.get(_launch_key()).decode("utf-8", "replace")
+    except Exception:
+        pass
+    return None
+
+
+def _launch_store():
+    """torchrun's store itself, under the prefixes the process group's store adds (one per round and run)."""
+    store = _store()
+    try:
+        while isinstance(store, dist.PrefixStore):
+            store = store.underlying_store
+    except AttributeError:  # (a torch without PrefixStore.underlying_store)
+        return None
+    return store
+
+
 def _store():
     if not (dist.is_available() and dist.is_initialized()):
         return None
