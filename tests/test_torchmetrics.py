@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score  # no
 from base.base_trainer import RunStopped  # noqa: E402
 from model.stateful_metrics import confusion_image  # noqa: E402
 from trainer import build, run  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 from trainer.trainer import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -376,3 +377,16 @@ def test_a_weight_list_that_is_not_numbers_is_one_line(tmp_path, capsys, weight)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"error: loss.args.weight: expected a list of numbers, one per class, got {json.dumps(weight)}"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"data_loader__args__validation_split": 0.0, "trainer__monitor": "off"},
+     "trainer.confusion_matrix: it is counted over the validation split"),
+    ({"trainer__tensorboard": False}, "trainer.confusion_matrix: it is logged as a TensorBoard image"),
+    ({"trainer__loggers": ["csv"]}, "trainer.confusion_matrix: it is logged as a TensorBoard image"),
+], ids=["no-validation", "tensorboard-off", "csv-only"])
+def test_a_confusion_matrix_that_could_not_be_shown_is_one_line(tmp_path, changes, message):
+    config = with_changes(make_config(tmp_path / "saved", confusion_matrix=True, tensorboard=True), **changes)
+    with pytest.raises(ConfigError, match=message):
+        run.train(config, run_id="cm")
+    assert not (tmp_path / "saved").exists()

@@ -76,6 +76,21 @@ def check_shards(parts, info):
                           f" least {info.world_size} samples")
 
 
+def check_confusion_plan(config, parts):
+    """``trainer.confusion_matrix`` is counted over the validation split and logged as a TensorBoard image:
+    without either it would do nothing, silently."""
+    cfg = config["trainer"]
+    if not cfg["confusion_matrix"]:
+        return
+    if parts.valid_data_loader is None:
+        raise ConfigError("trainer.confusion_matrix: it is counted over the validation split, and this run holds"
+                          " none out; set data_loader.args.validation_split, or leave the matrix off")
+    loggers = [item if isinstance(item, str) else item.get("type") for item in cfg["loggers"]]
+    if not cfg["tensorboard"] or "tensorboard" not in loggers:
+        raise ConfigError("trainer.confusion_matrix: it is logged as a TensorBoard image, and TensorBoard is off in"
+                          ' this run (trainer.tensorboard, trainer.loggers); add "tensorboard", or leave the matrix off')
+
+
 def check_plan(config, parts):
     """Raise a one-line ConfigError for an optimizer or scheduler that would fail later in the run.
 

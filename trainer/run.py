@@ -48,7 +48,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         UserError: a problem in the config or the inputs, found before anything is written.
         RunStopped: the run was interrupted (a resumable ``last.pth`` is written) or diverged.
     """
-    from trainer.preflight import check_plan, check_shards, dry_batch
+    from trainer.preflight import check_confusion_plan, check_plan, check_shards, dry_batch
     from trainer.trainer import Trainer
     from utils.seed import seed_everything
 
@@ -86,6 +86,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
         check_plan(config, parts)
         check_shards(parts, info)
+        check_confusion_plan(config, parts)
         dry_batch(config, parts)  # the last check: after it, the run's folders are created
 
         run = open_run(config, run_id, resume, info, state, overwrite)
