@@ -42,8 +42,9 @@ pytestmark = pytest.mark.skipif(
 # Rank r of launch writes <out>.rank<r>.json per job. Several main() calls in one torchrun launch
 # rely on utils.dist.setup joining a fresh process group after the previous main()'s cleanup.
 DRIVER = """
-import json, os, sys
+import gc, json, os, sys
 sys.path.insert(0, {repo!r})
+import torch
 from trainer import run as train
 
 seen = []
@@ -61,8 +62,10 @@ rank = int(os.environ["RANK"])
 for job in json.load(open(sys.argv[1])):
     del seen[:]
     metrics = train.train(job["config"], resume=job.get("resume"), run_id=job.get("run_id"))
+    # DDP models still alive once train() has returned (without a gc run): they hold the process group
+    ddp = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
     with open(f"{{job['out']}}.rank{{rank}}.json", "w") as f:
-        json.dump({{"metrics": metrics, "run_ids": list(seen)}}, f)
+        json.dump({{"metrics": metrics, "run_ids": list(seen), "ddp_alive": ddp}}, f)
 """
 
 
@@ -250,6 +253,13 @@ def test_every_rank_gets_the_same_metrics_and_run_id(two_proc):
         assert ranks[1]["run_ids"] == ranks[0]["run_ids"], label
     run_dir = _full_run_dir(two_proc)
     assert results(two_proc["tmp"] / "full")[1]["run_ids"] in ([run_dir.name], [])  # [] if the spy found nothing
+
+
+def test_a_run_lets_go_of_its_process_group_before_it_returns(two_proc):
+    """Nothing of a finished run keeps the process group alive (DDP's reducer holds it, in reference cycles):
+    left to the interpreter's exit, gloo's threads can abort the process after a run that succeeded."""
+    for label in ("full", "part", "resumed", "mid", "accum", "unfreeze"):
+        assert [r["ddp_alive"] for r in results(two_proc["tmp"] / label)] == [0, 0], label
 
 
 def test_start_of_run_summary_gives_world_size_and_global_batch(two_proc):

@@ -12,10 +12,13 @@
 """
 
 import contextlib
+import gc
 import json
 import platform
 import subprocess
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -124,6 +127,14 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
             dist.leave_together()
         raise
     finally:
+        if info.enabled:
+            # The run's objects hold the process group (DDP's reducer does) and sit in reference cycles: left to
+            # the interpreter's exit, gloo's threads would be torn down with it, which can abort the process
+            # ("terminate called without an active exception") after a run that succeeded. Let them go now.
+            parts = trainer = run = None  # noqa: F841
+            if sys.exc_info()[1] is not None:  # (an error's traceback holds the frames that hold them)
+                traceback.clear_frames(sys.exc_info()[1].__traceback__)
+            gc.collect()
         dist.cleanup()
 
 
