@@ -88,3 +88,39 @@ def assert_states_identical(a, b):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[index][name])), (index, name)
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert a["global_step"] == b["global_step"]
+
+
+@pytest.fixture
+def interrupt_at_step():
+    """Send this process SIGINT from inside optimizer step ``n`` (``interrupt_at_step(n)``), as a Ctrl-C would arrive."""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handles = []
+
+    def arm(n):
+        count = [0]
+
+        def hook(opt, args, kwargs):
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        handles.append(register_optimizer_step_post_hook(hook))
+
+    yield arm
+    for handle in handles:
+        handle.remove()
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model: returns the stored logits of the samples whose indices it is given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, index):
+        return self.logits[index]

@@ -10,6 +10,7 @@ from model.loss import cross_entropy, logsumexp_cross_entropy, mse_loss, nll_los
 from model.metric import accuracy, top_k_acc
 from trainer.trainer import evaluate
 from utils.metric_tracker import MetricTracker, batch_weights
+from conftest import FixedLogits
 
 
 def _two_batches():
@@ -21,20 +22,9 @@ def _two_batches():
     return output, target
 
 
-class _Fixed(torch.nn.Module):
-    """Returns the stored logits of the samples whose indices it is given."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, index):
-        return self.logits[index]
-
-
 def _evaluate(criterion, metric_fns, output, target, batch=5):
     loader = [(torch.arange(i, min(i + batch, len(target))), target[i:i + batch]) for i in range(0, len(target), batch)]
-    return evaluate(_Fixed(output), loader, criterion, metric_fns, torch.device("cpu"))
+    return evaluate(FixedLogits(output), loader, criterion, metric_fns, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("loss", [logsumexp_cross_entropy, cross_entropy])

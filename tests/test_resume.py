@@ -45,28 +45,6 @@ def test_resume_at_epoch_boundary_is_bit_exact(resume_config):
     assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
 
 
-@pytest.fixture
-def interrupt_at_step():
-    """Send this process SIGINT from inside the optimizer step number ``n``, as a Ctrl-C would arrive."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    handles = []
-
-    def arm(n):
-        count = [0]
-
-        def hook(opt, args, kwargs):
-            count[0] += 1
-            if count[0] == n:
-                os.kill(os.getpid(), signal.SIGINT)
-
-        handles.append(register_optimizer_step_post_hook(hook))
-
-    yield arm
-    for handle in handles:
-        handle.remove()
-
-
 @pytest.mark.parametrize("workers", [0, 2], ids=["in-memory", "2-workers"])
 def test_resume_mid_epoch_after_signal_is_bit_exact(resume_config, interrupt_at_step, workers):
     if workers:

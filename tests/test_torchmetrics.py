@@ -9,8 +9,6 @@ the confusion matrix reaches TensorBoard as an image; a loss ``weight`` list wor
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config, with_changes
+from conftest import FixedLogits, make_config, with_changes
 
 torchmetrics = pytest.importorskip("torchmetrics")
 from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score  # noqa: E402
@@ -50,17 +48,6 @@ def tm_config(save_dir, **trainer):
     return config
 
 
-class _Fixed(torch.nn.Module):
-    """Returns the stored logits of the samples whose indices it is given."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, index):
-        return self.logits[index]
-
-
 # --------------------------------------------------------------------------- equal to torchmetrics over the epoch
 
 
@@ -71,7 +58,7 @@ def test_evaluate_equals_torchmetrics_over_the_whole_epoch():
     target[[2, 9, 17]] = -100  # ignored, as by the loss
     loader = [(torch.arange(i, min(i + 5, 23)), target[i:i + 5]) for i in range(0, 23, 5)]  # 5, 5, 5, 5, 3
     config = {"metrics": ["accuracy", F1, AUROC], "loss": {"type": "cross_entropy", "args": {}}}
-    result = evaluate(_Fixed(logits), loader, torch.nn.functional.cross_entropy, build.build_metrics(config),
+    result = evaluate(FixedLogits(logits), loader, torch.nn.functional.cross_entropy, build.build_metrics(config),
                       torch.device("cpu"))
     expected = direct(logits, target)
     assert result["multiclass_f1_score"] == expected["multiclass_f1_score"]
@@ -135,28 +122,6 @@ def test_a_run_reports_torchmetrics_of_its_whole_epochs(tmp_path, recorded):
     # test.py scores them too, from the checkpoint's config
     scores = json.loads((tmp_path / "saved/models/tiny/r/model_best.test.json").read_text())
     assert 0 <= scores["auroc"] <= 1 and "multiclass_f1_score" in scores
-
-
-@pytest.fixture
-def interrupt_at_step():
-    """Send this process SIGINT from inside optimizer step ``n``, as a Ctrl-C would arrive."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    handles = []
-
-    def arm(n):
-        count = [0]
-
-        def hook(opt, args, kwargs):
-            count[0] += 1
-            if count[0] == n:
-                os.kill(os.getpid(), signal.SIGINT)
-
-        handles.append(register_optimizer_step_post_hook(hook))
-
-    yield arm
-    for handle in handles:
-        handle.remove()
 
 
 def test_a_mid_epoch_resume_ends_with_the_same_values(tmp_path, interrupt_at_step):
