@@ -381,17 +381,11 @@ def resume_advice(trainer, factor):
 
 
 def newest_checkpoint(folder):
-    """The checkpoint of ``folder`` with the most steps, or None."""
-    from utils.resume import resumable_checkpoints
+    """The checkpoint of ``folder`` with the most steps (as ``-r auto`` ranks them), or None."""
+    from utils.resume import newest_first
 
-    found = []
-    for path in resumable_checkpoints(folder):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            found.append((state["global_step"], path.stat().st_mtime, path))
-        except Exception:  # damaged, or not ours: not one to resume
-            continue
-    return max(found)[2] if found else None
+    ranked, _ = newest_first(folder)
+    return ranked[0] if ranked else None
 
 
 def record_in_manifest(folder, config, event):

@@ -176,6 +176,20 @@ def checkpoint_step(path):
     return step
 
 
+def newest_first(folder):
+    """The resumable checkpoints of ``folder``, newest first by the global step they hold (then by modification
+    time), read without loading their tensors; and one line per file that cannot be read (skipped)."""
+    import os
+
+    skipped, ranked = [], []
+    for path in resumable_checkpoints(folder):
+        try:
+            ranked.append((checkpoint_step(path), os.stat(path).st_mtime, path))
+        except Exception as err:  # damaged, truncated, not ours: not a state to continue from
+            skipped.append(f"{path}: cannot be read ({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}); skipped")
+    return [path for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True)], skipped
+
+
 def find_resumable(config, run_id=None):
     """The newest checkpoint of a run that a run can continue from, for ``train.py -r auto``.
 
@@ -202,13 +216,8 @@ def find_resumable(config, run_id=None):
         if not runs:
             return None, None, None, []
         run_id = max(runs)[1].name
-    skipped, ranked = [], []
-    for path in resumable_checkpoints(models / run_id):
-        try:
-            ranked.append((checkpoint_step(path), os.stat(path).st_mtime, path))
-        except Exception as err:  # damaged, truncated, not ours: not a state to continue from
-            skipped.append(f"{path}: cannot be read ({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}); skipped")
-    for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
+    ranked, skipped = newest_first(models / run_id)
+    for path in ranked:
         try:
             return path, load_checkpoint(path), run_id, skipped
         except UserError as err:
