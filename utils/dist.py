@@ -127,25 +127,12 @@ def tell_others(message):
     outlives this process. The others learn of it only when a collective of theirs fails
     (:func:`told_by_others`), so it costs nothing while the run goes well.
     """
-    store = _store()
-    if store is not None:
-        try:
-            store.set(_STOPPED_KEY, message)
-        except Exception:  # the message is a courtesy: the others still stop, with gloo's or nccl's own error
-            pass
+    _leave(_store(), _STOPPED_KEY, message)
 
 
 def told_by_others():
     """The message a process that stopped on its own left (:func:`tell_others`), or None."""
-    store = _store()
-    if store is None:
-        return None
-    try:
-        if store.check([_STOPPED_KEY]):
-            return store.get(_STOPPED_KEY).decode("utf-8", "replace")
-    except Exception:
-        pass
-    return None
+    return _read(_store(), _STOPPED_KEY)
 
 
 def _launch_key():
@@ -160,12 +147,7 @@ def stop_the_launch(message):
     the same checkpoint with the same batch. It goes to torchrun's own store, under no round's
     prefix, so it outlives this round and nothing is written to disk.
     """
-    store = _launch_store()
-    if store is not None:
-        try:
-            store.set(_launch_key(), message)
-        except Exception:  # a courtesy too: without it, a restart repeats the work and stops the same way
-            pass
+    _leave(_launch_store(), _launch_key(), message)
 
 
 def launch_stopped():
@@ -176,10 +158,23 @@ def launch_stopped():
     """
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         return None
-    store = _launch_store()
+    return _read(_launch_store(), _launch_key())
+
+
+def _leave(store, key, message):
+    """``store[key] = message``, as a courtesy: without it the others still stop, with a less clear message."""
+    if store is not None:
+        try:
+            store.set(key, message)
+        except Exception:
+            pass
+
+
+def _read(store, key):
+    """``store[key]`` as text when it is there (never waiting for it), else None."""
     try:
-        if store is not None and store.check([_launch_key()]):
-            return store.get(_launch_key()).decode("utf-8", "replace")
+        if store is not None and store.check([key]):
+            return store.get(key).decode("utf-8", "replace")
     except Exception:
         pass
     return None
