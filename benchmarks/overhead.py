@@ -51,7 +51,6 @@ Results: a table on stdout and ``benchmarks/results/overhead.json``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import cProfile
@@ -702,7 +701,9 @@ def verdicts(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Trainer overhead against a bare training loop.")
+    from trainer.cli import CommandParser  # a mistake in a flag: one error line, exit 2
+
+    parser = CommandParser(prog="benchmarks/overhead.py", description="Trainer overhead against a bare training loop.")
     parser.add_argument("--smoke", action="store_true", help="a few steps, tiny data, one round")
     parser.add_argument("--out", help="folder for overhead.json (default benchmarks/results/)")
     parser.add_argument("--workloads", default="mlp,lenet,resnet18", help="comma-separated subset (default: all)")
@@ -719,6 +720,11 @@ def main(argv=None):
     global LOGGERS, LOGGERS_B
     LOGGERS = [name.strip() for name in args.loggers.split(",")] if args.loggers else None
     LOGGERS_B = [name.strip() for name in args.ab_loggers.split(",")] if args.ab_loggers else None
+    from logger.trackers import check_loggers
+
+    for flag, names in (("--loggers", LOGGERS), ("--ab-loggers", LOGGERS_B)):
+        if names and (wanted := check_loggers(names)):  # the config's own check, before anything runs
+            parser.error(f"{flag}: expected {wanted}")
 
     import torch
 

@@ -240,3 +240,12 @@ def test_logging_every_step_does_not_change_the_weights(tmp_path):
     for name in logged["model"]:
         assert torch.equal(logged["model"][name], quiet["model"][name]), name
     assert torch.equal(logged["rng"]["torch"], quiet["rng"]["torch"])
+
+
+def test_overhead_logger_flags_are_checked_first(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        overhead_bench.main(["--smoke", "--out", str(tmp_path), "--workloads", "mlp", "--ab-loggers", "tensorbord"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --ab-loggers: expected") and "did you mean 'tensorboard'" in err[0]
+    assert not (tmp_path / "overhead.json").exists()
