@@ -479,11 +479,11 @@ def _b_over_a(samples, pairs):
 
 def ema_cost(name, bare, rounds, chunk, log, decay=0.999):
     """What ``trainer.ema`` (updated every step) adds per step: the bare loop with and without the EMA update
-    (trainer/hooks.py's ``EMA``, one ``torch._foreach_lerp_`` over all weights) registered on its optimizer, in
+    (parts/ema.py's ``EMA``, one ``torch._foreach_lerp_`` over all weights) registered on its optimizer, in
     alternating chunks of ``chunk`` steps; and the update alone, timed over as many calls."""
     import torch
 
-    from trainer.hooks import EMA
+    from parts.ema import EMA
 
     # The average follows the bare loop's weights; the optimizer given to EMA itself is never stepped.
     ema = EMA(bare.model, torch.optim.SGD(bare.model.parameters(), lr=0.0),

@@ -127,8 +127,11 @@ def trained_model(checkpoint, overrides=(), device=None):
     model = build_model({**config, "arch": {**config["arch"], "args": arch_args}})
     try:
         model.load_state_dict(state["model"])
-        if (state.get("ema") or {}).get("weights"):
-            model.load_state_dict(state["ema"]["weights"], strict=False)
+        from utils import parts
+
+        for weights in parts.call_each(config, "evaluated_weights", state):  # e.g. an EMA's average
+            if weights:
+                model.load_state_dict(weights, strict=False)
     except RuntimeError as err:
         raise UserError(f"{checkpoint}: the weights do not fit the model its config builds"
                         f" ({str(err).splitlines()[0]})") from None

@@ -26,7 +26,7 @@ import time
 import torch
 
 from utils.cluster import OUT_OF_TIME, parse_duration
-from utils.config import EMA_DEFAULTS, PROFILE_DEFAULTS, settings_of
+from utils.config import PROFILE_DEFAULTS, settings_of
 
 
 class Hook:
@@ -43,6 +43,10 @@ class Hook:
 
     def after_epoch(self, trainer, epoch, result):
         pass
+
+    def validating(self, trainer):
+        """A context manager around each validation (an EMA scores its averaged weights inside it)."""
+        return contextlib.nullcontext()
 
     def state_dict(self):
         return {}
@@ -65,10 +69,12 @@ def hooks_for(config, parts, run):
         hooks.append(MaxTime(parse_duration(cfg["max_time"])))
     if run.dist.is_main and run.writer and (cfg["log_images"] or cfg["histogram_every"]):
         hooks.append(EpochVisuals(cfg["log_images"], cfg["histogram_every"], cfg["activation_histograms"]))
-    if cfg["ema"]:
-        hooks.append(EMA(parts.model, parts.optimizer, settings_of(cfg["ema"], EMA_DEFAULTS)))
     if cfg["profile"] and not cfg["fast_dev_run"]:  # fast_dev_run writes nothing, a trace included
         hooks.append(Profile(settings_of(cfg["profile"], PROFILE_DEFAULTS), run, parts.device))
+    from utils import parts as optional_parts
+
+    for more in optional_parts.call_each(config, "hooks", config, parts, run):  # the parts' (utils/parts.py)
+        hooks.extend(more)
     from trainer.sweep import STUDY_TRIAL_ENV
 
     if os.environ.get(STUDY_TRIAL_ENV) and cfg["monitor"] != "off" and not cfg["fast_dev_run"]:
@@ -250,78 +256,6 @@ class EpochVisuals(Hook):
             for handle in handles:
                 handle.remove()
             model.train()
-
-
-class EMA(Hook):
-    """``trainer.ema``: an exponential moving average of the weights, used wherever the model is evaluated.
-
-    After every ``every_n_steps``-th optimizer step, ``average = decay * average + (1 - decay) * weights``
-    over all parameters (and the floating-point buffers, such as batch-norm statistics, with
-    ``buffers``; integer buffers are copied), as one fused ``torch._foreach_lerp_`` over every
-    tensor at once. For the first ``warmup`` steps the average is a copy of the weights.
-
-    It is updated from the optimizer's step post-hook, so it sees every optimizer step, the
-    run's last included, and none that an fp16 gradient scaler skipped; it costs nothing
-    on the steps it skips but a counter. Under torchrun every process keeps its own copy:
-    the weights are the same on every process after each step, so are the averages, and no
-    communication is needed. Validation, ``model_best.pth``'s choice and ``test.py`` use the
-    averaged weights (:meth:`swapped_in`); checkpoints hold them under ``"ema"``, with the
-    training weights under ``"model"`` as always, so a resume continues both bit-exactly.
-    """
-
-    def __init__(self, model, optimizer, settings):
-        self.decay, self.every, self.warmup = settings["decay"], settings["every_n_steps"], settings["warmup"]
-        params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-        live = {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
-        kept = {name: t for name, t in live.items() if name in params or settings["buffers"]}
-        self.averaged = [name for name, t in kept.items() if t.is_floating_point()]
-        self.copied = [name for name, t in kept.items() if not t.is_floating_point()]
-        self.weights = {name: t.clone() for name, t in kept.items()}  # the average, by the model's own names
-        # The same tensors as lists, for the foreach ops; the live ones share storage with the model's.
-        self._live = [live[n] for n in self.averaged]
-        self._avg = [self.weights[n] for n in self.averaged]
-        self._live_copied = [live[n] for n in self.copied]
-        self._avg_copied = [self.weights[n] for n in self.copied]
-        self.updates = 0  # optimizer steps seen
-        optimizer.register_step_post_hook(self._after_optimizer_step)
-
-    @torch.no_grad()
-    def _after_optimizer_step(self, optimizer, args, kwargs):
-        self.updates += 1
-        if self.updates % self.every:
-            return
-        if self.updates <= self.warmup:
-            torch._foreach_copy_(self._avg, self._live)
-        else:
-            torch._foreach_lerp_(self._avg, self._live, 1.0 - self.decay)  # one fused kernel per device and dtype
-        if self._avg_copied:
-            torch._foreach_copy_(self._avg_copied, self._live_copied)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """The model holds the averaged weights inside the block, and its own (bit-identical) afterwards."""
-        live, average = self._live + self._live_copied, self._avg + self._avg_copied
-        with torch.no_grad():
-            backup = [t.clone() for t in live]
-            torch._foreach_copy_(live, average)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(live, backup)
-
-    def state_dict(self):
-        return {"ema": {"weights": self.weights, "updates": self.updates}}
-
-    @torch.no_grad()
-    def load_state_dict(self, trainer, state):
-        # A checkpoint of a run without EMA starts the average at the weights it resumes.
-        saved = (state.get("ema") or {}).get("weights") or {}
-        for name, tensor in self.weights.items():
-            source = saved.get(name, state["model"].get(name))
-            if source is not None:
-                tensor.copy_(source)
-        self.updates = (state.get("ema") or {}).get("updates", 0)
 
 
 class Profile(Hook):

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, RunStopped
 from trainer import tuning
-from trainer.hooks import EMA, hooks_for, step_hooks
+from trainer.hooks import hooks_for, step_hooks
 from utils.metric_tracker import MetricTracker, batch_weights, weighing
 
 
@@ -114,7 +114,6 @@ class Trainer(BaseTrainer):
         self._last_log = (time.perf_counter(), 0)  # for steps per second at the logging interval
         self.hooks = hooks_for(config, parts, run)
         self._step_hooks = step_hooks(self.hooks)
-        self.ema = next((hook for hook in self.hooks if isinstance(hook, EMA)), None)
 
     # ------------------------------------------------------------------ one epoch
 
@@ -336,7 +335,9 @@ class Trainer(BaseTrainer):
         model = self.model if self.distributed else self.forward_model
         limit = tuning.limited(self.val_batch_limit, len(self.valid_data_loader))
         metric_fns = self.metric_fns + [self.confusion] if self.confusion else self.metric_fns
-        with self.ema.swapped_in() if self.ema else _NO_CONTEXT:  # with EMA on, the averaged weights are scored
+        with contextlib.ExitStack() as stack:  # each hook's context (an EMA's averaged weights are scored)
+            for hook in self.hooks:
+                stack.enter_context(hook.validating(self))
             result = evaluate(model, self.valid_data_loader, self.criterion, metric_fns, self.device,
                               self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}",
                               max_batches=limit)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from utils.cluster import duration_string
 from logger.trackers import check_loggers
+from utils import parts
 from utils.errors import ConfigError, UserError
 
 # --------------------------------------------------------------------------- loading
@@ -735,17 +736,14 @@ def true_or_count(v):
 
 
 # The settings of the optional features given as a mapping (or ``true`` for these defaults).
-EMA_DEFAULTS = {"decay": 0.999, "every_n_steps": 1, "warmup": 0, "buffers": True}
 PROFILE_DEFAULTS = {"wait": 1, "warmup": 1, "active": 3}
-_SETTING_CHECKS = {
-    "decay": lambda v: None if _is_number(v) and 0 <= v < 1 else "a number in [0, 1)",
-    "every_n_steps": positive_int, "warmup": non_negative_int, "buffers": boolean,
-    "wait": non_negative_int, "active": positive_int,
-}
+_SETTING_CHECKS = {"wait": non_negative_int, "active": positive_int, "warmup": non_negative_int}
 
 
-def feature_settings(defaults):
-    """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys."""
+def feature_settings(defaults, checks=None):
+    """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys,
+    each value checked by ``checks[key]`` (a function returning what was expected, or None)."""
+    checks = checks or _SETTING_CHECKS
 
     def inner(v):
         if v is None or isinstance(v, bool):
@@ -755,7 +753,7 @@ def feature_settings(defaults):
         for key, value in v.items():
             if key not in defaults:
                 return f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them{did_you_mean(key, defaults)})"
-            wanted = _SETTING_CHECKS[key](value)
+            wanted = checks[key](value)
             if wanted:
                 return f"{key} to be {wanted}"
         return None
@@ -816,7 +814,6 @@ TRAINER_SCHEMA = {
     "limit_train_batches": (optional(batch_limit), None),
     "limit_val_batches": (optional(batch_limit), None),
     "detect_anomaly": (boolean, False),
-    "ema": (feature_settings(EMA_DEFAULTS), None),
     "profile": (feature_settings(PROFILE_DEFAULTS), None),
     "auto_accumulate": (boolean, False),
 }
@@ -842,6 +839,11 @@ SECTION_KEYS = {
     "optimizer": {"type", "args", "param_groups"},
     "lr_scheduler": {"type", "args", "interval"},
 }
+
+
+def trainer_keys():
+    """The keys ``trainer`` may hold: the core's, then those of the optional parts (utils/parts.py)."""
+    return [*TRAINER_SCHEMA, *(key[len("trainer."):] for key in parts.part_keys() if key.startswith("trainer."))]
 
 
 def _check_keys(given, schema, where, problems):
@@ -918,8 +920,11 @@ def validate_config(config, registries):
     if not isinstance(trainer, dict):
         problems.append(f"trainer: expected a mapping of settings, got {json.dumps(trainer)}")
         trainer = {}
-    _check_keys(trainer, TRAINER_SCHEMA, "trainer", problems)
+    # A key of an optional part (utils/parts.py) is checked by the part itself, below.
+    _check_keys({k: v for k, v in trainer.items() if not parts.key_owner(f"trainer.{k}")},
+                dict.fromkeys(trainer_keys()), "trainer", problems)
     out["trainer"] = _fill(trainer, TRAINER_SCHEMA, "trainer", problems)
+    out["trainer"].update({k: v for k, v in trainer.items() if k not in TRAINER_SCHEMA and parts.key_owner(f"trainer.{k}")})
 
     # Object sections: the name must be in the table and its args must bind to the signature.
     provided = {"arch": (), "data_loader": ("seed",), "optimizer": ("params",), "lr_scheduler": ("optimizer",)}
@@ -981,6 +986,11 @@ def validate_config(config, registries):
         problems.append("trainer.limit_train_batches: set together with trainer.overfit_batches, which picks the"
                         " training batches itself; leave one of them")
 
+    try:  # each part the config uses checks its own keys (and fills in their defaults)
+        for problem_list in parts.call_each(out, "check", out):
+            problems.extend(problem_list)
+    except ConfigError as err:  # a part whose files were deleted
+        problems.extend(err.problems)
     if problems:
         raise ConfigError(*problems)
     return out
