@@ -56,7 +56,7 @@ def find_lr(config, min_lr=1e-7, max_lr=10.0, steps=100, out=None):
 
 def main(argv=None):
     """The command line; returns the exit code."""
-    from trainer.cli import _run, overrides_of
+    from trainer.cli import run_command, overrides_of
 
     args = parser().parse_intermixed_args(argv)
     if args.steps < 3 or not 0 < args.min_lr < args.max_lr:
@@ -76,7 +76,7 @@ def main(argv=None):
             print(f"    python train.py -c {args.config} optimizer.args.lr={suggestion:.3g}")
         print(f"Plot: {out}")
 
-    return _run(run)
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def train_command(argv=None):
               init_strict=args.init_from_strict == "true", argv=["train.py", *argv],
               overwrite=args.overwrite and bool(args.resume))
 
-    return _run(run)
+    return run_command(run)
 
 
 def test_command(argv=None):
@@ -120,10 +120,10 @@ def test_command(argv=None):
             print(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
         print(f"Written to {test_results_path(args.resume)}")
 
-    return _run(run)
+    return run_command(run)
 
 
-def _run(fn):
+def run_command(fn):
     """Call ``fn``; a user's error is one ``error:`` line per problem and exit 2, a stopped run its own code."""
     try:
         from base.base_trainer import RunStopped

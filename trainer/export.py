@@ -288,7 +288,7 @@ def export_parser():
 
 def export_command(argv=None):
     """``python export.py -r CKPT --format FORMAT [-o FILE]``; returns the exit code."""
-    from trainer.cli import _run, overrides_of, parse
+    from trainer.cli import run_command, overrides_of, parse
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(export_parser(), argv)
@@ -300,4 +300,4 @@ def export_command(argv=None):
               f" (tolerance {ATOL} + {RTOL} x |output|), batch sizes {EXAMPLE_BATCH} and 1")
         print(f"    preprocessing: {preprocess_path(output)}")
 
-    return _run(run)
+    return run_command(run)

@@ -391,7 +391,7 @@ def _is_override(item):
 
 def predict_command(argv=None):
     """``python predict.py -r CKPT INPUT... [-o FILE] [--top-k K] [--json]``; returns the exit code."""
-    from trainer.cli import _run, overrides_of, parse
+    from trainer.cli import run_command, overrides_of, parse
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = predict_parser()
@@ -432,5 +432,5 @@ def predict_command(argv=None):
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    return _run(run)
+    return run_command(run)
 

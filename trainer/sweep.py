@@ -544,7 +544,7 @@ class OptunaSweep(Sweep):
 
 def sweep_command(argv=None):
     """``python sweep.py ...``; returns the exit code."""
-    from trainer.cli import CommandParser, _run
+    from trainer.cli import CommandParser, run_command
 
     parser = CommandParser(description="Run a sweep of trials (grid or random search, seeds, folds, an Optuna study).")
     parser.add_argument("-c", "--config", required=True, help="the base config")
@@ -603,7 +603,7 @@ def sweep_command(argv=None):
             print(f"TensorBoard (its HParams tab compares the trials): tensorboard --logdir {sweep.folder / 'log'}")
         return rows
 
-    return _run(run)
+    return run_command(run)
 
 
 def _optuna_sweep(args, seeds):
