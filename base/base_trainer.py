@@ -132,7 +132,7 @@ class BaseTrainer:
             while self.epoch < self.epochs and not self.finished:
                 epoch = self.epoch + 1
                 self.before_epoch(epoch)
-                result = self.train_epoch(epoch, self.batch_in_epoch)
+                result = self.fit_epoch(epoch, self.batch_in_epoch)
                 if self.agreed_stop_signal(now=True):
                     self._stop_for_signal()
                 result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})

@@ -9,7 +9,7 @@ Everything runs in fresh subprocesses, as a user's command does, from the reposi
 * time to first step of ``python train.py -c config.json trainer.save_dir=<temp>``: a
   small driver (``-c`` code, nothing added to the project) calls ``trainer.cli.train_command`` with
   those arguments after wrapping ``Trainer.train_epoch`` (set-up is done when it is first
-  entered) and ``Trainer._optimizer_step`` (the first step is done when it first
+  entered) and ``Trainer.optimizer_step`` (the first step is done when it first
   returns; the process then exits at once). The phases reported: interpreter start,
   ``import train``, importing torch and the trainer, ``main()``'s set-up (config check,
   data, model, run folder, manifest, TensorBoard, logging) and the first step. Wall
@@ -55,7 +55,7 @@ from trainer.cli import train_command
 stamps["import_train"] = time.time()
 from trainer.trainer import Trainer
 stamps["import_trainer"] = time.time()
-_epoch, _step = Trainer.train_epoch, Trainer._optimizer_step
+_epoch, _step = Trainer.train_epoch, Trainer.optimizer_step
 
 def train_epoch(self, *args, **kwargs):
     stamps.setdefault("setup_done", time.time())
@@ -70,7 +70,7 @@ def optimizer_step(self, *args, **kwargs):
     sys.stderr.flush()
     os._exit(0)
 
-Trainer.train_epoch, Trainer._optimizer_step = train_epoch, optimizer_step
+Trainer.train_epoch, Trainer.optimizer_step = train_epoch, optimizer_step
 sys.exit(train_command(argv))
 """
 

@@ -338,12 +338,12 @@ def init(self, *args, **kwargs):
 tt.Trainer.__init__ = init
 kill_at = int(os.environ.get("KILL_AT_STEP", 0))
 if kill_at and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-    _step = tt.Trainer._optimizer_step
+    _step = tt.Trainer.optimizer_step
     def step(self, *args):
         _step(self, *args)
-        if self.global_step == kill_at:
+        if self.global_step + 1 == kill_at:  # (counted after the optimizer's step)
             os.kill(os.getpid(), signal.SIGKILL)
-    tt.Trainer._optimizer_step = step
+    tt.Trainer.optimizer_step = step
 if os.environ.get("FAKE_CLOCK"):
     import types
     from trainer import hooks as th

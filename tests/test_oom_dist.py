@@ -313,7 +313,7 @@ def _probe_trainer(model):
     return SimpleNamespace(model=model, forward_model=model, data_loader=_Batches(), device=torch.device("cpu"),
                            optimizer=torch.optim.Adam(model.parameters()), autocast=contextlib.nullcontext(),
                            criterion=torch.nn.functional.cross_entropy,
-                           _sync_context=lambda last_in_window: contextlib.nullcontext())
+                           no_sync=lambda last_in_window: contextlib.nullcontext())
 
 
 def test_the_memory_check_puts_back_rng_buffers_and_gradients():

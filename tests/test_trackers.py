@@ -40,14 +40,14 @@ def config_with(tmp_path, loggers, **trainer):
 
 def crash_at(monkeypatch, step):
     """Make the run die (an exception, as a crash would) right after it logged optimizer step ``step``."""
-    original = Trainer._log_step
+    original = Trainer.log_step
 
     def log_then_crash(self, *args):
         original(self, *args)
         if self.global_step == step:
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(Trainer, "_log_step", log_then_crash)
+    monkeypatch.setattr(Trainer, "log_step", log_then_crash)
 
 
 def crashed_and_resumed(tmp_path, monkeypatch, loggers):
@@ -308,14 +308,14 @@ def test_real_mlflow_server_stopped_mid_run(tmp_path, mlflow_server, monkeypatch
     from mlflow.tracking import MlflowClient
 
     url, proc = mlflow_server
-    original = Trainer._log_step
+    original = Trainer.log_step
 
     def stop_server_at_step_16(self, *args):
         original(self, *args)
         if self.global_step == 16 and proc.poll() is None:  # after the epoch-1 checkpoint was sent
             stop(proc)
 
-    monkeypatch.setattr(Trainer, "_log_step", stop_server_at_step_16)
+    monkeypatch.setattr(Trainer, "log_step", stop_server_at_step_16)
     config = config_with(tmp_path, ["csv", {"type": "mlflow", "args": {"tracking_uri": url}}], verbosity=1)
     metrics = train(config, run_id="s")  # finishes although the server is gone
     assert metrics["epoch"] == 2

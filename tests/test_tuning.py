@@ -353,10 +353,10 @@ def test_oom_with_a_batch_of_one_or_in_the_optimizer_step_is_raised(tiny_config,
     assert tuning.smaller_batch(7) == (1, 7) and tuning.smaller_batch(1) is None
 
     def in_step():
-        def _optimizer_step():
+        def optimizer_step():
             raise torch.OutOfMemoryError("injected")
         try:
-            _optimizer_step()
+            optimizer_step()
         except torch.OutOfMemoryError as err:
             return err
 

@@ -299,8 +299,8 @@ class Profile(Hook):
             return
         self.profiler.stop()  # a schedule longer than the epoch: the trace holds what was recorded
         self.profiler, self.done = None, True
-        if self in trainer._step_hooks:
-            trainer._step_hooks.remove(self)
+        if self in trainer.step_hooks:
+            trainer.step_hooks.remove(self)
 
     def _ready(self, profiler):
         logger = self.run.logger

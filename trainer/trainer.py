@@ -58,8 +58,8 @@ def split_metrics(metric_fns):
 class Trainer(BaseTrainer):
     """Trains ``parts`` with the settings of ``config["trainer"]``; see :class:`base.base_trainer.BaseTrainer`.
 
-    The step itself is :meth:`_epoch_steps` (fetch, forward, loss, backward, clip, step), which
-    :meth:`train_epoch` calls (again, after an out-of-memory error, with ``trainer.auto_accumulate``);
+    The step itself is :meth:`train_epoch` (fetch, zero_grad, forward, loss, backward, clip, step), which
+    :meth:`fit_epoch` calls (again, after an out-of-memory error, with ``trainer.auto_accumulate``);
     optional behaviour around it is in ``self.hooks`` (trainer/hooks.py).
     """
 
@@ -99,7 +99,7 @@ class Trainer(BaseTrainer):
         names = ["loss", *(fn.__name__ for fn in self.batch_metric_fns)]
         self.train_metrics = MetricTracker(names, self.device)
         self._train_metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
-        self._params = self._optimizer_params()
+        self.params = self._optimizer_params()
         # Debugging and tuning (trainer/tuning.py): batch limits, fast_dev_run, out-of-memory recovery.
         self.train_batch_limit, self.val_batch_limit = tuning.train_limit(cfg), tuning.val_limit(cfg)
         self.fast_dev_run = bool(cfg["fast_dev_run"])
@@ -108,12 +108,12 @@ class Trainer(BaseTrainer):
         self.auto_accumulate = cfg["auto_accumulate"]
         # One process redoes a window after an out-of-memory error, from the running sums of the step before it;
         # under torchrun such an error stops the run, so no step keeps them.
-        self._keep_marks = self.auto_accumulate and not self.distributed
+        self.keep_marks = self.auto_accumulate and not self.distributed
         self.batch_changes = []  # what auto_accumulate changed, for the checkpoint
-        self._metrics_mark = None  # the running sums at the last optimizer step (auto_accumulate rolls back to them)
-        self._last_log = (time.perf_counter(), 0)  # for steps per second at the logging interval
+        self.metrics_mark = None  # the running sums at the last optimizer step (auto_accumulate rolls back to them)
+        self.last_log = (time.perf_counter(), 0)  # for steps per second at the logging interval
         self.hooks = hooks_for(config, parts, run)
-        self._step_hooks = step_hooks(self.hooks)
+        self.step_hooks = step_hooks(self.hooks)
 
     # ------------------------------------------------------------------ one epoch
 
@@ -123,130 +123,187 @@ class Trainer(BaseTrainer):
             tuning.fit_batch_together(self)
         return super().train()
 
-    def train_epoch(self, epoch, start_batch=0):
-        """Train the batches of ``epoch`` from ``start_batch`` on; returns the epoch's mean loss and metrics.
+    def fit_epoch(self, epoch, start_batch=0):
+        """:meth:`train_epoch`, recovering from an out-of-memory error where ``trainer.auto_accumulate`` is on.
 
-        With ``trainer.auto_accumulate`` an out-of-memory error in a forward or backward pass
-        switches to a smaller batch and more accumulation (:func:`trainer.tuning.shrink_batch`)
-        and redoes the optimizer step's window of batches from its first. Under torchrun the
-        batch was fitted before the first step; such an error now stops the run
-        (:func:`trainer.tuning.stop_out_of_step`).
+        Such an error in a forward or backward pass switches to a smaller batch and more
+        accumulation (:func:`trainer.tuning.shrink_batch`) and redoes the optimizer step's window
+        of batches from its first. Under torchrun the batch was fitted before the first step;
+        such an error now stops the run (:func:`trainer.tuning.stop_out_of_step`).
         """
-        self._last_log = (time.perf_counter(), self.global_step)
+        self.last_log = (time.perf_counter(), self.global_step)
         if not self.auto_accumulate:
-            return self._epoch_steps(epoch, start_batch)
+            return self.train_epoch(epoch, start_batch)
         if self.distributed:
             try:
-                return self._epoch_steps(epoch, start_batch)
+                return self.train_epoch(epoch, start_batch)
             except RuntimeError as err:  # (torch.OutOfMemoryError is one, and so is a failed collective)
                 stopped = tuning.stop_out_of_step(self, epoch, err)
                 if stopped is None:
                     raise
             raise stopped  # out of the except block: the failed step's frames are let go
         while True:
-            self._metrics_mark = self._mark_metrics()
+            self.metrics_mark = self.mark_metrics()
             try:
-                return self._epoch_steps(epoch, start_batch)
+                return self.train_epoch(epoch, start_batch)
             except torch.OutOfMemoryError as err:
                 start_batch = tuning.shrink_batch(self, epoch, err)
             # Out of the except block: the error's frames, which held the failed step's tensors, are gone.
-            self._rollback_metrics(self._metrics_mark)  # drop the window's batches: they are redone
+            self.rollback_metrics(self.metrics_mark)  # drop the window's batches: they are redone
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _epoch_steps(self, epoch, start_batch):
-        """The step loop: fetch, forward, loss, backward, (clip), step, for each batch of ``epoch`` from ``start_batch``."""
-        model, optimizer, tracker = self.forward_model, self.optimizer, self.train_metrics
-        batch_metrics, epoch_metrics, weighed = self.batch_metric_fns, self.epoch_metrics, self._weighed
+    # ------------------------------------------------------------------ the step
+
+    def train_epoch(self, epoch, start_batch=0):
+        """The training step, for each batch of ``epoch`` from ``start_batch`` on; returns the epoch's means.
+
+        This is the method to override to change what a step does. Everything around the step
+        is a named call after it: :meth:`after_step` counts the step, logs it, runs the hooks and
+        asks whether to stop; :meth:`end_train_epoch` reads the epoch's loss and metrics.
+        """
+        model, optimizer, data = self.forward_model, self.optimizer, None
         model.train()
-        if start_batch == 0:
-            self._reset_metrics()
-        n_batches = self.batches_per_epoch()
-        accumulate, device = self.accumulate, self.device
-        move = device.type != "cpu"  # batches are made on the CPU: there, moving them is a no-op worth skipping
-        check = self.check_every_step
-        data = None
-        bar = tqdm(self._batches(epoch, start_batch), total=n_batches, initial=start_batch, leave=False,
-                   desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True,
-                   mininterval=0.5)  # redraws cost time; twice a second is plenty to watch
-        for batch_idx, (data, target) in enumerate(bar, start_batch):
-            if move:
-                data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            window_start = batch_idx - batch_idx % accumulate
-            window_end = min(window_start + accumulate, n_batches)  # a short tail still steps
-            last_in_window = batch_idx + 1 == window_end
-            if batch_idx == window_start:
+        for batch_idx, (data, target) in self.batches(epoch, start_batch):  # on the device
+            first, last, window = self.accumulation(batch_idx)  # where the batch is in its accumulation window
+            if first:
                 optimizer.zero_grad(set_to_none=True)
-            with self._sync_context(last_in_window), self.autocast:
+            with self.no_sync(last), self.autocast:  # under DDP, gradients are averaged on a window's last batch
                 output = model(data)
                 loss = self.criterion(output, target)
-            if not (check and not math.isfinite(loss.item()) and self._nonfinite(loss, epoch, batch_idx)):
-                # Scaled so that N batches of size B give the update of one batch of N*B.
-                scaled = loss / (window_end - window_start) if window_end - window_start > 1 else loss
-                with self._sync_context(last_in_window):
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                tracker.update([loss.detach(), *(fn(output, target) for fn in batch_metrics)], target.shape[0],
-                               weighed and batch_weights(weighed, output, target))
-                for metric in epoch_metrics:  # usually none
-                    metric.update(output, target)
-            if not last_in_window:
+            if self.loss_is_usable(loss, epoch, batch_idx):  # non-finite: stop, or skip (trainer.skip_nonfinite)
+                with self.no_sync(last):
+                    self.backward(loss, window)
+                self.track(loss, output, target)
+            if not last:
                 continue
-            self._optimizer_step(epoch, batch_idx, loss)
-            self.batch_in_epoch = batch_idx + 1
-            # The step's hooks are part of the step: a stop after it (and its last.pth) includes what they did
-            # (the EMA update, a validation by step), so a resume repeats none of it and misses none of it.
-            for hook in self._step_hooks:  # usually none: then this costs nothing per step
-                hook.after_step(self, epoch, batch_idx)
-            stopping = self.agreed_stop_signal()
-            if stopping or self.finished or (self.max_steps and self.global_step >= self.max_steps):
-                self.finished = self.finished or not stopping  # (finished: early stop by a validation by step)
+            grad_norm = self.clip_gradients()
+            self.optimizer_step()
+            if self.step_scheduler:
+                self.lr_scheduler.step()
+            if self.after_step(epoch, batch_idx, loss, grad_norm):
                 break
-        bar.close()
-        for hook in self.hooks:
-            hook.after_train_epoch(self, epoch, data)
-        result = tracker.result(reduce=self.distributed)
-        for metric in epoch_metrics:  # under torchrun a collective (torchmetrics' sync): every process computes
-            result[metric.__name__] = metric.compute()
-        return result
+        return self.end_train_epoch(epoch, data)
 
-    def _reset_metrics(self):
-        self.train_metrics.reset()
-        for metric in self.epoch_metrics:
-            metric.reset()
+    def batches(self, epoch, start_batch):
+        """``(batch_idx, (data, target))`` for the batches of ``epoch`` from ``start_batch``, moved to the device,
+        behind the progress bar."""
+        if start_batch == 0:
+            self.reset_metrics()
+        self.epoch_length = self.batches_per_epoch()
+        move, device = self.device.type != "cpu", self.device  # (batches are made on the CPU: no move needed there)
+        bar = tqdm(self._batches(epoch, start_batch), total=self.epoch_length, initial=start_batch, leave=False,
+                   desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True,
+                   mininterval=0.5)  # redraws cost time; twice a second is plenty to watch
+        try:
+            for batch_idx, (data, target) in enumerate(bar, start_batch):
+                if move:
+                    data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+                yield batch_idx, (data, target)
+        finally:
+            bar.close()
 
-    def _mark_metrics(self):
-        return self.train_metrics.mark(), [metric.mark() for metric in self.epoch_metrics]
+    def accumulation(self, batch_idx):
+        """``(first, last, size)`` of the window of ``trainer.accumulate_grad_batches`` batches that ``batch_idx``
+        is in; the epoch's last window may be shorter (it still steps)."""
+        start = batch_idx - batch_idx % self.accumulate
+        end = min(start + self.accumulate, self.epoch_length)
+        return batch_idx == start, batch_idx + 1 == end, end - start
 
-    def _rollback_metrics(self, mark):
-        self.train_metrics.rollback(mark[0])
-        for metric, saved in zip(self.epoch_metrics, mark[1]):
-            metric.rollback(saved)
+    def no_sync(self, last_in_window):
+        """Under DDP, a batch that is not its window's last skips the gradient all-reduce."""
+        if self.distributed and not last_in_window:
+            return self.forward_model.no_sync()
+        return _NO_CONTEXT
 
-    def _optimizer_step(self, epoch, batch_idx, loss):
+    def loss_is_usable(self, loss, epoch, batch_idx):
+        """False to skip the batch (its loss is non-finite and ``trainer.skip_nonfinite`` is on); raises to stop.
+
+        Reading the loss back is free on the CPU but a device sync elsewhere: there it is checked at
+        the logging interval instead (:meth:`log_step`), unless skipping is on.
+        """
+        if not self.check_every_step or math.isfinite(loss.item()):
+            return True
+        return not self._nonfinite(loss, epoch, batch_idx)
+
+    def backward(self, loss, window):
+        """Backward of ``loss / window`` (N batches of B then step like one batch of N*B); fp16 through the scaler."""
+        scaled = loss / window if window > 1 else loss
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def track(self, loss, output, target):
+        """Add the batch to the epoch's running loss and metrics (on the device: no sync)."""
+        weighed = self._weighed
+        self.train_metrics.update([loss.detach(), *(fn(output, target) for fn in self.batch_metric_fns)],
+                                  target.shape[0], weighed and batch_weights(weighed, output, target))
+        for metric in self.epoch_metrics:  # usually none
+            metric.update(output, target)
+
+    def clip_gradients(self):
+        """Clip the gradients as ``trainer.clip_grad_norm`` / ``clip_grad_value`` say; returns their norm where it
+        was computed (clipping by norm, or a logging step), else None. fp16: unscaled first."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip and log the true gradients, not the scaled ones
-        logging_step = (self.global_step + 1) % self.log_every == 0
         grad_norm = None
         if self.clip_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm, self.clip_norm_type)
-        elif logging_step:
-            grad_norm = _total_norm(self._params, self.clip_norm_type)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm, self.clip_norm_type)
+        elif (self.global_step + 1) % self.log_every == 0:
+            grad_norm = _total_norm(self.params, self.clip_norm_type)
         if self.clip_value:
-            torch.nn.utils.clip_grad_value_(self._params, self.clip_value)
+            torch.nn.utils.clip_grad_value_(self.params, self.clip_value)
+        return grad_norm
+
+    def optimizer_step(self):
+        """The optimizer's step; fp16: through the gradient scaler, which skips a step with inf gradients."""
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.global_step += 1
-        if self.step_scheduler:
-            self.lr_scheduler.step()
-        if logging_step:
-            self._log_step(epoch, batch_idx, loss, grad_norm)
-        if self._keep_marks:  # the sums an out-of-memory error in the next window rolls back to
-            self._metrics_mark = self._mark_metrics()
 
-    def _log_step(self, epoch, batch_idx, loss, grad_norm):
+    def after_step(self, epoch, batch_idx, loss, grad_norm):
+        """Count the step, log it, run the step's hooks; returns True when the epoch ends here (a stop asked
+        for, the run finished, or ``trainer.max_steps`` reached)."""
+        self.global_step += 1
+        if self.global_step % self.log_every == 0:
+            self.log_step(epoch, batch_idx, loss, grad_norm)
+        if self.keep_marks:  # the sums an out-of-memory error in the next window rolls back to
+            self.metrics_mark = self.mark_metrics()
+        self.batch_in_epoch = batch_idx + 1
+        # The step's hooks are part of the step: a stop after it (and its last.pth) includes what they did
+        # (the EMA update, a validation by step), so a resume repeats none of it and misses none of it.
+        for hook in self.step_hooks:  # usually none: then this costs nothing per step
+            hook.after_step(self, epoch, batch_idx)
+        stopping = self.agreed_stop_signal()
+        if stopping or self.finished or (self.max_steps and self.global_step >= self.max_steps):
+            self.finished = self.finished or not stopping  # (finished: early stop by a validation by step)
+            return True
+        return False
+
+    def end_train_epoch(self, epoch, last_batch):
+        """The hooks' ``after_train_epoch``, then the epoch's mean loss and metrics (a sync; under torchrun, over all
+        processes)."""
+        for hook in self.hooks:
+            hook.after_train_epoch(self, epoch, last_batch)
+        result = self.train_metrics.result(reduce=self.distributed)
+        for metric in self.epoch_metrics:  # under torchrun a collective (torchmetrics' sync): every process computes
+            result[metric.__name__] = metric.compute()
+        return result
+
+    def reset_metrics(self):
+        self.train_metrics.reset()
+        for metric in self.epoch_metrics:
+            metric.reset()
+
+    def mark_metrics(self):
+        return self.train_metrics.mark(), [metric.mark() for metric in self.epoch_metrics]
+
+    def rollback_metrics(self, mark):
+        self.train_metrics.rollback(mark[0])
+        for metric, saved in zip(self.epoch_metrics, mark[1]):
+            metric.rollback(saved)
+
+    def log_step(self, epoch, batch_idx, loss, grad_norm):
         # The only host-device sync of a training step, and only at the logging interval.
         value = loss.item()
         if not self.check_every_step and not torch.isfinite(self.train_metrics.totals()).all():
@@ -261,13 +318,13 @@ class Trainer(BaseTrainer):
             self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
         if self.nonfinite_skips:
             self.writer.add_scalar("train/nonfinite_skips", self.nonfinite_skips, step)
-        now, (then, then_step) = time.perf_counter(), self._last_log
+        now, (then, then_step) = time.perf_counter(), self.last_log
         if step > then_step and now > then:  # the loss was read above: the steps before it have finished
             steps_per_s = (step - then_step) / (now - then)
             samples = self.data_loader.batch_size * self.accumulate * self.world_size  # per step, all processes
             self.writer.add_scalar("perf/steps_per_s", steps_per_s, step)
             self.writer.add_scalar("perf/samples_per_s", steps_per_s * samples, step)
-        self._last_log = (now, step)
+        self.last_log = (now, step)
         self.logger.debug(f"epoch {epoch} batch {batch_idx + 1}/{self.batches_per_epoch()} step {step} loss {value:.6f}")
 
     def _nonfinite(self, loss, epoch, batch_idx, since_last_log=False):
@@ -292,12 +349,6 @@ class Trainer(BaseTrainer):
             raise RunStopped(message)
         self.diverged = message
         return False
-
-    def _sync_context(self, last_in_window):
-        # Under DDP, accumulating steps skip the gradient all-reduce; only the window's last one syncs.
-        if self.distributed and not last_in_window:
-            return self.forward_model.no_sync()
-        return _NO_CONTEXT
 
     def batches_per_epoch(self):
         return tuning.limited(self.train_batch_limit, self.len_epoch or len(self.data_loader))
@@ -370,7 +421,7 @@ class Trainer(BaseTrainer):
         """The optimizer's parameters changed (a parameter group was added): clip them all, and under DDP wrap
         the model again, since DDP registers only the parameters trainable when it was built (a collective:
         every process unfreezes at the same epoch)."""
-        self._params = self._optimizer_params()
+        self.params = self._optimizer_params()
         if self.distributed and self.parts.wrap is not None:
             self.forward_model = self.parts.wrap(self.model)
 

@@ -152,7 +152,7 @@ def recoverable(err):
     optimizer step itself (which may have changed some weights already, so the step cannot be redone)."""
     tb = err.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_optimizer_step":
+        if tb.tb_frame.f_code.co_name in ("optimizer_step", "after_step"):
             return False
         tb = tb.tb_next
     return True
@@ -286,9 +286,9 @@ def out_of_memory_in_probe(trainer, epoch):
         reserve = None
         if device.type != "cpu" and (size := optimizer_state_bytes(trainer.optimizer)):
             reserve = torch.empty(size, dtype=torch.uint8, device=device)
-        with trainer._sync_context(False), trainer.autocast:
+        with trainer.no_sync(False), trainer.autocast:
             loss = trainer.criterion(trainer.forward_model(data), target)
-        with trainer._sync_context(False):
+        with trainer.no_sync(False):
             loss.backward()
         del reserve
         return False

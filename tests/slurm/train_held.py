@@ -25,14 +25,14 @@ def _hold_until_warned(trainer):
 
 
 if HOLD_AT_STEP and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
-    _step = _trainer.Trainer._optimizer_step
+    _step = _trainer.Trainer.optimizer_step
 
-    def _optimizer_step(self, *args):
+    def optimizer_step(self, *args):
         _step(self, *args)
-        if self.global_step == HOLD_AT_STEP:
+        if self.global_step + 1 == HOLD_AT_STEP:  # (counted after the optimizer's step)
             _hold_until_warned(self)
 
-    _trainer.Trainer._optimizer_step = _optimizer_step
+    _trainer.Trainer.optimizer_step = optimizer_step
 
 if __name__ == "__main__":
     sys.exit(train_command())
