@@ -4,9 +4,10 @@
 
 1. check the config (the checkpoint's too when resuming): nothing is written before this passes;
 2. pick the device and join the process group (torchrun);
-3. build the components (:func:`build_parts`);
+3. build the components and check them against each other, the dry batch last (:func:`checked_parts`);
 4. open the run: its folders, logging and TensorBoard writer (:func:`open_run`);
-5. construct the :class:`~trainer.trainer.Trainer`, restore it when resuming, write the manifest, train.
+5. construct the :class:`~trainer.trainer.Trainer`, restore it when resuming, write the manifest
+   (:func:`begin`), train, and close with the end block (:func:`end`).
 
 :func:`evaluate_checkpoint` rebuilds a checkpoint's model and scores its config's test split.
 """
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,7 +42,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     Args:
         config: the config as a dict; None to take the checkpoint's when resuming.
         resume: a checkpoint to continue (its run folder and TensorBoard run, unless that
-            folder holds later checkpoints: then a new folder, see :func:`run_folders`).
+            folder holds later checkpoints: then a new folder, see :func:`run_folders`); ``"auto"``.
         run_id: the run folder's name (default: the start time).
         init_from: a checkpoint whose model weights start a new run (fine-tuning).
         init_strict: whether ``init_from`` must match the model's keys exactly.
@@ -51,11 +53,69 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         UserError: a problem in the config or the inputs, found before anything is written.
         RunStopped: the run was interrupted (a resumable ``last.pth`` is written) or diverged.
     """
-    from trainer.preflight import check_confusion_plan, check_plan, check_shards, dry_batch
     from trainer.trainer import Trainer
-    from utils.seed import seed_everything
 
     started = time.perf_counter()
+    start = starting_point(config, resume, run_id, overwrite)  # 1. the config, checked: nothing is written before
+    info, device = dist.setup(build.resolve_device(start.config["device"]))  # 2. the device and process group
+    parts = trainer = run = None
+    try:
+        parts, init_report = checked_parts(start, device, info, init_from, init_strict)  # 3. built; the dry batch
+        run = open_run(start.config, start.run_id, start.resume, info, start.state, start.overwrite)  # 4. folders
+        try:
+            with backend_flags(start.config["trainer"], device):  # 5. train
+                place_parts(parts, start.config, run)
+                trainer = Trainer(start.config, parts, run)
+                begin(trainer, start, argv, init_report)
+                metrics = trainer.train()
+            end(trainer, metrics, time.perf_counter() - started)
+            dist.leave_together()
+            return metrics
+        finally:
+            close_run(run)
+    except RunStopped as stopped:  # every process stops together (the stop was agreed on): they leave together too
+        if stopped.together:  # (not a process stopping alone: the others are not there to wait for)
+            dist.leave_together()
+        raise
+    finally:
+        parts = trainer = run = None  # noqa: F841 (see let_go)
+        let_go(info)
+
+
+def let_go(info):
+    """Leave the process group. The run's objects hold it (DDP's reducer does) and sit in reference cycles: left to
+    the interpreter's exit, gloo's threads would be torn down with it, which can abort the process ("terminate
+    called without an active exception") after a run that succeeded. So they are let go first."""
+    if info.enabled:
+        if sys.exc_info()[1] is not None:  # (an error's traceback holds the frames that hold them)
+            traceback.clear_frames(sys.exc_info()[1].__traceback__)
+        gc.collect()
+    dist.cleanup()
+
+
+# --------------------------------------------------------------------------- 1. the config
+
+
+@dataclass
+class Start:
+    """Where a run starts: its checked config and, when it continues one, the checkpoint and its state."""
+
+    config: dict
+    state: dict = None
+    resume: str = None
+    run_id: str = None
+    overwrite: bool = False
+    changes: list = field(default_factory=list)  # how the config differs from the checkpoint's (logged)
+    skipped: list = field(default_factory=list)  # -r auto: the damaged checkpoints passed over (logged)
+
+
+def starting_point(config, resume, run_id, overwrite):
+    """The checked config and what the run continues: a checkpoint, ``-r auto``'s newest one, or nothing.
+
+    Raises:
+        UserError: a problem in the config or the checkpoint (all of them at once).
+        RunStopped: the checkpoint's run is over (exit code 0), or out of time in this torchrun launch.
+    """
     skipped = []
     if resume == AUTO:  # the run's newest resumable checkpoint, continued in place; or the run started
         resume, state, run_id, skipped = auto_resume(config, run_id)
@@ -69,76 +129,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         raise RunStopped(f"{resume}: out of time: trainer.max_time ran out earlier in this torchrun launch (round"
                          f" {state['out_of_time']['round']}); stopping at once so that the launch ends. Run the"
                          " command again for a new budget", exit_code=EXIT_OUT_OF_TIME)
-    device = build.resolve_device(config["device"])
-    info, device = dist.setup(device)
-    try:
-        if (stopped := dist.launch_stopped()) is not None:  # torchrun restarted workers that ran out of memory
-            raise RunStopped(f"an earlier round of this torchrun launch stopped: {stopped} (not trained again in this"
-                             " round: it would resume the same checkpoint and run out again)",
-                             exit_code=tuning.EXIT_OUT_OF_MEMORY)
-        build.check_amp(config["trainer"]["amp"], device)
-        if info.enabled and config["trainer"]["skip_nonfinite"]:
-            raise ConfigError("trainer.skip_nonfinite: not supported under torchrun (every process would have to"
-                              " agree on each step); leave it false there, so a non-finite loss stops the run")
-        seed_everything(config["seed"])
-        parts = build_parts(config, device, info)
-        tuning.prepare(config, parts)  # debug modes (trainer/tuning.py)
-        # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
-        # config, so that test.py (and a resume) rebuilds the data the same way.
-        config["data_loader"]["args"].update(parts.data_loader.data_args())
-        init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
-        check_plan(config, parts)
-        check_shards(parts, info)
-        check_confusion_plan(config, parts)
-        dry_batch(config, parts)  # the last check: after it, the run's folders are created
-
-        run = open_run(config, run_id, resume, info, state, overwrite)
-        try:
-            for line in skipped if info.is_main else ():
-                run.logger.warning(line)
-            with backend_flags(config["trainer"], device):
-                place_parts(parts, config, run)
-                trainer = Trainer(config, parts, run)
-                if state is not None:
-                    restore(trainer, state, config)
-                if info.is_main:
-                    write_run_files(run, config, argv, resume, trainer.batch_changes)
-                    log_summary(run, config, parts, state, changes, init_report)
-                metrics = trainer.train()
-            if info.is_main and config["trainer"]["fast_dev_run"]:
-                run.logger.info(f"fast_dev_run: {trainer.global_step} steps and validation ran; nothing was written"
-                                f" (the run would have gone to {run.checkpoint_dir} and {run.log_dir})")
-            elif info.is_main:
-                # The config as it is at the end (a list as its JSON text), once per run: a resume replaces it.
-                hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-                           for k, v in flatten(config).items() if v is not None}
-                final = {f"hparam/{k}": v for k, v in metrics.items() if k != "epoch"}
-                if trainer.best_epoch is not None:
-                    final[f"hparam/best_{trainer.monitor_key}"] = trainer.monitor_best
-                run.writer.add_hparams(hparams, final)
-                run.writer.finish(run.checkpoint_dir)  # trackers' artifacts (MLflow: config, manifest, model_best)
-                log_end(run, config, trainer, metrics, time.perf_counter() - started)
-            dist.leave_together()
-            return metrics
-        finally:
-            close_run(run)
-    except RunStopped as stopped:  # every process stops together (the stop was agreed on): they leave together too
-        if stopped.together:  # (not a process stopping alone: the others are not there to wait for)
-            dist.leave_together()
-        raise
-    finally:
-        if info.enabled:
-            # The run's objects hold the process group (DDP's reducer does) and sit in reference cycles: left to
-            # the interpreter's exit, gloo's threads would be torn down with it, which can abort the process
-            # ("terminate called without an active exception") after a run that succeeded. Let them go now.
-            parts = trainer = run = None  # noqa: F841
-            if sys.exc_info()[1] is not None:  # (an error's traceback holds the frames that hold them)
-                traceback.clear_frames(sys.exc_info()[1].__traceback__)
-            gc.collect()
-        dist.cleanup()
-
-
-# --------------------------------------------------------------------------- 1. the config
+    return Start(config, state, resume, run_id, overwrite, changes, skipped)
 
 
 def checked_config(config, state=None):
@@ -182,6 +173,35 @@ def auto_resume(config, run_id=None):
 
 
 # --------------------------------------------------------------------------- 3. the components
+
+
+def checked_parts(start, device, info, init_from=None, init_strict=True):
+    """The run's components, built and checked against each other; the dry batch is the last check, after which
+    the run's folders may be created. Returns ``(parts, init_report)``."""
+    from trainer.preflight import check_confusion_plan, check_plan, check_shards, dry_batch
+    from utils.seed import seed_everything
+
+    config = start.config
+    if (stopped := dist.launch_stopped()) is not None:  # torchrun restarted workers that ran out of memory
+        raise RunStopped(f"an earlier round of this torchrun launch stopped: {stopped} (not trained again in this"
+                         " round: it would resume the same checkpoint and run out again)",
+                         exit_code=tuning.EXIT_OUT_OF_MEMORY)
+    build.check_amp(config["trainer"]["amp"], device)
+    if info.enabled and config["trainer"]["skip_nonfinite"]:
+        raise ConfigError("trainer.skip_nonfinite: not supported under torchrun (every process would have to"
+                          " agree on each step); leave it false there, so a non-finite loss stops the run")
+    seed_everything(config["seed"])
+    parts = build_parts(config, device, info)
+    tuning.prepare(config, parts)  # debug modes (trainer/tuning.py)
+    # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
+    # config, so that test.py (and a resume) rebuilds the data the same way.
+    config["data_loader"]["args"].update(parts.data_loader.data_args())
+    init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
+    check_plan(config, parts)
+    check_shards(parts, info)
+    check_confusion_plan(config, parts)
+    dry_batch(config, parts)
+    return parts, init_report
 
 
 def build_parts(config, device, info=None):
@@ -337,6 +357,39 @@ def close_run(run):
 
 
 # --------------------------------------------------------------------------- 5. resume, manifest, summary
+
+
+def begin(trainer, start, argv, init_report):
+    """Before the first step: restore the checkpoint's state, write the run's files, log what the run is."""
+    run, config = trainer.run, start.config
+    if start.state is not None:
+        restore(trainer, start.state, config)
+    if run.dist.is_main:
+        for line in start.skipped:
+            run.logger.warning(line)
+        write_run_files(run, config, argv, start.resume, trainer.batch_changes)
+        log_summary(run, config, trainer.parts, start.state, start.changes, init_report)
+
+
+def end(trainer, metrics, seconds):
+    """After the last epoch (rank 0): the hyperparameters and final values for TensorBoard, the trackers'
+    artifacts, and the end block (with the test split's scores)."""
+    run, config = trainer.run, trainer.config
+    if not run.dist.is_main:
+        return
+    if config["trainer"]["fast_dev_run"]:
+        run.logger.info(f"fast_dev_run: {trainer.global_step} steps and validation ran; nothing was written"
+                        f" (the run would have gone to {run.checkpoint_dir} and {run.log_dir})")
+        return
+    # The config as it is at the end (a list as its JSON text), once per run: a resume replaces it.
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+               for k, v in flatten(config).items() if v is not None}
+    final = {f"hparam/{k}": v for k, v in metrics.items() if k != "epoch"}
+    if trainer.best_epoch is not None:
+        final[f"hparam/best_{trainer.monitor_key}"] = trainer.monitor_best
+    run.writer.add_hparams(hparams, final)
+    run.writer.finish(run.checkpoint_dir)  # trackers' artifacts (MLflow: config, manifest, model_best)
+    log_end(run, config, trainer, metrics, seconds)
 
 
 def restore(trainer, state, config):
