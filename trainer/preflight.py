@@ -216,7 +216,12 @@ def _check_output(output, target, config):
 
 def _loss(criterion, output, target, config):
     name = config["loss"]["type"]
+    # A loss may carry a check of its arguments (model/loss.py), called here once rather than in every step.
+    partial = hasattr(criterion, "func") and hasattr(criterion, "keywords")
+    fn, args = (criterion.func, criterion.keywords) if partial else (criterion, {})
     try:
+        if getattr(fn, "check", None) is not None:
+            fn.check(output, target, **args)
         return criterion(output, target)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
