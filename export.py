@@ -6,12 +6,12 @@
 The model is exported in eval mode with a dynamic batch dimension, checked against the
 eager model on real inputs before it is written, and its preprocessing (size, mean, std,
 class names) is written beside it as ``<file>.preprocess.json``. The command line is
-:func:`trainer.export.export_command`; the work is :func:`trainer.export.export_checkpoint`.
+:func:`parts.export.export_command`; the work is :func:`parts.export.export_checkpoint`.
 """
 
 import sys
 
-from trainer.export import export_command
+from parts.export import export_command
 
 if __name__ == "__main__":
     sys.exit(export_command(sys.argv[1:]))

@@ -6,12 +6,12 @@
 INPUTs are image files, folders of images (recursively) or CSV files with the training
 table's feature columns. One row per input: its path (and CSV row number), the predicted
 class, its probability and the top-k classes. The command line is
-:func:`trainer.predict.predict_command`; the work is :func:`trainer.predict.predict`.
+:func:`parts.predict.predict_command`; the work is :func:`parts.predict.predict`.
 """
 
 import sys
 
-from trainer.predict import predict_command
+from parts.predict import predict_command
 
 if __name__ == "__main__":
     sys.exit(predict_command(sys.argv[1:]))

@@ -171,19 +171,3 @@ def test_pretrained_path_missing_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="nothing is downloaded"):
         timm_model("timm.test_resnet")(num_classes=3, pretrained_path=str(tmp_path / "none.safetensors"))
-
-
-def test_predict_and_export_a_timm_checkpoint_without_its_pretrained_file(tiny_config, tmp_path):
-    timm = pytest.importorskip("timm")
-    from trainer import export, run
-    from trainer.predict import load_for_inference
-
-    weights = tmp_path / "w.pth"
-    torch.save(timm.create_model("test_resnet", num_classes=3, in_chans=1).state_dict(), weights)
-    config = _timm_config(tiny_config, pretrained_path=str(weights))
-    run.train(config, run_id="pre")
-    weights.unlink()  # gone: the checkpoint holds the weights
-    ckpt = config_folder(config, "pre") / "model_best.pth"
-    assert load_for_inference(ckpt).model.training is False
-    _, info = export.export_checkpoint(ckpt, "torchscript", tmp_path / "m.pt")
-    assert info["input_shape"] == ["batch", 1, 16, 16] and info["max_abs_diff"] <= export.ATOL

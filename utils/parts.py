@@ -6,7 +6,8 @@ configs beside the core's), owns its config keys (their defaults and checks are 
 and can be deleted: the core never imports a part. It reads this table, and imports a part's
 module only when a config uses the part (names one of its keys, loaders, models, metrics or
 loggers). Deleting a part's files leaves its row here harmless: a config that still uses it gets
-one line saying the part is not in this project.
+one line saying the part is not in this project. A part may build on another (``needs``): deleting
+the one it needs deletes it too (:func:`removed_with`).
 
 What a part's module may define (each is optional; the core calls what is there):
 
@@ -36,17 +37,33 @@ class Part:
     archs: tuple = ()  # arch.type prefixes ("timm.")
     metrics: tuple = ()  # metric type prefixes ("torchmetrics.")
     loggers: tuple = ()  # trainer.loggers names
+    needs: tuple = ()  # the parts whose modules it imports; deleting one of them deletes this part too
 
 
 PARTS = {
     "ema": Part("parts.ema", "an exponential moving average of the weights, scored and saved beside them",
                 files=("parts/ema.py", "tests/parts/test_ema.py"), keys=("trainer.ema",)),
+    "predict": Part("parts.predict", "predict.py: a checkpoint's predictions for image files, folders of images or CSV rows",
+                    files=("parts/predict.py", "predict.py", "tests/parts/test_predict.py")),
+    "export": Part("parts.export", "export.py: a checkpoint's model as TorchScript, ONNX or a torch.export program, checked"
+                   " against it, with predict's preprocessing beside it (needs predict)",
+                   files=("parts/export.py", "export.py", "tests/parts/test_export.py"), needs=("predict",)),
 }
 
 
 def _off(value):
     """A key set to null, false, 0 or empty asks for nothing: its part need not be there."""
     return value is None or value is False or value == 0 or value == [] or value == {}
+
+
+def removed_with(name):
+    """The names of the parts deleting part ``name`` deletes: itself and every part that needs it, in the table's order."""
+    gone = {name}
+    while True:
+        more = {other for other, part in PARTS.items() if other not in gone and gone.intersection(part.needs)}
+        if not more:
+            return [other for other in PARTS if other in gone]
+        gone |= more
 
 
 def key_owner(key):

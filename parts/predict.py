@@ -1,5 +1,9 @@
 """``predict.py``: a trained checkpoint's predictions for image files, folders of images or CSV rows.
 
+A part (utils/parts.py): delete this file, ``predict.py`` and tests/parts/test_predict.py, and
+training and ``test.py`` work as before; the export part, which describes an exported model's
+inputs with this module's preprocessing, is deleted with it.
+
 Promises:
 
 * The model, its weights, the eval transforms, the class names and the feature scaling all
@@ -209,8 +213,6 @@ def expand_inputs(inputs, kind):
         UserError: a path that does not exist, a folder without images, a CSV file for an image model
             or an image for a table model.
     """
-    from data_loader.image_folder import IMAGE_EXTENSIONS, _images_under
-
     if not inputs:
         raise UserError("no inputs: give image files, folders of images or a CSV file after -r CHECKPOINT")
     files = []
@@ -219,6 +221,8 @@ def expand_inputs(inputs, kind):
         if path.is_dir():
             if kind == "table":
                 raise UserError(f"{path} is a folder; this checkpoint's model reads CSV rows: give a CSV file")
+            from data_loader.image_folder import IMAGE_EXTENSIONS, _images_under
+
             found = _images_under(path)
             if not found:
                 raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

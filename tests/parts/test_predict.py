@@ -1,4 +1,4 @@
-"""predict.py and export.py on checkpoints of the own-data example configs (image folders and a CSV table)."""
+"""The predict part (parts/predict.py, predict.py) on checkpoints of the own-data example configs (image folders, a CSV table)."""
 
 import json
 from pathlib import Path
@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import example_config
-from trainer import build, export, predict, run
+from conftest import example_config, make_config
+from parts import predict
+from trainer import build, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(name, example_data, save_dir):
@@ -20,11 +21,13 @@ def _train(name, example_data, save_dir):
 
 @pytest.fixture(scope="module")
 def image_ckpt(example_data, tmp_path_factory):
+    pytest.importorskip("data_loader.image_folder")
     return _train("image_folder", example_data, tmp_path_factory.mktemp("img") / "saved")
 
 
 @pytest.fixture(scope="module")
 def csv_ckpt(example_data, tmp_path_factory):
+    pytest.importorskip("data_loader.tables")
     return _train("csv", example_data, tmp_path_factory.mktemp("csv") / "saved")
 
 
@@ -34,9 +37,6 @@ def _test_split_predictions(ckpt):
     loader = build.build_data_loader(loaded.config, training=False)
     with torch.no_grad():
         return loader, torch.cat([loaded.model(x).argmax(1) for x, _ in loader]).tolist()
-
-
-# --------------------------------------------------------------------------- predict
 
 
 def test_predict_images_equals_test_py_on_the_same_files(image_ckpt, example_data, tmp_path):
@@ -148,111 +148,18 @@ def test_predict_csv_of_the_wrong_shape_is_one_line(csv_ckpt, tmp_path, capsys):
     assert "inputs of shape (3,) do not fit the model" in err and len(err.strip().splitlines()) == 1
 
 
-# --------------------------------------------------------------------------- export
+def test_the_command_is_thin():
+    text = (ROOT / "predict.py").read_text()
+    assert "from parts.predict import predict_command" in text and len(text.splitlines()) <= 20
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "exported_program", "onnx"])
-def test_export_matches_the_eager_model_on_other_batch_sizes(fmt, image_ckpt, tmp_path, capsys):
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime")
-    out = tmp_path / f"model{export.FORMATS[fmt]}"
-    assert export.export_command(["-r", str(image_ckpt), "--format", fmt, "-o", str(out)]) == 0
-    assert "checked on the test split" in capsys.readouterr().out
-    info = json.loads(export.preprocess_path(out).read_text())
-    assert info["class_names"] == ["circle", "square", "triangle"]
-    assert info["input_shape"] == ["batch", 3, 32, 32] and info["image_size"] == [32, 32]
-    assert info["mean"] == [0.5, 0.5, 0.5] and info["std"] == [0.25, 0.25, 0.25]
-    assert info["max_abs_diff"] <= export.ATOL
-    # Independently of the export's own check: load the file and compare on a batch of 5 real images.
-    loaded = predict.load_for_inference(image_ckpt)
-    x = next(iter(build.build_data_loader(loaded.config, training=False)))[0][:5]
-    with torch.no_grad():
-        expected = loaded.model(x)
-    if fmt == "torchscript":
-        got = torch.jit.load(str(out))(x)
-    elif fmt == "exported_program":
-        got = torch.export.load(str(out)).module()(x)
-    else:
-        import onnxruntime
-
-        got = torch.from_numpy(onnxruntime.InferenceSession(str(out)).run(None, {"input": x.numpy()})[0])
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-
-
-def test_export_csv_model_and_default_path(csv_ckpt, tmp_path):
-    output, info = export.export_checkpoint(csv_ckpt, "torchscript")
-    assert output == csv_ckpt.with_name("model_best.torchscript.pt") and output.is_file()
-    assert info["input_shape"] == ["batch", 4] and info["feature_names"] == ["x1", "x2", "x3", "x4"]
-    assert set(info["feature_stats"]) == {"features", "mean", "std"}
-
-
-def test_export_without_the_data_uses_the_configs_shape(csv_ckpt, tmp_path):
-    out = tmp_path / "m.pt2"
-    _, info = export.export_checkpoint(csv_ckpt, "exported_program", out,
-                                       [f"data_loader.args.path={tmp_path / 'gone.csv'}"])
-    assert info["checked_on"].startswith("random inputs of shape [4]")
-
-
-class _BranchOnValue(torch.nn.Module):
-    """A Python branch on a tensor's value: torch.export cannot capture it."""
-
-    def forward(self, x):
-        return x.flatten(1) if x.sum() > 0 else -x.flatten(1)
-
-
-class _Eigh(torch.nn.Module):
-    """``linalg_eigh`` has no ONNX translation."""
-
-    def forward(self, x):
-        v = x.flatten(1)[:, :4]
-        return torch.linalg.eigh(v.unsqueeze(2) @ v.unsqueeze(1)).eigenvalues
-
-
-@pytest.mark.parametrize("fmt,module,named", [("exported_program", _BranchOnValue, "(data-dependent control flow"),
-                                              ("onnx", _Eigh, "(operator aten::linalg_eigh)")])
-def test_export_failure_is_one_line_naming_the_operator(fmt, module, named, tiny_config, tmp_path, monkeypatch, capsys):
-    from trainer import build as build_module
-    from utils.io import save_checkpoint
-
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime")
-    ckpt = tmp_path / "m.pth"
-    save_checkpoint({"model": module().state_dict(), "config": tiny_config}, ckpt)
-    monkeypatch.setattr(build_module, "build_model", lambda config: module())
-    out = tmp_path / "m.out"
-    assert export.export_command(["-r", str(ckpt), "--format", fmt, "-o", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: MLP cannot be exported as {fmt}") and len(err.strip().splitlines()) == 1, err
-    assert named in err, err
-    assert not out.exists() and not export.preprocess_path(out).exists()
-
-
-def test_export_mismatch_writes_nothing(image_ckpt, tmp_path, monkeypatch, capsys):
-    def broken(model, x):  # an exporter whose program computes something else
-        return b"bytes", lambda inputs: model(inputs) + 1e-2
-
-    monkeypatch.setitem(export._EXPORTERS, "torchscript", broken)
-    out = tmp_path / "m.pt"
-    assert export.export_command(["-r", str(image_ckpt), "--format", "torchscript", "-o", str(out)]) == 2
-    assert "differ from the model's by up to 0.01" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_entry_points_are_thin():
-    for name, command in (("predict.py", "predict_command"), ("export.py", "export_command")):
-        text = (ROOT / name).read_text()
-        assert command in text and len(text.splitlines()) <= 20
-
-
-def test_test_py_and_predict_use_the_ema_weights_validation_scored(tmp_path):
-    from conftest import make_config
-
+def test_predict_uses_the_ema_weights_validation_scored(tmp_path):
+    pytest.importorskip("parts.ema")
     config = make_config(tmp_path / "saved", epochs=1, ema={"decay": 0.9})
     run.train(config, run_id="e")
     ckpt = tmp_path / "saved/models/tiny/e/checkpoint-epoch1.pth"
     state = torch.load(ckpt, weights_only=True)
     averaged = state["ema"]["weights"]
     assert any(not torch.equal(averaged[k], state["model"][k]) for k in averaged)  # the two differ
-    for model in (build.trained_model(ckpt)[0], predict.load_for_inference(ckpt).model):
-        weights = model.state_dict()
-        assert all(torch.equal(weights[k], v) for k, v in averaged.items())
+    weights = predict.load_for_inference(ckpt).model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in averaged.items())

@@ -14,6 +14,11 @@ Promises:
   batch dimension, dtype, the image size, channels, normalisation ``mean``/``std`` (images), the
   feature names and standardisation (tables), the class names, and the check's tolerance and
   largest difference. Both files are written whole or not at all (:func:`utils.io.atomic_write`).
+
+A part (utils/parts.py) that needs the predict part: the model and the preprocessing it describes
+are the ones ``predict.py`` loads (:func:`parts.predict.load_for_inference`), so the two cannot
+disagree. Delete this file, ``export.py`` and tests/parts/test_export.py, and nothing else changes;
+deleting the predict part deletes this one too.
 """
 
 from __future__ import annotations
@@ -249,7 +254,7 @@ def export_model(loaded, fmt, x):
 def export_checkpoint(checkpoint, fmt, output=None, overrides=()):
     """Export ``checkpoint``'s model as ``fmt`` to ``output`` (default beside the checkpoint), checked, with its
     preprocessing JSON beside it. Returns ``(output path, preprocessing dict)``."""
-    from trainer.predict import load_for_inference
+    from parts.predict import load_for_inference
     from utils.io import atomic_write, write_json
 
     if fmt not in FORMATS:
