@@ -106,7 +106,11 @@ def _get(config, dotted):
 def load(name):
     """The module of part ``name``; a part whose files were deleted is one clear line."""
     part = PARTS[name]
-    if importlib.util.find_spec(part.module) is None:
+    try:
+        found = importlib.util.find_spec(part.module)
+    except ModuleNotFoundError:  # the parts/ folder itself is gone
+        found = None
+    if found is None:
         raise ConfigError(f"{_uses(part)}: needs the {name} part ({part.about}), whose files are not in this project"
                           f" ({part.files[0]}); restore them, or remove the setting")
     return importlib.import_module(part.module)
