@@ -269,7 +269,7 @@ def check_amp(amp, device):
 
 
 def wrap_model(model, config, device, info, logger):
-    """What runs the steps: the model itself, or compiled / DistributedDataParallel / DataParallel around it.
+    """What runs the steps: the model itself, or compiled / DistributedDataParallel around it.
 
     Checkpoints always save ``model`` itself, so no ``_orig_mod.`` or ``module.`` prefixes reach the saved keys.
     """
@@ -278,10 +278,6 @@ def wrap_model(model, config, device, info, logger):
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif config["n_gpu"] > 1 and device.type == "cuda" and torch.cuda.device_count() > 1:
-        n = min(config["n_gpu"], torch.cuda.device_count())
-        logger.warning(f"n_gpu={n}: using DataParallel. torchrun is faster: torchrun --nproc_per_node={n} train.py -c CONFIG")
-        forward = torch.nn.DataParallel(model, device_ids=list(range(n)))
     if config["trainer"]["compile"]:
         forward = torch.compile(forward)
     return forward

@@ -822,7 +822,7 @@ TOP_SCHEMA = {
     "name": (None, REQUIRED),  # checked by check_path_component
     "seed": (seed_int, 0),
     "device": (device_string, "auto"),
-    "n_gpu": (non_negative_int, 1),
+    "n_gpu": (one_of(0, 1), 1),  # victoresque's key: 0 is the CPU; several GPUs are torchrun's (see validate_config)
     "arch": (None, REQUIRED),
     "data_loader": (None, REQUIRED),
     "optimizer": (None, REQUIRED),
@@ -910,7 +910,13 @@ def validate_config(config, registries):
     if problems:  # the checks below assume JSON values (they print them as JSON)
         raise ConfigError(*problems)
     _check_keys(config, TOP_SCHEMA, "", problems)
+    if isinstance(config.get("n_gpu"), int) and not isinstance(config["n_gpu"], bool) and config["n_gpu"] > 1:
+        problems.append(f"n_gpu: {config['n_gpu']} GPUs are trained by torchrun, one process each: torchrun"
+                        f" --nproc_per_node={config['n_gpu']} train.py -c CONFIG (n_gpu may be 0, the CPU, or 1)")
+        config = {k: v for k, v in config.items() if k != "n_gpu"}
     out = _fill(config, TOP_SCHEMA, "", problems)
+    if out.get("n_gpu") == 0 and out.get("device") == "auto":  # the one place n_gpu acts: 0 means the CPU
+        out["device"] = "cpu"
     if "name" in config:
         problem = check_path_component(config["name"], "name")
         if problem:
