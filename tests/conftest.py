@@ -1,6 +1,13 @@
-"""Shared fixtures: one tiny CPU config that the end-to-end, resume and control tests build on."""
+"""Shared fixtures: a tiny CPU config that the end-to-end, resume and control tests build on; the torchrun launcher."""
 
+import contextlib
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +131,110 @@ class FixedLogits(torch.nn.Module):
 
     def forward(self, index):
         return self.logits[index]
+
+
+# ---------------------------------------------------------------- torchrun: every launch of the suite
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _descendants(pid):
+    """The ids of every process below ``pid`` (children, grandchildren, ...), from /proc; empty where there is none."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid):
+    """SIGKILL ``pid`` and every process below it."""
+    for victim in [pid, *_descendants(pid)]:  # listed before any dies: an orphan loses its link to the tree
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Torchrun:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2``: the one way the tests launch torchrun.
+
+    The workers run on the CPU (gloo) with one thread each and import the repository (``PYTHONPATH``); no
+    variable of an enclosing launch (``RANK``, ``MASTER_PORT``, ...) reaches them. A script is the ``Path`` of
+    one, or a driver's source (``{repo}`` standing for the repository root), then written to ``driver.py`` in
+    ``cwd``. A launch still running after ``timeout`` seconds is killed with its workers (each in a session of
+    its own, holding the output pipes) and fails its test with its output so far, instead of hanging the suite.
+    """
+
+    nproc = 2
+    timeout = 300  # s: a launch takes 12-27 s on two busy cores
+    _inherited = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+
+    def command(self, cwd, script, *args, nproc=None, torchrun_args=()):
+        if not isinstance(script, Path):
+            source, script = script, Path(cwd) / "driver.py"
+            script.write_text(source.format(repo=str(REPO)))
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc or self.nproc}", *torchrun_args, str(script), *map(str, args)]
+
+    def environment(self, env=None):
+        environ = {k: v for k, v in os.environ.items() if k not in self._inherited}
+        environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **(env or {}))
+        return environ
+
+    @contextlib.contextmanager
+    def start(self, cwd, script, *args, nproc=None, torchrun_args=(), env=None, **popen):
+        """A launch under way: its ``subprocess.Popen`` (``popen``: the options of that), killed with its workers
+        when the ``with`` block ends if it is still running then."""
+        cmd = self.command(cwd, script, *args, nproc=nproc, torchrun_args=torchrun_args)
+        with subprocess.Popen(cmd, cwd=cwd, env=self.environment(env), **popen) as proc:
+            try:
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    kill_tree(proc.pid)
+
+    def __call__(self, cwd, script, *args, label=None, check=False, timeout=None, **options):
+        """A launch run to its end: its ``subprocess.CompletedProcess``, with ``output`` (stdout + stderr).
+
+        ``check``: fail unless it exits with 0, the message naming ``label``. ``options``: ``nproc``,
+        ``torchrun_args`` (``["--max-restarts=2"]``), ``env`` (variables added for the workers)."""
+        limit, name = timeout or self.timeout, f"torchrun ({label})" if label else "torchrun"
+        with self.start(cwd, script, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        **options) as proc:
+            try:
+                out, err = proc.communicate(timeout=limit)
+            except subprocess.TimeoutExpired:
+                kill_tree(proc.pid)
+                try:
+                    out, err = proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    out, err = "", "(no output: a process still held the pipes)"
+                pytest.fail(f"{name} ran past {limit} s and was killed with its workers; its output:\n"
+                            f"{(out + err)[-6000:]}")
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        done.output = out + err
+        if check:
+            assert done.returncode == 0, f"{name} exited with {done.returncode}:\n{done.output[-6000:]}"
+        return done
+
+    def jobs(self, cwd, driver, jobs, label, **options):
+        """``driver`` run on ``jobs``, a list written to ``<label>.jobs.json`` in ``cwd`` (its one argument)."""
+        spec = Path(cwd) / f"{label}.jobs.json"
+        spec.write_text(json.dumps(jobs))
+        return self(cwd, driver, spec, label=label, **options)
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """The launcher of every torchrun launch (see ``Torchrun``): session-wide, so that a module-scoped fixture can
+    share one launch among many tests."""
+    return Torchrun()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from base.base_trainer import RunStopped
-from conftest import assert_states_identical, make_config, with_changes
+from conftest import assert_states_identical, kill_tree, make_config, with_changes
 from trainer import run
 from trainer.cli import train_command
 from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, parse_duration, spent_in_this_launch
@@ -379,76 +379,16 @@ def dist_config(save_dir, **trainer):
     return tiny_config(save_dir, **{"tensorboard": False, "verbosity": 1, **trainer})
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(key, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def torchrun(tmp, config, run_id, *torchrun_args, env=None):
-    driver = tmp / "driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO)))
+def train_args(tmp, config, run_id):
+    """train.py's command line for DRIVER: ``config`` (written to ``<run_id>.json`` in ``tmp``), ``-r auto``."""
     path = tmp / f"{run_id}.json"
     path.write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           *torchrun_args, str(driver), "-c", str(path), "--run-id", run_id, "-r", "auto"]
-    return run_with_hard_limit(cmd, LAUNCH_TIMEOUT, cwd=tmp, env=_env(**(env or {})))
-
-
-def _descendants(pid):
-    """The ids of every process below ``pid`` (children, grandchildren, ...), from /proc; empty where there is none."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill_tree(pid):
-    """SIGKILL ``pid`` and every process below it."""
-    import signal
-
-    for victim in [pid, *_descendants(pid)]:  # listed before any dies: an orphan loses its link to the tree
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def run_with_hard_limit(cmd, limit, **kwargs):
-    """``subprocess.run(cmd, capture_output=True, text=True)`` that cannot outlive ``limit`` seconds.
-
-    subprocess.run's own timeout kills torchrun only; its workers (each in a session of its own)
-    keep the output pipes open, and collecting the output would then wait for them forever. Here
-    torchrun and every process below it are killed, and the test fails with the output so far.
-    """
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-    try:
-        out, err = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            out, err = "", "(no output: a process still held the pipes)"
-        pytest.fail(f"{' '.join(cmd[:6])} ... ran past {limit} s and was killed with its workers; its output:\n"
-                    f"{(out + err)[-6000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return ["-c", path, "--run-id", run_id, "-r", "auto"]
 
 
 def test_kill_tree_reaches_a_worker_in_a_session_of_its_own(tmp_path):
-    """What run_with_hard_limit does past its limit: a launcher's worker (started as torchrun starts one, in a new
-    session, holding the launcher's output pipe) dies with it, so collecting the output ends."""
+    """What the torchrun fixture does to a launch past its time limit: a launcher's worker (started as torchrun starts
+    one, in a new session, holding the launcher's output pipe) dies with it, so collecting the output ends."""
     pidfile = tmp_path / "worker.pid"
     launcher = ("import subprocess, sys, time\n"
                 "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'], start_new_session=True)\n"
@@ -473,12 +413,12 @@ gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.dist
 
 
 @gloo
-def test_processes_agree_at_the_logging_interval_not_every_step(tmp_path):
+def test_processes_agree_at_the_logging_interval_not_every_step(tmp_path, torchrun):
     """2 epochs of 14 steps, logging every 5: the processes exchange their stop reasons after steps 5, 10, 15, 20
     and 25 and at the 2 epoch ends (7 times, where every step would be 28 + 2), plus once before each step checkpoint."""
     config = dist_config(tmp_path / "saved", log_every_n_steps=5, save_every_n_steps=9)
     out = tmp_path / "count"
-    proc = torchrun(tmp_path, config, "count", env={"COUNT_OUT": str(out)})
+    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "count"), env={"COUNT_OUT": str(out)})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0]["calls"] == ranks[1]["calls"]  # the same points on every rank
@@ -488,9 +428,9 @@ def test_processes_agree_at_the_logging_interval_not_every_step(tmp_path):
 
 
 @gloo
-def test_a_nonfinite_loss_on_one_process_stops_every_process_without_a_checkpoint(tmp_path):
+def test_a_nonfinite_loss_on_one_process_stops_every_process_without_a_checkpoint(tmp_path, torchrun):
     config = dist_config(tmp_path / "saved", log_every_n_steps=5, save_every_n_steps=4)
-    proc = torchrun(tmp_path, config, "nan", env={"NAN_AT_STEP": "6"})
+    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "nan"), env={"NAN_AT_STEP": "6"})
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-4000:]
     assert "non-finite" in output
@@ -502,7 +442,7 @@ def test_a_nonfinite_loss_on_one_process_stops_every_process_without_a_checkpoin
 
 @gloo
 @pytest.mark.slow  # ~45 s
-def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(tmp_path):
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(tmp_path, torchrun):
     """kill -9 of rank 1 after step 17 (epoch 2, batch 3 of 14); the newest checkpoint is last.pth of step 16.
     torchrun --max-restarts=1 restarts both workers, ``-r auto`` continues from step 16, and the final weights
     equal those of the same 2-process run left alone (the data order is a function of the seed and epoch, so
@@ -511,11 +451,11 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     torchrun keeps one store for all its rounds, where the processes publish their addresses when they join
     the process group: the restarted round must not find the first round's (utils.dist._init_group). Rank 0
     joins last here, so a rank 1 that looked up the old keys would connect to a process that is gone
-    ("connection refused"; or hang: the launches are killed past LAUNCH_TIMEOUT)."""
+    ("connection refused"; or hang: the torchrun fixture kills a launch past its time limit)."""
     config = dist_config(tmp_path / "saved", save_every_n_steps=4, epochs=3)
-    whole = torchrun(tmp_path, config, "whole")
+    whole = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "whole"))
     assert whole.returncode == 0, (whole.stdout + whole.stderr)[-4000:]
-    proc = torchrun(tmp_path, config, "killed", "--max-restarts=1",
+    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "killed"), torchrun_args=["--max-restarts=1"],
                     env={"KILL_AT_STEP": "17", "RANK1_FIRST_ON_RESTART": str(tmp_path / "rank1-joining")})
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
@@ -532,13 +472,14 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
 
 @gloo
 @pytest.mark.slow  # ~35 s: four rounds of torchrun workers
-def test_torchrun_does_not_train_on_after_max_time_ran_out(tmp_path):
+def test_torchrun_does_not_train_on_after_max_time_ran_out(tmp_path, torchrun):
     """Out of time under torchrun: the workers stop at step 15 with last.pth and exit 75, which torchrun takes for
     a failure and restarts. The restarted rounds must not train on with a fresh budget: each stops at once (75),
     without writing anything, until torchrun gives up; the launch ends. The same command again (a new launch,
     as a requeued job is) continues from step 15 with a new budget."""
     config = dist_config(tmp_path / "saved", max_time="00:00:00:15", epochs=3)  # 42 steps in all
-    proc = torchrun(tmp_path, config, "timed", "--max-restarts=2", env={"FAKE_CLOCK": "1"})
+    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "timed"), torchrun_args=["--max-restarts=2"],
+                    env={"FAKE_CLOCK": "1"})
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-4000:]
     folder = tmp_path / "saved" / "models" / "dist_tiny" / "timed"
@@ -548,7 +489,8 @@ def test_torchrun_does_not_train_on_after_max_time_ran_out(tmp_path):
     assert "Resumed from" not in output  # the restarted rounds trained nothing
     assert json.loads((folder / "manifest.json").read_text())["resume_history"] == []  # and wrote nothing
 
-    again = torchrun(tmp_path, config, "timed", "--max-restarts=0", env={"FAKE_CLOCK": "1"})
+    again = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "timed"), torchrun_args=["--max-restarts=0"],
+                     env={"FAKE_CLOCK": "1"})
     assert "Resumed from epoch 1, batch 1, step 15" in again.stdout + again.stderr, (again.stdout + again.stderr)[-4000:]
     assert load(folder / "last.pth")["global_step"] == 30
 

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,6 @@ NAME = "dist_tiny"
 N_TRAIN, N_VALID = 224, 33  # 224 = 14 global batches of 16: no padding; 33 = 17 + 16 per rank, 3 and 2 batches of 8
 WORLD = 2
 PER_PROCESS_BATCH = 8
-LAUNCH_TIMEOUT = 120
 CSV = ["tensorboard", "csv"]  # the "part" run also logs to metrics.csv (only rank 0 may write it)
 UNFREEZE = {"freeze": ["net.1.*"], "unfreeze_at_epoch": 2}  # the hidden layer trains from epoch 2 on
 
@@ -89,32 +87,6 @@ def tiny_config(save_dir, batch_size=PER_PROCESS_BATCH, epochs=2, **trainer):
     }
 
 
-def _env():
-    env = dict(os.environ)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    return env
-
-
-def torchrun_cmd(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
-
-
-def launch(tmp, jobs, label):
-    """Run ``jobs`` (one ``trainer.run.train`` call each) in one torchrun launch; returns its output."""
-    driver = tmp / "driver.py"
-    if not driver.exists():
-        driver.write_text(DRIVER.format(repo=str(REPO)))
-    spec = tmp / f"{label}.jobs.json"
-    spec.write_text(json.dumps(jobs))
-    proc = subprocess.run(torchrun_cmd(str(driver), str(spec)), cwd=tmp, env=_env(), capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT, check=False)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"torchrun ({label}) exited with {proc.returncode}:\n{output[-6000:]}"
-    return output
-
-
 def results(out):
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
 
@@ -136,7 +108,7 @@ def assert_same_weights(a, b, atol=1e-6):
 
 
 @pytest.fixture(scope="module")
-def two_proc(tmp_path_factory):
+def two_proc(tmp_path_factory, torchrun):
     """Launch 1: an uninterrupted 2-epoch run (run id chosen by rank 0, a mid-epoch ``last.pth`` at
     step 20 of 28), a 1-epoch run, a run with gradient accumulation, a run unfreezing a layer at
     epoch 2. Launch 2: the 1-epoch run resumed to epoch 2, and the mid-epoch ``last.pth`` resumed."""
@@ -144,24 +116,24 @@ def two_proc(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dist")
     full, part, mid = tmp / "full", tmp / "part", tmp / "mid"
-    output = launch(tmp, [
+    output = torchrun.jobs(tmp, DRIVER, [
         {"config": tiny_config(full, save_every_n_steps=20), "out": str(tmp / "full")},
         {"config": tiny_config(part, epochs=1, loggers=CSV), "run_id": "part", "out": str(tmp / "part")},
         {"config": tiny_config(tmp / "accum", batch_size=PER_PROCESS_BATCH // 2, accumulate_grad_batches=2,
                                tensorboard=False, verbosity=0), "run_id": "accum", "out": str(tmp / "accum")},
         {"config": tiny_config(tmp / "unfreeze", tensorboard=False, verbosity=0, **UNFREEZE),
          "run_id": "unfreeze", "out": str(tmp / "unfreeze")},
-    ], "first")
+    ], "first", check=True).output
     (full_run,), _ = run_folders(full)
     resume_from = part / "models" / NAME / "part" / "checkpoint-epoch1.pth"
     assert resume_from.is_file() and (full_run / "last.pth").is_file(), output[-4000:]
     (mid / "models" / NAME / "mid").mkdir(parents=True)
     shutil.copy(full_run / "last.pth", mid / "models" / NAME / "mid" / "last.pth")
-    resume_output = launch(tmp, [
+    resume_output = torchrun.jobs(tmp, DRIVER, [
         {"config": tiny_config(part, epochs=2, loggers=CSV), "resume": str(resume_from), "out": str(tmp / "resumed")},
         {"config": tiny_config(mid), "resume": str(mid / "models" / NAME / "mid" / "last.pth"),
          "out": str(tmp / "mid")},
-    ], "resume")
+    ], "resume", check=True).output
     return {"tmp": tmp, "full": full, "part": part, "mid": mid, "output": output, "resume_output": resume_output}
 
 
@@ -386,21 +358,17 @@ def _children(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
-def test_sigterm_writes_one_resumable_checkpoint_and_every_rank_exits(tmp_path):
+def test_sigterm_writes_one_resumable_checkpoint_and_every_rank_exits(tmp_path, torchrun):
     """SIGTERM reaches rank 1 first (the race a job-wide SIGTERM can lose), then the whole job (torchrun forwards it
     to the workers), as a scheduler's kill does."""
     config = tiny_config(tmp_path, epochs=10_000, verbosity=1, tensorboard=False, monitor="off", save_period=10_000)
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config))
-    proc = subprocess.Popen(
-        torchrun_cmd(str(REPO / "train.py"), "-c", str(config_path), "--run-id", "term"),
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
     run_dir = tmp_path / "models" / NAME / "term"
     log = tmp_path / "log" / NAME / "term" / "info.log"
-    try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
+    with torchrun.start(tmp_path, REPO / "train.py", "-c", config_path, "--run-id", "term", stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, start_new_session=True) as proc:
+        deadline = time.monotonic() + torchrun.timeout
         # Training is under way once rank 0 has logged an epoch's results.
         while not (log.is_file() and "val_loss" in log.read_text()):
             assert proc.poll() is None, proc.communicate()[0][-4000:]
@@ -413,10 +381,6 @@ def test_sigterm_writes_one_resumable_checkpoint_and_every_rank_exits(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     time.sleep(0.1)
     for pid, _ in workers:  # both workers are gone (torchrun itself has been waited for)
         stat = Path(f"/proc/{pid}/stat")

@@ -18,19 +18,13 @@ memory check's). What is checked:
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 NAME = "oom_dist"
 WORLD = 2
 BATCH = 16  # per process: 112 training samples per process, 7 batches of 16 (14 of 8) per epoch
-LAUNCH_TIMEOUT = 180  # a launch that hangs fails the test instead of the suite
 EXIT_OUT_OF_MEMORY = 12
 
 pytestmark = pytest.mark.skipif(
@@ -103,21 +97,6 @@ def job(tmp, label, argv=None, cfg=None, run_id=None, oom=None):
     return {"argv": argv, "out": str(tmp / label), "oom": oom}
 
 
-def launch(tmp, jobs, label, torchrun_args=()):
-    """Run ``jobs`` in one torchrun launch of 2 processes; returns ``(exit code, output)``."""
-    driver = tmp / "driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO)))
-    spec = tmp / f"{label}.jobs.json"
-    spec.write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={WORLD}", *torchrun_args, str(driver), str(spec)],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, check=False)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def results(tmp, label):
     return [json.loads((tmp / f"{label}.rank{r}.json").read_text()) for r in range(WORLD)]
 
@@ -138,13 +117,13 @@ def assert_identical(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, torchrun):
     """One launch: the memory check of process 1 runs out of memory (1 epoch), that run resumed to epoch 2, the
     run started with half the batch and twice the accumulation, a run with and one without the check, and the
     first one's mid-epoch ``last.pth`` resumed with an out-of-memory error in process 0's check."""
     tmp = tmp_path_factory.mktemp("oom_dist")
     first = run_dir(tmp, "switch") / "checkpoint-epoch1.pth"
-    code, output = launch(tmp, [
+    output = torchrun.jobs(tmp, DRIVER, [
         job(tmp, "switch", cfg=config(tmp, epochs=1, auto_accumulate=True), oom={"rank": 1, "batch": BATCH, "at": 1}),
         job(tmp, "resumed", argv=["-r", str(first), "trainer.epochs=2"]),
         job(tmp, "reference", cfg=config(tmp, batch_size=BATCH // 2, accumulate_grad_batches=2)),
@@ -153,8 +132,7 @@ def runs(tmp_path_factory):
         # last.pth of step 10 (epoch 2, batch 3 of 7), resumed into a new folder; process 0's check runs out.
         job(tmp, "midway", argv=["-r", str(run_dir(tmp, "checked") / "last.pth")],
             oom={"rank": 0, "batch": BATCH, "at": 1}),
-    ], "runs")
-    assert code == 0, output[-6000:]
+    ], "runs", check=True).output
     return {"tmp": tmp, "output": output}
 
 
@@ -225,15 +203,15 @@ def test_a_mid_epoch_resume_switches_and_goes_on_from_the_same_sample(runs):
 
 
 @pytest.fixture(scope="module")
-def stopped(tmp_path_factory):
+def stopped(tmp_path_factory, torchrun):
     """One launch: a batch of 1 that does not fit on process 0, then a run whose process 1 runs out of memory in the
     second batch of epoch 2 (its 10th forward of 16: the check, 7 in epoch 1, then 2)."""
     tmp = tmp_path_factory.mktemp("oom_dist_stop")
-    code, output = launch(tmp, [
+    launch = torchrun.jobs(tmp, DRIVER, [
         job(tmp, "tiny", cfg=config(tmp, batch_size=4, auto_accumulate=True), oom={"rank": 0, "batch": None, "at": None}),
         job(tmp, "late", cfg=config(tmp, auto_accumulate=True), oom={"rank": 1, "batch": BATCH, "at": 10}),
     ], "stop")
-    return {"tmp": tmp, "code": code, "output": output}
+    return {"tmp": tmp, "code": launch.returncode, "output": launch.output}
 
 
 def test_a_batch_of_one_that_does_not_fit_stops_every_process(stopped):
@@ -261,25 +239,26 @@ def test_out_of_memory_later_stops_every_process_without_saving(stopped):
     assert command in output, output[-6000:]
 
 
-def test_the_resume_command_of_the_message_works(stopped):
+def test_the_resume_command_of_the_message_works(stopped, torchrun):
     tmp = stopped["tmp"]
     argv = f"-r {run_dir(tmp, 'late') / 'checkpoint-epoch1.pth'} data_loader.args.batch_size=8" \
            " trainer.accumulate_grad_batches=2"
-    code, output = launch(tmp, [job(tmp, "advised", argv=argv.split())], "advised")
-    assert code == 0, output[-6000:]
+    torchrun.jobs(tmp, DRIVER, [job(tmp, "advised", argv=argv.split())], "advised", check=True)
     for rank in results(tmp, "advised"):
         assert rank["batches"] == [8] * 15
     state = load(run_dir(tmp, "late") / "checkpoint-epoch2.pth")
     assert state["epoch"] == 2 and state["config"]["data_loader"]["args"]["batch_size"] == 8
 
 
-def test_torchrun_restarts_do_not_train_into_the_same_error_again(tmp_path):
+def test_torchrun_restarts_do_not_train_into_the_same_error_again(tmp_path, torchrun):
     """With --max-restarts, torchrun restarts the processes that stopped for memory; -r auto would resume the same
     checkpoint with the same batch and run out at the same step. The restarted rounds stop at once instead."""
     cfg = config(tmp_path, auto_accumulate=True)
-    code, output = launch(tmp_path, [job(tmp_path, "again", argv=["-r", "auto"], cfg=cfg,
-                                         oom={"rank": 1, "batch": BATCH, "at": 10})], "again", ["--max-restarts=2"])
-    assert code != 0, output[-6000:]
+    launch = torchrun.jobs(tmp_path, DRIVER, [job(tmp_path, "again", argv=["-r", "auto"], cfg=cfg,
+                                                  oom={"rank": 1, "batch": BATCH, "at": 10})], "again",
+                           torchrun_args=["--max-restarts=2"])
+    output = launch.output
+    assert launch.returncode != 0, output[-6000:]
     assert output.count("another process stopped: out of memory") == 1, output[-6000:]  # one round trained
     # rounds 1 and 2: each process stops before training, with the first round's message
     assert output.count("an earlier round of this torchrun launch stopped: out of memory on process 1") == 4, \

@@ -9,13 +9,12 @@ summed over both validation shards. One torchrun launch per phase, as in tests/t
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_distributed import REPO, WORLD, _env, torchrun_cmd
+from test_distributed import WORLD
 
 torchmetrics = pytest.importorskip("torchmetrics")
 from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score  # noqa: E402
@@ -85,17 +84,6 @@ def config(save_dir, **trainer):
     }
 
 
-def launch(tmp, jobs, label):
-    driver = tmp / "tm_driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO)))
-    spec = tmp / f"{label}.jobs.json"
-    spec.write_text(json.dumps(jobs))
-    proc = subprocess.run(torchrun_cmd(str(driver), str(spec)), cwd=tmp, env=_env(), capture_output=True, text=True,
-                          timeout=180, check=False)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"torchrun ({label}) exited with {proc.returncode}:\n{output[-6000:]}"
-
-
 def metrics_of(out):
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
 
@@ -111,15 +99,17 @@ def direct(outputs, targets):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, torchrun):
     """Launch 1: a 2-epoch run writing a mid-epoch ``last.pth`` at step 20 (epoch 2, batch 6 of 14), with the
     confusion matrix on. Launch 2: that ``last.pth`` resumed by 2 processes."""
     tmp = tmp_path_factory.mktemp("tm_dist")
-    launch(tmp, [{"config": config(tmp / "full", save_every_n_steps=20, confusion_matrix=True, tensorboard=True),
-                  "run_id": "full", "out": str(tmp / "full")},
-                 # a last.pth after the epoch's last batch (step 14 of 14), before the epoch's end
-                 {"config": config(tmp / "edge", save_every_n_steps=BATCHES, epochs=1), "run_id": "edge",
-                  "out": str(tmp / "edge")}], "first")
+    torchrun.jobs(tmp, DRIVER, [
+        {"config": config(tmp / "full", save_every_n_steps=20, confusion_matrix=True, tensorboard=True),
+         "run_id": "full", "out": str(tmp / "full")},
+        # a last.pth after the epoch's last batch (step 14 of 14), before the epoch's end
+        {"config": config(tmp / "edge", save_every_n_steps=BATCHES, epochs=1), "run_id": "edge",
+         "out": str(tmp / "edge")},
+    ], "first", check=True)
     resumes = []
     for label, source in (("mid", "full"), ("edge_resumed", "edge")):
         folder = tmp / label / "models" / NAME / label
@@ -127,7 +117,7 @@ def runs(tmp_path_factory):
         shutil.copy(tmp / source / "models" / NAME / source / "last.pth", folder / "last.pth")
         resumes.append({"config": config(tmp / label, epochs=2 if label == "mid" else 1),
                         "resume": str(folder / "last.pth"), "out": str(tmp / label)})
-    launch(tmp, resumes, "resume")
+    torchrun.jobs(tmp, DRIVER, resumes, "resume", check=True)
     return tmp
 
 
