@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDED = ("tests", "benchmarks", "tools", ".venv")
-STEP_CANDIDATES = ("Trainer.training_step", "Trainer.step", "Trainer._epoch_steps")  # the first one that exists
+STEP_CANDIDATES = ("Trainer.train_epoch",)  # the method holding the step
 CO_OPTIMIZED = 0x1  # set on function code objects; module and class bodies lack it
 
 

@@ -39,19 +39,10 @@ from utils.resume import (AUTO, apply_resume_changes, batch_split, carry_data_ar
 def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None, overwrite=False):
     """Train; returns the last epoch's metrics (``{"epoch": N, "loss": ..., "val_loss": ..., ...}``).
 
-    Args:
-        config: the config as a dict; None to take the checkpoint's when resuming.
-        resume: a checkpoint to continue (its run folder and TensorBoard run, unless that
-            folder holds later checkpoints: then a new folder, see :func:`run_folders`); ``"auto"``.
-        run_id: the run folder's name (default: the start time).
-        init_from: a checkpoint whose model weights start a new run (fine-tuning).
-        init_strict: whether ``init_from`` must match the model's keys exactly.
-        argv: the command line, recorded in the run's manifest.
-        overwrite: resume in the checkpoint's own folder even where later checkpoints would be overwritten.
-
-    Raises:
-        UserError: a problem in the config or the inputs, found before anything is written.
-        RunStopped: the run was interrupted (a resumable ``last.pth`` is written) or diverged.
+    ``config`` is a dict (None: the checkpoint's); ``resume`` a checkpoint to continue, or ``"auto"``;
+    ``init_from`` a checkpoint whose weights start a new run (``init_strict``: all keys must match);
+    ``argv`` is recorded in the manifest; ``overwrite`` resumes in place even over later checkpoints.
+    Raises UserError (found before anything is written) or RunStopped (interrupted, or diverged).
     """
     from trainer.trainer import Trainer
 
