@@ -14,7 +14,7 @@ from model.loss import cross_entropy
 from model.metric import accuracy, top_k_acc
 from tests.conftest import assert_states_identical, make_config
 from trainer import run
-from utils.metric_tracker import weighing
+from utils.metric_tracker import fast_variant, weighing
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -43,7 +43,7 @@ def test_the_data_says_once_whether_it_holds_a_target():
 def test_weighing_skips_the_counts_only_where_every_target_is_kept():
     clean = BaseDataLoader(Pairs([0, 1, 2, 1]), batch_size=2)
     fns, weighed = weighing(cross_entropy, [accuracy, top_k_acc], clean)
-    assert weighed is None and fns == [accuracy.all_kept, top_k_acc.all_kept]
+    assert weighed is None and fns == [fast_variant(accuracy), fast_variant(top_k_acc)]
     assert [fn.__name__ for fn in fns] == ["accuracy", "top_k_acc"]  # logged under the same names
 
     ignored = BaseDataLoader(Pairs([0, -100, 2, 1]), batch_size=2)
@@ -53,18 +53,18 @@ def test_weighing_skips_the_counts_only_where_every_target_is_kept():
     # A class weight makes the loss weigh itself; accuracy on clean data still takes its variant.
     weighted = functools.partial(cross_entropy, weight=torch.tensor([1.0, 2.0, 1.0]))
     fns, weighed = weighing(weighted, [accuracy], clean)
-    assert fns == [accuracy.all_kept] and weighed == [weighted, accuracy.all_kept]
+    assert fns == [fast_variant(accuracy)] and weighed == [weighted, fast_variant(accuracy)]
 
     # The loss ignoring a class the data holds (0 here) is counted per batch.
     fns, weighed = weighing(functools.partial(cross_entropy, ignore_index=0), [accuracy], clean)
-    assert weighed is not None and fns == [accuracy.all_kept]
+    assert weighed is not None and fns == [fast_variant(accuracy)]
 
 
 def test_the_variants_give_the_values_of_the_full_metrics():
     torch.manual_seed(0)
     output, target = torch.randn(37, 5), torch.randint(0, 5, (37,))
-    assert torch.equal(accuracy.all_kept(output, target), accuracy(output, target))
-    assert torch.equal(top_k_acc.all_kept(output, target, k=2), top_k_acc(output, target, k=2))
+    assert torch.equal(fast_variant(accuracy)(output, target), accuracy(output, target))
+    assert torch.equal(fast_variant(top_k_acc)(output, target, k=2), top_k_acc(output, target, k=2))
 
 
 def test_a_run_without_the_counts_matches_one_with_them_bit_for_bit(tmp_path, monkeypatch):

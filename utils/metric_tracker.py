@@ -121,26 +121,68 @@ class MetricTracker:
         self._values, self._sizes, self._weights = list(values), list(sizes), list(weights)
 
 
+# The core's fast paths for the built-in metrics of model/metric.py, found by name: a metric itself is only
+# fn(output, target). Accuracy and top-k leave targets equal to ignore_index out, so a batch's value is weighed by
+# the targets kept; on data that never holds such a target, variants with fewer tensor operations give the same
+# values. (A loss may say what it averages over itself: its ``averages_over`` attribute, see model/loss.py.)
+
+
+def _kept_targets(output, target, ignore_index=-100, **_):
+    return (target != ignore_index).sum()
+
+
+def _accuracy_all_kept(output, target):
+    return (output.argmax(dim=1) == target).sum() / target.numel()
+
+
+def _top_k_acc_all_kept(output, target, k=3):
+    top = output.topk(min(k, output.shape[1]), dim=1).indices
+    return (top == target.unsqueeze(1)).any(dim=1).sum() / target.numel()
+
+
+_accuracy_all_kept.__name__, _top_k_acc_all_kept.__name__ = "accuracy", "top_k_acc"  # the names they are logged by
+AVERAGES_OVER = {"model.metric.accuracy": _kept_targets, "model.metric.top_k_acc": _kept_targets}
+ALL_KEPT = {"model.metric.accuracy": _accuracy_all_kept, "model.metric.top_k_acc": _top_k_acc_all_kept}
+
+
+def _unwrapped(fn):
+    """``(function, its bound keyword arguments)`` of a function or a ``functools.partial`` of one."""
+    return (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
+
+
+def _name(func):
+    return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}"
+
+
+def averages_over(func):
+    """What ``func``'s batch value averages over, as a function of ``(output, target, **args)``; None: the samples."""
+    return getattr(func, "averages_over", None) or AVERAGES_OVER.get(_name(func))
+
+
+def fast_variant(fn):
+    """The variant of a built-in metric for data holding no ignored target (the same values), or None."""
+    return ALL_KEPT.get(_name(fn)) if not hasattr(fn, "keywords") else None
+
+
 def weighing(criterion, metric_fns, loader):
     """The per-batch metrics as a loop should call them, and the functions whose weights it must ask each batch.
 
     Returns ``(metric_fns, weighed)``: ``weighed`` is ``[criterion, *metric_fns]`` for
     :func:`batch_weights`, or None when every batch's values average over its samples, so that
     the sample count is every weight and nothing need be counted per batch. That holds when no
-    function that weighs itself (``averages_over``) has a class ``weight`` and the data never
+    function that weighs itself (:func:`averages_over`) has a class ``weight`` and the data never
     holds a target equal to its ``ignore_index`` (asked once of ``loader.holds_target``). On
-    such data a metric with an ``all_kept`` variant (accuracy: the same value, fewer tensor
-    operations) is replaced by it.
+    such data a metric with a :func:`fast_variant` is replaced by it.
     """
     holds = getattr(loader, "holds_target", None)
 
     def all_kept(fn):
-        func, kwargs = (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
-        if getattr(func, "averages_over", None) is None:
+        func, kwargs = _unwrapped(fn)
+        if averages_over(func) is None:
             return True
         return kwargs.get("weight") is None and holds is not None and holds(kwargs.get("ignore_index", -100)) is False
 
-    fast = [fn.all_kept if all_kept(fn) and hasattr(fn, "all_kept") else fn for fn in metric_fns]
+    fast = [(fast_variant(fn) or fn) if all_kept(fn) else fn for fn in metric_fns]
     needed = not all(all_kept(fn) for fn in [criterion, *metric_fns])
     return fast, [criterion, *fast] if needed else None
 
@@ -148,14 +190,14 @@ def weighing(criterion, metric_fns, loader):
 def batch_weights(fns, output, target):
     """What each of ``fns`` (the loss, then the metrics) averages over in this batch, for :meth:`MetricTracker.update`.
 
-    A function (or a ``functools.partial`` of one) with an ``averages_over(output, target, **its args)``
-    attribute gives its own weight (a 0-d tensor, or None for the sample count); the others are weighted
-    by the sample count. Returns None when every value is (the tracker's fast path).
+    A function (or a ``functools.partial`` of one) that weighs itself (:func:`averages_over`, called with its
+    args) gives its own weight (a 0-d tensor); the others are weighted by the sample count. Returns None when
+    every value is (the tracker's fast path).
     """
     weights, any_given = [], False
     for fn in fns:
-        func, kwargs = (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
-        weigh = getattr(func, "averages_over", None)
+        func, kwargs = _unwrapped(fn)
+        weigh = averages_over(func)
         weight = weigh(output, target, **kwargs) if weigh is not None else None
         any_given = any_given or weight is not None
         weights.append(weight)
