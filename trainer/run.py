@@ -51,8 +51,9 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         UserError: a problem in the config or the inputs, found before anything is written.
         RunStopped: the run was interrupted (a resumable ``last.pth`` is written) or diverged.
     """
-    from trainer.preflight import check_confusion_plan, check_plan, check_shards, dry_batch
+    from trainer.preflight import check_plan, check_shards, dry_batch
     from trainer.trainer import Trainer
+    from utils import parts as optional_parts
     from utils.seed import seed_everything
 
     started = time.perf_counter()
@@ -89,7 +90,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
         init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
         check_plan(config, parts)
         check_shards(parts, info)
-        check_confusion_plan(config, parts)
+        optional_parts.call_each(config, "prepare", config, parts)  # the parts' (utils/parts.py)
         dry_batch(config, parts)  # the last check: after it, the run's folders are created
 
         run = open_run(config, run_id, resume, info, state, overwrite)
