@@ -44,7 +44,9 @@ class Parts:
     ``model`` is the plain module (what checkpoints hold); ``forward_model`` is what runs
     the steps (the same module, or a compiled / DDP / DataParallel wrapper of it, made by
     ``wrap(model)``). ``frozen`` names the parameters ``trainer.freeze`` froze; ``scaler``
-    is the fp16 gradient scaler or None.
+    is the fp16 gradient scaler or None. ``valid_metric_fns`` are metrics only validation
+    scores, after ``metric_fns``: a part's (the confusion matrix), whose hook takes each one's
+    value out of the result (``after_validation``).
     """
 
     model: torch.nn.Module
@@ -59,6 +61,7 @@ class Parts:
     scaler: Any = None
     wrap: Callable = None
     forward_model: torch.nn.Module = None
+    valid_metric_fns: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.forward_model is None:

@@ -1,6 +1,9 @@
-"""Epoch loss and metrics weighted by what each batch averages over (ignore_index, class weights)."""
+"""Epoch loss and metrics weighted by what each batch averages over (ignore_index, class weights), and class
+weights given as a list in the config."""
 
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,9 +11,12 @@ import torch.nn.functional as F
 
 from model.loss import cross_entropy, logsumexp_cross_entropy, mse_loss, nll_loss
 from model.metric import accuracy, top_k_acc
+from trainer import build, run
 from trainer.trainer import evaluate
 from utils.metric_tracker import MetricTracker, batch_weights
-from conftest import FixedLogits
+from conftest import FixedLogits, make_config, with_changes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _two_batches():
@@ -100,74 +106,39 @@ def test_tracker_state_round_trip_keeps_the_weights_and_reads_old_checkpoints():
     assert old.result()["loss"] == 1.5
 
 
-# --------------------------------------------------------------------------- timm models by name
+# --------------------------------------------------------------------------- loss weight as a list
 
 
-def _timm_config(tiny_config, **args):
-    config = dict(tiny_config)
-    config["arch"] = {"type": "timm.test_resnet", "args": {"num_classes": 3, "in_chans": 1, **args}}
-    config["data_loader"] = {**tiny_config["data_loader"],
-                             "args": {**tiny_config["data_loader"]["args"], "input_shape": [1, 16, 16], "num_samples": 96}}
-    config["trainer"] = {**tiny_config["trainer"], "epochs": 1}
-    return config
+def test_a_weight_list_becomes_a_tensor_and_weights_the_loss(tmp_path):
+    config = make_config(tmp_path / "saved")
+    config["loss"] = {"type": "cross_entropy", "args": {"weight": [1, 2.5, 0.5]}}
+    loss = build.build_loss(config, torch.device("cpu"))
+    weight = loss.keywords["weight"]
+    assert isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.tolist() == [1, 2.5, 0.5]
+    output, target = torch.randn(8, 3), torch.tensor([0, 1, 2, 1, 0, 2, 2, 1])
+    assert loss(output, target) == torch.nn.functional.cross_entropy(output, target, weight=weight)
+    assert loss(output, target) != torch.nn.functional.cross_entropy(output, target)
+    metrics = run.train(with_changes(config, trainer__epochs=1), run_id="w")  # was: a list reached F.cross_entropy
+    assert metrics["loss"] == metrics["loss"]
 
 
-def test_a_timm_model_by_name_trains_and_evaluates(tiny_config):
-    pytest.importorskip("timm")
-    from trainer import run
+def _train_cli(tmp_path, capsys, *overrides):
+    """``train.py -c config.json ...`` in this process (train.py's own code, without a second torch import)."""
+    from types import SimpleNamespace
 
-    config = _timm_config(tiny_config)
-    metrics = run.train(config, run_id="timm")
-    assert metrics["epoch"] == 1 and metrics["loss"] == metrics["loss"]  # finite, not NaN
-    folder = config_folder(config, "timm")
-    scores = run.evaluate_checkpoint(folder / "model_best.pth", write=False, progress=False)
-    assert scores["n_samples"] > 0 and 0 <= scores["accuracy"] <= 1
+    from trainer import cli
 
-
-def config_folder(config, run_id):
-    from pathlib import Path
-
-    return Path(config["trainer"]["save_dir"]) / "models" / config["name"] / run_id
+    capsys.readouterr()
+    code = cli.train_command(["-c", str(ROOT / "config.json"), f"trainer.save_dir={tmp_path / 'saved'}",
+                              "trainer.monitor=off", *overrides])
+    assert not (tmp_path / "saved").exists(), "something was written"
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
-def test_an_unknown_timm_name_gets_a_did_you_mean(tiny_config):
-    pytest.importorskip("timm")
-    from trainer import build
-    from utils.config import ConfigError, validate_config
-
-    config = _timm_config(tiny_config)
-    config["arch"]["type"] = "timm.resnet181"
-    with pytest.raises(ConfigError, match=r"unknown timm model 'resnet181'; did you mean 'resnet18"):
-        validate_config(config, build.registries())
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_pretrained_path_loads_local_weights_that_fit_and_reports_the_rest(suffix, tmp_path):
-    timm = pytest.importorskip("timm")
-    from model.timm_models import timm_model
-
-    source = timm.create_model("test_resnet", pretrained=False, num_classes=5, in_chans=1)
-    path = tmp_path / f"w{suffix}"
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(source.state_dict(), str(path))
-    else:
-        torch.save({"state_dict": source.state_dict()}, path)
-    model = timm_model("timm.test_resnet")(num_classes=3, in_chans=1, pretrained_path=str(path))
-    own, theirs = model.state_dict(), source.state_dict()
-    head = [k for k in own if own[k].shape != theirs[k].shape]
-    assert head and all(k.startswith("head") or k.startswith("fc") for k in head)
-    for key in own:
-        if key not in head:
-            assert torch.equal(own[key], theirs[key]), key
-    assert "skipped for a different shape" in model.init_report and head[0] in model.init_report
-
-
-def test_pretrained_path_missing_is_a_user_error(tmp_path):
-    pytest.importorskip("timm")
-    from model.timm_models import timm_model
-    from utils.errors import UserError
-
-    with pytest.raises(UserError, match="nothing is downloaded"):
-        timm_model("timm.test_resnet")(num_classes=3, pretrained_path=str(tmp_path / "none.safetensors"))
+@pytest.mark.parametrize("weight", [["a", 1, 1], [1, None, 1], []], ids=["a-string", "a-null", "empty"])
+def test_a_weight_list_that_is_not_numbers_is_one_line(tmp_path, capsys, weight):
+    loss = {"type": "cross_entropy", "args": {"weight": weight}}
+    proc = _train_cli(tmp_path, capsys, f"loss={json.dumps(loss)}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: loss.args.weight: expected a list of numbers, one per class, got {json.dumps(weight)}"]

@@ -30,17 +30,23 @@ def _torchvision_model(name):
 
 
 def _external_model(name):
-    # torchvision.models.NAME or timm.NAME (model/timm_models.py); each library is imported only when named.
-    from model.timm_models import timm_model
+    # torchvision.models.NAME, or a part's model by its prefix (utils/parts.py); each is imported only when named.
+    from utils import parts
 
-    return _torchvision_model(name) or timm_model(name)
+    return _torchvision_model(name) or parts.provider("archs", name)
 
 
 def _external_metric(name):
-    # torchmetrics.<module>.<Class> (model/stateful_metrics.py); torchmetrics is imported only when named.
-    from model.stateful_metrics import torchmetrics_metric
+    # A part's metric by its prefix (utils/parts.py), imported only when named.
+    from utils import parts
 
-    return torchmetrics_metric(name)
+    return parts.provider("metrics", name)
+
+
+def _part_names(kind, example):
+    from utils.parts import PARTS
+
+    return ", ".join(f"{prefix}{example}" for part in PARTS.values() for prefix in getattr(part, kind))
 
 
 def _classes(module, base, exclude=()):
@@ -57,11 +63,11 @@ def registries():
     schedulers = {n: c for n, c in schedulers.items() if hasattr(c, "step") and hasattr(c, "state_dict")}
     return {
         "arch": Registry("model", MODELS, _external_model,
-                         "a torchvision model as torchvision.models.NAME, a timm model as timm.NAME"),
+                         "a torchvision model as torchvision.models.NAME; a part's as " + _part_names("archs", "NAME")),
         "data_loader": Registry("data loader", DATA_LOADERS),
         "loss": Registry("loss", LOSSES),
         "metrics": Registry("metric", METRICS, _external_metric,
-                            'a torchmetrics class as {"type": "torchmetrics.classification.MulticlassF1Score", "args": {...}}'),
+                            f'a part\'s as {{"type": "{_part_names("metrics", "<module>.<Class>")}", "args": {{...}}}}'),
         "optimizer": Registry("optimizer", _classes(torch.optim, torch.optim.Optimizer, exclude=("Optimizer",))),
         "lr_scheduler": Registry("lr scheduler", schedulers),
     }
@@ -105,7 +111,7 @@ def trained_model(checkpoint, overrides=(), device=None):
 
     ``overrides`` (``key.path=VALUE``) and ``device`` change that config first. The weights are the
     checkpoint's, or its EMA weights when the run kept them (``trainer.ema``: the ones validation
-    scored); a timm model's ``pretrained_path`` is not read, so it need not exist any more. Returns
+    scored); an arch's ``pretrained_path`` (a timm model's) is not read, so it need not exist any more. Returns
     ``(model, config, device, autocast)``: the model in eval mode on ``device``, and the run's autocast
     on an accelerator (on the CPU none, so CPU scores are exact).
 
@@ -157,9 +163,10 @@ def build_loss(config, device=None):
 
 def build_metrics(config):
     """The metrics of ``config["metrics"]``, in order: a built-in's function (``model/metric.py``), or for a
-    ``{"type": "torchmetrics...."}`` entry a :class:`model.stateful_metrics.TorchMetric` spec.
+    ``{"type": ..., "args": {...}}`` entry the :class:`utils.metric_tracker.EpochMetric` spec a part builds by
+    that name (utils/parts.py: ``torchmetrics.<module>.<Class>``), named by :func:`utils.config.metric_name`.
 
-    A torchmetrics metric that takes ``ignore_index`` gets the loss's (default -100) unless its args set one,
+    Such a metric that takes ``ignore_index`` gets the loss's (default -100) unless its args set one,
     so targets the loss ignores are left out of it too.
     """
     from utils.config import metric_name
@@ -169,13 +176,13 @@ def build_metrics(config):
         if isinstance(entry, str):
             metrics.append(registries()["metrics"].get(entry, "metrics"))
             continue
-        from model.stateful_metrics import TorchMetric
-
         build = registries()["metrics"].get(entry["type"], "metrics")
         args = dict(entry.get("args") or {})
         if "ignore_index" in inspect.signature(build).parameters and "ignore_index" not in args:
             args["ignore_index"] = config["loss"]["args"].get("ignore_index", -100)
-        metrics.append(TorchMetric(metric_name(entry), build, args))
+        metric = build(**args)
+        metric.__name__ = metric_name(entry)
+        metrics.append(metric)
     return metrics
 
 

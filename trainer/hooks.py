@@ -8,6 +8,12 @@ A hook overrides the moments it needs; each is a no-op by default:
   unless they act, so a run without them pays nothing per step.
 - ``after_train_epoch(trainer, epoch, last_batch)``: after the epoch's last training step,
   before validation (histograms, image grids). ``last_batch`` is the last input batch.
+- ``validating(trainer)``: a context manager around each validation (an EMA scores its
+  averaged weights inside it).
+- ``after_validation(trainer, epoch, result)``: after each validation (by epoch or by step),
+  before its values are used or logged; ``result`` holds them without the ``val_`` prefix. A
+  part that added a metric to ``Parts.valid_metric_fns`` takes its value out here (the
+  confusion matrix, which is no number to log).
 - ``after_epoch(trainer, epoch, result)``: after validation and the monitor's update, before
   the epoch's checkpoints; ``result`` holds the epoch's values (``val_*`` included). Setting
   ``trainer.finished`` ends the run after this epoch, with its checkpoint written.
@@ -47,6 +53,9 @@ class Hook:
     def validating(self, trainer):
         """A context manager around each validation (an EMA scores its averaged weights inside it)."""
         return contextlib.nullcontext()
+
+    def after_validation(self, trainer, epoch, result):
+        """After each validation, before its values are used: a part takes its validation-only metric out here."""
 
     def state_dict(self):
         return {}

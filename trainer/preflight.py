@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from utils.errors import ConfigError, UserError
+from utils.metric_tracker import EpochMetric
 from utils.seed import rng_state, set_rng_state
 
 
@@ -43,10 +44,8 @@ def dry_batch(config, parts):
             _check_output(output, target, config)
             loss = _loss(parts.criterion, output, target, config)
             _check_loss(loss, output, config)
-            for fn in parts.metric_fns:
+            for fn in [*parts.metric_fns, *parts.valid_metric_fns]:
                 _metric(fn, output, target, parts.device)
-            if config["trainer"]["confusion_matrix"]:
-                _check_confusion(output, target)
     finally:
         model.train(was_training)
         set_rng_state(saved_rng)
@@ -60,35 +59,21 @@ UNSUPPORTED_OPTIMIZERS = {
 
 
 def check_shards(parts, info):
-    """Under torchrun, a torchmetrics metric gathers every process's validation share, so each needs one sample.
+    """Under torchrun, an epoch metric (a macro F1) gathers every process's validation share, so each needs one sample.
 
     Validation is sharded without padding (no sample counted twice): with fewer held-out
-    samples than processes, some process would hold none, and torchmetrics' gather of an
-    empty list state fails. One line instead, before anything is written.
+    samples than processes, some process would hold none, and a gather of an empty state
+    may fail (torchmetrics' of a list state does). One line instead, before anything is written.
     """
     valid = parts.valid_data_loader
-    if not info.enabled or valid is None or not any(getattr(fn, "stateful", False) for fn in parts.metric_fns):
+    epoch_metrics = [fn.__name__ for fn in parts.metric_fns if isinstance(fn, EpochMetric)]
+    if not info.enabled or valid is None or not epoch_metrics:
         return
     held_out = len(valid.sampler)
     if held_out < info.world_size:
         raise ConfigError(f"data_loader.args.validation_split: {held_out} validation samples for {info.world_size}"
-                          " processes, and the torchmetrics metrics need at least one on every process; hold out at"
-                          f" least {info.world_size} samples")
-
-
-def check_confusion_plan(config, parts):
-    """``trainer.confusion_matrix`` is counted over the validation split and logged as a TensorBoard image:
-    without either it would do nothing, silently."""
-    cfg = config["trainer"]
-    if not cfg["confusion_matrix"]:
-        return
-    if parts.valid_data_loader is None:
-        raise ConfigError("trainer.confusion_matrix: it is counted over the validation split, and this run holds"
-                          " none out; set data_loader.args.validation_split, or leave the matrix off")
-    loggers = [item if isinstance(item, str) else item.get("type") for item in cfg["loggers"]]
-    if not cfg["tensorboard"] or "tensorboard" not in loggers:
-        raise ConfigError("trainer.confusion_matrix: it is logged as a TensorBoard image, and TensorBoard is off in"
-                          ' this run (trainer.tensorboard, trainer.loggers); add "tensorboard", or leave the matrix off')
+                          f" processes, and the epoch metrics ({', '.join(epoch_metrics)}) need at least one on every"
+                          f" process; hold out at least {info.world_size} samples")
 
 
 def check_plan(config, parts):
@@ -252,7 +237,7 @@ def _check_loss(loss, output, config):
 
 def _metric(fn, output, target, device):
     try:
-        if getattr(fn, "stateful", False):  # a torchmetrics metric: one update and a compute, on a probe of its own
+        if isinstance(fn, EpochMetric):  # one update and a compute, on a probe of its own that checks its inputs
             probe = fn.new(device, sync=False, check_inputs=True)
             probe.update(output, target)
             with warnings.catch_warnings():
@@ -264,9 +249,3 @@ def _metric(fn, output, target, device):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"metrics: {fn.__name__} cannot take the model's output {_shape(output)} and the targets"
                         f" {_shape(target)}: {reason}") from None
-
-
-def _check_confusion(output, target):
-    if target.is_floating_point() or output.dim() != 2:
-        raise UserError(f"trainer.confusion_matrix: needs class scores of shape (N, C) and class-index targets, but"
-                        f" the model gives {_shape(output)} and the targets are {_shape(target)}; set it false")

@@ -169,7 +169,8 @@ def auto_resume(config, run_id=None):
 def checked_parts(start, device, info, init_from=None, init_strict=True):
     """The run's components, built and checked against each other; the dry batch is the last check, after which
     the run's folders may be created. Returns ``(parts, init_report)``."""
-    from trainer.preflight import check_confusion_plan, check_plan, check_shards, dry_batch
+    from trainer.preflight import check_plan, check_shards, dry_batch
+    from utils import parts as optional_parts
     from utils.seed import seed_everything
 
     config = start.config
@@ -190,7 +191,7 @@ def checked_parts(start, device, info, init_from=None, init_strict=True):
     init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
     check_plan(config, parts)
     check_shards(parts, info)
-    check_confusion_plan(config, parts)
+    optional_parts.call_each(config, "prepare", config, parts)  # the parts' (utils/parts.py)
     dry_batch(config, parts)
     return parts, init_report
 

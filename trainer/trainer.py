@@ -12,7 +12,7 @@ from tqdm import tqdm
 from base.base_trainer import BaseTrainer, RunStopped
 from trainer import tuning
 from trainer.hooks import hooks_for, step_hooks
-from utils.metric_tracker import MetricTracker, batch_weights, weighing
+from utils.metric_tracker import EpochMetric, MetricTracker, batch_weights, weighing
 
 
 @torch.no_grad()
@@ -21,8 +21,8 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
     """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``, if given), each batch weighted
     by what its value averages over (its sample count; a loss's or accuracy's kept targets under ``ignore_index``).
 
-    Stateful metrics in ``metric_fns`` (torchmetrics ones, the confusion matrix: see model/stateful_metrics.py)
-    get a fresh accumulator each call, updated per batch and computed at the end.
+    Epoch metrics in ``metric_fns`` (:class:`utils.metric_tracker.EpochMetric`) get a fresh accumulator
+    each call, updated per batch and computed at the end.
     ``reduce=True`` (under ``torch.distributed``) sums over all processes, so every
     process gets the value of the whole dataset (every process must then call this).
     """
@@ -50,9 +50,9 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
 
 
 def split_metrics(metric_fns):
-    """``(per-batch functions, stateful metric specs)`` of a list of metrics, each in its order."""
-    stateful = [fn for fn in metric_fns if getattr(fn, "stateful", False)]
-    return [fn for fn in metric_fns if not getattr(fn, "stateful", False)], stateful
+    """``(per-batch functions, epoch metric specs)`` of a list of metrics, each in its order."""
+    epoch = [fn for fn in metric_fns if isinstance(fn, EpochMetric)]
+    return [fn for fn in metric_fns if not isinstance(fn, EpochMetric)], epoch
 
 
 class Trainer(BaseTrainer):
@@ -67,17 +67,13 @@ class Trainer(BaseTrainer):
         super().__init__(config, parts, run)
         cfg = config["trainer"]
         self.criterion, self.metric_fns, self.device = parts.criterion, list(parts.metric_fns), parts.device
-        # Per-batch metrics go through the tracker; stateful ones (torchmetrics) keep their own state for the epoch.
+        # Per-batch metrics go through the tracker; epoch metrics (a part's) keep their own state for the epoch.
         self.batch_metric_fns, stateful = split_metrics(self.metric_fns)
         # Counting each batch's ignored targets only where the data can hold one (most data cannot).
         self.batch_metric_fns, self._weighed = weighing(self.criterion, self.batch_metric_fns, parts.data_loader)
         self.epoch_metrics = [spec.new(self.device, sync=run.dist.enabled) for spec in stateful]
         self._epoch_metrics_state = None  # their states (all processes'), for the next mid-epoch checkpoint
-        self.confusion = None  # trainer.confusion_matrix: counted over each validation, logged as an image
-        if cfg["confusion_matrix"] and parts.valid_data_loader is not None:
-            from model.stateful_metrics import ConfusionMatrix
-
-            self.confusion = ConfusionMatrix(config["loss"]["args"].get("ignore_index", -100))
+        self.valid_metric_fns = self.metric_fns + list(parts.valid_metric_fns)  # what validation scores
         self.forward_model = parts.forward_model
         self.data_loader, self.valid_data_loader = parts.data_loader, parts.valid_data_loader
         self.scaler = parts.scaler
@@ -385,25 +381,15 @@ class Trainer(BaseTrainer):
         # would wait forever on a process whose validation shard has fewer batches.
         model = self.model if self.distributed else self.forward_model
         limit = tuning.limited(self.val_batch_limit, len(self.valid_data_loader))
-        metric_fns = self.metric_fns + [self.confusion] if self.confusion else self.metric_fns
         with contextlib.ExitStack() as stack:  # each hook's context (an EMA's averaged weights are scored)
             for hook in self.hooks:
                 stack.enter_context(hook.validating(self))
-            result = evaluate(model, self.valid_data_loader, self.criterion, metric_fns, self.device,
+            result = evaluate(model, self.valid_data_loader, self.criterion, self.valid_metric_fns, self.device,
                               self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}",
                               max_batches=limit)
-        if self.confusion:
-            self._log_confusion(result.pop(self.confusion.__name__))
+        for hook in self.hooks:  # (a part's validation-only metric is taken out of the result here)
+            hook.after_validation(self, epoch, result)
         return result
-
-    def _log_confusion(self, counts):
-        """The validation's confusion matrix as a TensorBoard image, with the data's class names (rank 0)."""
-        if not (self.is_main and self.writer) or counts.numel() == 0:
-            return
-        from model.stateful_metrics import confusion_image
-
-        names = getattr(self.valid_data_loader, "class_names", None)
-        self.writer.add_images("val/confusion_matrix", confusion_image(counts, names)[None], self.global_step)
 
     def log_epoch(self, epoch, result):
         super().log_epoch(epoch, result)
@@ -441,7 +427,7 @@ class Trainer(BaseTrainer):
         # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective),
         # so that a resume, under any world size, ends the epoch with the numbers of the whole epoch.
         self._train_metrics_state = self.train_metrics.state_dict(reduce=self.distributed)
-        if self.epoch_metrics:  # the same for stateful metrics: their states, gathered by torchmetrics' sync
+        if self.epoch_metrics:  # the same for epoch metrics: their states, gathered from every process
             self._epoch_metrics_state = {m.__name__: m.state_dict(reduce=self.distributed) for m in self.epoch_metrics}
 
     def extra_state(self):
@@ -477,12 +463,9 @@ class Trainer(BaseTrainer):
             for metric in self.epoch_metrics:
                 metric.reset()
                 mine = saved.get(metric.__name__)
-                if mine is not None and metric.fits(mine):
-                    if self.is_main:
-                        metric.load_state_dict(mine)
-                    else:  # the others start empty, in a form that still gathers with rank 0's
-                        metric.load_empty_like(mine)
-                elif self.is_main:
+                # The others start empty, in a form that still gathers with rank 0's.
+                loaded = mine is not None and metric.load_state_dict(mine, own=self.is_main)
+                if not loaded and self.is_main:
                     why = "no running state" if mine is None else "the state of another metric (changed args?)"
                     self.logger.warning(f"the checkpoint holds {why} for {metric.__name__}: its value for epoch"
                                         f" {state['epoch'] + 1} covers only the batches after the resume")

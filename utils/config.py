@@ -634,7 +634,7 @@ def string_list(v):
 
 def metric_list(v):
     ok = isinstance(v, list) and all((isinstance(m, str) and m) or isinstance(m, dict) for m in v)
-    return None if ok else 'a list of metric names, or {"type": "torchmetrics.<module>.<Class>", "args": {...}} entries'
+    return None if ok else 'a list of metric names, or {"type": ..., "args": {...}} entries naming a part\'s metric'
 
 
 METRIC_KEYS = ("type", "args", "name")
@@ -642,7 +642,7 @@ METRIC_KEYS = ("type", "args", "name")
 
 def metric_name(entry):
     """The name an entry of ``metrics`` goes by in results (``val_<name>``) and in ``trainer.monitor``: a built-in's
-    own name, or a torchmetrics entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
+    own name, or an entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
     if isinstance(entry, str):
         return entry
     if isinstance(entry.get("name"), str):
@@ -653,8 +653,9 @@ def metric_name(entry):
 
 
 def _check_metrics(metrics, registry, problems):
-    """One line per problem in ``metrics``: unknown names, malformed torchmetrics entries, arguments that do not
-    bind or that the class rejects, repeated names. torchmetrics is imported only if an entry names it."""
+    """One line per problem in ``metrics``: unknown names, malformed entries of a part's metrics (utils/parts.py),
+    arguments that do not bind or that the class rejects, repeated names. A part is imported only if an entry
+    names it."""
     if metric_list(metrics) is not None:
         return  # already reported by the schema
     for index, entry in enumerate(metrics):
@@ -671,7 +672,7 @@ def _check_metrics(metrics, registry, problems):
             continue
         kind, args, name = entry.get("type"), entry.get("args") or {}, entry.get("name")
         if not isinstance(kind, str) or not kind:
-            problems.append(f"{where}.type: missing or not a string (a torchmetrics class, e.g."
+            problems.append(f"{where}.type: missing or not a string (the name of a part's metric, e.g."
                             ' "torchmetrics.classification.MulticlassF1Score")')
             continue
         if kind in registry.table:
@@ -701,7 +702,7 @@ def _check_metrics(metrics, registry, problems):
             reason = " ".join(str(err).split()) or type(err).__name__
             problems.append(f"{where}.type: {kind} cannot be built here: {reason[:300]}")
     names = [metric_name(entry) for entry in metrics]
-    for name in sorted({n for n in names if names.count(n) > 1 or n in ("loss", "confusion_matrix")}):
+    for name in sorted({n for n in names if names.count(n) > 1 or n == "loss"}):
         problems.append(f"metrics: the name {name!r} is taken twice (or is reserved); give the entry its own \"name\"")
 
 
@@ -802,7 +803,6 @@ TRAINER_SCHEMA = {
     "histogram_every": (non_negative_int, 0),
     "activation_histograms": (string_list, []),
     "log_images": (boolean, True),
-    "confusion_matrix": (boolean, False),  # the validation's confusion matrix as a TensorBoard image
     # checkpoints
     "keep_last": (optional(positive_int), None),
     "save_every_n_steps": (optional(positive_int), None),
@@ -828,7 +828,7 @@ TOP_SCHEMA = {
     "optimizer": (None, REQUIRED),
     "lr_scheduler": (None, None),
     "loss": (None, REQUIRED),
-    "metrics": (metric_list, []),  # built-in names, or {"type": "torchmetrics.<...>.<Class>", "args": {...}, "name": ...}
+    "metrics": (metric_list, []),  # built-in names, or a part's {"type": "torchmetrics.<...>.<Class>", "args": {...}, "name": ...}
     "trainer": (None, {}),
 }
 
@@ -997,8 +997,8 @@ def validate_config(config, registries):
             problems.extend(problem_list)
     except ConfigError as err:  # a part whose files were deleted
         problems.extend(err.problems)
-    if problems:
-        raise ConfigError(*problems)
+    if problems:  # (a deleted part named twice, by its key and by a name it provides, is one line)
+        raise ConfigError(*dict.fromkeys(problems))
     return out
 
 

@@ -1,10 +1,10 @@
-"""Weighted sums of the loss and the metrics, kept on the device.
+"""Weighted sums of the loss and the metrics, kept on the device; and the few methods of a metric kept over an epoch.
 
 Each batch's value is weighted by what it averages over: its sample count, unless the
 update says otherwise for that value (a loss averaging over the kept targets only, under
 ``ignore_index`` or class ``weight``; an accuracy leaving ignored targets out). An epoch's
 value is then the mean over everything the batch values averaged over, whatever the
-batches' sizes.
+batches' sizes. A value that is no such mean (a macro F1) is an :class:`EpochMetric`'s.
 """
 
 import torch
@@ -202,3 +202,59 @@ def batch_weights(fns, output, target):
         any_given = any_given or weight is not None
         weights.append(weight)
     return weights if any_given else None
+
+
+class EpochMetric:
+    """A metric whose epoch value is not a mean of batch values (a macro F1, an AUROC): it keeps state over the epoch.
+
+    This is all the core knows of one; a part provides them (utils/parts.py: a ``metrics`` prefix
+    such as ``torchmetrics.``). The list of metrics holds a *spec*, and each loop makes its own
+    accumulator from it with :meth:`new`: the trainer one for training, :func:`trainer.trainer.evaluate`
+    a fresh one for each evaluation, so their batches never mix. ``__name__`` is the name its value
+    goes by (``val_<name>``; :func:`trainer.build.build_metrics` sets it from the config).
+
+    A subclass provides :meth:`new`, :meth:`update`, :meth:`compute`, :meth:`reset`, :meth:`state_dict`
+    and :meth:`load_state_dict`: what a mid-epoch checkpoint needs for a resume to end the epoch with
+    the value of the run left alone. :meth:`mark` and :meth:`rollback` (``trainer.auto_accumulate``
+    redoing a window of batches) go through the last two; a subclass may give cheaper ones.
+    """
+
+    def new(self, device, sync=True, check_inputs=False):
+        """An empty accumulator on ``device``.
+
+        ``sync``: :meth:`compute` and ``state_dict(reduce=True)`` combine every process's state
+        (under torchrun a collective: every process calls them, in the same order). ``check_inputs``:
+        check each update's inputs even where that costs a host-device sync (the dry batch's probe
+        asks for it; the loop's accumulators do not, and cost no sync per step).
+        """
+        raise NotImplementedError
+
+    def update(self, output, target):
+        """Add one batch (``output`` may still require grad: keep it detached)."""
+        raise NotImplementedError
+
+    def compute(self):
+        """The value over the batches so far (all processes' with ``sync``): a float; or, for a metric a part added
+        to ``Parts.valid_metric_fns``, whatever that part's hook takes out of the result before it is logged."""
+        raise NotImplementedError
+
+    def reset(self):
+        raise NotImplementedError
+
+    def state_dict(self, reduce=False):
+        """The running state, on the CPU; ``reduce=True`` (a collective) combines every process's state first."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state, own=True):
+        """Continue from ``state``; or, with ``own=False``, start empty but in a form that still combines with the
+        processes continuing from it (under torchrun one process carries a saved state on, the others start
+        empty). Returns False, loading nothing, when ``state`` is not this metric's (another class, other args)."""
+        raise NotImplementedError
+
+    def mark(self):
+        """A snapshot for :meth:`rollback`."""
+        return self.state_dict()
+
+    def rollback(self, mark):
+        """Return to the state of :meth:`mark`: the batches added since are forgotten."""
+        self.load_state_dict(mark)

@@ -13,7 +13,8 @@ What a part's module may define (each is optional; the core calls what is there)
 
 - ``check(config) -> list[str]``: check the part's keys in the completed config, fill in their
   defaults, and return one line per problem (``"trainer.ema.decay: got 2, expected ..."``).
-- ``prepare(config, parts)``: change the built components before the run starts (debug modes).
+- ``prepare(config, parts)``: change the built components before the dry batch (debug modes; a metric only
+  validation scores, in ``parts.valid_metric_fns``), or refuse them with a one-line ConfigError.
 - ``hooks(config, parts, run) -> list``: the :class:`trainer.hooks.Hook` objects it adds to a run.
 - ``LOADERS`` / ``MODELS`` / ``METRICS``: ``{name: class}`` for the names in ``loaders``;
   ``model(name)`` / ``metric(name)`` for the prefixes in ``archs`` / ``metrics`` (None if unknown).
@@ -48,6 +49,13 @@ PARTS = {
     "export": Part("parts.export", "export.py: a checkpoint's model as TorchScript, ONNX or a torch.export program, checked"
                    " against it, with predict's preprocessing beside it (needs predict)",
                    files=("parts/export.py", "export.py", "tests/parts/test_export.py"), needs=("predict",)),
+    "torchmetrics": Part("parts.torchmetrics", "torchmetrics classes by name in metrics, computed over the whole epoch",
+                         files=("parts/torchmetrics.py", "tests/parts/test_torchmetrics.py",
+                                "tests/parts/test_torchmetrics_distributed.py"), metrics=("torchmetrics.",)),
+    "confusion": Part("parts.confusion", "the validation's confusion matrix as a TensorBoard image",
+                      files=("parts/confusion.py", "tests/parts/test_confusion.py"), keys=("trainer.confusion_matrix",)),
+    "timm": Part("parts.timm_models", "timm models by name, built without downloading weights",
+                 files=("parts/timm_models.py", "tests/parts/test_timm.py"), archs=("timm.",)),
 }
 
 

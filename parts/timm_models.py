@@ -1,5 +1,8 @@
 """timm models by name: ``"arch": {"type": "timm.resnet18", "args": {"num_classes": 10, "in_chans": 1}}``.
 
+A part (utils/parts.py): delete this file and tests/parts/test_timm.py, and configs naming the
+project's own models (or ``torchvision.models.NAME``) train as before.
+
 Promises:
 
 * timm is imported only when a config names ``timm.NAME`` (importing it takes seconds).
@@ -21,14 +24,12 @@ from utils.errors import UserError
 PREFIX = "timm."
 
 
-def timm_model(name):
-    """The builder of ``timm.NAME`` (for :class:`utils.config.Registry`'s ``extra``), or None for other names.
+def model(name):
+    """The builder of ``timm.NAME``, for :func:`utils.parts.provider`.
 
     Raises:
         ConfigError: ``NAME`` is not a timm model (or timm is not installed).
     """
-    if not isinstance(name, str) or not name.startswith(PREFIX):
-        return None
     try:
         import timm
     except ImportError:
@@ -40,11 +41,11 @@ def timm_model(name):
                           f" {len(known)}; python -c \"import timm; print(timm.list_models('resnet*'))\" lists them)")
 
     def build(pretrained_path=None, **args):
-        model = timm.create_model(short, pretrained=False, **args)
+        built = timm.create_model(short, pretrained=False, **args)
         if pretrained_path is not None:
-            model.init_report = load_pretrained(model, pretrained_path)
-            logging.getLogger("train").info(model.init_report)
-        return model
+            built.init_report = load_pretrained(built, pretrained_path)
+            logging.getLogger("train").info(built.init_report)
+        return built
 
     build.__name__ = build.__qualname__ = f"timm.{short}"
     return build

@@ -3,10 +3,13 @@
 What is checked: a torchmetrics F1 (macro) and AUROC, training and validation, equal torchmetrics
 computed directly over the whole epoch's outputs of both processes (torchmetrics' own sync at
 compute, every rank calling it); every rank gets the same values; a 2-process resume from a
-mid-epoch ``last.pth`` ends with the same values as the run left alone; the confusion matrix is
-summed over both validation shards. One torchrun launch per phase, as in tests/test_distributed.py.
+mid-epoch ``last.pth`` ends with the same values as the run left alone; the confusion matrix (the
+confusion part, parts/confusion.py, where it is there) is summed over both validation shards and
+logged once per validation, by rank 0.
+One torchrun launch per phase, as in tests/test_distributed.py.
 """
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +35,7 @@ BATCHES = 14
 F1 = {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3, "average": "macro"}}
 AUROC = {"type": "torchmetrics.classification.MulticlassAUROC", "args": {"num_classes": 3}, "name": "auroc"}
 KEYS = ["multiclass_f1_score", "auroc", "val_multiclass_f1_score", "val_auroc"]
+CONFUSION = importlib.util.find_spec("parts.confusion") is not None  # another part: its files may be deleted
 
 # Like tests/test_distributed.py's driver, and it records each training batch's (output, target) per rank.
 DRIVER = """
@@ -55,10 +59,20 @@ def recording(config, device=None):
     return record
 
 build.build_loss = recording
+drawn = []  # the sum of each confusion matrix this process draws
+try:
+    from parts import confusion
+except ImportError:
+    pass
+else:
+    image = confusion.confusion_image
+    confusion.confusion_image = lambda counts, names: drawn.append(int(counts.sum())) or image(counts, names)
 for job in json.load(open(sys.argv[1])):
-    del records[:]
+    del records[:], drawn[:]
     metrics = run.train(job["config"], resume=job.get("resume"), run_id=job.get("run_id"))
     torch.save(records, f"{{job['out']}}.rank{{rank}}.records.pt")
+    with open(f"{{job['out']}}.rank{{rank}}.drawn.json", "w") as f:
+        json.dump(drawn, f)
     with open(f"{{job['out']}}.rank{{rank}}.json", "w") as f:
         json.dump(metrics, f)
 """
@@ -101,10 +115,10 @@ def direct(outputs, targets):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, torchrun):
     """Launch 1: a 2-epoch run writing a mid-epoch ``last.pth`` at step 20 (epoch 2, batch 6 of 14), with the
-    confusion matrix on. Launch 2: that ``last.pth`` resumed by 2 processes."""
+    confusion matrix on (where that part is). Launch 2: that ``last.pth`` resumed by 2 processes."""
     tmp = tmp_path_factory.mktemp("tm_dist")
     torchrun.jobs(tmp, DRIVER, [
-        {"config": config(tmp / "full", save_every_n_steps=20, confusion_matrix=True, tensorboard=True),
+        {"config": config(tmp / "full", save_every_n_steps=20, confusion_matrix=CONFUSION, tensorboard=True),
          "run_id": "full", "out": str(tmp / "full")},
         # a last.pth after the epoch's last batch (step 14 of 14), before the epoch's end
         {"config": config(tmp / "edge", save_every_n_steps=BATCHES, epochs=1), "run_id": "edge",
@@ -192,6 +206,7 @@ def test_a_resume_after_the_epochs_last_batch_computes_on_every_process(runs):
 
 
 def test_the_confusion_matrix_image_is_logged_once_per_validation_by_rank_0(runs):
+    pytest.importorskip("parts.confusion")
     from tensorboard.backend.event_processing import event_accumulator
 
     log_dir = runs / "full" / "log" / NAME / "full"
@@ -200,3 +215,5 @@ def test_the_confusion_matrix_image_is_logged_once_per_validation_by_rank_0(runs
     acc.Reload()
     images = acc.Images("val/confusion_matrix")
     assert [im.step for im in images] == [BATCHES, 2 * BATCHES]
+    drawn = [json.loads(Path(f"{runs / 'full'}.rank{r}.drawn.json").read_text()) for r in range(WORLD)]
+    assert drawn == [[N_VALID, N_VALID], []]  # both shards' samples (17 + 16), drawn by rank 0 alone

@@ -1,11 +1,10 @@
-"""torchmetrics metrics by name, the confusion matrix image, and class weights given as a list.
+"""The torchmetrics part (parts/torchmetrics.py): torchmetrics metrics by name.
 
 What is checked: a torchmetrics F1 (macro) and AUROC from ``evaluate`` and from a training run
 equal torchmetrics computed directly over the whole epoch's outputs (uneven last batches, ignored
 targets); a run resumed mid-epoch ends with bit-identical values; config mistakes are one line and
-exit code 2 with nothing written, and naming no torchmetrics metric does not import torchmetrics;
-the confusion matrix reaches TensorBoard as an image; a loss ``weight`` list works.
-(2 processes under torchrun: tests/test_torchmetrics_distributed.py.)
+exit code 2 with nothing written, and naming no torchmetrics metric does not import torchmetrics
+(nor the part). (2 processes under torchrun: tests/parts/test_torchmetrics_distributed.py.)
 """
 
 import json
@@ -22,12 +21,11 @@ torchmetrics = pytest.importorskip("torchmetrics")
 from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score  # noqa: E402
 
 from base.base_trainer import RunStopped  # noqa: E402
-from model.stateful_metrics import confusion_image  # noqa: E402
 from trainer import build, run  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from trainer.trainer import evaluate  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 F1 = {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3, "average": "macro"}}
 AUROC = {"type": "torchmetrics.classification.MulticlassAUROC", "args": {"num_classes": 3}, "name": "auroc"}
 
@@ -142,6 +140,45 @@ def test_a_mid_epoch_resume_ends_with_the_same_values(tmp_path, interrupt_at_ste
     assert len({whole["auroc"], whole["val_auroc"], whole["multiclass_f1_score"]}) > 1
 
 
+def _spec(entry, name):
+    config = {"metrics": [entry], "loss": {"type": "cross_entropy", "args": {}}}
+    (metric,) = build.build_metrics(config)
+    assert metric.__name__ == name
+    return metric
+
+
+def test_mark_and_rollback_forget_the_batches_since_the_mark():
+    """``trainer.auto_accumulate`` redoes a window after an out-of-memory error: the window's batches are forgotten."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 3, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]
+    for entry, name in ((F1, "multiclass_f1_score"), (AUROC, "auroc")):
+        metric = _spec(entry, name).new(torch.device("cpu"), sync=False)
+        metric.update(*batches[0])
+        mark = metric.mark()
+        metric.update(*batches[1])
+        metric.rollback(mark)
+        metric.update(*batches[2])
+        reference = _spec(entry, name).new(torch.device("cpu"), sync=False)
+        for output, target in (batches[0], batches[2]):
+            reference.update(output, target)
+        assert metric.compute() == reference.compute(), name
+
+
+def test_a_saved_state_loads_into_the_same_metric_only():
+    g = torch.Generator().manual_seed(2)
+    output, target = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    metric = _spec(AUROC, "auroc").new(torch.device("cpu"), sync=False)
+    metric.update(output, target)
+    state = metric.state_dict()
+    again = _spec(AUROC, "auroc").new(torch.device("cpu"), sync=False)
+    assert again.load_state_dict(state) and again.compute() == metric.compute()
+    empty = _spec(AUROC, "auroc").new(torch.device("cpu"), sync=False)
+    assert empty.load_state_dict(state, own=False)  # another process's share: empty, in the saved dtype and shape
+    assert [tuple(t.shape) for t in empty.metric.preds] == [(0, 3)] and empty.metric.preds[0].dtype == output.dtype
+    other = _spec(dict(AUROC, args={"num_classes": 3, "average": "weighted"}), "auroc").new(torch.device("cpu"))
+    assert not other.load_state_dict(state)  # other args: not loaded
+
+
 # --------------------------------------------------------------------------- config mistakes
 
 
@@ -212,68 +249,10 @@ def test_built_in_metrics_do_not_import_torchmetrics():
     code = ("import sys; sys.path.insert(0, '.'); from trainer import build;"
             " from utils.config import load_config, validate_config;"
             " c = validate_config(load_config('config.json'), build.registries()); build.build_metrics(c);"
-            " print(sorted(m for m in ('torchmetrics', 'matplotlib', 'PIL') if m in sys.modules))")
+            " print(sorted(m for m in ('torchmetrics', 'parts.torchmetrics', 'matplotlib', 'PIL') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-
-
-# --------------------------------------------------------------------------- confusion matrix
-
-
-def test_confusion_matrix_image_counts_every_validation_sample(tmp_path, monkeypatch):
-    from tensorboard.backend.event_processing import event_accumulator
-
-    from model import stateful_metrics
-
-    drawn = []
-    image = stateful_metrics.confusion_image
-    monkeypatch.setattr(stateful_metrics, "confusion_image", lambda counts, names: drawn.append(counts) or image(counts, names))
-    config = make_config(tmp_path / "saved", confusion_matrix=True, tensorboard=True, log_images=False)
-    metrics = run.train(config, run_id="cm")
-    assert len(drawn) == 2 and all(c.shape == (3, 3) and int(c.sum()) == 51 for c in drawn)  # 51 validation samples
-    assert int(drawn[-1].trace()) / 51 == pytest.approx(metrics["val_accuracy"])  # the diagonal: the right answers
-    acc = event_accumulator.EventAccumulator(str(tmp_path / "saved/log/tiny/cm"), size_guidance={"images": 0})
-    acc.Reload()
-    images = acc.Images("val/confusion_matrix")
-    expected = image(torch.zeros(3, 3), None).shape
-    assert len(images) == 2  # one per validation
-    assert all((im.height, im.width) == tuple(expected[1:]) for im in images)
-    assert images[0].encoded_image_string.startswith(b"\x89PNG")
-
-
-def test_confusion_image_shades_by_row_share_and_names_the_classes():
-    counts = torch.tensor([[9, 1], [0, 5]])
-    named = confusion_image(counts, ["cat", "a_long_class_name"])
-    plain = confusion_image(counts, None)
-    assert named.shape[0] == 3 and named.shape[1] > plain.shape[1]  # room for the longer labels
-    assert 0 <= float(named.min()) and float(named.max()) <= 1
-
-    def cell_blue_share(img, row, col, n=2, cell=28):
-        label = img.shape[1] - n * cell - 4
-        y, x = label + row * cell + 2, label + col * cell + 2  # a corner of the cell, away from its text
-        red, green, blue = img[:, y, x].tolist()
-        return blue - red
-
-    # the diagonal's shares (0.9, 1.0) are darker than the off-diagonal's (0.1, 0)
-    assert cell_blue_share(plain, 0, 0) > cell_blue_share(plain, 0, 1) >= cell_blue_share(plain, 1, 0)
-    assert cell_blue_share(plain, 1, 1) > cell_blue_share(plain, 0, 0)
-
-
-# --------------------------------------------------------------------------- loss weight as a list
-
-
-def test_a_weight_list_becomes_a_tensor_and_weights_the_loss(tmp_path):
-    config = make_config(tmp_path / "saved")
-    config["loss"] = {"type": "cross_entropy", "args": {"weight": [1, 2.5, 0.5]}}
-    loss = build.build_loss(config, torch.device("cpu"))
-    weight = loss.keywords["weight"]
-    assert isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.tolist() == [1, 2.5, 0.5]
-    output, target = torch.randn(8, 3), torch.tensor([0, 1, 2, 1, 0, 2, 2, 1])
-    assert loss(output, target) == torch.nn.functional.cross_entropy(output, target, weight=weight)
-    assert loss(output, target) != torch.nn.functional.cross_entropy(output, target)
-    metrics = run.train(with_changes(config, trainer__epochs=1), run_id="w")  # was: a list reached F.cross_entropy
-    assert metrics["loss"] == metrics["loss"]
 
 
 def test_fewer_validation_samples_than_processes_is_one_line_for_torchmetrics(tmp_path):
@@ -282,6 +261,7 @@ def test_fewer_validation_samples_than_processes_is_one_line_for_torchmetrics(tm
     from trainer.run import build_parts
     from utils.config import ConfigError, validate_config
     from utils.dist import DistInfo
+    from utils.metric_tracker import EpochMetric
 
     config = make_config(tmp_path / "saved")
     config["metrics"] = ["accuracy", {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3}}]
@@ -291,7 +271,7 @@ def test_fewer_validation_samples_than_processes_is_one_line_for_torchmetrics(tm
     check_shards(parts, DistInfo())  # one process: nothing to check
     with pytest.raises(ConfigError, match="3 validation samples for 4 processes.*hold out at least 4 samples"):
         check_shards(parts, DistInfo(rank=0, world_size=4))
-    parts.metric_fns = [fn for fn in parts.metric_fns if not getattr(fn, "stateful", False)]
+    parts.metric_fns = [fn for fn in parts.metric_fns if not isinstance(fn, EpochMetric)]
     check_shards(parts, DistInfo(rank=0, world_size=4))  # built-in metrics reduce sums: an empty share is fine
 
 
@@ -333,25 +313,3 @@ def test_a_metric_needing_a_missing_package_is_one_line(tmp_path, capsys):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "metrics[0].type: " in lines[0] and "cannot be built here" in lines[0], lines
-
-
-@pytest.mark.parametrize("weight", [["a", 1, 1], [1, None, 1], []], ids=["a-string", "a-null", "empty"])
-def test_a_weight_list_that_is_not_numbers_is_one_line(tmp_path, capsys, weight):
-    loss = {"type": "cross_entropy", "args": {"weight": weight}}
-    proc = _train_cli(tmp_path, capsys, f"loss={json.dumps(loss)}")
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert lines == [f"error: loss.args.weight: expected a list of numbers, one per class, got {json.dumps(weight)}"]
-
-
-@pytest.mark.parametrize("changes, message", [
-    ({"data_loader__args__validation_split": 0.0, "trainer__monitor": "off"},
-     "trainer.confusion_matrix: it is counted over the validation split"),
-    ({"trainer__tensorboard": False}, "trainer.confusion_matrix: it is logged as a TensorBoard image"),
-    ({"trainer__loggers": ["csv"]}, "trainer.confusion_matrix: it is logged as a TensorBoard image"),
-], ids=["no-validation", "tensorboard-off", "csv-only"])
-def test_a_confusion_matrix_that_could_not_be_shown_is_one_line(tmp_path, changes, message):
-    config = with_changes(make_config(tmp_path / "saved", confusion_matrix=True, tensorboard=True), **changes)
-    with pytest.raises(ConfigError, match=message):
-        run.train(config, run_id="cm")
-    assert not (tmp_path / "saved").exists()
