@@ -54,7 +54,8 @@ def train_parser():
 
 def test_parser():
     parser = _parser("Evaluate a checkpoint on the test split of its config.")
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate")
+    parser.add_argument("-r", "--resume", dest="checkpoint", required=True,
+                        help="checkpoint to evaluate (spelled -r, as in victoresque's template)")
     return parser
 
 
@@ -114,11 +115,11 @@ def test_command(argv=None):
     def run():
         from trainer.run import evaluate_checkpoint, test_results_path
 
-        metrics = evaluate_checkpoint(args.resume, overrides_of(args))
-        print(f"Scored {args.resume} on its test split:")
+        metrics = evaluate_checkpoint(args.checkpoint, overrides_of(args))
+        print(f"Scored {args.checkpoint} on its test split:")
         for key, value in metrics.items():
             print(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
-        print(f"Written to {test_results_path(args.resume)}")
+        print(f"Written to {test_results_path(args.checkpoint)}")
 
     return run_command(run)
 

@@ -567,15 +567,15 @@ def test_results_path(checkpoint):
     return Path(checkpoint).with_suffix(".test.json")
 
 
-def evaluate_checkpoint(resume, overrides=(), device=None, write=True, progress=None):
-    """Evaluate the checkpoint ``resume`` on its config's test split; returns ``{"loss": ..., "<metric>": ..., "n_samples": N}``.
+def evaluate_checkpoint(checkpoint, overrides=(), device=None, write=True, progress=None):
+    """Evaluate ``checkpoint`` on its config's test split; returns ``{"loss": ..., "<metric>": ..., "n_samples": N}``.
 
     ``overrides`` (``key.path=VALUE``) change the checkpoint's config, e.g. ``data_loader.args.data_dir=...``.
     With ``write``, the result is also written beside the checkpoint (``.test.json`` for ``.pth``).
     """
     from trainer.trainer import evaluate
 
-    model, config, device, autocast = build.trained_model(resume, overrides, device)
+    model, config, device, autocast = build.trained_model(checkpoint, overrides, device)
     loader = build.build_data_loader(config, training=False)
     if len(loader.sampler) == 0:
         raise UserError(f"{config['data_loader']['type']}: the test split is empty (0 samples), so there is nothing to"
@@ -586,5 +586,5 @@ def evaluate_checkpoint(resume, overrides=(), device=None, write=True, progress=
                        progress=progress)
     metrics["n_samples"] = len(loader.sampler)
     if write:
-        write_json(test_results_path(resume), {"checkpoint": str(resume), **metrics})
+        write_json(test_results_path(checkpoint), {"checkpoint": str(checkpoint), **metrics})
     return metrics
