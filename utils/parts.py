@@ -47,7 +47,7 @@ PARTS = {
     "predict": Part("parts.predict", "predict.py: a checkpoint's predictions for image files, folders of images or CSV rows",
                     files=("parts/predict.py", "predict.py", "tests/parts/test_predict.py")),
     "export": Part("parts.export", "export.py: a checkpoint's model as TorchScript, ONNX or a torch.export program, checked"
-                   " against it, with predict's preprocessing beside it (needs predict)",
+                   " against it, with predict's preprocessing beside it",
                    files=("parts/export.py", "export.py", "tests/parts/test_export.py"), needs=("predict",)),
     "torchmetrics": Part("parts.torchmetrics", "torchmetrics classes by name in metrics, computed over the whole epoch",
                          files=("parts/torchmetrics.py", "tests/parts/test_torchmetrics.py",
@@ -125,8 +125,8 @@ def load(name):
 
 
 def _uses(part):
-    return ", ".join([*part.keys, *(f"data_loader.type {n}" for n in part.loaders), *(f"arch.type {p}..." for p in part.archs),
-                      *(f"metrics {p}..." for p in part.metrics), *(f"trainer.loggers {n}" for n in part.loggers)])
+    return ", ".join([*part.keys, *(f"data_loader.type {n}" for n in part.loaders), *(f"arch.type {p}*" for p in part.archs),
+                      *(f"metrics {p}*" for p in part.metrics), *(f"trainer.loggers {n}" for n in part.loggers)])
 
 
 def modules(config):
