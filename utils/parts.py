@@ -15,6 +15,9 @@ What a part's module may define (each is optional; the core calls what is there)
   defaults, and return one line per problem (``"trainer.ema.decay: got 2, expected ..."``).
 - ``prepare(config, parts)``: change the built components before the run starts (debug modes).
 - ``hooks(config, parts, run) -> list``: the :class:`trainer.hooks.Hook` objects it adds to a run.
+- ``check_resume(state, checkpoint)``: before a run continues the checkpoint ``state`` (read from
+  ``checkpoint``), nothing written yet: raise :class:`base.base_trainer.RunStopped` when this launch
+  must not train on from it (max_time: a torchrun round restarted after the budget ran out).
 - ``LOADERS`` / ``MODELS`` / ``METRICS``: ``{name: class}`` for the names in ``loaders``;
   ``model(name)`` / ``metric(name)`` for the prefixes in ``archs`` / ``metrics`` (None if unknown).
 - ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/visualization.py).
@@ -48,6 +51,9 @@ PARTS = {
     "export": Part("parts.export", "export.py: a checkpoint's model as TorchScript, ONNX or a torch.export program, checked"
                    " against it, with predict's preprocessing beside it (needs predict)",
                    files=("parts/export.py", "export.py", "tests/parts/test_export.py"), needs=("predict",)),
+    "max_time": Part("parts.max_time", "trainer.max_time: a wall-clock budget, after which the run stops with a resumable"
+                     " last.pth and exit code 75", files=("parts/max_time.py", "tests/parts/test_max_time.py"),
+                     keys=("trainer.max_time",)),
 }
 
 

@@ -20,7 +20,7 @@ HOLD_LIMIT_S = 600  # never wait forever: a lost signal then shows as a run that
 def _hold_until_warned(trainer):
     Path(os.environ["HOLD_REACHED"]).touch()
     give_up = time.monotonic() + HOLD_LIMIT_S
-    while trainer.stop_signal is None and time.monotonic() < give_up:
+    while trainer.stop is None and time.monotonic() < give_up:
         time.sleep(0.05)  # a poll for the signal handler's flag, not a wait for time to pass
 
 
