@@ -536,14 +536,3 @@ def test_sigusr1_stops_with_a_resumable_checkpoint_and_exit_138(config):
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler is gone after the run
     run.train(config, resume="auto", run_id="warned")
     assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
-
-
-def test_the_batch_script_requeues_and_resumes_automatically():
-    script = REPO / "slurm" / "train.sbatch"
-    text = script.read_text()
-    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120"):
-        assert line in text.splitlines()
-    assert '--run-id "$SLURM_JOB_ID" -r auto' in text and '--rdzv_id="$SLURM_JOB_ID"' in text
-    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in text
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in text
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0

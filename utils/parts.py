@@ -32,7 +32,7 @@ from utils.errors import ConfigError
 
 @dataclass(frozen=True)
 class Part:
-    module: str  # imported when a config uses the part
+    module: str  # imported when a config uses the part; None for a part no config names (a batch script)
     about: str  # one line: what it does (the README's table, and the message when its files are gone)
     files: tuple  # what deleting the part removes: its code, command, configs and tests
     keys: tuple = ()  # config keys it owns, dotted ("trainer.ema")
@@ -54,6 +54,10 @@ PARTS = {
     "max_time": Part("parts.max_time", "trainer.max_time: a wall-clock budget, after which the run stops with a resumable"
                      " last.pth and exit code 75", files=("parts/max_time.py", "tests/parts/test_max_time.py"),
                      keys=("trainer.max_time",)),
+    "slurm": Part(None, "slurm/train.sbatch: training on SLURM, requeued after the time-limit warning (SIGUSR1, a stop"
+                  " signal of the core) and resumed with -r auto",
+                  files=("slurm/train.sbatch", "tests/parts/test_slurm.py", "tests/parts/slurm/start_slurm.sh",
+                         "tests/parts/slurm/train_held.py")),
 }
 
 
