@@ -23,11 +23,11 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow
 
 # A one-node SLURM cluster on this machine (root; installs slurm-wlm and munge with apt-get where missing),
-# then slurm/train.sbatch warned, requeued and resumed on it. Stop the cluster: tests/slurm/start_slurm.sh --stop
+# then slurm/train.sbatch warned, requeued and resumed on it. Stop the cluster: tests/parts/slurm/start_slurm.sh --stop
 SLURM_DIR ?= /tmp/slurm-test
 test-slurm: venv
-	tests/slurm/start_slurm.sh $(SLURM_DIR)
-	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(PY) -m pytest -q -m slurm -s tests/test_slurm.py
+	tests/parts/slurm/start_slurm.sh $(SLURM_DIR)
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(PY) -m pytest -q -m slurm -s tests/parts/test_slurm.py
 
 bench: venv
 	$(PY) benchmarks/overhead.py

@@ -19,7 +19,6 @@ from typing import Any, Callable
 import torch
 
 from utils import dist
-from utils.cluster import OUT_OF_TIME, STOP_SIGNALS, exit_code, out_of_time_mark, reason_code, reason_of
 from utils.dist import DistInfo
 from utils.io import save_checkpoint
 from utils.seed import rng_state, set_rng_state
@@ -35,6 +34,28 @@ class RunStopped(Exception):
         # Under torchrun: whether every process stops here at the same point (an agreed stop), so that they can
         # wait for each other before leaving; False when this process stops on its own (see trainer/tuning.py).
         self.together = together
+
+
+# The signals that stop a run with a resumable last.pth. SIGUSR1 is the warning a scheduler sends before a time
+# limit (SLURM's --signal=B:USR1@120): to the run, a stop signal is a stop signal.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a run stops early, after a step, with a resumable ``last.pth``: ``why`` (for the log: "by SIGTERM"), and
+    the command's exit code, which tells a script what happened: ``128 + N`` for signal N (130 Ctrl-C, 143 SIGTERM,
+    138 SIGUSR1 on Linux), or a hook's own code below 128 (see :meth:`BaseTrainer.ask_to_stop`)."""
+
+    exit_code: int
+    why: str
+
+    @classmethod
+    def agreed(cls, code):
+        """The stop of exit code ``code`` as a process knows it that did not see it itself (under torchrun)."""
+        if code > 128:
+            return cls(code, f"by {signal.Signals(code - 128).name}")
+        return cls(code, f"as another process asked (exit code {code})")
 
 
 @dataclass
@@ -115,13 +136,13 @@ class BaseTrainer:
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches completed of the epoch in progress
         self.global_step = 0  # optimizer steps taken
-        self.stop_signal = None  # why to stop: a signal's name (set by its handler) or "max_time" (utils/cluster.py)
-        self.agreed_stop = None  # under torchrun: the stop reason all processes last agreed on
+        self.stop = None  # why to stop after this step (a Stop): set by a signal's handler, or a hook (ask_to_stop)
+        self.agreed_stop = None  # under torchrun: the stop all processes last agreed on
         self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
         self.finished = False  # max_steps reached, early stop, or pruned
         self.stopped_early = False  # early stopping ended the run: checkpoints say so, and -r auto does not go on
-        self.out_of_time = None  # under torchrun, where trainer.max_time ran out (utils.cluster.out_of_time_mark)
+        self.stopped_by = None  # the stop last.pth is written for, and where (torchrun's launch and round)
         self.pruned_at = None  # the epoch after which a sweep's pruner ended the run (trainer/hooks.py, StudyReport)
         self.final_metrics = {}
         self.hooks = []  # optional behaviour at fixed moments (see trainer/hooks.py); a subclass fills it
@@ -219,7 +240,7 @@ class BaseTrainer:
             "not_improved_count": self.not_improved_count,
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,  # (not restored: a resume that may go on has raised the patience)
-            "out_of_time": self.out_of_time,  # (not restored either: it concerns the launch that wrote it)
+            "stopped_by": self.stopped_by,  # (not restored either: it concerns the launch that wrote it)
             "rng": rng_state(),
         }
         state.update(self.extra_state())
@@ -275,10 +296,7 @@ class BaseTrainer:
     # ------------------------------------------------------------------ interruption
 
     def _install_signal_handlers(self):
-        """SIGINT/SIGTERM/SIGUSR1 ask the loop to stop after the current step; a second SIGINT stops at once.
-
-        (SIGUSR1 is SLURM's usual warning before a time limit: ``#SBATCH --signal=B:USR1@120``.)
-        """
+        """SIGINT/SIGTERM/SIGUSR1 ask the loop to stop after the current step; a second SIGINT stops at once."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
@@ -286,10 +304,10 @@ class BaseTrainer:
                 else "after the current step")
 
         def handler(signum, frame):
-            if self.stop_signal not in (None, OUT_OF_TIME) and signum == signal.SIGINT:
+            if self.stop is not None and self.stop.exit_code > 128 and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # the second Ctrl-C: files are written atomically, nothing tears
-            self.stop_signal = signal.Signals(signum).name
-            self.logger.warning(f"{self.stop_signal} received: stopping {when} (Ctrl-C again to quit at once)")
+            self.stop = Stop(128 + signum, f"by {signal.Signals(signum).name}")
+            self.logger.warning(f"{signal.Signals(signum).name} received: stopping {when} (Ctrl-C again to quit at once)")
 
         for sig in previous:
             signal.signal(sig, handler)
@@ -300,11 +318,19 @@ class BaseTrainer:
 
         return restore
 
+    def ask_to_stop(self, exit_code, why):
+        """Stop after this step with a resumable ``last.pth``, exiting with ``exit_code`` (1 to 127: a hook's own
+        reason, such as a spent time budget) and logging ``why`` ("out of time (...)"). Under torchrun the
+        processes agree first (:meth:`agreed_stop_signal`), and a signal's stop outranks it. A stop already
+        asked for stays."""
+        if self.stop is None:
+            self.stop = Stop(exit_code, why)
+
     def agreed_stop_signal(self, now=False):
-        """Why to stop now (a signal's name, or ``"max_time"``), or None; raises when a process saw the loss diverge.
+        """Why to stop now (a :class:`Stop`), or None; raises when a process saw the loss diverge.
 
         One process: its own reason, every step, at no cost. Under torchrun a signal reaches the
-        processes at different moments (and each one's clock runs out at its own); one stopping
+        processes at different moments (and a hook's reason, such as a clock, comes to each at its own); one stopping
         alone would leave the others in a collective (and rank 0 without a ``last.pth``), so all
         processes ask each other (one small collective on the host) and stop after the same step.
         They ask every ``log_every_n_steps`` steps, and wherever ``now`` (an epoch's end, before
@@ -312,17 +338,18 @@ class BaseTrainer:
         trip per step. The same exchange carries whether any process saw a non-finite loss, so all
         of them stop then, before the next checkpoint.
         """
-        own = self.stop_signal  # read once: the handler may set it meanwhile
+        own = self.stop  # read once: the handler may set it meanwhile
         if not self.distributed:
             return own
         if not now and self.global_step % self.agree_every:
             return self.agreed_stop
-        agreed, diverged = dist.max_over_ranks(reason_code(own), bool(self.diverged))
+        # The highest exit code wins: a signal's (128 + N) over a hook's.
+        agreed, diverged = dist.max_over_ranks(own.exit_code if own else 0, bool(self.diverged))
         if diverged:
             raise RunStopped(self.diverged or "another process saw a non-finite loss; stopping without saving, so"
                              " the last good checkpoint is untouched")
         if agreed:  # (never cleared: a signal arriving during the exchange is agreed on next time)
-            self.agreed_stop = self.stop_signal = reason_of(agreed)
+            self.agreed_stop = self.stop = own if own and own.exit_code == agreed else Stop.agreed(agreed)
         return self.agreed_stop
 
     def before_checkpoint(self):
@@ -355,15 +382,15 @@ class BaseTrainer:
         return None
 
     def _stop_for_signal(self):
-        name = self.stop_signal
-        if name == OUT_OF_TIME:
-            self.out_of_time = out_of_time_mark()
+        stop = self.stop
+        where = dist.torchrun_round()
+        self.stopped_by = {"exit_code": stop.exit_code, "why": stop.why,
+                           **({"torchrun_run_id": where[0], "torchrun_round": where[1]} if where else {})}
         path = self.save_resumable("last.pth")
-        why = f"out of time (trainer.max_time={self.config['trainer'].get('max_time')})" if name == OUT_OF_TIME else f"by {name}"
         if self.is_main:
             self.logger.warning(
-                f"Stopped {why} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}."
+                f"Stopped {stop.why} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}."
                 f" Resume with: python train.py -r {path} (or the same command with -r auto)"
             )
-        raise RunStopped(f"stopped {why}; a resumable checkpoint is in last.pth", exit_code=exit_code(name),
+        raise RunStopped(f"stopped {stop.why}; a resumable checkpoint is in last.pth", exit_code=stop.exit_code,
                          logged=self.is_main)

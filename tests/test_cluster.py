@@ -1,20 +1,21 @@
-"""Runs that outlive the machine (issue 14): ``-r auto``, ``trainer.max_time``, validation by step, no per-step
-agreement under torchrun, torchrun's restarts.
+"""Runs that outlive the machine (issue 14): ``-r auto``, validation by step, stop signals (SIGUSR1 too), no
+per-step agreement under torchrun, torchrun's restarts. (``trainer.max_time`` is a part: tests/parts/test_max_time.py;
+the SLURM batch script too: tests/parts/test_slurm.py.)
 
-What is compared: a run cut short (by its time budget, by a kill -9 of one worker) and continued with
+What is compared: a run cut short (by a signal, by a kill -9 of one worker) and continued with
 ``-r auto`` ends with the model and optimizer state of the run left alone: bit-identical in one
 process (``torch.equal``), and to ``1e-7`` under 2 gloo processes, as the existing mid-epoch resume
-tests of tests/test_distributed.py require. No test waits for wall-clock time: the time budget is
-spent on a fake clock that advances one second per step, and the kill is the worker's own, at a
-given step.
+tests of tests/test_distributed.py require. No test waits for wall-clock time: the signal and the
+kill are the process's own, at a given step.
 """
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from base.base_trainer import RunStopped
 from conftest import assert_states_identical, kill_tree, make_config, with_changes
 from trainer import run
 from trainer.cli import train_command
-from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, parse_duration, spent_in_this_launch
+from utils.dist import launch_context
 from utils.resume import find_resumable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,76 +51,29 @@ def uninterrupted(config):
     return load(models_dir(config, "w") / f"checkpoint-epoch{config['trainer']['epochs']}.pth")
 
 
-@pytest.fixture
-def fake_clock(monkeypatch):
-    """``trainer.hooks``' clock, advanced one second by each read: ``max_time`` of N seconds runs out at step N."""
-    now = [1000.0]
+@contextlib.contextmanager
+def signal_at_step(sig, step):
+    """Send ``sig`` to this process right after the ``step``-th optimizer step (counted from the start of the block)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    def monotonic():
-        now[0] += 1.0
-        return now[0]
+    count = [0]
 
-    monkeypatch.setattr("trainer.hooks.time", types.SimpleNamespace(monotonic=monotonic))
-    return now
+    def hook(opt, args, kwargs):
+        count[0] += 1
+        if count[0] == step:
+            os.kill(os.getpid(), sig)
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def write_config(tmp_path, config):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     return str(path)
-
-
-# ---------------------------------------------------------------- trainer.max_time
-
-
-@pytest.mark.parametrize("value, seconds", [("00:00:00:10", 10), ("01:02:03:04", 93784), ("0:23:59:59", 86399)])
-def test_parse_duration(value, seconds):
-    assert parse_duration(value) == seconds
-
-
-@pytest.mark.parametrize("value", ["00:24:00:00", "00:00:60:00", "10:00", "00:00:00:00", "1d", 5])
-def test_max_time_refuses_what_is_not_a_duration_in_one_line(tmp_path, config, value, capsys):
-    code = train_command(["-c", write_config(tmp_path, config), f"trainer.max_time={json.dumps(value)}"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip()]
-    assert "trainer.max_time" in err and "DD:HH:MM:SS" in err
-    assert not Path(config["trainer"]["save_dir"]).exists()  # nothing written
-
-
-def test_max_time_stops_with_a_resumable_checkpoint_and_its_own_exit_code(tmp_path, config, fake_clock, capsys):
-    reference = uninterrupted(config)
-    path = write_config(tmp_path, with_changes(config, trainer__max_time="00:00:00:15"))
-    code = train_command(["-c", path, "--run-id", "timed", "-r", "auto"])
-    assert code == EXIT_OUT_OF_TIME, capsys.readouterr().err
-    assert code not in (0, 1, 2)
-    folder = models_dir(config, "timed")
-    last = load(folder / "last.pth")
-    assert last["global_step"] == 15 and last["batch_in_epoch"] > 0  # the first step boundary past the budget: mid-epoch
-    assert "out of time" in (Path(config["trainer"]["save_dir"]) / "log/tiny/timed/info.log").read_text()
-
-    # The same command again: each run gets a new budget and continues where the last one stopped.
-    assert train_command(["-c", path, "--run-id", "timed", "-r", "auto"]) == EXIT_OUT_OF_TIME
-    assert load(folder / "last.pth")["global_step"] == 30
-    assert train_command(["-c", path, "--run-id", "timed", "-r", "auto"]) == 0  # 9 steps left of 39: done
-    assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
-    capsys.readouterr()
-    assert train_command(["-c", path, "--run-id", "timed", "-r", "auto"]) == 0  # and again: nothing to do
-    assert "nothing to resume" in capsys.readouterr().err
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert [Path(h["checkpoint"]).name for h in manifest["resume_history"]] == ["last.pth"] * 2
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["timed"]  # one run folder throughout
-
-
-def test_max_time_off_adds_no_step_hook(config):
-    from trainer.hooks import MaxTime, hooks_for, step_hooks
-
-    parts = types.SimpleNamespace(frozen=[], model=None, optimizer=None)
-    fake_run = types.SimpleNamespace(dist=types.SimpleNamespace(is_main=True), writer=None)
-    checked = run.checked_config(config)[0]
-    assert step_hooks(hooks_for(checked, parts, fake_run)) == []
-    timed = run.checked_config(with_changes(config, trainer__max_time="00:01:00:00"))[0]
-    assert [type(h) for h in step_hooks(hooks_for(timed, parts, fake_run))] == [MaxTime]
 
 
 # ---------------------------------------------------------------- -r auto
@@ -250,16 +204,16 @@ def test_auto_resume_logs_the_damaged_file_it_skipped(tmp_path, config):
     assert "last.pth: cannot be read" in log and "skipped" in log
 
 
-def test_cluster_context_reads_slurm_and_torchrun():
+def test_launch_context_reads_slurm_and_torchrun():
     env = {"SLURM_JOB_ID": "123", "SLURM_RESTART_COUNT": "2", "TORCHELASTIC_RESTART_COUNT": "1", "HOME": "/"}
-    assert cluster_context(env) == {"slurm_job_id": "123", "slurm_restart_count": 2, "torchrun_restart_count": 1}
-    assert cluster_context({}) == {}
+    assert launch_context(env) == {"slurm_job_id": "123", "slurm_restart_count": 2, "torchrun_restart_count": 1}
+    assert launch_context({}) == {}
 
 
 # ---------------------------------------------------------------- trainer.val_every_n_steps
 
 
-def test_validation_by_step_writes_a_mid_epoch_best_model_that_resumes_exactly(config, fake_clock):
+def test_validation_by_step_writes_a_mid_epoch_best_model_that_resumes_exactly(config):
     by_step = with_changes(config, trainer__val_every_n_steps=6, trainer__verbosity=1)
     reference = uninterrupted(by_step)
     log = (Path(config["trainer"]["save_dir"]) / "log/whole/w/info.log").read_text()
@@ -267,9 +221,9 @@ def test_validation_by_step_writes_a_mid_epoch_best_model_that_resumes_exactly(c
     steps = [int(line.split("step ")[1].split()[0]) for line in log.splitlines() if "(epoch" in line and ": val_loss" in line]
     assert steps == [6, 12, 18, 24, 30, 36]
 
-    # The first validation always improves (on infinity): out of time at step 7, model_best.pth is step 6's.
-    with pytest.raises(RunStopped):
-        run.train(with_changes(by_step, trainer__max_time="00:00:00:07"), run_id="v")
+    # The first validation always improves (on infinity): stopped by SIGTERM at step 7, model_best.pth is step 6's.
+    with signal_at_step(signal.SIGTERM, 7), pytest.raises(RunStopped):
+        run.train(by_step, run_id="v")
     best = models_dir(config, "v") / "model_best.pth"
     state = load(best)
     assert (state["global_step"], state["batch_in_epoch"], state["epoch"]) == (6, 6, 0)
@@ -303,7 +257,6 @@ LAUNCH_TIMEOUT = 180
 # COUNT_OUT: write how often this rank called utils.dist.max_over_ranks, and after how many steps;
 # KILL_AT_STEP: on the first attempt, rank 1 kills itself with SIGKILL right after that optimizer step;
 # NAN_AT_STEP: rank 1's training loss is NaN at that step;
-# FAKE_CLOCK: trainer.hooks' clock advances one second per read (as the fake_clock fixture: max_time of N s is step N);
 # RANK1_FIRST_ON_RESTART (a file): in a round torchrun restarted, rank 0 joins the process group only once rank 1
 # has begun to (and so looks up rank 0's address in torchrun's store before rank 0 has written this round's).
 DRIVER = """
@@ -344,14 +297,6 @@ if kill_at and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") =
         if self.global_step + 1 == kill_at:  # (counted after the optimizer's step)
             os.kill(os.getpid(), signal.SIGKILL)
     tt.Trainer.optimizer_step = step
-if os.environ.get("FAKE_CLOCK"):
-    import types
-    from trainer import hooks as th
-    clock = [1000.0]
-    def monotonic():
-        clock[0] += 1.0
-        return clock[0]
-    th.time = types.SimpleNamespace(monotonic=monotonic)
 first = os.environ.get("RANK1_FIRST_ON_RESTART")
 if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
     import time
@@ -470,41 +415,39 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     assert load(models / "killed" / "checkpoint-epoch3.pth")["global_step"] == 42
 
 
-@gloo
-@pytest.mark.slow  # ~35 s: four rounds of torchrun workers
-def test_torchrun_does_not_train_on_after_max_time_ran_out(tmp_path, torchrun):
-    """Out of time under torchrun: the workers stop at step 15 with last.pth and exit 75, which torchrun takes for
-    a failure and restarts. The restarted rounds must not train on with a fresh budget: each stops at once (75),
-    without writing anything, until torchrun gives up; the launch ends. The same command again (a new launch,
-    as a requeued job is) continues from step 15 with a new budget."""
-    config = dist_config(tmp_path / "saved", max_time="00:00:00:15", epochs=3)  # 42 steps in all
-    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "timed"), torchrun_args=["--max-restarts=2"],
-                    env={"FAKE_CLOCK": "1"})
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, output[-4000:]
-    folder = tmp_path / "saved" / "models" / "dist_tiny" / "timed"
-    assert load(folder / "last.pth")["global_step"] == 15
-    assert load(folder / "last.pth")["out_of_time"]["round"] == 0
-    assert output.count("out of time: trainer.max_time ran out earlier in this torchrun launch (round 0)") == 2 * WORLD
-    assert "Resumed from" not in output  # the restarted rounds trained nothing
-    assert json.loads((folder / "manifest.json").read_text())["resume_history"] == []  # and wrote nothing
-
-    again = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "timed"), torchrun_args=["--max-restarts=0"],
-                     env={"FAKE_CLOCK": "1"})
-    assert "Resumed from epoch 1, batch 1, step 15" in again.stdout + again.stderr, (again.stdout + again.stderr)[-4000:]
-    assert load(folder / "last.pth")["global_step"] == 30
+# ---------------------------------------------------------------- a hook's stop, SLURM's warning signal
 
 
-def test_spent_in_this_launch_needs_the_same_launch_and_a_later_round():
-    state = {"out_of_time": {"torchrun_run_id": "job7", "round": 0}}
-    assert spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "1"})
-    assert not spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "0"})  # requeued
-    assert not spent_in_this_launch(state, {"TORCHELASTIC_RUN_ID": "other", "TORCHELASTIC_RESTART_COUNT": "1"})
-    assert not spent_in_this_launch(state, {})  # plain python train.py
-    assert not spent_in_this_launch({"out_of_time": None}, {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "1"})
+def test_a_hook_stops_the_run_with_its_own_exit_code_and_a_resumable_checkpoint(config, monkeypatch):
+    """A hook asks the run to stop (trainer.ask_to_stop, as parts/max_time.py does): last.pth after that step, the
+    hook's exit code, and the checkpoint says why it was written; -r auto then ends as the run left alone."""
+    import trainer.trainer as trainer_module
+    from trainer.hooks import Hook, hooks_for
+
+    class StopAtStep17(Hook):
+        def after_step(self, trainer, epoch, batch_idx):
+            if trainer.global_step == 17:
+                trainer.ask_to_stop(42, "as the test asked")
+
+    reference = uninterrupted(config)
+    monkeypatch.setattr(trainer_module, "hooks_for", lambda *a: [*hooks_for(*a), StopAtStep17()])
+    with pytest.raises(RunStopped) as stopped:
+        run.train(config, run_id="asked")
+    monkeypatch.undo()
+    assert stopped.value.exit_code == 42 and "as the test asked" in str(stopped.value)
+    folder = models_dir(config, "asked")
+    last = load(folder / "last.pth")
+    assert last["global_step"] == 17 and last["stopped_by"] == {"exit_code": 42, "why": "as the test asked"}
+    run.train(config, resume="auto", run_id="asked")
+    assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
 
 
-# ---------------------------------------------------------------- SLURM's warning signal and the batch script
+def test_a_stop_agreed_on_under_torchrun_is_known_by_its_exit_code():
+    """A process that did not see the stop itself learns only its exit code: a signal's is named, a hook's is not."""
+    from base.base_trainer import Stop
+
+    assert Stop.agreed(128 + signal.SIGTERM) == Stop(143, "by SIGTERM")
+    assert Stop.agreed(75) == Stop(75, "as another process asked (exit code 75)")
 
 
 def test_sigusr1_stops_with_a_resumable_checkpoint_and_exit_138(config):
@@ -533,14 +476,3 @@ def test_sigusr1_stops_with_a_resumable_checkpoint_and_exit_138(config):
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler is gone after the run
     run.train(config, resume="auto", run_id="warned")
     assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
-
-
-def test_the_batch_script_requeues_and_resumes_automatically():
-    script = REPO / "slurm" / "train.sbatch"
-    text = script.read_text()
-    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120"):
-        assert line in text.splitlines()
-    assert '--run-id "$SLURM_JOB_ID" -r auto' in text and '--rdzv_id="$SLURM_JOB_ID"' in text
-    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in text
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in text
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0

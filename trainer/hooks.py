@@ -21,17 +21,18 @@ A hook overrides the moments it needs; each is a no-op by default:
   checkpoint. Loading runs before the model and optimizer are restored, because a hook may
   change the optimizer's parameter groups.
 
+A hook may end the run early: ``trainer.ask_to_stop(exit_code, why)`` stops it after the step with a
+resumable ``last.pth`` and that exit code, as a signal does (see base/base_trainer.py).
+
 To add a feature: write a :class:`Hook`, and add it in :func:`hooks_for` when its config key is on.
 """
 
 import contextlib
 import json
 import os
-import time
 
 import torch
 
-from utils.cluster import OUT_OF_TIME, parse_duration
 from utils.config import PROFILE_DEFAULTS, settings_of
 
 
@@ -74,8 +75,6 @@ def hooks_for(config, parts, run):
         hooks.append(StepValidation(cfg["val_every_n_steps"]))
     if cfg["save_every_n_steps"]:
         hooks.append(StepCheckpoint(cfg["save_every_n_steps"]))
-    if cfg["max_time"]:
-        hooks.append(MaxTime(parse_duration(cfg["max_time"])))
     if run.dist.is_main and run.writer and (cfg["log_images"] or cfg["histogram_every"]):
         hooks.append(EpochVisuals(cfg["log_images"], cfg["histogram_every"], cfg["activation_histograms"]))
     if cfg["profile"] and not cfg["fast_dev_run"]:  # fast_dev_run writes nothing, a trace included
@@ -203,21 +202,6 @@ class StudyReport(Hook):
             trainer.finished, trainer.pruned_at = True, epoch
             trainer.logger.info(f"{trainer.monitor_key} {result[trainer.monitor_key]:.6g} at epoch {epoch}: the"
                                 " study's pruner stops this trial")
-
-
-class MaxTime(Hook):
-    """``trainer.max_time``: once this wall-clock budget (counted from the start of training) is spent, stop after
-    the step with a resumable ``last.pth`` and exit code 75 (see utils/cluster.py). One clock read per step."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
-
-    def after_step(self, trainer, epoch, batch_idx):
-        if trainer.stop_signal is None and time.monotonic() >= self.deadline:
-            trainer.stop_signal = OUT_OF_TIME
-            trainer.logger.warning(f"trainer.max_time ({trainer.config['trainer']['max_time']}) is spent: stopping"
-                                   + (" when the processes next agree" if trainer.distributed else ""))
 
 
 class EpochVisuals(Hook):

@@ -28,7 +28,7 @@ import torch
 from base.base_trainer import Parts, Run, RunStopped
 from trainer import build, tuning
 from utils import dist
-from utils.cluster import EXIT_OUT_OF_TIME, cluster_context, spent_in_this_launch
+from utils import parts as optional_parts
 from utils.config import ConfigError, check_path_component, flatten, validate_config
 from utils.errors import UserError
 from utils.io import load_checkpoint, remove_stale_temp_files, write_json
@@ -105,7 +105,7 @@ def starting_point(config, resume, run_id, overwrite):
 
     Raises:
         UserError: a problem in the config or the checkpoint (all of them at once).
-        RunStopped: the checkpoint's run is over (exit code 0), or out of time in this torchrun launch.
+        RunStopped: the checkpoint's run is over (exit code 0), or a part's check_resume refused it.
     """
     skipped = []
     if resume == AUTO:  # the run's newest resumable checkpoint, continued in place; or the run started
@@ -116,10 +116,8 @@ def starting_point(config, resume, run_id, overwrite):
     config, changes = checked_config(config, state)
     if state is not None and state.get("stopped_early") and (done := run_is_finished(state, config)):
         raise RunStopped(f"{resume}: nothing to resume: {done}", exit_code=0)  # -r CKPT of an early-stopped run
-    if spent_in_this_launch(state):  # torchrun restarted workers that ran out of time: end, don't train on
-        raise RunStopped(f"{resume}: out of time: trainer.max_time ran out earlier in this torchrun launch (round"
-                         f" {state['out_of_time']['round']}); stopping at once so that the launch ends. Run the"
-                         " command again for a new budget", exit_code=EXIT_OUT_OF_TIME)
+    if state is not None:  # a part may refuse to train on from it in this launch (RunStopped; utils/parts.py)
+        optional_parts.call_each(config, "check_resume", state, resume)
     return Start(config, state, resume, run_id, overwrite, changes, skipped)
 
 
@@ -447,9 +445,9 @@ def manifest(run, config, argv, resume, previous=None):
         tv = None
     history = list((previous or {}).get("resume_history", []))
     if resume:
-        # (under SLURM or torchrun also the job id and how often it was requeued or restarted: utils/cluster.py)
+        # (under SLURM or torchrun also the job id and how often it was requeued or restarted: utils/dist.py)
         history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": str(resume), "command": argv,
-                        **cluster_context()})
+                        **dist.launch_context()})
     return {
         "run_id": run.run_id,
         "command": (previous or {}).get("command", argv) if resume else argv,

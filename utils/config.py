@@ -15,7 +15,6 @@ import types
 import typing
 from pathlib import Path
 
-from utils.cluster import duration_string
 from logger.trackers import check_loggers
 from utils import parts
 from utils.errors import ConfigError, UserError
@@ -794,7 +793,6 @@ TRAINER_SCHEMA = {
     "compile": (boolean, False),
     "len_epoch": (optional(positive_int), None),
     "max_steps": (optional(positive_int), None),
-    "max_time": (optional(duration_string), None),  # "DD:HH:MM:SS": stop with a resumable last.pth, exit 75
     "val_every_n_steps": (optional(positive_int), None),  # validate (monitor, early stop, model_best) by step
     "skip_nonfinite": (boolean, False),
     "deterministic": (boolean, False),

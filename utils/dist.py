@@ -1,4 +1,5 @@
-"""Running under ``torchrun``: process-group set-up and the few collective helpers the run needs.
+"""Running under ``torchrun``: process-group set-up, the few collective helpers the run needs, and what the
+launcher says of the launch (:func:`torchrun_round`, :func:`launch_context`).
 
 Without torchrun (no ``WORLD_SIZE`` in the environment) every function here is a
 no-op for a single process, so the same ``train.py`` serves both.
@@ -28,6 +29,33 @@ class DistInfo:
 
 def launched_by_torchrun():
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def torchrun_round(environ=None):
+    """``(run id, restart count)`` of the torchrun launch this process belongs to, or None outside torchrun.
+
+    The run id is torchrun's ``--rdzv-id`` (a fresh one per launch with ``--standalone``; the job id
+    in slurm/train.sbatch); the count is how often this launch restarted its workers.
+    """
+    environ = os.environ if environ is None else environ
+    run_id, count = environ.get("TORCHELASTIC_RUN_ID"), environ.get("TORCHELASTIC_RESTART_COUNT")
+    if run_id is None or count is None or not count.isdigit():
+        return None
+    return run_id, int(count)
+
+
+def launch_context(environ=None):
+    """Where this process runs, for the manifest's resume history: the SLURM job and how often it was requeued,
+    and how often torchrun restarted its workers; only the values that are set."""
+    environ = os.environ if environ is None else environ
+    keys = {"SLURM_JOB_ID": "slurm_job_id", "SLURM_RESTART_COUNT": "slurm_restart_count",
+            "TORCHELASTIC_RESTART_COUNT": "torchrun_restart_count"}
+    context = {}
+    for variable, key in keys.items():
+        value = environ.get(variable)
+        if value is not None:
+            context[key] = int(value) if value.isdigit() and key != "slurm_job_id" else value
+    return context
 
 
 # How many times this process has initialised the process group (see :func:`_init_group`).

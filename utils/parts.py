@@ -16,6 +16,9 @@ What a part's module may define (each is optional; the core calls what is there)
 - ``prepare(config, parts)``: change the built components before the dry batch (debug modes; a metric only
   validation scores, in ``parts.valid_metric_fns``), or refuse them with a one-line ConfigError.
 - ``hooks(config, parts, run) -> list``: the :class:`trainer.hooks.Hook` objects it adds to a run.
+- ``check_resume(state, checkpoint)``: before a run continues the checkpoint ``state`` (read from
+  ``checkpoint``), nothing written yet: raise :class:`base.base_trainer.RunStopped` when this launch
+  must not train on from it (max_time: a torchrun round restarted after the budget ran out).
 - ``LOADERS`` / ``MODELS`` / ``METRICS``: ``{name: class}`` for the names in ``loaders``;
   ``model(name)`` / ``metric(name)`` for the prefixes in ``archs`` / ``metrics`` (None if unknown).
 - ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/visualization.py).
@@ -30,7 +33,7 @@ from utils.errors import ConfigError
 
 @dataclass(frozen=True)
 class Part:
-    module: str  # imported when a config uses the part
+    module: str  # imported when a config uses the part; None for a part no config names (a batch script)
     about: str  # one line: what it does (the README's table, and the message when its files are gone)
     files: tuple  # what deleting the part removes: its code, command, configs and tests
     keys: tuple = ()  # config keys it owns, dotted ("trainer.ema")
@@ -56,6 +59,13 @@ PARTS = {
                       files=("parts/confusion.py", "tests/parts/test_confusion.py"), keys=("trainer.confusion_matrix",)),
     "timm": Part("parts.timm_models", "timm models by name, built without downloading weights",
                  files=("parts/timm_models.py", "tests/parts/test_timm.py"), archs=("timm.",)),
+    "max_time": Part("parts.max_time", "trainer.max_time: a wall-clock budget, after which the run stops with a resumable"
+                     " last.pth and exit code 75", files=("parts/max_time.py", "tests/parts/test_max_time.py"),
+                     keys=("trainer.max_time",)),
+    "slurm": Part(None, "slurm/train.sbatch: training on SLURM, requeued after the time-limit warning (SIGUSR1, a stop"
+                  " signal of the core) and resumed with -r auto",
+                  files=("slurm/train.sbatch", "tests/parts/test_slurm.py", "tests/parts/slurm/start_slurm.sh",
+                         "tests/parts/slurm/train_held.py")),
 }
 
 

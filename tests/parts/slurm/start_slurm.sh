@@ -1,8 +1,8 @@
 #!/bin/bash
-# A one-node SLURM cluster on this machine, for tests/test_slurm.py: munge, slurmctld and slurmd on localhost.
+# A one-node SLURM cluster on this machine, for tests/parts/test_slurm.py: munge, slurmctld and slurmd on localhost.
 #
-#   sudo tests/slurm/start_slurm.sh [DIR]     # start (installing Debian's slurm-wlm and munge if missing)
-#   sudo tests/slurm/start_slurm.sh --stop [DIR]
+#   sudo tests/parts/slurm/start_slurm.sh [DIR]     # start (installing Debian's slurm-wlm and munge if missing)
+#   sudo tests/parts/slurm/start_slurm.sh --stop [DIR]
 #
 # DIR (default /tmp/slurm-test) holds slurm.conf, the daemons' state, pid and log files. On success the last
 # line printed is `export SLURM_CONF=DIR/slurm.conf`: the slurm commands (sbatch, scontrol, ...) need it.
@@ -64,7 +64,7 @@ CPUS=$(nproc)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 
 cat > "$CONF" <<EOF
-# Written by tests/slurm/start_slurm.sh: one node, this machine.
+# Written by tests/parts/slurm/start_slurm.sh: one node, this machine.
 ClusterName=localtest
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root

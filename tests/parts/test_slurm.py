@@ -1,15 +1,16 @@
-"""slurm/train.sbatch against a real one-node SLURM cluster (issue 14): warned, requeued, resumed, finished.
+"""The SLURM part (slurm/train.sbatch): the script's requeue and resume lines, and the script against a real
+one-node SLURM cluster (issue 14): warned, requeued, resumed, finished.
 
-Needs root and a cluster started by tests/slurm/start_slurm.sh (``make test-slurm`` does both, installing
-Debian's slurm-wlm and munge where they are missing); ``make test`` skips it, saying why. It takes about a
-minute per case.
+The cluster test needs root and a cluster started by tests/parts/slurm/start_slurm.sh (``make test-slurm`` does
+both, installing Debian's slurm-wlm and munge where they are missing); ``make test`` skips it, saying why. It takes
+about a minute per case.
 
 Each case submits two jobs of the same tiny CPU config (3 epochs): one left alone, and one that SLURM warns
 (``scancel --signal=USR1 --batch``, what ``--signal=B:USR1@120`` sends before the time limit) after step 20.
 The warned job must write ``last.pth`` at step 20, requeue itself, start again as the same job (``Restarts=1``),
 continue with ``-r auto`` in the same run folder and TensorBoard run, and end with the model and optimizer
 state of the job left alone: bit-identical (``torch.equal``), since the data order is a function of the seed
-and the epoch. The warned job waits at step 20 until the signal has reached it (tests/slurm/train_held.py),
+and the epoch. The warned job waits at step 20 until the signal has reached it (tests/parts/slurm/train_held.py),
 so where it stops does not depend on the machine's speed.
 
 SLURM holds a requeued job until the credential of its first start has expired on the node (two minutes by
@@ -33,7 +34,7 @@ import torch
 
 from conftest import assert_states_identical
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOLD_AT_STEP = 20
 EPOCHS = 3
 JOB_TIMEOUT_S = 600  # for each wait on the cluster: generous, the machine is shared
@@ -59,7 +60,7 @@ def _not_ready():
 
 
 _REASON = _not_ready()
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+needs_the_cluster = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 def load(path):
@@ -110,6 +111,19 @@ def submit(tmp, config_path, nproc, label, **env):
     return out.stdout.strip().split(";")[0]
 
 
+def test_the_batch_script_requeues_and_resumes_automatically():
+    script = REPO / "slurm" / "train.sbatch"
+    text = script.read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120"):
+        assert line in text.splitlines()
+    assert '--run-id "$SLURM_JOB_ID" -r auto' in text and '--rdzv_id="$SLURM_JOB_ID"' in text
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in text
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+@pytest.mark.slurm
+@needs_the_cluster
 @pytest.mark.parametrize("nproc", [2, 1], ids=["2-processes", "1-process"])
 def test_a_warned_job_requeues_itself_resumes_and_ends_as_if_left_alone(tmp_path, nproc):
     from tests.test_distributed import NAME, tiny_config
@@ -121,7 +135,7 @@ def test_a_warned_job_requeues_itself_resumes_and_ends_as_if_left_alone(tmp_path
 
     alone = submit(tmp_path, config_path, nproc, "alone")
     reached = tmp_path / "held"
-    warned = submit(tmp_path, config_path, nproc, "warned", TRAIN_SCRIPT=str(REPO / "tests/slurm/train_held.py"),
+    warned = submit(tmp_path, config_path, nproc, "warned", TRAIN_SCRIPT=str(REPO / "tests/parts/slurm/train_held.py"),
                     HOLD_AT_STEP=str(HOLD_AT_STEP), HOLD_REACHED=str(reached))
 
     wait_for(reached.exists, f"job {warned} to reach step {HOLD_AT_STEP}")
