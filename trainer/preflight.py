@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from utils.config import logger_entries
 from utils.errors import ConfigError, UserError
 from utils.seed import rng_state, set_rng_state
 
@@ -85,10 +86,9 @@ def check_confusion_plan(config, parts):
     if parts.valid_data_loader is None:
         raise ConfigError("trainer.confusion_matrix: it is counted over the validation split, and this run holds"
                           " none out; set data_loader.args.validation_split, or leave the matrix off")
-    loggers = [item if isinstance(item, str) else item.get("type") for item in cfg["loggers"]]
-    if not cfg["tensorboard"] or "tensorboard" not in loggers:
+    if "tensorboard" not in dict(logger_entries(cfg)):
         raise ConfigError("trainer.confusion_matrix: it is logged as a TensorBoard image, and TensorBoard is off in"
-                          ' this run (trainer.tensorboard, trainer.loggers); add "tensorboard", or leave the matrix off')
+                          ' this run (trainer.loggers); add "tensorboard", or leave the matrix off')
 
 
 def check_plan(config, parts):

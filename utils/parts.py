@@ -41,6 +41,10 @@ class Part:
 PARTS = {
     "ema": Part("parts.ema", "an exponential moving average of the weights, scored and saved beside them",
                 files=("parts/ema.py", "tests/parts/test_ema.py"), keys=("trainer.ema",)),
+    "csv_logger": Part("parts.csv_logger", "every logged value as a row of metrics.csv in the run's log folder",
+                       files=("parts/csv_logger.py", "tests/parts/test_csv_logger.py"), loggers=("csv",)),
+    "mlflow_logger": Part("parts.mlflow_logger", "the run as an MLflow run: params, metric histories, artifacts",
+                          files=("parts/mlflow_logger.py", "tests/parts/test_mlflow_logger.py"), loggers=("mlflow",)),
 }
 
 
@@ -106,8 +110,11 @@ def modules(config):
 
 
 def provider(kind, name):
-    """The class a part provides under ``name`` (``kind``: "loaders", "archs" or "metrics"), or None."""
+    """The class a part provides under ``name`` (``kind``: "loaders", "archs" or "metrics"), or None;
+    for ``kind`` "loggers", the ``writer`` function of the part whose logger ``name`` is."""
     for part_name, part in PARTS.items():
+        if kind == "loggers" and name in part.loggers:
+            return load(part_name).writer
         if kind == "loaders" and name in part.loaders:
             return load(part_name).LOADERS[name]
         if kind == "archs" and any(name.startswith(p) for p in part.archs):
