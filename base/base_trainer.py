@@ -91,7 +91,7 @@ class Parts:
 
 @dataclass
 class Run:
-    """Where a run lives and how it reports: its id and folders, logger, TensorBoard writer, process group.
+    """Where a run lives and how it reports: its id and folders, logger, writer (logger/visualization.py), process group.
 
     ``resumed_from`` is the checkpoint the run continues from (None for a new run);
     ``keep_last`` never deletes it. ``branched_from`` describes the run folder it came from
@@ -244,8 +244,7 @@ class BaseTrainer:
             "rng": rng_state(),
         }
         state.update(self.extra_state())
-        if hasattr(self.writer, "checkpoint_state"):  # tracker run ids, for a resume to continue them (logger/trackers.py)
-            state["trackers"] = self.writer.checkpoint_state()
+        state["trackers"] = self.writer.checkpoint_state()  # the loggers' run ids, for a resume to continue them
         return state
 
     def extra_state(self):

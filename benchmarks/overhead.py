@@ -723,7 +723,7 @@ def main(argv=None):
     global LOGGERS, LOGGERS_B
     LOGGERS = [name.strip() for name in args.loggers.split(",")] if args.loggers else None
     LOGGERS_B = [name.strip() for name in args.ab_loggers.split(",")] if args.ab_loggers else None
-    from logger.trackers import check_loggers
+    from utils.config import check_loggers
 
     for flag, names in (("--loggers", LOGGERS), ("--ab-loggers", LOGGERS_B)):
         if names and (wanted := check_loggers(names)):  # the config's own check, before anything runs

@@ -3,7 +3,7 @@
 A part (utils/parts.py): delete this file and tests/parts/test_confusion.py, and runs without
 ``trainer.confusion_matrix`` train as before. In a config::
 
-    "trainer": {"confusion_matrix": true, "tensorboard": true}
+    "trainer": {"confusion_matrix": true}
 
 Promises:
 
@@ -36,9 +36,9 @@ def check(config):
     problems = []
     loggers = cfg.get("loggers") if isinstance(cfg.get("loggers"), list) else []
     names = [item if isinstance(item, str) else item.get("type") for item in loggers if isinstance(item, (str, dict))]
-    if not cfg.get("tensorboard") or "tensorboard" not in names:
+    if "tensorboard" not in names:
         problems.append("trainer.confusion_matrix: it is logged as a TensorBoard image, and TensorBoard is off in this"
-                        ' run (trainer.tensorboard, trainer.loggers); add "tensorboard", or leave the matrix off')
+                        ' run (trainer.loggers); add "tensorboard", or leave the matrix off')
     metrics = config.get("metrics") if isinstance(config.get("metrics"), list) else []
     if any(isinstance(m, (str, dict)) and metric_name(m) == NAME for m in metrics):
         problems.append(f"metrics: the name {NAME!r} is taken by trainer.confusion_matrix; give the entry its own"

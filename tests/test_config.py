@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer import cli, run
 from conftest import make_config, with_changes
 from trainer.build import registries
-from utils.config import load_config, validate_config
+from utils.config import load_config, saved_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted([ROOT / "config.json", *(ROOT / "configs").iterdir()])
@@ -56,6 +57,17 @@ BAD = {
     "fp16 on cpu": (dict(trainer__amp="fp16"), ['trainer.amp: "fp16" needs a CUDA device']),
     "missing required": (dict(arch=None), ["arch: missing (this key is required)"]),
     "section not an object": (dict(optimizer="SGD"), ['optimizer: expected {"type": NAME, "args": {...}}, got "SGD"']),
+    "unknown logger": (dict(trainer__loggers=["mlflw"]), [
+        'trainer.loggers: got ["mlflw"], expected a list of "tensorboard", "csv", "mlflow" or {"type": NAME, "args":'
+        " {...}} ('mlflw' is none of them; did you mean 'mlflow'?)"]),
+    "loggers not a list": (dict(trainer__loggers="tensorboard"), ['trainer.loggers: got "tensorboard", expected a list']),
+    "tensorboard takes no args": (dict(trainer__loggers=[{"type": "tensorboard", "args": {"dir": "x"}}]),
+                                  ["(tensorboard takes no args)"]),
+    "tensorboard false, loggers name it": (dict(trainer__loggers=["tensorboard"]), [
+        'trainer.tensorboard: false, but trainer.loggers ["tensorboard"] names "tensorboard"; the two say the same'
+        " thing: keep trainer.loggers alone"]),
+    "tensorboard true, loggers leave it out": (dict(trainer__tensorboard=True, trainer__loggers=[]), [
+        'trainer.tensorboard: true, but trainer.loggers [] leaves "tensorboard" out']),
 }
 
 
@@ -78,6 +90,49 @@ def test_all_problems_reported_at_once(tmp_path, capsys):
     code, lines = run_cli(tmp_path, capsys, config)
     assert code == 2 and len(lines) == 3, lines
     assert [line.split(":")[1].strip() for line in lines] == ["trainer.epoch", "optimizer.type", "metrics"]
+
+
+@pytest.mark.parametrize("trainer,loggers", [
+    ({}, ["tensorboard"]),  # the default
+    ({"tensorboard": True}, ["tensorboard"]),
+    ({"tensorboard": False}, []),
+    ({"tensorboard": True, "loggers": ["tensorboard"]}, ["tensorboard"]),  # a pair that agrees
+    ({"tensorboard": False, "loggers": []}, []),
+    ({"loggers": []}, []),
+])
+def test_trainer_tensorboard_is_resolved_into_loggers(trainer, loggers, tmp_path):
+    config = make_config(tmp_path / "saved")
+    del config["trainer"]["tensorboard"]
+    config["trainer"].update(trainer)
+    checked = validate_config(config, registries())["trainer"]
+    assert checked["loggers"] == loggers and "tensorboard" not in checked  # the rest of the code reads loggers alone
+
+
+def test_a_checkpoint_of_an_older_version_resumes_with_its_loggers(tmp_path):
+    # Before trainer.tensorboard was an alias, a checkpoint's config held both keys, and TensorBoard was on where
+    # both said so: "tensorboard": false beside the default loggers, say, which this version refuses in a config.
+    config = make_config(tmp_path / "saved", epochs=1)
+    run.train(config, run_id="old")
+    folder = tmp_path / "saved/models/tiny/old"
+    state = torch.load(folder / "checkpoint-epoch1.pth", weights_only=True)
+    state["config"]["trainer"].update(tensorboard=False, loggers=["tensorboard"])
+    torch.save(state, folder / "checkpoint-epoch1.pth")
+    assert cli.train_command(["-r", str(folder / "checkpoint-epoch1.pth"), "trainer.epochs=2"]) == 0
+    assert torch.load(folder / "checkpoint-epoch2.pth", weights_only=True)["epoch"] == 2
+    assert json.loads((folder / "config.json").read_text())["trainer"]["loggers"] == []
+    assert not list((tmp_path / "saved/log/tiny/old").glob("events.out.tfevents*"))
+    assert saved_config({"trainer": {"tensorboard": True, "loggers": ["csv"]}}) == {"trainer": {"loggers": ["csv"]}}
+
+
+def test_a_logger_whose_part_was_deleted_is_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "parts.csv_logger" else real(name, *a))
+    code, lines = run_cli(tmp_path, capsys, make_config(tmp_path / "saved", loggers=["csv"]))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: trainer.loggers csv: needs the csv_logger part") and "parts/csv_logger.py" in lines[0]
+    assert not (tmp_path / "saved").exists()
 
 
 @pytest.mark.parametrize("text,want", [("{\"name\": ", "not valid JSON at line 1"), ("[1, 2]", "must be a mapping")])

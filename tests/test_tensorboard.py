@@ -30,6 +30,7 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader  # noqa: E402
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # noqa: E402
 
+from logger.visualization import TensorboardWriter, Writer, WriterContext, Writers, open_writer  # noqa: E402
 from trainer.run import train as main  # noqa: E402
 
 LOG_EVERY = 2
@@ -292,6 +293,64 @@ def test_resume_from_an_earlier_checkpoint_drops_the_orphaned_steps(tmp_path):
     assert math.isclose(acc.Scalars("epoch/loss")[-1].value, resumed["loss"], rel_tol=1e-6)
     assert steps_of(acc, "train/loss") == list(range(LOG_EVERY, 3 * STEPS_PER_EPOCH + 1, LOG_EVERY))
     assert [h.step for h in acc.Histograms("activations/net.1")] == [8, 16, 24]
+
+
+# --------------------------------------------------------------------------- the writer (logger/visualization.py)
+
+
+class Recorder(Writer):
+    """A logger of one's own: it records what it is given, and keeps a run id in checkpoints."""
+
+    def __init__(self, name):
+        self.name, self.calls = name, []
+
+    def add_scalar(self, tag, value, step):
+        self.calls.append(("scalar", tag, value, step))
+
+    def add_images(self, tag, images, step):
+        self.calls.append(("images", tag, step))
+
+    def add_hparams(self, hparams, metrics):
+        self.calls.append(("hparams", hparams, metrics))
+
+    def checkpoint_state(self):
+        return {self.name: {"run_id": self.name + "-1"}}
+
+    def run_ids(self):
+        return {self.name: self.name + "-1"}
+
+
+def test_writers_hand_each_call_to_every_logger():
+    import torch
+
+    one, two = Recorder("one"), Recorder("two")
+    writer = Writers([one, two])
+    assert writer and not Writers([])
+    writer.add_scalar("train/loss", 0.5, 3)
+    writer.add_scalars({"loss": 1.0}, 4, prefix="epoch/")
+    writer.add_histogram("params/w", torch.zeros(3), 4)  # neither takes histograms: the base class does nothing
+    writer.add_images("inputs", torch.zeros(1, 1, 2, 2), 4)
+    writer.add_hparams({"lr": 0.1}, {"hparam/loss": 1.0})
+    assert one.calls == two.calls == [("scalar", "train/loss", 0.5, 3), ("scalar", "epoch/loss", 1.0, 4),
+                                      ("images", "inputs", 4), ("hparams", {"lr": 0.1}, {"hparam/loss": 1.0})]
+    assert writer.checkpoint_state() == {"one": {"run_id": "one-1"}, "two": {"run_id": "two-1"}}
+    assert writer.run_ids() == {"one": "one-1", "two": "two-1"}
+    assert Writer().checkpoint_state() == {} and Writer().run_ids() == {}
+    writer.close()
+    assert not writer
+
+
+def test_the_writer_a_run_gets(tmp_path):
+    context = WriterContext({"trainer": {"loggers": ["tensorboard"]}}, tmp_path, "r")
+    writer = open_writer(context.config, context)
+    assert isinstance(writer, TensorboardWriter) and writer  # one logger: itself, no fan-out in between
+    writer.close()
+    assert isinstance(open_writer(context.config, context, enabled=False), Writers)  # a process that does not log
+    assert not open_writer(context.config, context, enabled=False)
+    nothing = WriterContext({"trainer": {"loggers": []}}, tmp_path, "r")
+    assert not open_writer(nothing.config, nothing)
+    assert context.saved("mlflow") == {}
+    assert WriterContext({}, tmp_path, "r", state={"trackers": {"mlflow": {"run_id": "x"}}}).saved("mlflow") == {"run_id": "x"}
 
 
 # --------------------------------------------------------------------------- a real tensorboard server

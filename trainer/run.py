@@ -5,7 +5,7 @@
 1. check the config (the checkpoint's too when resuming): nothing is written before this passes;
 2. pick the device and join the process group (torchrun);
 3. build the components and check them against each other, the dry batch last (:func:`checked_parts`);
-4. open the run: its folders, logging and TensorBoard writer (:func:`open_run`);
+4. open the run: its folders, logging and writer (TensorBoard and the other loggers: :func:`open_run`);
 5. construct the :class:`~trainer.trainer.Trainer`, restore it when resuming, write the manifest
    (:func:`begin`), train, and close with the end block (:func:`end`).
 
@@ -29,7 +29,7 @@ from base.base_trainer import Parts, Run, RunStopped
 from trainer import build, tuning
 from utils import dist
 from utils import parts as optional_parts
-from utils.config import ConfigError, check_path_component, flatten, validate_config
+from utils.config import ConfigError, check_path_component, flatten, logger_entries, validate_config
 from utils.errors import UserError
 from utils.io import load_checkpoint, remove_stale_temp_files, write_json
 from utils.resume import (AUTO, apply_resume_changes, batch_split, carry_data_args, check_resume_changes, find_resumable,
@@ -312,15 +312,14 @@ def agree_on_run(config, run_id, resume, info, state=None, overwrite=False):
 
 
 def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=False):
-    """Create the run's folders (rank 0), set up logging and the TensorBoard writer; returns a :class:`Run`.
+    """Create the run's folders (rank 0), set up logging and the writer of ``trainer.loggers``; returns a :class:`Run`.
 
-    When resuming in place, TensorBoard drops the events the interrupted run wrote after its checkpoint.
+    When resuming in place, the loggers drop what the interrupted run logged after its checkpoint.
     """
     from logger.logger import setup_logging
-    from logger.trackers import build_writer, check_installed
+    from logger.visualization import WriterContext, open_writer
 
     cfg, info = config["trainer"], info or dist.DistInfo()
-    check_installed(cfg)  # a tracker's missing package: exit 2 before anything is written
     run_id, checkpoint_dir, log_dir, branched_from = agree_on_run(config, run_id, resume, info, state, overwrite)
     writes = info.is_main and not cfg["fast_dev_run"]  # a fast_dev_run creates no folder and writes no file
     if writes:
@@ -333,8 +332,8 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
                             f"{err.strerror or err}; choose a folder you can write to") from None
     logger = setup_logging(log_dir if writes else None, cfg["verbosity"] if info.is_main else 0)
     purge = state["global_step"] + 1 if state else 0 if overwrite else None  # (a restart drops the try before's)
-    # TensorBoard, metrics.csv, MLflow, ... as trainer.loggers names them (logger/trackers.py)
-    writer = build_writer(config, log_dir, writes, state, purge, run_id, branched_from is not None, logger)
+    context = WriterContext(config, log_dir, run_id, state, purge, branched_from is not None, logger)
+    writer = open_writer(config, context, enabled=writes)  # TensorBoard, metrics.csv, MLflow, ... (trainer.loggers)
     return Run(run_id=run_id, checkpoint_dir=checkpoint_dir, log_dir=log_dir, logger=logger, writer=writer,
                dist=info, resumed_from=resume, branched_from=branched_from)
 
@@ -406,8 +405,9 @@ def write_run_files(run, config, argv, resume, batch_changes=()):
     changed before the resumed checkpoint (its own record), kept in the manifest.
     """
     if config["trainer"]["fast_dev_run"]:
+        loggers = ", ".join(name for name, _ in logger_entries(config["trainer"]))
         run.logger.info(f"fast_dev_run: would write config.json and manifest.json to {run.checkpoint_dir}, and"
-                        f" info.log{' and TensorBoard events' if config['trainer']['tensorboard'] else ''} to {run.log_dir}")
+                        f" info.log{' and the files of ' + loggers if loggers else ''} to {run.log_dir}")
         return
     manifest_path = run.checkpoint_dir / "manifest.json"
     previous = _read_manifest(manifest_path) if resume else None
@@ -457,7 +457,7 @@ def manifest(run, config, argv, resume, previous=None):
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": tv,
                      "cuda": torch.version.cuda},
         "resume_history": history,
-        "trackers": run.writer.run_ids() if hasattr(run.writer, "run_ids") else {},  # e.g. {"mlflow": RUN_ID}
+        "trackers": run.writer.run_ids(),  # e.g. {"mlflow": RUN_ID}
     }
 
 

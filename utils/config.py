@@ -15,7 +15,6 @@ import types
 import typing
 from pathlib import Path
 
-from logger.trackers import check_loggers
 from utils import parts
 from utils.errors import ConfigError, UserError
 
@@ -768,6 +767,77 @@ def settings_of(value, defaults):
     return {**defaults, **(value if isinstance(value, dict) else {})}
 
 
+CORE_LOGGERS = ("tensorboard",)  # the trainer.loggers name the core writes itself (logger/visualization.py)
+
+
+def logger_names():
+    """Every name ``trainer.loggers`` may hold: the core's, then the optional parts' (utils/parts.py)."""
+    return [*CORE_LOGGERS, *(name for part in parts.PARTS.values() for name in part.loggers)]
+
+
+def check_loggers(value):
+    """Config check of ``trainer.loggers``: None when valid, else what was expected (one line).
+
+    The form and the names; a part checks its own logger's ``args`` (its ``check(config)``).
+    """
+    names = logger_names()
+    wanted = f'a list of {", ".join(json.dumps(n) for n in names)} or {{"type": NAME, "args": {{...}}}}'
+    if not isinstance(value, list):
+        return wanted
+    for item in value:
+        name = item.get("type") if isinstance(item, dict) else item
+        if not isinstance(name, str):
+            return wanted
+        if name not in names:
+            return f"{wanted} ({name!r} is none of them{did_you_mean(name, names)})"
+        if isinstance(item, dict):
+            args = item.get("args") or {}
+            if set(item) - {"type", "args"} or not isinstance(args, dict):
+                return f'{wanted} ({name}: only "type" and "args", a mapping)'
+            if name in CORE_LOGGERS and args:
+                return f"{wanted} ({name} takes no args)"
+    return None
+
+
+def logger_entries(trainer):
+    """``[(name, args)]`` of a checked config's ``trainer.loggers``: where the run's numbers go."""
+    return [(item["type"], dict(item.get("args") or {})) if isinstance(item, dict) else (item, {})
+            for item in trainer["loggers"]]
+
+
+def _resolve_tensorboard(given, trainer, problems):
+    """``trainer.tensorboard``: another way to say what ``trainer.loggers`` says, resolved into it here, and only here.
+
+    ``false`` takes "tensorboard" out of the default loggers, ``true`` leaves it in; given
+    together with ``loggers``, the two must agree. The checked config holds ``loggers`` alone.
+    """
+    on = trainer.pop("tensorboard")
+    if not isinstance(on, bool):  # not given (or not a boolean: reported already)
+        return
+    if "loggers" not in given:
+        trainer["loggers"] = ["tensorboard"] if on else []
+    elif check_loggers(trainer["loggers"]) is None and on != ("tensorboard" in dict(logger_entries(trainer))):
+        problems.append(f"trainer.tensorboard: {json.dumps(on)}, but trainer.loggers {json.dumps(trainer['loggers'])}"
+                        f" {'leaves' if on else 'names'} \"tensorboard\"{' out' if on else ''}; the two say the same thing:"
+                        " keep trainer.loggers alone")
+
+
+def saved_config(config):
+    """A checkpoint's config in this version's terms, so that checkpoints of older versions still resume.
+
+    Their configs hold both ``trainer.tensorboard`` and ``trainer.loggers``, and TensorBoard
+    was on where both said so: that is what their ``loggers`` becomes.
+    """
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    if not isinstance(trainer, dict) or "tensorboard" not in trainer or not isinstance(trainer.get("loggers"), list):
+        return config
+    trainer = dict(trainer)
+    if trainer.pop("tensorboard") is False:
+        trainer["loggers"] = [item for item in trainer["loggers"]
+                              if (item.get("type") if isinstance(item, dict) else item) != "tensorboard"]
+    return {**config, "trainer": trainer}
+
+
 # key: (check, default). A default of REQUIRED means the key must be given.
 REQUIRED = object()
 
@@ -778,8 +848,8 @@ TRAINER_SCHEMA = {
     "verbosity": (one_of(0, 1, 2), 2),
     "monitor": (monitor_string, "off"),
     "early_stop": (optional(non_negative_int), None),
-    "tensorboard": (boolean, True),
-    "loggers": (check_loggers, ["tensorboard"]),  # also "csv", {"type": "mlflow", "args": {...}}
+    "tensorboard": (boolean, None),  # true/false: an alias, resolved into loggers (_resolve_tensorboard)
+    "loggers": (check_loggers, ["tensorboard"]),  # and the parts' loggers: "csv", {"type": "mlflow", "args": {...}}
     "log_every_n_steps": (positive_int, 50),
     # training controls
     "clip_grad_norm": (optional(positive_number), None),
@@ -928,6 +998,7 @@ def validate_config(config, registries):
     _check_keys({k: v for k, v in trainer.items() if not parts.key_owner(f"trainer.{k}")},
                 dict.fromkeys(trainer_keys()), "trainer", problems)
     out["trainer"] = _fill(trainer, TRAINER_SCHEMA, "trainer", problems)
+    _resolve_tensorboard(trainer, out["trainer"], problems)
     out["trainer"].update({k: v for k, v in trainer.items() if k not in TRAINER_SCHEMA and parts.key_owner(f"trainer.{k}")})
 
     # Object sections: the name must be in the table and its args must bind to the signature.

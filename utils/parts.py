@@ -66,6 +66,10 @@ PARTS = {
                   " signal of the core) and resumed with -r auto",
                   files=("slurm/train.sbatch", "tests/parts/test_slurm.py", "tests/parts/slurm/start_slurm.sh",
                          "tests/parts/slurm/train_held.py")),
+    "csv_logger": Part("parts.csv_logger", "every logged value as a row of metrics.csv in the run's log folder",
+                       files=("parts/csv_logger.py", "tests/parts/test_csv_logger.py"), loggers=("csv",)),
+    "mlflow_logger": Part("parts.mlflow_logger", "the run as an MLflow run: params, metric histories, artifacts",
+                          files=("parts/mlflow_logger.py", "tests/parts/test_mlflow_logger.py"), loggers=("mlflow",)),
 }
 
 
@@ -145,8 +149,11 @@ def modules(config):
 
 
 def provider(kind, name):
-    """The class a part provides under ``name`` (``kind``: "loaders", "archs" or "metrics"), or None."""
+    """The class a part provides under ``name`` (``kind``: "loaders", "archs" or "metrics"), or None;
+    for ``kind`` "loggers", the ``writer`` function of the part whose logger ``name`` is."""
     for part_name, part in PARTS.items():
+        if kind == "loggers" and name in part.loggers:
+            return load(part_name).writer
         if kind == "loaders" and name in part.loaders:
             return load(part_name).LOADERS[name]
         if kind == "archs" and any(name.startswith(p) for p in part.archs):

@@ -1,11 +1,11 @@
-"""trainer.loggers: metrics.csv and MLflow, after a run and after a crash and resume.
+"""The MLflow logger part (parts/mlflow_logger.py): one MLflow run per run folder, after a run, a resume, an outage.
 
 The tiny run (conftest's): 13 optimizer steps per epoch, 2 epochs = steps 1..26; with
 ``log_every_n_steps`` 4 the logged steps are 4, 8, ..., 24 and the epochs end at steps
 13 and 26. The crash: ``save_every_n_steps`` 8 writes last.pth at steps 8, 16 and 24;
 the process dies at step 20 (after logging it), resumes from last.pth (step 16) and runs
-to the end. Resuming on the CPU is bit-exact, so the resumed run's values equal an
-uninterrupted run's, and each reader must show exactly those: one value per step and tag.
+to the end. Each MLflow history is checked against the csv logger's metrics.csv of the
+same run: one value per step and tag, the same values.
 """
 
 import importlib.util
@@ -24,13 +24,13 @@ import pytest
 import torch
 
 from conftest import make_config
-from logger.trackers import RunWriter, Tracker, check_loggers, logger_specs, read_metrics_csv
 from trainer import cli
 from trainer.run import train
 from trainer.trainer import Trainer
 
+read_metrics_csv = pytest.importorskip("parts.csv_logger", reason="the csv logger part is not in this project").read_metrics_csv
+
 LOGGED_STEPS = [4, 8, 12, 16, 20, 24]
-EPOCH_ENDS = [13, 26]
 CRASH_STEP, RESUMED_FROM = 20, 16
 
 
@@ -38,23 +38,18 @@ def config_with(tmp_path, loggers, **trainer):
     return make_config(tmp_path / "saved", loggers=loggers, log_every_n_steps=4, **trainer)
 
 
-def crash_at(monkeypatch, step):
-    """Make the run die (an exception, as a crash would) right after it logged optimizer step ``step``."""
+def crashed_and_resumed(tmp_path, monkeypatch, loggers):
+    """Run to step CRASH_STEP, die (an exception, as a crash would), resume from last.pth (step RESUMED_FROM)."""
+    config = config_with(tmp_path, loggers, save_every_n_steps=8)
     original = Trainer.log_step
 
     def log_then_crash(self, *args):
         original(self, *args)
-        if self.global_step == step:
+        if self.global_step == CRASH_STEP:
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(Trainer, "log_step", log_then_crash)
-
-
-def crashed_and_resumed(tmp_path, monkeypatch, loggers):
-    """Run to step CRASH_STEP, die, resume from last.pth; returns (metrics, run folder, log folder)."""
-    config = config_with(tmp_path, loggers, save_every_n_steps=8)
     with monkeypatch.context() as patch:
-        crash_at(patch, CRASH_STEP)
+        patch.setattr(Trainer, "log_step", log_then_crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(config, run_id="r")
     folder = tmp_path / "saved/models/tiny/r"
@@ -63,118 +58,46 @@ def crashed_and_resumed(tmp_path, monkeypatch, loggers):
     return metrics, folder, tmp_path / "saved/log/tiny/r"
 
 
-def key(rows):
-    return [(r["step"], r["tag"]) for r in rows]
+def one_error_line(tmp_path, capsys, config):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    assert cli.train_command(["-c", str(path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.loggers: mlflow "), lines
+    assert not (tmp_path / "saved").exists()
+    return lines[0]
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Whether mlflow seems installed, for the config's check, whatever this machine has."""
+    real = importlib.util.find_spec
+
+    def pretend(present):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (real("json") if present else None) if name == "mlflow" else real(name, *a))
+    return pretend
 
 
 # --------------------------------------------------------------------------- config
 
 
-def test_loggers_config_forms_and_errors():
-    assert check_loggers(["tensorboard", "csv", {"type": "mlflow", "args": {"tracking_uri": "http://h:5000"}}]) is None
-    assert check_loggers([]) is None
-    problem = check_loggers(["tensorbord"])
-    assert "'tensorbord' is none of them; did you mean 'tensorboard'?" in problem and "\n" not in problem
-    assert "did you mean 'experiment'" in check_loggers([{"type": "mlflow", "args": {"experimnt": "x"}}])
-    assert "log_checkpoints to be true or false" in check_loggers([{"type": "mlflow", "args": {"log_checkpoints": 1}}])
-    assert check_loggers("csv") is not None
-    # trainer.tensorboard: false still turns TensorBoard off, whatever loggers says
-    assert [n for n, _ in logger_specs({"loggers": ["tensorboard", "csv"], "tensorboard": False})] == ["csv"]
-    assert [n for n, _ in logger_specs({"tensorboard": True})] == ["tensorboard"]
+def test_mlflow_args_are_checked_one_line_each(tmp_path, capsys, installed):
+    installed(True)
+    assert "did you mean 'experiment'" in one_error_line(
+        tmp_path, capsys, config_with(tmp_path, [{"type": "mlflow", "args": {"experimnt": "x"}}]))
+    assert one_error_line(tmp_path, capsys, config_with(tmp_path, [{"type": "mlflow", "args": {"log_checkpoints": 1}}])
+                          ).endswith("mlflow args.log_checkpoints: got 1, expected true or false")
+    from parts.mlflow_logger import check
+
+    good = {"type": "mlflow", "args": {"tracking_uri": "http://h:5000", "experiment": "e", "log_checkpoints": False}}
+    assert check({"trainer": {"loggers": ["tensorboard", "mlflow", good]}}) == []
 
 
-def test_unknown_logger_is_one_error_line_and_exit_2(tmp_path, capsys):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config_with(tmp_path, ["csv", "mlflw"])))
-    assert cli.train_command(["-c", str(path)]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("error: trainer.loggers:") and "did you mean 'mlflow'" in lines[0]
-    assert not (tmp_path / "saved").exists()
-
-
-def test_missing_mlflow_is_exit_2_naming_the_install_before_anything_is_written(tmp_path, capsys, monkeypatch):
-    import logger.trackers as trackers
-
-    real = trackers.importlib.util.find_spec
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config_with(tmp_path, ["csv", {"type": "mlflow"}])))
-    assert cli.train_command(["-c", str(path)]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line]
-    assert len(lines) == 1 and "pip install mlflow" in lines[0]
-    assert not (tmp_path / "saved").exists()
-
-
-# --------------------------------------------------------------------------- the writer
-
-
-class Recorder(Tracker):
-    """A tracker of one's own, as the README shows: it records what it is given."""
-
-    def __init__(self):
-        self.scalars, self.params = [], {}
-
-    def log_scalar(self, tag, value, step):
-        self.scalars.append((tag, value, step))
-
-    def log_params(self, params):
-        self.params.update(params)
-
-
-def test_run_writer_fans_out_and_pictures_go_only_where_taken():
-    one, two = Recorder(), Recorder()
-    writer = RunWriter([one, two])
-    assert writer and not RunWriter([])
-    writer.add_scalar("train/loss", 0.5, 3)
-    writer.add_scalars({"loss": 1.0}, 4, prefix="epoch/")
-    writer.add_histogram("params/w", torch.zeros(3), 4)  # no tracker takes pictures: nothing is done
-    writer.add_images("inputs", torch.zeros(1, 1, 2, 2), 4)
-    writer.add_hparams({"lr": 0.1}, {"hparam/loss": 1.0})
-    assert one.scalars == two.scalars == [("train/loss", 0.5, 3), ("epoch/loss", 1.0, 4), ("hparam/loss", 1.0, 4)]
-    writer.close()
-    assert not writer
-
-
-# --------------------------------------------------------------------------- CSV
-
-
-def test_csv_rows_and_columns_after_a_run(tmp_path):
-    metrics = train(config_with(tmp_path, ["csv"]), run_id="a")
-    path = tmp_path / "saved/log/tiny/a/metrics.csv"
-    assert path.read_text().splitlines()[0] == "step,epoch,tag,value,wall_time"
-    rows = read_metrics_csv(path)
-    assert len(set(key(rows))) == len(rows), "a step and tag logged twice"
-    by_tag = {}
-    for row in rows:
-        by_tag.setdefault(row["tag"], []).append(row)
-    assert [r["step"] for r in by_tag["train/loss"]] == LOGGED_STEPS
-    assert [r["epoch"] for r in by_tag["train/loss"]] == [1, 1, 1, 2, 2, 2]
-    assert [r["step"] for r in by_tag["lr/group0"]] == sorted(LOGGED_STEPS + EPOCH_ENDS)  # also at each epoch's end
-    assert [(r["step"], r["epoch"]) for r in by_tag["epoch/val_loss"]] == list(zip(EPOCH_ENDS, [1, 2]))
-    assert by_tag["epoch/val_loss"][-1]["value"] == metrics["val_loss"]  # full precision (repr)
-    assert by_tag["train/grad_norm"] and all(r["value"] > 0 for r in by_tag["train/grad_norm"])
-    # the end of the run: final and best monitored values, at the last step
-    assert by_tag["hparam/val_loss"][0]["value"] == metrics["val_loss"]
-    assert by_tag["hparam/best_val_loss"][0]["step"] == EPOCH_ENDS[-1]
-    assert not list((tmp_path / "saved/log/tiny/a").glob("events.out.tfevents*")), "TensorBoard was not named"
-
-
-def test_csv_after_a_crash_and_mid_epoch_resume_has_each_step_once(tmp_path, monkeypatch):
-    reference = read_metrics_csv(_run_to_end(tmp_path / "ref", ["csv"]) / "metrics.csv")
-    metrics, _, log_dir = crashed_and_resumed(tmp_path / "crash", monkeypatch, ["csv"])
-    rows = read_metrics_csv(log_dir / "metrics.csv")
-    # The rows the dead process wrote after step 16 (step 20's) were dropped and written again by the resume:
-    # the file has the uninterrupted run's rows, in the same order, with the same values (resume is exact).
-    assert key(rows) == key(reference)
-    assert [r["epoch"] for r in rows] == [r["epoch"] for r in reference]
-    exact = lambda rows: [(r["tag"], r["value"]) for r in rows if not r["tag"].startswith("perf/")]  # noqa: E731
-    assert exact(rows) == exact(reference)  # (perf/ values are timings)
-    assert rows[-1]["wall_time"] >= rows[0]["wall_time"]
-
-
-def _run_to_end(root, loggers):
-    train(config_with(root, loggers, save_every_n_steps=8), run_id="r")
-    return root / "saved/log/tiny/r"
+def test_missing_mlflow_is_exit_2_naming_the_install_before_anything_is_written(tmp_path, capsys, installed):
+    installed(False)
+    line = one_error_line(tmp_path, capsys, config_with(tmp_path, ["csv", {"type": "mlflow"}]))
+    assert "pip install mlflow" in line
 
 
 # --------------------------------------------------------------------------- MLflow (SQLite store)
