@@ -10,7 +10,8 @@ history. The run folders are left out only at the template's top level, so a pac
 test fixture folder that happens to be called ``data`` is still copied.
 
 ``--minimal`` also leaves out every optional part (the files of each row of
-``utils/parts.py``'s table, and the ``parts/`` folders) and the benchmarks: ``make train``
+``utils/parts.py``'s table, and ``tests/parts/``) and the benchmarks; ``parts/`` keeps only its
+``__init__.py``: ``make train``
 and ``make test`` work in the copy, and a part can be copied back later (its files are listed
 in that table and in the README).
 """
@@ -27,7 +28,7 @@ SKIP_PATHS = {".git", ".venv", "saved", "data", "benchmarks/results"}
 SKIP_NAMES = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 SKIP_SUFFIXES = (".pyc", ".egg-info")
 # What --minimal leaves out besides the parts' own files (configs included): their folders and the benchmarks.
-MINIMAL_SKIP = {"parts", "tests/parts", "benchmarks", "tests/test_benchmarks.py"}
+MINIMAL_SKIP = {"tests/parts", "benchmarks", "tests/test_benchmarks.py"}
 
 
 def part_files(source=SOURCE):

@@ -84,12 +84,11 @@ def test_the_matrix_counts_pairs_leaves_ignored_targets_out_and_keeps_its_state(
     ({"data_loader__args__validation_split": 0.0, "trainer__monitor": "off"},
      "trainer.confusion_matrix: it is counted over the validation split"),
     ({"trainer__tensorboard": False}, "trainer.confusion_matrix: it is logged as a TensorBoard image"),
-    ({"trainer__loggers": ["csv"]}, "trainer.confusion_matrix: it is logged as a TensorBoard image"),
     ({"trainer__confusion_matrix": "yes"}, 'trainer.confusion_matrix: got "yes", expected true or false'),
     ({"metrics": ["accuracy", {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3},
                                "name": "confusion_matrix"}]},
      "metrics: the name 'confusion_matrix' is taken by trainer.confusion_matrix"),
-], ids=["no-validation", "tensorboard-off", "csv-only", "not-a-boolean", "name-taken"])
+], ids=["no-validation", "tensorboard-off", "not-a-boolean", "name-taken"])  # csv alone: test_csv_logger.py
 def test_a_confusion_matrix_that_could_not_be_shown_is_one_line(tmp_path, changes, message):
     if "metrics" in changes:
         pytest.importorskip("parts.torchmetrics")
