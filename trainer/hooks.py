@@ -9,18 +9,20 @@ A hook overrides the moments it needs; each is a no-op by default:
 - ``after_train_epoch(trainer, epoch, last_batch)``: after the epoch's last training step,
   before validation (histograms, image grids). ``last_batch`` is the last input batch.
 - ``after_epoch(trainer, epoch, result)``: after validation and the monitor's update, before
-  the epoch's checkpoints; ``result`` holds the epoch's values (``val_*`` included). Setting
-  ``trainer.finished`` ends the run after this epoch, with its checkpoint written.
+  the epoch's checkpoints; ``result`` holds the epoch's values (``val_*`` included).
+  ``trainer.end_run(reason)`` ends the run after this epoch, with its checkpoint written.
 - ``state_dict()`` / ``load_state_dict(trainer, state)``: the top-level keys a hook adds to a
   checkpoint. Loading runs before the model and optimizer are restored, because a hook may
   change the optimizer's parameter groups.
+
+What a hook may use of the trainer: its public attributes and methods, among them
+``global_step``, ``batch_in_epoch``, ``batches_per_epoch()``, ``valid_epoch(epoch)``,
+``save_resumable(name)`` (a mid-epoch checkpoint), ``end_run(reason)`` and ``finished``.
 
 To add a feature: write a :class:`Hook`, and add it in :func:`hooks_for` when its config key is on.
 """
 
 import contextlib
-import json
-import os
 import time
 
 import torch
@@ -75,10 +77,6 @@ def hooks_for(config, parts, run):
 
     for more in optional_parts.call_each(config, "hooks", config, parts, run):  # the parts' (utils/parts.py)
         hooks.extend(more)
-    from trainer.sweep import STUDY_TRIAL_ENV
-
-    if os.environ.get(STUDY_TRIAL_ENV) and cfg["monitor"] != "off" and not cfg["fast_dev_run"]:
-        hooks.append(StudyReport(json.loads(os.environ[STUDY_TRIAL_ENV]), run.dist))  # a trial of sweep.py --optuna
     return hooks
 
 
@@ -166,34 +164,6 @@ class StepValidation(Hook):
         if trainer.not_improved_count > trainer.early_stop:
             logger.info(f"Validation performance didn't improve for {trainer.early_stop} validations. Training stops.")
             trainer.finished = trainer.stopped_early = True
-
-
-class StudyReport(Hook):
-    """A trial of ``sweep.py --optuna``: each epoch's monitored value goes to the Optuna study, and an
-    epoch the study's pruner rejects is the run's last (``trainer.pruned_at``, and ``result.json``).
-
-    The sweep names the study and the trial in the ``SWEEP_OPTUNA_TRIAL`` environment variable.
-    Rank 0 talks to the study (one database write and read per epoch, nothing per step); under
-    torchrun it tells the other processes whether to stop.
-    """
-
-    def __init__(self, spec, info):
-        from trainer.sweep import open_study_trial
-
-        self.info = info
-        self.trial = open_study_trial(spec) if info.is_main else None
-
-    def after_epoch(self, trainer, epoch, result):
-        from utils import dist
-
-        pruned = False
-        if self.trial is not None and trainer.monitor_key in result:
-            self.trial.report(float(result[trainer.monitor_key]), epoch)
-            pruned = self.trial.should_prune()
-        if dist.broadcast_object(pruned, self.info) and not trainer.finished:
-            trainer.finished, trainer.pruned_at = True, epoch
-            trainer.logger.info(f"{trainer.monitor_key} {result[trainer.monitor_key]:.6g} at epoch {epoch}: the"
-                                " study's pruner stops this trial")
 
 
 class MaxTime(Hook):

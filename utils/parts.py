@@ -41,6 +41,9 @@ class Part:
 PARTS = {
     "ema": Part("parts.ema", "an exponential moving average of the weights, scored and saved beside them",
                 files=("parts/ema.py", "tests/parts/test_ema.py"), keys=("trainer.ema",)),
+    "sweep": Part("parts.sweep", "sweep.py: grid, random and Optuna searches over config keys, each trial a train.py run",
+                  files=("parts/sweep.py", "sweep.py", "tests/parts/test_sweep.py", "tests/parts/test_optuna.py"),
+                  keys=("trainer.optuna_trial",)),
 }
 
 
