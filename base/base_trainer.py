@@ -164,7 +164,7 @@ class BaseTrainer:
         self.final_metrics = {"epoch": epoch, **result}
         self.log_epoch(epoch, result)
 
-        improved = self._update_monitor(result)
+        improved = self.update_monitor(result)
         if self.not_improved_count > self.early_stop:  # before the saves: the last epoch's checkpoint is written
             self.logger.info(f"{self.monitor_key} did not improve for {self.not_improved_count} epochs"
                              f" (trainer.early_stop={self.early_stop}): training stops")
@@ -182,7 +182,8 @@ class BaseTrainer:
                 self.save(f"checkpoint-epoch{epoch}.pth")
                 self._remove_old_checkpoints()
 
-    def _update_monitor(self, result):
+    def update_monitor(self, result):
+        """Count ``result``'s monitored value towards the best one and early stopping; returns whether it improved."""
         if self.mode == "off":
             return False
         value = result[self.monitor_key]

@@ -34,11 +34,13 @@ F1 = {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_cla
 AUROC = {"type": "torchmetrics.classification.MulticlassAUROC", "args": {"num_classes": 3}, "name": "auroc"}
 KEYS = ["multiclass_f1_score", "auroc", "val_multiclass_f1_score", "val_auroc"]
 
-# Like tests/test_distributed.py's driver, and it records each training batch's (output, target) per rank.
+# Like tests/test_distributed.py's driver (a job's "save_last_every" too), and it records each training batch's
+# (output, target) per rank.
 DRIVER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
+from tests.conftest import add_hooks, save_last_hook
 from trainer import build, run
 
 rank = int(os.environ["RANK"])
@@ -58,7 +60,9 @@ def recording(config, device=None):
 build.build_loss = recording
 for job in json.load(open(sys.argv[1])):
     del records[:]
+    undo = add_hooks(save_last_hook(job["save_last_every"])) if job.get("save_last_every") else lambda: None
     metrics = run.train(job["config"], resume=job.get("resume"), run_id=job.get("run_id"))
+    undo()
     torch.save(records, f"{{job['out']}}.rank{{rank}}.records.pt")
     with open(f"{{job['out']}}.rank{{rank}}.json", "w") as f:
         json.dump(metrics, f)
@@ -115,10 +119,10 @@ def runs(tmp_path_factory):
     """Launch 1: a 2-epoch run writing a mid-epoch ``last.pth`` at step 20 (epoch 2, batch 6 of 14), with the
     confusion matrix on. Launch 2: that ``last.pth`` resumed by 2 processes."""
     tmp = tmp_path_factory.mktemp("tm_dist")
-    launch(tmp, [{"config": config(tmp / "full", save_every_n_steps=20, confusion_matrix=True, tensorboard=True),
+    launch(tmp, [{"config": config(tmp / "full", confusion_matrix=True, tensorboard=True), "save_last_every": 20,
                   "run_id": "full", "out": str(tmp / "full")},
                  # a last.pth after the epoch's last batch (step 14 of 14), before the epoch's end
-                 {"config": config(tmp / "edge", save_every_n_steps=BATCHES, epochs=1), "run_id": "edge",
+                 {"config": config(tmp / "edge", epochs=1), "save_last_every": BATCHES, "run_id": "edge",
                   "out": str(tmp / "edge")}], "first")
     resumes = []
     for label, source in (("mid", "full"), ("edge_resumed", "edge")):

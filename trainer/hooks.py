@@ -17,6 +17,7 @@ A hook overrides the moments it needs; each is a no-op by default:
 
 What a hook may use of the trainer: its public attributes and methods, among them
 ``global_step``, ``batch_in_epoch``, ``batches_per_epoch()``, ``valid_epoch(epoch)``,
+``update_monitor(result)`` (count a validation towards the best value and early stopping),
 ``save_resumable(name)`` (a mid-epoch checkpoint), ``end_run(reason)`` and ``finished``.
 
 To add a feature: write a :class:`Hook`, and add it in :func:`hooks_for` when its config key is on.
@@ -63,10 +64,6 @@ def hooks_for(config, parts, run):
     hooks = []
     if parts.frozen:
         hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
-    if cfg["val_every_n_steps"]:  # before the step checkpoint: last.pth then holds the validation's outcome
-        hooks.append(StepValidation(cfg["val_every_n_steps"]))
-    if cfg["save_every_n_steps"]:
-        hooks.append(StepCheckpoint(cfg["save_every_n_steps"]))
     if cfg["max_time"]:
         hooks.append(MaxTime(parse_duration(cfg["max_time"])))
     if run.dist.is_main and run.writer and (cfg["log_images"] or cfg["histogram_every"]):
@@ -118,52 +115,6 @@ class Unfreeze(Hook):
     def load_state_dict(self, trainer, state):
         if state.get("unfrozen") and not self.unfrozen:
             self.unfreeze(trainer)
-
-
-class StepCheckpoint(Hook):
-    """``trainer.save_every_n_steps``: a resumable ``last.pth`` every N optimizer steps (long epochs)."""
-
-    def __init__(self, every):
-        self.every = every
-
-    def after_step(self, trainer, epoch, batch_idx):
-        if trainer.global_step % self.every == 0:
-            trainer.save_resumable("last.pth")
-
-
-class StepValidation(Hook):
-    """``trainer.val_every_n_steps``: validate every N optimizer steps, for epochs too long to wait for.
-
-    Each validation is logged (TensorBoard ``step/val_*``), updates the monitored value, writes
-    ``model_best.pth`` when it improves (a resumable checkpoint, mid-epoch like ``last.pth``),
-    and counts towards ``early_stop``, which then counts validations, not epochs. The step that
-    ends an epoch is left to the epoch's own validation, so no validation counts twice.
-    """
-
-    def __init__(self, every):
-        self.every = every
-
-    def after_step(self, trainer, epoch, batch_idx):
-        if trainer.global_step % self.every or trainer.batch_in_epoch >= trainer.batches_per_epoch():
-            return
-        result = {f"val_{k}": v for k, v in trainer.valid_epoch(epoch).items()}  # a collective under torchrun
-        trainer.forward_model.train()  # evaluate() left it in eval mode
-        step, logger = trainer.global_step, trainer.logger
-        if trainer.is_main:
-            logger.info(f"step {step} (epoch {epoch}, batch {trainer.batch_in_epoch}): "
-                        + "  ".join(f"{k} {v:.6g}" for k, v in result.items()))
-            trainer.writer.add_scalars(result, step, prefix="step/")
-        if trainer.monitor_key not in result:  # monitor off, or a training metric: monitored at the epoch's end
-            return
-        if trainer._update_monitor(result):
-            trainer.best_epoch = epoch  # the epoch in progress (the update counts the completed ones)
-            if trainer.is_main:
-                logger.info(f"{trainer.monitor_key} improved to {trainer.monitor_best:.6g} at step {step}: saving"
-                            " model_best.pth")
-            trainer.save_resumable("model_best.pth")  # every process: the epoch's running sums are gathered
-        if trainer.not_improved_count > trainer.early_stop:
-            logger.info(f"Validation performance didn't improve for {trainer.early_stop} validations. Training stops.")
-            trainer.finished = trainer.stopped_early = True
 
 
 class MaxTime(Hook):

@@ -794,7 +794,6 @@ TRAINER_SCHEMA = {
     "len_epoch": (optional(positive_int), None),
     "max_steps": (optional(positive_int), None),
     "max_time": (optional(duration_string), None),  # "DD:HH:MM:SS": stop with a resumable last.pth, exit 75
-    "val_every_n_steps": (optional(positive_int), None),  # validate (monitor, early stop, model_best) by step
     "skip_nonfinite": (boolean, False),
     "deterministic": (boolean, False),
     "tf32": (boolean, True),
@@ -805,7 +804,6 @@ TRAINER_SCHEMA = {
     "confusion_matrix": (boolean, False),  # the validation's confusion matrix as a TensorBoard image
     # checkpoints
     "keep_last": (optional(positive_int), None),
-    "save_every_n_steps": (optional(positive_int), None),
     # the end of a run
     "test_after_train": (boolean, True),
     # debugging and tuning (see trainer/tuning.py)
