@@ -4,12 +4,12 @@
     python sweep.py -c config.json --random optimizer.args.lr=loguniform:1e-4:1e-1 --trials 8
     python sweep.py -c config.json --seeds 0,1,2 --folds 5 trainer.epochs=5
 
-The sweep and its summary live in ``<save_dir>/sweeps/<name>/``; see :mod:`trainer.sweep`.
+The sweep and its summary live in ``<save_dir>/sweeps/<name>/``; see :mod:`parts.sweep`.
 """
 
 import sys
 
-from trainer.sweep import sweep_command
+from parts.sweep import sweep_command
 
 if __name__ == "__main__":
     sys.exit(sweep_command(sys.argv[1:]))

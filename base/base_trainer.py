@@ -140,10 +140,10 @@ class BaseTrainer:
         self.agreed_stop = None  # under torchrun: the stop all processes last agreed on
         self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
-        self.finished = False  # max_steps reached, early stop, or pruned
+        self.finished = False  # max_steps reached, early stop, or a hook ended the run (end_run)
         self.stopped_early = False  # early stopping ended the run: checkpoints say so, and -r auto does not go on
         self.stopped_by = None  # the stop last.pth is written for, and where (torchrun's launch and round)
-        self.pruned_at = None  # the epoch after which a sweep's pruner ended the run (trainer/hooks.py, StudyReport)
+        self.ended_by = None  # why a hook ended the run (end_run): the end-of-run log and result.json say it
         self.final_metrics = {}
         self.hooks = []  # optional behaviour at fixed moments (see trainer/hooks.py); a subclass fills it
 
@@ -188,12 +188,12 @@ class BaseTrainer:
         self.final_metrics = {"epoch": epoch, **result}
         self.log_epoch(epoch, result)
 
-        improved = self._update_monitor(result)
+        improved = self.update_monitor(result)
         if self.not_improved_count > self.early_stop:  # before the saves: the last epoch's checkpoint is written
             self.logger.info(f"{self.monitor_key} did not improve for {self.not_improved_count} epochs"
                              f" (trainer.early_stop={self.early_stop}): training stops")
             self.finished = self.stopped_early = True
-        for hook in self.hooks:  # before the saves: a hook that ends the run (a sweep's pruner) gets its checkpoint
+        for hook in self.hooks:  # before the saves: a hook that ends the run (end_run) gets its checkpoint
             hook.after_epoch(self, epoch, result)
         periodic = epoch % self.save_period == 0 or epoch == self.epochs or self.finished
         if improved or periodic:
@@ -206,7 +206,8 @@ class BaseTrainer:
                 self.save(f"checkpoint-epoch{epoch}.pth")
                 self._remove_old_checkpoints()
 
-    def _update_monitor(self, result):
+    def update_monitor(self, result):
+        """Count ``result``'s monitored value towards the best one and early stopping; returns whether it improved."""
         if self.mode == "off":
             return False
         value = result[self.monitor_key]
@@ -216,6 +217,14 @@ class BaseTrainer:
         else:
             self.not_improved_count += 1
         return improved
+
+    def end_run(self, reason):
+        """End the run, saying why (one line). Called from a hook's ``after_epoch``: after this epoch, its
+        checkpoint written; from ``after_step``: after this step, the epoch so far validated and saved.
+        ``reason`` goes to the end-of-run log and to ``result.json`` as ``ended_by``. A run already ending
+        keeps its own end."""
+        if not self.finished:
+            self.finished, self.ended_by = True, reason
 
     def log_epoch(self, epoch, result):
         for key, value in {"epoch": epoch, **result}.items():

@@ -122,6 +122,41 @@ def interrupt_at_step():
         handle.remove()
 
 
+def add_hooks(*hooks):
+    """Every Trainer built from now on runs ``hooks`` too, after its own; returns the function that undoes this.
+
+    (trainer.trainer looks ``hooks_for`` up when a Trainer is built: a torchrun driver can call this too.)
+    """
+    import trainer.trainer as module
+
+    original = module.hooks_for
+    module.hooks_for = lambda *args: [*original(*args), *hooks]
+    return lambda: setattr(module, "hooks_for", original)
+
+
+def save_last_hook(every):
+    """A hook writing a resumable ``last.pth`` every ``every`` optimizer steps of a run that goes on, through the core's
+    ``save_resumable``: what the core's tests need of a mid-epoch checkpoint (a crash or a kill after it, a resume
+    from it), without an optional part's config key."""
+    from trainer.hooks import Hook
+
+    class SaveLast(Hook):
+        def after_step(self, trainer, epoch, batch_idx):
+            if trainer.global_step % every == 0:
+                trainer.save_resumable("last.pth")
+
+    return SaveLast()
+
+
+@pytest.fixture
+def save_last_every():
+    """``save_last_every(n)``: the runs of this test write a resumable ``last.pth`` every ``n`` optimizer steps."""
+    undo = []
+    yield lambda n: undo.append(add_hooks(save_last_hook(n)))
+    for function in reversed(undo):
+        function()
+
+
 class FixedLogits(torch.nn.Module):
     """A stand-in model: returns the stored logits of the samples whose indices it is given."""
 

@@ -139,32 +139,17 @@ def test_an_early_stop_is_the_end_of_the_run_for_a_resume(tmp_path, config, caps
     assert Path(entry["checkpoint"]).name == "checkpoint-epoch2.pth"
 
 
-def test_an_early_stop_by_step_validation_is_the_end_of_the_run_too(tmp_path, config, capsys):
-    stopping = with_changes(config, trainer__val_every_n_steps=4, trainer__early_stop=0,
-                            trainer__monitor="max val_loss", trainer__save_every_n_steps=8)
-    path = write_config(tmp_path, stopping)
-    assert train_command(["-c", path, "--run-id", "es", "-r", "auto"]) == 0
-    folder = models_dir(config, "es")
-    assert load(folder / "checkpoint-epoch1.pth")["stopped_early"] is True
-    assert load(folder / "last.pth")["stopped_early"] is True  # written at the same step, 8, mid-epoch
-    before = snapshot(folder)
-    capsys.readouterr()
-    assert train_command(["-c", path, "--run-id", "es", "-r", "auto"]) == 0
-    err = capsys.readouterr().err
-    assert "nothing to resume: the run stopped early at epoch 1, step 8" in err and "0 validations" in err, err
-    assert snapshot(folder) == before
-
-
 def test_auto_needs_a_config(capsys):
     with pytest.raises(SystemExit) as exited:
         train_command(["-r", "auto"])
     assert exited.value.code == 2 and "-r auto needs -c CONFIG" in capsys.readouterr().err
 
 
-def test_find_resumable_takes_the_checkpoint_of_the_latest_step(config):
+def test_find_resumable_takes_the_checkpoint_of_the_latest_step(config, save_last_every):
     from utils.io import save_checkpoint
 
-    run.train(with_changes(config, trainer__save_every_n_steps=5), run_id="r")  # 13 steps an epoch
+    save_last_every(5)  # 13 steps an epoch: last.pth of step 35 is older than checkpoint-epoch3.pth's 39
+    run.train(config, run_id="r")
     folder = models_dir(config, "r")
     path, state, run_id, skipped = find_resumable(run.checked_config(config)[0], "r")
     assert (path.name, state["global_step"], run_id, skipped) == ("checkpoint-epoch3.pth", 39, "r", [])
@@ -210,44 +195,6 @@ def test_launch_context_reads_slurm_and_torchrun():
     assert launch_context({}) == {}
 
 
-# ---------------------------------------------------------------- trainer.val_every_n_steps
-
-
-def test_validation_by_step_writes_a_mid_epoch_best_model_that_resumes_exactly(config):
-    by_step = with_changes(config, trainer__val_every_n_steps=6, trainer__verbosity=1)
-    reference = uninterrupted(by_step)
-    log = (Path(config["trainer"]["save_dir"]) / "log/whole/w/info.log").read_text()
-    # 13 steps an epoch (208 samples in batches of 16): validations at steps 6, 12, ..., 36.
-    steps = [int(line.split("step ")[1].split()[0]) for line in log.splitlines() if "(epoch" in line and ": val_loss" in line]
-    assert steps == [6, 12, 18, 24, 30, 36]
-
-    # The first validation always improves (on infinity): stopped by SIGTERM at step 7, model_best.pth is step 6's.
-    with signal_at_step(signal.SIGTERM, 7), pytest.raises(RunStopped):
-        run.train(by_step, run_id="v")
-    best = models_dir(config, "v") / "model_best.pth"
-    state = load(best)
-    assert (state["global_step"], state["batch_in_epoch"], state["epoch"]) == (6, 6, 0)
-    run.train(by_step, resume=best, overwrite=True)  # the rest of the run is the uninterrupted one's
-    assert_states_identical(reference, load(models_dir(config, "v") / "checkpoint-epoch3.pth"))
-
-
-def test_validation_by_step_early_stops_by_validations(config):
-    # "max val_loss" while the loss falls: the first validation improves on -inf, the second does not.
-    stopped = with_changes(config, trainer__val_every_n_steps=4, trainer__early_stop=0, trainer__monitor="max val_loss",
-                           trainer__verbosity=1)
-    run.train(stopped, run_id="es")
-    log = (Path(config["trainer"]["save_dir"]) / "log/tiny/es/info.log").read_text()
-    assert "didn't improve for 0 validations" in log
-    state = load(models_dir(config, "es") / "checkpoint-epoch1.pth")
-    assert state["global_step"] == 8  # stopped after the second validation, not at the epoch's end
-    assert not (models_dir(config, "es") / "checkpoint-epoch2.pth").exists()
-
-
-def test_val_every_n_steps_is_checked(tmp_path, config, capsys):
-    code = train_command(["-c", write_config(tmp_path, config), "trainer.val_every_n_steps=0"])
-    assert code == 2 and "trainer.val_every_n_steps" in capsys.readouterr().err
-
-
 # ---------------------------------------------------------------- under torchrun (2 CPU processes, gloo)
 
 WORLD = 2
@@ -257,6 +204,7 @@ LAUNCH_TIMEOUT = 180
 # COUNT_OUT: write how often this rank called utils.dist.max_over_ranks, and after how many steps;
 # KILL_AT_STEP: on the first attempt, rank 1 kills itself with SIGKILL right after that optimizer step;
 # NAN_AT_STEP: rank 1's training loss is NaN at that step;
+# SAVE_LAST_EVERY: a resumable last.pth every that many optimizer steps (conftest's save_last_hook);
 # RANK1_FIRST_ON_RESTART (a file): in a round torchrun restarted, rank 0 joins the process group only once rank 1
 # has begun to (and so looks up rank 0's address in torchrun's store before rank 0 has written this round's).
 DRIVER = """
@@ -297,6 +245,9 @@ if kill_at and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") =
         if self.global_step + 1 == kill_at:  # (counted after the optimizer's step)
             os.kill(os.getpid(), signal.SIGKILL)
     tt.Trainer.optimizer_step = step
+if os.environ.get("SAVE_LAST_EVERY"):
+    from tests.conftest import add_hooks, save_last_hook
+    add_hooks(save_last_hook(int(os.environ["SAVE_LAST_EVERY"])))
 first = os.environ.get("RANK1_FIRST_ON_RESTART")
 if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
     import time
@@ -361,9 +312,9 @@ gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.dist
 def test_processes_agree_at_the_logging_interval_not_every_step(tmp_path, torchrun):
     """2 epochs of 14 steps, logging every 5: the processes exchange their stop reasons after steps 5, 10, 15, 20
     and 25 and at the 2 epoch ends (7 times, where every step would be 28 + 2), plus once before each step checkpoint."""
-    config = dist_config(tmp_path / "saved", log_every_n_steps=5, save_every_n_steps=9)
+    config = dist_config(tmp_path / "saved", log_every_n_steps=5)
     out = tmp_path / "count"
-    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "count"), env={"COUNT_OUT": str(out)})
+    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "count"), env={"COUNT_OUT": str(out), "SAVE_LAST_EVERY": "9"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0]["calls"] == ranks[1]["calls"]  # the same points on every rank
@@ -374,8 +325,8 @@ def test_processes_agree_at_the_logging_interval_not_every_step(tmp_path, torchr
 
 @gloo
 def test_a_nonfinite_loss_on_one_process_stops_every_process_without_a_checkpoint(tmp_path, torchrun):
-    config = dist_config(tmp_path / "saved", log_every_n_steps=5, save_every_n_steps=4)
-    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "nan"), env={"NAN_AT_STEP": "6"})
+    config = dist_config(tmp_path / "saved", log_every_n_steps=5)
+    proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "nan"), env={"NAN_AT_STEP": "6", "SAVE_LAST_EVERY": "4"})
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-4000:]
     assert "non-finite" in output
@@ -397,11 +348,12 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     the process group: the restarted round must not find the first round's (utils.dist._init_group). Rank 0
     joins last here, so a rank 1 that looked up the old keys would connect to a process that is gone
     ("connection refused"; or hang: the torchrun fixture kills a launch past its time limit)."""
-    config = dist_config(tmp_path / "saved", save_every_n_steps=4, epochs=3)
-    whole = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "whole"))
+    config = dist_config(tmp_path / "saved", epochs=3)
+    whole = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "whole"), env={"SAVE_LAST_EVERY": "4"})
     assert whole.returncode == 0, (whole.stdout + whole.stderr)[-4000:]
     proc = torchrun(tmp_path, DRIVER, *train_args(tmp_path, config, "killed"), torchrun_args=["--max-restarts=1"],
-                    env={"KILL_AT_STEP": "17", "RANK1_FIRST_ON_RESTART": str(tmp_path / "rank1-joining")})
+                    env={"KILL_AT_STEP": "17", "RANK1_FIRST_ON_RESTART": str(tmp_path / "rank1-joining"),
+                         "SAVE_LAST_EVERY": "4"})
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     models = tmp_path / "saved" / "models" / "dist_tiny"

@@ -517,3 +517,29 @@ def test_workers_stop_when_collected_and_at_exit(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "collected workers alive: [False, False]" in out.stdout
 
+
+# ---------------------------------------------------------------- data_loader.args.fold (K-fold cross-validation)
+
+
+def test_folds_partition_the_training_data_the_same_way_for_every_seed():
+    from data_loader.data_loaders import SyntheticDataLoader
+
+    loaders = {(seed, k): SyntheticDataLoader(num_samples=100, input_shape=(4,), num_classes=2, seed=seed, fold=[k, 3])
+               for seed in (0, 7) for k in range(3)}
+    valid = {key: set(loader.valid_idx.tolist()) for key, loader in loaders.items()}
+    for seed in (0, 7):
+        folds = [valid[(seed, k)] for k in range(3)]
+        assert sum(map(len, folds)) == 80 and set().union(*folds) == set(range(80))  # disjoint, covering
+        for k in range(3):
+            train = set(loaders[(seed, k)].sampler.indices.tolist())
+            assert not train & folds[k] and train | folds[k] == set(range(80))
+    assert all(valid[(0, k)] == valid[(7, k)] for k in range(3))
+
+
+@pytest.mark.parametrize("fold", [[3, 3], [0, 1], "0/3", [-1, 3]])
+def test_a_bad_fold_is_one_line(fold):
+    from data_loader.data_loaders import SyntheticDataLoader
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match=r"data_loader.args.fold: .*expected \[k, K\]"):
+        SyntheticDataLoader(num_samples=50, input_shape=(4,), fold=fold)

@@ -42,10 +42,12 @@ pytestmark = pytest.mark.skipif(
 
 # Rank r of launch writes <out>.rank<r>.json per job. Several main() calls in one torchrun launch
 # rely on utils.dist.setup joining a fresh process group after the previous main()'s cleanup.
+# A job's "save_last_every": a resumable last.pth every that many optimizer steps (conftest's save_last_hook).
 DRIVER = """
 import gc, json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
+from tests.conftest import add_hooks, save_last_hook
 from trainer import run as train
 
 seen = []
@@ -62,7 +64,9 @@ if hasattr(train, "agree_on_run"):  # record the run id each rank ends up with
 rank = int(os.environ["RANK"])
 for job in json.load(open(sys.argv[1])):
     del seen[:]
+    undo = add_hooks(save_last_hook(job["save_last_every"])) if job.get("save_last_every") else lambda: None
     metrics = train.train(job["config"], resume=job.get("resume"), run_id=job.get("run_id"))
+    undo()
     # DDP models still alive once train() has returned (without a gc run): they hold the process group
     ddp = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
     with open(f"{{job['out']}}.rank{{rank}}.json", "w") as f:
@@ -120,7 +124,7 @@ def two_proc(tmp_path_factory, torchrun):
     tmp = tmp_path_factory.mktemp("dist")
     full, part, mid = tmp / "full", tmp / "part", tmp / "mid"
     output = torchrun.jobs(tmp, DRIVER, [
-        {"config": tiny_config(full, save_every_n_steps=20), "out": str(tmp / "full")},
+        {"config": tiny_config(full), "save_last_every": 20, "out": str(tmp / "full")},
         {"config": tiny_config(part, epochs=1, loggers=CSV), "run_id": "part", "out": str(tmp / "part")},
         {"config": tiny_config(tmp / "accum", batch_size=PER_PROCESS_BATCH // 2, accumulate_grad_batches=2,
                                tensorboard=False, verbosity=0), "run_id": "accum", "out": str(tmp / "accum")},

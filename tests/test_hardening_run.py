@@ -116,9 +116,10 @@ def test_a_nonfinite_validation_loss_stops_the_run_without_a_checkpoint(tmp_path
     assert all(torch.isfinite(t).all() for t in best["model"].values())
 
 
-def test_nonfinite_weights_are_never_written_to_last_pth(tmp_path, monkeypatch):
+def test_nonfinite_weights_are_never_written_to_last_pth(tmp_path, monkeypatch, save_last_every):
     add_hook(monkeypatch, PoisonWeights("step", 8), first=True)  # right before step 8's last.pth
-    config = make_config(tmp_path / "saved", epochs=2, save_every_n_steps=4)
+    save_last_every(4)  # (after add_hook, which replaces the run's hooks where this adds to them)
+    config = make_config(tmp_path / "saved", epochs=2)
     with pytest.raises(RunStopped, match="weights became non-finite"):
         run.train(config, run_id="n")
     last = torch.load(tmp_path / "saved/models/tiny/n/last.pth", weights_only=True)
@@ -205,16 +206,16 @@ def _wait_for(path, proc, timeout=120):
 
 def test_sigterm_to_the_whole_process_group_with_workers_still_writes_last(tmp_path):
     """What Slurm and systemd do: every process of the group, DataLoader workers included, gets SIGTERM."""
-    config = make_config(tmp_path / "saved", epochs=10_000, save_period=10_000, save_every_n_steps=10, monitor="off")
+    config = make_config(tmp_path / "saved", epochs=10_000, save_period=1, monitor="off")
     config["data_loader"]["args"].update(num_workers=2, in_memory=False)
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "train.py", "-c", str(path), "--run-id", "g"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    last = tmp_path / "saved/models/tiny/g/last.pth"
+    last, epoch1 = tmp_path / "saved/models/tiny/g/last.pth", tmp_path / "saved/models/tiny/g/checkpoint-epoch1.pth"
     try:
-        assert _wait_for(last, proc), proc.communicate()[0]
-        first = torch.load(last, weights_only=True)["global_step"]
+        assert _wait_for(epoch1, proc), proc.communicate()[0]  # training is under way, its handlers installed
+        first = torch.load(epoch1, weights_only=True)["global_step"]
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:

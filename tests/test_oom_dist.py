@@ -33,12 +33,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Each job is one train.py command line; rank r writes <out>.rank<r>.json with the exit code and the batch
-# size of every training forward this process ran. The process exits with the last job's code.
+# size of every training forward this process ran. The process exits with the last job's code. A job's
+# "save_last_every": a resumable last.pth every that many optimizer steps (conftest's save_last_hook).
 DRIVER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
 from model.model import MLP
+from tests.conftest import add_hooks, save_last_hook
 from trainer.cli import train_command
 
 rank = int(os.environ["RANK"])
@@ -61,7 +63,9 @@ MLP.forward = forward
 code = 0
 for job in json.load(open(sys.argv[1])):
     del seen[:]
+    undo = add_hooks(save_last_hook(job["save_last_every"])) if job.get("save_last_every") else lambda: None
     code = train_command(job["argv"])
+    undo()
     with open(job["out"] + f".rank{{rank}}.json", "w") as f:
         json.dump({{"code": code, "batches": list(seen)}}, f)
 sys.exit(code)
@@ -89,12 +93,12 @@ def config(save_dir, batch_size=BATCH, epochs=2, **trainer):
     }
 
 
-def job(tmp, label, argv=None, cfg=None, run_id=None, oom=None):
+def job(tmp, label, argv=None, cfg=None, run_id=None, oom=None, save_last_every=None):
     if cfg is not None:
         path = tmp / f"{label}.json"
         path.write_text(json.dumps(cfg))
         argv = ["-c", str(path), "--run-id", run_id or label, *(argv or [])]
-    return {"argv": argv, "out": str(tmp / label), "oom": oom}
+    return {"argv": argv, "out": str(tmp / label), "oom": oom, "save_last_every": save_last_every}
 
 
 def results(tmp, label):
@@ -127,7 +131,7 @@ def runs(tmp_path_factory, torchrun):
         job(tmp, "switch", cfg=config(tmp, epochs=1, auto_accumulate=True), oom={"rank": 1, "batch": BATCH, "at": 1}),
         job(tmp, "resumed", argv=["-r", str(first), "trainer.epochs=2"]),
         job(tmp, "reference", cfg=config(tmp, batch_size=BATCH // 2, accumulate_grad_batches=2)),
-        job(tmp, "checked", cfg=config(tmp, auto_accumulate=True, save_every_n_steps=10)),
+        job(tmp, "checked", cfg=config(tmp, auto_accumulate=True), save_last_every=10),
         job(tmp, "plain", cfg=config(tmp)),
         # last.pth of step 10 (epoch 2, batch 3 of 7), resumed into a new folder; process 0's check runs out.
         job(tmp, "midway", argv=["-r", str(run_dir(tmp, "checked") / "last.pth")],

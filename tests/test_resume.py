@@ -62,23 +62,17 @@ def test_resume_mid_epoch_after_signal_is_bit_exact(resume_config, interrupt_at_
     assert_states_identical(reference, load(folder / "checkpoint-epoch3.pth"))
 
 
-def test_save_every_n_steps_writes_a_resumable_last_checkpoint(resume_config):
-    config = with_changes(resume_config, trainer__save_every_n_steps=5, trainer__epochs=1)
-    run.train(config, run_id="s")
-    last = load(Path(config["trainer"]["save_dir"]) / "models/tiny/s/last.pth")
-    assert last["global_step"] == 10 and last["batch_in_epoch"] == 10
-
-
 def test_sigterm_from_outside_writes_last_and_prints_resume_command(tmp_path):
-    config = make_config(tmp_path / "saved", epochs=10_000, save_period=10_000, save_every_n_steps=20)
+    config = make_config(tmp_path / "saved", epochs=10_000, save_period=1)
     config["trainer"]["monitor"] = "off"
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "train.py", "-c", str(path), "--run-id", "job", "trainer.verbosity=1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    # Training is under way (its signal handlers installed) once the first step checkpoint exists.
-    while not (tmp_path / "saved/models/tiny/job/last.pth").exists() and time.time() < deadline and proc.poll() is None:
+    # Training is under way (its signal handlers installed) once the first checkpoint exists.
+    first = tmp_path / "saved/models/tiny/job/checkpoint-epoch1.pth"
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -91,7 +85,7 @@ def test_sigterm_from_outside_writes_last_and_prints_resume_command(tmp_path):
 
 
 def test_second_ctrl_c_exits_at_once_leaving_whole_files(tmp_path):
-    config = make_config(tmp_path / "saved", epochs=10_000, save_period=1, save_every_n_steps=1)
+    config = make_config(tmp_path / "saved", epochs=10_000, save_period=1, len_epoch=1)  # a checkpoint every step
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "train.py", "-c", str(path), "--run-id", "job"], cwd=ROOT,
@@ -109,7 +103,7 @@ def test_second_ctrl_c_exits_at_once_leaving_whole_files(tmp_path):
         load(ckpt)  # every checkpoint left behind is whole
 
 
-def test_second_ctrl_c_in_process_raises_at_once(resume_config):
+def test_second_ctrl_c_in_process_raises_at_once(resume_config, save_last_every):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     def hook(opt, args, kwargs):
@@ -120,9 +114,10 @@ def test_second_ctrl_c_in_process_raises_at_once(resume_config):
 
     hook.steps = 0
     handle = register_optimizer_step_post_hook(hook)
+    save_last_every(1)
     try:
         with pytest.raises(KeyboardInterrupt):
-            run.train(with_changes(resume_config, trainer__save_every_n_steps=1), run_id="k")
+            run.train(resume_config, run_id="k")
     finally:
         handle.remove()
     folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/k"

@@ -53,9 +53,10 @@ def forwards(monkeypatch):
 # ---------------------------------------------------------------- debug modes
 
 
-def test_fast_dev_run_runs_n_batches_and_writes_nothing(tiny_config, steps, forwards, capsys):
+def test_fast_dev_run_runs_n_batches_and_writes_nothing(tiny_config, steps, forwards, capsys, save_last_every):
+    save_last_every(1)  # a mid-epoch last.pth after every step, which it must not write either
     config = with_changes(tiny_config, trainer__fast_dev_run=3, trainer__epochs=5, trainer__tensorboard=True,
-                          trainer__verbosity=1, trainer__save_every_n_steps=1)
+                          trainer__verbosity=1)
     metrics = run.train(config)
     assert not Path(config["trainer"]["save_dir"]).exists()  # no folder, no checkpoint, no log, no events
     assert len(steps) == 3 and metrics["epoch"] == 1

@@ -15,8 +15,8 @@ A hook overrides the moments it needs; each is a no-op by default:
   part that added a metric to ``Parts.valid_metric_fns`` takes its value out here (the
   confusion matrix, which is no number to log).
 - ``after_epoch(trainer, epoch, result)``: after validation and the monitor's update, before
-  the epoch's checkpoints; ``result`` holds the epoch's values (``val_*`` included). Setting
-  ``trainer.finished`` ends the run after this epoch, with its checkpoint written.
+  the epoch's checkpoints; ``result`` holds the epoch's values (``val_*`` included).
+  ``trainer.end_run(reason)`` ends the run after this epoch, with its checkpoint written.
 - ``state_dict()`` / ``load_state_dict(trainer, state)``: the top-level keys a hook adds to a
   checkpoint. Loading runs before the model and optimizer are restored, because a hook may
   change the optimizer's parameter groups.
@@ -24,12 +24,15 @@ A hook overrides the moments it needs; each is a no-op by default:
 A hook may end the run early: ``trainer.ask_to_stop(exit_code, why)`` stops it after the step with a
 resumable ``last.pth`` and that exit code, as a signal does (see base/base_trainer.py).
 
+What a hook may use of the trainer: its public attributes and methods, among them
+``global_step``, ``batch_in_epoch``, ``batches_per_epoch()``, ``valid_epoch(epoch)``,
+``update_monitor(result)`` (count a validation towards the best value and early stopping),
+``save_resumable(name)`` (a mid-epoch checkpoint), ``end_run(reason)`` and ``finished``.
+
 To add a feature: write a :class:`Hook`, and add it in :func:`hooks_for` when its config key is on.
 """
 
 import contextlib
-import json
-import os
 
 import torch
 
@@ -71,10 +74,6 @@ def hooks_for(config, parts, run):
     hooks = []
     if parts.frozen:
         hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
-    if cfg["val_every_n_steps"]:  # before the step checkpoint: last.pth then holds the validation's outcome
-        hooks.append(StepValidation(cfg["val_every_n_steps"]))
-    if cfg["save_every_n_steps"]:
-        hooks.append(StepCheckpoint(cfg["save_every_n_steps"]))
     if run.dist.is_main and run.writer and (cfg["log_images"] or cfg["histogram_every"]):
         hooks.append(EpochVisuals(cfg["log_images"], cfg["histogram_every"], cfg["activation_histograms"]))
     if cfg["profile"] and not cfg["fast_dev_run"]:  # fast_dev_run writes nothing, a trace included
@@ -83,10 +82,6 @@ def hooks_for(config, parts, run):
 
     for more in optional_parts.call_each(config, "hooks", config, parts, run):  # the parts' (utils/parts.py)
         hooks.extend(more)
-    from trainer.sweep import STUDY_TRIAL_ENV
-
-    if os.environ.get(STUDY_TRIAL_ENV) and cfg["monitor"] != "off" and not cfg["fast_dev_run"]:
-        hooks.append(StudyReport(json.loads(os.environ[STUDY_TRIAL_ENV]), run.dist))  # a trial of sweep.py --optuna
     return hooks
 
 
@@ -130,78 +125,6 @@ class Unfreeze(Hook):
             self.unfreeze(trainer)
 
 
-class StepCheckpoint(Hook):
-    """``trainer.save_every_n_steps``: a resumable ``last.pth`` every N optimizer steps (long epochs)."""
-
-    def __init__(self, every):
-        self.every = every
-
-    def after_step(self, trainer, epoch, batch_idx):
-        if trainer.global_step % self.every == 0:
-            trainer.save_resumable("last.pth")
-
-
-class StepValidation(Hook):
-    """``trainer.val_every_n_steps``: validate every N optimizer steps, for epochs too long to wait for.
-
-    Each validation is logged (TensorBoard ``step/val_*``), updates the monitored value, writes
-    ``model_best.pth`` when it improves (a resumable checkpoint, mid-epoch like ``last.pth``),
-    and counts towards ``early_stop``, which then counts validations, not epochs. The step that
-    ends an epoch is left to the epoch's own validation, so no validation counts twice.
-    """
-
-    def __init__(self, every):
-        self.every = every
-
-    def after_step(self, trainer, epoch, batch_idx):
-        if trainer.global_step % self.every or trainer.batch_in_epoch >= trainer.batches_per_epoch():
-            return
-        result = {f"val_{k}": v for k, v in trainer.valid_epoch(epoch).items()}  # a collective under torchrun
-        trainer.forward_model.train()  # evaluate() left it in eval mode
-        step, logger = trainer.global_step, trainer.logger
-        if trainer.is_main:
-            logger.info(f"step {step} (epoch {epoch}, batch {trainer.batch_in_epoch}): "
-                        + "  ".join(f"{k} {v:.6g}" for k, v in result.items()))
-            trainer.writer.add_scalars(result, step, prefix="step/")
-        if trainer.monitor_key not in result:  # monitor off, or a training metric: monitored at the epoch's end
-            return
-        if trainer._update_monitor(result):
-            trainer.best_epoch = epoch  # the epoch in progress (the update counts the completed ones)
-            if trainer.is_main:
-                logger.info(f"{trainer.monitor_key} improved to {trainer.monitor_best:.6g} at step {step}: saving"
-                            " model_best.pth")
-            trainer.save_resumable("model_best.pth")  # every process: the epoch's running sums are gathered
-        if trainer.not_improved_count > trainer.early_stop:
-            logger.info(f"Validation performance didn't improve for {trainer.early_stop} validations. Training stops.")
-            trainer.finished = trainer.stopped_early = True
-
-
-class StudyReport(Hook):
-    """A trial of ``sweep.py --optuna``: each epoch's monitored value goes to the Optuna study, and an
-    epoch the study's pruner rejects is the run's last (``trainer.pruned_at``, and ``result.json``).
-
-    The sweep names the study and the trial in the ``SWEEP_OPTUNA_TRIAL`` environment variable.
-    Rank 0 talks to the study (one database write and read per epoch, nothing per step); under
-    torchrun it tells the other processes whether to stop.
-    """
-
-    def __init__(self, spec, info):
-        from trainer.sweep import open_study_trial
-
-        self.info = info
-        self.trial = open_study_trial(spec) if info.is_main else None
-
-    def after_epoch(self, trainer, epoch, result):
-        from utils import dist
-
-        pruned = False
-        if self.trial is not None and trainer.monitor_key in result:
-            self.trial.report(float(result[trainer.monitor_key]), epoch)
-            pruned = self.trial.should_prune()
-        if dist.broadcast_object(pruned, self.info) and not trainer.finished:
-            trainer.finished, trainer.pruned_at = True, epoch
-            trainer.logger.info(f"{trainer.monitor_key} {result[trainer.monitor_key]:.6g} at epoch {epoch}: the"
-                                " study's pruner stops this trial")
 
 
 class EpochVisuals(Hook):

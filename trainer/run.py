@@ -526,8 +526,8 @@ def log_end(run, config, trainer, metrics, seconds):
     if trainer.best_epoch is not None:
         lines.append(f"Best {trainer.monitor_key} {trainer.monitor_best:.6g} at epoch {trainer.best_epoch}"
                      f" ({best.name})")
-    if trainer.pruned_at is not None:
-        lines.append(f"Pruned by the sweep's study after epoch {trainer.pruned_at}")
+    if trainer.ended_by:
+        lines.append(f"Ended after epoch {trainer.epoch}: {trainer.ended_by}")
     if trainer.nonfinite_skips:  # a warning: visible at any verbosity
         logger.warning(f"Skipped {trainer.nonfinite_skips} steps with a non-finite loss (trainer.skip_nonfinite)")
     lines.append(f"Checkpoints: {folder}")
@@ -548,7 +548,7 @@ def log_end(run, config, trainer, metrics, seconds):
         "run_id": run.run_id, "epochs": trainer.epoch, "steps": trainer.global_step, "seconds": round(seconds, 3),
         "final": metrics, "monitor": trainer.monitor_key,
         "best": trainer.monitor_best if trainer.best_epoch is not None else None, "best_epoch": trainer.best_epoch,
-        "pruned_at": trainer.pruned_at, "test": scores, "test_checkpoint": scored.name if scores else None})
+        "ended_by": trainer.ended_by, "test": scores, "test_checkpoint": scored.name if scores else None})
 
 
 def _duration(seconds):

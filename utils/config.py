@@ -863,7 +863,6 @@ TRAINER_SCHEMA = {
     "compile": (boolean, False),
     "len_epoch": (optional(positive_int), None),
     "max_steps": (optional(positive_int), None),
-    "val_every_n_steps": (optional(positive_int), None),  # validate (monitor, early stop, model_best) by step
     "skip_nonfinite": (boolean, False),
     "deterministic": (boolean, False),
     "tf32": (boolean, True),
@@ -873,7 +872,6 @@ TRAINER_SCHEMA = {
     "log_images": (boolean, True),
     # checkpoints
     "keep_last": (optional(positive_int), None),
-    "save_every_n_steps": (optional(positive_int), None),
     # the end of a run
     "test_after_train": (boolean, True),
     # debugging and tuning (see trainer/tuning.py)

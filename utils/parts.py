@@ -70,6 +70,12 @@ PARTS = {
                        files=("parts/csv_logger.py", "tests/parts/test_csv_logger.py"), loggers=("csv",)),
     "mlflow_logger": Part("parts.mlflow_logger", "the run as an MLflow run: params, metric histories, artifacts",
                           files=("parts/mlflow_logger.py", "tests/parts/test_mlflow_logger.py"), loggers=("mlflow",)),
+    "sweep": Part("parts.sweep", "sweep.py: grid, random and Optuna searches over config keys, each trial a train.py run",
+                  files=("parts/sweep.py", "sweep.py", "tests/parts/test_sweep.py", "tests/parts/test_optuna.py"),
+                  keys=("trainer.optuna_trial",)),
+    "step_schedule": Part("parts.step_schedule", "validation and a resumable last.pth every N optimizer steps",
+                          files=("parts/step_schedule.py", "tests/parts/test_step_schedule.py"),
+                          keys=("trainer.val_every_n_steps", "trainer.save_every_n_steps")),
 }
 
 

@@ -258,7 +258,7 @@ def run_is_finished(state, config):
     if state.get("stopped_early") and not _asks_for_more(state["config"]["trainer"], cfg):
         saved = state["config"]["trainer"]
         epoch = state["epoch"] + (1 if state["batch_in_epoch"] else 0)
-        counted = "validations" if saved.get("val_every_n_steps") else "epochs"
+        counted = state.get("early_stop_counts") or "epochs"  # (a hook that validates by step saves "validations")
         return (f"the run stopped early at epoch {epoch}, step {state['global_step']}: its"
                 f" {saved['monitor'].split()[-1]} did not improve for more than trainer.early_stop={saved['early_stop']}"
                 f" {counted} (raise trainer.early_stop, or trainer.epochs, to train on)")

@@ -2,7 +2,7 @@
 
 The tiny run (conftest's): 13 optimizer steps per epoch, 2 epochs = steps 1..26; with
 ``log_every_n_steps`` 4 the logged steps are 4, 8, ..., 24 and the epochs end at steps
-13 and 26. The crash: ``save_every_n_steps`` 8 writes last.pth at steps 8, 16 and 24;
+13 and 26. The crash: a last.pth every 8 steps (conftest's save_last_every) at steps 8, 16 and 24;
 the process dies at step 20 (after logging it), resumes from last.pth (step 16) and runs
 to the end. Resuming on the CPU is bit-exact, so the resumed run's values equal an
 uninterrupted run's, and the file must show exactly those: one value per step and tag.
@@ -42,7 +42,7 @@ def crash_at(monkeypatch, step):
 
 def crashed_and_resumed(tmp_path, monkeypatch, loggers):
     """Run to step CRASH_STEP, die, resume from last.pth; returns (metrics, run folder, log folder)."""
-    config = config_with(tmp_path, loggers, save_every_n_steps=8)
+    config = config_with(tmp_path, loggers)  # (the test has armed save_last_every(8))
     with monkeypatch.context() as patch:
         crash_at(patch, CRASH_STEP)
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -121,7 +121,8 @@ def test_csv_beside_tensorboard_gets_the_same_scalars(tmp_path):
         assert events == [(r["step"], pytest.approx(r["value"])) for r in rows if r["tag"] == tag], tag
 
 
-def test_csv_after_a_crash_and_mid_epoch_resume_has_each_step_once(tmp_path, monkeypatch):
+def test_csv_after_a_crash_and_mid_epoch_resume_has_each_step_once(tmp_path, monkeypatch, save_last_every):
+    save_last_every(8)
     reference = read_metrics_csv(_run_to_end(tmp_path / "ref", ["csv"]) / "metrics.csv")
     metrics, _, log_dir = crashed_and_resumed(tmp_path / "crash", monkeypatch, ["csv"])
     rows = read_metrics_csv(log_dir / "metrics.csv")
@@ -135,5 +136,5 @@ def test_csv_after_a_crash_and_mid_epoch_resume_has_each_step_once(tmp_path, mon
 
 
 def _run_to_end(root, loggers):
-    train(config_with(root, loggers, save_every_n_steps=8), run_id="r")
+    train(config_with(root, loggers), run_id="r")
     return root / "saved/log/tiny/r"

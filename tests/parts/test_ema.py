@@ -94,15 +94,16 @@ def test_ema_weights_are_what_validation_and_test_score(tiny_config):
     assert tested["loss"] == pytest.approx(score(state["ema"]["weights"], training=False)["loss"], rel=1e-12)
 
 
-def test_ema_resumes_bit_exactly_at_an_epoch_and_mid_epoch(tiny_config):
-    whole = _ema_config(tiny_config, trainer__epochs=3, trainer__save_every_n_steps=7)
+def test_ema_resumes_bit_exactly_at_an_epoch_and_mid_epoch(tiny_config, save_last_every):
+    save_last_every(7)
+    whole = _ema_config(tiny_config, trainer__epochs=3)
     run.train(whole, run_id="whole")
     end = load(run_dir(whole, "whole") / "checkpoint-epoch3.pth")
     for resume_from in ("checkpoint-epoch1.pth", "last.pth"):
         source = run_dir(whole, "whole") / resume_from
         short = _ema_config(tiny_config, name="part", trainer__epochs=3)
         if resume_from == "last.pth":  # a last.pth of step 7 (mid-epoch 1) from a run that stopped there
-            run.train(with_changes(short, trainer__max_steps=7, trainer__save_every_n_steps=7), run_id=resume_from)
+            run.train(with_changes(short, trainer__max_steps=7), run_id=resume_from)
         else:
             run.train(with_changes(short, trainer__epochs=1), run_id=resume_from)
         source = run_dir(short, resume_from) / resume_from

@@ -2,7 +2,7 @@
 
 The tiny run (conftest's): 13 optimizer steps per epoch, 2 epochs = steps 1..26; with
 ``log_every_n_steps`` 4 the logged steps are 4, 8, ..., 24 and the epochs end at steps
-13 and 26. The crash: ``save_every_n_steps`` 8 writes last.pth at steps 8, 16 and 24;
+13 and 26. The crash: a last.pth every 8 steps (conftest's save_last_every) at steps 8, 16 and 24;
 the process dies at step 20 (after logging it), resumes from last.pth (step 16) and runs
 to the end. Each MLflow history is checked against the csv logger's metrics.csv of the
 same run: one value per step and tag, the same values.
@@ -40,7 +40,7 @@ def config_with(tmp_path, loggers, **trainer):
 
 def crashed_and_resumed(tmp_path, monkeypatch, loggers):
     """Run to step CRASH_STEP, die (an exception, as a crash would), resume from last.pth (step RESUMED_FROM)."""
-    config = config_with(tmp_path, loggers, save_every_n_steps=8)
+    config = config_with(tmp_path, loggers)  # (the test has armed save_last_every(8))
     original = Trainer.log_step
 
     def log_then_crash(self, *args):
@@ -149,7 +149,8 @@ def test_mlflow_log_checkpoints_false_skips_the_weights(tmp_path):
 
 
 @needs_mlflow
-def test_mlflow_resume_is_the_same_run_with_one_history(tmp_path, monkeypatch):
+def test_mlflow_resume_is_the_same_run_with_one_history(tmp_path, monkeypatch, save_last_every):
+    save_last_every(8)
     loggers = ["csv", {"type": "mlflow"}]
     metrics, folder, log_dir = crashed_and_resumed(tmp_path, monkeypatch, loggers)
     client = client_for(tmp_path / "saved")

@@ -129,7 +129,7 @@ def test_a_warned_job_requeues_itself_resumes_and_ends_as_if_left_alone(tmp_path
     from tests.test_distributed import NAME, tiny_config
 
     save_dir = tmp_path / "saved"
-    config = tiny_config(save_dir, epochs=EPOCHS, save_every_n_steps=10, log_every_n_steps=5)
+    config = tiny_config(save_dir, epochs=EPOCHS, log_every_n_steps=5)  # (SIGUSR1 at step 20 writes last.pth)
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config))
 

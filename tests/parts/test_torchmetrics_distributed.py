@@ -37,11 +37,13 @@ AUROC = {"type": "torchmetrics.classification.MulticlassAUROC", "args": {"num_cl
 KEYS = ["multiclass_f1_score", "auroc", "val_multiclass_f1_score", "val_auroc"]
 CONFUSION = importlib.util.find_spec("parts.confusion") is not None  # another part: its files may be deleted
 
-# Like tests/test_distributed.py's driver, and it records each training batch's (output, target) per rank.
+# Like tests/test_distributed.py's driver (a job's "save_last_every" too), and it records each training batch's
+# (output, target) per rank.
 DRIVER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
+from tests.conftest import add_hooks, save_last_hook
 from trainer import build, run
 
 rank = int(os.environ["RANK"])
@@ -69,7 +71,9 @@ else:
     confusion.confusion_image = lambda counts, names: drawn.append(int(counts.sum())) or image(counts, names)
 for job in json.load(open(sys.argv[1])):
     del records[:], drawn[:]
+    undo = add_hooks(save_last_hook(job["save_last_every"])) if job.get("save_last_every") else lambda: None
     metrics = run.train(job["config"], resume=job.get("resume"), run_id=job.get("run_id"))
+    undo()
     torch.save(records, f"{{job['out']}}.rank{{rank}}.records.pt")
     with open(f"{{job['out']}}.rank{{rank}}.drawn.json", "w") as f:
         json.dump(drawn, f)
@@ -118,10 +122,10 @@ def runs(tmp_path_factory, torchrun):
     confusion matrix on (where that part is). Launch 2: that ``last.pth`` resumed by 2 processes."""
     tmp = tmp_path_factory.mktemp("tm_dist")
     torchrun.jobs(tmp, DRIVER, [
-        {"config": config(tmp / "full", save_every_n_steps=20, confusion_matrix=CONFUSION, tensorboard=True),
+        {"config": config(tmp / "full", confusion_matrix=CONFUSION, tensorboard=True), "save_last_every": 20,
          "run_id": "full", "out": str(tmp / "full")},
         # a last.pth after the epoch's last batch (step 14 of 14), before the epoch's end
-        {"config": config(tmp / "edge", save_every_n_steps=BATCHES, epochs=1), "run_id": "edge",
+        {"config": config(tmp / "edge", epochs=1), "save_last_every": BATCHES, "run_id": "edge",
          "out": str(tmp / "edge")},
     ], "first", check=True)
     resumes = []

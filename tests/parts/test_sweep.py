@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from trainer.sweep import configurations, parse_grid, parse_random, sweep_command
+from parts.sweep import configurations, parse_grid, parse_random, sweep_command
 
 
 def write_config(tmp_path, **trainer):
@@ -92,30 +92,6 @@ def test_seeds_and_folds_are_summarised_as_mean_and_std_of_the_trials(tmp_path, 
     assert float(row["val_accuracy_mean"]) == pytest.approx(statistics.fmean(accuracy), rel=1e-5)
 
 
-def test_folds_partition_the_training_data_the_same_way_for_every_seed():
-    from data_loader.data_loaders import SyntheticDataLoader
-
-    loaders = {(seed, k): SyntheticDataLoader(num_samples=100, input_shape=(4,), num_classes=2, seed=seed, fold=[k, 3])
-               for seed in (0, 7) for k in range(3)}
-    valid = {key: set(loader.valid_idx.tolist()) for key, loader in loaders.items()}
-    for seed in (0, 7):
-        folds = [valid[(seed, k)] for k in range(3)]
-        assert sum(map(len, folds)) == 80 and set().union(*folds) == set(range(80))  # disjoint, covering
-        for k in range(3):
-            train = set(loaders[(seed, k)].sampler.indices.tolist())
-            assert not train & folds[k] and train | folds[k] == set(range(80))
-    assert all(valid[(0, k)] == valid[(7, k)] for k in range(3))
-
-
-@pytest.mark.parametrize("fold", [[3, 3], [0, 1], "0/3", [-1, 3]])
-def test_a_bad_fold_is_one_line(fold):
-    from data_loader.data_loaders import SyntheticDataLoader
-    from utils.errors import UserError
-
-    with pytest.raises(UserError, match=r"data_loader.args.fold: .*expected \[k, K\]"):
-        SyntheticDataLoader(num_samples=50, input_shape=(4,), fold=fold)
-
-
 def test_random_search_is_seeded_and_stays_in_its_ranges():
     space = parse_random(["optimizer.args.lr=loguniform:1e-4:1e-1", "arch.args.width=choice:16,32,64",
                           "trainer.epochs=int:1:3", "optimizer.args.momentum=uniform:0.5:0.99"])
@@ -172,7 +148,7 @@ def test_bad_sweep_flags_are_one_line_before_anything_is_written(flags, named, t
 def test_a_random_search_resumes_its_own_folder(tmp_path):
     path = write_config(tmp_path)
     space = parse_random(["optimizer.args.lr=loguniform:1e-4:1e-1", "arch.args.hidden_sizes=choice:[16],[8,8]"])
-    from trainer.sweep import Sweep
+    from parts.sweep import Sweep
 
     first = Sweep(path, [], space=space, trials=3, name="again")
     first.save()
@@ -181,7 +157,7 @@ def test_a_random_search_resumes_its_own_folder(tmp_path):
 
 
 def test_drawn_values_are_shown_short_and_kept_whole():
-    from trainer.sweep import short
+    from parts.sweep import short
 
     assert short("optimizer.args.lr=0.044303752452182654") == "optimizer.args.lr=0.0443"
     assert short("optimizer.args.lr=1e-05") == "optimizer.args.lr=1e-05"

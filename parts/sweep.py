@@ -1,5 +1,10 @@
 """Experiments: a grid or seeded random search over config keys, repeated over seeds and folds, or an Optuna
-study; resumable.
+study; resumable. The command is ``sweep.py``.
+
+A part (utils/parts.py): delete this file, ``sweep.py``, tests/parts/test_sweep.py and
+tests/parts/test_optuna.py, and training is as before. It owns one config key,
+``trainer.optuna_trial``, which only the sweep sets: it tells a trial's run which study to
+report its epochs to (:class:`StudyReport`).
 
 A sweep is a folder, ``<save_dir>/sweeps/<name>/``, holding its state (``sweep.json``),
 every trial's run (``models/<config name>/trial-NNN``, ``log/...``), the summary
@@ -22,7 +27,6 @@ import io
 import itertools
 import json
 import math
-import os
 import random
 import signal
 import statistics
@@ -31,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.hooks import Hook
 from utils.config import apply_overrides, check_path_component, load_config, parse_value, validate_config
 from utils.errors import UserError
 from utils.io import write_json
@@ -146,7 +151,7 @@ def trial_overrides(trial, folds):
 
 FINISHED = ("done", "failed", "pruned")  # a trial in one of these states is never run again
 STUDY, PLOT = "study.db", "plot.png"
-STUDY_TRIAL_ENV = "SWEEP_OPTUNA_TRIAL"  # tells an Optuna trial's run its study and trial (trainer/hooks.py, StudyReport)
+PRUNED = "pruned by the study of sweep.py --optuna"  # a pruned trial's result.json "ended_by" (StudyReport)
 
 
 def monitored_value(result):
@@ -218,22 +223,23 @@ class Sweep:
             self.save()
         return self.summarize()
 
-    def _command(self, trial):
+    def _command(self, trial, extra=()):
         # -r auto: a trial started before (the sweep was interrupted) continues from its newest checkpoint,
         # a new one starts; a finished one says so and exits 0.
         launcher = [sys.executable]
         if self.nproc:
             launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}"]
         return launcher + [str(ROOT / "train.py"), "-c", self.config_path, *self.overrides, *trial["overrides"],
-                           f"trainer.save_dir={self.folder}", "--run-id", trial["id"], "-r", "auto"]
+                           *extra, f"trainer.save_dir={self.folder}", "--run-id", trial["id"], "-r", "auto"]
 
-    def _run_trial(self, trial, out, env=None):
-        """Run one trial and record how it ended; raises KeyboardInterrupt (state saved) when the sweep is stopped."""
+    def _run_trial(self, trial, out, extra=()):
+        """Run one trial (``extra``: overrides of this run alone) and record how it ended; raises KeyboardInterrupt
+        (state saved) when the sweep is stopped."""
         trial["status"] = "running"
         self.save()
         started = time.perf_counter()
         try:
-            proc = subprocess.run(self._command(trial), cwd=ROOT, capture_output=True, text=True, env=env)
+            proc = subprocess.run(self._command(trial, extra), cwd=ROOT, capture_output=True, text=True)
         except KeyboardInterrupt:  # Ctrl-C reached the sweep while it waited: the trial is cut short with it
             proc = None
         trial["seconds"] = round(time.perf_counter() - started + trial.get("seconds", 0), 3)
@@ -246,9 +252,9 @@ class Sweep:
             trial["result"] = json.loads(result.read_text())
             shown = f"{trial['result']['monitor'] or 'loss'} {monitored_value(trial['result']):.6g}"
             trial["status"] = "done"
-            if trial["result"].get("pruned_at") is not None:
+            if trial["result"].get("ended_by") == PRUNED:
                 trial["status"] = "pruned"
-                shown = f"PRUNED after epoch {trial['result']['pruned_at']} ({shown})"
+                shown = f"PRUNED after epoch {trial['result']['epochs']} ({shown})"
         else:
             lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
             trial["status"], trial["reason"] = "failed", (lines[-1] if lines else f"exit code {proc.returncode}")[:500]
@@ -307,7 +313,7 @@ class Sweep:
         pruned = [t for t in self.state["trials"] if t["status"] == "pruned"]
         if pruned:
             md += ["", "Pruned trials (stopped early by the study's pruner; not in the table):",
-                   *(f"- {t['id']} ({' '.join(t['overrides'])}): after epoch {t['result']['pruned_at']},"
+                   *(f"- {t['id']} ({' '.join(t['overrides'])}): after epoch {t['result']['epochs']},"
                      f" {t['result']['monitor']} {monitored_value(t['result']):.4g}" for t in pruned)]
         failed = [t for t in self.state["trials"] if t["status"] == "failed"]
         if failed:
@@ -415,6 +421,60 @@ def open_study_trial(spec):
     return optuna.trial.Trial(study, trial_id)
 
 
+# ------------------------------------------------------------------ in a trial's run: trainer.optuna_trial
+
+TRIAL_KEY = "optuna_trial"  # trainer.optuna_trial: {"storage", "study", "trial", "pruner"}, set by the sweep
+
+
+def check(config):
+    """``trainer.optuna_trial``, as :meth:`OptunaSweep._run_study_trial` sets it (null when the run is no trial)."""
+    value = config["trainer"].get(TRIAL_KEY)
+    ok = (isinstance(value, dict) and set(value) == {"storage", "study", "trial", "pruner"}
+          and isinstance(value["storage"], str) and isinstance(value["study"], str) and isinstance(value["pruner"], str)
+          and isinstance(value["trial"], int) and not isinstance(value["trial"], bool) and value["trial"] >= 0)
+    if ok:
+        try:
+            parse_pruner(value["pruner"])
+        except UserError:
+            ok = False
+    return [] if ok else [f"trainer.{TRIAL_KEY}: got {json.dumps(value)}, expected null, or what sweep.py --optuna"
+                          ' sets: {"storage": URL, "study": NAME, "trial": NUMBER, "pruner": PRUNER}']
+
+
+def hooks(config, parts, run):
+    cfg = config["trainer"]
+    if not cfg.get(TRIAL_KEY) or cfg["monitor"] == "off" or cfg["fast_dev_run"]:
+        return []
+    return [StudyReport(cfg[TRIAL_KEY], run.dist)]
+
+
+class StudyReport(Hook):
+    """A trial of ``sweep.py --optuna``: each epoch's monitored value goes to the Optuna study, and an
+    epoch the study's pruner rejects is the run's last (``trainer.end_run``: ``result.json`` says
+    ``"ended_by": PRUNED``, which the sweep reads).
+
+    The sweep names the study and the trial in ``trainer.optuna_trial``. Rank 0 talks to the study
+    (one database write and read per epoch, nothing per step); under torchrun it tells the other
+    processes whether to stop.
+    """
+
+    def __init__(self, spec, info):
+        self.info = info
+        self.trial = open_study_trial(spec) if info.is_main else None
+
+    def after_epoch(self, trainer, epoch, result):
+        from utils import dist
+
+        pruned = False
+        if self.trial is not None and trainer.monitor_key in result:
+            self.trial.report(float(result[trainer.monitor_key]), epoch)
+            pruned = self.trial.should_prune()
+        if dist.broadcast_object(pruned, self.info) and not trainer.finished:
+            trainer.end_run(PRUNED)
+            trainer.logger.info(f"{trainer.monitor_key} {result[trainer.monitor_key]:.6g} at epoch {epoch}: the"
+                                " study's pruner stops this trial")
+
+
 def _category(value):
     # Optuna's categories are None, bools, numbers and strings: a list is kept as its JSON text
     return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
@@ -426,11 +486,12 @@ class OptunaSweep(Sweep):
     The study is ``study.db`` (SQLite) in the sweep's folder, named after the folder; it
     minimizes or maximizes each trial's best monitored value, as ``trainer.monitor`` says.
     A trial's run reports every epoch's monitored value to the study and stops when the pruner
-    says so (trainer/hooks.py, :class:`~trainer.hooks.StudyReport`): that trial is recorded as
-    pruned. Running the same command again resumes the study: finished trials are kept, an
-    interrupted trial is run again under its own trial number and parameters (continuing from
-    its newest checkpoint, its earlier epochs' reports kept), and then new trials are asked for
-    until the study has ``--trials`` of them; a larger ``--trials`` extends a finished study.
+    says so (:class:`StudyReport`, which the sweep turns on in the trial's run with
+    ``trainer.optuna_trial``): that trial is recorded as pruned. Running the same command again
+    resumes the study: finished trials are kept, an interrupted trial is run again under its own
+    trial number and parameters (continuing from its newest checkpoint, its earlier epochs'
+    reports kept), and then new trials are asked for until the study has ``--trials`` of them;
+    a larger ``--trials`` extends a finished study.
     """
 
     def __init__(self, config_path, overrides, space, trials, direction="auto", pruner="median", sweep_seed=0,
@@ -528,7 +589,7 @@ class OptunaSweep(Sweep):
     def _run_study_trial(self, study, trial, out):
         spec = {"storage": self.storage, "study": self.folder.name, "trial": trial["number"], "pruner": self.pruner}
         # Ctrl-C: _run_trial raises, and the study's trial stays running, to be resumed by the next run
-        self._run_trial(trial, out, env={**os.environ, STUDY_TRIAL_ENV: json.dumps(spec)})
+        self._run_trial(trial, out, extra=[f"trainer.{TRIAL_KEY}={json.dumps(spec)}"])
         self._tell(study, trial)
 
     def _tell(self, study, trial):

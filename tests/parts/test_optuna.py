@@ -1,5 +1,6 @@
 """Optuna studies through sweep.py: resumed from their study.db, trials pruned through their epoch reports, the plot."""
 
+import json
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from test_sweep import trials_of, write_config
-from trainer.sweep import PLOT, Sweep, parse_random, plot_figure, sweep_command
+from parts.sweep import PLOT, PRUNED, Sweep, parse_random, plot_figure, sweep_command
 
 LR = "optimizer.args.lr"
 
@@ -29,7 +30,13 @@ def test_a_study_resumes_from_its_database_and_prunes_through_the_epoch_reports(
     first = trials_of(folder)
     assert [(t["id"], t["status"], t["params"]) for t in first] == [("trial-000", "done", {LR: 0.1}),
                                                                    ("trial-001", "pruned", {LR: 1e-5})]
-    assert first[1]["result"]["pruned_at"] == 1 and first[1]["result"]["epochs"] == 1  # stopped after epoch 1
+    assert first[1]["result"]["ended_by"] == PRUNED and first[1]["result"]["epochs"] == 1  # stopped after epoch 1
+    assert first[0]["result"]["ended_by"] is None
+    # each trial's run was told its study and trial number by the config key the sweep part owns
+    told = [json.loads((folder / "models/tiny" / t["id"] / "config.json").read_text())["trainer"]["optuna_trial"]
+            for t in first]
+    assert [(t["study"], t["trial"], t["pruner"]) for t in told] == [("o", 0, "median:1:0"), ("o", 1, "median:1:0")]
+    assert f"Ended after epoch 1: {PRUNED}" in (folder / "log/tiny/trial-001/info.log").read_text()
     assert "trial-001" in out and "PRUNED after epoch 1" in out
     summary = (folder / "summary.md").read_text()
     assert "Pruned trials" in summary and "trial-001" in summary and "Failed" not in summary
@@ -73,7 +80,7 @@ def test_the_plot_has_a_panel_per_key_and_is_skipped_with_a_note_without_matplot
     path = write_config(tmp_path)
     space = parse_random([f"{LR}=loguniform:1e-4:1e-1", "arch.args.hidden_sizes=choice:[16],[8,8]"])
     sweep = Sweep(path, [], space=space, trials=3, name="p")
-    results = [{"best": best, "final": {"val_loss": best}, "monitor": "val_loss", "pruned_at": None}
+    results = [{"best": best, "final": {"val_loss": best}, "monitor": "val_loss", "ended_by": None}
                for best in (0.9, 0.7, 1.1)]
     for trial, result, status in zip(sweep.state["trials"], results, ("done", "done", "pruned")):
         trial.update(status=status, result=result)
@@ -119,7 +126,7 @@ def test_a_study_of_the_other_direction_is_one_line(tmp_path, capsys):
 def test_the_monitor_is_part_of_what_names_a_study_folder(tmp_path):
     path = write_config(tmp_path)
     space = parse_random([f"{LR}=loguniform:1e-5:0.5"], "--optuna")
-    from trainer.sweep import OptunaSweep
+    from parts.sweep import OptunaSweep
 
     low = OptunaSweep(str(path), [], space, 2)
     assert write_config(tmp_path, monitor="max val_accuracy") == path  # the same file, edited
