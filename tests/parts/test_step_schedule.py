@@ -3,13 +3,14 @@
 The tiny run (conftest's, 3 epochs): 13 optimizer steps an epoch (208 samples in batches of 16).
 """
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from conftest import assert_states_identical, make_config, with_changes
 from base.base_trainer import RunStopped
-from test_cluster import fake_clock, load, models_dir, snapshot, uninterrupted, write_config  # noqa: F401 (a fixture)
+from test_cluster import load, models_dir, signal_at_step, snapshot, uninterrupted, write_config
 from trainer import run
 from trainer.cli import train_command
 from utils import parts
@@ -64,7 +65,7 @@ def test_fast_dev_run_writes_no_step_checkpoint_but_says_it_would(config, capsys
 # ---------------------------------------------------------------- trainer.val_every_n_steps
 
 
-def test_validation_by_step_writes_a_mid_epoch_best_model_that_resumes_exactly(config, fake_clock):
+def test_validation_by_step_writes_a_mid_epoch_best_model_that_resumes_exactly(config):
     by_step = with_changes(config, trainer__val_every_n_steps=6, trainer__verbosity=1)
     reference = uninterrupted(by_step)
     log = (Path(config["trainer"]["save_dir"]) / "log/whole/w/info.log").read_text()
@@ -72,9 +73,9 @@ def test_validation_by_step_writes_a_mid_epoch_best_model_that_resumes_exactly(c
     steps = [int(line.split("step ")[1].split()[0]) for line in log.splitlines() if "(epoch" in line and ": val_loss" in line]
     assert steps == [6, 12, 18, 24, 30, 36]
 
-    # The first validation always improves (on infinity): out of time at step 7, model_best.pth is step 6's.
-    with pytest.raises(RunStopped):
-        run.train(with_changes(by_step, trainer__max_time="00:00:00:07"), run_id="v")
+    # The first validation always improves (on infinity): stopped by SIGTERM at step 7, model_best.pth is step 6's.
+    with signal_at_step(signal.SIGTERM, 7), pytest.raises(RunStopped):
+        run.train(by_step, run_id="v")
     best = models_dir(config, "v") / "model_best.pth"
     state = load(best)
     assert (state["global_step"], state["batch_in_epoch"], state["epoch"]) == (6, 6, 0)
