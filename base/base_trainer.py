@@ -7,6 +7,7 @@ state), and the data order is a pure function of the seed and the epoch, so a ru
 resumed from it ends bit-identical to the run left alone (on the CPU).
 """
 
+import contextlib
 import logging
 import math
 import re
@@ -32,7 +33,7 @@ class RunStopped(Exception):
         self.exit_code = exit_code
         self.logged = logged  # already said in the run's log: the command line need not repeat it
         # Under torchrun: whether every process stops here at the same point (an agreed stop), so that they can
-        # wait for each other before leaving; False when this process stops on its own (see trainer/tuning.py).
+        # wait for each other before leaving; False when this process stops on its own (out of memory, say).
         self.together = together
 
 
@@ -96,6 +97,8 @@ class Run:
     ``resumed_from`` is the checkpoint the run continues from (None for a new run);
     ``keep_last`` never deletes it. ``branched_from`` describes the run folder it came from
     when a resume continues in a new folder rather than overwrite later checkpoints.
+    ``writes`` is False for a dry run (``fast_dev_run``): no folder, checkpoint, log file or
+    event is written, and the log says what would have been.
     """
 
     run_id: str
@@ -106,6 +109,7 @@ class Run:
     dist: DistInfo = field(default_factory=DistInfo)
     resumed_from: Any = None
     branched_from: Any = None
+    writes: bool = True
 
 
 class BaseTrainer:
@@ -151,8 +155,10 @@ class BaseTrainer:
 
     def train(self):
         """Train from the current state to the end; returns the last epoch's metrics."""
-        restore = self._install_signal_handlers()
-        try:
+        with contextlib.ExitStack() as hooks:
+            for hook in self.hooks:  # each hook's context around the whole of training (anomaly mode, say)
+                hooks.enter_context(hook.training(self))
+            hooks.callback(self._install_signal_handlers())  # (restores the previous handlers on the way out)
             while self.epoch < self.epochs and not self.finished:
                 epoch = self.epoch + 1
                 self.before_epoch(epoch)
@@ -161,8 +167,6 @@ class BaseTrainer:
                     self._stop_for_signal()
                 result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})
                 self._end_epoch(epoch, result)
-        finally:
-            restore()
         return self.final_metrics
 
     def before_epoch(self, epoch):
@@ -282,8 +286,12 @@ class BaseTrainer:
             hook.load_state_dict(self, state)
 
     def save(self, filename):
-        """Write a checkpoint of the current state into the run's checkpoint folder, crash-safely."""
+        """Write a checkpoint of the current state into the run's checkpoint folder, crash-safely (a dry run says
+        what it would write)."""
         path = Path(self.run.checkpoint_dir) / filename
+        if not self.run.writes:
+            self.logger.info(f"dry run: would write {path}")
+            return path
         save_checkpoint(self.state_dict(), path)
         self.logger.debug(f"Saved checkpoint: {path}")
         return path

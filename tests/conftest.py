@@ -98,6 +98,18 @@ def assert_states_identical(a, b):
 
 
 @pytest.fixture
+def steps():
+    """The parameters after every optimizer step, as one flat tensor each."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    seen = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append(
+        torch.cat([p.detach().flatten().clone() for g in opt.param_groups for p in g["params"]])))
+    yield seen
+    handle.remove()
+
+
+@pytest.fixture
 def interrupt_at_step():
     """Send this process SIGINT from inside optimizer step ``n`` (``interrupt_at_step(n)``), as a Ctrl-C would arrive."""
     import os

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer import run
-from conftest import make_config
+from conftest import make_config, with_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,3 +106,93 @@ def test_model_printout_shows_parameter_count():
 
     text = str(MLP(input_size=4, hidden_sizes=[3], num_classes=2))
     assert "Trainable parameters: 23" in text  # 4*3+3 + 3*2+2
+
+
+def test_steps_and_samples_per_second_go_to_tensorboard(tiny_config):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    config = with_changes(tiny_config, trainer__tensorboard=True, trainer__log_every_n_steps=4)
+    run.train(config, run_id="tb")
+    acc = event_accumulator.EventAccumulator(str(Path(config["trainer"]["save_dir"]) / "log" / "tiny" / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("perf/steps_per_s")]
+    assert steps == [4, 8, 12, 16, 20, 24]
+    for s, n in zip(acc.Scalars("perf/steps_per_s"), acc.Scalars("perf/samples_per_s")):
+        assert s.value > 0 and n.value == pytest.approx(16 * s.value, rel=1e-5)
+
+
+def _with_hook(monkeypatch, hook):
+    from trainer import trainer as trainer_module
+
+    original = trainer_module.hooks_for
+    monkeypatch.setattr(trainer_module, "hooks_for", lambda *args: [*original(*args), hook])
+
+
+def _failing_forward(monkeypatch, at):
+    """The ``at``-th training forward of the MLP raises (before drawing any random number)."""
+    from model.model import MLP
+
+    original, count = MLP.forward, [0]
+
+    def forward(self, x):
+        if self.training:
+            count[0] += 1
+            if count[0] == at:
+                raise RuntimeError("injected")
+        return original(self, x)
+
+    monkeypatch.setattr(MLP, "forward", forward)
+
+
+def test_a_hook_may_redo_an_epoch_after_an_error_and_runs_its_context_around_training(tiny_config, monkeypatch):
+    """The moments trainer/hooks.py offers a part: ``training`` around the whole of training, and ``on_train_error``,
+    whose function runs once the error is let go and names the batch to go on from."""
+    from trainer.hooks import Hook
+
+    class Recover(Hook):
+        events = []
+
+        def training(self, trainer):
+            self.events.append("enter")
+            return _Exit(self.events)
+
+        def on_train_error(self, trainer, epoch, error):
+            self.events.append(f"error at epoch {epoch}, batch {trainer.batch_in_epoch}: {error}")
+            return lambda: self.events.append(sys.exc_info()[0]) or trainer.batch_in_epoch
+
+    plain = run.train(tiny_config, run_id="plain")
+    _with_hook(monkeypatch, Recover())
+    _failing_forward(monkeypatch, at=18)  # epoch 2 (13 batches each), its 5th batch
+    recovered = run.train(tiny_config, run_id="recovered")
+    assert Recover.events == ["enter", "error at epoch 2, batch 4: injected", None, "exit"]
+    assert recovered == plain  # the batch was redone: the same run, to the bit
+    folder = Path(tiny_config["trainer"]["save_dir"]) / "models" / "tiny"
+    a, b = (torch.load(folder / r / "checkpoint-epoch2.pth", weights_only=True) for r in ("plain", "recovered"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_an_error_no_hook_takes_propagates(tiny_config, monkeypatch):
+    from trainer.hooks import Hook
+
+    events = []
+
+    class Context(Hook):
+        def training(self, trainer):
+            return _Exit(events)
+
+    _with_hook(monkeypatch, Context())
+    _failing_forward(monkeypatch, at=3)
+    with pytest.raises(RuntimeError, match="injected"):
+        run.train(tiny_config)
+    assert events == ["exit"]  # the context was left on the way out
+
+
+class _Exit:
+    def __init__(self, events):
+        self.events = events
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.events.append("exit")

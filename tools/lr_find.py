@@ -1,6 +1,6 @@
 """Find a learning rate: ``python tools/lr_find.py -c CONFIG [key.path=VALUE ...]``.
 
-Runs the exponential learning-rate range test (trainer/tuning.py: :func:`lr_range_test`)
+Runs the exponential learning-rate range test (parts/lr_finder.py, the lr_finder part)
 on a copy of the config's model and optimizer: the learning rate rises geometrically from
 ``--min-lr`` to ``--max-lr`` over ``--steps`` training batches, until the loss diverges.
 Prints the suggested learning rate (where the smoothed loss falls fastest) and the command
@@ -30,30 +30,6 @@ def parser():
     return p
 
 
-def find_lr(config, min_lr=1e-7, max_lr=10.0, steps=100, out=None):
-    """Run the range test for ``config`` (a dict); returns ``(suggestion or None, path of the PNG)``."""
-    import torch
-
-    from trainer import build, tuning
-    from trainer.run import build_parts, checked_config
-    from utils.seed import seed_everything
-
-    config, _ = checked_config(config)
-    device = build.resolve_device(config["device"])
-    seed_everything(config["seed"])
-    parts = build_parts(config, device)
-    parts.data_loader.to(device)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
-    autocast = torch.autocast(device.type, dtype=amp) if amp == torch.bfloat16 else None  # fp16 would need a scaler
-    lrs, losses, suggestion = tuning.lr_range_test(parts.model, parts.optimizer, parts.criterion, parts.data_loader,
-                                                   device, min_lr, max_lr, steps, autocast=autocast)
-    if not lrs:
-        raise ValueError(f"the loss was not finite even at {min_lr}: lower --min-lr")
-    out = Path(out) if out else Path(config["trainer"]["save_dir"]) / "lr_find" / f"{config['name']}.png"
-    tuning.plot_png(out, lrs, losses, suggestion, title=f"{config['name']}: loss against learning rate")
-    return suggestion, out, lrs
-
-
 def main(argv=None):
     """The command line; returns the exit code."""
     from trainer.cli import run_command, overrides_of
@@ -63,6 +39,7 @@ def main(argv=None):
         parser().error("needs --steps >= 3 and 0 < --min-lr < --max-lr")
 
     def run():
+        from parts.lr_finder import find_lr
         from utils.config import apply_overrides, load_config
 
         config = apply_overrides(load_config(args.config), overrides_of(args))

@@ -19,9 +19,34 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
 
 
+# The shortcut flags, in one table: (flags, the config key, argparse options). A shortcut only writes the override
+# ``KEY=VALUE`` (:func:`overrides_of`), so it means what the override means: a key of a part whose files are deleted
+# gets the same line. The first is every command's, the others train.py's.
+SHORTCUTS = (
+    (("-d", "--device"), "device", {"help": 'device: "auto", "cpu", "cuda", "cuda:N" or "mps"'}),
+    (("--lr",), "optimizer.args.lr", {"type": float, "help": "the learning rate"}),
+    (("--bs",), "data_loader.args.batch_size", {"type": int, "help": "the batch size per process"}),
+    (("--fast-dev-run",), "trainer.fast_dev_run",
+     {"type": int, "metavar": "N", "help": "N training and N validation batches, one epoch, nothing written"}),
+    (("--overfit-batches",), "trainer.overfit_batches",
+     {"type": int, "metavar": "N", "help": "train and validate on the same N batches, unshuffled, unaugmented"}),
+    (("--detect-anomaly",), "trainer.detect_anomaly", {"action": "store_const", "const": "true",
+     "help": "autograd anomaly mode: name the operation whose backward made a NaN"}),
+)
+
+
+def _dest(flags):
+    return flags[-1].lstrip("-").replace("-", "_")
+
+
+def _add_shortcuts(parser, rows):
+    for flags, key, options in rows:
+        parser.add_argument(*flags, **{**options, "help": f"{options['help']} ({key}=...)"})
+
+
 def _parser(description):
     parser = CommandParser(description=description)
-    parser.add_argument("-d", "--device", help='device: "auto", "cpu", "cuda", "cuda:N" or "mps" (the config\'s "device")')
+    _add_shortcuts(parser, SHORTCUTS[:1])
     parser.add_argument("overrides", nargs="*", metavar="key.path=VALUE",
                         help="change any config key; the value is read as JSON, else as a string")
     return parser
@@ -34,21 +59,13 @@ def train_parser():
                         " and --run-id or the config's name alone): the run's newest resumable checkpoint, or a fresh"
                         " start when it has none, so the same command can be re-run after any interruption")
     parser.add_argument("--run-id", help="name of the run folder (default: the start time)")
-    parser.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=VALUE")
-    parser.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=VALUE")
     parser.add_argument("--init-from", help="start a new run from this checkpoint's model weights (fine-tuning)")
     parser.add_argument("--init-from-strict", choices=("true", "false"), default="true",
                         help="whether --init-from must match every key (default true)")
     parser.add_argument("--overwrite", action="store_true",
                         help="with -r: continue in the checkpoint's folder even if it holds later checkpoints"
                              " (by default such a resume continues in a new folder)")
-    debug = parser.add_argument_group("when a run misbehaves (shortcuts for trainer.* keys)")
-    debug.add_argument("--fast-dev-run", type=int, metavar="N",
-                       help="N training and N validation batches, one epoch, nothing written (trainer.fast_dev_run=N)")
-    debug.add_argument("--overfit-batches", type=int, metavar="N",
-                       help="train and validate on the same N batches, unshuffled, unaugmented (trainer.overfit_batches=N)")
-    debug.add_argument("--detect-anomaly", action="store_const", const="true",
-                       help="autograd anomaly mode: name the operation whose backward made a NaN (trainer.detect_anomaly=true)")
+    _add_shortcuts(parser.add_argument_group("shortcuts (each writes one key.path=VALUE override)"), SHORTCUTS[1:])
     return parser
 
 
@@ -65,12 +82,10 @@ def parse(parser, argv):
 
 
 def overrides_of(args):
-    """The ``key.path=VALUE`` overrides a command line asks for, shortcuts included."""
+    """The ``key.path=VALUE`` overrides a command line asks for, the shortcuts' (:data:`SHORTCUTS`) after the rest."""
     overrides = list(args.overrides)
-    for flag, key in (("lr", "optimizer.args.lr"), ("bs", "data_loader.args.batch_size"), ("device", "device"),
-                      ("fast_dev_run", "trainer.fast_dev_run"), ("overfit_batches", "trainer.overfit_batches"),
-                      ("detect_anomaly", "trainer.detect_anomaly")):
-        value = getattr(args, flag, None)
+    for flags, key, _ in SHORTCUTS:
+        value = getattr(args, _dest(flags), None)
         if value is not None:
             overrides.append(f"{key}={value}")
     return overrides

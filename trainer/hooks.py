@@ -2,10 +2,17 @@
 
 A hook overrides the moments it needs; each is a no-op by default:
 
+- ``training(trainer)``: a context manager around the whole of training, entered before the
+  first step of the run, or of a resume once its checkpoint is restored (anomaly mode, a
+  batch fitted to memory).
 - ``before_epoch(trainer, epoch)``: before the epoch's first batch (a freezing schedule).
 - ``after_step(trainer, epoch, batch_idx)``: after each optimizer step. Only hooks that
   override it are called per step (:func:`step_hooks`), and they must take negligible time
   unless they act, so a run without them pays nothing per step.
+- ``on_train_error(trainer, epoch, error)``: an exception left the epoch's steps. None lets it
+  propagate; a hook that can recover returns a function, called once the error and the
+  failed step's frames (and so their tensors) are gone, that returns the batch to redo the
+  epoch from (or raises). Called only when an error happens: it costs nothing per step.
 - ``after_train_epoch(trainer, epoch, last_batch)``: after the epoch's last training step,
   before validation (histograms, image grids). ``last_batch`` is the last input batch.
 - ``validating(trainer)``: a context manager around each validation (an EMA scores its
@@ -29,24 +36,36 @@ What a hook may use of the trainer: its public attributes and methods, among the
 ``update_monitor(result)`` (count a validation towards the best value and early stopping),
 ``save_resumable(name)`` (a mid-epoch checkpoint), ``end_run(reason)`` and ``finished``.
 
-To add a feature: write a :class:`Hook`, and add it in :func:`hooks_for` when its config key is on.
+What a hook may set on the Trainer besides its counters: ``epochs``, ``len_epoch`` (batches per
+epoch; None: one pass over the data), ``val_batch_limit`` (validation batches; None: all) and
+``accumulate``; ``trainer.run.writes`` is False in a run that writes no file.
+
+To add a feature: write a :class:`Hook`, and add it in :func:`hooks_for` when its config key is on
+(or in a part's ``hooks()``: utils/parts.py).
 """
 
 import contextlib
 
 import torch
 
-from utils.config import PROFILE_DEFAULTS, settings_of
 
 
 class Hook:
     """Base class: every moment does nothing."""
+
+    def training(self, trainer):
+        """A context manager around the whole of training (a part's anomaly mode, say)."""
+        return contextlib.nullcontext()
 
     def before_epoch(self, trainer, epoch):
         pass
 
     def after_step(self, trainer, epoch, batch_idx):
         pass
+
+    def on_train_error(self, trainer, epoch, error):
+        """None, or a function (called after the error is let go) returning the batch to redo the epoch from."""
+        return None
 
     def after_train_epoch(self, trainer, epoch, last_batch):
         pass
@@ -76,8 +95,6 @@ def hooks_for(config, parts, run):
         hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
     if run.dist.is_main and run.writer and (cfg["log_images"] or cfg["histogram_every"]):
         hooks.append(EpochVisuals(cfg["log_images"], cfg["histogram_every"], cfg["activation_histograms"]))
-    if cfg["profile"] and not cfg["fast_dev_run"]:  # fast_dev_run writes nothing, a trace included
-        hooks.append(Profile(settings_of(cfg["profile"], PROFILE_DEFAULTS), run, parts.device))
     from utils import parts as optional_parts
 
     for more in optional_parts.call_each(config, "hooks", config, parts, run):  # the parts' (utils/parts.py)
@@ -172,61 +189,3 @@ class EpochVisuals(Hook):
             for handle in handles:
                 handle.remove()
             model.train()
-
-
-class Profile(Hook):
-    """``trainer.profile``: torch.profiler over a few optimizer steps of the first epoch.
-
-    The schedule skips ``wait`` steps, warms up for ``warmup`` and records ``active``; then
-    the trace goes to the run's log folder as ``profile-trace.json`` (``-rankN`` under
-    torchrun; open it in https://ui.perfetto.dev or chrome://tracing) and the operators
-    taking the most self time are printed. On CUDA it also prints the peak memory and writes
-    ``memory-snapshot.pickle`` (drop it on https://pytorch.org/memory_viz). After that the
-    hook leaves the per-step list, so the rest of the run pays nothing for it.
-    """
-
-    def __init__(self, settings, run, device):
-        self.settings, self.run, self.cuda = settings, run, device.type == "cuda"
-        suffix = f"-rank{run.dist.rank}" if run.dist.enabled else ""
-        self.trace_path = run.log_dir / f"profile-trace{suffix}.json"
-        self.snapshot_path = run.log_dir / f"memory-snapshot{suffix}.pickle"
-        self.profiler, self.done = None, False
-
-    def before_epoch(self, trainer, epoch):
-        if self.profiler is not None or self.done:
-            return
-        from torch.profiler import ProfilerActivity, profile, schedule
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        s = self.settings
-        if self.cuda:  # written by hand for CUDA; untested on a CPU-only machine
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
-        self.profiler = profile(activities=activities, schedule=schedule(wait=s["wait"], warmup=s["warmup"],
-                                active=s["active"], repeat=1), on_trace_ready=self._ready, profile_memory=self.cuda)
-        self.profiler.start()
-
-    def after_step(self, trainer, epoch, batch_idx):
-        if self.profiler is not None:
-            self.profiler.step()
-
-    def after_train_epoch(self, trainer, epoch, last_batch):
-        if self.profiler is None:
-            return
-        self.profiler.stop()  # a schedule longer than the epoch: the trace holds what was recorded
-        self.profiler, self.done = None, True
-        if self in trainer.step_hooks:
-            trainer.step_hooks.remove(self)
-
-    def _ready(self, profiler):
-        logger = self.run.logger
-        self.trace_path.parent.mkdir(parents=True, exist_ok=True)  # rank 0 made it; another machine's rank may not have
-        profiler.export_chrome_trace(str(self.trace_path))
-        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        table = profiler.key_averages().table(sort_by=key, row_limit=15)
-        logger.info(f"Profile of {self.settings['active']} steps (trace: {self.trace_path}):\n{table}")
-        if self.cuda:
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            logger.info(f"Peak CUDA memory allocated: {peak:,.0f} MiB (snapshot: {self.snapshot_path})")
-            torch.cuda.memory._dump_snapshot(str(self.snapshot_path))
-            torch.cuda.memory._record_memory_history(enabled=None)

@@ -34,7 +34,7 @@ def dry_batch(config, parts):
     model = parts.model
     was_training = model.training
     try:
-        data, target = _first_batch(source)
+        data, target = first_batch(source)
         data, target = data.to(parts.device), target.to(parts.device)
         model.eval()
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
@@ -136,7 +136,8 @@ def planned_scheduler_steps(config, loader):
     return min(steps, cfg["max_steps"]) if cfg["max_steps"] else steps
 
 
-def _first_batch(loader):
+def first_batch(loader):
+    """The first batch of ``loader``'s first epoch."""
     loader.set_epoch(1, 0)
     iterator = iter(loader)
     try:

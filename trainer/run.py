@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import Parts, Run, RunStopped
-from trainer import build, tuning
+from trainer import build
 from utils import dist
 from utils import parts as optional_parts
 from utils.config import ConfigError, check_path_component, flatten, logger_entries, validate_config
@@ -172,17 +172,13 @@ def checked_parts(start, device, info, init_from=None, init_strict=True):
     from utils.seed import seed_everything
 
     config = start.config
-    if (stopped := dist.launch_stopped()) is not None:  # torchrun restarted workers that ran out of memory
-        raise RunStopped(f"an earlier round of this torchrun launch stopped: {stopped} (not trained again in this"
-                         " round: it would resume the same checkpoint and run out again)",
-                         exit_code=tuning.EXIT_OUT_OF_MEMORY)
     build.check_amp(config["trainer"]["amp"], device)
     if info.enabled and config["trainer"]["skip_nonfinite"]:
         raise ConfigError("trainer.skip_nonfinite: not supported under torchrun (every process would have to"
                           " agree on each step); leave it false there, so a non-finite loss stops the run")
     seed_everything(config["seed"])
     parts = build_parts(config, device, info)
-    tuning.prepare(config, parts)  # debug modes (trainer/tuning.py)
+    optional_parts.call_each(config, "prepare", config, parts)  # the parts' changes (overfit_batches' batches)
     # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
     # config, so that test.py (and a resume) rebuilds the data the same way.
     config["data_loader"]["args"].update(parts.data_loader.data_args())
@@ -236,16 +232,13 @@ def backend_flags(cfg, device):
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True)
-    # Anomaly mode: a backward pass that produces NaN raises, naming the operation and where its forward ran.
-    anomaly = torch.autograd.set_detect_anomaly(True) if cfg["detect_anomaly"] else contextlib.nullcontext()
     if device.type == "cuda":
         # TF32 matmuls and cuDNN's autotuner: large speed-ups on Ampere and later GPUs; the autotuner picks
         # kernels by timing, so it is off when the run must be deterministic.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
         torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"] and not cfg["deterministic"]
     try:
-        with anomaly:
-            yield
+        yield
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
 
@@ -321,7 +314,9 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
 
     cfg, info = config["trainer"], info or dist.DistInfo()
     run_id, checkpoint_dir, log_dir, branched_from = agree_on_run(config, run_id, resume, info, state, overwrite)
-    writes = info.is_main and not cfg["fast_dev_run"]  # a fast_dev_run creates no folder and writes no file
+    # A dry run (a part's writes(config) is False: fast_dev_run) creates no folder and writes no file.
+    run_writes = all(optional_parts.call_each(config, "writes", config))
+    writes = info.is_main and run_writes
     if writes:
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +330,7 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
     context = WriterContext(config, log_dir, run_id, state, purge, branched_from is not None, logger)
     writer = open_writer(config, context, enabled=writes)  # TensorBoard, metrics.csv, MLflow, ... (trainer.loggers)
     return Run(run_id=run_id, checkpoint_dir=checkpoint_dir, log_dir=log_dir, logger=logger, writer=writer,
-               dist=info, resumed_from=resume, branched_from=branched_from)
+               dist=info, resumed_from=resume, branched_from=branched_from, writes=run_writes)
 
 
 def close_run(run):
@@ -356,7 +351,7 @@ def begin(trainer, start, argv, init_report):
     if run.dist.is_main:
         for line in start.skipped:
             run.logger.warning(line)
-        write_run_files(run, config, argv, start.resume, trainer.batch_changes)
+        write_run_files(run, config, argv, start.resume)
         log_summary(run, config, trainer.parts, start.state, start.changes, init_report)
 
 
@@ -366,8 +361,8 @@ def end(trainer, metrics, seconds):
     run, config = trainer.run, trainer.config
     if not run.dist.is_main:
         return
-    if config["trainer"]["fast_dev_run"]:
-        run.logger.info(f"fast_dev_run: {trainer.global_step} steps and validation ran; nothing was written"
+    if not run.writes:
+        run.logger.info(f"dry run: {trainer.global_step} steps and validation ran; nothing was written"
                         f" (the run would have gone to {run.checkpoint_dir} and {run.log_dir})")
         return
     # The config as it is at the end (a list as its JSON text), once per run: a resume replaces it.
@@ -397,24 +392,21 @@ def restore(trainer, state, config):
                        " each process's share of the data, and so the data order, changes from here on")
 
 
-def write_run_files(run, config, argv, resume, batch_changes=()):
+def write_run_files(run, config, argv, resume):
     """The run's ``config.json`` and ``manifest.json`` (a resume adds to the manifest's history).
 
     A branch (a resume into a new folder) records where it came from, and the run it came
-    from records the branch in its own manifest. ``batch_changes``: what ``auto_accumulate``
-    changed before the resumed checkpoint (its own record), kept in the manifest.
+    from records the branch in its own manifest.
     """
-    if config["trainer"]["fast_dev_run"]:
+    if not run.writes:
         loggers = ", ".join(name for name, _ in logger_entries(config["trainer"]))
-        run.logger.info(f"fast_dev_run: would write config.json and manifest.json to {run.checkpoint_dir}, and"
+        run.logger.info(f"dry run: would write config.json and manifest.json to {run.checkpoint_dir}, and"
                         f" info.log{' and the files of ' + loggers if loggers else ''} to {run.log_dir}")
         return
     manifest_path = run.checkpoint_dir / "manifest.json"
     previous = _read_manifest(manifest_path) if resume else None
     write_json(run.checkpoint_dir / "config.json", config)
     record = manifest(run, config, argv or [], resume, previous)
-    if batch_changes:
-        record["batch_changes"] = list(batch_changes)
     if run.branched_from:
         origin_path = Path(run.branched_from["run_dir"]) / "manifest.json"
         origin = _read_manifest(origin_path)
@@ -475,8 +467,6 @@ def log_summary(run, config, parts, state, changes, init_report):
 
     logger, info, loader, valid = run.logger, run.dist, parts.data_loader, parts.valid_data_loader
     trainable, frozen = count_parameters(parts.model)
-    if config["trainer"]["verbosity"] == 2:  # (a forward pass of one more batch: only when it is shown)
-        logger.debug("\n".join(["Layers (output shapes of one batch):", *_layer_table(parts)]))  # totals follow, once
     logger.info(f"Run {config['name']}/{run.run_id} on {parts.device}"
                 + (f", world size {info.world_size}" if info.enabled else ""))
     logger.info(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
@@ -499,17 +489,6 @@ def log_summary(run, config, parts, state, changes, init_report):
             logger.info(f"  changed: {line}")
     if init_report:
         logger.info(init_report)
-
-
-def _layer_table(parts):
-    """The model's per-layer table (trainer/tuning.py) from the first batch; a line saying why not if that fails."""
-    from trainer.preflight import _first_batch
-
-    try:
-        data, _ = _first_batch(parts.valid_data_loader or parts.data_loader)
-        return tuning.summary_lines(parts.model, data.to(parts.device))
-    except Exception as err:  # a summary must never stop a run that passed the dry batch
-        return [f"(no layer table: {type(err).__name__}: {err})"]
 
 
 def log_end(run, config, trainer, metrics, seconds):

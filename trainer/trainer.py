@@ -4,13 +4,11 @@ import contextlib
 import itertools
 import math
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, RunStopped
-from trainer import tuning
 from trainer.hooks import hooks_for, step_hooks
 from utils.metric_tracker import EpochMetric, MetricTracker, batch_weights, weighing
 
@@ -59,8 +57,8 @@ class Trainer(BaseTrainer):
     """Trains ``parts`` with the settings of ``config["trainer"]``; see :class:`base.base_trainer.BaseTrainer`.
 
     The step itself is :meth:`train_epoch` (fetch, zero_grad, forward, loss, backward, clip, step), which
-    :meth:`fit_epoch` calls (again, after an out-of-memory error, with ``trainer.auto_accumulate``);
-    optional behaviour around it is in ``self.hooks`` (trainer/hooks.py).
+    :meth:`fit_epoch` calls (again, when a hook recovers from an error in it); optional behaviour around it
+    is in ``self.hooks`` (trainer/hooks.py).
     """
 
     def __init__(self, config, parts, run):
@@ -77,7 +75,8 @@ class Trainer(BaseTrainer):
         self.forward_model = parts.forward_model
         self.data_loader, self.valid_data_loader = parts.data_loader, parts.valid_data_loader
         self.scaler = parts.scaler
-        self.len_epoch = cfg["len_epoch"]
+        self.len_epoch = cfg["len_epoch"]  # batches per epoch; None: one pass over the data
+        self.val_batch_limit = None  # validation batches; None: all
         self.accumulate = cfg["accumulate_grad_batches"]
         self.max_steps = cfg["max_steps"]
         self.log_every = cfg["log_every_n_steps"]
@@ -96,58 +95,24 @@ class Trainer(BaseTrainer):
         self.train_metrics = MetricTracker(names, self.device)
         self._train_metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
         self.params = self._optimizer_params()
-        # Debugging and tuning (trainer/tuning.py): batch limits, fast_dev_run, out-of-memory recovery.
-        self.train_batch_limit, self.val_batch_limit = tuning.train_limit(cfg), tuning.val_limit(cfg)
-        self.fast_dev_run = bool(cfg["fast_dev_run"])
-        if self.fast_dev_run:
-            self.epochs = 1
-        self.auto_accumulate = cfg["auto_accumulate"]
-        # One process redoes a window after an out-of-memory error, from the running sums of the step before it;
-        # under torchrun such an error stops the run, so no step keeps them.
-        self.keep_marks = self.auto_accumulate and not self.distributed
-        self.batch_changes = []  # what auto_accumulate changed, for the checkpoint
-        self.metrics_mark = None  # the running sums at the last optimizer step (auto_accumulate rolls back to them)
         self.last_log = (time.perf_counter(), 0)  # for steps per second at the logging interval
         self.hooks = hooks_for(config, parts, run)
         self.step_hooks = step_hooks(self.hooks)
 
     # ------------------------------------------------------------------ one epoch
 
-    def train(self):
-        if self.auto_accumulate and self.distributed:
-            # Once, before the first step: a batch that fits on every process (trainer/tuning.py).
-            tuning.fit_batch_together(self)
-        return super().train()
-
     def fit_epoch(self, epoch, start_batch=0):
-        """:meth:`train_epoch`, recovering from an out-of-memory error where ``trainer.auto_accumulate`` is on.
-
-        Such an error in a forward or backward pass switches to a smaller batch and more
-        accumulation (:func:`trainer.tuning.shrink_batch`) and redoes the optimizer step's window
-        of batches from its first. Under torchrun the batch was fitted before the first step;
-        such an error now stops the run (:func:`trainer.tuning.stop_out_of_step`).
-        """
+        """:meth:`train_epoch`; an error in it goes to the hooks (:meth:`~trainer.hooks.Hook.on_train_error`), and
+        one that can recover from it (a smaller batch after running out of memory) has the epoch redone from a batch."""
         self.last_log = (time.perf_counter(), self.global_step)
-        if not self.auto_accumulate:
-            return self.train_epoch(epoch, start_batch)
-        if self.distributed:
-            try:
-                return self.train_epoch(epoch, start_batch)
-            except RuntimeError as err:  # (torch.OutOfMemoryError is one, and so is a failed collective)
-                stopped = tuning.stop_out_of_step(self, epoch, err)
-                if stopped is None:
-                    raise
-            raise stopped  # out of the except block: the failed step's frames are let go
         while True:
-            self.metrics_mark = self.mark_metrics()
             try:
                 return self.train_epoch(epoch, start_batch)
-            except torch.OutOfMemoryError as err:
-                start_batch = tuning.shrink_batch(self, epoch, err)
-            # Out of the except block: the error's frames, which held the failed step's tensors, are gone.
-            self.rollback_metrics(self.metrics_mark)  # drop the window's batches: they are redone
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            except Exception as error:
+                recover = next(filter(None, (hook.on_train_error(self, epoch, error) for hook in self.hooks)), None)
+                if recover is None:
+                    raise
+            start_batch = recover()  # out of the except block: the failed step's frames and tensors are gone
 
     # ------------------------------------------------------------------ the step
 
@@ -263,8 +228,6 @@ class Trainer(BaseTrainer):
         self.global_step += 1
         if self.global_step % self.log_every == 0:
             self.log_step(epoch, batch_idx, loss, grad_norm)
-        if self.keep_marks:  # the sums an out-of-memory error in the next window rolls back to
-            self.metrics_mark = self.mark_metrics()
         self.batch_in_epoch = batch_idx + 1
         # The step's hooks are part of the step: a stop after it (and its last.pth) includes what they did
         # (the EMA update, a validation by step), so a resume repeats none of it and misses none of it.
@@ -290,14 +253,6 @@ class Trainer(BaseTrainer):
         self.train_metrics.reset()
         for metric in self.epoch_metrics:
             metric.reset()
-
-    def mark_metrics(self):
-        return self.train_metrics.mark(), [metric.mark() for metric in self.epoch_metrics]
-
-    def rollback_metrics(self, mark):
-        self.train_metrics.rollback(mark[0])
-        for metric, saved in zip(self.epoch_metrics, mark[1]):
-            metric.rollback(saved)
 
     def log_step(self, epoch, batch_idx, loss, grad_norm):
         # The only host-device sync of a training step, and only at the logging interval.
@@ -347,7 +302,7 @@ class Trainer(BaseTrainer):
         return False
 
     def batches_per_epoch(self):
-        return tuning.limited(self.train_batch_limit, self.len_epoch or len(self.data_loader))
+        return self.len_epoch or len(self.data_loader)
 
     def _batches(self, epoch, start_batch):
         """The batches of ``epoch`` from ``start_batch`` on.
@@ -355,11 +310,11 @@ class Trainer(BaseTrainer):
         With ``len_epoch`` an epoch is a fixed number of batches cut from an endless
         stream of passes over the data; pass ``k`` has the data order of sampler epoch ``k``.
         """
-        loader, n_batches = self.data_loader, self.batches_per_epoch()
+        loader = self.data_loader
         if self.len_epoch is None:
             loader.set_epoch(epoch, start_batch)
-            return iter(loader) if n_batches == len(loader) else itertools.islice(loader, n_batches - start_batch)
-        return self._endless(loader, (epoch - 1) * self.len_epoch + start_batch, n_batches - start_batch)
+            return iter(loader)
+        return self._endless(loader, (epoch - 1) * self.len_epoch + start_batch, self.len_epoch - start_batch)
 
     @staticmethod
     def _endless(loader, position, count):
@@ -380,13 +335,12 @@ class Trainer(BaseTrainer):
         # Under DDP, evaluate the plain module: the wrapper's forward broadcasts buffers, a collective that
         # would wait forever on a process whose validation shard has fewer batches.
         model = self.model if self.distributed else self.forward_model
-        limit = tuning.limited(self.val_batch_limit, len(self.valid_data_loader))
         with contextlib.ExitStack() as stack:  # each hook's context (an EMA's averaged weights are scored)
             for hook in self.hooks:
                 stack.enter_context(hook.validating(self))
             result = evaluate(model, self.valid_data_loader, self.criterion, self.valid_metric_fns, self.device,
                               self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}",
-                              max_batches=limit)
+                              max_batches=self.val_batch_limit)
         for hook in self.hooks:  # (a part's validation-only metric is taken out of the result here)
             hook.after_validation(self, epoch, result)
         return result
@@ -416,13 +370,6 @@ class Trainer(BaseTrainer):
 
     # ------------------------------------------------------------------ checkpoint extras
 
-    def save(self, filename):
-        if self.fast_dev_run:  # a dry run writes nothing, but says what it would have written
-            path = Path(self.run.checkpoint_dir) / filename
-            self.logger.info(f"fast_dev_run: would write {path}")
-            return path
-        return super().save(filename)
-
     def before_checkpoint(self):
         # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective),
         # so that a resume, under any world size, ends the epoch with the numbers of the whole epoch.
@@ -439,7 +386,6 @@ class Trainer(BaseTrainer):
             "unfrozen": False,
             "nonfinite_skips": self.nonfinite_skips,
             "train_metrics": metrics_state or self.train_metrics.state_dict(),
-            "batch_changes": self.batch_changes,
             # (only mid-epoch: after an epoch's end a resume starts the next epoch afresh)
             **({"train_epoch_metrics": epoch_metrics_state} if epoch_metrics_state else {}),
             **super().extra_state(),  # the hooks' (the freezing schedule's "frozen" and "unfrozen")
@@ -450,9 +396,6 @@ class Trainer(BaseTrainer):
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        self.batch_changes = list(state.get("batch_changes", []))
-        if self.fast_dev_run:
-            self.epochs = state["epoch"] + 1
         if state.get("batch_in_epoch"):
             # The sums are all processes' (see before_checkpoint): one process carries them on.
             if self.is_main:

@@ -725,24 +725,9 @@ def monitor_string(v):
     return None if ok else '"off", or "min NAME" / "max NAME" such as "min val_loss" or "max val_accuracy"'
 
 
-def batch_limit(v):
-    ok = (_is_int(v) and v > 0) or (isinstance(v, float) and 0 < v <= 1)
-    return None if ok else "a number of batches (an integer > 0) or a fraction of them in (0, 1]"
-
-
-def true_or_count(v):
-    return None if isinstance(v, bool) or (_is_int(v) and v >= 0) else "true, false or a number of batches (an integer >= 0)"
-
-
-# The settings of the optional features given as a mapping (or ``true`` for these defaults).
-PROFILE_DEFAULTS = {"wait": 1, "warmup": 1, "active": 3}
-_SETTING_CHECKS = {"wait": non_negative_int, "active": positive_int, "warmup": non_negative_int}
-
-
-def feature_settings(defaults, checks=None):
+def feature_settings(defaults, checks):
     """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys,
     each value checked by ``checks[key]`` (a function returning what was expected, or None)."""
-    checks = checks or _SETTING_CHECKS
 
     def inner(v):
         if v is None or isinstance(v, bool):
@@ -874,14 +859,6 @@ TRAINER_SCHEMA = {
     "keep_last": (optional(positive_int), None),
     # the end of a run
     "test_after_train": (boolean, True),
-    # debugging and tuning (see trainer/tuning.py)
-    "fast_dev_run": (true_or_count, False),
-    "overfit_batches": (non_negative_int, 0),
-    "limit_train_batches": (optional(batch_limit), None),
-    "limit_val_batches": (optional(batch_limit), None),
-    "detect_anomaly": (boolean, False),
-    "profile": (feature_settings(PROFILE_DEFAULTS), None),
-    "auto_accumulate": (boolean, False),
 }
 
 TOP_SCHEMA = {
@@ -1055,9 +1032,6 @@ def validate_config(config, registries):
         problems.extend(_check_monitor(t["monitor"], out, registries))
     if t["unfreeze_at_epoch"] is not None and not t["freeze"]:
         problems.append("trainer.unfreeze_at_epoch: set, but trainer.freeze is empty (nothing to unfreeze)")
-    if t["overfit_batches"] and t["limit_train_batches"] is not None:
-        problems.append("trainer.limit_train_batches: set together with trainer.overfit_batches, which picks the"
-                        " training batches itself; leave one of them")
 
     try:  # each part the config uses checks its own keys (and fills in their defaults)
         for problem_list in parts.call_each(out, "check", out):

@@ -19,6 +19,10 @@ What a part's module may define (each is optional; the core calls what is there)
 - ``check_resume(state, checkpoint)``: before a run continues the checkpoint ``state`` (read from
   ``checkpoint``), nothing written yet: raise :class:`base.base_trainer.RunStopped` when this launch
   must not train on from it (max_time: a torchrun round restarted after the budget ran out).
+- ``writes(config) -> bool``: False for a dry run, which writes no file (``Run.writes``).
+- ``FIXED_MID_EPOCH`` / ``BATCH_COUNTS``: its keys that a resume in the middle of an epoch may not
+  change (they decide which sample comes next), and those that count batches (a batch split
+  scales them): see utils/resume.py.
 - ``LOADERS`` / ``MODELS`` / ``METRICS``: ``{name: class}`` for the names in ``loaders``;
   ``model(name)`` / ``metric(name)`` for the prefixes in ``archs`` / ``metrics`` (None if unknown).
 - ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/visualization.py).
@@ -76,6 +80,23 @@ PARTS = {
     "step_schedule": Part("parts.step_schedule", "validation and a resumable last.pth every N optimizer steps",
                           files=("parts/step_schedule.py", "tests/parts/test_step_schedule.py"),
                           keys=("trainer.val_every_n_steps", "trainer.save_every_n_steps")),
+    "debug": Part("parts.debug", "debug modes: fast_dev_run (a dry run of N batches), overfit_batches, limits on the"
+                  " training and validation batches, autograd anomaly mode",
+                  files=("parts/debug.py", "tests/parts/test_debug.py"),
+                  keys=("trainer.fast_dev_run", "trainer.overfit_batches", "trainer.limit_train_batches",
+                        "trainer.limit_val_batches", "trainer.detect_anomaly")),
+    "model_summary": Part("parts.model_summary", "a table of the model's layers (output shapes of one batch,"
+                          " parameters) at the start of a run",
+                          files=("parts/model_summary.py", "tests/parts/test_model_summary.py"),
+                          keys=("trainer.model_summary",)),
+    "profiler": Part("parts.profiler", "torch.profiler over a few steps: a trace, and the operators taking the most time",
+                     files=("parts/profiler.py", "tests/parts/test_profiler.py"), keys=("trainer.profile",)),
+    "lr_finder": Part("parts.lr_finder", "tools/lr_find.py: the learning-rate range test, a suggested learning rate"
+                      " and a plot", files=("parts/lr_finder.py", "tools/lr_find.py", "tests/parts/test_lr_finder.py")),
+    "auto_accumulate": Part("parts.auto_accumulate", "out of memory in a step: a smaller batch and more accumulation,"
+                            " the same samples per step (under torchrun: fitted before the first step)",
+                            files=("parts/auto_accumulate.py", "tests/parts/test_auto_accumulate.py",
+                                   "tests/parts/test_oom_dist.py"), keys=("trainer.auto_accumulate",)),
 }
 
 
@@ -172,3 +193,9 @@ def provider(kind, name):
 def call_each(config, function, *args):
     """Call ``function(*args)`` of every part ``config`` uses that defines it; returns their results in order."""
     return [getattr(module, function)(*args) for module in modules(config) if hasattr(module, function)]
+
+
+def declared(name, *configs):
+    """The keys the parts any of ``configs`` uses list under ``name`` (``"BATCH_COUNTS"``, say), each once."""
+    used = {part for config in configs for part in used_by(config)}
+    return tuple(dict.fromkeys(key for part in PARTS if part in used for key in getattr(load(part), name, ())))

@@ -7,13 +7,15 @@ weights (another model), other parameter groups (another optimizer type or freez
 or, in the middle of an epoch, a different data order.
 """
 
+from utils import parts
 from utils.config import ConfigError, config_diff
 from utils.errors import UserError
 from utils.io import load_checkpoint
 
 # Keys whose change would make the checkpoint's state meaningless (other weights, other parameter groups).
 FIXED_ON_RESUME = ("name", "arch", "optimizer.type", "optimizer.param_groups", "lr_scheduler.type", "trainer.freeze")
-# Keys that decide which sample comes next: fine to change between epochs, not in the middle of one.
+# Keys that decide which sample comes next: fine to change between epochs, not in the middle of one (with those
+# the parts in use list as their FIXED_MID_EPOCH).
 FIXED_MID_EPOCH = ("seed", "data_loader", "trainer.len_epoch", "trainer.accumulate_grad_batches")
 
 
@@ -36,18 +38,20 @@ def carry_data_args(saved, config):
     return {**config, "data_loader": {**config["data_loader"], "args": {**args, **pinned}}}
 
 
-# Counts of batches: a batch split (see batch_split) scales them, so an epoch holds the same samples.
-BATCH_COUNTS = ("trainer.len_epoch", "trainer.limit_train_batches", "trainer.fast_dev_run")
+def batch_counts(*configs):
+    """The keys that count batches, which a batch split (:func:`batch_split`) scales so that an epoch holds the same
+    samples: ``trainer.len_epoch``, and those the parts ``configs`` use list as their BATCH_COUNTS."""
+    return ("trainer.len_epoch", *parts.declared("BATCH_COUNTS", *configs))
 
 
 def batch_split(saved, config):
     """``f`` when ``config`` splits each batch of the ``saved`` run into ``f`` (an integer > 1), else None.
 
     That is: the per-process batch divided by ``f``, ``accumulate_grad_batches`` multiplied by
-    it, and every count of batches (``len_epoch``, an integer ``limit_train_batches`` or
-    ``fast_dev_run``) multiplied by it, so an optimizer step and an epoch hold the same samples
-    in the same order. Such a change is allowed in the middle of an epoch (after an
-    out-of-memory error, say): the resumed run continues at the same sample.
+    it, and every count of batches (:func:`batch_counts`: ``len_epoch``, say) that is set
+    multiplied by it, so an optimizer step and an epoch hold the same samples in the same
+    order. Such a change is allowed in the middle of an epoch (after an out-of-memory error,
+    say): the resumed run continues at the same sample.
     """
     def get(cfg, key):
         section, *rest = key.split(".")
@@ -65,7 +69,7 @@ def batch_split(saved, config):
     factor = old // new
     if (get(config, "trainer.accumulate_grad_batches") or 1) != (get(saved, "trainer.accumulate_grad_batches") or 1) * factor:
         return None
-    for key in BATCH_COUNTS:
+    for key in batch_counts(saved, config):
         before, after = get(saved, key), get(config, key)
         if (count(before) and before) or (count(after) and after):
             if not (count(before) and count(after) and after == before * factor):
@@ -80,9 +84,10 @@ def check_resume_changes(saved, config, mid_epoch):
         ConfigError: a change that cannot be honoured, one line each, saying what to do instead.
     """
     changes = config_diff(saved, config)
-    fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH if mid_epoch else ())
+    fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH + parts.declared("FIXED_MID_EPOCH", saved, config) if mid_epoch else ())
     split = mid_epoch and batch_split(saved, config)
-    allowed = ("data_loader.args.batch_size", "trainer.accumulate_grad_batches", *BATCH_COUNTS) if split else ()
+    counts = batch_counts(saved, config)
+    allowed = ("data_loader.args.batch_size", "trainer.accumulate_grad_batches", *counts) if split else ()
     refused = [line for line in changes if any(line == k or line.startswith((k + ".", k + ":")) for k in fixed)
                and not line.startswith(tuple(k + ":" for k in allowed))]
     if refused:

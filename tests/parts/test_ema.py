@@ -19,18 +19,6 @@ def run_dir(config, run_id):
     return Path(config["trainer"]["save_dir"]) / "models" / config["name"] / run_id
 
 
-@pytest.fixture
-def steps():
-    """The parameters after every optimizer step, as one flat tensor each."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    seen = []
-    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append(
-        torch.cat([p.detach().flatten().clone() for g in opt.param_groups for p in g["params"]])))
-    yield seen
-    handle.remove()
-
-
 @pytest.mark.parametrize("value,expected", [
     ({"decay": 1.5}, "trainer.ema: got {\"decay\": 1.5}, expected decay to be a number in [0, 1)"),
     ({"decy": 0.9}, "did you mean 'decay'"),

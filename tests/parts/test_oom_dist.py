@@ -1,4 +1,4 @@
-"""``trainer.auto_accumulate`` under torchrun (issue 15, item 5): all processes switch together.
+"""``trainer.auto_accumulate`` under torchrun (parts/auto_accumulate.py): all processes switch together.
 
 2 CPU processes (gloo) launched by torchrun run ``train.py``'s command line through a driver
 that makes the MLP's training forward raise ``torch.OutOfMemoryError`` on one chosen process,
@@ -300,7 +300,7 @@ def _probe_trainer(model):
 
 
 def test_the_memory_check_puts_back_rng_buffers_and_gradients():
-    from trainer.tuning import out_of_memory_in_probe
+    from parts.auto_accumulate import out_of_memory_in_probe
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5),
                                 torch.nn.Linear(8, 3))
@@ -318,7 +318,7 @@ def test_the_memory_check_puts_back_rng_buffers_and_gradients():
 
 
 def test_the_memory_check_reports_out_of_memory_and_still_puts_back():
-    from trainer.tuning import out_of_memory_in_probe
+    from parts.auto_accumulate import out_of_memory_in_probe
 
     class Fails(torch.nn.Module):
         def forward(self, x):
@@ -332,7 +332,7 @@ def test_the_memory_check_reports_out_of_memory_and_still_puts_back():
 
 
 def test_optimizer_state_bytes_is_what_the_first_step_makes():
-    from trainer.tuning import optimizer_state_bytes
+    from parts.auto_accumulate import optimizer_state_bytes
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     params = sum(p.numel() for p in model.parameters()) * 4  # float32
