@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model.loss import cross_entropy, logsumexp_cross_entropy, mse_loss, nll_loss
-from model.metric import accuracy, top_k_acc
+from model.metric import METRICS, accuracy, top_k_acc
 from trainer.trainer import evaluate
 from utils.metric_tracker import MetricTracker, batch_weights
 from conftest import FixedLogits
@@ -187,3 +187,9 @@ def test_predict_and_export_a_timm_checkpoint_without_its_pretrained_file(tiny_c
     assert load_for_inference(ckpt).model.training is False
     _, info = export.export_checkpoint(ckpt, "torchscript", tmp_path / "m.pt")
     assert info["input_shape"] == ["batch", 1, 16, 16] and info["max_abs_diff"] <= export.ATOL
+
+
+def test_mae_metric():
+    output, target = torch.tensor([[1.0], [2.0], [5.0]]), torch.tensor([1.5, 2.0, 3.0])
+    assert METRICS["mae"](output, target).item() == pytest.approx(2.5 / 3)
+    assert METRICS["mae"](output.view(-1), target).item() == pytest.approx(2.5 / 3)

@@ -40,7 +40,7 @@ def _test_split_predictions(ckpt):
 
 
 def test_predict_images_equals_test_py_on_the_same_files(image_ckpt, example_data, tmp_path):
-    from data_loader.image_folder import Layout
+    from parts.image_folder import Layout
 
     loader, expected = _test_split_predictions(image_ckpt)
     names = loader.class_names

@@ -93,7 +93,7 @@ def test_seeds_and_folds_are_summarised_as_mean_and_std_of_the_trials(tmp_path, 
 
 
 def test_folds_partition_the_training_data_the_same_way_for_every_seed():
-    from data_loader.data_loaders import SyntheticDataLoader
+    from data_loader.builtin import SyntheticDataLoader
 
     loaders = {(seed, k): SyntheticDataLoader(num_samples=100, input_shape=(4,), num_classes=2, seed=seed, fold=[k, 3])
                for seed in (0, 7) for k in range(3)}
@@ -109,7 +109,7 @@ def test_folds_partition_the_training_data_the_same_way_for_every_seed():
 
 @pytest.mark.parametrize("fold", [[3, 3], [0, 1], "0/3", [-1, 3]])
 def test_a_bad_fold_is_one_line(fold):
-    from data_loader.data_loaders import SyntheticDataLoader
+    from data_loader.builtin import SyntheticDataLoader
     from utils.errors import UserError
 
     with pytest.raises(UserError, match=r"data_loader.args.fold: .*expected \[k, K\]"):

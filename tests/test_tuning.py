@@ -104,29 +104,6 @@ def test_overfit_batches_reaches_full_accuracy_on_the_same_batches(tiny_config, 
     assert len({tuple(row.tolist()) for x in train_batches[:2] for row in x.flatten(1)}) == 32
 
 
-def test_overfit_batches_turns_augmentation_and_shuffling_off(tiny_config):
-    flips = {"train": [{"type": "RandomHorizontalFlip", "args": {"p": 0.5}}]}
-    args = {**tiny_config["data_loader"]["args"], "transforms": flips}
-
-    def two_epochs(**changes):
-        config = run.checked_config(with_changes(tiny_config, data_loader__args=args, **changes))[0]
-        parts = run.build_parts(config, torch.device("cpu"))
-        tuning.prepare(config, parts)
-        epochs = []
-        for epoch in (1, 2):
-            parts.data_loader.set_epoch(epoch)
-            epochs.append([x for x, _ in list(parts.data_loader)[:2]])
-        return parts, epochs
-
-    parts, (first, second) = two_epochs(trainer__overfit_batches=2)
-    assert len(parts.data_loader) == len(parts.valid_data_loader) == 2
-    assert all(torch.equal(a, b) for a, b in zip(first, second))  # the same batches, unflipped, unshuffled
-    parts.valid_data_loader.set_epoch(1)
-    assert all(torch.equal(a, b) for a, (b, _) in zip(first, parts.valid_data_loader))  # validation: the same
-    _, (first, second) = two_epochs()
-    assert not torch.equal(first[0], second[0])  # without it: another order and other flips each epoch
-
-
 def test_detect_anomaly_names_the_backward_op_that_made_nan(tiny_config, monkeypatch):
     original = MLP.forward
 

@@ -44,6 +44,13 @@ class Part:
 PARTS = {
     "ema": Part("parts.ema", "an exponential moving average of the weights, scored and saved beside them",
                 files=("parts/ema.py", "tests/parts/test_ema.py"), keys=("trainer.ema",)),
+    "augment": Part("parts.augment", "per-split torchvision transforms, augmentation replayed exactly on resume",
+                    files=("parts/augment.py", "tests/parts/test_augment.py"), keys=("data_loader.args.transforms",)),
+    "image_folder": Part("parts.image_folder", "images in class folders as a data set, decoded once and cached",
+                         files=("parts/image_folder.py", "configs/image_folder.json", "tests/parts/test_image_folder.py"),
+                         loaders=("ImageFolderDataLoader",)),
+    "tables": Part("parts.tables", "a CSV table as a data set: numeric features, a class or a number to predict",
+                   files=("parts/tables.py", "configs/csv.json", "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
 }
 
 
