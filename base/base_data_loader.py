@@ -6,10 +6,14 @@ permutation from a generator seeded with ``seed + epoch`` (as torch's
 resumable mid-epoch (skip the batches already seen) and shardable over processes
 (each process takes every ``world_size``-th index of the same permutation).
 
-Augmentation (``transforms``, see :mod:`data_loader.augment`) is a function of the same
-``(seed, epoch)`` and of a batch's place in the epoch, so a resumed run replays it too.
-Training batches get the ``train`` transforms; the validation split and the test split
-get the ``eval`` ones.
+Augmentation (``transforms``) is an optional part, the one owning ``data_loader.args.transforms``
+in utils/parts.py: without ``transforms`` the loader never asks for it. Given ``transforms``,
+the part makes one pipeline per split (training batches get ``train``, the validation and
+test splits ``eval``) and keeps its draws a function of the same ``(seed, epoch)`` and of a
+batch's place in the epoch, so a resumed run replays them too. A pipeline offers the loader
+``seeded(batch, seed, epoch, batch_number, rank)`` on the in-memory path, and
+``keys(indices, seed, epoch)`` and ``samples(dataset)`` on the per-sample one. uint8 images
+come out as float32 in [0, 1], by the pipeline or, without one, by the loader itself.
 
 DataLoader workers ignore SIGINT and SIGTERM: a Ctrl-C, or a SIGTERM sent to the whole
 process group (as Slurm does before preempting a job), must not kill them while the main
@@ -19,16 +23,29 @@ stops daemonic workers with SIGTERM, which they now ignore).
 """
 
 import atexit
-import logging
 import math
 import signal
 import weakref
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
-from data_loader.augment import BatchPipeline, SamplePipeline, SeededSamples, mix_seed, parse_transforms
-from utils.errors import ConfigError, UserError
+from utils import parts
+from utils.errors import UserError
+
+TRANSFORMS = "data_loader.args.transforms"  # the key of the part that augments (utils/parts.py)
+
+
+def to_float(x):
+    """uint8 images to float32 in [0, 1]; anything else unchanged."""
+    return x.to(torch.float32).mul_(1.0 / 255.0) if x.dtype == torch.uint8 else x
+
+
+def _collate_images(samples):
+    # The per-sample path's batches of uint8 images without a pipeline (a module function: workers pickle it).
+    batch = default_collate(samples)
+    batch[0] = to_float(batch[0])
+    return batch
 
 
 def _worker_init(worker_id):
@@ -122,8 +139,7 @@ class EpochSampler(Sampler):
 class _BatchIndices:
     """The batches of one epoch as lists of indices, starting at a given batch (for a mid-epoch resume).
 
-    With random per-sample transforms, each index comes with its sample's seed, a function of
-    ``(seed, epoch, index)``: see :class:`data_loader.augment.SeededSamples`.
+    With a pipeline, its ``keys`` (each index with its sample's seed, when the transforms are random).
 
     It holds its loader through a weak reference: a strong one would make a cycle
     (loader -> torch DataLoader -> this -> loader) that keeps worker processes alive
@@ -136,11 +152,10 @@ class _BatchIndices:
     def __iter__(self):
         loader = self._loader()
         order, size = loader._epoch_order(), loader.batch_size
-        seeded = loader._pipeline is not None and loader._pipeline.random
-        seed, epoch = loader.seed, loader.sampler.epoch
+        pipeline, seed, epoch = loader._pipeline, loader.seed, loader.sampler.epoch
         for start in range(0, len(order), size):
             batch = order[start : start + size].tolist()
-            yield [(i, mix_seed(seed, epoch, i)) for i in batch] if seeded else batch
+            yield batch if pipeline is None else pipeline.keys(batch, seed, epoch)
 
     def __len__(self):
         return len(self._loader())
@@ -153,8 +168,9 @@ class BaseDataLoader:
         dataset: a map-style dataset. If it has ``tensors()`` returning all inputs and
             targets as two tensors, and ``in_memory`` is true, batches are made by indexing
             those tensors (no per-sample ``__getitem__`` and collate): the same samples in
-            the same order, much faster. uint8 inputs (images) come out as float32 in [0, 1].
-            Its ``class_names`` and ``feature_stats``, if it has them, are offered as the
+            the same order, much faster. uint8 inputs (images: ``tensors()``'s, or on the
+            per-sample path a dataset's with ``uint8_images = True``) come out as float32 in
+            [0, 1]. Its ``class_names`` and ``feature_stats``, if it has them, are offered as the
             loader's.
         batch_size: samples per batch, per process.
         shuffle: a new order each epoch, fixed by ``seed`` and the epoch number.
@@ -169,10 +185,10 @@ class BaseDataLoader:
         drop_last: drop a last batch smaller than ``batch_size``.
         seed: the seed of the split, of the data order and of the augmentation.
         transforms: ``{"train": [...], "eval": [...]}`` of ``{"type": NAME, "args": {...}}``
-            naming ``torchvision.transforms.v2`` classes (see :mod:`data_loader.augment`).
-            On the tensor path random crops, resized crops and flips and normalisation run
-            on whole batches; with any other transform, samples go through ``__getitem__``
-            (and workers). Raises ConfigError for a bad spec.
+            naming ``torchvision.transforms.v2`` classes, made into pipelines by the part
+            owning this key (utils/parts.py): it takes the per-sample path (and workers) for
+            transforms that have no batched version. Raises ConfigError for a bad spec, and
+            when the part's files are not in the project.
         training: the training data (``train`` transforms; ``eval`` for its validation
             split). False: the test split (``eval`` transforms).
         fold: ``[k, K]``: K-fold cross-validation, validating on fold k of K (replaces
@@ -199,22 +215,17 @@ class BaseDataLoader:
         self.prefetch_factor = prefetch_factor
         self.class_names = getattr(dataset, "class_names", None)
         self.feature_stats = getattr(dataset, "feature_stats", None)
-        spec = parse_transforms(transforms)
-        self.in_memory = bool(in_memory) and hasattr(dataset, "tensors") and (spec is None or spec.batchable())
-        if in_memory and hasattr(dataset, "tensors") and not self.in_memory and num_workers == 0:
-            names = sorted({name for name, t in spec.train + spec.eval if not spec.batchable([(name, t)])})
-            logging.getLogger("train.data").warning(
-                f"data_loader.args.transforms: {', '.join(names)} has no batched version, so every sample is"
-                " transformed on its own in this process; set data_loader.args.num_workers > 0 to use worker processes")
+        self.in_memory = bool(in_memory) and hasattr(dataset, "tensors")
+        self._pipelines = {"train": None, "eval": None}  # None: the batches as they are
+        augment = self.transforms_part(transforms)
+        if augment is not None:
+            self.in_memory, self._pipelines = augment.pipelines(dataset, transforms, self.in_memory, num_workers)
+        self._pipeline = self._pipelines["train" if training else "eval"]
         self.device_resident = device_resident
         self._tensors = dataset.tensors() if self.in_memory else None
         self._holds = {}  # holds_target's answers
         self._device = None
         self.start_batch = 0
-        self._pipelines = {split: self._pipeline_for(spec, split) for split in ("train", "eval")}
-        self._pipeline = self._pipelines["train" if training else "eval"]
-        if spec is not None:
-            self._try_transforms(spec)
 
         all_indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices)
         if fold is not None and training:
@@ -224,36 +235,11 @@ class BaseDataLoader:
         self.sampler = EpochSampler(train_idx, shuffle, seed)
         self._loader = None
 
-    def _pipeline_for(self, spec, split):
-        """What the batches of ``split`` go through; None when nothing (no cost at all)."""
-        steps = spec.steps(split) if spec is not None else []
-        if self.in_memory:
-            images = self._tensors[0].dtype == torch.uint8
-            return BatchPipeline(steps) if steps or images else None
-        images = getattr(self.dataset, "uint8_images", False)
-        return SamplePipeline(steps) if steps or images else None
-
-    def _try_transforms(self, spec):
-        """Run each split's transforms on one sample now: a mismatch (a 3-channel Normalize on grey images, a
-        crop larger than the images) is a config error before the run starts rather than a crash in its first step."""
-        if len(self.dataset) == 0:
-            return
-        for split in ("train", "eval"):
-            pipeline = self._pipelines[split]
-            if pipeline is None or not spec.steps(split):
-                continue
-            try:
-                if self.in_memory:
-                    sample = self._tensors[0][0]
-                    generator = pipeline.generator(sample.device).manual_seed(0) if pipeline.random else None
-                    pipeline(sample[None].clone(), generator)
-                else:
-                    sample = self.dataset[0][0]
-                    SeededSamples(self.dataset, pipeline)[(0, 0) if pipeline.random else 0]
-            except (RuntimeError, ValueError, TypeError, IndexError) as err:
-                shape = tuple(getattr(sample, "shape", ()))
-                raise ConfigError(f"data_loader.args.transforms.{split}: fails on this data's samples of shape {shape}:"
-                                  f" {' '.join(str(err).split())[:300]}") from None
+    @staticmethod
+    def transforms_part(transforms):
+        """The module of the part that makes ``transforms`` into pipelines; None when ``transforms`` is
+        null or empty. A loader may ask it to check ``transforms`` before slow work."""
+        return parts.owner(TRANSFORMS, transforms)
 
     def data_args(self):
         """Constructor arguments that pin this data's class order and feature scaling (for
@@ -372,18 +358,19 @@ class BaseDataLoader:
         if self._device is not None:
             order = order.to(self._device)
         pipeline = self._pipeline
-        if pipeline is None:
+        if pipeline is not None:  # a batch's draws depend on its place in the epoch only
+            seed, epoch, rank = self.seed, self.sampler.epoch, self.sampler.rank
+            for batch, start in enumerate(range(0, len(order), self.batch_size), start=self.start_batch):
+                idx = order[start : start + self.batch_size]
+                yield pipeline.seeded(inputs[idx], seed, epoch, batch, rank), targets[idx]
+        elif inputs.dtype == torch.uint8:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                yield to_float(inputs[idx]), targets[idx]
+        else:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 yield inputs[idx], targets[idx]
-            return
-        generator = pipeline.generator(inputs.device) if pipeline.random else None
-        seed, epoch, rank = self.seed, self.sampler.epoch, self.sampler.rank
-        for batch, start in enumerate(range(0, len(order), self.batch_size), start=self.start_batch):
-            idx = order[start : start + self.batch_size]
-            if generator is not None:  # a batch's draws depend on its place in the epoch only
-                generator.manual_seed(mix_seed(seed, epoch, batch, rank))
-            yield pipeline(inputs[idx], generator), targets[idx]
 
     def _make_loader(self):
         self._generator = torch.Generator()
@@ -392,7 +379,11 @@ class BaseDataLoader:
             extra = {"persistent_workers": self.persistent_workers, "worker_init_fn": _worker_init}
             if self.prefetch_factor is not None:
                 extra["prefetch_factor"] = self.prefetch_factor
-        dataset = self.dataset if self._pipeline is None else SeededSamples(self.dataset, self._pipeline)
+        dataset = self.dataset
+        if self._pipeline is not None:
+            dataset = self._pipeline.samples(dataset)
+        elif getattr(dataset, "uint8_images", False):
+            extra["collate_fn"] = _collate_images
         return DataLoader(
             dataset, batch_sampler=_BatchIndices(self), num_workers=self.num_workers,
             pin_memory=self.pin_memory, generator=self._generator, **extra,

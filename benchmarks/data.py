@@ -42,6 +42,9 @@ with ``--smoke``) read by ``ImageFolderDataLoader``: the first construction deco
 file and writes the cache, a second one reads the cache; images per second of each, and
 of one epoch read from the files (``in_memory: false``, 0 workers).
 
+Both come from optional parts (utils/parts.py): without the augment part's or the image-folder
+part's files, that section is left out (``null`` in the results).
+
 Time to first step and time to accuracy are in ``benchmarks/startup.py``.
 Results: tables on stdout and ``benchmarks/results/data.json``.
 """
@@ -338,7 +341,9 @@ def write_png_folder(root, n, classes=10, seed=0):
 
 
 def bench_image_folder(n, log):
-    from data_loader.data_loaders import ImageFolderDataLoader
+    from utils import parts
+
+    ImageFolderDataLoader = parts.provider("loaders", "ImageFolderDataLoader")
 
     root = Path(tempfile.mkdtemp(prefix="bench_image_folder_"))
     try:
@@ -390,6 +395,8 @@ def main(argv=None):
 
     import torch
 
+    from utils import parts
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rounds = args.rounds or (1 if args.smoke else 5)
@@ -404,10 +411,13 @@ def main(argv=None):
         for name, (dataset, description, batch, split) in datasets_for(args).items():
             log(f"{name}: {description}, batch {batch}")
             results[name] = bench_dataset(name, dataset, description, batch, split, rounds, min_seconds, log)
-        log("augmentation: CIFAR-shaped images")
-        augmentation = bench_augmentation(512 if args.smoke else 10_000, rounds, min_seconds, args.smoke, log)
-        log("image folder: PNG files")
-        folder = bench_image_folder(64 if args.smoke else 2_000, log)
+        augmentation = folder = None
+        if parts.present("augment"):
+            log("augmentation: CIFAR-shaped images")
+            augmentation = bench_augmentation(512 if args.smoke else 10_000, rounds, min_seconds, args.smoke, log)
+        if parts.present("image_folder"):
+            log("image folder: PNG files")
+            folder = bench_image_folder(64 if args.smoke else 2_000, log)
     finally:
         torch.set_num_threads(threads)
 
@@ -431,15 +441,17 @@ def main(argv=None):
     for name, result in results.items():
         print(f"{name}: {result['description']}; batch {result['batch_size']}, {result['samples_per_epoch']:,} training"
               f" samples an epoch (validation split {result['validation_split']}), {result['rounds']} rounds", file=out)
-    rows = [[p, f"{r['samples_per_s']:,.0f}", f"{r['first_epoch_s'] * 1e3:.1f}"] for p, r in augmentation["paths"].items()]
-    print("\n" + C.table(["augmentation path", "samples/s (median)", "first epoch ms"], rows), file=out)
-    print(f"augmentation: {augmentation['description']}; batched fast path is "
-          f"{augmentation['batched_vs_best_per_sample']:.1f}x the best per-sample path; it adds "
-          f"{augmentation['augmentation_s_per_batch'] * 1e3:.2f} ms a batch, {augmentation['augmentation_share_of_step']:.2%}"
-          f" of a ResNet-20 CPU training step ({augmentation['resnet20_step_s'] * 1e3:.0f} ms at batch 128)", file=out)
-    rows = [[k, f"{v:,.0f}"] for k, v in folder["images_per_s"].items()]
-    print("\n" + C.table(["image folder", "images/s"], rows), file=out)
-    print(f"image folder: {folder['description']}", file=out)
+    if augmentation is not None:
+        rows = [[p, f"{r['samples_per_s']:,.0f}", f"{r['first_epoch_s'] * 1e3:.1f}"] for p, r in augmentation["paths"].items()]
+        print("\n" + C.table(["augmentation path", "samples/s (median)", "first epoch ms"], rows), file=out)
+        print(f"augmentation: {augmentation['description']}; batched fast path is "
+              f"{augmentation['batched_vs_best_per_sample']:.1f}x the best per-sample path; it adds "
+              f"{augmentation['augmentation_s_per_batch'] * 1e3:.2f} ms a batch, {augmentation['augmentation_share_of_step']:.2%}"
+              f" of a ResNet-20 CPU training step ({augmentation['resnet20_step_s'] * 1e3:.0f} ms at batch 128)", file=out)
+    if folder is not None:
+        rows = [[k, f"{v:,.0f}"] for k, v in folder["images_per_s"].items()]
+        print("\n" + C.table(["image folder", "images/s"], rows), file=out)
+        print(f"image folder: {folder['description']}", file=out)
     print(f"results: {path}", file=out)
     return data
 

@@ -90,7 +90,7 @@ def input_shape_from_config(config):
     if section["type"] == "SyntheticDataLoader":
         return tuple(args.get("input_shape", (1, 8, 8)))
     if section["type"] == "ImageFolderDataLoader" and args.get("image_size") is not None:
-        from data_loader.image_folder import _size_pair
+        from parts.image_folder import _size_pair
 
         return (args.get("channels", 3), *_size_pair(args["image_size"]))
     if section["type"] == "CsvDataLoader":

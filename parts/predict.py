@@ -89,8 +89,8 @@ def input_reader(config):
     if section["type"] == "CsvDataLoader":
         return TableInputs(args)
     if section["type"] == "ImageFolderDataLoader":
-        from data_loader.augment import parse_transforms
-        from data_loader.image_folder import _size_pair
+        from parts.augment import parse_transforms
+        from parts.image_folder import _size_pair
 
         spec = parse_transforms(args.get("transforms"))
         return ImageInputs(args.get("channels", 3), _size_pair(args.get("image_size")), spec.eval if spec else [],
@@ -109,7 +109,7 @@ class ImageInputs:
     kind = "images"
 
     def __init__(self, channels, size, steps, class_names):
-        from data_loader.augment import BatchPipeline, SamplePipeline, _batch_op
+        from parts.augment import BatchPipeline, SamplePipeline, _batch_op
 
         self.channels, self.size, self.steps, self.class_names = channels, size, list(steps), class_names
         # The batched pipeline is the one test.py's in-memory loader uses; it equals the per-sample one bit for bit.
@@ -126,7 +126,7 @@ class ImageInputs:
 
     def read(self, paths, report):
         """Yield ``(label, uint8 tensor)`` per readable file; ``report(line)`` for each unreadable one."""
-        from data_loader.image_folder import Unreadable, decode
+        from parts.image_folder import Unreadable, decode
 
         for path in paths:
             try:
@@ -155,7 +155,7 @@ class TableInputs:
 
     def read(self, path, report):
         """Yield ``(label, float32 tensor)`` per usable row of the CSV file ``path``; ``report`` the others."""
-        from data_loader.tables import MISSING, _number
+        from parts.tables import MISSING, _number
 
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
@@ -221,7 +221,7 @@ def expand_inputs(inputs, kind):
         if path.is_dir():
             if kind == "table":
                 raise UserError(f"{path} is a folder; this checkpoint's model reads CSV rows: give a CSV file")
-            from data_loader.image_folder import IMAGE_EXTENSIONS, _images_under
+            from parts.image_folder import IMAGE_EXTENSIONS, _images_under
 
             found = _images_under(path)
             if not found:

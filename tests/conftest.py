@@ -84,6 +84,58 @@ def example_config(name, example_data, save_dir, *overrides):
                             "device=cpu", *where, *overrides])
 
 
+def write_image(path, size, mode="RGB", seed=0):
+    """A random-noise image of ``size`` (width, height) saved at ``path`` (PNG or JPEG by its suffix)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels if channels == 3 else pixels[..., 0], mode).save(path)
+
+
+def make_folder(root, counts=None, seed=0):
+    """Image files in class folders: cat (RGB PNG), dog (RGB JPEG), owl (greyscale PNG), of odd sizes."""
+    from pathlib import Path
+
+    counts = counts or {"cat": 10, "dog": 10, "owl": 10}
+    kinds = {"cat": ("RGB", "png"), "dog": ("RGB", "jpg"), "owl": ("L", "png")}
+    for c, (name, count) in enumerate(counts.items()):
+        mode, ext = kinds.get(name, ("RGB", "png"))
+        for i in range(count):
+            write_image(Path(root) / name / f"{i:02d}.{ext}", (13 + i % 5, 11 + 2 * (i % 3)), mode, seed=seed * 1000 + c * 100 + i)
+    return Path(root)
+
+
+def assert_run_keeps_pinned(name, pinned, example_data, tmp_path):
+    """``configs/<name>.json`` trains, keeps the ``pinned`` data arguments (class order, scaling) in its saved config
+    and checkpoints, is evaluated from the checkpoint's own config, and resumes from the user's original file."""
+    import json
+
+    from trainer import cli, run
+
+    config = example_config(name, example_data, tmp_path / "saved", "trainer.epochs=2", "trainer.save_period=1")
+    metrics = run.train(config, run_id="r")
+    folder = tmp_path / "saved/models" / config["name"] / "r"
+    saved_args = json.loads((folder / "config.json").read_text())["data_loader"]["args"]
+    assert pinned <= set(saved_args)
+    state = torch.load(folder / "checkpoint-epoch2.pth", weights_only=True)
+    assert state["config"]["data_loader"]["args"]["class_names"] == saved_args["class_names"]
+    assert len(saved_args["class_names"]) == 3
+    assert metrics["epoch"] == 2
+    scores = run.evaluate_checkpoint(folder / "model_best.pth")  # rebuilt from the checkpoint's own config
+    assert scores["n_samples"] > 0 and 0 <= scores["accuracy"] <= 1
+    # The user's own file does not list the pinned arguments: resuming with it is no change of the data.
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    assert cli.train_command(["-c", str(path), "-r", str(folder / "checkpoint-epoch2.pth"), "trainer.epochs=3"]) == 0
+    assert (folder / "checkpoint-epoch3.pth").is_file()
+
+
 def assert_states_identical(a, b):
     """Model and optimizer state bit-identical (torch.equal, not allclose)."""
     for key, value in a["model"].items():

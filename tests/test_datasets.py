@@ -1,4 +1,5 @@
-"""Tests for data_loader.datasets, data_loader.idx and the loader's worker processes (no network, no downloaded data)."""
+"""Tests for data_loader.datasets, data_loader.idx and BaseDataLoader: its worker processes, its paths without
+the optional parts, and what it says when a config asks for a part whose files are gone (no network, no downloaded data)."""
 
 import gzip
 import io
@@ -17,10 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from base.base_data_loader import BaseDataLoader
+from base.base_data_loader import BaseDataLoader, to_float
+from conftest import with_changes
 from data_loader import datasets as D
 from data_loader.idx import read_idx, read_idx_header, write_idx
-from utils.errors import UserError
+from utils import parts
+from utils.errors import ConfigError, UserError
 
 MNIST_NAMES = (
     "train-images-idx3-ubyte",
@@ -522,7 +525,7 @@ def test_workers_stop_when_collected_and_at_exit(tmp_path):
 
 
 def test_folds_partition_the_training_data_the_same_way_for_every_seed():
-    from data_loader.data_loaders import SyntheticDataLoader
+    from data_loader.builtin import SyntheticDataLoader
 
     loaders = {(seed, k): SyntheticDataLoader(num_samples=100, input_shape=(4,), num_classes=2, seed=seed, fold=[k, 3])
                for seed in (0, 7) for k in range(3)}
@@ -538,8 +541,104 @@ def test_folds_partition_the_training_data_the_same_way_for_every_seed():
 
 @pytest.mark.parametrize("fold", [[3, 3], [0, 1], "0/3", [-1, 3]])
 def test_a_bad_fold_is_one_line(fold):
-    from data_loader.data_loaders import SyntheticDataLoader
+    from data_loader.builtin import SyntheticDataLoader
     from utils.errors import UserError
 
     with pytest.raises(UserError, match=r"data_loader.args.fold: .*expected \[k, K\]"):
         SyntheticDataLoader(num_samples=50, input_shape=(4,), fold=fold)
+
+
+# ---------------------------------------------------------------------------
+# without the optional parts
+# ---------------------------------------------------------------------------
+
+
+def test_no_transforms_leaves_the_fast_path_untouched():
+    loader = BaseDataLoader(D.SyntheticDataset(40, (3, 8, 8), 2), 8)
+    assert loader.in_memory and loader._pipeline is None and loader.split_validation() is None
+
+
+class Uint8Images(torch.utils.data.Dataset):
+    """uint8 images, as an image folder's datasets hold them."""
+
+    uint8_images = True
+
+    def __init__(self, n=20):
+        self.images = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        self.targets = torch.arange(n) % 2
+
+    def tensors(self):
+        return self.images, self.targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.targets[index])
+
+
+@pytest.mark.parametrize("args", [{}, {"in_memory": False}, {"in_memory": False, "num_workers": 2}],
+                         ids=["in memory", "per sample", "workers"])
+def test_uint8_images_without_transforms_come_out_as_floats_in_0_1(args):
+    dataset = Uint8Images()
+    loader = BaseDataLoader(dataset, 8, shuffle=False, **args)
+    assert loader._pipeline is None
+    x = torch.cat([x for x, _ in loader])
+    assert x.dtype == torch.float32 and torch.equal(x, to_float(dataset.images.clone()))
+
+
+def test_a_default_run_imports_no_part():
+    code = ("import sys; from trainer import build, run; from utils.config import load_config; "
+            "config = run.checked_config(load_config('config.json'))[0]; next(iter(build.build_data_loader(config))); "
+            "print(sorted(m for m in sys.modules if m == 'parts' or m.startswith('parts.')))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def _files_gone(monkeypatch, name):
+    """As if part ``name``'s files were deleted: its row stays, its module is not there."""
+    import dataclasses
+
+    monkeypatch.setitem(parts.PARTS, name, dataclasses.replace(parts.PARTS[name], module="parts._deleted"))
+
+
+def test_transforms_without_their_part_are_one_line(tiny_config, monkeypatch):
+    from trainer import build, run
+
+    name = parts.key_owner("data_loader.args.transforms")
+    if name is None:
+        pytest.skip("no part owns data_loader.args.transforms")
+    _files_gone(monkeypatch, name)
+    spec = {"train": [{"type": "RandomHorizontalFlip"}]}
+    with pytest.raises(ConfigError) as info:
+        BaseDataLoader(D.SyntheticDataset(40, (3, 8, 8), 2), 8, transforms=spec)
+    assert len(info.value.problems) == 1 and f"needs the {name} part" in info.value.problems[0]
+    with pytest.raises(ConfigError) as info:
+        run.checked_config(with_changes(tiny_config, data_loader__args={**tiny_config["data_loader"]["args"], "transforms": spec}))
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith("data_loader.args.transforms: needs the")
+    for off in (None, {}):  # off: the part is not asked for (older checkpoints' configs hold such values)
+        config = run.checked_config(with_changes(tiny_config, data_loader__args={**tiny_config["data_loader"]["args"],
+                                                                                 "transforms": off}))[0]
+        assert next(iter(build.build_data_loader(config)))[0].dtype == torch.float32
+
+
+def test_a_loader_without_its_part_is_one_line(tiny_config, monkeypatch):
+    from trainer import build, run
+
+    if not parts.provided("loaders"):
+        pytest.skip("no part provides a data loader")
+    loader = parts.provided("loaders")[0]
+    owner = next(name for name, part in parts.PARTS.items() if loader in part.loaders)
+    _files_gone(monkeypatch, owner)
+    config = with_changes(tiny_config, data_loader={"type": loader, "args": {}})
+    with pytest.raises(ConfigError) as info:
+        run.checked_config(config)
+    assert info.value.problems == [f"data_loader.type {loader}: needs the {owner} part ({parts.PARTS[owner].about}),"
+                                   f" whose files are not in this project ({parts.PARTS[owner].files[0]}); restore them,"
+                                   " or remove the setting"]
+    with pytest.raises(ConfigError) as info:  # a typo still lists the parts' loaders with the core's
+        build.registries()["data_loader"].get(loader + "x", "data_loader.type")
+    assert f"did you mean {loader!r}" in str(info.value) and "DigitsDataLoader" in str(info.value)
+

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model.loss import cross_entropy, logsumexp_cross_entropy, mse_loss, nll_loss
-from model.metric import accuracy, top_k_acc
+from model.metric import METRICS, accuracy, top_k_acc
 from trainer import build, run
 from trainer.trainer import evaluate
 from utils.metric_tracker import MetricTracker, batch_weights
@@ -142,3 +142,9 @@ def test_a_weight_list_that_is_not_numbers_is_one_line(tmp_path, capsys, weight)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"error: loss.args.weight: expected a list of numbers, one per class, got {json.dumps(weight)}"]
+
+
+def test_mae_metric():
+    output, target = torch.tensor([[1.0], [2.0], [5.0]]), torch.tensor([1.5, 2.0, 3.0])
+    assert METRICS["mae"](output, target).item() == pytest.approx(2.5 / 3)
+    assert METRICS["mae"](output.view(-1), target).item() == pytest.approx(2.5 / 3)

@@ -15,6 +15,7 @@ from data_loader.data_loaders import DATA_LOADERS
 from model.loss import LOSSES
 from model.metric import METRICS
 from model.model import MODELS
+from utils import parts
 from utils.config import ConfigError, Registry, init_obj
 
 
@@ -64,7 +65,8 @@ def registries():
     return {
         "arch": Registry("model", MODELS, _external_model,
                          "a torchvision model as torchvision.models.NAME; a part's as " + _part_names("archs", "NAME")),
-        "data_loader": Registry("data loader", DATA_LOADERS),
+        "data_loader": Registry("data loader", DATA_LOADERS, functools.partial(parts.provider, "loaders"),
+                                extra_names=parts.provided("loaders")),
         "loss": Registry("loss", LOSSES),
         "metrics": Registry("metric", METRICS, _external_metric,
                             f'a part\'s as {{"type": "{_part_names("metrics", "<module>.<Class>")}", "args": {{...}}}}'),

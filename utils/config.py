@@ -340,14 +340,16 @@ class Registry:
     """An explicit table of the components of one kind that a config may name.
 
     ``extra`` is an optional function resolving names outside the table (e.g.
-    ``torchvision.models.resnet18``); it returns the callable or None.
+    ``torchvision.models.resnet18``, or a loader of an optional part); it returns the callable
+    or None. ``extra_names`` are names it resolves, listed (and suggested) with the table's.
     """
 
-    def __init__(self, kind, table, extra=None, extra_hint=""):
+    def __init__(self, kind, table, extra=None, extra_hint="", extra_names=()):
         self.kind = kind
         self.table = dict(table)
         self.extra = extra
         self.extra_hint = extra_hint
+        self.extra_names = tuple(extra_names)
 
     def get(self, name, where=None):
         where = where or self.kind
@@ -359,9 +361,8 @@ class Registry:
                 if found is not None:
                     return found
         hint = f" (or {self.extra_hint})" if self.extra_hint else ""
-        raise ConfigError(
-            f"{where}: unknown {self.kind} {name!r}{did_you_mean(name, self.table)} valid: {_listing(self.table)}{hint}"
-        )
+        valid = [*self.table, *self.extra_names]
+        raise ConfigError(f"{where}: unknown {self.kind} {name!r}{did_you_mean(name, valid)} valid: {_listing(valid)}{hint}")
 
 
 def _parameters(target):
@@ -1026,9 +1027,9 @@ def validate_config(config, registries):
     _check_metrics(out.get("metrics") or [], registries["metrics"], problems)
 
     t = out["trainer"]
-    split_reported = any(p.startswith("data_loader.args.validation_split:") for p in problems)
+    split_reported = any(p.startswith("data_loader.args.validation_split:") for p in problems) or "data_loader" in failed
     if monitor_string(t["monitor"]) is None and t["monitor"] != "off" and not split_reported:
-        # (a bad validation_split is the problem to report, not the validation metric it would not produce)
+        # (a bad validation_split or data loader is the problem to report, not the validation metric it would not produce)
         problems.extend(_check_monitor(t["monitor"], out, registries))
     if t["unfreeze_at_epoch"] is not None and not t["freeze"]:
         problems.append("trainer.unfreeze_at_epoch: set, but trainer.freeze is empty (nothing to unfreeze)")

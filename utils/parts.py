@@ -26,6 +26,9 @@ What a part's module may define (each is optional; the core calls what is there)
 - ``LOADERS`` / ``MODELS`` / ``METRICS``: ``{name: class}`` for the names in ``loaders``;
   ``model(name)`` / ``metric(name)`` for the prefixes in ``archs`` / ``metrics`` (None if unknown).
 - ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/visualization.py).
+- ``pipelines(dataset, transforms, in_memory, num_workers)``: from the part owning
+  ``data_loader.args.transforms``, what the data loader runs its batches through (see
+  base/base_data_loader.py, which asks :func:`owner` for it).
 """
 
 import importlib
@@ -97,6 +100,13 @@ PARTS = {
                             " the same samples per step (under torchrun: fitted before the first step)",
                             files=("parts/auto_accumulate.py", "tests/parts/test_auto_accumulate.py",
                                    "tests/parts/test_oom_dist.py"), keys=("trainer.auto_accumulate",)),
+    "augment": Part("parts.augment", "per-split torchvision transforms, augmentation replayed exactly on resume",
+                    files=("parts/augment.py", "tests/parts/test_augment.py"), keys=("data_loader.args.transforms",)),
+    "image_folder": Part("parts.image_folder", "images in class folders as a data set, decoded once and cached",
+                         files=("parts/image_folder.py", "configs/image_folder.json", "tests/parts/test_image_folder.py"),
+                         loaders=("ImageFolderDataLoader",)),
+    "tables": Part("parts.tables", "a CSV table as a data set: numeric features, a class or a number to predict",
+                   files=("parts/tables.py", "configs/csv.json", "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
 }
 
 
@@ -152,14 +162,18 @@ def _get(config, dotted):
     return node
 
 
+def present(name):
+    """Whether part ``name``'s module is in this project (without importing it)."""
+    try:
+        return importlib.util.find_spec(PARTS[name].module) is not None
+    except ModuleNotFoundError:  # the parts/ package itself is gone
+        return False
+
+
 def load(name):
     """The module of part ``name``; a part whose files were deleted is one clear line."""
     part = PARTS[name]
-    try:
-        found = importlib.util.find_spec(part.module)
-    except ModuleNotFoundError:  # the parts/ folder itself is gone
-        found = None
-    if found is None:
+    if not present(name):
         raise ConfigError(f"{_uses(part)}: needs the {name} part ({part.about}), whose files are not in this project"
                           f" ({part.files[0]}); restore them, or remove the setting")
     return importlib.import_module(part.module)
@@ -173,6 +187,26 @@ def _uses(part):
 def modules(config):
     """The modules of the parts ``config`` uses (imported here, and only here)."""
     return [load(name) for name in used_by(config)]
+
+
+def owner(key, value):
+    """The module of the part owning the dotted config key ``key`` when ``value``, the key's value, asks for
+    something (imported now); None when ``value`` is off.
+
+    For a value the core is handed without its config: ``data_loader.args.transforms`` reaches the
+    data loader as an argument.
+    """
+    if _off(value):
+        return None
+    name = key_owner(key)
+    if name is None:
+        raise ConfigError(f"{key}: no part of this project reads this setting; remove it")
+    return load(name)
+
+
+def provided(kind):
+    """The names the parts provide under ``kind`` ("loaders"), in the table's order, whether or not their files are here."""
+    return [name for part in PARTS.values() for name in getattr(part, kind)]
 
 
 def provider(kind, name):

@@ -26,13 +26,13 @@ def _train(name, example_data, save_dir):
 
 @pytest.fixture(scope="module")
 def image_ckpt(example_data, tmp_path_factory):
-    pytest.importorskip("data_loader.image_folder")
+    pytest.importorskip("parts.image_folder")
     return _train("image_folder", example_data, tmp_path_factory.mktemp("img") / "saved")
 
 
 @pytest.fixture(scope="module")
 def csv_ckpt(example_data, tmp_path_factory):
-    pytest.importorskip("data_loader.tables")
+    pytest.importorskip("parts.tables")
     return _train("csv", example_data, tmp_path_factory.mktemp("csv") / "saved")
 
 

@@ -21,13 +21,13 @@ def _train(name, example_data, save_dir):
 
 @pytest.fixture(scope="module")
 def image_ckpt(example_data, tmp_path_factory):
-    pytest.importorskip("data_loader.image_folder")
+    pytest.importorskip("parts.image_folder")
     return _train("image_folder", example_data, tmp_path_factory.mktemp("img") / "saved")
 
 
 @pytest.fixture(scope="module")
 def csv_ckpt(example_data, tmp_path_factory):
-    pytest.importorskip("data_loader.tables")
+    pytest.importorskip("parts.tables")
     return _train("csv", example_data, tmp_path_factory.mktemp("csv") / "saved")
 
 
@@ -40,7 +40,7 @@ def _test_split_predictions(ckpt):
 
 
 def test_predict_images_equals_test_py_on_the_same_files(image_ckpt, example_data, tmp_path):
-    from data_loader.image_folder import Layout
+    from parts.image_folder import Layout
 
     loader, expected = _test_split_predictions(image_ckpt)
     names = loader.class_names

@@ -1,4 +1,10 @@
-"""A table read from a CSV file: one row a sample, a ``target`` column and numeric feature columns.
+"""``CsvDataLoader``: a table read from a CSV file, one row a sample, a ``target`` column and numeric feature columns.
+
+A part (utils/parts.py): delete this file, configs/csv.json and tests/parts/test_tables.py,
+and the other loaders train as before. In a config::
+
+    "data_loader": {"type": "CsvDataLoader",
+                    "args": {"path": "data/example_table.csv", "target": "species", "task": "classification"}}
 
 Promises:
 
@@ -10,6 +16,9 @@ Promises:
 * ``task="classification"``: the target's distinct values are the class names, sorted
   (numerically when they are all numbers), or ``class_names`` when given; targets are int64
   labels. ``task="regression"``: targets are float32 numbers.
+* A ``test_split`` fraction of the rows (per class for classification) is held out by a
+  permutation with a fixed seed (:data:`SPLIT_SEED`): the same rows every time, whatever the
+  run's seed. Standardisation is fitted on the training rows only.
 * Read with the ``csv`` module; no pandas.
 """
 
@@ -22,11 +31,13 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from base.base_data_loader import BaseDataLoader
 from utils.config import did_you_mean
 from utils.errors import UserError
 
 MISSING = {"", "na", "n/a", "nan", "null", "none", "?"}
 TASKS = ("classification", "regression")
+SPLIT_SEED = 0
 
 
 def _number(text):
@@ -211,3 +222,83 @@ def standardise(inputs, stats):
     mean = torch.tensor(stats["mean"], dtype=torch.float64)
     std = torch.tensor(stats["std"], dtype=torch.float64)
     return ((inputs - mean) / std).to(torch.float32)
+
+
+# --------------------------------------------------------------------------- the held-out test rows
+
+
+def check_fraction(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UserError(f"data_loader.args.{name}: got {value!r}, expected a fraction in [0, 1)")
+    return float(value)
+
+
+def stratified_split(labels, fraction, seed=SPLIT_SEED):
+    """Indices ``(kept, held_out)``: ``round(fraction * count)`` of each label held out (at least one kept),
+    chosen by a permutation seeded with ``seed``; both sorted."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).view(-1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(round(fraction * len(members)), len(members) - 1)
+        held.append(members[:count])
+        kept.append(members[count:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class CsvDataLoader(BaseDataLoader):
+    """A CSV table: ``target`` column, numeric ``features`` (default: all other numeric columns), ``task``
+    ``"classification"`` (class names from the target's values) or ``"regression"``.
+
+    A ``test_split`` fraction (default 0.2; per class for classification) is held out, the
+    same rows every time; ``validation_split`` as in every loader. With ``standardize``,
+    each feature is scaled by the mean and standard deviation of the training rows only
+    (neither validation nor test rows); ``loader.feature_stats`` holds them as plain lists.
+    ``class_names`` and ``feature_stats`` given (a saved run's) are used instead of being
+    derived.
+    """
+
+    options_from = BaseDataLoader
+
+    def __init__(self, path, target, features=None, task="classification", batch_size=64, shuffle=True,
+                 validation_split=0.1, test_split=0.2, training=True, standardize=True, class_names=None,
+                 feature_stats=None, delimiter=",", **options):
+        table = Table(path, target, features, task, class_names, delimiter)
+        fraction = check_fraction(test_split, "test_split")
+        if task == "classification":
+            train_idx, test_idx = stratified_split(table.targets, fraction)
+        else:
+            order = torch.randperm(len(table), generator=torch.Generator().manual_seed(SPLIT_SEED))
+            count = round(fraction * len(table))
+            train_idx, test_idx = order[count:].sort().values, order[:count].sort().values
+        if not training and len(test_idx) == 0:
+            raise UserError(f"data_loader.args.test_split: {test_split!r} holds out no rows of {table.path}; set test_split > 0")
+        inputs, stats = table.inputs, None
+        if standardize:
+            if feature_stats is not None:
+                stats = check_stats(feature_stats, table.feature_names)
+            else:  # the rows that train: neither test nor validation rows inform the scaling
+                fit_idx, _ = BaseDataLoader._split(train_idx, validation_split, options.get("seed", 0))
+                stats = fit_standardisation(table.inputs[fit_idx], table.feature_names)
+            inputs = standardise(inputs, stats)
+        dataset = TableDataset(inputs.to(torch.float32), table.targets, table.class_names, stats)
+        indices = train_idx if training else test_idx
+        super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0,
+                         training=training, indices=indices.tolist(), **options)
+        self.feature_names = table.feature_names
+
+    def data_args(self):
+        args = {}
+        if self.class_names is not None:
+            args["class_names"] = list(self.class_names)
+        if self.feature_stats is not None:
+            args["feature_stats"] = self.feature_stats
+        return args
+
+
+LOADERS = {"CsvDataLoader": CsvDataLoader}

@@ -1,4 +1,10 @@
-"""Images in class folders (``data_dir/<class name>/<image files>``), decoded once and cached.
+"""``ImageFolderDataLoader``: images in class folders (``data_dir/<class name>/<image files>``), decoded once and cached.
+
+A part (utils/parts.py): delete this file, configs/image_folder.json and
+tests/parts/test_image_folder.py, and the other loaders train as before. In a config::
+
+    "data_loader": {"type": "ImageFolderDataLoader",
+                    "args": {"data_dir": "data/example_images", "image_size": 32, "batch_size": 32}}
 
 Promises:
 
@@ -33,6 +39,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from base.base_data_loader import BaseDataLoader
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -449,3 +456,56 @@ def load_split(files, split, root, class_names, channels=3, image_size=None, cac
     dataset = ImageTensorDataset(data["images"], data["targets"], class_names, skipped)
     dataset.cache_path = path
     return dataset
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class ImageFolderDataLoader(BaseDataLoader):
+    """Images in class folders: ``data_dir/<class name>/<images>``, or ``data_dir/{train,val,test}/<class name>/``.
+
+    Without ``test/`` a ``test_split`` fraction (default 0.2) of each class is held out, the
+    same files every time; without ``val/``, ``validation_split`` (default 0.1) as in every
+    loader. Images become ``channels`` x ``image_size`` (RGB or grey; resized to cover and
+    centre-cropped) uint8, batches float32 in [0, 1] before the transforms' ``Normalize``.
+    ``in_memory``: null decodes a split once into memory (cached in ``cache_dir``, default
+    ``data_dir/.cache``) when it needs at most a quarter of the RAM, else reads the files
+    in DataLoader workers; true or false forces either. ``skip_unreadable`` leaves out
+    damaged images with a warning instead of stopping. ``class_names`` fixes the class
+    order (a saved run's); ``loader.class_names`` is the order used.
+    """
+
+    options_from = BaseDataLoader
+
+    def __init__(self, data_dir, batch_size=64, shuffle=True, validation_split=None, test_split=None, training=True,
+                 image_size=None, channels=3, in_memory=None, cache_dir=None, skip_unreadable=False, class_names=None,
+                 **options):
+        augment = self.transforms_part(options.get("transforms"))
+        if augment is not None:  # a config mistake shows before minutes of decoding
+            augment.parse_transforms(options["transforms"])
+        layout = Layout(data_dir, test_split, class_names)
+        if layout.val_from_folder and validation_split not in (None, 0):
+            raise UserError(f"data_loader.args.validation_split: {layout.root} has val/, which is the validation split:"
+                            " remove validation_split")
+        if training:
+            files = layout.splits["train"] + layout.splits["val"]
+        else:
+            files = layout.splits["test"]
+            if not files:
+                raise UserError(f"data_loader.args.test_split: 0 holds out no test images from {layout.root};"
+                                " set test_split > 0 or add a test/ folder")
+        dataset = load_split(files, "train" if training else "test", layout.root, layout.class_names,
+                             channels, image_size, cache_dir, in_memory, skip_unreadable)
+        skipped = {path for path, _ in getattr(dataset, "skipped", [])}
+        n_train = sum(1 for path, _ in layout.splits["train"] if path not in skipped) if training else len(dataset)
+        split = 0.0 if layout.val_from_folder or not training else (0.1 if validation_split is None else validation_split)
+        super().__init__(dataset, batch_size, shuffle and training, split, training=training, indices=list(range(n_train)),
+                         **options)
+        if training and layout.val_from_folder and len(dataset) > n_train:
+            self.valid_idx = torch.arange(n_train, len(dataset))
+
+    def data_args(self):
+        return {"class_names": list(self.class_names)}
+
+
+LOADERS = {"ImageFolderDataLoader": ImageFolderDataLoader}

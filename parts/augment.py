@@ -1,12 +1,20 @@
-"""Transforms named in a config, one list per split, run per sample or on whole batches.
+"""``data_loader.args.transforms``: transforms named in a config, one list per split, run per sample or on whole batches.
 
-``data_loader.args.transforms`` is ``{"train": [...], "eval": [...]}``, each entry
-``{"type": NAME, "args": {...}}`` naming a class of ``torchvision.transforms.v2``. The
-promises kept here:
+A part (utils/parts.py): delete this file and tests/parts/test_augment.py, and configs without
+``transforms`` train as before; one with them says, in one line, that this part is missing.
+Any data loader built on :class:`~base.base_data_loader.BaseDataLoader` takes them::
 
-* The whole spec is checked when the loader is built (unknown names with a "did you
-  mean", arguments bound against the signature, random transforms in ``eval``), every
-  problem one line of a :class:`~utils.errors.ConfigError`, before any run folder exists.
+    "transforms": {"train": [{"type": "RandomCrop", "args": {"size": 32, "padding": 4}},
+                             {"type": "RandomHorizontalFlip"}],
+                   "eval": [{"type": "Normalize", "args": {"mean": [0.5], "std": [0.25]}}]}
+
+Each entry ``{"type": NAME, "args": {...}}`` names a class of ``torchvision.transforms.v2``.
+The promises kept here:
+
+* The whole spec is checked with the config and again when the loader is built (unknown
+  names with a "did you mean", arguments bound against the signature, random transforms in
+  ``eval``), every problem one line of a :class:`~utils.errors.ConfigError`, before any run
+  folder exists; then each split's transforms are tried on one sample of the data.
 * Training batches get ``train``; the validation split and the test split get ``eval``,
   so no random augmentation ever reaches them.
 * uint8 images (image folders) reach the transforms as uint8 and are converted to float32
@@ -24,10 +32,12 @@ torchvision is imported only when transforms are configured.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
+from base.base_data_loader import to_float
 from utils.config import ConfigError, Registry, check_args, did_you_mean
 
 WHERE = "data_loader.args.transforms"
@@ -117,6 +127,64 @@ class Transforms:
         return all(_batch_op(name, t) is not None for name, t in steps)
 
 
+def check(config):
+    """The spec's problems, one line each, before anything is built (the loader checks it again)."""
+    try:
+        parse_transforms(config["data_loader"]["args"].get("transforms"))
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def pipelines(dataset, transforms, in_memory, num_workers):
+    """What :class:`~base.base_data_loader.BaseDataLoader` runs its batches through: ``(in_memory, {"train": pipeline,
+    "eval": pipeline})``, a split without transforms None.
+
+    ``in_memory`` is whether the loader may batch by indexing ``dataset.tensors()``; it stays so only
+    when every transform has a batched version (:class:`BatchPipeline`), else samples go one by one
+    through a :class:`SamplePipeline`. Each split's transforms are tried on the first sample here.
+
+    Raises:
+        ConfigError: a bad spec, or transforms that fail on this data's samples.
+    """
+    spec = parse_transforms(transforms)
+    if spec is None:
+        return in_memory, {split: None for split in SPLITS}
+    batched = in_memory and spec.batchable()
+    if in_memory and not batched and num_workers == 0:
+        names = sorted({name for name, t in spec.train + spec.eval if not spec.batchable([(name, t)])})
+        logging.getLogger("train.data").warning(
+            f"{WHERE}: {', '.join(names)} has no batched version, so every sample is transformed on its own"
+            " in this process; set data_loader.args.num_workers > 0 to use worker processes")
+    made = {}
+    for split in SPLITS:
+        steps = spec.steps(split)
+        made[split] = None if not steps else BatchPipeline(steps) if batched else SamplePipeline(steps)
+    _try(dataset, made, batched)
+    return batched, made
+
+
+def _try(dataset, made, batched):
+    """Run each split's transforms on one sample now: a mismatch (a 3-channel Normalize on grey images, a crop
+    larger than the images) is a config error before the run starts rather than a crash in its first step."""
+    if len(dataset) == 0:
+        return
+    for split, pipeline in made.items():
+        if pipeline is None:
+            continue
+        try:
+            if batched:
+                sample = dataset.tensors()[0][0]
+                pipeline.seeded(sample[None].clone(), 0)
+            else:
+                sample = dataset[0][0]
+                pipeline.samples(dataset)[(0, 0) if pipeline.random else 0]
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            shape = tuple(getattr(sample, "shape", ()))
+            raise ConfigError(f"{WHERE}.{split}: fails on this data's samples of shape {shape}:"
+                              f" {' '.join(str(err).split())[:300]}") from None
+
+
 def parse_transforms(spec, where=WHERE):
     """Check and build ``data_loader.args.transforms``; None when there are none.
 
@@ -177,11 +245,6 @@ def parse_transforms(spec, where=WHERE):
     return Transforms(built["train"], built["eval"])
 
 
-def to_float(x):
-    """uint8 images to float32 in [0, 1]; anything else unchanged."""
-    return x.to(torch.float32).mul_(1.0 / 255.0) if x.dtype == torch.uint8 else x
-
-
 # --------------------------------------------------------------------------- per sample
 
 
@@ -198,6 +261,14 @@ class SamplePipeline:
                 x = to_float(x)
             x = transform(x)
         return to_float(x) if isinstance(x, torch.Tensor) else x
+
+    def keys(self, indices, seed, epoch):
+        """What the loader asks the dataset for: with random transforms each index with its sample's seed."""
+        return [(i, mix_seed(seed, epoch, i)) for i in indices] if self.random else indices
+
+    def samples(self, dataset):
+        """``dataset`` with this pipeline applied to each sample, for a torch DataLoader."""
+        return SeededSamples(dataset, self)
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -271,6 +342,10 @@ class BatchPipeline:
                 x = to_float(x)
             x = op(x, generator)
         return to_float(x)
+
+    def seeded(self, x, *key):
+        """``self(x)`` drawing from the generator on ``x``'s device seeded with ``key`` (``seed, epoch, batch, rank``)."""
+        return self(x, self.generator(x.device).manual_seed(mix_seed(*key)) if self.random else None)
 
 
 class _Op:

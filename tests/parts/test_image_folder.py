@@ -1,0 +1,264 @@
+"""The image-folder part (parts/image_folder.py) on real files written here: PNG and JPEG, RGB and grey, odd sizes,
+damaged ones. Every user mistake must be one line of UserError naming what to fix."""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_run_keeps_pinned, make_folder, write_image
+from parts import image_folder
+from parts.image_folder import ImageFolderDataLoader
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def one_line(info):
+    text = str(info.value)
+    assert text and "\n" not in text, text
+    return text
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "images")
+
+
+def image_loader(data_dir, **args):
+    args = {"batch_size": 8, "image_size": 10, "seed": 0, **args}
+    return ImageFolderDataLoader(str(data_dir), **args)
+
+
+def batches(loader, epoch, start=0):
+    loader.set_epoch(epoch, start)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b) and len(a) > 0
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def rows_of(images):
+    return {bytes(img.numpy()) for img in images}
+
+
+def test_image_folder_classes_and_held_out_test_split(folder):
+    train = image_loader(folder)
+    test = image_loader(folder, training=False)
+    assert train.class_names == ["cat", "dog", "owl"] and test.class_names == train.class_names
+    assert train.data_args() == {"class_names": ["cat", "dog", "owl"]}
+    train_x, train_y = train.dataset.tensors()
+    test_x, test_y = test.dataset.tensors()
+    # 20% of each class held out; no image in both splits.
+    assert torch.bincount(test_y).tolist() == [2, 2, 2] and torch.bincount(train_y).tolist() == [8, 8, 8]
+    assert not rows_of(train_x) & rows_of(test_x)
+    # The same files whatever the run's seed: the test set stays held out.
+    other = image_loader(folder, training=False, seed=7)
+    assert torch.equal(other.dataset.tensors()[0], test_x)
+    # validation_split (default 0.1) comes out of the training images, with the run's seed.
+    assert len(train.valid_idx) == round(0.1 * 24) and len(train.sampler) == 24 - len(train.valid_idx)
+    x, y = next(iter(test))
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.shape[1:] == (3, 10, 10)
+
+
+def test_image_folder_split_folders(tmp_path):
+    root = tmp_path / "split"
+    make_folder(root / "train", {"cat": 6, "dog": 6}, seed=1)
+    make_folder(root / "val", {"cat": 2, "dog": 1}, seed=2)
+    make_folder(root / "test", {"dog": 3}, seed=3)
+    train = image_loader(root)
+    valid = train.split_validation()
+    assert train.class_names == ["cat", "dog"] and len(train.sampler) == 12 and len(valid.sampler) == 3
+    val_x = torch.cat([x for x, _ in valid])
+    assert torch.equal(val_x, torch.cat([x for x, _ in image_loader(root / "val", test_split=0, validation_split=0, shuffle=False)])
+                       .index_select(0, torch.tensor([0, 1, 2])))
+    test = image_loader(root, training=False)
+    assert torch.equal(test.dataset.tensors()[1], torch.tensor([1, 1, 1]))  # 'dog' keeps train's label
+
+
+def test_image_folder_modes_sizes_and_values(tmp_path):
+    root = tmp_path / "px"
+    red = Image.new("RGB", (20, 10), (255, 0, 0))
+    Path(root / "a").mkdir(parents=True)
+    red.save(root / "a" / "red.png")
+    Image.new("L", (7, 9), 128).save(root / "a" / "grey.png")
+    write_image(root / "b" / "x.jpg", (31, 17), "RGB")
+    write_image(root / "b" / "y.png", (5, 6), "L")
+    rgb = image_loader(root, image_size=[4, 6], test_split=0, validation_split=0, shuffle=False)
+    x, _ = next(iter(rgb))
+    assert x.shape == (4, 3, 4, 6)
+    # Files in name order: a/grey.png, a/red.png, b/x.jpg, b/y.png.
+    assert torch.allclose(x[0], torch.full((3, 4, 6), 128 / 255))  # grey -> three equal channels
+    assert torch.equal(x[1], torch.stack([torch.ones(4, 6), torch.zeros(4, 6), torch.zeros(4, 6)]))  # red stays red
+    grey = image_loader(root, image_size=5, channels=1, test_split=0, validation_split=0, shuffle=False)
+    x, _ = next(iter(grey))
+    assert x.shape == (4, 1, 5, 5) and torch.allclose(x[0], torch.full((1, 5, 5), 128 / 255))
+    assert torch.allclose(x[1], torch.full((1, 5, 5), 0.299 * 255 // 1 / 255), atol=1 / 255)  # red's luma
+
+
+def test_image_folder_cache_is_used_then_invalidated(folder, monkeypatch):
+    decoded = []
+    real = image_folder.decode
+    monkeypatch.setattr(image_folder, "decode", lambda path, *a: decoded.append(path) or real(path, *a))
+    first = image_loader(folder)
+    assert len(decoded) == 24 and first.dataset.cache_path.is_file()
+    decoded.clear()
+    again = image_loader(folder)
+    assert decoded == [] and torch.equal(again.dataset.tensors()[0], first.dataset.tensors()[0])  # read from the cache
+    changed = folder / "cat" / "03.png"
+    write_image(changed, (13, 11), seed=99)
+    os.utime(changed, ns=(1, 1))  # a different mtime whatever the file system's resolution
+    after = image_loader(folder)
+    assert len(decoded) in (24, 30) and after.dataset.cache_path != first.dataset.cache_path
+    assert not first.dataset.cache_path.exists()  # the stale cache of this split was replaced
+    assert not torch.equal(after.dataset.tensors()[0], first.dataset.tensors()[0])
+
+
+def test_image_folder_cache_dir_and_streaming_agree(folder, tmp_path):
+    cached = image_loader(folder, cache_dir=str(tmp_path / "cache"), shuffle=False, validation_split=0)
+    assert cached.in_memory and cached.dataset.cache_path.parent == tmp_path / "cache"
+    streamed = image_loader(folder, in_memory=False, shuffle=False, validation_split=0)
+    assert not streamed.in_memory
+    assert_same_batches(batches(cached, 1), batches(streamed, 1))
+
+
+def make_damaged(folder):
+    (folder / "cat" / "garbage.png").write_bytes(b"this is not a PNG file")
+    (folder / "dog" / "empty.jpg").write_bytes(b"")
+    data = (folder / "dog" / "00.jpg").read_bytes()
+    (folder / "dog" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("name", ["garbage.png", "empty.jpg", "truncated.jpg"])
+def test_unreadable_image_is_one_line_naming_it(folder, name):
+    make_damaged(folder)
+    for other in {"garbage.png", "empty.jpg", "truncated.jpg"} - {name}:
+        next(folder.rglob(other)).unlink()
+    with pytest.raises(UserError) as info:
+        image_loader(folder, test_split=0)
+    text = one_line(info)
+    assert name in text and "skip_unreadable" in text
+
+
+def test_skip_unreadable_warns_counting_and_naming(folder, caplog):
+    make_damaged(folder)
+    logger = logging.getLogger("train.data")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="train.data"):
+            loader = image_loader(folder, test_split=0, skip_unreadable=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert len(loader.dataset) == 30
+    warning = sorted({r.getMessage() for r in caplog.records if "skipped" in r.getMessage()})
+    assert len(warning) == 1 and "skipped 3 unreadable images" in warning[0]
+    assert all(name in warning[0] for name in ("garbage.png", "empty.jpg", "truncated.jpg"))
+
+
+def bad_layouts(tmp_path):
+    """(name, make the data, loader args, a text the message must hold)."""
+    def empty_class(root):
+        make_folder(root)
+        (root / "fox").mkdir()
+        return {}, "fox"
+
+    def loose_images(root):
+        write_image(root / "a.png", (5, 5))
+        return {}, "no class folders"
+
+    def no_folder(root):
+        return {}, "not found"
+
+    def unknown_test_class(root):
+        make_folder(root / "train", {"cat": 3})
+        make_folder(root / "test", {"dog": 2})
+        return {}, str(root / "test" / "dog")
+
+    def validation_and_val(root):
+        make_folder(root / "train", {"cat": 3, "dog": 3})
+        make_folder(root / "val", {"cat": 1})
+        return {"validation_split": 0.2}, "val/"
+
+    def test_split_and_test(root):
+        make_folder(root / "train", {"cat": 3, "dog": 3})
+        make_folder(root / "test", {"cat": 1})
+        return {"test_split": 0.3}, "test/"
+
+    def sizes_differ(root):
+        make_folder(root)
+        return {"image_size": None}, "image_size"
+
+    def wrong_channels(root):
+        make_folder(root)
+        return {"channels": 2}, "channels"
+
+    def bad_image_size(root):
+        make_folder(root)
+        return {"image_size": [3, 0]}, "image_size"
+
+    def other_classes(root):
+        make_folder(root)
+        return {"class_names": ["cat", "dog"]}, "owl"
+
+    def streaming_without_size(root):
+        make_folder(root)
+        return {"in_memory": False, "image_size": None}, "image_size"
+
+    return [empty_class, loose_images, no_folder, unknown_test_class, validation_and_val, test_split_and_test,
+            sizes_differ, wrong_channels, bad_image_size, other_classes, streaming_without_size]
+
+
+@pytest.mark.parametrize("case", bad_layouts(None), ids=lambda f: f.__name__)
+def test_bad_image_folder_is_one_line(tmp_path, case):
+    root = tmp_path / "data"
+    args, expected = case(root)
+    with pytest.raises(UserError) as info:
+        image_loader(root, **args)
+    assert expected in one_line(info)
+    assert not (root / ".cache").exists() or case.__name__ == "sizes_differ" or not any((root / ".cache").iterdir())
+
+
+# --------------------------------------------------------------------------- as a user runs it
+
+
+def test_the_loader_is_found_by_its_name_through_the_parts_table():
+    from trainer import build
+
+    assert build.registries()["data_loader"].get("ImageFolderDataLoader") is ImageFolderDataLoader
+    assert "ImageFolderDataLoader" not in build.DATA_LOADERS  # not in the core's table
+
+
+def test_the_example_config_builds_on_the_example_data(tmp_path):
+    pytest.importorskip("parts.augment")  # configs/image_folder.json augments
+    from tools import make_example_data
+    from trainer import build
+    from utils.config import validate_config
+
+    out = make_example_data.main(["--out", str(tmp_path / "data")])
+    config = json.loads((ROOT / "configs/image_folder.json").read_text())
+    assert config["data_loader"]["args"]["data_dir"] == "data/example_images"
+    config["data_loader"]["args"]["data_dir"] = str(out / "example_images")
+    config = validate_config(config, build.registries())
+    loader = build.build_data_loader(config)
+    model = build.build_model(config)
+    x, y = next(iter(loader))
+    assert model(x).shape == (len(y), len(loader.class_names))
+
+
+def test_a_run_keeps_its_class_names_and_resumes_from_the_original_config(example_data, tmp_path):
+    pytest.importorskip("parts.augment")  # configs/image_folder.json augments
+    assert_run_keeps_pinned("image_folder", {"class_names"}, example_data, tmp_path)
+
+
+def test_benchmark_rows_for_image_folders():
+    from benchmarks import data as data_bench
+
+    folder = data_bench.bench_image_folder(20, lambda message: None)
+    assert len(folder["images_per_s"]) == 4 and all(rate > 0 for rate in folder["images_per_s"].values())
