@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from utils import parts as optional_parts
 from utils.errors import UserError
 
 CSV_EXTENSIONS = (".csv", ".tsv")
@@ -47,6 +48,12 @@ _BUILTIN_IMAGES = {
 
 
 # --------------------------------------------------------------------------- the checkpoint
+
+
+def _part(name):
+    """Another part whose code reading the inputs needs (image folders, tables, augmentation), through the table:
+    a part deleted from the project is one error line, naming it, rather than an import error."""
+    return optional_parts.load(name)
 
 
 class Loaded:
@@ -89,11 +96,8 @@ def input_reader(config):
     if section["type"] == "CsvDataLoader":
         return TableInputs(args)
     if section["type"] == "ImageFolderDataLoader":
-        from parts.augment import parse_transforms
-        from parts.image_folder import _size_pair
-
-        spec = parse_transforms(args.get("transforms"))
-        return ImageInputs(args.get("channels", 3), _size_pair(args.get("image_size")), spec.eval if spec else [],
+        spec = _part("augment").parse_transforms(args.get("transforms"))
+        return ImageInputs(args.get("channels", 3), _part("image_folder")._size_pair(args.get("image_size")), spec.eval if spec else [],
                            args.get("class_names"))
     if section["type"] in _BUILTIN_IMAGES:
         channels, size, mean, std, names = _BUILTIN_IMAGES[section["type"]]
@@ -109,7 +113,8 @@ class ImageInputs:
     kind = "images"
 
     def __init__(self, channels, size, steps, class_names):
-        from parts.augment import BatchPipeline, SamplePipeline, _batch_op
+        augment = _part("augment")
+        BatchPipeline, SamplePipeline, _batch_op = augment.BatchPipeline, augment.SamplePipeline, augment._batch_op
 
         self.channels, self.size, self.steps, self.class_names = channels, size, list(steps), class_names
         # The batched pipeline is the one test.py's in-memory loader uses; it equals the per-sample one bit for bit.
@@ -126,7 +131,8 @@ class ImageInputs:
 
     def read(self, paths, report):
         """Yield ``(label, uint8 tensor)`` per readable file; ``report(line)`` for each unreadable one."""
-        from parts.image_folder import Unreadable, decode
+        image_folder = _part("image_folder")
+        Unreadable, decode = image_folder.Unreadable, image_folder.decode
 
         for path in paths:
             try:
@@ -155,7 +161,8 @@ class TableInputs:
 
     def read(self, path, report):
         """Yield ``(label, float32 tensor)`` per usable row of the CSV file ``path``; ``report`` the others."""
-        from parts.tables import MISSING, _number
+        tables = _part("tables")
+        MISSING, _number = tables.MISSING, tables._number
 
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
@@ -221,7 +228,8 @@ def expand_inputs(inputs, kind):
         if path.is_dir():
             if kind == "table":
                 raise UserError(f"{path} is a folder; this checkpoint's model reads CSV rows: give a CSV file")
-            from parts.image_folder import IMAGE_EXTENSIONS, _images_under
+            image_folder = _part("image_folder")
+            IMAGE_EXTENSIONS, _images_under = image_folder.IMAGE_EXTENSIONS, image_folder._images_under
 
             found = _images_under(path)
             if not found:

@@ -34,10 +34,9 @@ def folder(tmp_path):
 
 
 def image_loader(data_dir, **args):
-    from parts.image_folder import ImageFolderDataLoader
-
+    image_folder = pytest.importorskip("parts.image_folder")  # another part: its files may be deleted
     args = {"batch_size": 8, "image_size": 10, "seed": 0, **args}
-    return ImageFolderDataLoader(str(data_dir), **args)
+    return image_folder.ImageFolderDataLoader(str(data_dir), **args)
 
 
 def batches(loader, epoch, start=0):
@@ -217,31 +216,6 @@ def test_mid_epoch_resume_replays_augmentation_bit_for_bit(folder, path):
     batches(fresh, 1)  # another epoch in between changes nothing
     assert_same_batches(batches(fresh, 3), full)
     assert not torch.equal(full[0][0], batches(loader, 4)[0][0])  # each epoch its own draws
-
-
-def test_overfit_batches_turns_augmentation_and_shuffling_off(tiny_config):
-    from trainer import run, tuning
-
-    flips = {"train": [{"type": "RandomHorizontalFlip", "args": {"p": 0.5}}]}
-    args = {**tiny_config["data_loader"]["args"], "transforms": flips}
-
-    def two_epochs(**changes):
-        config = run.checked_config(with_changes(tiny_config, data_loader__args=args, **changes))[0]
-        parts = run.build_parts(config, torch.device("cpu"))
-        tuning.prepare(config, parts)
-        epochs = []
-        for epoch in (1, 2):
-            parts.data_loader.set_epoch(epoch)
-            epochs.append([x for x, _ in list(parts.data_loader)[:2]])
-        return parts, epochs
-
-    parts, (first, second) = two_epochs(trainer__overfit_batches=2)
-    assert len(parts.data_loader) == len(parts.valid_data_loader) == 2
-    assert all(torch.equal(a, b) for a, b in zip(first, second))  # the same batches, unflipped, unshuffled
-    parts.valid_data_loader.set_epoch(1)
-    assert all(torch.equal(a, b) for a, (b, _) in zip(first, parts.valid_data_loader))  # validation: the same
-    _, (first, second) = two_epochs()
-    assert not torch.equal(first[0], second[0])  # without it: another order and other flips each epoch
 
 
 def test_benchmark_rows_for_augmentation():
