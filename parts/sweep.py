@@ -443,7 +443,7 @@ def check(config):
 
 def hooks(config, parts, run):
     cfg = config["trainer"]
-    if not cfg.get(TRIAL_KEY) or cfg["monitor"] == "off" or cfg["fast_dev_run"]:
+    if not cfg.get(TRIAL_KEY) or cfg["monitor"] == "off" or not run.writes:  # (a dry run reports nothing)
         return []
     return [StudyReport(cfg[TRIAL_KEY], run.dist)]
 

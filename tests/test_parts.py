@@ -110,6 +110,14 @@ def test_deleting_a_part_leaves_nothing_importing_it(name):
         assert not reaching, f"deleting the {name} part breaks {path}, which imports {reaching}"
 
 
+def test_the_readme_table_is_the_table_the_code_reads():
+    from tools.parts_table import table
+
+    readme = (ROOT / "README.md").read_text()
+    between = readme.split("<!-- parts -->\n", 1)[1].split("<!-- /parts -->", 1)[0]
+    assert between.strip() == table().strip(), "README.md's table of parts is stale: python tools/parts_table.py"
+
+
 def minimal_copy(target):
     out = subprocess.run([sys.executable, str(ROOT / "new_project.py"), str(target), "--minimal"],
                          capture_output=True, text=True, timeout=120)
