@@ -132,7 +132,8 @@ class BaseTrainer:
         self.epochs = cfg["epochs"]
         self.save_period = cfg["save_period"]
         self.keep_last = cfg["keep_last"]
-        self.early_stop = math.inf if cfg["early_stop"] is None else cfg["early_stop"]  # 0: stop at the first miss
+        # Misses allowed before training stops; 0 or null: never stop early (victoresque's convention).
+        self.early_stop = cfg["early_stop"] or math.inf
         self.mode, self.monitor_key = ("off", None) if cfg["monitor"] == "off" else cfg["monitor"].split()
         self.monitor_best = math.inf if self.mode == "min" else -math.inf
         self.not_improved_count = 0

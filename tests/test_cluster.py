@@ -110,15 +110,15 @@ def snapshot(folder):
 
 
 def test_an_early_stop_is_the_end_of_the_run_for_a_resume(tmp_path, config, capsys):
-    """Early stopping ends the run at epoch 2 of 6 ("max val_loss" while the loss falls: epoch 1 improves on -inf,
-    epoch 2 does not, and early_stop=0 allows no miss). The checkpoint says so: the same command with -r auto, and
-    -r on that checkpoint, have nothing to resume (exit 0, nothing written); a raised patience trains on."""
-    stopping = with_changes(config, trainer__epochs=6, trainer__early_stop=0, trainer__monitor="max val_loss")
+    """Early stopping ends the run at epoch 3 of 6 ("max val_loss" while the loss falls: epoch 1 improves on -inf,
+    epochs 2 and 3 do not, and early_stop=1 allows one miss). The checkpoint says so: the same command with -r auto,
+    and -r on that checkpoint, have nothing to resume (exit 0, nothing written); a raised patience trains on."""
+    stopping = with_changes(config, trainer__epochs=6, trainer__early_stop=1, trainer__monitor="max val_loss")
     path = write_config(tmp_path, stopping)
     assert train_command(["-c", path, "--run-id", "es", "-r", "auto"]) == 0
     folder = models_dir(config, "es")
-    checkpoint = folder / "checkpoint-epoch2.pth"
-    assert load(checkpoint)["stopped_early"] is True and not (folder / "checkpoint-epoch3.pth").exists()
+    checkpoint = folder / "checkpoint-epoch3.pth"
+    assert load(checkpoint)["stopped_early"] is True and not (folder / "checkpoint-epoch4.pth").exists()
     before = snapshot(folder)
     capsys.readouterr()
 
@@ -126,17 +126,17 @@ def test_an_early_stop_is_the_end_of_the_run_for_a_resume(tmp_path, config, caps
                     ["-r", str(checkpoint), "trainer.epochs=6"]):
         assert train_command(command) == 0, command
         err = capsys.readouterr().err
-        assert "nothing to resume: the run stopped early at epoch 2, step 26" in err, (command, err)
-        assert "trainer.early_stop=0 epochs" in err and "raise trainer.early_stop" in err
+        assert "nothing to resume: the run stopped early at epoch 3, step 39" in err, (command, err)
+        assert "trainer.early_stop=1 epochs" in err and "raise trainer.early_stop" in err
         assert len(err.strip().splitlines()) == 1
         assert snapshot(folder) == before, command  # nothing written
 
-    # More patience: the run goes on, in place, to its last epoch (val_loss keeps falling: 4 misses, patience 5).
+    # More patience: the run goes on, in place, to its last epoch (val_loss keeps falling: 5 misses, patience 5).
     assert train_command(["-c", path, "--run-id", "es", "-r", "auto", "trainer.early_stop=5"]) == 0
     final = load(folder / "checkpoint-epoch6.pth")
     assert final["stopped_early"] is False and final["epoch"] == 6
     (entry,) = json.loads((folder / "manifest.json").read_text())["resume_history"]
-    assert Path(entry["checkpoint"]).name == "checkpoint-epoch2.pth"
+    assert Path(entry["checkpoint"]).name == "checkpoint-epoch3.pth"
 
 
 def test_auto_needs_a_config(capsys):

@@ -157,10 +157,10 @@ def test_skipped_steps_are_counted_at_the_end(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- early stopping
 
 
-@pytest.mark.parametrize("early_stop,stops_at", [(0, 2), (1, 3)])
-def test_early_stop_means_what_it_says_and_writes_the_last_epoch(tmp_path, early_stop, stops_at):
-    # lr 0: nothing improves after epoch 1.
-    config = make_config(tmp_path / "saved", epochs=50, save_period=100, early_stop=early_stop)
+@pytest.mark.parametrize("early_stop,epochs,stops_at", [(1, 50, 3), (2, 50, 4), (0, 6, 6), (None, 6, 6)])
+def test_early_stop_means_what_it_says_and_writes_the_last_epoch(tmp_path, early_stop, epochs, stops_at):
+    # lr 0: nothing improves after epoch 1. early_stop N allows N misses; 0 or null (victoresque's "off"): never stops.
+    config = make_config(tmp_path / "saved", epochs=epochs, save_period=100, early_stop=early_stop)
     config["optimizer"] = {"type": "SGD", "args": {"lr": 0.0}}
     config["lr_scheduler"] = None
     metrics = run.train(config, run_id="e")

@@ -7,6 +7,8 @@ weights (another model), other parameter groups (another optimizer type or freez
 or, in the middle of an epoch, a different data order.
 """
 
+import math
+
 from utils import parts
 from utils.config import ConfigError, config_diff
 from utils.errors import UserError
@@ -272,6 +274,6 @@ def run_is_finished(state, config):
 
 def _asks_for_more(saved, cfg):
     """Whether trainer settings ``cfg`` raise the patience or the epochs of the run that had ``saved``."""
-    patience, before = cfg.get("early_stop"), saved.get("early_stop")
-    more_patience = before is not None and (patience is None or patience > before)
+    patience, before = cfg.get("early_stop") or math.inf, saved.get("early_stop")  # 0 or null: never stop early
+    more_patience = bool(before) and patience > before
     return more_patience or cfg["epochs"] > saved["epochs"]

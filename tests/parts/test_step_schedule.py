@@ -85,29 +85,29 @@ def test_validation_by_step_writes_a_mid_epoch_best_model_that_resumes_exactly(c
 
 
 def test_validation_by_step_early_stops_by_validations(config):
-    # "max val_loss" while the loss falls: the first validation improves on -inf, the second does not.
-    stopped = with_changes(config, trainer__val_every_n_steps=4, trainer__early_stop=0, trainer__monitor="max val_loss",
+    # "max val_loss" while the loss falls: the first validation improves on -inf, the next two do not (one allowed).
+    stopped = with_changes(config, trainer__val_every_n_steps=4, trainer__early_stop=1, trainer__monitor="max val_loss",
                            trainer__verbosity=1)
     run.train(stopped, run_id="es")
     log = (Path(config["trainer"]["save_dir"]) / "log/tiny/es/info.log").read_text()
-    assert "didn't improve for 0 validations" in log
+    assert "didn't improve for 1 validations" in log
     state = load(models_dir(config, "es") / "checkpoint-epoch1.pth")
-    assert state["global_step"] == 8  # stopped after the second validation, not at the epoch's end
+    assert state["global_step"] == 12  # stopped after the third validation, not at the epoch's end
     assert not (models_dir(config, "es") / "checkpoint-epoch2.pth").exists()
 
 
 def test_an_early_stop_by_step_validation_is_the_end_of_the_run_too(tmp_path, config, capsys):
-    stopping = with_changes(config, trainer__val_every_n_steps=4, trainer__early_stop=0,
-                            trainer__monitor="max val_loss", trainer__save_every_n_steps=8)
+    stopping = with_changes(config, trainer__val_every_n_steps=4, trainer__early_stop=1,
+                            trainer__monitor="max val_loss", trainer__save_every_n_steps=12)
     path = write_config(tmp_path, stopping)
     assert train_command(["-c", path, "--run-id", "es", "-r", "auto"]) == 0
     folder = models_dir(config, "es")
     assert load(folder / "checkpoint-epoch1.pth")["stopped_early"] is True
-    assert load(folder / "last.pth")["stopped_early"] is True  # written at the same step, 8, mid-epoch
+    assert load(folder / "last.pth")["stopped_early"] is True  # written at the same step, 12, mid-epoch
     assert load(folder / "last.pth")["early_stop_counts"] == "validations"
     before = snapshot(folder)
     capsys.readouterr()
     assert train_command(["-c", path, "--run-id", "es", "-r", "auto"]) == 0
     err = capsys.readouterr().err
-    assert "nothing to resume: the run stopped early at epoch 1, step 8" in err and "0 validations" in err, err
+    assert "nothing to resume: the run stopped early at epoch 1, step 12" in err and "1 validations" in err, err
     assert snapshot(folder) == before
