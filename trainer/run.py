@@ -32,8 +32,8 @@ from utils import parts as optional_parts
 from utils.config import ConfigError, check_path_component, flatten, logger_entries, validate_config
 from utils.errors import UserError
 from utils.io import load_checkpoint, remove_stale_temp_files, write_json
-from utils.resume import (AUTO, apply_resume_changes, batch_split, carry_data_args, check_resume_changes, find_resumable,
-                          init_weights, newer_checkpoints, run_is_finished)
+
+AUTO = "auto"  # ``-r auto``: resume the newest resumable checkpoint of the run, or start it
 
 
 def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None, overwrite=False):
@@ -114,8 +114,11 @@ def starting_point(config, resume, run_id, overwrite):
     else:
         state = load_checkpoint(resume) if resume else None
     config, changes = checked_config(config, state)
-    if state is not None and state.get("stopped_early") and (done := run_is_finished(state, config)):
-        raise RunStopped(f"{resume}: nothing to resume: {done}", exit_code=0)  # -r CKPT of an early-stopped run
+    if state is not None and state.get("stopped_early"):  # -r CKPT of an early-stopped run
+        from utils.resume import run_is_finished
+
+        if done := run_is_finished(state, config):
+            raise RunStopped(f"{resume}: nothing to resume: {done}", exit_code=0)
     if state is not None:  # a part may refuse to train on from it in this launch (RunStopped; utils/parts.py)
         optional_parts.call_each(config, "check_resume", state, resume)
     return Start(config, state, resume, run_id, overwrite, changes, skipped)
@@ -132,6 +135,8 @@ def checked_config(config, state=None):
         if config is None:
             raise UserError("give a config (-c config.json) or a checkpoint to resume (-r checkpoint.pth)")
         return validate_config(config, registries), []
+    from utils.resume import carry_data_args, check_resume_changes  # (only a resume needs the resume policy)
+
     saved = state["config"]
     config = validate_config(saved if config is None else carry_data_args(saved, config), registries)
     changes = check_resume_changes(saved, config, mid_epoch=state["batch_in_epoch"] > 0)
@@ -150,6 +155,8 @@ def auto_resume(config, run_id=None):
         UserError: no config to find the run by, or a bad run id.
         RunStopped: (exit code 0) the newest checkpoint has finished the run: nothing to do.
     """
+    from utils.resume import find_resumable, run_is_finished
+
     if config is None:
         raise UserError("-r auto needs the run's config (-c CONFIG): its name and trainer.save_dir say where the run is")
     if run_id is not None and (problem := check_path_component(run_id, "--run-id")):
@@ -182,7 +189,11 @@ def checked_parts(start, device, info, init_from=None, init_strict=True):
     # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
     # config, so that test.py (and a resume) rebuilds the data the same way.
     config["data_loader"]["args"].update(parts.data_loader.data_args())
-    init_report = init_weights(parts.model, init_from, init_strict) if init_from else None
+    init_report = None
+    if init_from:
+        from utils.resume import init_weights
+
+        init_report = init_weights(parts.model, init_from, init_strict)
     check_plan(config, parts)
     check_shards(parts, info)
     optional_parts.call_each(config, "prepare", config, parts)  # the parts' (utils/parts.py)
@@ -263,6 +274,8 @@ def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
         raise UserError(problem)
     if resume is not None:
         checkpoint_dir = Path(resume).resolve().parent
+        from utils.resume import newer_checkpoints
+
         newer = [] if overwrite else newer_checkpoints(checkpoint_dir, resume, state["global_step"])
         if run_id is None or run_id == checkpoint_dir.name:
             run_id = checkpoint_dir.name
@@ -378,6 +391,8 @@ def end(trainer, metrics, seconds):
 
 def restore(trainer, state, config):
     """Continue the run that wrote ``state``, with the changed optimizer and scheduler arguments of ``config``."""
+    from utils.resume import apply_resume_changes, batch_split
+
     trainer.load_state_dict(state)
     apply_resume_changes(state["config"], config, trainer.optimizer, trainer.lr_scheduler)
     logger = trainer.logger

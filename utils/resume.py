@@ -157,7 +157,6 @@ def init_weights(model, path, strict):
 
 # --------------------------------------------------------------------------- -r auto
 
-AUTO = "auto"  # ``-r auto``: resume the newest resumable checkpoint of the run, or start it
 
 
 def resumable_checkpoints(folder):
