@@ -293,9 +293,16 @@ def test_a_mid_epoch_resume_may_split_each_batch_and_continues_at_the_same_sampl
     gap = max((state["model"][k] - v).abs().max().item() for k, v in whole["model"].items())
 
     # The control: the same resume without moving to batch 12 restarts at sample 48, not 96.
-    import trainer.run
+    import sys
 
-    monkeypatch.setattr(trainer.run, "batch_split", lambda saved, config: None)
+    import utils.resume
+
+    split_factor = utils.resume.batch_split
+
+    def not_moved_on_restore(saved, config):  # the resume check still allows the split; restore() does not move
+        return None if sys._getframe(1).f_code.co_name == "restore" else split_factor(saved, config)
+
+    monkeypatch.setattr(utils.resume, "batch_split", not_moved_on_restore)
     run.train(split, resume=folder / "last.pth")  # (into a branch: checkpoint-epoch2.pth is newer than last.pth)
     (branch,) = folder.parent.glob("cut-from-*")
     wrong = load(branch / "checkpoint-epoch2.pth")
