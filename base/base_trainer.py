@@ -64,7 +64,7 @@ class Parts:
     """The built components a run trains: what :func:`trainer.run.build_parts` returns.
 
     ``model`` is the plain module (what checkpoints hold); ``forward_model`` is what runs
-    the steps (the same module, or a compiled / DDP / DataParallel wrapper of it, made by
+    the steps (the same module, or a compiled / DDP wrapper of it, made by
     ``wrap(model)``). ``frozen`` names the parameters ``trainer.freeze`` froze; ``scaler``
     is the fp16 gradient scaler or None. ``valid_metric_fns`` are metrics only validation
     scores, after ``metric_fns``: a part's (the confusion matrix), whose hook takes each one's

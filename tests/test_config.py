@@ -33,6 +33,13 @@ def test_every_shipped_config_is_valid(path):
     assert config["trainer"]["epochs"] >= 1
 
 
+@pytest.mark.parametrize("n_gpu,device,expected", [(0, "auto", "cpu"), (0, "cpu", "cpu"), (1, "auto", "auto"),
+                                                   (1, "cpu", "cpu")])
+def test_n_gpu_is_victoresques_key_for_the_device(tiny_config, n_gpu, device, expected):
+    config = validate_config(with_changes(tiny_config, n_gpu=n_gpu, device=device), registries())
+    assert config["device"] == expected
+
+
 def run_cli(tmp_path, capsys, config, *extra):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config) if isinstance(config, dict) else config)
@@ -57,6 +64,9 @@ BAD = {
     "wrong type": (dict(trainer__epochs="ten"), ['trainer.epochs: got "ten", expected a positive integer']),
     "wrong bool": (dict(trainer__tensorboard="yes"), ['trainer.tensorboard: got "yes", expected true or false']),
     "bad device": (dict(device="gpu"), ['device: got "gpu", expected "auto", "cpu", "cuda", "cuda:N" or "mps"']),
+    "several GPUs by n_gpu": (dict(n_gpu=4), ["n_gpu: 4 GPUs are trained by torchrun, one process each: torchrun"
+                                              " --nproc_per_node=4 train.py -c CONFIG (n_gpu may be 0, the CPU, or 1)"]),
+    "n_gpu against device": (dict(n_gpu=0, device="cuda"), ['n_gpu: 0 (the CPU) and device "cuda" say different things']),
     "monitor typo": (dict(trainer__monitor="max val_acc"), ["trainer.monitor: 'val_acc' will not exist; did you mean 'val_accuracy'?"]),
     "monitor needs validation": (dict(trainer__monitor="min val_loss", data_loader__args={"validation_split": 0}),
                                  ["trainer.monitor: 'val_loss' needs validation data"]),

@@ -142,7 +142,7 @@ def test_default_run_imports_no_optional_module(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="over the bounds until the restructure into parts/ is done")
+@pytest.mark.xfail(strict=False, reason="the core is over the issue's bounds: see tools/core_size.py and the README")
 def test_core_size_bounds():
     from tools import core_size
 

@@ -961,6 +961,9 @@ def validate_config(config, registries):
     out = _fill(config, TOP_SCHEMA, "", problems)
     if out.get("n_gpu") == 0 and out.get("device") == "auto":  # the one place n_gpu acts: 0 means the CPU
         out["device"] = "cpu"
+    elif out.get("n_gpu") == 0 and isinstance(out.get("device"), str) and out["device"] not in ("cpu", "auto"):
+        problems.append(f"n_gpu: 0 (the CPU) and device {json.dumps(out['device'])} say different things; keep one"
+                        " (device alone says where a run trains)")
     if "name" in config:
         problem = check_path_component(config["name"], "name")
         if problem:
