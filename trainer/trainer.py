@@ -126,10 +126,10 @@ class Trainer(BaseTrainer):
         model, optimizer, data = self.forward_model, self.optimizer, None
         model.train()
         for batch_idx, (data, target) in self.batches(epoch, start_batch):  # on the device
-            first, last, window = self.accumulation(batch_idx)  # where the batch is in its accumulation window
+            first, last, window = self.windows[batch_idx]  # where the batch is in its accumulation window
             if first:
                 optimizer.zero_grad(set_to_none=True)
-            with self.no_sync(last), self.autocast:  # under DDP, gradients are averaged on a window's last batch
+            with self.forward_context(last):  # AMP; under DDP, gradients are averaged on a window's last batch
                 output = model(data)
                 loss = self.criterion(output, target)
             if self.loss_is_usable(loss, epoch, batch_idx):  # non-finite: stop, or skip (trainer.skip_nonfinite)
@@ -147,29 +147,31 @@ class Trainer(BaseTrainer):
         return self.end_train_epoch(epoch, data)
 
     def batches(self, epoch, start_batch):
-        """``(batch_idx, (data, target))`` for the batches of ``epoch`` from ``start_batch``, moved to the device,
-        behind the progress bar."""
+        """``(batch_idx, (data, target))`` for the batches of ``epoch`` from ``start_batch``, on the device, behind
+        the progress bar; and the epoch's accumulation windows (:attr:`windows`)."""
         if start_batch == 0:
             self.reset_metrics()
-        self.epoch_length = self.batches_per_epoch()
-        move, device = self.device.type != "cpu", self.device  # (batches are made on the CPU: no move needed there)
-        bar = tqdm(self._batches(epoch, start_batch), total=self.epoch_length, initial=start_batch, leave=False,
-                   desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True,
-                   mininterval=0.5)  # redraws cost time; twice a second is plenty to watch
-        try:
-            for batch_idx, (data, target) in enumerate(bar, start_batch):
-                if move:
-                    data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                yield batch_idx, (data, target)
-        finally:
-            bar.close()
+        self.epoch_length = n = self.batches_per_epoch()
+        # (first, last, size) of the window of trainer.accumulate_grad_batches batches each batch is in (looked up
+        # per step): a window starts every `accumulate` batches; the epoch's last may be shorter (it still steps).
+        starts = [i - i % self.accumulate for i in range(n)]
+        self.windows = [(i == start, i + 1 == min(start + self.accumulate, n), min(start + self.accumulate, n) - start)
+                        for i, start in enumerate(starts)]
+        self.bar = tqdm(self._batches(epoch, start_batch), total=self.epoch_length, initial=start_batch, leave=False,
+                        desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True,
+                        mininterval=0.5)  # redraws cost time; twice a second is plenty to watch
+        batches = enumerate(self.bar, start_batch)
+        return batches if self.device.type == "cpu" else self._moved(batches)  # (batches are made on the CPU)
 
-    def accumulation(self, batch_idx):
-        """``(first, last, size)`` of the window of ``trainer.accumulate_grad_batches`` batches that ``batch_idx``
-        is in; the epoch's last window may be shorter (it still steps)."""
-        start = batch_idx - batch_idx % self.accumulate
-        end = min(start + self.accumulate, self.epoch_length)
-        return batch_idx == start, batch_idx + 1 == end, end - start
+    def _moved(self, batches):
+        for batch_idx, (data, target) in batches:
+            yield batch_idx, (data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True))
+
+    def forward_context(self, last_in_window):
+        """Around the forward pass: AMP's autocast (``trainer.amp``), and :meth:`no_sync`."""
+        if self.distributed and not last_in_window:
+            return _both(self.forward_model.no_sync(), self.autocast)
+        return self.autocast
 
     def no_sync(self, last_in_window):
         """Under DDP, a batch that is not its window's last skips the gradient all-reduce."""
@@ -194,9 +196,10 @@ class Trainer(BaseTrainer):
 
     def track(self, loss, output, target):
         """Add the batch to the epoch's running loss and metrics (on the device: no sync)."""
-        weighed = self._weighed
-        self.train_metrics.update([loss.detach(), *(fn(output, target) for fn in self.batch_metric_fns)],
-                                  target.shape[0], weighed and batch_weights(weighed, output, target))
+        values, weighed = [loss.detach()], self._weighed
+        for fn in self.batch_metric_fns:  # (a loop, not a generator: no call per metric beyond its own)
+            values.append(fn(output, target))
+        self.train_metrics.update(values, target.shape[0], weighed and batch_weights(weighed, output, target))
         for metric in self.epoch_metrics:  # usually none
             metric.update(output, target)
 
@@ -233,7 +236,7 @@ class Trainer(BaseTrainer):
         # (the EMA update, a validation by step), so a resume repeats none of it and misses none of it.
         for hook in self.step_hooks:  # usually none: then this costs nothing per step
             hook.after_step(self, epoch, batch_idx)
-        stopping = self.agreed_stop_signal()
+        stopping = self.agreed_stop_signal() if self.distributed else self.stop  # (one process: its own reason)
         if stopping or self.finished or (self.max_steps and self.global_step >= self.max_steps):
             self.finished = self.finished or not stopping  # (finished: early stop by a validation by step)
             return True
@@ -242,6 +245,7 @@ class Trainer(BaseTrainer):
     def end_train_epoch(self, epoch, last_batch):
         """The hooks' ``after_train_epoch``, then the epoch's mean loss and metrics (a sync; under torchrun, over all
         processes)."""
+        self.bar.close()
         for hook in self.hooks:
             hook.after_train_epoch(self, epoch, last_batch)
         result = self.train_metrics.result(reduce=self.distributed)
@@ -415,6 +419,12 @@ class Trainer(BaseTrainer):
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 def _total_norm(params, norm_type):
