@@ -28,7 +28,7 @@ import signal
 import weakref
 
 import torch
-from torch.utils.data import DataLoader, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from utils import parts
 from utils.errors import UserError
@@ -159,6 +159,41 @@ class _BatchIndices:
 
     def __len__(self):
         return len(self._loader())
+
+
+class TensorDataset(Dataset):
+    """A dataset held as two tensors: float32 ``inputs`` (N, *input_shape) and int64 ``targets`` (N,).
+
+    ``dataset[i] == (inputs[i], int(targets[i]))``, and :meth:`tensors` offers both whole to
+    :class:`BaseDataLoader`'s fast path. Subclasses build the tensors and call :meth:`_set`.
+    """
+
+    num_classes: int
+    input_shape: tuple
+
+    def _set(self, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
+        if inputs.dtype != torch.float32 or targets.dtype != torch.int64 or len(inputs) != len(targets):
+            raise TypeError("internal: inputs must be float32 and targets int64 of the same length")
+        self._inputs = inputs.contiguous()
+        self._targets = targets.contiguous()
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(int(s) for s in inputs.shape[1:])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole dataset as ``(inputs, targets)``: float32 normalised inputs, int64 targets.
+
+        These are the dataset's own tensors, not copies: do not modify them in place.
+        """
+        return self._inputs, self._targets
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def __getitem__(self, index):
+        return self._inputs[index], int(self._targets[index])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(samples={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
 
 
 class BaseDataLoader:

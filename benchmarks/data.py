@@ -77,7 +77,8 @@ def idx_mnist_dataset(folder):
     """A TensorDataset of the MNIST IDX files in ``folder`` (the training files if there, else the t10k ones)."""
     import torch
 
-    from data_loader import datasets
+    from base.base_data_loader import TensorDataset
+    from data_loader.builtin import MNIST_MEAN, MNIST_STD
     from data_loader.idx import read_idx
     from utils.errors import UserError
 
@@ -90,11 +91,11 @@ def idx_mnist_dataset(folder):
     else:
         raise UserError(f"--mnist-dir {folder}: no train-/t10k-images-idx3-ubyte[.gz] with its labels file there")
 
-    class IdxMnist(datasets.TensorDataset):
+    class IdxMnist(TensorDataset):
         def __init__(self):
             x = torch.from_numpy(read_idx(images).copy())
             y = torch.from_numpy(read_idx(labels).astype("int64"))
-            inputs = x.to(torch.float32).div_(255.0).sub_(datasets.MNIST_MEAN).div_(datasets.MNIST_STD).unsqueeze_(1)
+            inputs = x.to(torch.float32).div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze_(1)
             self._set(inputs, y, num_classes=10)
 
     dataset = IdxMnist()
@@ -103,10 +104,11 @@ def idx_mnist_dataset(folder):
 
 def datasets_for(args):
     """``name -> (dataset, description, batch_size, validation_split)`` as the configs set them."""
-    from data_loader import datasets
+    from data_loader.builtin import SyntheticDataset
+    from data_loader.data_loaders import DigitsDataset
 
     out = {}
-    digits = datasets.DigitsDataset(train=True)
+    digits = DigitsDataset(train=True)
     out["digits"] = (digits, f"scikit-learn digits, training split ({len(digits):,} 8x8 images)", 32, 0.1)
     if args.mnist_dir:
         mnist, description = idx_mnist_dataset(args.mnist_dir)
@@ -114,7 +116,7 @@ def datasets_for(args):
             mnist._set(*(t[:1024] for t in mnist.tensors()), num_classes=10)
     else:
         n = 1024 if args.smoke else 60_000
-        mnist = datasets.SyntheticDataset(n, (1, 28, 28), 10, seed=0)
+        mnist = SyntheticDataset(n, (1, 28, 28), 10, seed=0)
         description = f"MNIST-shaped synthetic data ({n:,} samples of 1x28x28)"
     out["mnist"] = (mnist, description, 128, 0.1)
     return out

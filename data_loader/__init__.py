@@ -1,1 +1,2 @@
-"""The data loaders configs name in ``data_loader.type`` (the ``DATA_LOADERS`` table of data_loaders.py) and their datasets."""
+"""The data loaders configs name in ``data_loader.type`` and their datasets: the default digits and the
+``DATA_LOADERS`` table in data_loaders.py; MNIST, CIFAR-10 and synthetic data in builtin.py, imported when named."""

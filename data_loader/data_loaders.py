@@ -1,22 +1,27 @@
 """The data loaders a config can name in ``data_loader.type``: the ``DATA_LOADERS`` table.
 
-Your own data: copy :class:`DigitsDataLoader`. Put a ``torch.utils.data.Dataset`` in
-data_loader/datasets.py (``__len__``, ``__getitem__`` returning ``(input, target)``, and
-``tensors()`` returning all inputs and targets as two tensors if they fit in memory: the fast
-path), build it in a loader here and hand it to :class:`BaseDataLoader`, then add the loader to
-``DATA_LOADERS``. ``training=False`` gives the held-out test split that ``test.py`` evaluates
-(no validation split, no shuffling). Any further keyword (``num_workers``, ``in_memory``,
-``transforms``, ...) goes to :class:`BaseDataLoader`; see its docstring for the list. A
-loader whose data fixes a class order or a feature scaling offers it with
-:meth:`~BaseDataLoader.data_args`, to be kept in the run's config.
+Your own data: copy :class:`DigitsDataLoader` and the :class:`DigitsDataset` it builds. A
+dataset is a ``torch.utils.data.Dataset`` (``__len__``, ``__getitem__`` returning ``(input,
+target)``); one that fits in memory is best a :class:`~base.base_data_loader.TensorDataset`,
+whose ``tensors()`` gives the fast path. The loader builds the dataset and hands it to
+:class:`BaseDataLoader`; add it to ``DATA_LOADERS``. ``training=False`` gives the held-out
+test split that ``test.py`` evaluates (no validation split, no shuffling). Any further
+keyword (``num_workers``, ``in_memory``, ``transforms``, ...) goes to :class:`BaseDataLoader`;
+see its docstring for the list. A loader whose data fixes a class order or a feature scaling
+offers it with :meth:`~BaseDataLoader.data_args`, to be kept in the run's config.
 
-MNIST, CIFAR-10 and synthetic data are in data_loader/builtin.py; image folders and CSV
-tables are optional parts (utils/parts.py), found by their names too.
+MNIST, CIFAR-10 and synthetic data are in data_loader/builtin.py, imported only when a config
+names them (``BUILTIN``); image folders and CSV tables are optional parts (utils/parts.py),
+found by their names too.
 """
 
-from base.base_data_loader import BaseDataLoader
-from data_loader import datasets
-from data_loader.builtin import LOADERS as BUILTIN
+import os
+from functools import lru_cache
+
+import torch
+
+from base.base_data_loader import BaseDataLoader, TensorDataset
+from utils.errors import UserError
 
 
 # The default config's data. Your own loader is a copy of this class with your dataset in it.
@@ -26,12 +31,84 @@ class DigitsDataLoader(BaseDataLoader):
     options_from = BaseDataLoader  # its **options are checked against BaseDataLoader's arguments
 
     def __init__(self, batch_size=64, shuffle=True, validation_split=0.1, training=True, **options):
-        dataset = datasets.DigitsDataset(train=training)
+        dataset = DigitsDataset(train=training)
         super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0,
                          training=training, **options)
 
 
 DATA_LOADERS = {
     "DigitsDataLoader": DigitsDataLoader,
-    **BUILTIN,
 }
+
+# The other built-in loaders, by the module holding them: imported only when a config names one.
+BUILTIN = {name: "data_loader.builtin" for name in ("MnistDataLoader", "Cifar10DataLoader", "SyntheticDataLoader")}
+
+
+# ---------------------------------------------------------------------------
+# the digits dataset
+# ---------------------------------------------------------------------------
+
+# mean and (population) std of all 1,797 images x 64 pixels after scaling the 0..16 pixel
+# values to [0, 1]; computed once with  x = load_digits().data / 16; x.mean(), x.std()
+DIGITS_MEAN = 0.3053
+DIGITS_STD = 0.3760
+
+# The train/test split is a permutation from a generator with this seed; it never depends
+# on the user's seed or on the global RNG, so the test set stays held out.
+DIGITS_SPLIT_SEED = 0
+
+
+def _read_digits():
+    """scikit-learn's bundled digits as ``(pixels (1797, 64), labels (1797,))`` NumPy arrays.
+
+    Read straight from the CSV file scikit-learn ships, without importing scikit-learn:
+    that import alone takes over a second, longer than training the default config's first epoch.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    if path is None or not os.path.isfile(path):  # another layout: ask scikit-learn itself
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.data, digits.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+@lru_cache(maxsize=1)
+def _digits_tensors():
+    pixels, targets = _read_digits()  # bundled with scikit-learn: no network
+    images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    images = (images / 16.0 - DIGITS_MEAN) / DIGITS_STD
+    labels = torch.as_tensor(targets, dtype=torch.int64)
+    return images, labels
+
+
+class DigitsDataset(TensorDataset):
+    """scikit-learn's handwritten digits: 1,797 real 8x8 images of 0-9, shape (1, 8, 8).
+
+    The split is fixed (a permutation seeded with :data:`DIGITS_SPLIT_SEED`): the last
+    ``round(test_fraction * 1797)`` permuted indices are the test set, the rest the
+    training set, whatever the user's seed.
+    """
+
+    def __init__(self, train=True, test_fraction=0.2):
+        if not isinstance(train, bool):
+            raise UserError(f"DigitsDataset: train must be true or false, got {train!r}")
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+            raise UserError("DigitsDataset: test_fraction must be a number between 0 and 1 (exclusive),"
+                            f" got {test_fraction!r}")
+        self.train = train
+        images, labels = _digits_tensors()
+        n = len(labels)
+        n_test = round(test_fraction * n)
+        if not 1 <= n_test <= n - 1:
+            raise UserError(f"DigitsDataset: test_fraction {test_fraction} leaves an empty train or test set"
+                            f" of the {n} images")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+        self.indices = order[: n - n_test] if train else order[n - n_test :]
+        self._set(images[self.indices], labels[self.indices], num_classes=10)

@@ -1,7 +1,7 @@
 """Read and write IDX files, the format MNIST is distributed in.
 
 Use :func:`write_idx` to turn your own images and labels into MNIST-format
-files that :class:`data_loader.datasets.MnistDataset` (torchvision's MNIST
+files that :class:`data_loader.builtin.MnistDataset` (torchvision's MNIST
 reader) accepts::
 
     write_idx("data/MNIST/raw/train-images-idx3-ubyte", images)  # uint8, (N, H, W)

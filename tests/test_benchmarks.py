@@ -16,7 +16,7 @@ from base.base_data_loader import BaseDataLoader
 from benchmarks import data as data_bench
 from benchmarks import overhead as overhead_bench
 from benchmarks import startup as startup_bench
-from data_loader.datasets import SyntheticDataset
+from data_loader.builtin import SyntheticDataset
 from data_loader.idx import write_idx
 
 

@@ -198,9 +198,9 @@ def test_scheduler_steps_per_optimizer_step(tiny_config):
 @pytest.fixture
 def poisoned(monkeypatch):
     """One training sample becomes NaN: exactly one batch per epoch has a non-finite loss."""
-    from data_loader import datasets
+    from data_loader import builtin
 
-    original = datasets.SyntheticDataset.tensors
+    original = builtin.SyntheticDataset.tensors
 
     def tensors(self):
         inputs, targets = original(self)
@@ -208,7 +208,7 @@ def poisoned(monkeypatch):
         inputs[3] = float("nan")
         return inputs, targets
 
-    monkeypatch.setattr(datasets.SyntheticDataset, "tensors", tensors)
+    monkeypatch.setattr(builtin.SyntheticDataset, "tensors", tensors)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_config, poisoned):

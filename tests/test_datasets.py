@@ -1,5 +1,6 @@
-"""Tests for data_loader.datasets, data_loader.idx and BaseDataLoader: its worker processes, its paths without
-the optional parts, and what it says when a config asks for a part whose files are gone (no network, no downloaded data)."""
+"""Tests for the datasets (the digits in data_loader/data_loaders.py, the others in data_loader/builtin.py),
+data_loader.idx and BaseDataLoader: its worker processes, its paths without the optional parts, and what it says
+when a config asks for a part whose files are gone (no network, no downloaded data)."""
 
 import gzip
 import io
@@ -20,7 +21,8 @@ import torch
 
 from base.base_data_loader import BaseDataLoader, to_float
 from conftest import with_changes
-from data_loader import datasets as D
+from data_loader import builtin as D
+from data_loader.data_loaders import DIGITS_MEAN, DIGITS_STD, DigitsDataset
 from data_loader.idx import read_idx, read_idx_header, write_idx
 from utils import parts
 from utils.errors import ConfigError, UserError
@@ -59,12 +61,39 @@ def assert_consistent(ds):
 
 
 def test_import_does_not_load_sklearn_or_torchvision():
-    code = "import sys, data_loader.datasets, data_loader.idx; print(sorted(m for m in ('sklearn', 'torchvision') if m in sys.modules))"
+    code = "import sys, data_loader.data_loaders, data_loader.builtin, data_loader.idx; print(sorted(m for m in ('sklearn', 'torchvision') if m in sys.modules))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_other_built_in_loaders_are_imported_only_when_a_config_names_one():
+    code = (
+        "import sys\n"
+        "from trainer import build\n"
+        "from utils.errors import ConfigError\n"
+        "loaders = build.registries()['data_loader']\n"
+        "loaders.get('DigitsDataLoader')\n"
+        "try:\n"
+        "    loaders.get('SyntheticDataLoadr', 'data_loader.type')\n"
+        "except ConfigError as err:\n"
+        "    print(err)\n"
+        "print('data_loader.builtin' in sys.modules)\n"
+        "from data_loader import builtin\n"
+        "print(loaders.get('SyntheticDataLoader') is builtin.SyntheticDataLoader,"
+        " loaders.get('MnistDataLoader') is builtin.MnistDataLoader)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    typo, imported, found = out.stdout.strip().splitlines()
+    assert typo.startswith("data_loader.type: unknown data loader 'SyntheticDataLoadr'; did you mean 'SyntheticDataLoader'?")
+    valid = typo.split(" valid: ")[1].split(", ")
+    assert set(valid) == {"DigitsDataLoader", "MnistDataLoader", "Cifar10DataLoader", "SyntheticDataLoader",
+                          *parts.provided("loaders")}
+    assert imported == "False" and found == "True True"
 
 
 # ---------------------------------------------------------------------------
@@ -74,10 +103,10 @@ def test_import_does_not_load_sklearn_or_torchvision():
 
 def test_digits_split_is_fixed_disjoint_and_complete():
     torch.manual_seed(1)
-    train1, test1 = D.DigitsDataset(train=True), D.DigitsDataset(train=False)
+    train1, test1 = DigitsDataset(train=True), DigitsDataset(train=False)
     torch.manual_seed(987654)
     torch.rand(17)  # advance the global RNG further
-    train2, test2 = D.DigitsDataset(train=True), D.DigitsDataset(train=False)
+    train2, test2 = DigitsDataset(train=True), DigitsDataset(train=False)
 
     assert len(train1) + len(test1) == 1797
     assert len(test1) == round(0.2 * 1797)
@@ -89,7 +118,7 @@ def test_digits_split_is_fixed_disjoint_and_complete():
 
 
 def test_digits_other_fraction():
-    train, test = D.DigitsDataset(train=True, test_fraction=0.5), D.DigitsDataset(train=False, test_fraction=0.5)
+    train, test = DigitsDataset(train=True, test_fraction=0.5), DigitsDataset(train=False, test_fraction=0.5)
     assert len(test) == round(0.5 * 1797) and len(train) == 1797 - len(test)
 
 
@@ -98,19 +127,19 @@ def test_digits_values_match_sklearn():
 
     digits = load_digits()
     for train in (True, False):
-        ds = D.DigitsDataset(train=train)
+        ds = DigitsDataset(train=train)
         assert ds.input_shape == (1, 8, 8) and ds.num_classes == 10
         assert_consistent(ds)
         inputs, targets = ds.tensors()
         idx = ds.indices.numpy()
-        raw = (inputs.numpy() * D.DIGITS_STD + D.DIGITS_MEAN) * 16
+        raw = (inputs.numpy() * DIGITS_STD + DIGITS_MEAN) * 16
         np.testing.assert_allclose(raw.reshape(len(ds), 64), digits.data[idx], atol=1e-4)
         np.testing.assert_array_equal(targets.numpy(), digits.target[idx])
         assert set(targets.tolist()) == set(range(10))
 
 
 def test_digits_normalised():
-    inputs = torch.cat([D.DigitsDataset(train=True).tensors()[0], D.DigitsDataset(train=False).tensors()[0]])
+    inputs = torch.cat([DigitsDataset(train=True).tensors()[0], DigitsDataset(train=False).tensors()[0]])
     assert abs(inputs.mean().item()) < 0.01
     assert abs(inputs.std().item() - 1) < 0.01
 
@@ -121,7 +150,7 @@ def test_digits_normalised():
 )
 def test_digits_bad_arguments(kwargs):
     with pytest.raises(UserError) as err:
-        D.DigitsDataset(**kwargs)
+        DigitsDataset(**kwargs)
     assert_one_line(err)
 
 
@@ -447,7 +476,7 @@ def test_synthetic_bad_arguments(kwargs):
 def test_digits_read_without_scikit_learn_match_scikit_learn():
     from sklearn.datasets import load_digits
 
-    from data_loader.datasets import _read_digits
+    from data_loader.data_loaders import _read_digits
 
     pixels, labels = _read_digits()
     digits = load_digits()
@@ -490,7 +519,7 @@ WORKERS_AT_EXIT = """
 import gc, sys
 sys.path.insert(0, sys.argv[1])
 from base.base_data_loader import BaseDataLoader
-from data_loader.datasets import SyntheticDataset
+from data_loader.builtin import SyntheticDataset
 
 def loader():
     data = BaseDataLoader(SyntheticDataset(64, (1, 2, 2), 2), 4, in_memory=False, num_workers=2)

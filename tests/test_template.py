@@ -126,7 +126,7 @@ def test_dropping_a_loader_with_workers_releases_them_without_the_garbage_collec
     import time
 
     from base.base_data_loader import BaseDataLoader
-    from data_loader.datasets import SyntheticDataset
+    from data_loader.builtin import SyntheticDataset
 
     loader = BaseDataLoader(SyntheticDataset(64, (1, 4, 4), 3), batch_size=8, in_memory=False, num_workers=2)
     assert len(list(loader)) == 8

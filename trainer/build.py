@@ -6,12 +6,13 @@ made the same way for training, resuming and evaluating.
 
 import fnmatch
 import functools
+import importlib
 import json
 import inspect
 
 import torch
 
-from data_loader.data_loaders import DATA_LOADERS
+from data_loader.data_loaders import BUILTIN, DATA_LOADERS
 from model.loss import LOSSES
 from model.metric import METRICS
 from model.model import MODELS
@@ -35,6 +36,13 @@ def _external_model(name):
     from utils import parts
 
     return _torchvision_model(name) or parts.provider("archs", name)
+
+
+def _external_loader(name):
+    # MNIST, CIFAR-10 or synthetic data (data_loader/builtin.py), or a part's loader: each imported only when named.
+    if name in BUILTIN:
+        return getattr(importlib.import_module(BUILTIN[name]), name)
+    return parts.provider("loaders", name)
 
 
 def _external_metric(name):
@@ -65,8 +73,8 @@ def registries():
     return {
         "arch": Registry("model", MODELS, _external_model,
                          "a torchvision model as torchvision.models.NAME; a part's as " + _part_names("archs", "NAME")),
-        "data_loader": Registry("data loader", DATA_LOADERS, functools.partial(parts.provider, "loaders"),
-                                extra_names=parts.provided("loaders")),
+        "data_loader": Registry("data loader", DATA_LOADERS, _external_loader,
+                                extra_names=[*BUILTIN, *parts.provided("loaders")]),
         "loss": Registry("loss", LOSSES),
         "metrics": Registry("metric", METRICS, _external_metric,
                             f'a part\'s as {{"type": "{_part_names("metrics", "<module>.<Class>")}", "args": {{...}}}}'),

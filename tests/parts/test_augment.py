@@ -8,7 +8,7 @@ import torch
 
 from base.base_data_loader import BaseDataLoader, to_float
 from conftest import make_folder, with_changes
-from data_loader.datasets import SyntheticDataset
+from data_loader.builtin import SyntheticDataset
 from parts.augment import BatchPipeline, parse_transforms
 from utils.errors import ConfigError
 
