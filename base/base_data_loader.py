@@ -161,6 +161,29 @@ class _BatchIndices:
         return len(self._loader())
 
 
+def check_fraction(value, name):
+    """``data_loader.args.NAME`` as a fraction in [0, 1), or one line saying what it should be."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UserError(f"data_loader.args.{name}: got {value!r}, expected a fraction in [0, 1)")
+    return float(value)
+
+
+def stratified_split(labels, fraction, seed=0):
+    """Indices ``(kept, held_out)``: ``round(fraction * count)`` of each label held out (at least one kept),
+    chosen by a permutation seeded with ``seed``; both sorted. The image-folder and table parts hold their test
+    split out with it, with a fixed seed, so that the same samples are held out on every run."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).view(-1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(round(fraction * len(members)), len(members) - 1)
+        held.append(members[:count])
+        kept.append(members[count:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+
+
 class TensorDataset(Dataset):
     """A dataset held as two tensors: float32 ``inputs`` (N, *input_shape) and int64 ``targets`` (N,).
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from base.base_data_loader import BaseDataLoader
+from base.base_data_loader import BaseDataLoader, check_fraction, stratified_split
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -94,27 +94,6 @@ def scan_classes(folder, where):
     return classes
 
 
-def check_fraction(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise UserError(f"data_loader.args.{name}: got {value!r}, expected a fraction in [0, 1)")
-    return float(value)
-
-
-def stratified_split(labels, fraction, seed=SPLIT_SEED):
-    """Indices ``(kept, held_out)``: ``round(fraction * count)`` of each label held out (at least one kept),
-    chosen by a permutation seeded with ``seed``; both sorted."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    generator = torch.Generator().manual_seed(seed)
-    kept, held = [], []
-    for label in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == label).view(-1)
-        members = members[torch.randperm(len(members), generator=generator)]
-        count = min(round(fraction * len(members)), len(members) - 1)
-        held.append(members[:count])
-        kept.append(members[count:])
-    return torch.cat(kept).sort().values, torch.cat(held).sort().values
-
-
 class Layout:
     """The files of each split of an image folder, with their labels.
 
@@ -160,7 +139,7 @@ class Layout:
                         )
                 self.splits[name] = [(path, index[cls]) for cls, paths in found.items() for path in paths]
         if not self.test_from_folder and test_split > 0:
-            kept, held = stratified_split([label for _, label in files], test_split)
+            kept, held = stratified_split([label for _, label in files], test_split, SPLIT_SEED)
             self.splits["train"] = [files[i] for i in kept.tolist()]
             self.splits["test"] = [files[i] for i in held.tolist()]
 

@@ -31,7 +31,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from base.base_data_loader import BaseDataLoader
+from base.base_data_loader import BaseDataLoader, check_fraction, stratified_split
 from utils.config import did_you_mean
 from utils.errors import UserError
 
@@ -227,27 +227,6 @@ def standardise(inputs, stats):
 # --------------------------------------------------------------------------- the held-out test rows
 
 
-def check_fraction(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise UserError(f"data_loader.args.{name}: got {value!r}, expected a fraction in [0, 1)")
-    return float(value)
-
-
-def stratified_split(labels, fraction, seed=SPLIT_SEED):
-    """Indices ``(kept, held_out)``: ``round(fraction * count)`` of each label held out (at least one kept),
-    chosen by a permutation seeded with ``seed``; both sorted."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    generator = torch.Generator().manual_seed(seed)
-    kept, held = [], []
-    for label in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == label).view(-1)
-        members = members[torch.randperm(len(members), generator=generator)]
-        count = min(round(fraction * len(members)), len(members) - 1)
-        held.append(members[:count])
-        kept.append(members[count:])
-    return torch.cat(kept).sort().values, torch.cat(held).sort().values
-
-
 # --------------------------------------------------------------------------- the loader
 
 
@@ -271,7 +250,7 @@ class CsvDataLoader(BaseDataLoader):
         table = Table(path, target, features, task, class_names, delimiter)
         fraction = check_fraction(test_split, "test_split")
         if task == "classification":
-            train_idx, test_idx = stratified_split(table.targets, fraction)
+            train_idx, test_idx = stratified_split(table.targets, fraction, SPLIT_SEED)
         else:
             order = torch.randperm(len(table), generator=torch.Generator().manual_seed(SPLIT_SEED))
             count = round(fraction * len(table))
