@@ -23,6 +23,7 @@ stops daemonic workers with SIGTERM, which they now ignore).
 """
 
 import atexit
+import copy
 import math
 import signal
 import weakref
@@ -289,7 +290,7 @@ class BaseDataLoader:
         if fold is not None and training:
             train_idx, self.valid_idx = self._fold(all_indices, fold)
         else:
-            train_idx, self.valid_idx = self._split(all_indices, validation_split, seed)
+            train_idx, self.valid_idx = self.split_indices(all_indices, validation_split, seed)
         self.sampler = EpochSampler(train_idx, shuffle, seed)
         self._loader = None
 
@@ -325,7 +326,9 @@ class BaseDataLoader:
         return torch.cat([perm[: bounds[k]], perm[bounds[k + 1]:]]), valid
 
     @staticmethod
-    def _split(indices, split, seed):
+    def split_indices(indices, split, seed):
+        """``(kept, held_out)`` of ``indices``: ``split`` (a fraction, or a count) held out by a permutation seeded
+        with ``seed``."""
         n = len(indices)
         if split is None or split == 0:
             return indices, None
@@ -351,6 +354,20 @@ class BaseDataLoader:
         valid.start_batch = 0  # a resume position belongs to the training data
         valid._pipeline = self._pipelines["eval"]  # held-out data never sees random augmentation
         valid.sampler = EpochSampler(self.valid_idx, shuffle=False, seed=self.seed, pad=False)
+        return valid
+
+    def set_batch_size(self, batch_size):
+        """Batches of ``batch_size`` from the next pass on (a per-sample loader is built anew then)."""
+        self.batch_size, self._loader = batch_size, None
+
+    def fix_to(self, indices):
+        """Train on the samples ``indices`` alone, in that order, without random augmentation; returns a loader
+        that validates on the same samples (what overfitting a few batches needs)."""
+        self.sampler = EpochSampler(indices, shuffle=False, seed=self.seed)
+        self.shuffle, self._pipeline, self._loader = False, self._pipelines["eval"], None
+        valid = copy.copy(self)
+        valid.sampler = EpochSampler(indices, shuffle=False, seed=self.seed, pad=False)
+        valid.drop_last, valid.valid_idx, valid.start_batch = False, None, 0
         return valid
 
     def holds_target(self, value):

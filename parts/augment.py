@@ -124,7 +124,7 @@ class Transforms:
     def batchable(self, steps=None):
         """Whether every transform (of both lists, or of ``steps``) can run on whole batches (the in-memory fast path)."""
         steps = self.train + self.eval if steps is None else steps
-        return all(_batch_op(name, t) is not None for name, t in steps)
+        return all(batch_op(name, t) is not None for name, t in steps)
 
 
 def check(config):
@@ -322,7 +322,7 @@ class BatchPipeline:
             if name in _FLIPS and self.ops and hasattr(self.ops[-1], "flips"):
                 self.ops[-1].flips.append((transform.p, _FLIPS[name]))  # done in the same pass as the crop before it
                 continue
-            op = _batch_op(name, transform)
+            op = batch_op(name, transform)
             if op is None:
                 raise ValueError(f"internal: {name} has no batched version")
             self.ops.append(op)
@@ -548,7 +548,7 @@ def _interpolation_name(mode):
     return str(getattr(mode, "value", mode)).lower()
 
 
-def _batch_op(name, transform):
+def batch_op(name, transform):
     """The batched version of one v2 transform, or None when it has none."""
     if name == "Normalize":
         return _Normalize(transform)

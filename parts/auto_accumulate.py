@@ -191,7 +191,7 @@ def switch_batch(trainer, changes, epoch, new_batch, factor, where, then=""):
         for part in rest[:-1]:
             node = node[part]
         node[rest[-1]] = value
-    loader.batch_size, loader._loader = new_batch, None
+    loader.set_batch_size(new_batch)
     trainer.accumulate = config["trainer"]["accumulate_grad_batches"]
     if trainer.len_epoch:  # a count of batches of the old size: scaled so the epoch holds the same samples
         trainer.len_epoch *= factor

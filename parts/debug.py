@@ -19,12 +19,10 @@ event, and the log says what would have been written.
 """
 
 import contextlib
-import copy
 import json
 
 import torch
 
-from base.base_data_loader import EpochSampler
 from trainer.hooks import Hook
 from utils.config import boolean, non_negative_int, optional
 
@@ -82,14 +80,7 @@ def overfit(parts, n_batches):
     """Train on the first ``n_batches`` batches of the training split, in a fixed order, without augmentation,
     and validate on the same batches: a model that can learn at all gets them right."""
     loader = parts.data_loader
-    indices = loader.sampler.indices[: n_batches * loader.batch_size]
-    # The loader's own fields, set as split_validation() sets them: a fixed order and the eval transforms.
-    loader.sampler = EpochSampler(indices, shuffle=False, seed=loader.seed)
-    loader.shuffle, loader._pipeline, loader._loader = False, loader._pipelines["eval"], None
-    valid = copy.copy(loader)
-    valid.sampler = EpochSampler(indices, shuffle=False, seed=loader.seed, pad=False)
-    valid.drop_last, valid.valid_idx, valid.start_batch = False, None, 0
-    parts.valid_data_loader = valid
+    parts.valid_data_loader = loader.fix_to(loader.sampler.indices[: n_batches * loader.batch_size])
 
 
 def limited(limit, total):

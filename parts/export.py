@@ -92,7 +92,7 @@ def input_shape_from_config(config):
     if section["type"] == "ImageFolderDataLoader" and args.get("image_size") is not None:
         from utils import parts as optional_parts
 
-        return (args.get("channels", 3), *optional_parts.load("image_folder")._size_pair(args["image_size"]))
+        return (args.get("channels", 3), *optional_parts.load("image_folder").size_pair(args["image_size"]))
     if section["type"] == "CsvDataLoader":
         features = (args.get("feature_stats") or {}).get("features") or args.get("features")
         return (len(features),) if features else None

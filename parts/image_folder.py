@@ -63,7 +63,7 @@ def _one_line(err):
 # --------------------------------------------------------------------------- finding the files
 
 
-def _images_under(folder):
+def images_under(folder):
     """Image files under ``folder`` (recursively, hidden entries skipped), sorted."""
     found = []
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -86,7 +86,7 @@ def scan_classes(folder, where):
         raise UserError(f"{where}: {folder} has no class folders{hint}: put each class's images in {os.path.join(folder, '<class name>', '')}")
     classes = {}
     for name in names:
-        files = _images_under(os.path.join(folder, name))
+        files = images_under(os.path.join(folder, name))
         if not files:
             kinds = ", ".join(IMAGE_EXTENSIONS)
             raise UserError(f"{where}: class folder {os.path.join(folder, name, '')} holds no images ({kinds}): add images or remove the folder")
@@ -165,7 +165,7 @@ class Unreadable(Exception):
     """An image that cannot be decoded; ``str()`` is the reason."""
 
 
-def _size_pair(image_size):
+def size_pair(image_size):
     if image_size is None:
         return None
     if isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0:
@@ -399,7 +399,7 @@ def load_split(files, split, root, class_names, channels=3, image_size=None, cac
     """
     if channels not in (1, 3) or isinstance(channels, bool):
         raise UserError(f"data_loader.args.channels: got {channels!r}, expected 3 (RGB) or 1 (grey)")
-    size = _size_pair(image_size)
+    size = size_pair(image_size)
     if in_memory is None:
         in_memory = memory_needed(files, channels, size) <= MEMORY_FRACTION * physical_memory()
     if not in_memory:

@@ -97,7 +97,7 @@ def input_reader(config):
         return TableInputs(args)
     if section["type"] == "ImageFolderDataLoader":
         spec = _part("augment").parse_transforms(args.get("transforms"))
-        return ImageInputs(args.get("channels", 3), _part("image_folder")._size_pair(args.get("image_size")), spec.eval if spec else [],
+        return ImageInputs(args.get("channels", 3), _part("image_folder").size_pair(args.get("image_size")), spec.eval if spec else [],
                            args.get("class_names"))
     if section["type"] in _BUILTIN_IMAGES:
         channels, size, mean, std, names = _BUILTIN_IMAGES[section["type"]]
@@ -114,11 +114,11 @@ class ImageInputs:
 
     def __init__(self, channels, size, steps, class_names):
         augment = _part("augment")
-        BatchPipeline, SamplePipeline, _batch_op = augment.BatchPipeline, augment.SamplePipeline, augment._batch_op
+        BatchPipeline, SamplePipeline, batch_op = augment.BatchPipeline, augment.SamplePipeline, augment.batch_op
 
         self.channels, self.size, self.steps, self.class_names = channels, size, list(steps), class_names
         # The batched pipeline is the one test.py's in-memory loader uses; it equals the per-sample one bit for bit.
-        batchable = all(_batch_op(name, t) is not None for name, t in self.steps)
+        batchable = all(batch_op(name, t) is not None for name, t in self.steps)
         self._batch = BatchPipeline(self.steps) if batchable else None
         self._sample = None if batchable else SamplePipeline(self.steps)
 
@@ -162,7 +162,7 @@ class TableInputs:
     def read(self, path, report):
         """Yield ``(label, float32 tensor)`` per usable row of the CSV file ``path``; ``report`` the others."""
         tables = _part("tables")
-        MISSING, _number = tables.MISSING, tables._number
+        MISSING, parse_number = tables.MISSING, tables.parse_number
 
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
@@ -190,7 +190,7 @@ class TableInputs:
                         report(f"skipped {where}: {len(row)} values, but the first row names {len(header)} columns")
                         continue
                     values = [row[i].strip() for i in index]
-                    bad = [(features[j], v) for j, v in enumerate(values) if v.lower() in MISSING or _number(v) is None]
+                    bad = [(features[j], v) for j, v in enumerate(values) if v.lower() in MISSING or parse_number(v) is None]
                     if bad:
                         report(f"skipped {where}: column {bad[0][0]!r} is {bad[0][1]!r}, not a number")
                         continue
@@ -229,9 +229,9 @@ def expand_inputs(inputs, kind):
             if kind == "table":
                 raise UserError(f"{path} is a folder; this checkpoint's model reads CSV rows: give a CSV file")
             image_folder = _part("image_folder")
-            IMAGE_EXTENSIONS, _images_under = image_folder.IMAGE_EXTENSIONS, image_folder._images_under
+            IMAGE_EXTENSIONS, images_under = image_folder.IMAGE_EXTENSIONS, image_folder.images_under
 
-            found = _images_under(path)
+            found = images_under(path)
             if not found:
                 raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             files += [Path(p) for p in found]

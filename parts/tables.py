@@ -40,7 +40,7 @@ TASKS = ("classification", "regression")
 SPLIT_SEED = 0
 
 
-def _number(text):
+def parse_number(text):
     try:
         value = float(text)
     except ValueError:
@@ -143,13 +143,13 @@ class Table:
     @staticmethod
     def _numeric(rows, i):
         present = [row[i] for _, row in rows if row[i].lower() not in MISSING]
-        return bool(present) and all(_number(v) is not None for v in present)
+        return bool(present) and all(parse_number(v) is not None for v in present)
 
     def _value(self, row, i, column, line):
         text = row[i]
         if text.lower() in MISSING:
             raise UserError(f"{self.path} line {line}, column {column!r}: missing value ({text!r}); fill it in or remove the row")
-        value = _number(text)
+        value = parse_number(text)
         if value is None:
             raise UserError(f"{self.path} line {line}, column {column!r}: {text!r} is not a number; features and regression"
                             " targets must be numeric (leave the column out of data_loader.args.features, or encode it as numbers)")
@@ -167,7 +167,7 @@ class Table:
                 raise UserError(f"data_loader.args.class_names: expected a list of distinct class names, got {given!r}")
             return list(given)
         names = sorted(set(labels))
-        if all(_number(n) is not None for n in names):
+        if all(parse_number(n) is not None for n in names):
             names.sort(key=float)
         if len(names) < 2:
             raise UserError(f"{self.path}: column {target!r} holds one class only ({names[0]!r}); a classifier needs two or more"
@@ -262,7 +262,7 @@ class CsvDataLoader(BaseDataLoader):
             if feature_stats is not None:
                 stats = check_stats(feature_stats, table.feature_names)
             else:  # the rows that train: neither test nor validation rows inform the scaling
-                fit_idx, _ = BaseDataLoader._split(train_idx, validation_split, options.get("seed", 0))
+                fit_idx, _ = BaseDataLoader.split_indices(train_idx, validation_split, options.get("seed", 0))
                 stats = fit_standardisation(table.inputs[fit_idx], table.feature_names)
             inputs = standardise(inputs, stats)
         dataset = TableDataset(inputs.to(torch.float32), table.targets, table.class_names, stats)

@@ -616,16 +616,6 @@ def test_uint8_images_without_transforms_come_out_as_floats_in_0_1(args):
     assert x.dtype == torch.float32 and torch.equal(x, to_float(dataset.images.clone()))
 
 
-def test_a_default_run_imports_no_part():
-    code = ("import sys; from trainer import build, run; from utils.config import load_config; "
-            "config = run.checked_config(load_config('config.json'))[0]; next(iter(build.build_data_loader(config))); "
-            "print(sorted(m for m in sys.modules if m == 'parts' or m.startswith('parts.')))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-
-
 def _files_gone(monkeypatch, name):
     """As if part ``name``'s files were deleted: its row stays, its module is not there."""
     import dataclasses

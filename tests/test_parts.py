@@ -118,6 +118,21 @@ def test_the_readme_table_is_the_table_the_code_reads():
     assert between.strip() == table().strip(), "README.md's table of parts is stale: python tools/parts_table.py"
 
 
+def test_a_part_uses_the_public_names_of_the_core_and_of_other_parts():
+    """A hook or a part reads the Trainer, the loaders and other parts through their public names (trainer/hooks.py
+    lists what a hook may use): a leading underscore is a module's own business. (torch's own are torch's.)"""
+    reaching = []
+    for path in (p for p in python_files() if p.startswith("parts/")):
+        for node in ast.walk(ast.parse((ROOT / path).read_text(), path)):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                root = node.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Name) and root.id not in ("self", "cls", "torch"):
+                    reaching.append(f"{path}:{node.lineno} {ast.unparse(node)}")
+    assert not reaching, "parts reaching into private names: " + ", ".join(reaching)
+
+
 def minimal_copy(target):
     out = subprocess.run([sys.executable, str(ROOT / "new_project.py"), str(target), "--minimal"],
                          capture_output=True, text=True, timeout=120)

@@ -113,8 +113,6 @@ def test_no_import_cycle():
 
 
 def test_default_run_imports_no_optional_module(tmp_path):
-    if not (ROOT / "utils" / "parts.py").exists():
-        pytest.skip("utils/parts.py (the table of optional parts) does not exist yet")
     from utils.parts import PARTS
 
     out = tmp_path / "modules.json"
@@ -139,6 +137,8 @@ def test_default_run_imports_no_optional_module(tmp_path):
                     or path is not None and any(path == f or f in path.parents for f in part_files)):
                 found.append(f"{module} (part {name})")
     assert not found, "the default run imports optional modules: " + ", ".join(sorted(found))
+    # Nor the core's modules that only other runs need: the resume policy, the other built-in data sets.
+    assert not {"utils.resume", "data_loader.builtin"} & set(loaded), sorted({"utils.resume", "data_loader.builtin"} & set(loaded))
 
 
 @pytest.mark.slow
