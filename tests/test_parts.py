@@ -8,6 +8,7 @@ and train there, and run the minimal copy's whole test suite.
 """
 
 import ast
+import functools
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ SKIPPED_DIRS = {".venv", ".git", "saved", "data", "__pycache__"}
 QUICK = ["trainer.epochs=1", "trainer.verbosity=0", "device=cpu", "trainer.test_after_train=false"]
 
 
+@functools.lru_cache(maxsize=None)
 def python_files(root=ROOT):
     """``{relative path: dotted module name}`` of every .py file of the project, tests and tools included."""
     found = {}
@@ -42,6 +44,7 @@ def module_of(path):
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.lru_cache(maxsize=None)
 def unguarded_imports(path):
     """The dotted names a file imports outside ``try: ... except ImportError`` (a guarded import may fail)."""
     tree = ast.parse((ROOT / path).read_text(), path)
