@@ -10,30 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import example_config
+from test_predict import csv_ckpt, image_ckpt  # noqa: F401 (fixtures: export needs the predict part)
 from parts import export, predict
 from trainer import build, run
 from utils import parts
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _train(name, example_data, save_dir):
-    config = example_config(name, example_data, save_dir, "trainer.epochs=1")
-    run.train(config, run_id="r")
-    return save_dir / "models" / config["name"] / "r" / "model_best.pth"
-
-
-@pytest.fixture(scope="module")
-def image_ckpt(example_data, tmp_path_factory):
-    pytest.importorskip("parts.image_folder")
-    return _train("image_folder", example_data, tmp_path_factory.mktemp("img") / "saved")
-
-
-@pytest.fixture(scope="module")
-def csv_ckpt(example_data, tmp_path_factory):
-    pytest.importorskip("parts.tables")
-    return _train("csv", example_data, tmp_path_factory.mktemp("csv") / "saved")
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported_program", "onnx"])
