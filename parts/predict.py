@@ -325,6 +325,8 @@ def predict(loaded, files, top_k=3, batch_size=64, progress=False, report=None):
                                         top_k=[(names[i], p) for i, p in zip(i_row, p_row)]))
             else:
                 values = output.cpu()
+                if scaled := (loaded.config["data_loader"]["args"].get("feature_stats") or {}).get("target"):
+                    values = values * scaled["std"] + scaled["mean"]  # a standardised target (parts/tables.py)
                 for label, value in zip(labels, values):
                     value = value.tolist()
                     results.append(_row(label, prediction=value[0] if isinstance(value, list) and len(value) == 1 else value))

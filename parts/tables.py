@@ -19,6 +19,15 @@ Promises:
 * A ``test_split`` fraction of the rows (per class for classification) is held out by a
   permutation with a fixed seed (:data:`SPLIT_SEED`): the same rows every time, whatever the
   run's seed. Standardisation is fitted on the training rows only.
+* Regression (``standardize``, the default): the target is standardised too, with the training
+  rows' mean and std, kept in ``feature_stats["target"]`` (so in the run's config, like the
+  features' scaling). The model learns the standardised number and the loss is computed on it;
+  the metrics report the target's own units: each torchmetrics metric gets the scaling as
+  ``args.target_stats`` (parts/torchmetrics.py maps outputs and targets back before its update),
+  and ``predict.py`` maps its predictions back. configs/csv_regression.json is such a run.
+* A regression task refuses classification metrics (``accuracy``, ``top_k_acc``,
+  ``torchmetrics.classification.*``) and losses, and the built-in ``mae`` on a standardised
+  target (it would score standardised units): one line each, before anything is written.
 * Read with the ``csv`` module; no pandas.
 """
 
@@ -204,15 +213,30 @@ def fit_standardisation(inputs, feature_names):
     return {"features": list(feature_names), "mean": mean.tolist(), "std": std.tolist()}
 
 
+def fit_target(targets):
+    """The regression target's mean and standard deviation (1 for a constant target), as plain numbers."""
+    targets = targets.to(torch.float64)
+    std = float(targets.std(unbiased=False))
+    return {"mean": float(targets.mean()), "std": std if std > 0 else 1.0}
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_stats(stats, feature_names):
-    """``stats`` (a saved run's ``feature_stats``) checked against this table's features."""
-    ok = (isinstance(stats, dict) and set(stats) == {"features", "mean", "std"}
+    """``stats`` (a saved run's ``feature_stats``) checked against this table's features. Its optional ``"target"``
+    (``{"mean": m, "std": s}``) is the regression target's scaling; runs saved before it was kept have none."""
+    target = stats.get("target", {"mean": 0, "std": 1}) if isinstance(stats, dict) else None
+    ok = (isinstance(stats, dict) and set(stats) - {"target"} == {"features", "mean", "std"}
           and all(isinstance(stats[k], list) and len(stats[k]) == len(stats["features"]) for k in ("mean", "std"))
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats["mean"] + stats["std"])
-          and all(v > 0 for v in stats["std"]))
+          and all(_number(v) for v in stats["mean"] + stats["std"]) and all(v > 0 for v in stats["std"])
+          and isinstance(target, dict) and set(target) == {"mean", "std"} and all(_number(v) for v in target.values())
+          and target["std"] > 0)
     if not ok:
         raise UserError('data_loader.args.feature_stats: expected {"features": [...], "mean": [...], "std": [...]} of equal'
-                        f" lengths with positive stds, got {stats!r}")
+                        ' lengths with positive stds (and optionally "target": {"mean": m, "std": s}), got'
+                        f" {stats!r}")
     if stats["features"] != list(feature_names):
         raise UserError(f"data_loader.args.feature_stats: saved for features {stats['features']}, but the table gives {feature_names}")
     return stats
@@ -237,9 +261,9 @@ class CsvDataLoader(BaseDataLoader):
     A ``test_split`` fraction (default 0.2; per class for classification) is held out, the
     same rows every time; ``validation_split`` as in every loader. With ``standardize``,
     each feature is scaled by the mean and standard deviation of the training rows only
-    (neither validation nor test rows); ``loader.feature_stats`` holds them as plain lists.
-    ``class_names`` and ``feature_stats`` given (a saved run's) are used instead of being
-    derived.
+    (neither validation nor test rows); ``loader.feature_stats`` holds them as plain lists. A
+    regression target is standardised the same way (``feature_stats["target"]``). ``class_names``
+    and ``feature_stats`` given (a saved run's) are used instead of being derived.
     """
 
     options_from = BaseDataLoader
@@ -257,15 +281,19 @@ class CsvDataLoader(BaseDataLoader):
             train_idx, test_idx = order[count:].sort().values, order[:count].sort().values
         if not training and len(test_idx) == 0:
             raise UserError(f"data_loader.args.test_split: {test_split!r} holds out no rows of {table.path}; set test_split > 0")
-        inputs, stats = table.inputs, None
+        inputs, targets, stats = table.inputs, table.targets, None
         if standardize:
             if feature_stats is not None:
                 stats = check_stats(feature_stats, table.feature_names)
             else:  # the rows that train: neither test nor validation rows inform the scaling
                 fit_idx, _ = BaseDataLoader.split_indices(train_idx, validation_split, options.get("seed", 0))
                 stats = fit_standardisation(table.inputs[fit_idx], table.feature_names)
+                if task == "regression":
+                    stats["target"] = fit_target(table.targets[fit_idx])
             inputs = standardise(inputs, stats)
-        dataset = TableDataset(inputs.to(torch.float32), table.targets, table.class_names, stats)
+            if task == "regression" and "target" in stats:  # (a run saved before targets were scaled has none)
+                targets = ((targets.double() - stats["target"]["mean"]) / stats["target"]["std"]).to(torch.float32)
+        dataset = TableDataset(inputs.to(torch.float32), targets, table.class_names, stats)
         indices = train_idx if training else test_idx
         super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0,
                          training=training, indices=indices.tolist(), **options)
@@ -281,3 +309,60 @@ class CsvDataLoader(BaseDataLoader):
 
 
 LOADERS = {"CsvDataLoader": CsvDataLoader}
+
+
+# --------------------------------------------------------------------------- a regression task (utils/parts.py)
+
+CLASSIFICATION_METRICS = ("accuracy", "top_k_acc", "torchmetrics.classification.")
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "logsumexp_cross_entropy")
+
+
+def target_stats(config):
+    """The regression target's scaling kept in ``config`` (``{"mean": m, "std": s}``), or None."""
+    args = config["data_loader"]["args"]
+    return (args.get("feature_stats") or {}).get("target") if args.get("task") == "regression" else None
+
+
+def check(config):
+    """A regression task: no classification metric or loss, no built-in ``mae`` on a standardised target; each
+    torchmetrics metric gets the target's scaling (``args.target_stats``) once the config holds it."""
+    args = config["data_loader"]["args"]
+    if args.get("task") != "regression":
+        return []
+    names = [m if isinstance(m, str) else m.get("type") if isinstance(m, dict) else None
+             for m in config.get("metrics") or []]
+    problems = []
+    wrong = [n for n in names if isinstance(n, str) and n.startswith(CLASSIFICATION_METRICS)]
+    if wrong:
+        problems.append(f"metrics: {', '.join(wrong)} score{'s' if len(wrong) == 1 else ''} classes, but"
+                        ' data_loader.args.task is "regression"; name regression metrics instead, e.g.'
+                        ' {"type": "torchmetrics.regression.MeanAbsoluteError", "name": "mae"}'
+                        " (see configs/csv_regression.json)")
+    if "mae" in names and args.get("standardize", True):
+        problems.append('metrics: the built-in "mae" would score the standardised target, not yours; name'
+                        ' {"type": "torchmetrics.regression.MeanAbsoluteError", "name": "mae"} (scored in the'
+                        " target's units), or set data_loader.args.standardize=false")
+    loss = config["loss"]["type"] if isinstance(config.get("loss"), dict) else config.get("loss")
+    if loss in CLASSIFICATION_LOSSES:
+        problems.append(f'loss: {loss} is a classification loss, but data_loader.args.task is "regression"; use'
+                        ' "mse_loss"')
+    if not problems and (stats := target_stats(config)):
+        with_scaling(config, stats)
+    return problems
+
+
+def with_scaling(config, stats):
+    """Give every torchmetrics entry of ``config["metrics"]`` the target's scaling ``stats``."""
+    for entry in config["metrics"]:
+        if isinstance(entry, dict) and str(entry.get("type")).startswith("torchmetrics."):
+            entry["args"] = {**(entry.get("args") or {}), "target_stats": dict(stats)}
+
+
+def prepare(config, parts):
+    """A run that has just fitted the target's scaling: its metrics (and its config) get it."""
+    stats = (parts.data_loader.feature_stats or {}).get("target")
+    if stats and config["data_loader"]["args"].get("task") == "regression":
+        from trainer import build
+
+        with_scaling(config, stats)
+        parts.metric_fns = build.build_metrics(config)

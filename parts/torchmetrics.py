@@ -17,6 +17,11 @@ Promises:
   epoch's end; under torchrun the states of all processes are combined first (torchmetrics' own sync).
 * A mid-epoch checkpoint holds every process's state, so a resume (under any world size) ends the
   epoch with the value of the run left alone; a state of another class or other args is not loaded.
+* A model output of shape ``(N, 1)`` is scored against targets of shape ``(N,)`` (one regression
+  output, one binary logit): the trailing 1 is dropped, as ``mse_loss`` does.
+* ``args.target_stats`` (``{"mean": m, "std": s}``; parts/tables.py sets it for a regression run
+  whose target it standardised) maps outputs and targets back to the target's units
+  (``x * std + mean``) before each update, so MAE, RMSE and R² read in those units.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from utils.metric_tracker import EpochMetric
 PREFIX = "torchmetrics."
 # Arguments of torchmetrics' base class a config may give (the rest are about syncing, which the trainer owns).
 BASE_ARGS = {"compute_on_cpu": False, "compute_with_cache": True}
+OWN_ARGS = {"target_stats": None}  # ours, not the class's: see the module's docstring
 
 
 def snake_case(name):
@@ -102,6 +108,7 @@ def _builder(name, cls):
            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     base = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=bool) for n, d in BASE_ARGS.items()
             if n not in {p.name for p in own}]
+    base += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in OWN_ARGS.items()]
 
     def build(**args):
         return TorchMetric(name, cls, args)
@@ -127,8 +134,14 @@ class TorchMetric(EpochMetric):
         self.__name__ = snake_case(cls.__name__)  # build_metrics gives it the config's name
         self.dotted, self.cls, self.args = dotted, cls, dict(args)
         self.metric = None
+        self.target_stats = self.args.get("target_stats")
+        own = {k: v for k, v in self.args.items() if k not in OWN_ARGS}
         if device is None:
-            cls(**self.args)  # built once, so that values the class refuses (average="macr") show with the config
+            stats = self.target_stats
+            if stats is not None and not (isinstance(stats, dict) and set(stats) == {"mean", "std"} and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats.values()) and stats["std"] > 0):
+                raise ValueError(f'target_stats: expected {{"mean": m, "std": s}} with s > 0, got {stats!r}')
+            cls(**own)  # built once, so that values the class refuses (average="macr") show with the config
             return
         extra = {} if sync else {"sync_on_compute": False}  # where only this process computes (test.py, ...)
         # torchmetrics checks every update's inputs (target values in range, ...), which reads values back
@@ -136,7 +149,7 @@ class TorchMetric(EpochMetric):
         # (check_inputs=True); the loop's own metrics skip it, unless the config sets validate_args.
         if not check_inputs and "validate_args" in inspect.signature(cls).parameters and "validate_args" not in args:
             extra["validate_args"] = False
-        self.metric = cls(**self.args, **extra).to(device)
+        self.metric = cls(**own, **extra).to(device)
 
     def new(self, device, sync=True, check_inputs=False):
         fresh = TorchMetric(self.dotted, self.cls, self.args, device, sync, check_inputs)
@@ -147,6 +160,11 @@ class TorchMetric(EpochMetric):
         output = output.detach()
         if output.dtype.is_floating_point and output.dtype.itemsize < 4:  # bf16/fp16 under autocast
             output = output.float()
+        if output.dim() == target.dim() + 1 and output.shape[-1] == 1:  # (N, 1) against (N,)
+            output = output.squeeze(-1)
+        if self.target_stats is not None:  # back to the target's units
+            mean, std = self.target_stats["mean"], self.target_stats["std"]
+            output, target = output * std + mean, target * std + mean
         self.metric.update(output, target)
 
     def compute(self):

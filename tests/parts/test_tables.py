@@ -134,3 +134,113 @@ def test_the_example_config_builds_on_the_example_data(tmp_path):
 
 def test_a_run_keeps_its_classes_and_scaling_and_resumes_from_the_original_config(example_data, tmp_path):
     assert_run_keeps_pinned("csv", {"class_names", "feature_stats"}, example_data, tmp_path)
+
+
+# --------------------------------------------------------------------------- regression as a task
+
+
+def regression_config(path, save_dir, *overrides, target="y", features=3):
+    from utils.config import apply_overrides, load_config
+
+    return apply_overrides(load_config(ROOT / "configs/csv_regression.json"),
+                           [f"data_loader.args.path={path}", f"data_loader.args.target={target}",
+                            f"arch.args.input_size={features}", f"trainer.save_dir={save_dir}", "trainer.verbosity=0",
+                            "trainer.tensorboard=false", "device=cpu", *overrides])
+
+
+def test_a_regression_target_is_standardised_with_the_training_rows(tmp_path):
+    rows = [[i, (i * 7) % 11, "x", 3.0 * i + 100] for i in range(50)]
+    path = write_csv(tmp_path / "r.csv", rows, header=("u", "v", "tag", "y"))
+    train = CsvDataLoader(path, "y", task="regression", batch_size=8, seed=1)
+    raw = torch.tensor([r[3] for r in rows], dtype=torch.float64)
+    fit = train.sampler.indices
+    target = train.feature_stats["target"]
+    assert target["mean"] == pytest.approx(float(raw[fit].mean())) and target["mean"] != pytest.approx(float(raw.mean()))
+    assert target["std"] == pytest.approx(float(raw[fit].std(unbiased=False)))
+    _, y = train.dataset.tensors()
+    torch.testing.assert_close(y.double(), (raw - target["mean"]) / target["std"], rtol=1e-6, atol=1e-6)
+    json.dumps(train.data_args())
+    test = CsvDataLoader(path, "y", task="regression", training=False, **train.data_args())
+    assert torch.equal(test.dataset.tensors()[1], y)  # the test rows scaled with the training rows' numbers
+    old = {k: v for k, v in train.feature_stats.items() if k != "target"}  # a run saved before targets were scaled
+    assert torch.equal(CsvDataLoader(path, "y", task="regression", feature_stats=old).dataset.tensors()[1], raw.float())
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (['metrics=["accuracy", "top_k_acc"]', "trainer.monitor=off"], "metrics: accuracy, top_k_acc score classes"),
+    (['metrics=[{"type": "torchmetrics.classification.MulticlassAccuracy", "args": {"num_classes": 3}}]',
+      "trainer.monitor=off"], "metrics: torchmetrics.classification.MulticlassAccuracy scores classes"),
+    (['metrics=["mae"]'], 'the built-in "mae" would score the standardised target'),
+    (["loss=cross_entropy"], "loss: cross_entropy is a classification loss"),
+])
+def test_a_regression_task_refuses_classification_metrics_in_one_line(example_data, tmp_path, capsys, overrides,
+                                                                      expected):
+    from trainer import cli
+
+    config = regression_config(example_data / "example_regression.csv", tmp_path / "saved", *overrides)
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert cli.train_command(["-c", str(tmp_path / "c.json")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not (tmp_path / "saved").exists()  # nothing written
+
+
+def test_a_regression_run_keeps_its_target_scaling_and_resumes_from_the_original_config(example_data, tmp_path):
+    from trainer import cli, run
+
+    config = regression_config(example_data / "example_regression.csv", tmp_path / "saved", "trainer.epochs=2",
+                               "trainer.save_period=1")
+    run.train(config, run_id="r")
+    folder = tmp_path / "saved/models" / config["name"] / "r"
+    saved = json.loads((folder / "config.json").read_text())
+    target = saved["data_loader"]["args"]["feature_stats"]["target"]
+    assert all(m["args"]["target_stats"] == target for m in saved["metrics"])  # each metric scores in y's units
+    (tmp_path / "c.json").write_text(json.dumps(config))  # the user's file: no scaling in it
+    assert cli.train_command(["-c", str(tmp_path / "c.json"), "-r", str(folder / "checkpoint-epoch1.pth"),
+                              "--overwrite"]) == 0  # a changed scaling would be refused, or logged as a change
+    assert json.loads((folder / "config.json").read_text()) == saved
+
+
+def write_diabetes(path):
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(scaled=False)  # bundled with scikit-learn: nothing is downloaded
+    with open(path, "w") as f:
+        f.write(",".join([*data.feature_names, "target"]) + "\n")
+        for x, y in zip(data.data, data.target):
+            f.write(",".join(f"{v:g}" for v in [*x, y]) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_diabetes_regression_scores_in_the_targets_units_and_matches_a_linear_model(tmp_path):
+    """configs/csv_regression.json on scikit-learn's diabetes table: its test MAE (in the target's units, as
+    reported and as predict.py gives them) at most that of least squares fitted on the same training rows."""
+    import importlib
+
+    pytest.importorskip("sklearn")
+    from trainer import run
+
+    path = write_diabetes(tmp_path / "diabetes.csv")
+    config = regression_config(path, tmp_path / "saved", target="target", features=10)
+    run.train(config, run_id="d")
+    folder = tmp_path / "saved/models" / config["name"] / "d"
+    ours = json.loads((folder / "model_best.test.json").read_text())["mae"]
+    # The linear model: closed-form least squares on the rows the run trained on, scored on the same test rows.
+    raw = CsvDataLoader(str(path), "target", task="regression", standardize=False, seed=config["seed"])
+    test_rows = CsvDataLoader(str(path), "target", task="regression", standardize=False, training=False).sampler.indices
+    x, y = (t.double() for t in raw.dataset.tensors())
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    fit = torch.as_tensor(raw.sampler.indices)
+    weights = torch.linalg.lstsq(x[fit], y[fit, None]).solution
+    test_rows = torch.as_tensor(test_rows)
+    linear = float((x[test_rows] @ weights).squeeze(1).sub(y[test_rows]).abs().mean())
+    print(f"diabetes test MAE: ours {ours:.3f}, linear least squares {linear:.3f}")
+    assert ours <= linear
+    # predict.py gives the target's units: its MAE over the test rows is the reported one.
+    if importlib.util.find_spec("parts.predict") is None:  # (the predict part was deleted)
+        return
+    predicting = importlib.import_module("parts.predict")
+    loaded = predicting.load_for_inference(folder / "model_best.pth")
+    predicted = torch.tensor([r["prediction"] for r in predicting.predict(loaded, [str(path)])], dtype=torch.float64)
+    assert float((predicted[test_rows] - y[test_rows]).abs().mean()) == pytest.approx(ours, rel=1e-5)

@@ -313,3 +313,20 @@ def test_a_metric_needing_a_missing_package_is_one_line(tmp_path, capsys):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "metrics[0].type: " in lines[0] and "cannot be built here" in lines[0], lines
+
+
+def test_regression_metrics_take_an_n_by_1_output_and_score_in_the_targets_units():
+    from torchmetrics.regression import MeanAbsoluteError, R2Score
+
+    stats = {"mean": 150.0, "std": 80.0}
+    config = {"loss": {"type": "mse_loss", "args": {}}, "metrics": [
+        {"type": "torchmetrics.regression.R2Score", "name": "r2"},
+        {"type": "torchmetrics.regression.MeanAbsoluteError", "name": "mae", "args": {"target_stats": stats}}]}
+    g = torch.Generator().manual_seed(0)
+    output, target = torch.randn(30, 1, generator=g), torch.randn(30, generator=g)  # standardised numbers
+    loader = [(torch.arange(i, min(i + 8, 30)), target[i:i + 8]) for i in range(0, 30, 8)]
+    result = evaluate(FixedLogits(output), loader, lambda o, t: ((o.squeeze(1) - t) ** 2).mean(),
+                      build.build_metrics(config), torch.device("cpu"))
+    assert result["r2"] == pytest.approx(float(R2Score()(output.squeeze(1), target)), rel=1e-6)
+    raw = float(MeanAbsoluteError()(output.squeeze(1) * 80 + 150, target * 80 + 150))
+    assert result["mae"] == pytest.approx(raw, rel=1e-6) and result["mae"] > 10  # not the standardised MAE
