@@ -106,7 +106,7 @@ PARTS = {
                          files=("parts/image_folder.py", "configs/image_folder.json", "tests/parts/test_image_folder.py"),
                          loaders=("ImageFolderDataLoader",)),
     "tables": Part("parts.tables", "a CSV table as a data set: numeric features, a class or a number to predict",
-                   files=("parts/tables.py", "configs/csv.json", "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
+                   files=("parts/tables.py", "configs/csv.json", "configs/csv_regression.json", "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
 }
 
 

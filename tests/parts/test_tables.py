@@ -13,6 +13,9 @@ from parts.tables import CsvDataLoader
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
+# The regression config scores with torchmetrics metrics: its tests need that part too.
+needs_torchmetrics = pytest.mark.skipif(not (ROOT / "parts" / "torchmetrics.py").exists(),
+                                        reason="the torchmetrics part is not in this project")
 
 
 def one_line(info):
@@ -166,6 +169,7 @@ def test_a_regression_target_is_standardised_with_the_training_rows(tmp_path):
     assert torch.equal(CsvDataLoader(path, "y", task="regression", feature_stats=old).dataset.tensors()[1], raw.float())
 
 
+@needs_torchmetrics
 @pytest.mark.parametrize("overrides,expected", [
     (['metrics=["accuracy", "top_k_acc"]', "trainer.monitor=off"], "metrics: accuracy, top_k_acc score classes"),
     (['metrics=[{"type": "torchmetrics.classification.MulticlassAccuracy", "args": {"num_classes": 3}}]',
@@ -185,6 +189,7 @@ def test_a_regression_task_refuses_classification_metrics_in_one_line(example_da
     assert not (tmp_path / "saved").exists()  # nothing written
 
 
+@needs_torchmetrics
 def test_a_regression_run_keeps_its_target_scaling_and_resumes_from_the_original_config(example_data, tmp_path):
     from trainer import cli, run
 
@@ -212,6 +217,7 @@ def write_diabetes(path):
     return path
 
 
+@needs_torchmetrics
 @pytest.mark.slow
 def test_diabetes_regression_scores_in_the_targets_units_and_matches_a_linear_model(tmp_path):
     """configs/csv_regression.json on scikit-learn's diabetes table: its test MAE (in the target's units, as
