@@ -1,0 +1,265 @@
+"""The config code a default run does not need, imported where it is used (see utils/config.py).
+
+- reading YAML (a ``.yaml`` config), and saying where a config file went wrong (only when it did);
+- ``trainer.tensorboard``, an alias of ``trainer.loggers`` (only when given), and old checkpoints' configs
+  that hold both (only when a checkpoint has one);
+- what changed between two configs (on resume);
+- the checks of a part's metric entries and of ``optimizer.param_groups`` (only when a config has them);
+- the settings of an optional feature (``trainer.ema``, ``trainer.profile``): the parts' own.
+"""
+
+import json
+import re
+
+from utils.config import (_DuplicateKey, _NonFiniteConstant, _parameters, _show, arg_value_problem, check_args,
+                          check_loggers, did_you_mean, flatten, logger_entries, string_list)
+from utils.errors import ConfigError, UserError
+
+# --------------------------------------------------------------------------- reading a file
+
+
+def load_yaml(path, text):
+    """``text`` read as YAML, refusing a key repeated in one mapping (PyYAML keeps the last one silently).
+
+    Raises:
+        UserError: not valid YAML (with the line and column), or nested too deeply to read.
+    """
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue  # keys from a "<<" merge may be overridden; a non-scalar key is refused later
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {seen[key]}); keep one of them",
+                            key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to read; a config needs a few levels") from None
+
+
+def load_problems(path, data, err):
+    """The lines saying what is wrong with the config file ``path`` (its bytes ``data``) and where, for the error
+    ``err`` reading it raised: not UTF-8, not JSON, a key repeated in one object, NaN, absurd nesting."""
+    if isinstance(err, UnicodeDecodeError):
+        line, col = _line_col(data.decode("utf-8", errors="replace"),
+                              len(data[: err.start].decode("utf-8", errors="replace")))
+        return [f"{path}: not UTF-8 text: byte 0x{data[err.start]:02x} at line {line}, column {col};"
+                " save the file as UTF-8"]
+    if isinstance(err, RecursionError):
+        return [f"{path}: nested too deeply to read; a config needs a few levels"]
+    if isinstance(err, json.JSONDecodeError):
+        return [f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"]
+    text = data.decode("utf-8-sig")
+    if isinstance(err, _DuplicateKey):
+        duplicates = _json_sites(text)[0]
+        if not duplicates:
+            return [f"{path}: key {err.args[0]!r} appears twice in one object; keep one of them"]
+        return [f"{path}: line {line}: key {key!r} appears twice in one object (the last would win silently);"
+                " keep one of them" for key, line in duplicates]
+    if isinstance(err, _NonFiniteConstant):
+        constants = _json_sites(text)[1]
+        where = f" at line {constants[0][1]}, column {constants[0][2]}" if constants else ""
+        return [f"{path}: {err.args[0]}{where} is not a finite number; JSON has no NaN or Infinity:"
+                " write a number (or null)"]
+    return [f"{path}: cannot be read as a config: {' '.join(str(err).split())}"]
+
+
+def _line_col(text, pos):
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _json_sites(text):
+    """Where ``text`` repeats a key within one object, and where it has a bare NaN/Infinity.
+
+    Returns ``(duplicates, constants)``: ``[(key path, line), ...]`` and ``[(token, line, column), ...]``.
+    A scan of the tokens, without recursion: it is only called to say where a problem the parser
+    found is, and survives text the parser would refuse further on.
+    """
+    from json.decoder import scanstring
+
+    duplicates, constants = [], []
+    stack = []  # one entry per open bracket: [keys seen (None in a list), path, the last key read]
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            try:
+                value, end = scanstring(text, i + 1)
+            except ValueError:
+                break
+            j = end
+            while j < n and text[j] in " \t\r\n":
+                j += 1
+            if j < n and text[j] == ":" and stack and stack[-1][0] is not None:
+                keys, path, _ = stack[-1]
+                if value in keys:
+                    duplicates.append((".".join([*path, value]), _line_col(text, i)[0]))
+                keys.add(value)
+                stack[-1][2] = value
+            i = end
+            continue
+        if c in "{[":
+            path = []
+            if stack:
+                keys, parent, last = stack[-1]
+                path = [*parent, last] if keys is not None else [*parent[:-1], parent[-1] + "[]"] if parent else ["[]"]
+            stack.append([set() if c == "{" else None, path, None])
+        elif c in "}]":
+            if stack:
+                stack.pop()
+        else:
+            for token in ("-Infinity", "Infinity", "NaN"):
+                if text.startswith(token, i):
+                    constants.append((token, *_line_col(text, i)))
+                    i += len(token) - 1
+                    break
+        i += 1
+    return duplicates, constants
+
+
+# --------------------------------------------------------------------------- trainer.tensorboard, old and new
+
+
+def resolve_tensorboard(given, trainer, problems):
+    """``trainer.tensorboard``: another way to say what ``trainer.loggers`` says, resolved into it here, and only here.
+
+    ``false`` takes "tensorboard" out of the default loggers, ``true`` leaves it in; given together with
+    ``loggers`` (``given`` is the trainer section as written, ``trainer`` the checked one, which holds
+    ``loggers`` alone), the two must agree.
+    """
+    on = given["tensorboard"]
+    if not isinstance(on, bool):  # reported already
+        return
+    if "loggers" not in given:
+        trainer["loggers"] = ["tensorboard"] if on else []
+    elif check_loggers(trainer["loggers"]) is None and on != ("tensorboard" in dict(logger_entries(trainer))):
+        problems.append(f"trainer.tensorboard: {json.dumps(on)}, but trainer.loggers {json.dumps(trainer['loggers'])}"
+                        f" {'leaves' if on else 'names'} \"tensorboard\"{' out' if on else ''}; the two say the same thing:"
+                        " keep trainer.loggers alone")
+
+
+def saved_config(config):
+    """A checkpoint's config in this version's terms, so that checkpoints of older versions still resume.
+
+    Their configs hold both ``trainer.tensorboard`` and ``trainer.loggers``, and TensorBoard was on where
+    both said so: that is what their ``loggers`` becomes.
+    """
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    if not isinstance(trainer, dict) or "tensorboard" not in trainer or not isinstance(trainer.get("loggers"), list):
+        return config
+    trainer = dict(trainer)
+    if trainer.pop("tensorboard") is False:
+        trainer["loggers"] = [item for item in trainer["loggers"]
+                              if (item.get("type") if isinstance(item, dict) else item) != "tensorboard"]
+    return {**config, "trainer": trainer}
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def config_diff(old, new):
+    """Lines describing what changed between two configs, as ``key: old -> new``."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
+    return [f"{key}: {show(a.get(key, missing))} -> {show(b.get(key, missing))}"
+            for key in sorted(a.keys() | b.keys()) if a.get(key, missing) != b.get(key, missing)]
+
+
+# --------------------------------------------------------------------------- sections only some configs have
+
+METRIC_KEYS = ("type", "args", "name")
+
+
+def metric_entry_problems(entry, where, registry):
+    """The problem lines of one ``{"type": ..., "args": {...}, "name": ...}`` entry of ``metrics``: a part's metric
+    (utils/parts.py), imported only now. Its arguments must bind, and the class must accept them."""
+    unknown = [key for key in entry if key not in METRIC_KEYS]
+    if unknown:
+        return [f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)} valid: {', '.join(METRIC_KEYS)}"]
+    kind, args, name = entry.get("type"), entry.get("args") or {}, entry.get("name")
+    if not isinstance(kind, str) or not kind:
+        return [f"{where}.type: missing or not a string (the name of a part's metric, e.g."
+                ' "torchmetrics.classification.MulticlassF1Score")']
+    if kind in registry.table:
+        return [f"{where}: {kind!r} is a built-in metric; write it as the plain name \"{kind}\""]
+    if not isinstance(args, dict):
+        return [f"{where}.args: expected a mapping of argument names to values, got {json.dumps(args)}"]
+    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)):
+        return [f"{where}.name: got {_show(name)}, expected a short name of letters, digits and _"]
+    try:
+        build = registry.get(kind, f"{where}.type")
+    except ConfigError as err:
+        return [p.replace("metrics:", f"{where}.type:", 1) for p in err.problems]
+    bad = check_args(build, args, f"{where}.args")
+    if bad:
+        return bad
+    try:  # cheap (no data yet), and the only way to catch values the class itself refuses (average="macr")
+        build(**args)
+    except (TypeError, ValueError) as err:
+        return [f"{where}.args: {kind} rejected its arguments: {' '.join(str(err).split()) or type(err).__name__}"]
+    except (ImportError, OSError, RuntimeError) as err:  # an optional package it needs, weights to download
+        reason = " ".join(str(err).split()) or type(err).__name__
+        return [f"{where}.type: {kind} cannot be built here: {reason[:300]}"]
+    return []
+
+
+def param_group_problems(optimizer, registry, type_known):
+    """The problem lines of ``optimizer.param_groups``: a list of ``{"params": ["glob", ...], ...}``, whose other
+    settings are the optimizer's own arguments (the same types apply: no ``"lr": "0.1"``)."""
+    groups = optimizer["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) and g["params"]
+                                               and string_list.ok(g["params"]) for g in groups):
+        return ['optimizer.param_groups: expected a list of {"params": ["glob", ...], "lr": ...} entries']
+    if not type_known:
+        return []
+    named = _parameters(registry.get(optimizer["type"]))[0] or {}
+    return [problem for index, group in enumerate(groups) for name, value in group.items()
+            if name != "params" and (problem := arg_value_problem(name, value, named.get(name),
+                                                                  f"optimizer.param_groups[{index}]"))]
+
+
+# --------------------------------------------------------------------------- a part's feature settings
+
+
+def feature_settings(defaults, checks):
+    """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys,
+    each value checked by ``checks[key]`` (a function returning what was expected, or None)."""
+
+    def check(v):
+        if v is None or isinstance(v, bool):
+            return None
+        if not isinstance(v, dict):
+            return f"true, false, null or a mapping with keys {', '.join(defaults)}"
+        for key, value in v.items():
+            if key not in defaults:
+                return f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them{did_you_mean(key, defaults)})"
+            wanted = checks[key](value)
+            if wanted:
+                return f"{key} to be {wanted}"
+        return None
+
+    return check
+
+
+def settings_of(value, defaults):
+    """The completed settings of an optional feature, or None when it is off (``null`` or ``false``)."""
+    if value is None or value is False:
+        return None
+    return {**defaults, **(value if isinstance(value, dict) else {})}
