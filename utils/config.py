@@ -1,19 +1,14 @@
 """Reading, overriding and checking a run's config.
 
-A config is plain data (a dict loaded from JSON). This module never creates folders or touches
-the disk beyond reading the file: ``main()`` sets up the run once the whole config has been
-checked. Every problem found is collected and raised at once as a :class:`ConfigError`, one
-line per problem, naming the key, the value and what would be valid.
+A config is plain data (a dict loaded from JSON). Reading it touches nothing but the file: the run is
+set up once the whole config has been checked. Every problem is collected and raised at once as a
+:class:`ConfigError`, one line each, naming the key, the value and what would be valid.
 
-One way to declare keys: a table of ``key: (default, check)`` (:data:`TOP`, :data:`TRAINER`),
-walked by :func:`check_table`. A check is a :class:`Check`, a predicate and the phrase saying
-what is valid (or any function returning None for a valid value, else that phrase: the parts'
-checks). The sections naming a component (``arch``, ``optimizer``, ...) are looked up in a
-:class:`Registry`, and their ``args`` bound to its signature (:func:`check_args`).
-
-What a default run does not need is in utils/config_extra.py, imported where it is used: YAML,
-where a JSON file went wrong, the ``trainer.tensorboard`` alias and old checkpoints' configs,
-config diffs, a part's metric entries, parameter groups, a part's feature settings.
+Keys are declared in tables of ``key: (default, check)`` (:data:`TOP`, :data:`TRAINER`) walked by
+:func:`check_table`; a check is a :class:`Check` (a predicate and the phrase saying what is valid), or
+any function returning None for a valid value and that phrase otherwise (the parts' checks). The
+sections naming a component are looked up in a :class:`Registry` and their ``args`` bound to its
+signature (:func:`check_args`). What a default run does not need is in utils/config_extra.py.
 """
 
 import copy
@@ -283,23 +278,12 @@ def check_path_component(value, where):
     component (no ``/`` or ``\\``, not ``.`` or ``..``, no NUL, valid UTF-8, at most :data:`NAME_MAX`
     bytes), or the run would be written outside ``save_dir`` or fail half-way.
     """
-    if not isinstance(value, str) or not value:
-        return f"{where}: got {_show(value)}, expected a non-empty string"
-    shown = _show(value, 40)
-    separators = [s for s in ("/", "\\") if s in value]
-    if "\0" in value:
-        return f"{where}: got {shown}, which contains a NUL character; use a plain folder name"
-    if separators:
-        return (f"{where}: got {shown}, which contains {separators[0]!r}: it must be a single folder name,"
-                " or the run would be written outside trainer.save_dir")
-    if value in (".", ".."):
-        return f"{where}: got {shown}, which names a folder above the run's; use a plain folder name"
-    if _SURROGATE.search(value):
-        return f"{where}: got {value!r}, which is not valid UTF-8 text"
-    size = len(value.encode("utf-8"))
-    if size > NAME_MAX:
-        return f"{where}: got {shown} ({size} bytes), longer than the {NAME_MAX} bytes a file system allows in a folder name"
-    return None
+    if (isinstance(value, str) and value not in ("", ".", "..") and not re.search(r"[/\\\x00\ud800-\udfff]", value)
+            and len(value.encode("utf-8")) <= NAME_MAX):
+        return None
+    from utils.config_extra import path_component_problem  # what is wrong, said only when something is
+
+    return path_component_problem(value, where)
 
 
 # --------------------------------------------------------------------------- the keys
@@ -331,28 +315,21 @@ TRAINER = {
     "tensorboard": (None, boolean),  # an alias, resolved into loggers (config_extra.resolve_tensorboard)
     "loggers": (["tensorboard"], check_loggers),  # and the parts' loggers: "csv", {"type": "mlflow", "args": {...}}
     "log_every_n_steps": (50, positive_int),
+    "histogram_every": (0, non_negative_int), "activation_histograms": ([], string_list), "log_images": (True, boolean),
     # training controls
-    "clip_grad_norm": (None, optional(positive_number)),
+    "clip_grad_norm": (None, optional(positive_number)), "clip_grad_value": (None, optional(positive_number)),
     "clip_grad_norm_type": (2.0, Check(lambda v: positive_number.ok(v) or v in ("inf", float("inf")),
                                        'a positive number or "inf"')),
-    "clip_grad_value": (None, optional(positive_number)),
-    "freeze": ([], string_list),
-    "unfreeze_at_epoch": (None, optional(positive_int)),
+    "freeze": ([], string_list), "unfreeze_at_epoch": (None, optional(positive_int)),
     "unfreeze_lr": (None, optional(positive_number)),
     "accumulate_grad_batches": (1, positive_int),
-    "amp": (False, one_of(False, "bf16", "fp16")),
-    "compile": (False, boolean),
-    "len_epoch": (None, optional(positive_int)),
-    "max_steps": (None, optional(positive_int)),
+    "len_epoch": (None, optional(positive_int)), "max_steps": (None, optional(positive_int)),
     "skip_nonfinite": (False, boolean),
-    "deterministic": (False, boolean),
-    "tf32": (True, boolean),
-    "cudnn_benchmark": (True, boolean),
-    "histogram_every": (0, non_negative_int),
-    "activation_histograms": ([], string_list),
-    "log_images": (True, boolean),
-    "keep_last": (None, optional(positive_int)),  # checkpoints
-    "test_after_train": (True, boolean),  # the end of a run
+    # the backend
+    "amp": (False, one_of(False, "bf16", "fp16")), "compile": (False, boolean), "deterministic": (False, boolean),
+    "tf32": (True, boolean), "cudnn_benchmark": (True, boolean),
+    # checkpoints, and the end of a run
+    "keep_last": (None, optional(positive_int)), "test_after_train": (True, boolean),
 }
 
 # The keys of the sections naming a component, and the arguments its builder passes itself.
@@ -465,9 +442,9 @@ def validate_config(config, registries):
     problems.extend(f"metrics: the name {name!r} is taken twice (or is reserved); give the entry its own \"name\""
                     for name in sorted({n for n in names[1:] if names.count(n) > 1}))
 
+    # (a bad validation_split or data loader is the problem to report, not the validation metric it would not produce)
     split_reported = any(p.startswith("data_loader.args.validation_split:") for p in problems) or "data_loader" in failed
     if monitor_string.ok(t["monitor"]) and t["monitor"] != "off" and not split_reported:
-        # (a bad validation_split or data loader is the problem to report, not the validation metric it would not produce)
         problems.extend(_monitor_problems(t["monitor"].split()[1], names, out, registries))
     if t["unfreeze_at_epoch"] is not None and not t["freeze"]:
         problems.append("trainer.unfreeze_at_epoch: set, but trainer.freeze is empty (nothing to unfreeze)")
@@ -549,12 +526,9 @@ def metric_name(entry):
 
 @dataclass
 class Registry:
-    """An explicit table of the components of one kind (``kind``: "optimizer") that a config may name.
-
-    ``extra(name)`` resolves a name outside the table (``torchvision.models.resnet18``, a part's loader) to
-    the callable, or None; ``extra_names`` are names it resolves, listed and suggested with the table's;
-    ``extra_hint`` says what else it takes.
-    """
+    """The components of one ``kind`` ("optimizer") a config may name: ``table``, and the names ``extra(name)``
+    resolves to a callable (else None: ``torchvision.models.resnet18``, a part's loader), of which ``extra_names``
+    are listed and suggested with the table's; ``extra_hint`` says what else it takes."""
 
     kind: str
     table: dict
@@ -604,7 +578,8 @@ def _parameters(target):
                 params.setdefault(name, param)
         params = {n: p for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"}, accepts_any
+    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"}
+    return named, accepts_any
 
 
 def check_args(target, args, where, provided=()):
@@ -616,8 +591,8 @@ def check_args(target, args, where, provided=()):
     name = getattr(target, "__name__", target)
     valid = [n for n in named if n not in provided]
     refused = [key for key in args if key in provided or (key not in named and not accepts_any)]
-    problems = [f"{where}: {name} takes no argument {key!r}{did_you_mean(key, valid)} valid: {', '.join(valid) or '(none)'}"
-                for key in refused]
+    problems = [f"{where}: {name} takes no argument {key!r}{did_you_mean(key, valid)}"
+                f" valid: {', '.join(valid) or '(none)'}" for key in refused]
     problems += [f"{where}: {name} needs argument {n!r}" for n, p in named.items()
                  if p.default is p.empty and n not in args and n not in provided]
     return problems + [problem for key, value in args.items() if key not in refused

@@ -11,7 +11,7 @@
 import json
 import re
 
-from utils.config import (_DuplicateKey, _NonFiniteConstant, _parameters, _show, arg_value_problem, check_args,
+from utils.config import (NAME_MAX, _DuplicateKey, _NonFiniteConstant, _parameters, _show, arg_value_problem, check_args,
                           check_loggers, did_you_mean, flatten, logger_entries, string_list)
 from utils.errors import ConfigError, UserError
 
@@ -131,6 +131,26 @@ def _json_sites(text):
                     break
         i += 1
     return duplicates, constants
+
+
+def path_component_problem(value, where):
+    """What :func:`utils.config.check_path_component` found wrong with ``value``, one line."""
+    if not isinstance(value, str) or not value:
+        return f"{where}: got {_show(value)}, expected a non-empty string"
+    shown = _show(value, 40)
+    separators = [s for s in ("/", "\\") if s in value]
+    if "\0" in value:
+        return f"{where}: got {shown}, which contains a NUL character; use a plain folder name"
+    if separators:
+        return (f"{where}: got {shown}, which contains {separators[0]!r}: it must be a single folder name,"
+                " or the run would be written outside trainer.save_dir")
+    if value in (".", ".."):
+        return f"{where}: got {shown}, which names a folder above the run's; use a plain folder name"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"{where}: got {value!r}, which is not valid UTF-8 text"
+    return f"{where}: got {shown} ({size} bytes), longer than the {NAME_MAX} bytes a file system allows in a folder name"
 
 
 # --------------------------------------------------------------------------- trainer.tensorboard, old and new
