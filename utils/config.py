@@ -443,7 +443,8 @@ def validate_config(config, registries):
                     for name in sorted({n for n in names[1:] if names.count(n) > 1}))
 
     # (a bad validation_split or data loader is the problem to report, not the validation metric it would not produce)
-    split_reported = any(p.startswith("data_loader.args.validation_split:") for p in problems) or "data_loader" in failed
+    split_reported = "data_loader" in failed or any(p.startswith("data_loader.args.validation_split:")
+                                                    for p in problems)
     if monitor_string.ok(t["monitor"]) and t["monitor"] != "off" and not split_reported:
         problems.extend(_monitor_problems(t["monitor"].split()[1], names, out, registries))
     if t["unfreeze_at_epoch"] is not None and not t["freeze"]:

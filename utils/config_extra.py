@@ -11,8 +11,8 @@
 import json
 import re
 
-from utils.config import (NAME_MAX, _DuplicateKey, _NonFiniteConstant, _parameters, _show, arg_value_problem, check_args,
-                          check_loggers, did_you_mean, flatten, logger_entries, string_list)
+from utils.config import (NAME_MAX, _DuplicateKey, _NonFiniteConstant, _parameters, _show, arg_value_problem,
+                          check_args, check_loggers, did_you_mean, flatten, logger_entries, string_list)
 from utils.errors import ConfigError, UserError
 
 # --------------------------------------------------------------------------- reading a file
@@ -150,7 +150,8 @@ def path_component_problem(value, where):
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
         return f"{where}: got {value!r}, which is not valid UTF-8 text"
-    return f"{where}: got {shown} ({size} bytes), longer than the {NAME_MAX} bytes a file system allows in a folder name"
+    return (f"{where}: got {shown} ({size} bytes), longer than the {NAME_MAX} bytes a file system allows in a"
+            " folder name")
 
 
 # --------------------------------------------------------------------------- trainer.tensorboard, old and new
@@ -170,8 +171,8 @@ def resolve_tensorboard(given, trainer, problems):
         trainer["loggers"] = ["tensorboard"] if on else []
     elif check_loggers(trainer["loggers"]) is None and on != ("tensorboard" in dict(logger_entries(trainer))):
         problems.append(f"trainer.tensorboard: {json.dumps(on)}, but trainer.loggers {json.dumps(trainer['loggers'])}"
-                        f" {'leaves' if on else 'names'} \"tensorboard\"{' out' if on else ''}; the two say the same thing:"
-                        " keep trainer.loggers alone")
+                        f" {'leaves' if on else 'names'} \"tensorboard\"{' out' if on else ''}; the two say the same"
+                        " thing: keep trainer.loggers alone")
 
 
 def saved_config(config):
@@ -212,7 +213,8 @@ def metric_entry_problems(entry, where, registry):
     (utils/parts.py), imported only now. Its arguments must bind, and the class must accept them."""
     unknown = [key for key in entry if key not in METRIC_KEYS]
     if unknown:
-        return [f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)} valid: {', '.join(METRIC_KEYS)}"]
+        return [f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)}"
+                f" valid: {', '.join(METRIC_KEYS)}"]
     kind, args, name = entry.get("type"), entry.get("args") or {}, entry.get("name")
     if not isinstance(kind, str) or not kind:
         return [f"{where}.type: missing or not a string (the name of a part's metric, e.g."
@@ -269,7 +271,8 @@ def feature_settings(defaults, checks):
             return f"true, false, null or a mapping with keys {', '.join(defaults)}"
         for key, value in v.items():
             if key not in defaults:
-                return f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them{did_you_mean(key, defaults)})"
+                return (f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them"
+                        f"{did_you_mean(key, defaults)})")
             wanted = checks[key](value)
             if wanted:
                 return f"{key} to be {wanted}"
