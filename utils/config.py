@@ -35,12 +35,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # what makes a Python string invalid
 # --------------------------------------------------------------------------- loading
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _JsonProblem(ValueError):
+    """A key repeated in one JSON object (``kind`` "duplicate") or a NaN/Infinity ("constant"), named by ``args[0]``."""
 
-
-class _NonFiniteConstant(ValueError):
-    pass
+    def __init__(self, kind, name):
+        super().__init__(name)
+        self.kind = kind
 
 
 def _no_duplicates(pairs):
@@ -48,12 +48,12 @@ def _no_duplicates(pairs):
     obj = dict(pairs)
     if len(obj) < len(pairs):
         keys = [key for key, _ in pairs]
-        raise _DuplicateKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
+        raise _JsonProblem("duplicate", next(k for i, k in enumerate(keys) if k in keys[:i]))
     return obj
 
 
 def _reject_constant(name):
-    raise _NonFiniteConstant(name)
+    raise _JsonProblem("constant", name)
 
 
 def load_config(path):
@@ -150,7 +150,7 @@ def parse_value(text):
     """
     try:
         return json.loads(text, parse_constant=_reject_constant)
-    except _NonFiniteConstant as err:
+    except _JsonProblem as err:  # NaN or Infinity
         raise UserError(f"{err.args[0]} is not a finite number (JSON has no NaN or Infinity); for the text,"
                         f" quote it: '\"{text}\"'") from None
     except json.JSONDecodeError:
@@ -200,6 +200,15 @@ def flatten(config, prefix=""):
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def config_diff(old, new):
+    """Lines describing what changed between two configs, as ``key: old -> new``."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
+    return [f"{key}: {show(a.get(key, missing))} -> {show(b.get(key, missing))}"
+            for key in sorted(a.keys() | b.keys()) if a.get(key, missing) != b.get(key, missing)]
 
 
 # --------------------------------------------------------------------------- checks
@@ -281,9 +290,51 @@ def check_path_component(value, where):
     if (isinstance(value, str) and value not in ("", ".", "..") and not re.search(r"[/\\\x00\ud800-\udfff]", value)
             and len(value.encode("utf-8")) <= NAME_MAX):
         return None
-    from utils.config_extra import path_component_problem  # what is wrong, said only when something is
+    if not isinstance(value, str) or not value:
+        return f"{where}: got {_show(value)}, expected a non-empty string"
+    shown = _show(value, 40)
+    separators = [s for s in ("/", "\\") if s in value]
+    if "\0" in value:
+        return f"{where}: got {shown}, which contains a NUL character; use a plain folder name"
+    if separators:
+        return (f"{where}: got {shown}, which contains {separators[0]!r}: it must be a single folder name,"
+                " or the run would be written outside trainer.save_dir")
+    if value in (".", ".."):
+        return f"{where}: got {shown}, which names a folder above the run's; use a plain folder name"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"{where}: got {value!r}, which is not valid UTF-8 text"
+    return (f"{where}: got {shown} ({size} bytes), longer than the {NAME_MAX} bytes a file system allows in a"
+            " folder name")
 
-    return path_component_problem(value, where)
+
+def feature_settings(defaults, checks):
+    """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys,
+    each value checked by ``checks[key]`` (a function returning what was expected, or None)."""
+
+    def check(v):
+        if v is None or isinstance(v, bool):
+            return None
+        if not isinstance(v, dict):
+            return f"true, false, null or a mapping with keys {', '.join(defaults)}"
+        for key, value in v.items():
+            if key not in defaults:
+                return (f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them"
+                        f"{did_you_mean(key, defaults)})")
+            wanted = checks[key](value)
+            if wanted:
+                return f"{key} to be {wanted}"
+        return None
+
+    return check
+
+
+def settings_of(value, defaults):
+    """The completed settings of an optional feature, or None when it is off (``null`` or ``false``)."""
+    if value is None or value is False:
+        return None
+    return {**defaults, **(value if isinstance(value, dict) else {})}
 
 
 # --------------------------------------------------------------------------- the keys
@@ -415,7 +466,7 @@ def validate_config(config, registries):
     if t.pop("tensorboard") is not None:  # another way to say what loggers says
         from utils.config_extra import resolve_tensorboard
 
-        resolve_tensorboard(trainer, t, problems)
+        resolve_tensorboard(trainer, t, problems, check_loggers(t["loggers"]) is None)
 
     failed = set()  # the sections whose type is unknown or malformed
     for key in SECTIONS:
@@ -425,15 +476,11 @@ def validate_config(config, registries):
         problems.append(f'lr_scheduler.interval: got {json.dumps(out["lr_scheduler"]["interval"])},'
                         ' expected "epoch" or "step"')
     if out.get("optimizer") and "param_groups" in out["optimizer"]:
-        from utils.config_extra import param_group_problems
-
         problems.extend(param_group_problems(out["optimizer"], registries["optimizer"], "optimizer" not in failed))
 
     metrics = out["metrics"] if metric_list.ok(out["metrics"]) else []  # (a wrong form is reported already)
     for index, entry in enumerate(metrics):
         if isinstance(entry, dict):  # a part's metric
-            from utils.config_extra import metric_entry_problems
-
             problems.extend(metric_entry_problems(entry, f"metrics[{index}]", registries["metrics"]))
         elif entry not in registries["metrics"].table:
             problems.append(f"metrics: unknown metric {entry!r}{did_you_mean(entry, registries['metrics'].table)}"
@@ -520,6 +567,58 @@ def metric_name(entry):
     kind = entry.get("type")
     cls = kind.rsplit(".", 1)[-1] if isinstance(kind, str) else "?"
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
+
+
+METRIC_KEYS = ("type", "args", "name")
+
+
+def metric_entry_problems(entry, where, registry):
+    """The problem lines of one ``{"type": ..., "args": {...}, "name": ...}`` entry of ``metrics``: a part's metric
+    (utils/parts.py), imported only now. Its arguments must bind, and the class must accept them."""
+    unknown = [key for key in entry if key not in METRIC_KEYS]
+    if unknown:
+        return [f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)}"
+                f" valid: {', '.join(METRIC_KEYS)}"]
+    kind, args, name = entry.get("type"), entry.get("args") or {}, entry.get("name")
+    if not isinstance(kind, str) or not kind:
+        return [f"{where}.type: missing or not a string (the name of a part's metric, e.g."
+                ' "torchmetrics.classification.MulticlassF1Score")']
+    if kind in registry.table:
+        return [f"{where}: {kind!r} is a built-in metric; write it as the plain name \"{kind}\""]
+    if not isinstance(args, dict):
+        return [f"{where}.args: expected a mapping of argument names to values, got {json.dumps(args)}"]
+    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)):
+        return [f"{where}.name: got {_show(name)}, expected a short name of letters, digits and _"]
+    try:
+        build = registry.get(kind, f"{where}.type")
+    except ConfigError as err:
+        return [p.replace("metrics:", f"{where}.type:", 1) for p in err.problems]
+    bad = check_args(build, args, f"{where}.args")
+    if bad:
+        return bad
+    try:  # cheap (no data yet), and the only way to catch values the class itself refuses (average="macr")
+        build(**args)
+    except (TypeError, ValueError) as err:
+        return [f"{where}.args: {kind} rejected its arguments: {' '.join(str(err).split()) or type(err).__name__}"]
+    except (ImportError, OSError, RuntimeError) as err:  # an optional package it needs, weights to download
+        reason = " ".join(str(err).split()) or type(err).__name__
+        return [f"{where}.type: {kind} cannot be built here: {reason[:300]}"]
+    return []
+
+
+def param_group_problems(optimizer, registry, type_known):
+    """The problem lines of ``optimizer.param_groups``: a list of ``{"params": ["glob", ...], ...}``, whose other
+    settings are the optimizer's own arguments (the same types apply: no ``"lr": "0.1"``)."""
+    groups = optimizer["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) and g["params"]
+                                               and string_list.ok(g["params"]) for g in groups):
+        return ['optimizer.param_groups: expected a list of {"params": ["glob", ...], "lr": ...} entries']
+    if not type_known:
+        return []
+    named = _parameters(registry.get(optimizer["type"]))[0] or {}
+    return [problem for index, group in enumerate(groups) for name, value in group.items()
+            if name != "params" and (problem := arg_value_problem(name, value, named.get(name),
+                                                                  f"optimizer.param_groups[{index}]"))]
 
 
 # --------------------------------------------------------------------------- components by name

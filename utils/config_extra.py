@@ -1,19 +1,15 @@
-"""The config code a default run does not need, imported where it is used (see utils/config.py).
+"""The config code a default run does not need, imported where it is used:
 
 - reading YAML (a ``.yaml`` config), and saying where a config file went wrong (only when it did);
 - ``trainer.tensorboard``, an alias of ``trainer.loggers`` (only when given), and old checkpoints' configs
-  that hold both (only when a checkpoint has one);
-- what changed between two configs (on resume);
-- the checks of a part's metric entries and of ``optimizer.param_groups`` (only when a config has them);
-- the settings of an optional feature (``trainer.ema``, ``trainer.profile``): the parts' own.
+  that hold both (only when a checkpoint has one: utils/io.py).
+
+utils/config.py imports it (lazily), so it imports nothing of utils/config.py.
 """
 
 import json
-import re
 
-from utils.config import (NAME_MAX, _DuplicateKey, _NonFiniteConstant, _parameters, _show, arg_value_problem,
-                          check_args, check_loggers, did_you_mean, flatten, logger_entries, string_list)
-from utils.errors import ConfigError, UserError
+from utils.errors import UserError
 
 # --------------------------------------------------------------------------- reading a file
 
@@ -65,13 +61,13 @@ def load_problems(path, data, err):
     if isinstance(err, json.JSONDecodeError):
         return [f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"]
     text = data.decode("utf-8-sig")
-    if isinstance(err, _DuplicateKey):
+    if getattr(err, "kind", None) == "duplicate":
         duplicates = _json_sites(text)[0]
         if not duplicates:
             return [f"{path}: key {err.args[0]!r} appears twice in one object; keep one of them"]
         return [f"{path}: line {line}: key {key!r} appears twice in one object (the last would win silently);"
                 " keep one of them" for key, line in duplicates]
-    if isinstance(err, _NonFiniteConstant):
+    if getattr(err, "kind", None) == "constant":
         constants = _json_sites(text)[1]
         where = f" at line {constants[0][1]}, column {constants[0][2]}" if constants else ""
         return [f"{path}: {err.args[0]}{where} is not a finite number; JSON has no NaN or Infinity:"
@@ -133,43 +129,23 @@ def _json_sites(text):
     return duplicates, constants
 
 
-def path_component_problem(value, where):
-    """What :func:`utils.config.check_path_component` found wrong with ``value``, one line."""
-    if not isinstance(value, str) or not value:
-        return f"{where}: got {_show(value)}, expected a non-empty string"
-    shown = _show(value, 40)
-    separators = [s for s in ("/", "\\") if s in value]
-    if "\0" in value:
-        return f"{where}: got {shown}, which contains a NUL character; use a plain folder name"
-    if separators:
-        return (f"{where}: got {shown}, which contains {separators[0]!r}: it must be a single folder name,"
-                " or the run would be written outside trainer.save_dir")
-    if value in (".", ".."):
-        return f"{where}: got {shown}, which names a folder above the run's; use a plain folder name"
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        return f"{where}: got {value!r}, which is not valid UTF-8 text"
-    return (f"{where}: got {shown} ({size} bytes), longer than the {NAME_MAX} bytes a file system allows in a"
-            " folder name")
-
-
 # --------------------------------------------------------------------------- trainer.tensorboard, old and new
 
 
-def resolve_tensorboard(given, trainer, problems):
+def resolve_tensorboard(given, trainer, problems, loggers_ok):
     """``trainer.tensorboard``: another way to say what ``trainer.loggers`` says, resolved into it here, and only here.
 
     ``false`` takes "tensorboard" out of the default loggers, ``true`` leaves it in; given together with
     ``loggers`` (``given`` is the trainer section as written, ``trainer`` the checked one, which holds
-    ``loggers`` alone), the two must agree.
+    ``loggers`` alone; ``loggers_ok``: they passed their check), the two must agree.
     """
     on = given["tensorboard"]
     if not isinstance(on, bool):  # reported already
         return
     if "loggers" not in given:
         trainer["loggers"] = ["tensorboard"] if on else []
-    elif check_loggers(trainer["loggers"]) is None and on != ("tensorboard" in dict(logger_entries(trainer))):
+    elif loggers_ok and on != any((item.get("type") if isinstance(item, dict) else item) == "tensorboard"
+                                  for item in trainer["loggers"]):
         problems.append(f"trainer.tensorboard: {json.dumps(on)}, but trainer.loggers {json.dumps(trainer['loggers'])}"
                         f" {'leaves' if on else 'names'} \"tensorboard\"{' out' if on else ''}; the two say the same"
                         " thing: keep trainer.loggers alone")
@@ -189,100 +165,3 @@ def saved_config(config):
         trainer["loggers"] = [item for item in trainer["loggers"]
                               if (item.get("type") if isinstance(item, dict) else item) != "tensorboard"]
     return {**config, "trainer": trainer}
-
-
-# --------------------------------------------------------------------------- resume
-
-
-def config_diff(old, new):
-    """Lines describing what changed between two configs, as ``key: old -> new``."""
-    a, b = flatten(old), flatten(new)
-    missing = object()
-    show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
-    return [f"{key}: {show(a.get(key, missing))} -> {show(b.get(key, missing))}"
-            for key in sorted(a.keys() | b.keys()) if a.get(key, missing) != b.get(key, missing)]
-
-
-# --------------------------------------------------------------------------- sections only some configs have
-
-METRIC_KEYS = ("type", "args", "name")
-
-
-def metric_entry_problems(entry, where, registry):
-    """The problem lines of one ``{"type": ..., "args": {...}, "name": ...}`` entry of ``metrics``: a part's metric
-    (utils/parts.py), imported only now. Its arguments must bind, and the class must accept them."""
-    unknown = [key for key in entry if key not in METRIC_KEYS]
-    if unknown:
-        return [f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)}"
-                f" valid: {', '.join(METRIC_KEYS)}"]
-    kind, args, name = entry.get("type"), entry.get("args") or {}, entry.get("name")
-    if not isinstance(kind, str) or not kind:
-        return [f"{where}.type: missing or not a string (the name of a part's metric, e.g."
-                ' "torchmetrics.classification.MulticlassF1Score")']
-    if kind in registry.table:
-        return [f"{where}: {kind!r} is a built-in metric; write it as the plain name \"{kind}\""]
-    if not isinstance(args, dict):
-        return [f"{where}.args: expected a mapping of argument names to values, got {json.dumps(args)}"]
-    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)):
-        return [f"{where}.name: got {_show(name)}, expected a short name of letters, digits and _"]
-    try:
-        build = registry.get(kind, f"{where}.type")
-    except ConfigError as err:
-        return [p.replace("metrics:", f"{where}.type:", 1) for p in err.problems]
-    bad = check_args(build, args, f"{where}.args")
-    if bad:
-        return bad
-    try:  # cheap (no data yet), and the only way to catch values the class itself refuses (average="macr")
-        build(**args)
-    except (TypeError, ValueError) as err:
-        return [f"{where}.args: {kind} rejected its arguments: {' '.join(str(err).split()) or type(err).__name__}"]
-    except (ImportError, OSError, RuntimeError) as err:  # an optional package it needs, weights to download
-        reason = " ".join(str(err).split()) or type(err).__name__
-        return [f"{where}.type: {kind} cannot be built here: {reason[:300]}"]
-    return []
-
-
-def param_group_problems(optimizer, registry, type_known):
-    """The problem lines of ``optimizer.param_groups``: a list of ``{"params": ["glob", ...], ...}``, whose other
-    settings are the optimizer's own arguments (the same types apply: no ``"lr": "0.1"``)."""
-    groups = optimizer["param_groups"]
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) and g["params"]
-                                               and string_list.ok(g["params"]) for g in groups):
-        return ['optimizer.param_groups: expected a list of {"params": ["glob", ...], "lr": ...} entries']
-    if not type_known:
-        return []
-    named = _parameters(registry.get(optimizer["type"]))[0] or {}
-    return [problem for index, group in enumerate(groups) for name, value in group.items()
-            if name != "params" and (problem := arg_value_problem(name, value, named.get(name),
-                                                                  f"optimizer.param_groups[{index}]"))]
-
-
-# --------------------------------------------------------------------------- a part's feature settings
-
-
-def feature_settings(defaults, checks):
-    """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys,
-    each value checked by ``checks[key]`` (a function returning what was expected, or None)."""
-
-    def check(v):
-        if v is None or isinstance(v, bool):
-            return None
-        if not isinstance(v, dict):
-            return f"true, false, null or a mapping with keys {', '.join(defaults)}"
-        for key, value in v.items():
-            if key not in defaults:
-                return (f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them"
-                        f"{did_you_mean(key, defaults)})")
-            wanted = checks[key](value)
-            if wanted:
-                return f"{key} to be {wanted}"
-        return None
-
-    return check
-
-
-def settings_of(value, defaults):
-    """The completed settings of an optional feature, or None when it is off (``null`` or ``false``)."""
-    if value is None or value is False:
-        return None
-    return {**defaults, **(value if isinstance(value, dict) else {})}

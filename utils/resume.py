@@ -10,8 +10,8 @@ or, in the middle of an epoch, a different data order.
 import math
 
 from utils import parts
-from utils.config_extra import config_diff
-from utils.errors import ConfigError, UserError
+from utils.config import ConfigError, config_diff
+from utils.errors import UserError
 from utils.io import load_checkpoint
 
 # Keys whose change would make the checkpoint's state meaningless (other weights, other parameter groups).
