@@ -12,7 +12,8 @@ from trainer import cli, run
 from conftest import make_config, with_changes
 from trainer.build import registries
 from utils import parts
-from utils.config import load_config, saved_config, validate_config
+from utils.config import load_config, validate_config
+from utils.config_extra import saved_config
 from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -367,7 +367,8 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
     if problems:
         what = "a checkpoint to resume a run from" if purpose == "resume" else "a checkpoint of this project"
         raise UserError(f"{path} is not {what}: {'; '.join(problems)}")
-    from utils.config import saved_config
+    if "tensorboard" in (state["config"].get("trainer") or {}):  # an older version's config: in this version's terms
+        from utils.config_extra import saved_config
 
-    state["config"] = saved_config(state["config"])  # (an older version's config in this version's terms)
+        state["config"] = saved_config(state["config"])
     return state
