@@ -753,7 +753,7 @@ def settings_of(value, defaults):
     return {**defaults, **(value if isinstance(value, dict) else {})}
 
 
-CORE_LOGGERS = ("tensorboard",)  # the trainer.loggers name the core writes itself (logger/visualization.py)
+CORE_LOGGERS = ("tensorboard",)  # the trainer.loggers name the core writes itself (logger/logger.py)
 
 
 def logger_names():
