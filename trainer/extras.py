@@ -61,8 +61,8 @@ class Histograms(Hook):
     def after_train_epoch(self, trainer, epoch, last_batch):
         if last_batch is None or epoch % self.every:
             return
-        writer, step = trainer.writer, trainer.global_step
-        if self.log_images and epoch > 1 and last_batch.dim() == 4 and last_batch.shape[1] in (1, 3):  # (the trainer logs the first epoch's)
+        writer, step = trainer.writer, trainer.global_step  # (the first epoch's images: the trainer's)
+        if self.log_images and epoch > 1 and last_batch.dim() == 4 and last_batch.shape[1] in (1, 3):
             writer.add_images("inputs", last_batch[:16], step)
         for name, param in trainer.model.named_parameters():
             writer.add_histogram(f"params/{name}", param, step)

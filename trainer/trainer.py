@@ -86,7 +86,8 @@ class Trainer(BaseTrainer):
         # variants that count none); epoch metrics (a part's) keep their own state for the epoch.
         plain = [fn for fn in self.metric_fns if not isinstance(fn, EpochMetric)]
         self.batch_metric_fns, self.weighed = weighing(self.criterion, plain, parts.data_loader)
-        self.epoch_metrics = [m.new(self.device, sync=run.dist.enabled) for m in self.metric_fns if m not in plain]
+        self.epoch_metrics = [m.new(self.device, sync=run.dist.enabled) for m in self.metric_fns
+                              if isinstance(m, EpochMetric)]
         self.train_metrics = MetricTracker(["loss", *(fn.__name__ for fn in self.batch_metric_fns)], self.device)
         self.metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
         self.valid_metric_fns = self.metric_fns + list(parts.valid_metric_fns)  # what validation scores
@@ -94,7 +95,8 @@ class Trainer(BaseTrainer):
         self.data_loader, self.valid_data_loader = parts.data_loader, parts.valid_data_loader
         self.len_epoch = cfg["len_epoch"]  # batches per epoch; None: one pass over the data
         self.val_batch_limit = None  # validation batches; None: all
-        self.accumulate, self.max_steps, self.log_every = cfg["accumulate_grad_batches"], cfg["max_steps"], cfg["log_every_n_steps"]
+        self.accumulate, self.max_steps = cfg["accumulate_grad_batches"], cfg["max_steps"]
+        self.log_every = cfg["log_every_n_steps"]
         self.clip_norm, self.clip_norm_type = cfg["clip_grad_norm"], float(cfg["clip_grad_norm_type"])
         self.clip_value, self.skip_nonfinite = cfg["clip_grad_value"], cfg["skip_nonfinite"]
         # Reading the loss back each step is free on the CPU but a sync on an accelerator:
@@ -262,8 +264,9 @@ class Trainer(BaseTrainer):
         """The input images (``trainer.log_images``, first epoch), the hooks' ``after_train_epoch``, then the epoch's
         mean loss and metrics (a sync; under torchrun, over all processes)."""
         self.bar.close()
-        if self.log_images and epoch == 1 and last_batch is not None and last_batch.dim() == 4 and last_batch.shape[1] in (1, 3):
-            self.writer.add_images("inputs", last_batch[:16], self.global_step)
+        images = last_batch if self.log_images and epoch == 1 else None
+        if images is not None and images.dim() == 4 and images.shape[1] in (1, 3):
+            self.writer.add_images("inputs", images[:16], self.global_step)
         for hook in self.hooks:
             hook.after_train_epoch(self, epoch, last_batch)
         result = self.train_metrics.result(reduce=self.distributed)
@@ -291,10 +294,11 @@ class Trainer(BaseTrainer):
         now, (then, then_step) = time.perf_counter(), self.last_log
         if step > then_step and now > then:  # the loss was read above: the steps before it have finished
             steps_per_s = (step - then_step) / (now - then)
-            write("perf/steps_per_s", steps_per_s, step)  # and samples, per step of all processes:
-            write("perf/samples_per_s", steps_per_s * self.data_loader.batch_size * self.accumulate * self.world_size, step)
+            samples = self.data_loader.batch_size * self.accumulate * self.world_size  # per step, all processes
+            write("perf/steps_per_s", steps_per_s, step)
+            write("perf/samples_per_s", steps_per_s * samples, step)
         self.last_log = (now, step)
-        self.logger.debug(f"epoch {epoch} batch {batch_idx + 1}/{self.batches_per_epoch()} step {step} loss {value:.6f}")
+        self.logger.debug(f"epoch {epoch} batch {batch_idx + 1}/{len(self.windows)} step {step} loss {value:.6f}")
 
     def batches_per_epoch(self):
         return self.len_epoch or len(self.data_loader)
@@ -435,12 +439,13 @@ class MetricTracker:
         self._values, self._sizes, self._weights = [], [], []
         self.sums.copy_(state["sums"])
         # Checkpoints from before per-value weights: every value was weighted by the sample count.
-        self.weight_sums.copy_(state["weights"] if "weights" in state else torch.full_like(self.weight_sums, state["count"]))
+        self.weight_sums.copy_(state.get("weights", torch.full_like(self.weight_sums, state["count"])))
         self.count = state["count"]
 
     def mark(self):
         """A snapshot for :meth:`rollback` (the queue by reference: its tensors never change in place)."""
-        return self.sums.clone(), self.weight_sums.clone(), self.count, list(self._values), list(self._sizes), list(self._weights)
+        return (self.sums.clone(), self.weight_sums.clone(), self.count,
+                list(self._values), list(self._sizes), list(self._weights))
 
     def rollback(self, mark):
         """Return to the state of :meth:`mark`: the batches added since are forgotten."""
@@ -454,19 +459,19 @@ def weighing(criterion, metric_fns, loader):
     """``(metric_fns, weighed)``: the per-batch metrics as a loop should call them, and the functions whose weights
     it must ask of each batch (:func:`batch_weights`; None: the sample count is every weight).
 
-    Counting per batch is needed only where a function that weighs itself (:func:`averages_over`) has a
-    class ``weight``, or the data may hold a target equal to its ``ignore_index`` (``loader.holds_target``,
-    asked once). Where it is not needed, a built-in metric runs as its variant that counts nothing.
+    Counting per batch is needed only where a function that weighs itself has a class ``weight``, or
+    the data may hold a target equal to its ``ignore_index`` (``loader.holds_target``, asked once).
+    Where it is not needed, a built-in metric runs as its variant that counts nothing.
     """
     holds = getattr(loader, "holds_target", None)
     fast, needed = [], False
     for fn in [criterion, *metric_fns]:
-        func, kwargs = _unwrapped(fn)
-        kept = averages_over(func) is None or (kwargs.get("weight") is None and holds is not None
-                                               and holds(kwargs.get("ignore_index", -100)) is False)
+        name, weigh, kwargs = _weighs(fn)
+        kept = weigh is None or (kwargs.get("weight") is None and holds is not None
+                                 and holds(kwargs.get("ignore_index", -100)) is False)
         needed = needed or not kept
         if fn is not criterion:
-            fast.append(fast_variant(fn) or fn if kept else fn)
+            fast.append(_ALL_KEPT.get(name, fn) if kept and not hasattr(fn, "keywords") else fn)
     return fast, [criterion, *fast] if needed else None
 
 
@@ -475,30 +480,23 @@ def batch_weights(fns, output, target):
     a 0-d tensor for a function that weighs itself, else None (the sample count); None when every one is."""
     weights = []
     for fn in fns:
-        func, kwargs = _unwrapped(fn)
-        weigh = averages_over(func)
+        _, weigh, kwargs = _weighs(fn)
         weights.append(weigh(output, target, **kwargs) if weigh is not None else None)
     return weights if any(w is not None for w in weights) else None
 
 
-def _unwrapped(fn):
-    """``(function, its bound keyword arguments)`` of a function or a ``functools.partial`` of one."""
-    return (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
-
-
-def averages_over(func):
-    """What ``func``'s batch value averages over, as a function of ``(output, target, **args)``; None: the samples.
-    A loss says it itself (its ``averages_over``, model/loss.py); the built-in metrics are known here by name."""
-    return getattr(func, "averages_over", None) or _AVERAGES_OVER.get(_name(func))
-
-
 def fast_variant(fn):
     """The variant of a built-in metric for data holding no ignored target (the same values), or None."""
-    return None if hasattr(fn, "keywords") else _ALL_KEPT.get(_name(fn))
+    return None if hasattr(fn, "keywords") else _ALL_KEPT.get(_weighs(fn)[0])
 
 
-def _name(func):
-    return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}"
+def _weighs(fn):
+    """``(name, weigh, kwargs)`` of a loss or metric (or a ``functools.partial`` of one): its function's qualified name,
+    what its batch value averages over as a function of ``(output, target, **kwargs)`` (None: the samples; a loss
+    says it itself, model/loss.py; the built-in metrics are known by name), and the keyword arguments bound."""
+    func, kwargs = (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
+    name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}"
+    return name, getattr(func, "averages_over", None) or _AVERAGES_OVER.get(name), kwargs
 
 
 def _kept_targets(output, target, ignore_index=-100, **_):
@@ -524,39 +522,17 @@ _ALL_KEPT = {"model.metric.accuracy": _accuracy_all_kept, "model.metric.top_k_ac
 class EpochMetric:
     """A metric whose epoch value is no mean of batch values (a macro F1, an AUROC): it keeps state over the epoch.
 
-    The core knows no more of one; a part provides them (a ``metrics`` prefix such as ``torchmetrics.``,
-    utils/parts.py). The list of metrics holds a *spec*, and each loop makes its own accumulator with
-    :meth:`new`: the trainer one for training, :func:`evaluate` one per evaluation. ``__name__`` is the name
-    its value goes by (``val_<name>``). :meth:`state_dict` and :meth:`load_state_dict` are what a mid-epoch
-    checkpoint needs for a resume to end the epoch with the value of the run left alone.
+    A part provides them (a ``metrics`` prefix such as ``torchmetrics.``, utils/parts.py); ``__name__`` is the name
+    its value goes by. The list of metrics holds a *spec*, and each loop makes its own accumulator from it with
+    ``new(device, sync=True, check_inputs=False)`` (``sync``: ``compute`` and ``state_dict(reduce=True)`` combine
+    every process's state, a collective; ``check_inputs``: check each update even at the cost of a host-device
+    sync, as the dry batch's probe does). An accumulator has ``update(output, target)`` (``output`` may still
+    require grad), ``compute()`` (a float; for a metric in ``Parts.valid_metric_fns``, what its part's hook takes
+    out of the result), ``reset()``, ``state_dict(reduce=False)`` (on the CPU) and ``load_state_dict(state,
+    own=True)`` (``own=False``: start empty, in a form that combines with the process carrying ``state`` on;
+    returns False, loading nothing, for another metric's state): what a mid-epoch checkpoint needs for a resume
+    to end the epoch with the value of the run left alone.
     """
-
-    def new(self, device, sync=True, check_inputs=False):
-        """An empty accumulator on ``device``. ``sync``: :meth:`compute` and ``state_dict(reduce=True)`` combine
-        every process's state (a collective). ``check_inputs``: check each update's inputs even at the cost of a
-        host-device sync (the dry batch's probe asks for it; the loops do not)."""
-        raise NotImplementedError
-
-    def update(self, output, target):
-        """Add one batch (``output`` may still require grad: keep it detached)."""
-        raise NotImplementedError
-
-    def compute(self):
-        """The value over the batches so far: a float; or, for a metric in ``Parts.valid_metric_fns``, what its
-        part's hook takes out of the result before it is logged."""
-        raise NotImplementedError
-
-    def reset(self):
-        raise NotImplementedError
-
-    def state_dict(self, reduce=False):
-        """The running state, on the CPU; ``reduce=True`` (a collective) combines every process's first."""
-        raise NotImplementedError
-
-    def load_state_dict(self, state, own=True):
-        """Continue from ``state``; with ``own=False``, start empty in a form that still combines with the process
-        continuing it. Returns False, loading nothing, when ``state`` is another metric's (other class or args)."""
-        raise NotImplementedError
 
     def mark(self):
         """A snapshot for :meth:`rollback` (``trainer.auto_accumulate`` redoing a window of batches)."""
