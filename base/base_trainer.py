@@ -126,21 +126,20 @@ class Hook:
     """
 
     def training(self, trainer):
-        """A context manager around the whole of training, entered before the first step of the run (or of a
-        resume, its checkpoint restored): anomaly mode, a batch fitted to memory."""
+        """A context manager around the whole of training, its checkpoint restored (anomaly mode, say)."""
         return contextlib.nullcontext()
 
     def before_epoch(self, trainer, epoch):
         """Before the epoch's first batch (a freezing schedule)."""
 
     def after_step(self, trainer, epoch, batch_idx):
-        """After each optimizer step. Only hooks that override it are called per step (``step_hooks``), and they
-        must take negligible time unless they act: a run without them pays nothing per step."""
+        """After each optimizer step; only hooks overriding it are called, and must take negligible time unless they
+        act: a run without them pays nothing per step."""
 
     def on_train_error(self, trainer, epoch, error):
         """An exception left the epoch's steps. None lets it propagate; a hook that can recover returns a function,
         called once the failed step's frames (and their tensors) are gone, returning the batch to redo the epoch
-        from (or raising). Called only on an error: it costs nothing per step."""
+        from (or raising)."""
         return None
 
     def after_train_epoch(self, trainer, epoch, last_batch):
@@ -396,13 +395,11 @@ class BaseTrainer:
     def agreed_stop_signal(self, now=False):
         """Why to stop now (a :class:`Stop`), or None; raises when a process saw the loss diverge.
 
-        One process: its own reason, every step, at no cost. Under torchrun a signal reaches the processes at
-        different moments (and a hook's reason, such as a clock, comes to each at its own); one stopping alone
-        would leave the others in a collective (and rank 0 without a ``last.pth``), so all processes ask each
-        other (one small collective on the host) and stop after the same step. They ask every
-        ``log_every_n_steps`` steps, and wherever ``now`` (an epoch's end, before any checkpoint), at the same
-        steps on every rank: asking every step would cost a round trip per step. The same exchange carries
-        whether any process saw a non-finite loss, so all of them stop then, before the next checkpoint.
+        One process: its own reason, every step, at no cost. Under torchrun a signal (or a hook's clock) reaches
+        the processes at different moments, and one stopping alone would leave the others in a collective, so
+        they ask each other (one small collective on the host) every ``log_every_n_steps`` steps and wherever
+        ``now`` (an epoch's end), and stop after the same step; asking every step would cost a round trip per
+        step. The same exchange carries whether a process saw a non-finite loss: then all stop, unsaved.
         """
         own = self.stop  # read once: the handler may set it meanwhile
         if not self.distributed:
