@@ -375,7 +375,7 @@ class BaseDataLoader:
 
         Known when the dataset offers its targets as one 1-d integer tensor (``tensors()``):
         asked once per run, never per step, and kept. With the answer False the trainer skips
-        counting the ignored targets of every batch (see :func:`utils.metric_tracker.weighing`).
+        counting the ignored targets of every batch (see :func:`trainer.trainer.weighing`).
         """
         if value not in self._holds:  # (the validation loader shares this dict: same dataset)
             tensors = self._tensors if self._tensors is not None else (

@@ -1,6 +1,7 @@
-"""The epoch loop and everything around it: monitoring, checkpoints, exact resume, interruption.
+"""The epoch loop and everything around it: monitoring, checkpoints, exact resume, interruption; and the
+moments a part acts at (:class:`Hook`).
 
-Subclasses provide :meth:`train_epoch` (the steps of one epoch) and :meth:`valid_epoch`.
+Subclasses provide :meth:`train_epoch` (the steps of one epoch), :meth:`valid_epoch` and :meth:`log_epoch`.
 The contract a checkpoint keeps: it holds everything the rest of the run depends on
 (weights, optimizer, scheduler, scaler, counters, the epoch's running sums, every RNG
 state), and the data order is a pure function of the seed and the epoch, so a run
@@ -63,12 +64,11 @@ class Stop:
 class Parts:
     """The built components a run trains: what :func:`trainer.run.build_parts` returns.
 
-    ``model`` is the plain module (what checkpoints hold); ``forward_model`` is what runs
-    the steps (the same module, or a compiled / DDP wrapper of it, made by
-    ``wrap(model)``). ``frozen`` names the parameters ``trainer.freeze`` froze; ``scaler``
-    is the fp16 gradient scaler or None. ``valid_metric_fns`` are metrics only validation
-    scores, after ``metric_fns``: a part's (the confusion matrix), whose hook takes each one's
-    value out of the result (``after_validation``).
+    ``model`` is the plain module (what checkpoints hold); ``forward_model`` runs the steps (the same
+    module, or a compiled / DDP wrapper of it made by ``wrap(model)``). ``frozen`` names the parameters
+    ``trainer.freeze`` froze; ``scaler`` is the fp16 gradient scaler or None. ``valid_metric_fns`` are
+    metrics only validation scores, after ``metric_fns``: a part's, whose hook takes each one's value out
+    of the result (``after_validation``).
     """
 
     model: torch.nn.Module
@@ -92,13 +92,11 @@ class Parts:
 
 @dataclass
 class Run:
-    """Where a run lives and how it reports: its id and folders, logger, writer (logger/visualization.py), process group.
+    """Where a run lives and how it reports: its id and folders, logger, writer (logger/logger.py), process group.
 
-    ``resumed_from`` is the checkpoint the run continues from (None for a new run);
-    ``keep_last`` never deletes it. ``branched_from`` describes the run folder it came from
-    when a resume continues in a new folder rather than overwrite later checkpoints.
-    ``writes`` is False for a dry run (``fast_dev_run``): no folder, checkpoint, log file or
-    event is written, and the log says what would have been.
+    ``resumed_from`` is the checkpoint the run continues from (None for a new run); ``keep_last`` never
+    deletes it. ``branched_from`` describes the run folder it came from when a resume continues in a new
+    folder. ``writes`` is False for a dry run (``fast_dev_run``): nothing is written, the log says what would be.
     """
 
     run_id: str
@@ -110,6 +108,61 @@ class Run:
     resumed_from: Any = None
     branched_from: Any = None
     writes: bool = True
+
+
+class Hook:
+    """Optional behaviour at a fixed moment of a run; every moment does nothing unless overridden.
+
+    A part returns hooks from its ``hooks()`` (utils/parts.py). What a hook may use of the trainer:
+    its public attributes and methods, among them ``global_step``, ``batch_in_epoch``,
+    ``batches_per_epoch()``, ``valid_epoch(epoch)``, ``update_monitor(result)`` (count a validation
+    towards the best value and early stopping), ``save_resumable(name)`` (a mid-epoch checkpoint),
+    ``end_run(reason)`` and ``finished``, ``ask_to_stop(exit_code, why)`` (stop after the step with a
+    resumable ``last.pth`` and that exit code, as a signal does), ``no_sync(last)``, ``autocast``,
+    ``train_metrics`` and ``epoch_metrics``. What it may set besides the counters: ``epochs``,
+    ``len_epoch`` (batches per epoch; None: one pass over the data), ``val_batch_limit`` (validation
+    batches; None: all), ``accumulate`` and ``params`` (what is clipped); ``trainer.run.writes`` is
+    False in a run that writes no file.
+    """
+
+    def training(self, trainer):
+        """A context manager around the whole of training, its checkpoint restored (anomaly mode, say)."""
+        return contextlib.nullcontext()
+
+    def before_epoch(self, trainer, epoch):
+        """Before the epoch's first batch (a freezing schedule)."""
+
+    def after_step(self, trainer, epoch, batch_idx):
+        """After each optimizer step; only hooks overriding it are called, and must take negligible time unless they
+        act: a run without them pays nothing per step."""
+
+    def on_train_error(self, trainer, epoch, error):
+        """An exception left the epoch's steps. None lets it propagate; a hook that can recover returns a function,
+        called once the failed step's frames (and their tensors) are gone, returning the batch to redo the epoch
+        from (or raising)."""
+        return None
+
+    def after_train_epoch(self, trainer, epoch, last_batch):
+        """After the epoch's last step, before validation; ``last_batch`` is the last input batch."""
+
+    def validating(self, trainer):
+        """A context manager around each validation (an EMA scores its averaged weights inside it)."""
+        return contextlib.nullcontext()
+
+    def after_validation(self, trainer, epoch, result):
+        """After each validation (by epoch or by step), before its values (no ``val_`` prefix) are used: a part that
+        added a metric to ``Parts.valid_metric_fns`` takes its value out here (the confusion matrix)."""
+
+    def after_epoch(self, trainer, epoch, result):
+        """After validation and the monitor's update, before the epoch's checkpoints (``val_*`` in ``result``);
+        ``trainer.end_run(reason)`` here ends the run after this epoch, its checkpoint written."""
+
+    def state_dict(self):
+        """The top-level keys this hook adds to a checkpoint."""
+        return {}
+
+    def load_state_dict(self, trainer, state):
+        """Restore them; runs before the model and optimizer are, as a hook may change the parameter groups."""
 
 
 class BaseTrainer:
@@ -129,9 +182,7 @@ class BaseTrainer:
         self.distributed = run.dist.enabled  # under torchrun: every process takes the stop decision together
         self.world_size = run.dist.world_size  # recorded so a resume can tell the data order changed
         cfg = config["trainer"]
-        self.epochs = cfg["epochs"]
-        self.save_period = cfg["save_period"]
-        self.keep_last = cfg["keep_last"]
+        self.epochs, self.save_period, self.keep_last = cfg["epochs"], cfg["save_period"], cfg["keep_last"]
         # Misses allowed before training stops; 0 or null: never stop early (victoresque's convention).
         self.early_stop = cfg["early_stop"] or math.inf
         self.mode, self.monitor_key = ("off", None) if cfg["monitor"] == "off" else cfg["monitor"].split()
@@ -150,30 +201,28 @@ class BaseTrainer:
         self.stopped_by = None  # the stop last.pth is written for, and where (torchrun's launch and round)
         self.ended_by = None  # why a hook ended the run (end_run): the end-of-run log and result.json say it
         self.final_metrics = {}
-        self.hooks = []  # optional behaviour at fixed moments (see trainer/hooks.py); a subclass fills it
+        self.hooks = []  # optional behaviour at fixed moments (Hook); a subclass fills it
 
     # ------------------------------------------------------------------ the loop
 
     def train(self):
         """Train from the current state to the end; returns the last epoch's metrics."""
-        with contextlib.ExitStack() as hooks:
+        with contextlib.ExitStack() as stack:
             for hook in self.hooks:  # each hook's context around the whole of training (anomaly mode, say)
-                hooks.enter_context(hook.training(self))
-            hooks.callback(self._install_signal_handlers())  # (restores the previous handlers on the way out)
+                stack.enter_context(hook.training(self))
+            if threading.current_thread() is threading.main_thread():  # (handlers can only be set there)
+                for sig in STOP_SIGNALS:  # restored on the way out
+                    stack.callback(signal.signal, sig, signal.signal(sig, self._on_stop_signal))
             while self.epoch < self.epochs and not self.finished:
                 epoch = self.epoch + 1
-                self.before_epoch(epoch)
+                for hook in self.hooks:
+                    hook.before_epoch(self, epoch)
                 result = self.fit_epoch(epoch, self.batch_in_epoch)
                 if self.agreed_stop_signal(now=True):
                     self._stop_for_signal()
                 result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})
                 self._end_epoch(epoch, result)
         return self.final_metrics
-
-    def before_epoch(self, epoch):
-        """Called before each epoch's first step: the hooks' ``before_epoch`` (freezing schedules and the like)."""
-        for hook in self.hooks:
-            hook.before_epoch(self, epoch)
 
     def _end_epoch(self, epoch, result):
         self.epoch, self.batch_in_epoch = epoch, 0
@@ -186,8 +235,7 @@ class BaseTrainer:
                 " trainer.clip_grad_norm")
         if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "epoch":
             if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                key = self.monitor_key or ("val_loss" if "val_loss" in result else "loss")
-                self.lr_scheduler.step(result[key])
+                self.lr_scheduler.step(result[self.monitor_key or ("val_loss" if "val_loss" in result else "loss")])
             else:
                 self.lr_scheduler.step()
         self.final_metrics = {"epoch": epoch, **result}
@@ -203,13 +251,20 @@ class BaseTrainer:
         periodic = epoch % self.save_period == 0 or epoch == self.epochs or self.finished
         if improved or periodic:
             self.check_finite_weights(f"the end of epoch {epoch}")
-        if self.is_main:
-            if improved:
-                self.logger.info(f"{self.monitor_key} improved to {self.monitor_best:.6g}: saving model_best.pth")
-                self.save("model_best.pth")
-            if periodic:
-                self.save(f"checkpoint-epoch{epoch}.pth")
-                self._remove_old_checkpoints()
+        if not self.is_main:
+            return
+        if improved:
+            self.logger.info(f"{self.monitor_key} improved to {self.monitor_best:.6g}: saving model_best.pth")
+            self.save("model_best.pth")
+        if periodic:
+            self.save(f"checkpoint-epoch{epoch}.pth")
+            folder = Path(self.run.checkpoint_dir)  # keep the newest trainer.keep_last, and the one resumed from
+            numbered = sorted((int(m.group(1)), path) for path in folder.glob("checkpoint-epoch*.pth")
+                              if (m := re.fullmatch(r"checkpoint-epoch(\d+)\.pth", path.name)))
+            kept = {Path(self.run.resumed_from).resolve()} if self.run.resumed_from else set()
+            for _, path in numbered[: -self.keep_last] if self.keep_last else ():
+                if path.resolve() not in kept:
+                    path.unlink(missing_ok=True)
 
     def update_monitor(self, result):
         """Count ``result``'s monitored value towards the best one and early stopping; returns whether it improved."""
@@ -224,16 +279,11 @@ class BaseTrainer:
         return improved
 
     def end_run(self, reason):
-        """End the run, saying why (one line). Called from a hook's ``after_epoch``: after this epoch, its
-        checkpoint written; from ``after_step``: after this step, the epoch so far validated and saved.
-        ``reason`` goes to the end-of-run log and to ``result.json`` as ``ended_by``. A run already ending
-        keeps its own end."""
+        """End the run, saying why (one line, also ``ended_by`` in ``result.json``): from a hook's ``after_epoch``,
+        after this epoch, its checkpoint written; from ``after_step``, after this step, the epoch so far validated
+        and saved. A run already ending keeps its own end."""
         if not self.finished:
             self.finished, self.ended_by = True, reason
-
-    def log_epoch(self, epoch, result):
-        for key, value in {"epoch": epoch, **result}.items():
-            self.logger.info(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -256,21 +306,20 @@ class BaseTrainer:
             "stopped_early": self.stopped_early,  # (not restored: a resume that may go on has raised the patience)
             "stopped_by": self.stopped_by,  # (not restored either: it concerns the launch that wrote it)
             "rng": rng_state(),
+            **self.extra_state(),
         }
-        state.update(self.extra_state())
+        for hook in self.hooks:  # (the freezing schedule's "frozen" and "unfrozen")
+            state.update(hook.state_dict())
         state["trackers"] = self.writer.checkpoint_state()  # the loggers' run ids, for a resume to continue them
         return state
 
     def extra_state(self):
-        """What a subclass and the hooks add to a checkpoint (top-level keys)."""
-        state = {}
-        for hook in self.hooks:
-            state.update(hook.state_dict())
-        return state
+        """What a subclass adds to a checkpoint (top-level keys)."""
+        return {}
 
     def load_state_dict(self, state):
         """Continue the run that wrote ``state``."""
-        self.load_extra_state(state)  # first: it may change the optimizer's parameter groups
+        self.load_extra_state(state)  # first: a hook may change the optimizer's parameter groups
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
@@ -282,7 +331,7 @@ class BaseTrainer:
         set_rng_state(state["rng"])
 
     def load_extra_state(self, state):
-        """Restore what :meth:`extra_state` saved; before the model and optimizer (a hook may add a parameter group)."""
+        """Restore what :meth:`extra_state` and the hooks saved (before the model and optimizer)."""
         for hook in self.hooks:
             hook.load_state_dict(self, state)
 
@@ -297,43 +346,43 @@ class BaseTrainer:
         self.logger.debug(f"Saved checkpoint: {path}")
         return path
 
-    def _remove_old_checkpoints(self):
-        if not self.keep_last:
-            return
-        folder = Path(self.run.checkpoint_dir)
-        periodic = sorted(
-            (int(m.group(1)), p) for p in folder.glob("checkpoint-epoch*.pth")
-            if (m := re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name))
-        )
-        protected = {Path(self.run.resumed_from).resolve()} if self.run.resumed_from else set()
-        for _, path in periodic[: -self.keep_last]:
-            if path.resolve() not in protected:
-                path.unlink(missing_ok=True)
+    def before_checkpoint(self):
+        """Called on every process before a mid-epoch checkpoint is written (by rank 0): collectives go here."""
+
+    def check_finite_weights(self, where):
+        """Raise :class:`RunStopped` if a weight or buffer is NaN or infinite: such a state is never saved.
+
+        Every process checks (their weights are the same under DDP), so all of them stop together.
+        One reduction over all tensors; it runs only when a checkpoint is about to be written.
+        """
+        tensors = {n: t.detach() for n, t in self.model.state_dict().items() if t.is_floating_point()}
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
+            bad = next(n for n, t in tensors.items() if not torch.isfinite(t).all())
+            raise RunStopped(f"the model's weights became non-finite ({bad}, at {where}, step {self.global_step}):"
+                             " stopping without saving, so the last good checkpoint is untouched. Lower the learning"
+                             " rate or set trainer.clip_grad_norm")
+
+    def save_resumable(self, filename):
+        """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it.
+
+        Under torchrun the processes first agree (a non-finite loss on any of them stops all, unsaved).
+        """
+        if self.distributed:
+            self.agreed_stop_signal(now=True)
+        self.check_finite_weights(f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
+        self.before_checkpoint()
+        return self.save(filename) if self.is_main else None
 
     # ------------------------------------------------------------------ interruption
 
-    def _install_signal_handlers(self):
+    def _on_stop_signal(self, signum, frame):
         """SIGINT/SIGTERM/SIGUSR1 ask the loop to stop after the current step; a second SIGINT stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        if self.stop is not None and self.stop.exit_code > 128 and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: files are written atomically, nothing tears
+        self.stop = Stop(128 + signum, f"by {signal.Signals(signum).name}")
         when = (f"within {self.agree_every} steps (when the processes next agree)" if self.distributed
                 else "after the current step")
-
-        def handler(signum, frame):
-            if self.stop is not None and self.stop.exit_code > 128 and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # the second Ctrl-C: files are written atomically, nothing tears
-            self.stop = Stop(128 + signum, f"by {signal.Signals(signum).name}")
-            self.logger.warning(f"{signal.Signals(signum).name} received: stopping {when} (Ctrl-C again to quit at once)")
-
-        for sig in previous:
-            signal.signal(sig, handler)
-
-        def restore():
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-        return restore
+        self.logger.warning(f"{signal.Signals(signum).name} received: stopping {when} (Ctrl-C again to quit at once)")
 
     def ask_to_stop(self, exit_code, why):
         """Stop after this step with a resumable ``last.pth``, exiting with ``exit_code`` (1 to 127: a hook's own
@@ -346,14 +395,11 @@ class BaseTrainer:
     def agreed_stop_signal(self, now=False):
         """Why to stop now (a :class:`Stop`), or None; raises when a process saw the loss diverge.
 
-        One process: its own reason, every step, at no cost. Under torchrun a signal reaches the
-        processes at different moments (and a hook's reason, such as a clock, comes to each at its own); one stopping
-        alone would leave the others in a collective (and rank 0 without a ``last.pth``), so all
-        processes ask each other (one small collective on the host) and stop after the same step.
-        They ask every ``log_every_n_steps`` steps, and wherever ``now`` (an epoch's end, before
-        any checkpoint), at the same steps on every rank: asking every step would cost a round
-        trip per step. The same exchange carries whether any process saw a non-finite loss, so all
-        of them stop then, before the next checkpoint.
+        One process: its own reason, every step, at no cost. Under torchrun a signal (or a hook's clock) reaches
+        the processes at different moments, and one stopping alone would leave the others in a collective, so
+        they ask each other (one small collective on the host) every ``log_every_n_steps`` steps and wherever
+        ``now`` (an epoch's end), and stop after the same step; asking every step would cost a round trip per
+        step. The same exchange carries whether a process saw a non-finite loss: then all stop, unsaved.
         """
         own = self.stop  # read once: the handler may set it meanwhile
         if not self.distributed:
@@ -369,45 +415,14 @@ class BaseTrainer:
             self.agreed_stop = self.stop = own if own and own.exit_code == agreed else Stop.agreed(agreed)
         return self.agreed_stop
 
-    def before_checkpoint(self):
-        """Called on every process before a mid-epoch checkpoint is written (by rank 0): collectives go here."""
-
-    def check_finite_weights(self, where):
-        """Raise :class:`RunStopped` if a weight or buffer is NaN or infinite: such a state is never saved.
-
-        Every process checks (their weights are the same under DDP), so all of them stop together.
-        One reduction over all tensors; it runs only when a checkpoint is about to be written.
-        """
-        tensors = [t.detach() for t in self.model.state_dict().values() if t.is_floating_point()]
-        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-            bad = next(n for n, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all())
-            raise RunStopped(f"the model's weights became non-finite ({bad}, at {where}, step {self.global_step}):"
-                             " stopping without saving, so the last good checkpoint is untouched. Lower the learning"
-                             " rate or set trainer.clip_grad_norm")
-
-    def save_resumable(self, filename):
-        """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it.
-
-        Under torchrun the processes first agree (a non-finite loss on any of them stops all, unsaved).
-        """
-        if self.distributed:
-            self.agreed_stop_signal(now=True)
-        self.check_finite_weights(f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
-        self.before_checkpoint()
-        if self.is_main:
-            return self.save(filename)
-        return None
-
     def _stop_for_signal(self):
-        stop = self.stop
-        where = dist.torchrun_round()
+        stop, where = self.stop, dist.torchrun_round()
         self.stopped_by = {"exit_code": stop.exit_code, "why": stop.why,
                            **({"torchrun_run_id": where[0], "torchrun_round": where[1]} if where else {})}
         path = self.save_resumable("last.pth")
         if self.is_main:
             self.logger.warning(
                 f"Stopped {stop.why} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}."
-                f" Resume with: python train.py -r {path} (or the same command with -r auto)"
-            )
+                f" Resume with: python train.py -r {path} (or the same command with -r auto)")
         raise RunStopped(f"stopped {stop.why}; a resumable checkpoint is in last.pth", exit_code=stop.exit_code,
                          logged=self.is_main)

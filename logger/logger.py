@@ -1,37 +1,67 @@
-"""Console and file logging for a run, set up by ``trainer.run.open_run`` (never at import)."""
+"""A run's console and file logging, and the writer its numbers go to (TensorBoard, and the logger parts).
 
+Both are set up by ``trainer.run.open_run``, never at import. ``trainer.loggers`` names the run's
+loggers: ``"tensorboard"`` (here) and the parts' (utils/parts.py: a row's ``loggers``).
+:func:`open_writer` hands the run one writer (``run.writer``): the one logger itself, or a
+``Writers`` of several or of none (logger/writers.py).
+
+The writer interface (:class:`Writer`; each method does nothing unless a logger overrides it):
+``add_scalar(tag, value, step)`` and ``add_scalars(values, step, prefix)`` at the logging interval,
+an epoch's end and step validations; ``add_histogram`` and ``add_images`` (tensors on the run's
+device); ``add_hparams(hparams, metrics)`` once, when the run (or a resumed segment) ends normally:
+its config as ``{"dotted.key": value}`` and final values; ``finish(checkpoint_dir)`` right after it;
+``checkpoint_state()``, kept in each checkpoint under ``"trackers"`` and given back on resume
+(``context.saved(name)``); ``run_ids()`` for manifest.json; ``flush()`` at each epoch's end;
+``close()``; ``bool(writer)``: whether it records anything (false: hooks skip their pictures).
+
+What every logger promises: it acts only when called, at those moments (a run pays nothing per
+step for it); a resumed run continues the same logger's run, and what an interrupted process
+logged after the checkpoint resumed from is superseded (``context.purge_step``), so each reader
+sees one history with no step twice; a logger that fails (a server gone) warns and never stops
+training. A logger of your own (W&B, say) is a part: a :class:`Writer` subclass and
+``writer(name, settings, context)`` returning it (``settings``: the entry's ``"args"``), optionally
+``check(config)``, and a row in utils/parts.py's ``PARTS`` with ``loggers=("wandb",)``.
+"""
+
+import io
 import logging
+import os
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+HPARAMS_FOLDER = "hparams"  # <log_dir>/hparams/: the run's one HParams record (TensorboardWriter.add_hparams)
 
 
 def setup_logging(log_dir=None, verbosity=2, name="train"):
-    """Log to the console at ``verbosity`` and, when ``log_dir`` is given, everything to ``log_dir/info.log``.
-
-    Calling it again (a second run in one process, as the tests do) replaces the handlers.
-    """
+    """Log to the console at ``verbosity`` (0-2) and, when ``log_dir`` is given, everything to ``log_dir/info.log``.
+    Calling it again (a second run in one process, as the tests do) replaces the handlers."""
+    close_logging(name)
     logger = logging.getLogger(name)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     console = _ConsoleHandler(sys.stdout)
-    console.setLevel(LEVELS[verbosity])
+    console.setLevel({0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[verbosity])
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if log_dir is not None:
         file = logging.FileHandler(f"{log_dir}/info.log", encoding="utf-8")
-        file.setLevel(logging.DEBUG)
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file)
     return logger
 
 
+def close_logging(name="train"):
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
 class _ConsoleHandler(logging.StreamHandler):
-    """Writes through tqdm, which lifts an active progress bar off the line and redraws it below the message,
-    so log lines never leave fragments of a bar on screen."""
+    """Writes through tqdm, which lifts an active progress bar off the line and redraws it below the message."""
 
     def emit(self, record):
         try:
@@ -43,8 +73,156 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def close_logging(name="train"):
-    logger = logging.getLogger(name)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+class Writer:
+    """The writer interface (see the module's docstring): every method does nothing."""
+
+    def add_scalar(self, tag, value, step):
+        pass
+
+    def add_scalars(self, values, step, prefix=""):
+        for tag, value in values.items():
+            self.add_scalar(prefix + tag, value, step)
+
+    def add_histogram(self, tag, values, step):
+        pass
+
+    def add_images(self, tag, images, step):
+        pass
+
+    def add_hparams(self, hparams, metrics):
+        pass
+
+    def finish(self, checkpoint_dir):
+        pass
+
+    def checkpoint_state(self):
+        return {}
+
+    def run_ids(self):
+        return {}
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@dataclass
+class WriterContext:
+    """What a logger is told about the run it logs (``writer(name, settings, context)`` of a logger part)."""
+
+    config: dict  # the checked config
+    log_dir: Path  # the run's log folder (created)
+    run_id: str
+    state: Any = None  # the checkpoint resumed from, or None
+    purge_step: Any = None  # resuming: the first step logged again; what a logger holds from it on is superseded
+    branched: bool = False  # a resume into a new run folder: start new runs (tagged with the one it came from)
+    logger: Any = None
+
+    def saved(self, name):
+        """What logger ``name``'s ``checkpoint_state()`` kept in the checkpoint resumed from (``{}`` if nothing)."""
+        return ((self.state or {}).get("trackers") or {}).get(name) or {}
+
+
+def open_writer(config, context, enabled=True):
+    """The run's writer, with the loggers ``trainer.loggers`` names (none when not ``enabled``: under torchrun only
+    rank 0 logs, and a ``fast_dev_run`` writes nothing). A logger that turned itself off (TensorBoard without its
+    package: a warning said so) is left out."""
+    from utils import parts
+    from utils.config import logger_entries
+
+    writers = []
+    for name, settings in logger_entries(config["trainer"]) if enabled else ():
+        if name == "tensorboard":
+            writer = TensorboardWriter(context.log_dir, purge_step=context.purge_step, logger=context.logger)
+        else:
+            writer = parts.provider("loggers", name)(name, settings, context)
+        if writer:
+            writers.append(writer)
+    if len(writers) == 1:
+        return writers[0]
+    from logger.writers import Writers
+
+    return Writers(writers)
+
+
+class TensorboardWriter(Writer):
+    """``"tensorboard"``: event files in the run's log folder, through ``torch.utils.tensorboard``.
+
+    Without the tensorboard package it warns and does nothing (and is false). ``purge_step`` is given
+    when resuming: TensorBoard then drops the events the interrupted run wrote after its checkpoint.
+    """
+
+    def __init__(self, log_dir, purge_step=None, logger=None):
+        self.writer = None
+        self.last_step = 0  # of the newest scalar: where add_hparams puts the final values
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if logger:
+                logger.warning("tensorboard is not installed: TensorBoard logging is off (pip install tensorboard)")
+            return
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def __bool__(self):
+        return self.writer is not None
+
+    def add_scalar(self, tag, value, step):
+        if self.writer:
+            self.last_step = step
+            self.writer.add_scalar(tag, value, step)
+
+    def add_scalars(self, values, step, prefix=""):
+        if self.writer:
+            self.last_step = step
+            for tag, value in values.items():
+                self.writer.add_scalar(prefix + tag, value, step)
+
+    def add_histogram(self, tag, values, step):
+        if self.writer:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def add_images(self, tag, images, step):
+        if self.writer:  # each image scaled to [0, 1] on its own
+            images = images.detach().float().cpu()
+            low, high = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
+            self.writer.add_images(tag, (images - low) / (high - low).clamp(min=1e-12), step)
+
+    def add_hparams(self, hparams, metrics):
+        """The run's one HParams record, its config and final values (also as scalars at the last step): the only
+        event file of ``<log_dir>/hparams/`` (a TensorBoard run of its own), replaced at each call, so a resumed
+        run still shows one row. Written under a name TensorBoard ignores, then renamed: never read half-written."""
+        if not self.writer:
+            return
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+        from torch.utils.tensorboard.summary import scalar
+
+        from utils.io import atomic_write
+
+        now, step, buffer = time.time(), self.last_step, io.BytesIO()
+        summaries = [*hparams_summary(hparams, metrics), *(scalar(tag, value) for tag, value in metrics.items())]
+        records = RecordWriter(buffer)
+        for event in [Event(wall_time=now, file_version="brain.Event:2"),
+                      *(Event(wall_time=now, step=step, summary=summary) for summary in summaries)]:
+            records.write(event.SerializeToString())
+        folder = Path(self.writer.log_dir) / HPARAMS_FOLDER
+        folder.mkdir(exist_ok=True)
+        with atomic_write(folder / "record.partial", "wb") as f:  # no "tfevents" in the name: TensorBoard skips it
+            f.write(buffer.getvalue())
+        name = f"events.out.tfevents.{time.time_ns():020d}.hparams"
+        os.replace(folder / "record.partial", folder / name)
+        for older in folder.glob("events.out.tfevents.*"):
+            if older.name != name:
+                older.unlink(missing_ok=True)
+
+    def flush(self):
+        if self.writer:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+            self.writer = None

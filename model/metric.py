@@ -3,7 +3,7 @@
 A metric is only that function: add yours here and to ``METRICS``. The trainer weights
 each batch's value by its number of samples, so an epoch's value is the true mean over its
 samples and a short last batch counts for what it holds (accuracy's, by the targets it
-kept: utils/metric_tracker.py knows the built-in ones). Nothing here calls ``.item()``:
+kept: trainer/trainer.py knows the built-in ones). Nothing here calls ``.item()``:
 reading a value back to the host is a device sync, done only when a value is logged.
 """
 

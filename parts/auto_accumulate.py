@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import RunStopped
-from trainer.hooks import Hook
+from base.base_trainer import Hook
 from utils import dist
 from utils.io import write_json
 from utils.resume import batch_counts, newest_first
@@ -132,7 +132,7 @@ def _raise(error):
 
 
 def running_sums(trainer):
-    """A copy of the epoch's running loss and metrics (:meth:`utils.metric_tracker.MetricTracker.mark`)."""
+    """A copy of the epoch's running loss and metrics (:meth:`trainer.trainer.MetricTracker.mark`)."""
     return trainer.train_metrics.mark(), [metric.mark() for metric in trainer.epoch_metrics]
 
 

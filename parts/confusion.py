@@ -19,10 +19,10 @@ import json
 
 import torch
 
-from trainer.hooks import Hook
+from base.base_trainer import Hook
 from utils.config import boolean, metric_name
 from utils.errors import ConfigError, UserError
-from utils.metric_tracker import EpochMetric
+from trainer.trainer import EpochMetric
 
 NAME = "confusion_matrix"  # the key evaluate() returns the matrix under, which the hook takes out of the result
 

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from logger.visualization import Writer
+from logger.logger import Writer
 
 
 def check(config):

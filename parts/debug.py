@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from trainer.hooks import Hook
+from base.base_trainer import Hook
 from utils.config import boolean, non_negative_int, optional
 
 # The keys whose change in the middle of an epoch would change which sample comes next (see utils/resume.py), and

@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from trainer.hooks import Hook
+from base.base_trainer import Hook
 from utils.config import boolean, feature_settings, non_negative_int, positive_int, settings_of
 
 DEFAULTS = {"decay": 0.999, "every_n_steps": 1, "warmup": 0, "ramp": True, "buffers": True}

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from trainer.hooks import Hook
+from base.base_trainer import Hook
 from utils.config import feature_settings, non_negative_int, positive_int, settings_of
 
 DEFAULTS = {"wait": 1, "warmup": 1, "active": 3}

@@ -13,7 +13,7 @@ Promises:
 * The class name and its ``args`` are checked with the config: an unknown class is one line with a
   did-you-mean from torchmetrics' own classes, and values the class refuses show there too.
 * The value is the epoch's, not a mean of batch values: each metric is a
-  :class:`utils.metric_tracker.EpochMetric`, updated per batch on the device, computed at the
+  :class:`trainer.trainer.EpochMetric`, updated per batch on the device, computed at the
   epoch's end; under torchrun the states of all processes are combined first (torchmetrics' own sync).
 * A mid-epoch checkpoint holds every process's state, so a resume (under any world size) ends the
   epoch with the value of the run left alone; a state of another class or other args is not loaded.
@@ -32,7 +32,7 @@ import inspect
 import re
 
 from utils.config import ConfigError, did_you_mean
-from utils.metric_tracker import EpochMetric
+from trainer.trainer import EpochMetric
 
 PREFIX = "torchmetrics."
 # Arguments of torchmetrics' base class a config may give (the rest are about syncing, which the trainer owns).

@@ -242,7 +242,8 @@ def test_a_stop_is_said_once(tmp_path, capsys, monkeypatch):
     import signal
 
     import trainer.trainer
-    from trainer.hooks import Hook, hooks_for
+    from base.base_trainer import Hook
+    from trainer.trainer import hooks_for
 
     class TermAtEpoch2(Hook):
         def before_epoch(self, trainer, epoch):

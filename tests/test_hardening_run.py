@@ -19,7 +19,8 @@ import torch
 from base.base_trainer import RunStopped
 from conftest import make_config, with_changes
 from trainer import cli, run
-from trainer.hooks import Hook, hooks_for
+from base.base_trainer import Hook
+from trainer.trainer import hooks_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from model.loss import cross_entropy, logsumexp_cross_entropy, mse_loss, nll_los
 from model.metric import METRICS, accuracy, top_k_acc
 from trainer import build, run
 from trainer.trainer import evaluate
-from utils.metric_tracker import MetricTracker, batch_weights
+from trainer.trainer import MetricTracker, batch_weights
 from conftest import FixedLogits, make_config, with_changes
 
 ROOT = Path(__file__).resolve().parents[1]

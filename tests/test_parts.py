@@ -122,8 +122,9 @@ def test_the_readme_table_is_the_table_the_code_reads():
 
 
 def test_a_part_uses_the_public_names_of_the_core_and_of_other_parts():
-    """A hook or a part reads the Trainer, the loaders and other parts through their public names (trainer/hooks.py
-    lists what a hook may use): a leading underscore is a module's own business. (torch's own are torch's.)"""
+    """A hook or a part reads the Trainer, the loaders and other parts through their public names (the Hook of
+    base/base_trainer.py lists what a hook may use): a leading underscore is a module's own business. (torch's own
+    are torch's.)"""
     reaching = []
     for path in (p for p in python_files() if p.startswith("parts/")):
         for node in ast.walk(ast.parse((ROOT / path).read_text(), path)):

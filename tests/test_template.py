@@ -13,7 +13,7 @@ import new_project
 
 from trainer import cli, run
 from model.metric import accuracy, top_k_acc
-from utils.metric_tracker import MetricTracker
+from trainer.trainer import MetricTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,9 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader  # noqa: E402
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # noqa: E402
 
-from logger.visualization import TensorboardWriter, Writer, WriterContext, Writers, open_writer  # noqa: E402
+from logger.logger import TensorboardWriter, Writer, WriterContext, open_writer  # noqa: E402
+
+from logger.writers import Writers  # noqa: E402
 from trainer.run import train as main  # noqa: E402
 
 LOG_EVERY = 2
@@ -295,7 +297,7 @@ def test_resume_from_an_earlier_checkpoint_drops_the_orphaned_steps(tmp_path):
     assert [h.step for h in acc.Histograms("activations/net.1")] == [8, 16, 24]
 
 
-# --------------------------------------------------------------------------- the writer (logger/visualization.py)
+# --------------------------------------------------------------------------- the writer (logger/logger.py)
 
 
 class Recorder(Writer):

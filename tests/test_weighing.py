@@ -1,4 +1,4 @@
-"""Counting ignored targets only where the data can hold one (utils.metric_tracker.weighing).
+"""Counting ignored targets only where the data can hold one (trainer.trainer.weighing).
 
 Accuracy and the class-index losses weigh each batch by its targets that are not ``ignore_index``.
 Most data holds no such target, and then every weight is the sample count: the trainer asks the
@@ -14,7 +14,7 @@ from model.loss import cross_entropy
 from model.metric import accuracy, top_k_acc
 from tests.conftest import assert_states_identical, make_config
 from trainer import run
-from utils.metric_tracker import fast_variant, weighing
+from trainer.trainer import fast_variant, weighing
 
 
 class Pairs(torch.utils.data.Dataset):

@@ -173,7 +173,7 @@ def build_loss(config, device=None):
 
 def build_metrics(config):
     """The metrics of ``config["metrics"]``, in order: a built-in's function (``model/metric.py``), or for a
-    ``{"type": ..., "args": {...}}`` entry the :class:`utils.metric_tracker.EpochMetric` spec a part builds by
+    ``{"type": ..., "args": {...}}`` entry the :class:`trainer.trainer.EpochMetric` spec a part builds by
     that name (utils/parts.py: ``torchmetrics.<module>.<Class>``), named by :func:`utils.config.metric_name`.
 
     Such a metric that takes ``ignore_index`` gets the loss's (default -100) unless its args set one,

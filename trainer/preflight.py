@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from utils.errors import ConfigError, UserError
-from utils.metric_tracker import EpochMetric
+from trainer.trainer import EpochMetric
 from utils.seed import rng_state, set_rng_state
 
 

@@ -323,7 +323,7 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
     When resuming in place, the loggers drop what the interrupted run logged after its checkpoint.
     """
     from logger.logger import setup_logging
-    from logger.visualization import WriterContext, open_writer
+    from logger.logger import WriterContext, open_writer
 
     cfg, info = config["trainer"], info or dist.DistInfo()
     run_id, checkpoint_dir, log_dir, branched_from = agree_on_run(config, run_id, resume, info, state, overwrite)

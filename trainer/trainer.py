@@ -1,4 +1,12 @@
-"""The training step loop, and the one evaluation function that validation and ``test.py`` share."""
+"""The training step (:meth:`Trainer.train_epoch`), the evaluation that validation and ``test.py`` share, and the
+sums the loss and the metrics are averaged from.
+
+Metric sums: each batch's value is weighted by what it averages over, its sample count unless
+the function says otherwise (a loss under ``ignore_index`` or a class ``weight`` averages over
+its kept targets; so does accuracy). An epoch's value is then the mean over everything the batch
+values averaged over, whatever the batches' sizes. A value that is no such mean (a macro F1) is
+an :class:`EpochMetric`'s.
+"""
 
 import contextlib
 import itertools
@@ -8,26 +16,42 @@ import time
 import torch
 from tqdm import tqdm
 
-from base.base_trainer import BaseTrainer, RunStopped
-from trainer.hooks import hooks_for, step_hooks
-from utils.metric_tracker import EpochMetric, MetricTracker, batch_weights, weighing
+from base.base_trainer import BaseTrainer, Hook
+
+
+def hooks_for(config, parts, run):
+    """The hooks a run's config turns on, in the order they are called: the core's own, then the parts'."""
+    from utils import parts as optional_parts
+
+    cfg, hooks = config["trainer"], []
+    if parts.frozen:
+        from trainer.extras import Unfreeze
+
+        hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
+    if cfg["histogram_every"] and run.dist.is_main and run.writer:
+        from trainer.extras import Histograms
+
+        hooks.append(Histograms(cfg["histogram_every"], cfg["activation_histograms"], cfg["log_images"]))
+    for more in optional_parts.call_each(config, "hooks", config, parts, run):
+        hooks.extend(more)
+    return hooks
+
+
+def step_hooks(hooks):
+    """The hooks that act after every step: those overriding :meth:`Hook.after_step`."""
+    return [hook for hook in hooks if type(hook).after_step is not Hook.after_step]
 
 
 @torch.no_grad()
 def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce=False, progress=False, desc="eval",
              max_batches=None):
     """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``, if given), each batch weighted
-    by what its value averages over (its sample count; a loss's or accuracy's kept targets under ``ignore_index``).
-
-    Epoch metrics in ``metric_fns`` (:class:`utils.metric_tracker.EpochMetric`) get a fresh accumulator
-    each call, updated per batch and computed at the end.
-    ``reduce=True`` (under ``torch.distributed``) sums over all processes, so every
-    process gets the value of the whole dataset (every process must then call this).
+    by what its value averages over. An :class:`EpochMetric` gets a fresh accumulator each call. ``reduce=True``
+    (under torchrun) sums over all processes, so each gets the whole dataset's values (every process must call it).
     """
     model.eval()
-    plain, stateful = split_metrics(metric_fns)
-    plain, weighed = weighing(criterion, plain, loader)
-    stateful = [fn.new(device, sync=reduce) for fn in stateful]
+    stateful = [fn.new(device, sync=reduce) for fn in metric_fns if isinstance(fn, EpochMetric)]
+    plain, weighed = weighing(criterion, [fn for fn in metric_fns if not isinstance(fn, EpochMetric)], loader)
     tracker = MetricTracker(["loss", *(fn.__name__ for fn in plain)], device)
     autocast = autocast or contextlib.nullcontext()
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
@@ -47,63 +71,51 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
     return result
 
 
-def split_metrics(metric_fns):
-    """``(per-batch functions, epoch metric specs)`` of a list of metrics, each in its order."""
-    epoch = [fn for fn in metric_fns if isinstance(fn, EpochMetric)]
-    return [fn for fn in metric_fns if not isinstance(fn, EpochMetric)], epoch
-
-
 class Trainer(BaseTrainer):
     """Trains ``parts`` with the settings of ``config["trainer"]``; see :class:`base.base_trainer.BaseTrainer`.
 
-    The step itself is :meth:`train_epoch` (fetch, zero_grad, forward, loss, backward, clip, step), which
-    :meth:`fit_epoch` calls (again, when a hook recovers from an error in it); optional behaviour around it
-    is in ``self.hooks`` (trainer/hooks.py).
+    The step itself is :meth:`train_epoch`, which :meth:`fit_epoch` calls (again, when a hook recovers from an
+    error in it); optional behaviour around it is in ``self.hooks`` (:class:`Hook`).
     """
 
     def __init__(self, config, parts, run):
         super().__init__(config, parts, run)
         cfg = config["trainer"]
         self.criterion, self.metric_fns, self.device = parts.criterion, list(parts.metric_fns), parts.device
-        # Per-batch metrics go through the tracker; epoch metrics (a part's) keep their own state for the epoch.
-        self.batch_metric_fns, stateful = split_metrics(self.metric_fns)
-        # Counting each batch's ignored targets only where the data can hold one (most data cannot).
-        self.batch_metric_fns, self._weighed = weighing(self.criterion, self.batch_metric_fns, parts.data_loader)
-        self.epoch_metrics = [spec.new(self.device, sync=run.dist.enabled) for spec in stateful]
-        self._epoch_metrics_state = None  # their states (all processes'), for the next mid-epoch checkpoint
+        # Per-batch metrics go through the tracker (where the data can hold no ignored target, in their
+        # variants that count none); epoch metrics (a part's) keep their own state for the epoch.
+        plain = [fn for fn in self.metric_fns if not isinstance(fn, EpochMetric)]
+        self.batch_metric_fns, self.weighed = weighing(self.criterion, plain, parts.data_loader)
+        self.epoch_metrics = [m.new(self.device, sync=run.dist.enabled) for m in self.metric_fns
+                              if isinstance(m, EpochMetric)]
+        self.train_metrics = MetricTracker(["loss", *(fn.__name__ for fn in self.batch_metric_fns)], self.device)
+        self.metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
         self.valid_metric_fns = self.metric_fns + list(parts.valid_metric_fns)  # what validation scores
-        self.forward_model = parts.forward_model
+        self.forward_model, self.scaler = parts.forward_model, parts.scaler
         self.data_loader, self.valid_data_loader = parts.data_loader, parts.valid_data_loader
-        self.scaler = parts.scaler
         self.len_epoch = cfg["len_epoch"]  # batches per epoch; None: one pass over the data
         self.val_batch_limit = None  # validation batches; None: all
-        self.accumulate = cfg["accumulate_grad_batches"]
-        self.max_steps = cfg["max_steps"]
+        self.accumulate, self.max_steps = cfg["accumulate_grad_batches"], cfg["max_steps"]
         self.log_every = cfg["log_every_n_steps"]
         self.clip_norm, self.clip_norm_type = cfg["clip_grad_norm"], float(cfg["clip_grad_norm_type"])
-        self.clip_value = cfg["clip_grad_value"]
-        self.skip_nonfinite = cfg["skip_nonfinite"]
+        self.clip_value, self.skip_nonfinite = cfg["clip_grad_value"], cfg["skip_nonfinite"]
         # Reading the loss back each step is free on the CPU but a sync on an accelerator:
         # there, a non-finite loss is caught at the logging interval unless skipping is on.
         self.check_every_step = self.device.type == "cpu" or self.skip_nonfinite
         self.quiet = cfg["verbosity"] == 0 or not self.is_main
+        self.log_images = cfg["log_images"] and self.is_main and bool(self.writer)
         self.step_scheduler = self.lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
         self.autocast = torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
         self.nonfinite_skips = 0
-        names = ["loss", *(fn.__name__ for fn in self.batch_metric_fns)]
-        self.train_metrics = MetricTracker(names, self.device)
-        self._train_metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
-        self.params = self._optimizer_params()
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]  # what is clipped
         self.last_log = (time.perf_counter(), 0)  # for steps per second at the logging interval
         self.hooks = hooks_for(config, parts, run)
         self.step_hooks = step_hooks(self.hooks)
 
-    # ------------------------------------------------------------------ one epoch
-
     def fit_epoch(self, epoch, start_batch=0):
-        """:meth:`train_epoch`; an error in it goes to the hooks (:meth:`~trainer.hooks.Hook.on_train_error`), and
-        one that can recover from it (a smaller batch after running out of memory) has the epoch redone from a batch."""
+        """:meth:`train_epoch`; an error in it goes to the hooks (:meth:`Hook.on_train_error`), and one that
+        can recover from it (a smaller batch after running out of memory) has the epoch redone from a batch."""
         self.last_log = (time.perf_counter(), self.global_step)
         while True:
             try:
@@ -129,13 +141,13 @@ class Trainer(BaseTrainer):
             first, last, window = self.windows[batch_idx]  # where the batch is in its accumulation window
             if first:
                 optimizer.zero_grad(set_to_none=True)
-            with self.forward_context(last):  # AMP; under DDP, gradients are averaged on a window's last batch
-                output = model(data)
-                loss = self.criterion(output, target)
-            if self.loss_is_usable(loss, epoch, batch_idx):  # non-finite: stop, or skip (trainer.skip_nonfinite)
-                with self.no_sync(last):
+            with self.no_sync(last):  # under DDP, gradients are averaged over the processes on a window's last batch
+                with self.autocast:  # trainer.amp
+                    output = model(data)
+                    loss = self.criterion(output, target)
+                if self.loss_is_usable(loss, epoch, batch_idx):  # non-finite: stop, or skip (trainer.skip_nonfinite)
                     self.backward(loss, window)
-                self.track(loss, output, target)
+                    self.track(loss, output, target)
             if not last:
                 continue
             grad_norm = self.clip_gradients()
@@ -148,30 +160,30 @@ class Trainer(BaseTrainer):
 
     def batches(self, epoch, start_batch):
         """``(batch_idx, (data, target))`` for the batches of ``epoch`` from ``start_batch``, on the device, behind
-        the progress bar; and the epoch's accumulation windows (:attr:`windows`)."""
+        the progress bar; and the epoch's accumulation windows (:attr:`windows`).
+        With ``len_epoch``, they are cut from an endless stream of passes over the data.
+        """
         if start_batch == 0:
-            self.reset_metrics()
-        self.epoch_length = n = self.batches_per_epoch()
-        # (first, last, size) of the window of trainer.accumulate_grad_batches batches each batch is in (looked up
-        # per step): a window starts every `accumulate` batches; the epoch's last may be shorter (it still steps).
+            self.train_metrics.reset()
+            for metric in self.epoch_metrics:
+                metric.reset()
+        n = self.batches_per_epoch()
+        # (first, last, size) of the window of `accumulate` batches each batch is in (looked up per step): a window
+        # starts every `accumulate` batches; the epoch's last may be shorter (it still steps).
         starts = [i - i % self.accumulate for i in range(n)]
         self.windows = [(i == start, i + 1 == min(start + self.accumulate, n), min(start + self.accumulate, n) - start)
                         for i, start in enumerate(starts)]
-        self.bar = tqdm(self._batches(epoch, start_batch), total=self.epoch_length, initial=start_batch, leave=False,
-                        desc=f"epoch {epoch}", disable=True if self.quiet else None, dynamic_ncols=True,
-                        mininterval=0.5)  # redraws cost time; twice a second is plenty to watch
+        if self.len_epoch is None:
+            self.data_loader.set_epoch(epoch, start_batch)
+            batches = iter(self.data_loader)
+        else:
+            from trainer.extras import endless
+
+            batches = endless(self.data_loader, (epoch - 1) * self.len_epoch + start_batch, n - start_batch)
+        self.bar = tqdm(batches, total=n, initial=start_batch, leave=False, desc=f"epoch {epoch}", dynamic_ncols=True,
+                        disable=True if self.quiet else None, mininterval=0.5)  # redraws cost; twice a second will do
         batches = enumerate(self.bar, start_batch)
-        return batches if self.device.type == "cpu" else self._moved(batches)  # (batches are made on the CPU)
-
-    def _moved(self, batches):
-        for batch_idx, (data, target) in batches:
-            yield batch_idx, (data.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True))
-
-    def forward_context(self, last_in_window):
-        """Around the forward pass: AMP's autocast (``trainer.amp``), and :meth:`no_sync`."""
-        if self.distributed and not last_in_window:
-            return _both(self.forward_model.no_sync(), self.autocast)
-        return self.autocast
+        return batches if self.device.type == "cpu" else _moved(batches, self.device)  # (batches are made on the CPU)
 
     def no_sync(self, last_in_window):
         """Under DDP, a batch that is not its window's last skips the gradient all-reduce."""
@@ -187,7 +199,9 @@ class Trainer(BaseTrainer):
         """
         if not self.check_every_step or math.isfinite(loss.item()):
             return True
-        return not self._nonfinite(loss, epoch, batch_idx)
+        from trainer.extras import nonfinite_loss
+
+        return not nonfinite_loss(self, loss, epoch, batch_idx)
 
     def backward(self, loss, window):
         """Backward of ``loss / window`` (N batches of B then step like one batch of N*B); fp16 through the scaler."""
@@ -196,10 +210,10 @@ class Trainer(BaseTrainer):
 
     def track(self, loss, output, target):
         """Add the batch to the epoch's running loss and metrics (on the device: no sync)."""
-        values, weighed = [loss.detach()], self._weighed
+        values = [loss.detach()]
         for fn in self.batch_metric_fns:  # (a loop, not a generator: no call per metric beyond its own)
             values.append(fn(output, target))
-        self.train_metrics.update(values, target.shape[0], weighed and batch_weights(weighed, output, target))
+        self.train_metrics.update(values, target.shape[0], self.weighed and batch_weights(self.weighed, output, target))
         for metric in self.epoch_metrics:  # usually none
             metric.update(output, target)
 
@@ -212,7 +226,9 @@ class Trainer(BaseTrainer):
         if self.clip_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm, self.clip_norm_type)
         elif (self.global_step + 1) % self.log_every == 0:
-            grad_norm = _total_norm(self.params, self.clip_norm_type)
+            grads = [p.grad.detach() for p in self.params if p.grad is not None]
+            norms = [torch.linalg.vector_norm(g, self.clip_norm_type) for g in grads] or [torch.tensor(0.0)]
+            grad_norm = torch.linalg.vector_norm(torch.stack(norms), self.clip_norm_type)
         if self.clip_value:
             torch.nn.utils.clip_grad_value_(self.params, self.clip_value)
         return grad_norm
@@ -224,6 +240,8 @@ class Trainer(BaseTrainer):
             self.scaler.update()
         else:
             self.optimizer.step()
+
+    # ------------------------------------------------------------------ around the step
 
     def after_step(self, epoch, batch_idx, loss, grad_norm):
         """Count the step, log it, run the step's hooks; returns True when the epoch ends here (a stop asked
@@ -243,9 +261,12 @@ class Trainer(BaseTrainer):
         return False
 
     def end_train_epoch(self, epoch, last_batch):
-        """The hooks' ``after_train_epoch``, then the epoch's mean loss and metrics (a sync; under torchrun, over all
-        processes)."""
+        """The input images (``trainer.log_images``, first epoch), the hooks' ``after_train_epoch``, then the epoch's
+        mean loss and metrics (a sync; under torchrun, over all processes)."""
         self.bar.close()
+        images = last_batch if self.log_images and epoch == 1 else None
+        if images is not None and images.dim() == 4 and images.shape[1] in (1, 3):
+            self.writer.add_images("inputs", images[:16], self.global_step)
         for hook in self.hooks:
             hook.after_train_epoch(self, epoch, last_batch)
         result = self.train_metrics.result(reduce=self.distributed)
@@ -253,85 +274,36 @@ class Trainer(BaseTrainer):
             result[metric.__name__] = metric.compute()
         return result
 
-    def reset_metrics(self):
-        self.train_metrics.reset()
-        for metric in self.epoch_metrics:
-            metric.reset()
-
     def log_step(self, epoch, batch_idx, loss, grad_norm):
         # The only host-device sync of a training step, and only at the logging interval.
         value = loss.item()
         if not self.check_every_step and not torch.isfinite(self.train_metrics.totals()).all():
-            self._nonfinite(loss, epoch, batch_idx, since_last_log=True)
+            from trainer.extras import nonfinite_loss
+
+            nonfinite_loss(self, loss, epoch, batch_idx, since_last_log=True)
         if not self.is_main:
             return
-        step = self.global_step
-        self.writer.add_scalar("train/loss", value, step)
+        step, write = self.global_step, self.writer.add_scalar
+        write("train/loss", value, step)
         if grad_norm is not None:
-            self.writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            write("train/grad_norm", float(grad_norm), step)
         for i, group in enumerate(self.optimizer.param_groups):
-            self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
+            write(f"lr/group{i}", group["lr"], step)
         if self.nonfinite_skips:
-            self.writer.add_scalar("train/nonfinite_skips", self.nonfinite_skips, step)
+            write("train/nonfinite_skips", self.nonfinite_skips, step)
         now, (then, then_step) = time.perf_counter(), self.last_log
         if step > then_step and now > then:  # the loss was read above: the steps before it have finished
             steps_per_s = (step - then_step) / (now - then)
             samples = self.data_loader.batch_size * self.accumulate * self.world_size  # per step, all processes
-            self.writer.add_scalar("perf/steps_per_s", steps_per_s, step)
-            self.writer.add_scalar("perf/samples_per_s", steps_per_s * samples, step)
+            write("perf/steps_per_s", steps_per_s, step)
+            write("perf/samples_per_s", steps_per_s * samples, step)
         self.last_log = (now, step)
-        self.logger.debug(f"epoch {epoch} batch {batch_idx + 1}/{self.batches_per_epoch()} step {step} loss {value:.6f}")
-
-    def _nonfinite(self, loss, epoch, batch_idx, since_last_log=False):
-        """Handle a non-finite loss: returns True to skip the batch, or raises to stop the run.
-
-        Under torchrun the message is kept until the processes agree after this step
-        (:meth:`agreed_stop_signal`), so that all of them stop together.
-        """
-        where = f"epoch {epoch}, step {self.global_step + 1} (batch {batch_idx + 1})"
-        if self.skip_nonfinite:
-            self.nonfinite_skips += 1
-            self.logger.warning(f"non-finite loss ({loss.item()}) at {where}: step skipped ({self.nonfinite_skips} so far)")
-            return True
-        if since_last_log:
-            where = f"epoch {epoch}, between steps {self.global_step - self.log_every + 1} and {self.global_step}"
-        message = (
-            f"the loss became non-finite ({loss.item()}) at {where}; stopping without saving, so the last good"
-            " checkpoint is untouched. Lower the learning rate, set trainer.clip_grad_norm, or set"
-            " trainer.skip_nonfinite=true to skip such steps"
-        )
-        if not self.distributed:
-            raise RunStopped(message)
-        self.diverged = message
-        return False
+        self.logger.debug(f"epoch {epoch} batch {batch_idx + 1}/{len(self.windows)} step {step} loss {value:.6f}")
 
     def batches_per_epoch(self):
         return self.len_epoch or len(self.data_loader)
 
-    def _batches(self, epoch, start_batch):
-        """The batches of ``epoch`` from ``start_batch`` on.
-
-        With ``len_epoch`` an epoch is a fixed number of batches cut from an endless
-        stream of passes over the data; pass ``k`` has the data order of sampler epoch ``k``.
-        """
-        loader = self.data_loader
-        if self.len_epoch is None:
-            loader.set_epoch(epoch, start_batch)
-            return iter(loader)
-        return self._endless(loader, (epoch - 1) * self.len_epoch + start_batch, self.len_epoch - start_batch)
-
-    @staticmethod
-    def _endless(loader, position, count):
-        passes, offset = divmod(position, len(loader))
-        while count > 0:
-            passes += 1
-            loader.set_epoch(passes, offset)
-            for batch in itertools.islice(loader, count):
-                yield batch
-                count -= 1
-            offset = 0
-
-    # ------------------------------------------------------------------ validation and epoch-level hooks
+    # ------------------------------------------------------------------ validation, logging, checkpoints
 
     def valid_epoch(self, epoch):
         if self.valid_data_loader is None:
@@ -350,86 +322,222 @@ class Trainer(BaseTrainer):
         return result
 
     def log_epoch(self, epoch, result):
-        super().log_epoch(epoch, result)
+        for key, value in {"epoch": epoch, **result}.items():
+            self.logger.info(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
         if self.is_main:
-            self.writer.add_scalars(result, self.global_step, prefix="epoch/")
-            self.writer.add_scalar("epoch/epoch", epoch, self.global_step)
+            self.writer.add_scalars({**result, "epoch": epoch}, self.global_step, prefix="epoch/")
             if self.global_step % self.log_every:  # not already written by this step's log
                 for i, group in enumerate(self.optimizer.param_groups):
                     self.writer.add_scalar(f"lr/group{i}", group["lr"], self.global_step)
             self.writer.flush()
 
-    # ------------------------------------------------------------------ what hooks call
-
-    def parameters_changed(self):
-        """The optimizer's parameters changed (a parameter group was added): clip them all, and under DDP wrap
-        the model again, since DDP registers only the parameters trainable when it was built (a collective:
-        every process unfreezes at the same epoch)."""
-        self.params = self._optimizer_params()
-        if self.distributed and self.parts.wrap is not None:
-            self.forward_model = self.parts.wrap(self.model)
-
-    def _optimizer_params(self):
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    # ------------------------------------------------------------------ checkpoint extras
-
     def before_checkpoint(self):
-        # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective),
-        # so that a resume, under any world size, ends the epoch with the numbers of the whole epoch.
-        self._train_metrics_state = self.train_metrics.state_dict(reduce=self.distributed)
-        if self.epoch_metrics:  # the same for epoch metrics: their states, gathered from every process
-            self._epoch_metrics_state = {m.__name__: m.state_dict(reduce=self.distributed) for m in self.epoch_metrics}
+        # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective), epoch metrics'
+        # states included, so that a resume, under any world size, ends the epoch with the whole epoch's numbers.
+        self.metrics_state = {"train_metrics": self.train_metrics.state_dict(reduce=self.distributed)}
+        if self.epoch_metrics:  # (only mid-epoch: after an epoch's end a resume starts the next epoch afresh)
+            self.metrics_state["train_epoch_metrics"] = {
+                m.__name__: m.state_dict(reduce=self.distributed) for m in self.epoch_metrics}
 
     def extra_state(self):
-        metrics_state, self._train_metrics_state = self._train_metrics_state, None
-        epoch_metrics_state, self._epoch_metrics_state = self._epoch_metrics_state, None
-        return {
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "frozen": [],
-            "unfrozen": False,
-            "nonfinite_skips": self.nonfinite_skips,
-            "train_metrics": metrics_state or self.train_metrics.state_dict(),
-            # (only mid-epoch: after an epoch's end a resume starts the next epoch afresh)
-            **({"train_epoch_metrics": epoch_metrics_state} if epoch_metrics_state else {}),
-            **super().extra_state(),  # the hooks' (the freezing schedule's "frozen" and "unfrozen")
-        }
+        metrics_state, self.metrics_state = self.metrics_state, None
+        return {"scaler": self.scaler.state_dict() if self.scaler else None, "frozen": [], "unfrozen": False,
+                "nonfinite_skips": self.nonfinite_skips, "train_metrics": self.train_metrics.state_dict(),
+                **(metrics_state or {})}
 
     def load_extra_state(self, state):
+        from trainer.extras import load_trainer_state
+
         super().load_extra_state(state)
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        if state.get("batch_in_epoch"):
-            # The sums are all processes' (see before_checkpoint): one process carries them on.
-            if self.is_main:
-                self.train_metrics.load_state_dict(state["train_metrics"])
-            else:
-                self.train_metrics.reset()
-            saved = state.get("train_epoch_metrics") or {}
-            for metric in self.epoch_metrics:
-                metric.reset()
-                mine = saved.get(metric.__name__)
-                # The others start empty, in a form that still gathers with rank 0's.
-                loaded = mine is not None and metric.load_state_dict(mine, own=self.is_main)
-                if not loaded and self.is_main:
-                    why = "no running state" if mine is None else "the state of another metric (changed args?)"
-                    self.logger.warning(f"the checkpoint holds {why} for {metric.__name__}: its value for epoch"
-                                        f" {state['epoch'] + 1} covers only the batches after the resume")
+        load_trainer_state(self, state)
+
+
+def _moved(batches, device):
+    for batch_idx, (data, target) in batches:
+        yield batch_idx, (data.to(device, non_blocking=True), target.to(device, non_blocking=True))
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
-@contextlib.contextmanager
-def _both(first, second):
-    with first, second:
-        yield
+# ---------------------------------------------------------------------- metric sums
 
 
-def _total_norm(params, norm_type):
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), norm_type) for g in grads])
-    return torch.linalg.vector_norm(norms, norm_type)
+class MetricTracker:
+    """Accumulates ``value * weight`` and ``weight`` for each name; :meth:`result` divides the one by the other.
+
+    The sums stay on the device, so :meth:`update` never forces a host-device sync; :meth:`result`
+    reads them back (``reduce=True``: summed over all processes first, under torchrun).
+    """
+
+    def __init__(self, names, device):
+        self.names = list(names)
+        self.dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # (MPS has no float64)
+        self.sums = torch.zeros(len(self.names), dtype=self.dtype, device=device)
+        self.weight_sums = torch.zeros(len(self.names), dtype=self.dtype, device=device)
+        self.reset()
+
+    def reset(self):
+        self.sums.zero_()
+        self.weight_sums.zero_()
+        self.count = 0
+        self._values, self._sizes, self._weights = [], [], []  # batches queued, not yet in the sums
+
+    def update(self, values, n, weights=None):
+        """Add one batch: ``values`` are 0-d tensors in the order of ``names``, ``n`` the batch's sample count.
+
+        ``weights``: None (all weighted by ``n``) or one entry per value, None or a 0-d tensor, what that value
+        averages over (the targets not ignored, say); a value of weight 0 adds nothing, even NaN. It runs every
+        step, so it only queues the tensors (a few tiny tensor ops per step would cost a small model a few
+        percent): they are summed in one go when read, and every 512 batches.
+        """
+        if weights is not None:
+            row = len(self._sizes)
+            self._weights += [(row, i, w) for i, w in enumerate(weights) if w is not None]
+        self._values += values
+        self._sizes.append(n)
+        self.count += n
+        if len(self._sizes) >= 512:
+            self.totals()
+
+    def totals(self):
+        """The weighted sums so far (a tensor on the device), the queue added in."""
+        if self._sizes:
+            values = torch.stack(self._values).to(self.dtype).view(len(self._sizes), len(self.names))
+            sizes = torch.tensor(self._sizes, dtype=self.dtype, device=values.device)
+            if not self._weights:  # the usual case: every value weighted by its batch's sample count
+                self.sums += (values * sizes[:, None]).sum(0)
+                self.weight_sums += sizes.sum()
+            else:
+                weights = sizes[:, None].repeat(1, len(self.names))
+                rows, cols, given = zip(*self._weights)
+                weights[list(rows), list(cols)] = torch.stack(given).to(device=values.device, dtype=self.dtype)
+                self.sums += torch.where(weights > 0, values * weights, 0).sum(0)
+                self.weight_sums += weights.sum(0)
+            self._values, self._sizes, self._weights = [], [], []
+        return self.sums
+
+    def result(self, reduce=False):
+        """The weighted mean of each name over all batches seen; ``reduce=True`` sums over processes first."""
+        sums, weights = self.totals(), self.weight_sums
+        if reduce:
+            both = torch.cat([sums, weights])
+            torch.distributed.all_reduce(both)
+            sums, weights = both.split(len(self.names))
+        return dict(zip(self.names, (sums / torch.where(weights > 0, weights, 1)).tolist()))
+
+    def state_dict(self, reduce=False):
+        """The sums, their weights and the count, on the CPU; ``reduce=True`` (a collective) sums all processes'."""
+        sums, weights, count = self.totals().detach(), self.weight_sums.detach(), self.count
+        if reduce:
+            n, all_ = len(self.names), torch.cat([sums, weights, sums.new_tensor([float(count)])])
+            torch.distributed.all_reduce(all_)
+            sums, weights, count = all_[:n], all_[n:2 * n], int(all_[-1].item())
+        return {"sums": sums.cpu(), "weights": weights.cpu(), "count": count}
+
+    def load_state_dict(self, state):
+        self._values, self._sizes, self._weights = [], [], []
+        self.sums.copy_(state["sums"])
+        # Checkpoints from before per-value weights: every value was weighted by the sample count.
+        self.weight_sums.copy_(state.get("weights", torch.full_like(self.weight_sums, state["count"])))
+        self.count = state["count"]
+
+    def mark(self):
+        """A snapshot for :meth:`rollback` (the queue by reference: its tensors never change in place)."""
+        return (self.sums.clone(), self.weight_sums.clone(), self.count,
+                list(self._values), list(self._sizes), list(self._weights))
+
+    def rollback(self, mark):
+        """Return to the state of :meth:`mark`: the batches added since are forgotten."""
+        sums, weight_sums, self.count, values, sizes, weights = mark
+        self.sums.copy_(sums)
+        self.weight_sums.copy_(weight_sums)
+        self._values, self._sizes, self._weights = list(values), list(sizes), list(weights)
+
+
+def weighing(criterion, metric_fns, loader):
+    """``(metric_fns, weighed)``: the per-batch metrics as a loop should call them, and the functions whose weights
+    it must ask of each batch (:func:`batch_weights`; None: the sample count is every weight).
+
+    Counting per batch is needed only where a function that weighs itself has a class ``weight``, or
+    the data may hold a target equal to its ``ignore_index`` (``loader.holds_target``, asked once).
+    Where it is not needed, a built-in metric runs as its variant that counts nothing.
+    """
+    holds = getattr(loader, "holds_target", None)
+    fast, needed = [], False
+    for fn in [criterion, *metric_fns]:
+        name, weigh, kwargs = _weighs(fn)
+        kept = weigh is None or (kwargs.get("weight") is None and holds is not None
+                                 and holds(kwargs.get("ignore_index", -100)) is False)
+        needed = needed or not kept
+        if fn is not criterion:
+            fast.append(_ALL_KEPT.get(name, fn) if kept and not hasattr(fn, "keywords") else fn)
+    return fast, [criterion, *fast] if needed else None
+
+
+def batch_weights(fns, output, target):
+    """What each of ``fns`` (the loss, then the metrics) averages over in this batch, for :meth:`MetricTracker.update`:
+    a 0-d tensor for a function that weighs itself, else None (the sample count); None when every one is."""
+    weights = []
+    for fn in fns:
+        _, weigh, kwargs = _weighs(fn)
+        weights.append(weigh(output, target, **kwargs) if weigh is not None else None)
+    return weights if any(w is not None for w in weights) else None
+
+
+def fast_variant(fn):
+    """The variant of a built-in metric for data holding no ignored target (the same values), or None."""
+    return None if hasattr(fn, "keywords") else _ALL_KEPT.get(_weighs(fn)[0])
+
+
+def _weighs(fn):
+    """``(name, weigh, kwargs)`` of a loss or metric (or a ``functools.partial`` of one): its function's qualified name,
+    what its batch value averages over as a function of ``(output, target, **kwargs)`` (None: the samples; a loss
+    says it itself, model/loss.py; the built-in metrics are known by name), and the keyword arguments bound."""
+    func, kwargs = (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
+    name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}"
+    return name, getattr(func, "averages_over", None) or _AVERAGES_OVER.get(name), kwargs
+
+
+def _kept_targets(output, target, ignore_index=-100, **_):
+    return (target != ignore_index).sum()
+
+
+def _accuracy_all_kept(output, target):
+    return (output.argmax(dim=1) == target).sum() / target.numel()
+
+
+def _top_k_acc_all_kept(output, target, k=3):
+    top = output.topk(min(k, output.shape[1]), dim=1).indices
+    return (top == target.unsqueeze(1)).any(dim=1).sum() / target.numel()
+
+
+# model/metric.py's accuracy and top-k leave targets equal to ignore_index out; on data holding none, the variants
+# above give the same values with fewer tensor operations, logged under the same names.
+_accuracy_all_kept.__name__, _top_k_acc_all_kept.__name__ = "accuracy", "top_k_acc"
+_AVERAGES_OVER = {"model.metric.accuracy": _kept_targets, "model.metric.top_k_acc": _kept_targets}
+_ALL_KEPT = {"model.metric.accuracy": _accuracy_all_kept, "model.metric.top_k_acc": _top_k_acc_all_kept}
+
+
+class EpochMetric:
+    """A metric whose epoch value is no mean of batch values (a macro F1, an AUROC): it keeps state over the epoch.
+
+    A part provides them (a ``metrics`` prefix such as ``torchmetrics.``, utils/parts.py); ``__name__`` is the name
+    its value goes by. The list of metrics holds a *spec*, and each loop makes its own accumulator from it with
+    ``new(device, sync=True, check_inputs=False)`` (``sync``: ``compute`` and ``state_dict(reduce=True)`` combine
+    every process's state, a collective; ``check_inputs``: check each update even at the cost of a host-device
+    sync, as the dry batch's probe does). An accumulator has ``update(output, target)`` (``output`` may still
+    require grad), ``compute()`` (a float; for a metric in ``Parts.valid_metric_fns``, what its part's hook takes
+    out of the result), ``reset()``, ``state_dict(reduce=False)`` (on the CPU) and ``load_state_dict(state,
+    own=True)`` (``own=False``: start empty, in a form that combines with the process carrying ``state`` on;
+    returns False, loading nothing, for another metric's state): what a mid-epoch checkpoint needs for a resume
+    to end the epoch with the value of the run left alone.
+    """
+
+    def mark(self):
+        """A snapshot for :meth:`rollback` (``trainer.auto_accumulate`` redoing a window of batches)."""
+        return self.state_dict()
+
+    def rollback(self, mark):
+        """Return to the state of :meth:`mark`: the batches added since are forgotten."""
+        self.load_state_dict(mark)

@@ -251,7 +251,7 @@ monitor_string = Check(lambda v: isinstance(v, str) and (v == "off" or re.fullma
 metric_list = Check(lambda v: isinstance(v, list) and all((isinstance(m, str) and m) or isinstance(m, dict) for m in v),
                     'a list of metric names, or {"type": ..., "args": {...}} entries naming a part\'s metric')
 
-CORE_LOGGERS = ("tensorboard",)  # the trainer.loggers name the core writes itself (logger/visualization.py)
+CORE_LOGGERS = ("tensorboard",)  # the trainer.loggers name the core writes itself (logger/logger.py)
 
 
 def check_loggers(value):

@@ -15,7 +15,7 @@ What a part's module may define (each is optional; the core calls what is there)
   defaults, and return one line per problem (``"trainer.ema.decay: got 2, expected ..."``).
 - ``prepare(config, parts)``: change the built components before the dry batch (debug modes; a metric only
   validation scores, in ``parts.valid_metric_fns``), or refuse them with a one-line ConfigError.
-- ``hooks(config, parts, run) -> list``: the :class:`trainer.hooks.Hook` objects it adds to a run.
+- ``hooks(config, parts, run) -> list``: the :class:`base.base_trainer.Hook` objects it adds to a run.
 - ``check_resume(state, checkpoint)``: before a run continues the checkpoint ``state`` (read from
   ``checkpoint``), nothing written yet: raise :class:`base.base_trainer.RunStopped` when this launch
   must not train on from it (max_time: a torchrun round restarted after the budget ran out).
@@ -25,7 +25,7 @@ What a part's module may define (each is optional; the core calls what is there)
   scales them): see utils/resume.py.
 - ``LOADERS`` / ``MODELS`` / ``METRICS``: ``{name: class}`` for the names in ``loaders``;
   ``model(name)`` / ``metric(name)`` for the prefixes in ``archs`` / ``metrics`` (None if unknown).
-- ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/visualization.py).
+- ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/logger.py).
 - ``pipelines(dataset, transforms, in_memory, num_workers)``: from the part owning
   ``data_loader.args.transforms``, what the data loader runs its batches through (see
   base/base_data_loader.py, which asks :func:`owner` for it).

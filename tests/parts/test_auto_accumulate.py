@@ -129,7 +129,7 @@ def test_oom_with_a_batch_of_one_or_in_the_optimizer_step_is_raised(tiny_config,
 def test_the_running_sums_are_copied_per_step_only_with_the_part(tiny_config):
     from types import SimpleNamespace
 
-    from trainer.hooks import step_hooks
+    from trainer.trainer import step_hooks
     from utils import parts
 
     hooks = auto_accumulate.hooks(None, None, SimpleNamespace(dist=SimpleNamespace(enabled=False)))

@@ -72,7 +72,7 @@ def test_the_matrix_counts_pairs_leaves_ignored_targets_out_and_keeps_its_state(
     again = spec.new(torch.device("cpu"), sync=False)
     assert again.load_state_dict(matrix.state_dict()) and torch.equal(again.compute(), expected)
     assert not again.load_state_dict({"states": {}})  # another metric's state
-    mark = matrix.mark()  # (utils.metric_tracker.EpochMetric's, through the state)
+    mark = matrix.mark()  # (trainer.trainer.EpochMetric's, through the state)
     matrix.update(output, torch.tensor([2, 2, 2, 2]))
     matrix.rollback(mark)
     assert torch.equal(matrix.compute(), expected)

@@ -108,7 +108,7 @@ def test_csv_rows_and_columns_after_a_run(tmp_path):
 
 
 def test_csv_beside_tensorboard_gets_the_same_scalars(tmp_path):
-    # Two loggers: each call goes to both (logger/visualization.py's Writers).
+    # Two loggers: each call goes to both (logger/writers.py's Writers).
     from tensorboard.backend.event_processing import event_accumulator
 
     train(config_with(tmp_path, ["tensorboard", "csv"], tensorboard=True), run_id="b")

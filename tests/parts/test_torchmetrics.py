@@ -261,7 +261,7 @@ def test_fewer_validation_samples_than_processes_is_one_line_for_torchmetrics(tm
     from trainer.run import build_parts
     from utils.config import ConfigError, validate_config
     from utils.dist import DistInfo
-    from utils.metric_tracker import EpochMetric
+    from trainer.trainer import EpochMetric
 
     config = make_config(tmp_path / "saved")
     config["metrics"] = ["accuracy", {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3}}]

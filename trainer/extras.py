@@ -1,0 +1,142 @@
+"""What some runs of the trainer need and a default run does not, imported at the point of use.
+
+The core's own hooks that a config turns on (``trainer.freeze``/``unfreeze_at_epoch``,
+``trainer.histogram_every``), the epochs of ``trainer.len_epoch``, what a non-finite loss does, and
+a resume's restoring of the epoch's running sums.
+"""
+
+import itertools
+
+import torch
+
+from base.base_trainer import Hook, RunStopped
+
+
+class Unfreeze(Hook):
+    """``trainer.unfreeze_at_epoch``: from that epoch on, the parameters ``trainer.freeze`` froze train too.
+
+    They join the optimizer as a new parameter group at ``unfreeze_lr`` (default: the optimizer's
+    learning rate). The checkpoint records whether this has happened, so a resume on either side
+    of the epoch rebuilds the same parameter groups before loading the optimizer.
+    """
+
+    def __init__(self, frozen, at_epoch, lr):
+        self.frozen, self.at_epoch, self.lr = list(frozen), at_epoch, lr
+        self.unfrozen = False
+
+    def before_epoch(self, trainer, epoch):
+        if not self.unfrozen and self.at_epoch and epoch >= self.at_epoch:
+            self.unfreeze(trainer)
+            trainer.logger.info(f"Epoch {epoch}: unfroze {len(self.frozen)} parameter tensors")
+
+    def unfreeze(self, trainer):
+        params = dict(trainer.model.named_parameters())
+        new = [params[name].requires_grad_(True) for name in self.frozen]
+        lr = self.lr or trainer.optimizer.defaults["lr"]
+        trainer.optimizer.add_param_group({"params": new, "lr": lr})
+        if trainer.lr_scheduler is not None and hasattr(trainer.lr_scheduler, "base_lrs"):
+            trainer.lr_scheduler.base_lrs.append(lr)  # schedulers keep one base lr per group
+        self.unfrozen = True
+        trainer.params = [p for group in trainer.optimizer.param_groups for p in group["params"]]  # all clipped
+        # DDP registers only the parameters trainable when it was built: wrap again (a collective: every process
+        # unfreezes at the same epoch).
+        if trainer.distributed and trainer.parts.wrap is not None:
+            trainer.forward_model = trainer.parts.wrap(trainer.model)
+
+    def state_dict(self):
+        return {"frozen": self.frozen, "unfrozen": self.unfrozen}
+
+    def load_state_dict(self, trainer, state):
+        if state.get("unfrozen") and not self.unfrozen:
+            self.unfreeze(trainer)
+
+
+class Histograms(Hook):
+    """``trainer.histogram_every``: parameter, gradient and activation (``activation_histograms``) histograms every
+    N epochs, with the input images (``log_images``) at those epochs (rank 0, TensorBoard on)."""
+
+    def __init__(self, every, activation_modules, log_images):
+        self.every, self.activation_modules, self.log_images = every, list(activation_modules), log_images
+
+    def after_train_epoch(self, trainer, epoch, last_batch):
+        if last_batch is None or epoch % self.every:
+            return
+        writer, step = trainer.writer, trainer.global_step  # (the first epoch's images: the trainer's)
+        if self.log_images and epoch > 1 and last_batch.dim() == 4 and last_batch.shape[1] in (1, 3):
+            writer.add_images("inputs", last_batch[:16], step)
+        for name, param in trainer.model.named_parameters():
+            writer.add_histogram(f"params/{name}", param, step)
+            if param.grad is not None:
+                writer.add_histogram(f"grads/{name}", param.grad, step)
+        if not self.activation_modules:
+            return
+        # One extra forward pass in eval mode: no dropout draws, so the RNG stream (and resume) is unaffected.
+        modules = dict(trainer.model.named_modules())
+        handles = [modules[name].register_forward_hook(
+            lambda module, inputs, output, name=name: writer.add_histogram(f"activations/{name}", output, step))
+            for name in self.activation_modules]
+        try:
+            trainer.model.eval()
+            with torch.no_grad(), trainer.autocast:
+                trainer.model(last_batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+            trainer.model.train()
+
+
+def endless(loader, position, count):
+    """``count`` batches from batch ``position`` of an endless stream of passes over ``loader`` (``len_epoch``);
+    pass ``k`` has the data order of sampler epoch ``k``."""
+    passes, offset = divmod(position, len(loader))
+    while count > 0:
+        passes += 1
+        loader.set_epoch(passes, offset)
+        for batch in itertools.islice(loader, count):
+            yield batch
+            count -= 1
+        offset = 0
+
+
+def nonfinite_loss(trainer, loss, epoch, batch_idx, since_last_log=False):
+    """A non-finite loss: returns True to skip the batch (``trainer.skip_nonfinite``), or raises to stop the run.
+    Under torchrun the message is kept until the processes agree after this step, so that all of them stop."""
+    where = f"epoch {epoch}, step {trainer.global_step + 1} (batch {batch_idx + 1})"
+    if trainer.skip_nonfinite:
+        trainer.nonfinite_skips += 1
+        trainer.logger.warning(f"non-finite loss ({loss.item()}) at {where}: step skipped"
+                               f" ({trainer.nonfinite_skips} so far)")
+        return True
+    if since_last_log:
+        where = f"epoch {epoch}, between steps {trainer.global_step - trainer.log_every + 1} and {trainer.global_step}"
+    message = (f"the loss became non-finite ({loss.item()}) at {where}; stopping without saving, so the last good"
+               " checkpoint is untouched. Lower the learning rate, set trainer.clip_grad_norm, or set"
+               " trainer.skip_nonfinite=true to skip such steps")
+    if not trainer.distributed:
+        raise RunStopped(message)
+    trainer.diverged = message
+    return False
+
+
+def load_trainer_state(trainer, state):
+    """Resuming: the scaler, the count of skipped steps, and mid-epoch the epoch's running sums, which are all
+    processes' (see ``Trainer.before_checkpoint``): one process carries them on, the others start empty."""
+    if trainer.scaler and state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.nonfinite_skips = state.get("nonfinite_skips", 0)
+    if not state.get("batch_in_epoch"):
+        return
+    if trainer.is_main:
+        trainer.train_metrics.load_state_dict(state["train_metrics"])
+    else:
+        trainer.train_metrics.reset()
+    saved = state.get("train_epoch_metrics") or {}
+    for metric in trainer.epoch_metrics:
+        metric.reset()
+        mine = saved.get(metric.__name__)
+        # The others start empty, in a form that still gathers with rank 0's.
+        loaded = mine is not None and metric.load_state_dict(mine, own=trainer.is_main)
+        if not loaded and trainer.is_main:
+            why = "no running state" if mine is None else "the state of another metric (changed args?)"
+            trainer.logger.warning(f"the checkpoint holds {why} for {metric.__name__}: its value for epoch"
+                                   f" {state['epoch'] + 1} covers only the batches after the resume")
