@@ -177,7 +177,7 @@ def _copy_run(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["checkpoint", "config", "input", "symlink", "hard_link", "other_file", "folder",
-                                  "no_folder", "device"])
+                                  "no_folder", "fifo"])
 def test_predict_output_never_replaces_an_input_or_a_file_it_did_not_write(case, csv_ckpt, example_data, tmp_path,
                                                                              capsys):
     import os
@@ -191,18 +191,20 @@ def test_predict_output_never_replaces_an_input_or_a_file_it_did_not_write(case,
         os.symlink(ckpt, tmp_path / "link.csv")
     if case == "hard_link":
         os.link(ckpt.parent / "config.json", tmp_path / "hard.csv")
+    if case == "fifo":  # (a special file of the test's own: without the check, /dev/null itself would be replaced)
+        os.mkfifo(tmp_path / "fifo.csv")
     output = {"checkpoint": ckpt, "config": ckpt.parent / "config.json", "input": table,
               "symlink": tmp_path / "link.csv",
               "hard_link": tmp_path / "hard.csv", "other_file": notes, "folder": tmp_path,
-              "no_folder": tmp_path / "gone/p.csv", "device": "/dev/null"}[case]
+              "no_folder": tmp_path / "gone/p.csv", "fifo": tmp_path / "fifo.csv"}[case]
     before = {p: p.read_bytes() for p in (ckpt, ckpt.parent / "config.json", table, notes)}
     assert predict.predict_command(["-r", str(ckpt), str(table), "-o", str(output)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: -o {output}") and len(err.strip().splitlines()) == 1, err
     assert "give -o a new file path" in err
     assert {p: p.read_bytes() for p in before} == before  # nothing replaced
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["run", "table.csv", "notes.txt", *{"symlink": ["link.csv"], "hard_link": ["hard.csv"]}.get(case, [])])
+    made = {"symlink": ["link.csv"], "hard_link": ["hard.csv"], "fifo": ["fifo.csv"]}.get(case, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", "table.csv", "notes.txt", *made])
     # An earlier output of predict.py, and an empty file, are replaced as asked.
     out = tmp_path / "p.csv"
     for _ in range(2):
