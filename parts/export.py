@@ -14,6 +14,9 @@ Promises:
   batch dimension, dtype, the image size, channels, normalisation ``mean``/``std`` (images), the
   feature names and standardisation (tables), the class names, and the check's tolerance and
   largest difference. Both files are written whole or not at all (:func:`utils.io.atomic_write`).
+* Neither file replaces an input: the checkpoint, its run's ``config.json``, a folder, or any existing
+  file that is not an earlier export (whose ``.preprocess.json`` names it) is one ``error:`` line before
+  the checkpoint is read (:func:`parts.predict.check_output`).
 
 A part (utils/parts.py) that needs the predict part: the model and the preprocessing it describes
 are the ones ``predict.py`` loads (:func:`parts.predict.load_for_inference`), so the two cannot
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import os
 import re
 import sys
 import warnings
@@ -53,6 +58,27 @@ def default_output(checkpoint, fmt):
 def preprocess_path(output):
     output = Path(output)
     return output.with_name(output.name + ".preprocess.json")
+
+
+def _describes(sidecar, name):
+    """Whether ``sidecar`` is a ``.preprocess.json`` this command wrote for the file called ``name``."""
+    try:
+        info = json.loads(Path(sidecar).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(info, dict) and info.get("file") == name and "checked_on" in info
+            and info.get("format") in FORMATS)
+
+
+def check_outputs(checkpoint, output, label="-o"):
+    """The exported file and its ``.preprocess.json``: neither may replace the checkpoint, its run's files or
+    anything but an earlier export (:func:`parts.predict.check_output`). Raises UserError."""
+    from parts.predict import check_output, run_files
+
+    inputs = run_files(checkpoint)
+    check_output(output, inputs, "export.py", lambda path: _describes(preprocess_path(path), path.name), label)
+    check_output(preprocess_path(output), inputs, "export.py", lambda path: _describes(path, Path(output).name),
+                 f"the preprocessing file of {label}")
 
 
 # --------------------------------------------------------------------------- example inputs
@@ -259,12 +285,10 @@ def export_checkpoint(checkpoint, fmt, output=None, overrides=()):
 
     if fmt not in FORMATS:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    label = "-o" if output else "the default output"
+    output = Path(os.path.expanduser(output)) if output else default_output(checkpoint, fmt)
+    check_outputs(checkpoint, output, label)
     loaded = load_for_inference(checkpoint, list(overrides) + ["device=cpu"])
-    output = Path(output) if output else default_output(checkpoint, fmt)
-    if output.is_dir():
-        raise UserError(f"-o {output} is a folder: give a file path")
-    if not output.parent.is_dir():
-        raise UserError(f"-o {output}: folder {output.parent} does not exist")
     x, source = example_inputs(loaded.config)
     data, max_diff = export_model(loaded, fmt, x)
     info = preprocessing(loaded, x, fmt, output, max_diff, source)

@@ -20,6 +20,9 @@ Promises:
   an input kind the checkpoint's model does not read, or an input whose shape does not fit
   the model is one ``error:`` line (:class:`~utils.errors.UserError`). Output files are
   written whole or not at all (:func:`utils.io.atomic_write`).
+* An output never replaces an input: ``-o`` naming the checkpoint, its run's files, an input, a
+  folder, or any existing file that is not an earlier output of the same command is one
+  ``error:`` line before anything is read or written (:func:`check_output`, which export.py uses too).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import csv
 import io
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -213,6 +217,20 @@ def _is_table(path):
     return str(path).lower().endswith(CSV_EXTENSIONS)
 
 
+def _not_a_file(path):
+    """Why ``path``, which exists, is neither a regular file nor a folder (a FIFO, a device, a socket), or why a
+    link to nothing is not found: reading a FIFO or a device waits or never ends."""
+    target = f" (a symbolic link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return f"{path}{target} does not exist"
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{path}{target} is {kind}, not a file or folder"
+
+
 def expand_inputs(inputs, kind):
     """The files the command line names, in order: files as given, folders' images recursively (sorted).
 
@@ -241,6 +259,8 @@ def expand_inputs(inputs, kind):
             if kind == "table" and not _is_table(path):
                 raise UserError(f"{path} is not a CSV file (.csv, .tsv), but this checkpoint's model reads CSV rows")
             files.append(path)
+        elif os.path.lexists(path):  # a FIFO, a device or a dangling link: say what it is, never read it
+            raise UserError(f"input {_not_a_file(path)}: give image files, folders of images or CSV files")
         else:
             raise UserError(f"input not found: {path}")
     return files
@@ -379,6 +399,81 @@ def format_rows(results, top_k, as_json=False):
     return out.getvalue()
 
 
+# --------------------------------------------------------------------------- where the output goes
+
+
+def _identity(path):
+    """``(st_dev, st_ino)`` of the file ``path`` names (through symbolic links), or None when there is none."""
+    try:
+        found = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return found.st_dev, found.st_ino
+
+
+def run_files(checkpoint):
+    """``(what, path)`` of a checkpoint and its run's files (beside it, and beside the file a link points to)."""
+    files = [("the checkpoint -r names", Path(checkpoint))]
+    for folder in dict.fromkeys([Path(checkpoint).parent, Path(os.path.realpath(checkpoint)).parent]):
+        files += [(f"the run's {name}", folder / name) for name in ("config.json", "manifest.json")]
+    return files
+
+
+def check_output(output, inputs, command, is_earlier_output, label="-o"):
+    """Refuse, before anything is read or written, an output path whose writing would lose something.
+
+    Args:
+        output: the path the command would replace (atomically) with its output.
+        inputs: ``(what, path)`` pairs: the checkpoint, its run's files, the files the command reads.
+        command: the command's name, for the message (``"predict.py"``).
+        is_earlier_output: ``path -> bool``: whether an existing file is an earlier output of this command,
+            which may be replaced (a rerun writes its output where the last one was).
+        label: what the message calls ``output`` (``"-o"``, or ``"the default output"``).
+
+    Raises:
+        UserError: one line naming the problem and what would be valid: ``output`` is a folder, its folder
+            does not exist, it is one of ``inputs`` (the same path, or the same file through a symbolic or
+            hard link: same device and inode), it is a link to nothing, a FIFO or a device, or it is a
+            non-empty file that is not an earlier output of ``command``.
+    """
+    path = Path(output)
+    valid = f"give -o a new file path (or an earlier output of {command}, which it replaces)"
+    if str(output).endswith(("/", os.sep)) or path.is_dir():
+        raise UserError(f"{label} {output} is a folder: {valid}")
+    if not path.parent.is_dir():
+        raise UserError(f"{label} {output}: folder {path.parent} does not exist; create it or {valid}")
+    found, real = _identity(path), os.path.realpath(path)
+    for what, other in inputs:
+        if os.path.realpath(other) == real or (found is not None and _identity(other) == found):
+            how = [str(other)] if str(other) != str(output) else []
+            how += [] if os.path.realpath(other) == real else ["through a hard link"]
+            how = f" ({', '.join(how)})" if how else ""
+            raise UserError(f"{label} {output} is {what}{how}: {command} would replace it; {valid}")
+    if os.path.lexists(path) and not path.is_file():
+        raise UserError(f"{label} {_not_a_file(path)}: {valid}")
+    if found is not None and path.stat().st_size and not is_earlier_output(path):
+        raise UserError(f"{label} {output} exists and is not an output of {command}: it would be replaced;"
+                        f" {valid}, or move the file away first")
+
+
+def is_predictions_file(path):
+    """Whether ``path`` starts as :func:`format_rows` writes: predict.py's CSV header, or a JSON line of a row."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if first in ("input,row,prediction", "input,row,class,probability"):
+        return True
+    if first.startswith("input,row,class,probability,top1_"):
+        return True
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and list(row)[:2] == ["input", "row"]
+
+
 # --------------------------------------------------------------------------- the command line
 
 
@@ -418,6 +513,10 @@ def predict_command(argv=None):
     inputs = [item for item in args.items if not _is_override(item)]
 
     def run():
+        if args.output:  # (an input inside a folder named here is an image: never a predictions file)
+            args.output = os.path.expanduser(args.output)  # (as the inputs are)
+            check_output(args.output, run_files(args.resume) + [("an input", Path(item)) for item in inputs],
+                         "predict.py", is_predictions_file)
         loaded = load_for_inference(args.resume, overrides_of(args))
         if loaded.inputs is None:
             raise UserError(f"{args.resume}: predict.py reads image files (ImageFolderDataLoader, MnistDataLoader,"

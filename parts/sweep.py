@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import signal
 import statistics
@@ -54,11 +55,17 @@ def parse_grid(items):
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise UserError(f"--grid {item!r}: expected key.path=V1,V2,... (for example optimizer.args.lr=0.1,0.01)")
-        grid[key] = [parse_value(v) for v in _split_values(values)]
+        _new_key(grid, key, "--grid", item)
+        grid[key] = [parse_value(v) for v in _split_values(values, "--grid", item)]
     return grid
 
 
-def _split_values(text):
+def _new_key(space, key, flag, item):
+    if key in space:  # (the second would silently replace the first)
+        raise UserError(f"{flag} {item!r}: {key} is swept twice; give each key once, with all its values")
+
+
+def _split_values(text, flag, item):
     # Commas inside brackets belong to a value: hidden_sizes=[16,16],[32] is two values.
     values, depth, current = [], 0, ""
     for ch in text:
@@ -68,7 +75,13 @@ def _split_values(text):
             current = ""
         else:
             current += ch
-    return values + [current]
+    values.append(current)
+    if any(not v.strip() for v in values):  # 0.1,,0.2 or a trailing comma: a typo, not an empty string
+        raise UserError(f"{flag} {item!r}: value {values.index(next(v for v in values if not v.strip())) + 1} is"
+                        ' empty; separate the values with single commas (an empty string is written "")')
+    if len(set(map(str.strip, values))) < len(values):
+        raise UserError(f"{flag} {item!r}: a value is repeated; give each value once")
+    return values
 
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
@@ -80,16 +93,21 @@ def parse_random(items, flag="--random"):
     for item in items:
         key, sep, spec = item.partition("=")
         kind, _, rest = spec.partition(":")
-        if not sep or kind not in DISTRIBUTIONS or not rest:
+        if not sep or not key or kind not in DISTRIBUTIONS or not rest:
             raise UserError(f"{flag} {item!r}: expected key.path=DIST:ARGS with DIST one of {', '.join(DISTRIBUTIONS)}"
                             " (uniform:LOW:HIGH, loguniform:LOW:HIGH, int:LOW:HIGH, choice:A,B,C)")
+        _new_key(space, key, flag, item)
         if kind == "choice":
-            space[key] = (kind, [parse_value(v) for v in _split_values(rest)])
+            space[key] = (kind, [parse_value(v) for v in _split_values(rest, flag, item)])
             continue
         try:
             low, high = (float(v) for v in rest.split(":"))
         except ValueError:
             raise UserError(f"{flag} {item!r}: {kind} takes LOW:HIGH numbers") from None
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise UserError(f"{flag} {item!r}: LOW and HIGH must be finite numbers")
+        if kind == "int" and not (low.is_integer() and high.is_integer()):  # (randint would truncate 1.5 to 1)
+            raise UserError(f"{flag} {item!r}: int takes whole-number bounds, such as int:1:8")
         if not low < high or (kind == "loguniform" and low <= 0):
             raise UserError(f"{flag} {item!r}: need LOW < HIGH{' and LOW > 0' if kind == 'loguniform' else ''}")
         space[key] = (kind, (low, high))
@@ -162,6 +180,29 @@ def monitored_value(result):
     return result["final"].get("val_loss", result["final"].get("loss"))
 
 
+def _read_state(path, study):
+    """A sweep's ``sweep.json``: ``{"spec": ..., "trials": [...]}``. Raises UserError (one line, with what to do)
+    when it is damaged: unreadable, truncated, or not a sweep's state."""
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        problem = None if isinstance(state, dict) and isinstance(state.get("trials"), list) and "spec" in state \
+            and all(isinstance(t, dict) and "status" in t for t in state["trials"]) else "not a sweep's state"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        problem = " ".join(str(err).split())[:200] or type(err).__name__
+    if problem is None:
+        return state
+    todo = (f"delete the folder {Path(path).parent} to start the study over" if study else
+            "delete it and run the same command again (each finished trial is read back from its run folder, not"
+            " trained again)")
+    raise UserError(f"{path} is damaged ({problem}): {todo}, or give --name to start another sweep")
+
+
+class SweepFailed(UserError):
+    """Every trial of a sweep failed: exit code 1 (its summary is written; each trial's reason is in it)."""
+
+    exit_code = 1
+
+
 class Sweep:
     """A sweep's folder and state; :meth:`run` runs what is left of it."""
 
@@ -175,6 +216,7 @@ class Sweep:
         trials_list = expand(configurations(grid, space, trials, sweep_seed), seeds, folds)
         for i, trial in enumerate(trials_list):
             trial.update(id=f"trial-{i:03d}", status="pending", overrides=trial_overrides(trial, folds))
+        self._check_trials([(t["id"], t["overrides"]) for t in trials_list])
         self._open(spec, trials_list, name, save_dir)
 
     def _load_config(self, config_path, overrides, nproc):
@@ -185,6 +227,33 @@ class Sweep:
         self.base = validate_config(base, registries())  # a typo fails the sweep before any trial
         self.monitor = self.base["trainer"]["monitor"]
 
+    def _check_trials(self, trials, shown=10):
+        """Check the config of every ``(name, overrides)`` trial before any runs; all problems at once, each
+        naming its first trials (a key the base config lacks, a value no trial may take).
+
+        Raises:
+            UserError: one line per distinct problem (at most ``shown``, then how many more).
+        """
+        from trainer.build import registries
+
+        fixed = {item.partition("=")[0] for item in self.overrides}
+        both = sorted(fixed & {item.partition("=")[0] for _, overrides in trials for item in overrides})
+        if both:  # (the trial's value would silently win)
+            raise UserError(f"{', '.join(both)}: both swept and set by an override; drop the override, or sweep"
+                            " only the values you want")
+        base, found = apply_overrides(load_config(self.config_path), self.overrides), {}
+        for name, overrides in trials:
+            try:
+                validate_config(apply_overrides(base, overrides), registries())
+            except UserError as err:
+                for problem in err.problems:
+                    found.setdefault(problem, []).append(f"{name} ({' '.join(map(short, overrides))})")
+        lines = [f"{problem} [in {', '.join(names[:2])}{f' and {len(names) - 2} more' if len(names) > 2 else ''}]"
+                 for problem, names in found.items()]
+        if lines:
+            more = [f"... and {len(lines) - shown} more problems"] if len(lines) > shown else []
+            raise UserError(*lines[:shown], *more)
+
     def _open(self, spec, trials, name, save_dir):
         """Name the folder (by the command's hash unless ``name``); take its state when it holds this command's sweep."""
         spec = json.loads(json.dumps(spec, default=str))  # as sweep.json keeps it (a tuple is a list there)
@@ -193,10 +262,12 @@ class Sweep:
         if problem := check_path_component(name, "--name"):
             raise UserError(problem)
         self.folder = Path(save_dir or self.base["trainer"]["save_dir"]) / "sweeps" / name
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{self.folder} is a file, not a sweep's folder; give --name to name another")
         self.state = {"spec": spec, "trials": trials}
         previous = self.folder / STATE
-        if previous.is_file():
-            saved = json.loads(previous.read_text())
+        if os.path.lexists(previous):
+            saved = _read_state(previous, "optuna" in spec)
             if saved.get("spec") != spec:
                 raise UserError(f"{self.folder} holds a sweep of another command; give --name to start a new one")
             self.state = saved
@@ -239,7 +310,8 @@ class Sweep:
         self.save()
         started = time.perf_counter()
         try:
-            proc = subprocess.run(self._command(trial, extra), cwd=ROOT, capture_output=True, text=True)
+            # (in the sweep's own folder: -c, save_dir and the config's data paths mean what they meant to the sweep)
+            proc = subprocess.run(self._command(trial, extra), capture_output=True, text=True)
         except KeyboardInterrupt:  # Ctrl-C reached the sweep while it waited: the trial is cut short with it
             proc = None
         trial["seconds"] = round(time.perf_counter() - started + trial.get("seconds", 0), 3)
@@ -507,6 +579,10 @@ class OptunaSweep(Sweep):
         self.folds, self.space, self.total, self.sweep_seed, self.pruner = None, space, trials, sweep_seed, pruner
         self.direction = "minimize" if mode == "min" else "maximize"
         self.swept = {key: kind for key, (kind, _) in space.items()}
+        # The study draws its trials later: every choice, and each end of every range, is checked now.
+        ends = [(key, value) for key, (kind, args) in space.items()
+                for value in (args if kind == "choice" else [int(a) for a in args] if kind == "int" else args)]
+        self._check_trials([("the study's space", [f"{key}={json.dumps(value)}"]) for key, value in ends])
         # (--trials is not part of it: the same command with a larger --trials extends the study)
         # The monitor too: the config file it comes from may be edited, and a study's direction is fixed.
         spec = {"config": self.config_path, "overrides": self.overrides, "optuna": space, "pruner": pruner,
@@ -639,10 +715,17 @@ def sweep_command(argv=None):
                 raise UserError(f"{flag} needs --trials N")
         if args.folds is not None and args.folds < 2:
             raise UserError(f"--folds: got {args.folds}, expected 2 or more")
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        except ValueError:
-            raise UserError(f"--seeds: got {args.seeds!r}, expected comma-separated integers such as 0,1,2") from None
+        if args.trials is not None and not (args.random or args.optuna):
+            raise UserError("--trials is the number of draws of --random or --optuna; a --grid runs each combination")
+        seeds = None
+        if args.seeds is not None:  # (an empty --seeds "" is a mistake, not "no seeds")
+            try:
+                seeds = [int(s) for s in args.seeds.split(",")]
+            except ValueError:
+                raise UserError(f"--seeds: got {args.seeds!r}, expected comma-separated integers such as 0,1,2")\
+                    from None
+            if len(set(seeds)) < len(seeds):
+                raise UserError(f"--seeds: got {args.seeds!r}, which repeats a seed; give each seed once")
         if args.optuna:
             sweep = _optuna_sweep(args, seeds)
             print(f"Sweep {sweep.folder}: an Optuna study of {args.trials} trials ({sweep.direction} the best"
@@ -662,6 +745,10 @@ def sweep_command(argv=None):
             print(line)
         if any((sweep.folder / "log").rglob("events.out.tfevents.*")):
             print(f"TensorBoard (its HParams tab compares the trials): tensorboard --logdir {sweep.folder / 'log'}")
+        trials = sweep.state["trials"]
+        if trials and all(t["status"] == "failed" for t in trials):
+            first = trials[0]["reason"].removeprefix("error: ")
+            raise SweepFailed(f"every trial failed ({len(trials)} of {len(trials)}); the first: {first}")
         return rows
 
     return run_command(run)

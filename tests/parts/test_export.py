@@ -135,3 +135,39 @@ def test_predict_and_export_a_timm_checkpoint_without_its_pretrained_file(tiny_c
     assert predict.load_for_inference(ckpt).model.training is False
     _, info = export.export_checkpoint(ckpt, "torchscript", tmp_path / "m.pt")
     assert info["input_shape"] == ["batch", 1, 16, 16] and info["max_abs_diff"] <= export.ATOL
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "config", "symlink", "hard_link", "other_file", "sidecar",
+                                  "default_is_checkpoint", "folder"])
+def test_export_never_replaces_the_checkpoint_its_run_or_a_file_it_did_not_write(case, csv_ckpt, tmp_path, capsys):
+    import os
+
+    from test_predict import _copy_run
+
+    ckpt = _copy_run(csv_ckpt, tmp_path)
+    config = ckpt.parent / "config.json"
+    notes = tmp_path / "notes.pt"
+    notes.write_text("someone's file\n")
+    if case == "default_is_checkpoint":  # model.pt2 exported as exported_program would be model.pt2 itself
+        ckpt = ckpt.rename(ckpt.with_name("model.pt2"))
+    if case == "symlink":
+        os.symlink(ckpt, tmp_path / "link.pt")
+    if case == "hard_link":
+        os.link(config, tmp_path / "hard.pt")
+    if case == "sidecar":  # the preprocessing file would replace someone's file
+        (tmp_path / "m.pt.preprocess.json").write_text('{"mine": 1}')
+    output = {"checkpoint": ckpt, "config": config, "symlink": tmp_path / "link.pt", "hard_link": tmp_path / "hard.pt",
+              "other_file": notes, "sidecar": tmp_path / "m.pt", "default_is_checkpoint": None,
+              "folder": tmp_path}[case]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    fmt = "exported_program" if case == "default_is_checkpoint" else "torchscript"
+    assert export.export_command(["-r", str(ckpt), "--format", fmt, *(["-o", str(output)] if output else [])]) == 2
+    err = capsys.readouterr().err
+    label = {"default_is_checkpoint": "the default output", "sidecar": "the preprocessing file of -o"}.get(case, "-o")
+    assert err.startswith(f"error: {label} ") and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or replaced
+    # An earlier export (its .preprocess.json names it) is replaced as asked.
+    out = tmp_path / "again.pt"
+    for _ in range(2):
+        assert export.export_command(["-r", str(ckpt), "--format", "torchscript", "-o", str(out)]) == 0
+    assert json.loads(export.preprocess_path(out).read_text())["file"] == "again.pt"

@@ -162,3 +162,74 @@ def test_predict_uses_the_ema_weights_validation_scored(tmp_path):
     assert any(not torch.equal(averaged[k], state["model"][k]) for k in averaged)  # the two differ
     weights = predict.load_for_inference(ckpt).model.state_dict()
     assert all(torch.equal(weights[k], v) for k, v in averaged.items())
+
+
+def _copy_run(ckpt, tmp_path):
+    """A copy of ``ckpt``'s run folder (the checkpoint and its config.json): a test that fails must not damage the
+    module's shared checkpoint."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in (ckpt.name, "config.json"):
+        shutil.copy2(ckpt.parent / name, run_dir / name)
+    return run_dir / ckpt.name
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "config", "input", "symlink", "hard_link", "other_file", "folder",
+                                  "no_folder", "fifo"])
+def test_predict_output_never_replaces_an_input_or_a_file_it_did_not_write(case, csv_ckpt, example_data, tmp_path,
+                                                                             capsys):
+    import os
+
+    ckpt = _copy_run(csv_ckpt, tmp_path)
+    table = tmp_path / "table.csv"
+    table.write_bytes((example_data / "example_table.csv").read_bytes())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("someone's notes\n")
+    if case == "symlink":
+        os.symlink(ckpt, tmp_path / "link.csv")
+    if case == "hard_link":
+        os.link(ckpt.parent / "config.json", tmp_path / "hard.csv")
+    if case == "fifo":  # (a special file of the test's own: without the check, /dev/null itself would be replaced)
+        os.mkfifo(tmp_path / "fifo.csv")
+    output = {"checkpoint": ckpt, "config": ckpt.parent / "config.json", "input": table,
+              "symlink": tmp_path / "link.csv",
+              "hard_link": tmp_path / "hard.csv", "other_file": notes, "folder": tmp_path,
+              "no_folder": tmp_path / "gone/p.csv", "fifo": tmp_path / "fifo.csv"}[case]
+    before = {p: p.read_bytes() for p in (ckpt, ckpt.parent / "config.json", table, notes)}
+    assert predict.predict_command(["-r", str(ckpt), str(table), "-o", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -o {output}") and len(err.strip().splitlines()) == 1, err
+    assert "give -o a new file path" in err
+    assert {p: p.read_bytes() for p in before} == before  # nothing replaced
+    made = {"symlink": ["link.csv"], "hard_link": ["hard.csv"], "fifo": ["fifo.csv"]}.get(case, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", "table.csv", "notes.txt", *made])
+    # An earlier output of predict.py, and an empty file, are replaced as asked.
+    out = tmp_path / "p.csv"
+    for _ in range(2):
+        assert predict.predict_command(["-r", str(ckpt), str(table), "-o", str(out), "--top-k", "1"]) == 0
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.touch()
+    for _ in range(2):
+        assert predict.predict_command(["-r", str(ckpt), str(table), "-o", str(jsonl), "--json"]) == 0
+    assert len(out.read_text().splitlines()) == len(jsonl.read_text().splitlines()) + 1 == 301
+
+
+@pytest.mark.parametrize("case", ["fifo", "device_link", "dangling_link"])
+def test_predict_input_that_is_no_file_is_named_not_read(case, image_ckpt, tmp_path, capsys):
+    import os
+
+    path = tmp_path / "x.png"
+    if case == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        os.mkfifo(path)  # reading it would wait forever
+    else:
+        os.symlink("/dev/zero" if case == "device_link" else tmp_path / "gone.png", path)
+    assert predict.predict_command(["-r", str(image_ckpt), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not found" not in err, err
+    named = {"fifo": "is a named pipe (FIFO)", "device_link": "(a symbolic link to /dev/zero) is a character device",
+             "dangling_link": "gone.png) does not exist"}[case]
+    assert err.startswith(f"error: input {path}") and named in err, err

@@ -136,7 +136,29 @@ OPTUNA = ["--optuna", "optimizer.args.lr=uniform:0.01:0.1", "--trials", "2"]
                                          ([*OPTUNA, "--seeds", "0,1"], "--optuna runs each trial once"),
                                          ([*OPTUNA, "--direction", "max"], "--direction max"),
                                          ([*OPTUNA, "trainer.monitor=off"], '--optuna: the study optimizes'),
-                                         (["--grid", "trainer.epochs=1,2", "--pruner", "none"], "--pruner is for")])
+                                         (["--grid", "trainer.epochs=1,2", "--pruner", "none"], "--pruner is for"),
+                                         # a repeated key would drop the first; an empty value, a repeated one
+                                         (["--grid", "trainer.epochs=1", "--grid", "trainer.epochs=2"],
+                                          "--grid 'trainer.epochs=2': trainer.epochs is swept twice"),
+                                         (["--random", "trainer.epochs=int:1:2", "--random", "trainer.epochs=int:2:3",
+                                           "--trials", "2"], "--random 'trainer.epochs=int:2:3'"),
+                                         (["--grid", "optimizer.args.lr=0.1,,0.2"],
+                                          "--grid 'optimizer.args.lr=0.1,,0.2': value 2 is empty"),
+                                         (["--grid", "optimizer.args.lr=0.1,"], "--grid 'optimizer.args.lr=0.1,'"),
+                                         (["--grid", "trainer.epochs=1,1"], "--grid 'trainer.epochs=1,1': a value is"),
+                                         (["--random", "arch.args.dropout=choice:0.1,,0.2", "--trials", "2"],
+                                          "--random"),
+                                         (["--random", "trainer.epochs=int:1.5:3", "--trials", "2"],
+                                          "--random 'trainer.epochs=int:1.5:3': int takes whole-number bounds"),
+                                         ([*OPTUNA[:1], "trainer.epochs=int:1:2.5", *OPTUNA[2:]], "--optuna"),
+                                         (["--random", "optimizer.args.lr=uniform:0:inf", "--trials", "2"], "--random"),
+                                         (["--seeds", ""], "--seeds: got ''"), (["--seeds", "0,,1"], "--seeds"),
+                                         (["--seeds", "1,1"], "--seeds: got '1,1', which repeats"),
+                                         (["--grid", "trainer.epochs=1,2", "--trials", "3"], "--trials is the number"),
+                                         # a swept key also fixed by an override: the trial's value would win
+                                         (["--grid", "optimizer.args.lr=0.1,0.2", "optimizer.args.lr=0.3"],
+                                          "optimizer.args.lr: both swept and set by an override"),
+                                         (["--seeds", "0,1", "seed=3"], "seed: both swept")])
 def test_bad_sweep_flags_are_one_line_before_anything_is_written(flags, named, tmp_path, capsys):
     path = write_config(tmp_path)
     assert sweep_command(["-c", str(path), *flags]) == 2
@@ -164,3 +186,53 @@ def test_drawn_values_are_shown_short_and_kept_whole():
     assert short("trainer.epochs=3") == "trainer.epochs=3"  # an int stays as written
     assert short("arch.type=MLP") == "arch.type=MLP"
     assert short('metrics=["accuracy"]') == 'metrics=["accuracy"]'
+
+
+@pytest.mark.parametrize("flags", [["--grid", "optimizer.args.lrr=0.1,0.2", "--grid", "trainer.epochs=0,1"],
+                                   ["--random", "trainer.epochs=int:-3:0", "--trials", "4"],
+                                   ["--optuna", "optimizer.args.lrr=uniform:0.1:0.2", "--trials", "2"],
+                                   ["--optuna", "trainer.epochs=int:0:2", "--trials", "2"]])
+def test_every_trials_config_is_checked_before_the_first_trial(flags, tmp_path, capsys):
+    # A typo'd key or a value no trial may take would fail every trial the same way, one after the other.
+    path = write_config(tmp_path)
+    assert sweep_command(["-c", str(path), *flags, "--name", "bad"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("error: ") for line in err), err
+    if "optimizer.args.lrr=0.1,0.2" in flags:  # every problem at once, each naming the trials it is in
+        assert len(err) == 2 and "SGD takes no argument 'lrr'" in err[1] and "[in trial-000 (" in err[1], err
+        assert "and 2 more]" in err[1] and "trainer.epochs: got 0" in err[0], err
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_sweep_whose_trials_all_failed_exits_non_zero(tmp_path, capsys):
+    path = write_config(tmp_path, epochs=1)
+    assert sweep_command(["-c", str(path), "--grid", "optimizer.args.lr=1e30,1e31", "--name", "f"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: every trial failed (2 of 2); the first:") and "non-finite" in err, err
+    assert "Failed trials:" in (tmp_path / "saved/sweeps/f/summary.md").read_text()  # the summary is written first
+
+
+@pytest.mark.parametrize("state", ['{"spec": {"config": "x", "ove', "[]", '{"spec": {}, "trials": [1]}', None])
+def test_a_damaged_sweep_json_is_one_line_saying_what_to_do(state, tmp_path, capsys):
+    path = write_config(tmp_path, epochs=1)
+    folder = tmp_path / "saved/sweeps/d"
+    folder.mkdir(parents=True)
+    if state is None:
+        (folder / "sweep.json").mkdir()  # not even a file
+    else:
+        (folder / "sweep.json").write_text(state)
+    assert sweep_command(["-c", str(path), "--grid", "optimizer.args.lr=0.1", "--name", "d"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {folder / 'sweep.json'} is damaged"), err
+    assert "run the same command again" in err[0] and "--name" in err[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["sweep.json"]  # nothing else written
+
+
+def test_a_sweep_run_from_another_folder_with_relative_paths(tmp_path, monkeypatch, capsys):
+    # The trials ran in the project's folder: a relative -c and save_dir meant something else there.
+    monkeypatch.chdir(tmp_path)
+    config = make_config("saved", epochs=1, test_after_train=False)
+    (tmp_path / "base.json").write_text(json.dumps(config))
+    assert sweep_command(["-c", "base.json", "--grid", "optimizer.args.lr=0.1", "--name", "rel"]) == 0
+    assert [t["status"] for t in trials_of(tmp_path / "saved/sweeps/rel")] == ["done"]
+    assert (tmp_path / "saved/sweeps/rel/models/tiny/trial-000/result.json").is_file()
