@@ -14,11 +14,12 @@ processes do not find each other (keys named by the per-node restart count, as b
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,8 @@ import torch
 
 from conftest import REPO, assert_states_identical, kill_tree
 
-pytestmark = [
-    pytest.mark.slow,  # ~20 s a two-node launch on two busy cores
-    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                       reason="torch.distributed with gloo is not available"),
-]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
 
 PG_TIMEOUT = 90  # s: the workers' process-group (and store) timeout
 RESUMED_WITHIN = 60  # s from the kill to the resumed round's first step
@@ -159,6 +157,7 @@ def left_alone(tmp_path_factory, torchrun):
     return final_state(tmp, "whole")
 
 
+@pytest.mark.slow  # ~45 s a case on two busy cores (two two-node launches for the first)
 @pytest.mark.parametrize("victim, kill_at, resumes_at", [
     pytest.param(1, KILL_AT_STEP, KILL_AT_STEP, id="second-node-mid-epoch"),
     pytest.param(0, KILL_AT_STEP, KILL_AT_STEP, id="first-node-mid-epoch"),
@@ -191,3 +190,24 @@ def test_a_round_restarted_after_a_failure_on_one_node_joins_at_once(tmp_path, t
     history = json.loads((folder / "manifest.json").read_text()).get("resume_history", [])
     assert [Path(entry["checkpoint"]).name for entry in history] == (["last.pth"] if kill_at else [])
     assert_states_identical(final_state(tmp_path, label), left_alone)
+
+
+def test_a_number_an_earlier_round_left_in_the_store_is_not_taken():
+    """utils/dist_round.py in one process, ranks as threads: rank 1 of a new round reads the number rank 0 of the
+    round before posted (and died without confirming anyone), posts its ticket under it, and still joins this
+    round's number once rank 0 posts it, late; a second group of the same processes gets a number of its own."""
+    from utils.dist_round import fresh_prefix
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=60))
+    other = torch.distributed.TCPStore("127.0.0.1", store.port, is_master=False, timeout=timedelta(seconds=60))
+    store.set("utils.dist/round", str(store.add("utils.dist/rounds", 1)))  # the earlier round's rank 0, gone
+    got = {}
+    for group in range(2):  # (each rank a client of its own: one client's waiting get holds its connection)
+        rank1 = threading.Thread(target=lambda: got.update({1: fresh_prefix(other, 1, 2)}))
+        rank1.start()
+        give_up = time.monotonic() + 60
+        while not store.check([f"utils.dist/round{group + 1}/rank1"]) and time.monotonic() < give_up:
+            time.sleep(0.01)  # polling for rank 1's ticket under the stale number
+        got[0] = fresh_prefix(store, 0, 2)
+        rank1.join(60)
+        assert got == {0: f"utils.dist/round{group + 2}/", 1: f"utils.dist/round{group + 2}/"}
