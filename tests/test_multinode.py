@@ -1,7 +1,7 @@
 """torchrun restarts on two nodes (issue 25): two torchrun agents on this machine, one process each, stand for two
 machines (``--nnodes=2 --rdzv-backend=c10d``, a localhost endpoint).
 
-A worker is killed with SIGKILL: on the second node after step 17 (epoch 2 of 3, batch 3 of 14; the newest
+A worker is killed with SIGKILL (the first node is the one of rank 0): on the second node after step 17 (epoch 2 of 3, batch 3 of 14; the newest
 checkpoint is last.pth of step 16), on the first node at the same step, or on the second node before it joins the
 process group. torchrun restarts the workers of both nodes but counts the restart only on the node whose worker
 failed, so the nodes' ``TORCHELASTIC_RESTART_COUNT`` differ in the next round: the round must join at once all the
