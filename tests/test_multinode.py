@@ -1,11 +1,12 @@
 """torchrun restarts on two nodes (issue 25): two torchrun agents on this machine, one process each, stand for two
 machines (``--nnodes=2 --rdzv-backend=c10d``, a localhost endpoint).
 
-A worker is killed with SIGKILL (the first node is the one of rank 0): on the second node after step 17 (epoch 2 of 3, batch 3 of 14; the newest
-checkpoint is last.pth of step 16), on the first node at the same step, or on the second node before it joins the
-process group. torchrun restarts the workers of both nodes but counts the restart only on the node whose worker
-failed, so the nodes' ``TORCHELASTIC_RESTART_COUNT`` differ in the next round: the round must join at once all the
-same (utils/dist_round.py), resume the newest checkpoint, and end bit-identical to the two-node run left alone.
+A worker is killed with SIGKILL (the first node is the one of rank 0): on the second node after step 17 (epoch 2
+of 3, batch 3 of 14; the newest checkpoint is last.pth of step 16), on the first node at the same step, or on the
+second node before it joins the process group. torchrun restarts the workers of both nodes but counts the restart
+only on the node whose worker failed, so the nodes' ``TORCHELASTIC_RESTART_COUNT`` differ in the next round: the
+round must join at once all the same (utils/dist_round.py), resume the newest checkpoint, and end bit-identical to
+the two-node run left alone.
 
 The workers' process-group timeout is cut to ``PG_TIMEOUT`` seconds (torch's default is 30 minutes), and the resumed
 round must take its first step within ``RESUMED_WITHIN`` seconds of the kill, below that timeout: a round whose
@@ -78,7 +79,8 @@ def step(self, *args):
     _step(self, *args)
     if resumed and not first:  # (global_step counts the step once the optimizer's step is done)
         first.append(self.global_step + 1)
-        write(f"{{killed}}.resumed.rank{{rank}}", json.dumps({{"time": time.time(), "started": started, "step": first[0]}}))
+        record = {{"time": time.time(), "started": started, "step": first[0]}}
+        write(f"{{killed}}.resumed.rank{{rank}}", json.dumps(record))
     if rank == victim and self.global_step + 1 == kill_at and not os.path.exists(killed):
         kill()
 
