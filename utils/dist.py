@@ -58,8 +58,6 @@ def launch_context(environ=None):
     return context
 
 
-# How many times this process has initialised the process group (see :func:`_init_group`).
-_generation = 0
 # A gloo group for small host-side agreements (see :func:`max_over_ranks`) when the default group is nccl.
 _control_group = None
 
@@ -82,26 +80,18 @@ def setup(device):
 
 
 def _init_group(backend, info):
-    """``init_process_group`` from torchrun's environment, under a key prefix of its own when the store has been used.
+    """``init_process_group`` from torchrun's environment, under keys no earlier group in torchrun's store used.
 
-    Every initialisation rendezvouses through torchrun's store (at ``MASTER_ADDR:MASTER_PORT``)
-    under the same keys, where each process publishes its address. That store outlives a
-    process: a second initialisation in the same process (after ``destroy_process_group``), and
-    every process of a round that torchrun restarted (``--max-restarts``; torchrun keeps one store
-    for all rounds), would find the addresses of processes that are gone, and hang or fail with
-    "connection refused". So only the first initialisation of torchrun's first round uses the
-    plain keys; the others use a prefix naming the round and the initialisation (the same on
-    every rank).
+    torchrun keeps its store (``MASTER_ADDR:MASTER_PORT``) for all its rounds and nodes: the processes
+    that join agree on the keys of this group through it (utils/dist_round.py), never by torchrun's
+    restart count, which differs between nodes after a failure on one of them.
     """
-    global _generation, _control_group
-    _generation += 1
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if _generation == 1 and restart == "0":
-        dist.init_process_group(backend)
-    else:
-        store, _, _ = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"utils.dist/round{restart}/{_generation}/", store)
-        dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
+    global _control_group
+    from utils.dist_round import fresh_prefix  # (torchrun only)
+
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(fresh_prefix(store, info.rank, info.world_size), store)
+    dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
     # Collective: every rank creates it, right after joining.
     _control_group = None if backend == "gloo" else dist.new_group(backend="gloo")
 
