@@ -887,7 +887,7 @@ SECTION_KEYS = {
 
 def trainer_keys():
     """The keys ``trainer`` may hold: the core's, then those of the optional parts (utils/parts.py)."""
-    return [*TRAINER_SCHEMA, *(key[len("trainer."):] for key in parts.part_keys() if key.startswith("trainer."))]
+    return [*TRAINER_SCHEMA, *(key[len("trainer."):] for key in parts.KEY_OWNERS if key.startswith("trainer."))]
 
 
 def _check_keys(given, schema, where, problems):
@@ -974,11 +974,11 @@ def validate_config(config, registries):
         problems.append(f"trainer: expected a mapping of settings, got {json.dumps(trainer)}")
         trainer = {}
     # A key of an optional part (utils/parts.py) is checked by the part itself, below.
-    _check_keys({k: v for k, v in trainer.items() if not parts.key_owner(f"trainer.{k}")},
+    _check_keys({k: v for k, v in trainer.items() if f"trainer.{k}" not in parts.KEY_OWNERS},
                 dict.fromkeys(trainer_keys()), "trainer", problems)
     out["trainer"] = _fill(trainer, TRAINER_SCHEMA, "trainer", problems)
     _resolve_tensorboard(trainer, out["trainer"], problems)
-    out["trainer"].update({k: v for k, v in trainer.items() if k not in TRAINER_SCHEMA and parts.key_owner(f"trainer.{k}")})
+    out["trainer"].update({k: v for k, v in trainer.items() if k not in TRAINER_SCHEMA and f"trainer.{k}" in parts.KEY_OWNERS})
 
     # Object sections: the name must be in the table and its args must bind to the signature.
     provided = {"arch": (), "data_loader": ("seed",), "optimizer": ("params",), "lr_scheduler": ("optimizer",)}
