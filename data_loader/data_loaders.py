@@ -15,6 +15,7 @@ names them (``BUILTIN``); image folders and CSV tables are optional parts (utils
 found by their names too.
 """
 
+import importlib.util
 import os
 from functools import lru_cache
 
@@ -58,14 +59,13 @@ DIGITS_STD = 0.3760
 DIGITS_SPLIT_SEED = 0
 
 
-def _read_digits():
-    """scikit-learn's bundled digits as ``(pixels (1797, 64), labels (1797,))`` NumPy arrays.
+@lru_cache(maxsize=1)
+def digits_tensors():
+    """All 1,797 digits as ``(images (1797, 1, 8, 8) float32, normalised; labels (1797,) int64)``, read once.
 
-    Read straight from the CSV file scikit-learn ships, without importing scikit-learn:
+    Read straight from the CSV file scikit-learn ships (no network), without importing scikit-learn:
     that import alone takes over a second, longer than training the default config's first epoch.
     """
-    import importlib.util
-
     import numpy as np
 
     spec = importlib.util.find_spec("sklearn")
@@ -74,18 +74,12 @@ def _read_digits():
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        return digits.data, digits.target
-    table = np.loadtxt(path, delimiter=",")
-    return table[:, :-1], table[:, -1].astype(np.int64)
-
-
-@lru_cache(maxsize=1)
-def _digits_tensors():
-    pixels, targets = _read_digits()  # bundled with scikit-learn: no network
+        pixels, labels = digits.data, digits.target
+    else:
+        table = np.loadtxt(path, delimiter=",")
+        pixels, labels = table[:, :-1], table[:, -1]
     images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    images = (images / 16.0 - DIGITS_MEAN) / DIGITS_STD
-    labels = torch.as_tensor(targets, dtype=torch.int64)
-    return images, labels
+    return (images / 16.0 - DIGITS_MEAN) / DIGITS_STD, torch.as_tensor(labels, dtype=torch.int64)
 
 
 class DigitsDataset(TensorDataset):
@@ -103,7 +97,7 @@ class DigitsDataset(TensorDataset):
             raise UserError("DigitsDataset: test_fraction must be a number between 0 and 1 (exclusive),"
                             f" got {test_fraction!r}")
         self.train = train
-        images, labels = _digits_tensors()
+        images, labels = digits_tensors()
         n = len(labels)
         n_test = round(test_fraction * n)
         if not 1 <= n_test <= n - 1:

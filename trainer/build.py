@@ -74,7 +74,7 @@ def registries():
         "arch": Registry("model", MODELS, _external_model,
                          "a torchvision model as torchvision.models.NAME; a part's as " + _part_names("archs", "NAME")),
         "data_loader": Registry("data loader", DATA_LOADERS, _external_loader,
-                                extra_names=[*BUILTIN, *parts.provided("loaders")]),
+                                extra_names=[*BUILTIN, *parts.PART_LOADERS]),
         "loss": Registry("loss", LOSSES),
         "metrics": Registry("metric", METRICS, _external_metric,
                             f'a part\'s as {{"type": "{_part_names("metrics", "<module>.<Class>")}", "args": {{...}}}}'),

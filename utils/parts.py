@@ -107,8 +107,8 @@ PARTS = {
 }
 
 
-# Each config key a part owns -> the part's name.
-KEY_OWNERS = {key: name for name, part in PARTS.items() for key in part.keys}
+KEY_OWNERS = {key: name for name, part in PARTS.items() for key in part.keys}  # each part's config keys -> its name
+PART_LOADERS = tuple(name for part in PARTS.values() for name in part.loaders)  # the parts' data_loader.type names
 OFF = (None, False, [], {})  # a key set to null, false, 0 (== False) or empty asks for nothing: its part need not be there
 
 
@@ -174,11 +174,6 @@ def owner(key, value):
     if key not in KEY_OWNERS:
         raise ConfigError(f"{key}: no part of this project reads this setting; remove it")
     return load(KEY_OWNERS[key])
-
-
-def provided(kind):
-    """The names the parts provide under ``kind`` ("loaders"), in the table's order, whether or not their files are here."""
-    return [name for part in PARTS.values() for name in getattr(part, kind)]
 
 
 def provider(kind, name):
