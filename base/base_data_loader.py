@@ -1,23 +1,20 @@
 """Batching a dataset: a validation split, a reproducible data order, and a fast in-memory path.
 
-The order of the samples is a pure function of ``(seed, epoch)``: each epoch draws a
-permutation from a generator seeded with ``seed + epoch`` (as torch's
-``DistributedSampler`` does), never from the global RNG. That is what makes a run
-resumable mid-epoch (skip the batches already seen) and shardable over processes
-(each process takes every ``world_size``-th index of the same permutation).
+The order of the samples is a pure function of ``(seed, epoch)``: each epoch draws a permutation
+from a generator seeded with ``seed + epoch`` (as torch's ``DistributedSampler`` does), never from
+the global RNG. That is what makes a run resumable mid-epoch (skip the batches already seen) and
+shardable over processes (each process takes every ``world_size``-th index of the same permutation).
 
-A dataset that offers all its samples as two tensors (``tensors()``, as :class:`TensorDataset`
-does) is batched by indexing them: no per-sample ``__getitem__``, no collate. Any other dataset
-goes through torch's ``DataLoader`` (base/sample_loader.py, imported only then), in the same order.
+A dataset that offers all its samples as two tensors (``tensors()``, as :class:`TensorDataset` does)
+is batched by indexing them: no per-sample ``__getitem__``, no collate. Any other goes through torch's
+``DataLoader`` (base/sample_loader.py, imported only then) in the same order.
 
-Augmentation (``transforms``) is an optional part, the one owning ``data_loader.args.transforms``
-in utils/parts.py: without ``transforms`` the loader never asks for it. Given ``transforms``,
-the part makes one pipeline per split (training batches get ``train``, the validation and
-test splits ``eval``) and keeps its draws a function of the same ``(seed, epoch)`` and of a
-batch's place in the epoch, so a resumed run replays them too. A pipeline offers the loader
-``seeded(batch, seed, epoch, batch_number, rank)`` on the in-memory path, and
-``keys(indices, seed, epoch)`` and ``samples(dataset)`` on the per-sample one. uint8 images
-come out as float32 in [0, 1], by the pipeline or, without one, by the loader itself.
+Augmentation (``transforms``) is an optional part, the one owning ``data_loader.args.transforms`` in
+utils/parts.py, asked for only when ``transforms`` are given. It makes one pipeline per split (training
+batches get ``train``, validation and test ``eval``) whose draws are a function of ``(seed, epoch)`` and
+of a batch's place in the epoch, so a resumed run replays them too. A pipeline offers the loader
+``seeded(batch, seed, epoch, batch_number, rank)`` on the in-memory path, and ``keys(indices, seed,
+epoch)`` and ``samples(dataset)`` on the per-sample one. uint8 images come out as float32 in [0, 1].
 """
 
 import copy
