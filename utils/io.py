@@ -10,54 +10,20 @@ one-line :class:`~utils.errors.WriteError`; only a ``kill -9`` can leave a tempo
 file behind, and :func:`remove_stale_temp_files` clears those when a run folder is reused.
 
 A checkpoint is read once, by :func:`load_checkpoint`, which checks its whole structure
-(utils/checkpoint_check.py): the code after it may index any key it promises without a ``KeyError``.
+(utils/io_problems.py): the code after it may index any key it promises without a ``KeyError``.
 """
 
 import contextlib
-import errno
 import io
 import json
 import os
 import re
 import secrets
-import shutil
 from pathlib import Path
 
-from utils.errors import DiskFullError, UserError, WriteError
+from utils.errors import UserError
 
 _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp")  # the names atomic_write gives its temporary files
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-def _size(n):
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def _write_error(err, path, needed):
-    """The one-line :class:`WriteError` for an ``OSError`` the user can fix, or None for any other."""
-    folder = path.parent
-    if err.errno in _NO_SPACE:
-        try:
-            free = _size(shutil.disk_usage(folder).free)
-        except OSError:
-            free = "unknown"
-        what = "the disk quota is used up" if err.errno != errno.ENOSPC else "no space left on the device"
-        need = f"the file needs about {_size(needed)}" if needed else "the file could not be written whole"
-        return DiskFullError(
-            f"cannot write {path}: {what} holding {folder} ({free} free, {need}); free some space (or set"
-            f" trainer.save_dir to another disk) and resume; the previous {path.name}, if any, is intact"
-        )
-    if err.errno in _NOT_WRITABLE:
-        reason = {errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for this file system"}
-        return WriteError(
-            f"cannot write {path}: {reason.get(err.errno, 'no permission to write in ' + str(folder))};"
-            " choose a folder you can write to"
-        )
-    return None
 
 
 @contextlib.contextmanager
@@ -79,7 +45,9 @@ def atomic_write(path, mode="wb", expected_size=None):
     try:  # O_EXCL: a file of our own. (mkstemp would make it 0600; os.open's mode goes through the umask.)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as err:
-        raise _write_error(err, path, expected_size) or err from None
+        from utils.io_problems import write_error
+
+        raise write_error(err, path, expected_size) or err from None
     try:
         try:
             f = os.fdopen(fd, mode)
@@ -94,9 +62,10 @@ def atomic_write(path, mode="wb", expected_size=None):
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        user_error = _write_error(err, path, expected_size) if isinstance(err, OSError) else None
-        if user_error is not None:
-            raise user_error from None
+        if isinstance(err, OSError):
+            from utils.io_problems import write_error
+
+            raise write_error(err, path, expected_size) or err from None
         raise
     # The rename is an entry of the folder: fsync the folder too, so that it survives a power cut.
     with contextlib.suppress(OSError):  # (not every platform can open a folder)
@@ -148,7 +117,7 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
 
     Args:
         purpose: ``"resume"`` (``train.py -r``): everything a training run continues from (see
-            ``CHECKPOINT_SCHEMA`` in utils/checkpoint_check.py); ``"weights"`` (``test.py -r``,
+            ``CHECKPOINT_SCHEMA`` in utils/io_problems.py); ``"weights"`` (``test.py -r``,
             ``--init-from``): only ``model`` (parameter names to tensors) and ``config`` (a mapping).
 
     Raises:
@@ -168,7 +137,7 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
     except PermissionError:
         raise UserError(f"checkpoint {path} cannot be read: permission denied") from None
     except Exception as err:  # torch raises many kinds for a damaged file; all mean the same to the user
-        from utils.checkpoint_check import unreadable_reason
+        from utils.io_problems import unreadable_reason
 
         reason = unreadable_reason(err, path)
         if reason.startswith("refused"):
@@ -179,7 +148,7 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
     model = state.get("model") if isinstance(state, dict) else None
     if purpose != "weights" or not (isinstance(model, dict) and isinstance(state.get("config"), dict) and all(
             isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in model.items())):
-        from utils.checkpoint_check import checkpoint_problems
+        from utils.io_problems import checkpoint_problems
 
         problems = checkpoint_problems(state, purpose)
         if problems:

@@ -1,14 +1,51 @@
-"""What a checkpoint must hold, and why one could not be read: the slow half of utils/io.py's load_checkpoint.
+"""The rare half of utils/io.py: why a write failed, what a checkpoint must hold, why one could not be read.
 
-Imported only when a run resumes, or when a checkpoint is damaged, incomplete or refused by the safe
-loader. A fresh run never needs it: the model_best.pth it evaluates at its end passes load_checkpoint's
-one-line check of ``model`` and ``config``.
+Imported only when a write fails, when a run resumes, or when a checkpoint is damaged, incomplete or
+refused by the safe loader. A fresh run never needs it: the model_best.pth it evaluates at its end
+passes load_checkpoint's one check of ``model`` and ``config``.
 """
 
+import errno
 import re
+import shutil
 from pathlib import Path
 
 import torch
+
+from utils.errors import DiskFullError, WriteError
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _size(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def write_error(err, path, needed):
+    """The one-line :class:`WriteError` for an ``OSError`` the user can fix, or None for any other."""
+    folder = path.parent
+    if err.errno in _NO_SPACE:
+        try:
+            free = _size(shutil.disk_usage(folder).free)
+        except OSError:
+            free = "unknown"
+        what = "the disk quota is used up" if err.errno != errno.ENOSPC else "no space left on the device"
+        need = f"the file needs about {_size(needed)}" if needed else "the file could not be written whole"
+        return DiskFullError(
+            f"cannot write {path}: {what} holding {folder} ({free} free, {need}); free some space (or set"
+            f" trainer.save_dir to another disk) and resume; the previous {path.name}, if any, is intact"
+        )
+    if err.errno in _NOT_WRITABLE:
+        reason = {errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for this file system"}
+        return WriteError(
+            f"cannot write {path}: {reason.get(err.errno, 'no permission to write in ' + str(folder))};"
+            " choose a folder you can write to"
+        )
+    return None
 
 
 def _got(v, wanted):
