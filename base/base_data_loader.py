@@ -17,7 +17,6 @@ of a batch's place in the epoch, so a resumed run replays them too. A pipeline o
 epoch)`` and ``samples(dataset)`` on the per-sample one. uint8 images come out as float32 in [0, 1].
 """
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -78,11 +77,9 @@ class TensorDataset(Dataset):
     """A dataset held as two tensors: float32 ``inputs`` (N, *input_shape) and int64 ``targets`` (N,).
 
     ``dataset[i] == (inputs[i], int(targets[i]))``, and :meth:`tensors` offers both whole to
-    :class:`BaseDataLoader`'s fast path. Subclasses build the tensors and call :meth:`_set`.
+    :class:`BaseDataLoader`'s fast path. Subclasses build the tensors and call :meth:`_set`, which also sets
+    ``num_classes`` and ``input_shape``.
     """
-
-    num_classes: int
-    input_shape: tuple
 
     def _set(self, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
         if inputs.dtype != torch.float32 or targets.dtype != torch.int64 or len(inputs) != len(targets):
@@ -112,31 +109,26 @@ class BaseDataLoader:
     Args:
         dataset: a map-style dataset. With ``tensors()`` (all inputs and targets as two tensors) and
             ``in_memory``, batches index those tensors: the same samples in the same order, much faster.
-            uint8 inputs (``tensors()``'s, or on the per-sample path a dataset's with ``uint8_images =
-            True``) come out as float32 in [0, 1]. Its ``class_names`` and ``feature_stats``, if it has
-            them, are offered as the loader's.
+            uint8 inputs (``tensors()``'s, or a per-sample dataset's with ``uint8_images = True``) come
+            out as float32 in [0, 1]. Its ``class_names`` and ``feature_stats`` (a table's standardisation),
+            if it has them, become the loader's (else None).
         batch_size: samples per batch, per process.
         shuffle: a new order each epoch, fixed by ``seed`` and the epoch number.
         validation_split: a fraction in (0, 1) or a count of samples held out for validation.
-        num_workers, pin_memory, persistent_workers, prefetch_factor: passed to
-            ``torch.utils.data.DataLoader`` on the per-sample path. ``pin_memory=None`` pins when CUDA is available.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: for ``torch.utils.data.DataLoader`` on
+            the per-sample path. ``pin_memory=None`` pins when CUDA is available.
         in_memory: use the tensor path when the dataset offers ``tensors()``.
-        device_resident: on the tensor path, keep the whole dataset on the training
-            device (set by the trainer with :meth:`to`), so batches never cross the bus.
+        device_resident: on the tensor path, keep the whole dataset on the training device (:meth:`to`).
         drop_last: drop a last batch smaller than ``batch_size``.
         seed: the seed of the split, of the data order and of the augmentation.
         transforms: ``{"train": [...], "eval": [...]}`` of ``{"type": NAME, "args": {...}}`` naming
             ``torchvision.transforms.v2`` classes, made into pipelines by the part owning this key
             (utils/parts.py). Raises ConfigError for a bad spec, and when the part's files are not here.
-        training: the training data (``train`` transforms; ``eval`` for its validation
-            split). False: the test split (``eval`` transforms).
+        training: the training data (``train`` transforms; ``eval`` for its validation split).
+            False: the test split (``eval`` transforms).
         indices: the samples of ``dataset`` to use (default: all).
         fold: ``[k, K]``: K-fold cross-validation, validating on fold k of K (replaces
             ``validation_split``; the folds are the same whatever ``seed`` is).
-
-    Attributes:
-        class_names: the class names (a list of str) when the dataset has them, else None.
-        feature_stats: the feature standardisation of a table, else None.
     """
 
     def __init__(self, dataset, batch_size=64, shuffle=True, validation_split=0.0, num_workers=0,
@@ -226,13 +218,10 @@ class BaseDataLoader:
     def fix_to(self, indices):
         """Train on the samples ``indices`` alone, in that order, without random augmentation; returns a loader
         that validates on the same samples (what overfitting a few batches needs)."""
-        indices = torch.as_tensor(indices, dtype=torch.int64)
-        self.sampler = EpochSampler(indices, shuffle=False, seed=self.seed)
+        self.valid_idx = torch.as_tensor(indices, dtype=torch.int64)
+        self.sampler = EpochSampler(self.valid_idx, shuffle=False, seed=self.seed)
         self.shuffle, self._pipeline, self._loader = False, self._pipelines["eval"], None
-        valid = copy.copy(self)
-        valid.sampler = EpochSampler(indices, shuffle=False, seed=self.seed, pad=False)
-        valid.drop_last, valid.valid_idx, valid.start_batch = False, None, 0
-        return valid
+        return self.split_validation()
 
     def holds_target(self, value):
         """Whether some target of this data equals ``value`` (an ``ignore_index``, say); None when not known.

@@ -1,18 +1,13 @@
 """The data loaders a config can name in ``data_loader.type``: the ``DATA_LOADERS`` table.
 
-Your own data: copy :class:`DigitsDataLoader` and the :class:`DigitsDataset` it builds. A
-dataset is a ``torch.utils.data.Dataset`` (``__len__``, ``__getitem__`` returning ``(input,
-target)``); one that fits in memory is best a :class:`~base.base_data_loader.TensorDataset`,
-whose ``tensors()`` gives the fast path. The loader builds the dataset and hands it to
-:class:`BaseDataLoader`; add it to ``DATA_LOADERS``. ``training=False`` gives the held-out
-test split that ``test.py`` evaluates (no validation split, no shuffling). Any further
-keyword (``num_workers``, ``in_memory``, ``transforms``, ...) goes to :class:`BaseDataLoader`;
-see its docstring for the list. A loader whose data fixes a class order or a feature scaling
-offers it with :meth:`~BaseDataLoader.data_args`, to be kept in the run's config.
+Your own data: copy :class:`DigitsDataLoader` and the :class:`DigitsDataset` it builds, and add the loader
+to ``DATA_LOADERS``. A dataset is a ``torch.utils.data.Dataset`` (``__len__``, ``__getitem__`` returning
+``(input, target)``); one that fits in memory is best a :class:`~base.base_data_loader.TensorDataset`,
+whose ``tensors()`` gives the fast path. ``training=False`` gives the held-out test split that ``test.py``
+evaluates. Any further keyword (``num_workers``, ``transforms``, ...) goes to :class:`BaseDataLoader`.
 
-MNIST, CIFAR-10 and synthetic data are in data_loader/builtin.py, imported only when a config
-names them (``BUILTIN``); image folders and CSV tables are optional parts (utils/parts.py),
-found by their names too.
+MNIST, CIFAR-10 and synthetic data are in data_loader/builtin.py, imported only when a config names them
+(``BUILTIN``); image folders and CSV tables are optional parts (utils/parts.py).
 """
 
 import importlib.util
