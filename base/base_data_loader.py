@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils import parts
-from utils.errors import UserError
+from utils.errors import ConfigError, UserError
 
 TRANSFORMS = "data_loader.args.transforms"  # the key of the part that augments (utils/parts.py)
 
@@ -171,9 +171,13 @@ class BaseDataLoader:
 
     @staticmethod
     def transforms_part(transforms):
-        """The module of the part that makes ``transforms`` into pipelines; None when ``transforms`` is
-        null or empty. A loader may ask it to check ``transforms`` before slow work."""
-        return parts.owner(TRANSFORMS, transforms)
+        """The module of the part that makes ``transforms`` into pipelines (imported now); None when ``transforms``
+        is null or empty. A loader may ask it to check ``transforms`` before slow work."""
+        if transforms in parts.OFF:
+            return None
+        if TRANSFORMS not in parts.KEY_OWNERS:
+            raise ConfigError(f"{TRANSFORMS}: no part of this project reads this setting; remove it")
+        return parts.load(parts.KEY_OWNERS[TRANSFORMS])
 
     def data_args(self):
         """Constructor arguments that pin this data's class order and feature scaling (for
@@ -191,10 +195,8 @@ class BaseDataLoader:
             raise UserError(f"data_loader.args.validation_split: got {split!r}, expected a fraction in [0, 1) or a sample count")
         count = int(split) if isinstance(split, int) else round(n * split)
         if isinstance(split, float) and split >= 1 or not 0 < count < n:
-            raise UserError(
-                f"data_loader.args.validation_split: {split!r} leaves {n - count} of {n} samples for training;"
-                " use a fraction in (0, 1) or a count below the dataset size"
-            )
+            raise UserError(f"data_loader.args.validation_split: {split!r} leaves {n - count} of {n} samples for"
+                            " training; use a fraction in (0, 1) or a count below the dataset size")
         # Its own generator: the split is the same whatever else used the global RNG before.
         perm = indices[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
         return perm[count:], perm[:count]
@@ -231,8 +233,7 @@ class BaseDataLoader:
         counting the ignored targets of every batch (see :func:`utils.metric_tracker.weighing`).
         """
         if value not in self._holds:  # (the validation loader shares this dict: same dataset)
-            tensors = self._tensors if self._tensors is not None else (
-                self.dataset.tensors() if hasattr(self.dataset, "tensors") else None)
+            tensors = self._tensors or (self.dataset.tensors() if hasattr(self.dataset, "tensors") else None)
             targets = None if tensors is None else tensors[1]
             known = (isinstance(targets, torch.Tensor) and targets.dim() == 1 and not targets.is_floating_point()
                      and not targets.is_complex())

@@ -30,15 +30,10 @@ _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp")  # the names 
 def atomic_write(path, mode="wb", expected_size=None):
     """Open a temporary file beside ``path``; on a clean exit, fsync it and rename it over ``path``.
 
-    The file gets the permissions of any new file under the umask (``0o666 & ~umask``). On any
-    exception the temporary file is removed and ``path`` is left as it was.
-
-    Args:
-        expected_size: the bytes the caller will write, if known: a full disk's message says how much was needed.
-
-    Raises:
-        DiskFullError: no space left (or the quota is used up); exit code 28.
-        WriteError: a read-only file system or no permission to write in the folder; exit code 73.
+    The file gets the permissions of any new file under the umask (``0o666 & ~umask``). On any exception the
+    temporary file is removed and ``path`` is left as it was; a full disk (or quota) raises DiskFullError (exit
+    code 28), a read-only file system or a folder without write permission WriteError (73). ``expected_size``:
+    the bytes the caller will write, if known, for a full disk's message.
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # a name remove_stale_temp_files knows
@@ -77,11 +72,8 @@ def atomic_write(path, mode="wb", expected_size=None):
 
 
 def remove_stale_temp_files(folder):
-    """Delete the temporary files :func:`atomic_write` left in ``folder`` when a process was killed mid-write.
-
-    Only names of the form ``.<name>.XXXXXXXX.tmp`` (what ``atomic_write`` creates) are removed; call it
-    when no other process writes into ``folder``. Returns the paths removed; a missing folder removes nothing.
-    """
+    """Delete the temporary files (``.<name>.XXXXXXXX.tmp``) :func:`atomic_write` left in ``folder`` when a process
+    was killed mid-write; call it when no other process writes there. Returns the paths removed."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -115,15 +107,11 @@ def save_checkpoint(state, path):
 def load_checkpoint(path, map_location="cpu", purpose="resume"):
     """Load a checkpoint written by this project with ``weights_only=True`` and check its structure.
 
-    Args:
-        purpose: ``"resume"`` (``train.py -r``): everything a training run continues from (see
-            ``CHECKPOINT_SCHEMA`` in utils/io_problems.py); ``"weights"`` (``test.py -r``,
-            ``--init-from``): only ``model`` (parameter names to tensors) and ``config`` (a mapping).
-
-    Raises:
-        UserError: one line: the path is missing or a folder, the file is unreadable, truncated or
-            refused by the safe loader (naming the global it asked for), or it lacks what ``purpose``
-            needs (naming each missing key and each value of the wrong type).
+    ``purpose``: ``"resume"`` (``train.py -r``) needs everything a run continues from (``CHECKPOINT_SCHEMA`` in
+    utils/io_problems.py); ``"weights"`` (``test.py -r``, ``--init-from``) only ``model`` (parameter names to
+    tensors) and ``config`` (a mapping). Raises a one-line UserError for a path that is missing or a folder, a
+    file unreadable, truncated or refused by the safe loader (naming the global it asked for), or one that lacks
+    what ``purpose`` needs (naming each missing key and each value of the wrong type).
     """
     import torch
 

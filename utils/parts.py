@@ -25,7 +25,8 @@ What a part's module may define (each is optional; the core calls what is there)
   the prefixes in ``archs`` / ``metrics`` (None if unknown).
 - ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/visualization.py).
 - ``pipelines(dataset, transforms, in_memory, num_workers)``: from the part owning
-  ``data_loader.args.transforms``, what the data loader runs its batches through (base/base_data_loader.py).
+  ``data_loader.args.transforms``, what the data loader runs its batches through (base/base_data_loader.py,
+  which is handed that key's value without its config).
 """
 
 import importlib
@@ -162,18 +163,6 @@ def load(name):
         raise ConfigError(f"{uses}: needs the {name} part ({part.about}), whose files are not in this project"
                           f" ({part.files[0]}); restore them, or remove the setting")
     return importlib.import_module(part.module)
-
-
-def owner(key, value):
-    """The module of the part owning the dotted config key ``key`` when ``value``, the key's value, asks for
-    something (imported now); None when ``value`` is off. For a value the core is handed without its config:
-    ``data_loader.args.transforms`` reaches the data loader as an argument.
-    """
-    if value in OFF:
-        return None
-    if key not in KEY_OWNERS:
-        raise ConfigError(f"{key}: no part of this project reads this setting; remove it")
-    return load(KEY_OWNERS[key])
 
 
 def provider(kind, name):
