@@ -37,8 +37,8 @@ def fold_split(indices, fold):
     The folds come from one permutation seeded with 0, not with the run's seed: the same folds
     for every configuration and every seed of a sweep, so their scores compare.
     """
-    ok = (isinstance(fold, (list, tuple)) and len(fold) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                   for v in fold) and fold[1] >= 2 and 0 <= fold[0] < fold[1])
+    ok = (isinstance(fold, (list, tuple)) and len(fold) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in fold) and fold[1] >= 2 and 0 <= fold[0] < fold[1])
     if not ok:
         raise UserError(f"data_loader.args.fold: got {fold!r}, expected [k, K] with K >= 2 and 0 <= k < K"
                         " (validate on fold k of K)")

@@ -978,7 +978,8 @@ def validate_config(config, registries):
                 dict.fromkeys(trainer_keys()), "trainer", problems)
     out["trainer"] = _fill(trainer, TRAINER_SCHEMA, "trainer", problems)
     _resolve_tensorboard(trainer, out["trainer"], problems)
-    out["trainer"].update({k: v for k, v in trainer.items() if k not in TRAINER_SCHEMA and f"trainer.{k}" in parts.KEY_OWNERS})
+    out["trainer"].update({k: v for k, v in trainer.items()
+                           if k not in TRAINER_SCHEMA and f"trainer.{k}" in parts.KEY_OWNERS})
 
     # Object sections: the name must be in the table and its args must bind to the signature.
     provided = {"arch": (), "data_loader": ("seed",), "optimizer": ("params",), "lr_scheduler": ("optimizer",)}

@@ -110,7 +110,8 @@ PARTS = {
 
 KEY_OWNERS = {key: name for name, part in PARTS.items() for key in part.keys}  # each part's config keys -> its name
 PART_LOADERS = tuple(name for part in PARTS.values() for name in part.loaders)  # the parts' data_loader.type names
-OFF = (None, False, [], {})  # a key set to null, false, 0 (== False) or empty asks for nothing: its part need not be there
+# A key set to null, false, 0 (== False) or empty asks for nothing: its part need not be there.
+OFF = (None, False, [], {})
 
 
 def removed_with(name):
