@@ -280,7 +280,7 @@ def resnet20_step_s(batch_size, steps):
     """Seconds of one CPU training step of ResNet-20 on CIFAR-shaped inputs (the median of ``steps``)."""
     import torch
 
-    from model.model import CifarResNet
+    from model.builtin import CifarResNet
 
     model = CifarResNet(depth=20)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -43,7 +43,7 @@ threads make step times depend on what else the OS schedules, and one thread mak
 repeated runs agree (it is also how the reference figures were taken).
 
 Workloads: a tiny MLP (784-256-10, 60,000 MNIST-shaped samples, Adam, batch 128; the
-per-step overhead dominates), a LeNet-style CNN (``model.model.LeNet`` on 28x28; compute
+per-step overhead dominates), a LeNet-style CNN (``model.builtin.LeNet`` on 28x28; compute
 dominates) and, where CUDA is available, torchvision's ResNet-18 on CIFAR-shaped data
 with bf16 autocast and channels_last, eager and under torch.compile.
 Results: a table on stdout and ``benchmarks/results/overhead.json``.

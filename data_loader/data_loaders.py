@@ -1,20 +1,16 @@
 """The data loaders a config can name in ``data_loader.type``: the ``DATA_LOADERS`` table.
 
-Your own data: copy :class:`DigitsDataLoader` and the :class:`DigitsDataset` it builds. A
-dataset is a ``torch.utils.data.Dataset`` (``__len__``, ``__getitem__`` returning ``(input,
-target)``); one that fits in memory is best a :class:`~base.base_data_loader.TensorDataset`,
-whose ``tensors()`` gives the fast path. The loader builds the dataset and hands it to
-:class:`BaseDataLoader`; add it to ``DATA_LOADERS``. ``training=False`` gives the held-out
-test split that ``test.py`` evaluates (no validation split, no shuffling). Any further
-keyword (``num_workers``, ``in_memory``, ``transforms``, ...) goes to :class:`BaseDataLoader`;
-see its docstring for the list. A loader whose data fixes a class order or a feature scaling
-offers it with :meth:`~BaseDataLoader.data_args`, to be kept in the run's config.
+Your own data: copy :class:`DigitsDataLoader` and the :class:`DigitsDataset` it builds, and add the loader
+to ``DATA_LOADERS``. A dataset is a ``torch.utils.data.Dataset`` (``__len__``, ``__getitem__`` returning
+``(input, target)``); one that fits in memory is best a :class:`~base.base_data_loader.TensorDataset`,
+whose ``tensors()`` gives the fast path. ``training=False`` gives the held-out test split that ``test.py``
+evaluates. Any further keyword (``num_workers``, ``transforms``, ...) goes to :class:`BaseDataLoader`.
 
-MNIST, CIFAR-10 and synthetic data are in data_loader/builtin.py, imported only when a config
-names them (``BUILTIN``); image folders and CSV tables are optional parts (utils/parts.py),
-found by their names too.
+MNIST, CIFAR-10 and synthetic data are in data_loader/builtin.py, imported only when a config names them
+(``BUILTIN``); image folders and CSV tables are optional parts (utils/parts.py).
 """
 
+import importlib.util
 import os
 from functools import lru_cache
 
@@ -58,14 +54,13 @@ DIGITS_STD = 0.3760
 DIGITS_SPLIT_SEED = 0
 
 
-def _read_digits():
-    """scikit-learn's bundled digits as ``(pixels (1797, 64), labels (1797,))`` NumPy arrays.
+@lru_cache(maxsize=1)
+def digits_tensors():
+    """All 1,797 digits as ``(images (1797, 1, 8, 8) float32, normalised; labels (1797,) int64)``, read once.
 
-    Read straight from the CSV file scikit-learn ships, without importing scikit-learn:
+    Read straight from the CSV file scikit-learn ships (no network), without importing scikit-learn:
     that import alone takes over a second, longer than training the default config's first epoch.
     """
-    import importlib.util
-
     import numpy as np
 
     spec = importlib.util.find_spec("sklearn")
@@ -74,18 +69,12 @@ def _read_digits():
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        return digits.data, digits.target
-    table = np.loadtxt(path, delimiter=",")
-    return table[:, :-1], table[:, -1].astype(np.int64)
-
-
-@lru_cache(maxsize=1)
-def _digits_tensors():
-    pixels, targets = _read_digits()  # bundled with scikit-learn: no network
+        pixels, labels = digits.data, digits.target
+    else:
+        table = np.loadtxt(path, delimiter=",")
+        pixels, labels = table[:, :-1], table[:, -1]
     images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    images = (images / 16.0 - DIGITS_MEAN) / DIGITS_STD
-    labels = torch.as_tensor(targets, dtype=torch.int64)
-    return images, labels
+    return (images / 16.0 - DIGITS_MEAN) / DIGITS_STD, torch.as_tensor(labels, dtype=torch.int64)
 
 
 class DigitsDataset(TensorDataset):
@@ -103,7 +92,7 @@ class DigitsDataset(TensorDataset):
             raise UserError("DigitsDataset: test_fraction must be a number between 0 and 1 (exclusive),"
                             f" got {test_fraction!r}")
         self.train = train
-        images, labels = _digits_tensors()
+        images, labels = digits_tensors()
         n = len(labels)
         n_test = round(test_fraction * n)
         if not 1 <= n_test <= n - 1:

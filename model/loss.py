@@ -1,16 +1,11 @@
-"""Loss functions: what a config's ``"loss"`` names.
+"""Loss functions: what a config's ``"loss"`` names (``LOSSES``).
 
-A loss is a function ``fn(output, target, **args) -> 0-d tensor``: the model's output and the
-batch's targets in, one value out (the batch's mean, so that the learning rate does not depend
-on the batch size). The config's ``args`` are passed by keyword. To add a loss, write the
-function here and add it to ``LOSSES`` under the name a config will use.
-
-Two optional attributes of ``fn`` are used by the trainer:
-
-* ``fn.check(output, target, **args)`` raises a ValueError saying what is wrong. The dry batch
-  (``trainer/preflight.py``) calls it once before training, so ``fn`` itself checks nothing.
-* ``fn.averages_over(output, target, **args)`` is what its mean divides by in a batch; the
-  epoch's loss weighs each batch by it, so it is the mean over the epoch's targets.
+A loss is a function ``fn(output, target, **args) -> 0-d tensor``: the batch's mean, so that the
+learning rate does not depend on the batch size; the config's ``args`` come by keyword. The trainer
+uses two optional attributes of ``fn``: ``fn.check(output, target, **args)`` raises a ValueError
+saying what is wrong, called once by the dry batch (trainer/preflight.py) so that ``fn`` itself
+checks nothing; ``fn.averages_over(output, target, **args)`` is what its mean divides by in a batch,
+so that the epoch's loss is the mean over the epoch's targets.
 """
 import numbers
 
@@ -24,7 +19,6 @@ def logsumexp_cross_entropy(output, target, weight=None, ignore_index=-100, redu
 
     output: logits, (N, C, d1, ...) or (C,). target: class indices (int64), shaped (N, d1, ...)
     or (), or class probabilities shaped like ``output``. weight: one value per class.
-    Nothing is checked here: ``check_cross_entropy`` says which arguments are valid.
     """
     if output.dim() == 1:  # one sample without a batch dimension: a batch of one
         loss = logsumexp_cross_entropy(output[None], target[None], weight, ignore_index, reduction,
@@ -76,13 +70,17 @@ def check_cross_entropy(output, target, weight=None, ignore_index=-100, reductio
     def fail(problem):
         raise ValueError(f"cross-entropy: {problem}")
 
+    def describe(value):
+        shape = f" tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+        return f"a {value.dtype}{shape}" if shape else f"a {type(value).__name__}"
+
     if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.dim() == 0:
-        fail(f"the output must be floating-point logits of shape (N, C, ...) or (C,), got {_describe(output)}")
+        fail(f"the output must be floating-point logits of shape (N, C, ...) or (C,), got {describe(output)}")
     n_classes = output.shape[1] if output.dim() > 1 else output.shape[0]
     if n_classes == 0:
         fail(f"the output {tuple(output.shape)} has no classes on dim {int(output.dim() > 1)}")
     if not isinstance(target, torch.Tensor):
-        fail(f"the target must be a tensor, got {_describe(target)}")
+        fail(f"the target must be a tensor, got {describe(target)}")
     if reduction not in ("mean", "sum", "none"):
         fail(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
     if not isinstance(label_smoothing, numbers.Real) or not 0 <= label_smoothing <= 1:
@@ -92,7 +90,7 @@ def check_cross_entropy(output, target, weight=None, ignore_index=-100, reductio
     if weight is not None and not (isinstance(weight, torch.Tensor) and weight.is_floating_point()
                                    and tuple(weight.shape) == (n_classes,)):
         fail(f"weight must be a floating-point tensor of shape ({n_classes},), one value per class, "
-             f"got {_describe(weight)}")
+             f"got {describe(weight)}")
     if target.is_floating_point():
         if target.shape != output.shape:
             fail(f"a floating-point target holds class probabilities and must have the output's shape "
@@ -111,12 +109,6 @@ def check_cross_entropy(output, target, weight=None, ignore_index=-100, reductio
              f"(the output has {n_classes} classes) or ignore_index ({ignore_index})")
 
 
-def _describe(value):
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
 def nll_loss(output, target, **kwargs):
     """Negative log-likelihood of log-probabilities; see ``F.nll_loss``."""
     return F.nll_loss(output, target, **kwargs)
@@ -128,13 +120,9 @@ def cross_entropy(output, target, **kwargs):
 
 
 def mse_loss(output, target, reduction="mean"):
-    """Mean squared error for regression.
-
-    A model with one output unit gives (N, 1) where scalar targets batch to (N,); ``F.mse_loss``
-    would broadcast the two to (N, N) with only a warning. So a trailing 1 is dropped from
-    ``output``, any other shape mismatch is a ValueError, and the target is cast to the output's
-    dtype (datasets often give float64 or integers).
-    """
+    """Mean squared error for regression. An output (N, 1) is taken as (N,): ``F.mse_loss`` would broadcast it
+    against targets (N,) to (N, N) with only a warning; any other shape mismatch is a ValueError. The target
+    is cast to the output's dtype (datasets often give float64 or integers)."""
     if output.dim() == target.dim() + 1 and output.shape[-1] == 1:
         output = output.squeeze(-1)
     if output.shape != target.shape:
@@ -144,11 +132,9 @@ def mse_loss(output, target, reduction="mean"):
 
 
 def targets_averaged(output, target, weight=None, ignore_index=-100, reduction="mean", **_):
-    """What a class-index loss's "mean" divides by in this batch: the summed class ``weight`` of
-    the targets that are not ``ignore_index`` (their count without ``weight``), a tensor on the
-    device. None where the loss averages over every position (probability targets) or does not
-    average ("sum", "none"): the sample count then weighs the batch.
-    """
+    """What a class-index loss's "mean" divides by in this batch: the summed class ``weight`` of the targets
+    that are not ``ignore_index`` (their count without ``weight``), on the device. None where the loss averages
+    over every position (probability targets) or does not average: the sample count then weighs the batch."""
     if reduction != "mean" or target.is_floating_point() or output.dim() < 2:
         return None
     kept = target != ignore_index
@@ -160,7 +146,6 @@ def targets_averaged(output, target, weight=None, ignore_index=-100, reduction="
 
 logsumexp_cross_entropy.check = check_cross_entropy
 nll_loss.averages_over = cross_entropy.averages_over = logsumexp_cross_entropy.averages_over = targets_averaged
-
 
 LOSSES = {
     "nll_loss": nll_loss,

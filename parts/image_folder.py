@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from base.base_data_loader import BaseDataLoader, check_fraction, stratified_split
+from base.base_data_loader import BaseDataLoader
+from base.splits import check_fraction, stratified_split
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")

@@ -40,7 +40,8 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from base.base_data_loader import BaseDataLoader, check_fraction, stratified_split
+from base.base_data_loader import BaseDataLoader
+from base.splits import check_fraction, stratified_split
 from utils.config import did_you_mean
 from utils.errors import UserError
 

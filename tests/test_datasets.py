@@ -92,7 +92,7 @@ def test_the_other_built_in_loaders_are_imported_only_when_a_config_names_one():
     assert typo.startswith("data_loader.type: unknown data loader 'SyntheticDataLoadr'; did you mean 'SyntheticDataLoader'?")
     valid = typo.split(" valid: ")[1].split(", ")
     assert set(valid) == {"DigitsDataLoader", "MnistDataLoader", "Cifar10DataLoader", "SyntheticDataLoader",
-                          *parts.provided("loaders")}
+                          *parts.PART_LOADERS}
     assert imported == "False" and found == "True True"
 
 
@@ -476,11 +476,12 @@ def test_synthetic_bad_arguments(kwargs):
 def test_digits_read_without_scikit_learn_match_scikit_learn():
     from sklearn.datasets import load_digits
 
-    from data_loader.data_loaders import _read_digits
+    from data_loader.data_loaders import digits_tensors
 
-    pixels, labels = _read_digits()
+    images, labels = digits_tensors()
     digits = load_digits()
-    assert np.array_equal(pixels, digits.data) and np.array_equal(labels, digits.target)
+    expected = (torch.as_tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0 - DIGITS_MEAN) / DIGITS_STD
+    assert torch.equal(images, expected) and np.array_equal(labels.numpy(), digits.target)
 
 
 # ---------------------------------------------------------------------------
@@ -626,7 +627,7 @@ def _files_gone(monkeypatch, name):
 def test_transforms_without_their_part_are_one_line(tiny_config, monkeypatch):
     from trainer import build, run
 
-    name = parts.key_owner("data_loader.args.transforms")
+    name = parts.KEY_OWNERS.get("data_loader.args.transforms")
     if name is None:
         pytest.skip("no part owns data_loader.args.transforms")
     _files_gone(monkeypatch, name)
@@ -646,9 +647,9 @@ def test_transforms_without_their_part_are_one_line(tiny_config, monkeypatch):
 def test_a_loader_without_its_part_is_one_line(tiny_config, monkeypatch):
     from trainer import build, run
 
-    if not parts.provided("loaders"):
+    if not parts.PART_LOADERS:
         pytest.skip("no part provides a data loader")
-    loader = parts.provided("loaders")[0]
+    loader = parts.PART_LOADERS[0]
     owner = next(name for name, part in parts.PARTS.items() if loader in part.loaders)
     _files_gone(monkeypatch, owner)
     config = with_changes(tiny_config, data_loader={"type": loader, "args": {}})

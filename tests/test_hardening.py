@@ -403,7 +403,7 @@ def _failing_write(monkeypatch, err_no, stage):
     if stage == "fsync":
         monkeypatch.setattr(io_utils.os, "fsync", lambda fd: (_ for _ in ()).throw(error))
     elif stage == "create":
-        monkeypatch.setattr(io_utils.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(error))
+        monkeypatch.setattr(io_utils.os, "open", lambda *args, **kw: (_ for _ in ()).throw(error))
     else:
         real_fdopen = os.fdopen
 

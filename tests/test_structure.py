@@ -137,8 +137,11 @@ def test_default_run_imports_no_optional_module(tmp_path):
                     or path is not None and any(path == f or f in path.parents for f in part_files)):
                 found.append(f"{module} (part {name})")
     assert not found, "the default run imports optional modules: " + ", ".join(sorted(found))
-    # Nor the core's modules that only other runs need: the resume policy, the other built-in data sets.
-    assert not {"utils.resume", "data_loader.builtin"} & set(loaded), sorted({"utils.resume", "data_loader.builtin"} & set(loaded))
+    # Nor the core's modules that only other runs need: the resume policy, the other built-in data sets and models,
+    # a failed write's message and the checkpoint checks, the per-sample data path, the K-fold and stratified splits.
+    others = {"utils.resume", "data_loader.builtin", "model.builtin", "utils.io_problems", "base.sample_loader",
+              "base.splits"}
+    assert not others & set(loaded), sorted(others & set(loaded))
 
 
 @pytest.mark.slow

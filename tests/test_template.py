@@ -183,7 +183,7 @@ def test_workers_are_seeded_from_the_run_seed_and_epoch():
 
 
 def test_cifar_resnet_shapes_and_depth_check():
-    from model.model import CifarResNet
+    from model.builtin import CifarResNet
 
     model = CifarResNet(depth=20, num_classes=10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -102,7 +102,7 @@ def test_yaml_config_and_override_types(tmp_path):
 
 
 def test_model_printout_shows_parameter_count():
-    from model.model import MLP
+    from model.builtin import MLP
 
     text = str(MLP(input_size=4, hidden_sizes=[3], num_classes=2))
     assert "Trainable parameters: 23" in text  # 4*3+3 + 3*2+2
@@ -130,7 +130,7 @@ def _with_hook(monkeypatch, hook):
 
 def _failing_forward(monkeypatch, at):
     """The ``at``-th training forward of the MLP raises (before drawing any random number)."""
-    from model.model import MLP
+    from model.builtin import MLP
 
     original, count = MLP.forward, [0]
 

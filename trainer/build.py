@@ -15,6 +15,7 @@ import torch
 from data_loader.data_loaders import BUILTIN, DATA_LOADERS
 from model.loss import LOSSES
 from model.metric import METRICS
+from model.model import BUILTIN as BUILTIN_MODELS
 from model.model import MODELS
 from utils import parts
 from utils.config import ConfigError, Registry, init_obj
@@ -32,7 +33,10 @@ def _torchvision_model(name):
 
 
 def _external_model(name):
-    # torchvision.models.NAME, or a part's model by its prefix (utils/parts.py); each is imported only when named.
+    # LeNet, MLP or CifarResNet (model/builtin.py), torchvision.models.NAME, or a part's model by its prefix
+    # (utils/parts.py): each imported only when named.
+    if name in BUILTIN_MODELS:
+        return getattr(importlib.import_module(BUILTIN_MODELS[name]), name)
     from utils import parts
 
     return _torchvision_model(name) or parts.provider("archs", name)
@@ -72,9 +76,10 @@ def registries():
     schedulers = {n: c for n, c in schedulers.items() if hasattr(c, "step") and hasattr(c, "state_dict")}
     return {
         "arch": Registry("model", MODELS, _external_model,
-                         "a torchvision model as torchvision.models.NAME; a part's as " + _part_names("archs", "NAME")),
+                         "a torchvision model as torchvision.models.NAME; a part's as " + _part_names("archs", "NAME"),
+                         extra_names=BUILTIN_MODELS),
         "data_loader": Registry("data loader", DATA_LOADERS, _external_loader,
-                                extra_names=[*BUILTIN, *parts.provided("loaders")]),
+                                extra_names=[*BUILTIN, *parts.PART_LOADERS]),
         "loss": Registry("loss", LOSSES),
         "metrics": Registry("metric", METRICS, _external_metric,
                             f'a part\'s as {{"type": "{_part_names("metrics", "<module>.<Class>")}", "args": {{...}}}}'),

@@ -478,10 +478,9 @@ def _git_commit():
 
 
 def log_summary(run, config, parts, state, changes, init_report):
-    from base.base_model import count_parameters
-
     logger, info, loader, valid = run.logger, run.dist, parts.data_loader, parts.valid_data_loader
-    trainable, frozen = count_parameters(parts.model)
+    trainable = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in parts.model.parameters()) - trainable
     logger.info(f"Run {config['name']}/{run.run_id} on {parts.device}"
                 + (f", world size {info.world_size}" if info.enabled else ""))
     logger.info(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")

@@ -256,7 +256,7 @@ CORE_LOGGERS = ("tensorboard",)  # the trainer.loggers name the core writes itse
 
 def check_loggers(value):
     """``trainer.loggers``' check: its form and names (a part checks its own logger's ``args``)."""
-    names = [*CORE_LOGGERS, *parts.provided("loggers")]
+    names = [*CORE_LOGGERS, *(name for part in parts.PARTS.values() for name in part.loggers)]
     wanted = f'a list of {", ".join(json.dumps(n) for n in names)} or {{"type": NAME, "args": {{...}}}}'
     if not isinstance(value, list):
         return wanted
@@ -402,7 +402,7 @@ def _listing(valid, limit=25):
 
 def trainer_keys():
     """The keys ``trainer`` may hold: the core's, then those of the optional parts (utils/parts.py)."""
-    return [*TRAINER, *(key[len("trainer."):] for key in parts.part_keys() if key.startswith("trainer."))]
+    return [*TRAINER, *(key[len("trainer."):] for key in parts.KEY_OWNERS if key.startswith("trainer."))]
 
 
 def check_table(given, table, where, problems, valid=None):

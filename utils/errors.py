@@ -1,17 +1,12 @@
 """Errors that are the user's to fix, not the program's.
 
-The entry points catch :class:`UserError` and print its message as one line on
-stderr, without a traceback, and exit with the error's ``exit_code``. Raise it (never
-``assert``) for a config typo, a wrong type, a missing dataset or a damaged checkpoint;
-let real bugs raise ordinary exceptions so that their traceback reaches the developer.
-
-Exit codes (``err.exit_code``):
-
-- 2: a problem in the input (config, command line, checkpoint, dataset): :class:`UserError`, :class:`ConfigError`.
-- 28: the disk (or the user's quota) is full: :class:`DiskFullError`. 28 is ``ENOSPC``'s number,
-  so a script can tell "free some space and resume" from every other failure.
-- 73: a file cannot be written for another reason the user can fix (a read-only file
-  system, no write permission): :class:`WriteError` (``EX_CANTCREAT`` of ``sysexits.h``).
+The entry points print a :class:`UserError`'s message on stderr, without a traceback, and exit
+with its ``exit_code``. Raise one (never ``assert``) for a config typo, a wrong type, a missing
+dataset or a damaged checkpoint; let real bugs raise ordinary exceptions, whose traceback reaches
+the developer. Exit codes: 2, a problem in the input (config, command line, checkpoint, dataset);
+28, the disk (or quota) is full (``ENOSPC``'s number: a script can tell "free some space and
+resume" from other failures); 73, a file cannot be written for another reason the user can fix
+(``EX_CANTCREAT`` of ``sysexits.h``).
 """
 
 

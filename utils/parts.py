@@ -1,13 +1,12 @@
 """The optional parts of the project, in one table.
 
-A part is a feature a default run does not need: an EMA of the weights, a sweep, an image-folder
-loader, a CSV logger. Each lives in its own files under ``parts/`` (and its command, tests and
-configs beside the core's), owns its config keys (their defaults and checks are in its module),
-and can be deleted: the core never imports a part. It reads this table, and imports a part's
-module only when a config uses the part (names one of its keys, loaders, models, metrics or
-loggers). Deleting a part's files leaves its row here harmless: a config that still uses it gets
-one line saying the part is not in this project. A part may build on another (``needs``): deleting
-the one it needs deletes it too (:func:`removed_with`).
+A part is a feature a default run does not need (an EMA of the weights, a sweep, an image-folder
+loader, a CSV logger), in its own files under ``parts/`` (its command, tests and configs beside the
+core's). It owns its config keys (their defaults and checks are in its module) and can be deleted:
+the core never imports a part. It reads this table, and imports a part's module only when a config
+uses the part (sets one of its keys, or names one of its loaders, models, metrics or loggers). A
+config that uses a deleted part gets one line saying so. A part may build on another (``needs``):
+deleting the one it needs deletes it too (:func:`removed_with`).
 
 What a part's module may define (each is optional; the core calls what is there):
 
@@ -16,19 +15,18 @@ What a part's module may define (each is optional; the core calls what is there)
 - ``prepare(config, parts)``: change the built components before the dry batch (debug modes; a metric only
   validation scores, in ``parts.valid_metric_fns``), or refuse them with a one-line ConfigError.
 - ``hooks(config, parts, run) -> list``: the :class:`base.base_trainer.Hook` objects it adds to a run.
-- ``check_resume(state, checkpoint)``: before a run continues the checkpoint ``state`` (read from
-  ``checkpoint``), nothing written yet: raise :class:`base.base_trainer.RunStopped` when this launch
-  must not train on from it (max_time: a torchrun round restarted after the budget ran out).
+- ``check_resume(state, checkpoint)``: before a run continues the checkpoint ``state``, nothing written
+  yet: raise :class:`base.base_trainer.RunStopped` when this launch must not train on from it.
+- ``evaluated_weights(state)``: other weights of a checkpoint to score (the EMA's).
 - ``writes(config) -> bool``: False for a dry run, which writes no file (``Run.writes``).
 - ``FIXED_MID_EPOCH`` / ``BATCH_COUNTS``: its keys that a resume in the middle of an epoch may not
-  change (they decide which sample comes next), and those that count batches (a batch split
-  scales them): see utils/resume.py.
-- ``LOADERS`` / ``MODELS`` / ``METRICS``: ``{name: class}`` for the names in ``loaders``;
-  ``model(name)`` / ``metric(name)`` for the prefixes in ``archs`` / ``metrics`` (None if unknown).
+  change, and those that count batches (a batch split scales them): see utils/resume.py.
+- ``LOADERS``: ``{name: class}`` for the names in ``loaders``; ``model(name)`` / ``metric(name)`` for
+  the prefixes in ``archs`` / ``metrics`` (None if unknown).
 - ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/logger.py).
 - ``pipelines(dataset, transforms, in_memory, num_workers)``: from the part owning
-  ``data_loader.args.transforms``, what the data loader runs its batches through (see
-  base/base_data_loader.py, which asks :func:`owner` for it).
+  ``data_loader.args.transforms``, what the data loader runs its batches through (base/base_data_loader.py,
+  which is handed that key's value without its config).
 """
 
 import importlib
@@ -110,9 +108,10 @@ PARTS = {
 }
 
 
-def _off(value):
-    """A key set to null, false, 0 or empty asks for nothing: its part need not be there."""
-    return value is None or value is False or value == 0 or value == [] or value == {}
+KEY_OWNERS = {key: name for name, part in PARTS.items() for key in part.keys}  # each part's config keys -> its name
+PART_LOADERS = tuple(name for part in PARTS.values() for name in part.loaders)  # the parts' data_loader.type names
+# A key set to null, false, 0 (== False) or empty asks for nothing: its part need not be there.
+OFF = (None, False, [], {})
 
 
 def removed_with(name):
@@ -125,41 +124,26 @@ def removed_with(name):
         gone |= more
 
 
-def key_owner(key):
-    """The name of the part owning the dotted config key ``key``, or None."""
-    return next((name for name, part in PARTS.items() if key in part.keys), None)
-
-
-def part_keys():
-    return [key for part in PARTS.values() for key in part.keys]
-
-
 def used_by(config):
     """The names of the parts ``config`` uses, in the table's order."""
+    on = set()  # the parts whose keys the config sets to something other than off
+    for key, name in KEY_OWNERS.items():
+        node = config
+        for step in key.split("."):
+            node = node.get(step) if isinstance(node, dict) else None
+        if node not in OFF:
+            on.add(name)
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
     loader = (config.get("data_loader") or {}).get("type") if isinstance(config.get("data_loader"), dict) else None
     arch = (config.get("arch") or {}).get("type") if isinstance(config.get("arch"), dict) else None
+    arch = arch if isinstance(arch, str) else ""
     metrics = [m.get("type") if isinstance(m, dict) else m for m in config.get("metrics") or [] if isinstance(m, (str, dict))]
     loggers = [entry.get("type") if isinstance(entry, dict) else entry for entry in trainer.get("loggers") or []
                if isinstance(entry, (str, dict))]
-    used = []
-    for name, part in PARTS.items():
-        keys = any(not _off(_get(config, key)) for key in part.keys)
-        names = (loader in part.loaders or any(isinstance(arch, str) and arch.startswith(p) for p in part.archs)
-                 or any(isinstance(m, str) and m.startswith(p) for m in metrics for p in part.metrics)
-                 or any(logger in part.loggers for logger in loggers))
-        if keys or names:
-            used.append(name)
-    return used
-
-
-def _get(config, dotted):
-    node = config
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
+    return [name for name, part in PARTS.items()
+            if name in on or loader in part.loaders or any(arch.startswith(p) for p in part.archs)
+            or any(isinstance(m, str) and m.startswith(p) for m in metrics for p in part.metrics)
+            or any(logger in part.loggers for logger in loggers)]
 
 
 def present(name):
@@ -171,42 +155,15 @@ def present(name):
 
 
 def load(name):
-    """The module of part ``name``; a part whose files were deleted is one clear line."""
+    """The module of part ``name`` (imported here, and only here); a part whose files were deleted is one clear line."""
     part = PARTS[name]
     if not present(name):
-        raise ConfigError(f"{_uses(part)}: needs the {name} part ({part.about}), whose files are not in this project"
+        uses = ", ".join([*part.keys, *(f"data_loader.type {n}" for n in part.loaders),
+                          *(f"arch.type {p}*" for p in part.archs), *(f"metrics {p}*" for p in part.metrics),
+                          *(f"trainer.loggers {n}" for n in part.loggers)])
+        raise ConfigError(f"{uses}: needs the {name} part ({part.about}), whose files are not in this project"
                           f" ({part.files[0]}); restore them, or remove the setting")
     return importlib.import_module(part.module)
-
-
-def _uses(part):
-    return ", ".join([*part.keys, *(f"data_loader.type {n}" for n in part.loaders), *(f"arch.type {p}*" for p in part.archs),
-                      *(f"metrics {p}*" for p in part.metrics), *(f"trainer.loggers {n}" for n in part.loggers)])
-
-
-def modules(config):
-    """The modules of the parts ``config`` uses (imported here, and only here)."""
-    return [load(name) for name in used_by(config)]
-
-
-def owner(key, value):
-    """The module of the part owning the dotted config key ``key`` when ``value``, the key's value, asks for
-    something (imported now); None when ``value`` is off.
-
-    For a value the core is handed without its config: ``data_loader.args.transforms`` reaches the
-    data loader as an argument.
-    """
-    if _off(value):
-        return None
-    name = key_owner(key)
-    if name is None:
-        raise ConfigError(f"{key}: no part of this project reads this setting; remove it")
-    return load(name)
-
-
-def provided(kind):
-    """The names the parts provide under ``kind`` ("loaders"), in the table's order, whether or not their files are here."""
-    return [name for part in PARTS.values() for name in getattr(part, kind)]
 
 
 def provider(kind, name):
@@ -226,7 +183,8 @@ def provider(kind, name):
 
 def call_each(config, function, *args):
     """Call ``function(*args)`` of every part ``config`` uses that defines it; returns their results in order."""
-    return [getattr(module, function)(*args) for module in modules(config) if hasattr(module, function)]
+    modules = [load(name) for name in used_by(config)]
+    return [getattr(module, function)(*args) for module in modules if hasattr(module, function)]
 
 
 def declared(name, *configs):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import with_changes
-from model.model import MLP
+from model.builtin import MLP
 from parts import auto_accumulate
 from trainer import build, run
 from utils.errors import ConfigError

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_config, with_changes
-from model.model import MLP
+from model.builtin import MLP
 from parts import debug
 from trainer import run
 from utils.errors import ConfigError

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_config, with_changes
-from model.model import MLP
+from model.builtin import MLP
 from trainer import build, run
 from utils.errors import ConfigError
 

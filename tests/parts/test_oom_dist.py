@@ -39,7 +39,7 @@ DRIVER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
-from model.model import MLP
+from model.builtin import MLP
 from tests.conftest import add_hooks, save_last_hook
 from trainer.cli import train_command
 
