@@ -1,9 +1,6 @@
-"""Building a run's objects from a checked config, and checking them against each other.
-
-The lookup tables and the builders serve training, resuming, ``test.py`` and the parts alike, so a model or a data
-loader is made the same way everywhere. :func:`check_plan` and :func:`dry_batch` are the last checks before a run
-writes anything: the config checks catch typos, these catch what only shows once data meets the model.
-"""
+"""A run's objects built from a checked config (the same way for training, resuming, ``test.py`` and the parts),
+and the last checks before a run writes anything: :func:`check_plan` and :func:`dry_batch` catch what only shows
+once the objects meet (the config checks catch typos)."""
 
 import contextlib
 import fnmatch
@@ -98,18 +95,11 @@ def build_model(config):
 
 
 def trained_model(checkpoint, overrides=(), device=None):
-    """The model a checkpoint holds, rebuilt from the checkpoint's own config (``test.py``, predict, export).
-
-    ``overrides`` (``key.path=VALUE``) and ``device`` change that config first. The weights are the
-    checkpoint's, or the ones a part says validation scored (an EMA's average); an arch's ``pretrained_path``
-    (a timm model's) is not read, so it need not exist any more. Returns ``(model, config, device, autocast)``:
-    the model in eval mode on ``device``, and the run's autocast on an accelerator (none on the CPU, so CPU
-    scores are exact).
-
-    Raises:
-        UserError: the checkpoint is missing or damaged, its config no longer checks, or its weights do not
-            fit the model the config builds.
-    """
+    """``(model, config, device, autocast)``: the model a checkpoint holds, rebuilt from its own config (changed by
+    ``overrides`` and ``device``), in eval mode, with the weights validation scored (an EMA's, where a part kept
+    them), and the run's autocast on an accelerator (none on the CPU, so CPU scores are exact). An arch's
+    ``pretrained_path`` is not read: it need not exist any more. Raises UserError for a missing or damaged
+    checkpoint, a config that no longer checks, or weights that do not fit the model."""
     from utils.config import apply_overrides, validate_config
     from utils.io import load_checkpoint
 
@@ -149,12 +139,8 @@ def build_loss(config, device=None):
 
 def build_metrics(config):
     """The metrics of ``config["metrics"]``, in order: a built-in's function (``model/metric.py``), or for a
-    ``{"type": ..., "args": {...}}`` entry the :class:`utils.metric_tracker.EpochMetric` a part builds by that
-    name (``torchmetrics.<module>.<Class>``), named by :func:`utils.config.metric_name`.
-
-    Such a metric that takes ``ignore_index`` gets the loss's (default -100) unless its args set one,
-    so targets the loss ignores are left out of it too.
-    """
+    ``{"type": ..., "args": {...}}`` entry the :class:`~utils.metric_tracker.EpochMetric` a part builds by that
+    name. One that takes ``ignore_index`` gets the loss's unless its args set one: what the loss ignores, it does."""
     from utils.config import metric_name
 
     metrics = []
@@ -206,11 +192,8 @@ def fast_optimizer_args(optimizer_class, args, device):
 
 
 def build_optimizer(model, config, device=None):
-    """The optimizer over the trainable parameters, grouped by ``optimizer.param_groups`` when given.
-
-    The model must already be on ``device``: on CUDA an optimizer with a fused kernel uses it, unless
-    the config says otherwise.
-    """
+    """The optimizer over the trainable parameters, grouped by ``optimizer.param_groups`` when given. The model
+    must already be on ``device``: on CUDA an optimizer with a fused kernel uses it."""
     section = config["optimizer"]
     trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     groups, taken = [], {}
@@ -241,24 +224,14 @@ def build_scheduler(optimizer, config):
 
 
 def wrap_model(model, config, device, info):
-    """What runs the steps: the model itself, or compiled / DistributedDataParallel around it.
-
-    Checkpoints always save ``model`` itself, so no ``_orig_mod.`` or ``module.`` prefixes reach the saved keys.
-    """
+    """What runs the steps: compiled / DistributedDataParallel around ``model``. Checkpoints save ``model`` itself,
+    so no ``_orig_mod.`` or ``module.`` prefixes reach the saved keys."""
     forward = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(forward) if config["trainer"]["compile"] else forward
-
-
-def grad_scaler(device):
-    """The fp16 gradient scaler (saved in checkpoints)."""
-    try:
-        return torch.amp.GradScaler(device.type)
-    except (AttributeError, TypeError):  # torch < 2.3
-        return torch.cuda.amp.GradScaler()
 
 
 # --------------------------------------------------------------------------- the checks of what was built
@@ -272,13 +245,9 @@ UNSUPPORTED_OPTIMIZERS = {
 
 
 def check_plan(config, parts):
-    """Raise a one-line ConfigError for an optimizer or scheduler that would fail later in the run.
-
-    Each is built already; what is left is what only shows when it runs: the optimizer
-    type's needs, a scheduler stepped per step that needs a metric, a one-cycle schedule
-    shorter than the run, and a scheduler that fails on its first steps (tried on a copy
-    over one stand-in parameter, so the real optimizer is untouched).
-    """
+    """Raise a one-line ConfigError for an optimizer or scheduler that would fail later in the run: an optimizer
+    type this loop cannot drive, a scheduler stepped per step that needs a metric, a one-cycle schedule shorter
+    than the run, a scheduler that fails on its first steps (tried over a stand-in parameter)."""
     opt_type, section, scheduler = config["optimizer"]["type"], config.get("lr_scheduler"), parts.lr_scheduler
     if opt_type in UNSUPPORTED_OPTIMIZERS:
         raise ConfigError(f"optimizer.type: {opt_type} {UNSUPPORTED_OPTIMIZERS[opt_type]}; use SGD, Adam or AdamW")
@@ -317,13 +286,9 @@ def check_plan(config, parts):
 
 
 def first_batch(loader):
-    """The first batch of ``loader``'s first epoch."""
+    """The first batch of ``loader``'s first epoch (the iterator, and any worker it started, is let go at once)."""
     loader.set_epoch(1, 0)
-    iterator = iter(loader)
-    try:
-        return next(iterator)
-    finally:
-        del iterator  # frees non-persistent workers now
+    return next(iter(loader))
 
 
 # What a model, loss or metric raises when it cannot take its input (anything else is a bug, with its traceback).
@@ -333,11 +298,8 @@ INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 def dry_batch(config, parts):
     """One batch through model, loss and metrics before a run writes anything; raise a one-line UserError naming
     the shapes and the likely fix if they do not fit together (an RGB model on grayscale data, 5 output classes
-    for 10 labels, 8x8 images into a network built for 28x28, logits fed to ``nll_loss``).
-
-    It takes the validation loader's batch when there is one (no augmentation), runs in eval mode without a
-    gradient step, and draws no random numbers that training would see: every RNG state is restored.
-    """
+    for 10 labels, 8x8 images into a network built for 28x28, logits fed to ``nll_loss``). It takes a validation
+    batch when there is one (no augmentation), in eval mode, with no step, and restores every RNG state."""
     loader, device, model = parts.data_loader, parts.device, parts.model
     arch, loss_name = config["arch"]["type"], config["loss"]["type"]
     if len(loader) == 0:
@@ -414,8 +376,7 @@ def dry_batch(config, parts):
 
 
 def _forward_error(err, model, data, arch):
-    """The one line for a model that cannot take the data's batches: the first layer's expected input, if that
-    is what does not fit."""
+    """The line for a model that cannot take the data's batches: what its first layer expects, where that is it."""
     reason = _reason(err)
     name, layer = next(((n, m) for n, m in model.named_modules()
                         if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))), (None, None))

@@ -155,7 +155,7 @@ def build_parts(config, device):
     return Parts(model=model, criterion=build.build_loss(config, device), metric_fns=build.build_metrics(config),
                  optimizer=optimizer, lr_scheduler=build.build_scheduler(optimizer, config),
                  data_loader=data_loader, valid_data_loader=valid_data_loader, device=device, frozen=frozen,
-                 scaler=build.grad_scaler(device) if cfg["amp"] == "fp16" else None, forward_model=model)
+                 scaler=torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None, forward_model=model)
 
 
 def place_parts(parts, config, run):
