@@ -227,19 +227,16 @@ def build_trainer(config, run_id="bench", prepare_model=None):
     device = build.resolve_device(config["device"])
     seed_everything(config["seed"])
     parts = build_parts(config, device)
-    opened = open_run(config, run_id)
-    run = opened.__enter__()  # console handler on the current sys.stdout
+    opened = contextlib.ExitStack()  # closed by close()
+    run = opened.enter_context(open_run(config, run_id))  # console handler on the current sys.stdout
     if prepare_model is not None:
         prepare_model(parts.model)
     place_parts(parts, config, run)
     trainer = Trainer(config, parts, run)
     model, loader, writer, logger, optimizer = parts.model, parts.data_loader, run.writer, run.logger, parts.optimizer
 
-    def close():
-        opened.__exit__(None, None, None)
-
     return SimpleNamespace(trainer=trainer, model=model, loader=loader, writer=writer, logger=logger,
-                           config=config, device=device, optimizer=optimizer, close=close)
+                           config=config, device=device, optimizer=optimizer, close=opened.close)
 
 
 def fmt_ms(seconds):
