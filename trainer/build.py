@@ -356,7 +356,8 @@ def dry_batch(config, parts):
                 if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
                     raise UserError("loss: nll_loss expects log-probabilities, but the model's outputs are not (the exp"
                                     f" of a row sums to {float(sums.flatten()[0]):.4g}, not 1): use \"loss\":"
-                                    " \"cross_entropy\" for a model that returns logits, or end the model with log_softmax")
+                                    " \"cross_entropy\" for a model that returns logits, or end the model with"
+                                    " log_softmax")
             for metric in [*parts.metric_fns, *parts.valid_metric_fns]:
                 try:
                     if isinstance(metric, EpochMetric):  # one update and a compute, on a probe that checks its inputs

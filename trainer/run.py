@@ -140,7 +140,8 @@ def build_parts(config, device):
     """
     cfg = config["trainer"]
     if cfg["amp"] == "fp16" and device.type != "cuda":  # (its gradient scaler needs CUDA)
-        raise ConfigError(f'trainer.amp: "fp16" needs a CUDA device, but the run is on {device.type}; use "bf16" or false')
+        raise ConfigError(f'trainer.amp: "fp16" needs a CUDA device, but the run is on {device.type};'
+                          ' use "bf16" or false')
     if cfg["amp"] == "bf16" and device.type == "mps":
         raise ConfigError('trainer.amp: "bf16" autocast is not supported on mps here; use false')
     data_loader = build.build_data_loader(config)
@@ -336,7 +337,8 @@ def end(trainer, metrics, seconds):
     run.writer.finish(folder)  # trackers' artifacts (MLflow: config, manifest, model_best)
     minutes, secs = divmod(seconds, 60)
     hours, minutes = divmod(int(minutes), 60)
-    took = f"{hours}h {minutes:02d}m {secs:04.1f}s" if hours else f"{minutes}m {secs:04.1f}s" if minutes else f"{secs:.1f} s"
+    took = (f"{hours}h {minutes:02d}m {secs:04.1f}s" if hours else f"{minutes}m {secs:04.1f}s" if minutes
+            else f"{secs:.1f} s")
     lines = [f"Finished {config['name']}/{run.run_id} in {took}: {trainer.epoch} epochs, {trainer.global_step} steps"]
     best = folder / "model_best.pth"
     if best_value is not None:
