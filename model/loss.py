@@ -3,7 +3,7 @@
 A loss is a function ``fn(output, target, **args) -> 0-d tensor``: the batch's mean, so that the
 learning rate does not depend on the batch size; the config's ``args`` come by keyword. The trainer
 uses two optional attributes of ``fn``: ``fn.check(output, target, **args)`` raises a ValueError
-saying what is wrong, called once by the dry batch (trainer/preflight.py) so that ``fn`` itself
+saying what is wrong, called once by the dry batch (trainer/build.py) so that ``fn`` itself
 checks nothing; ``fn.averages_over(output, target, **args)`` is what its mean divides by in a batch,
 so that the epoch's loss is the mean over the epoch's targets.
 """

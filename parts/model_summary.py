@@ -13,7 +13,7 @@ import json
 import torch
 
 from base.base_trainer import Hook
-from trainer.preflight import first_batch
+from trainer.build import first_batch
 from utils.seed import rng_state, set_rng_state
 
 

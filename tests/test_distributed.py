@@ -48,18 +48,18 @@ import gc, json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
 from tests.conftest import add_hooks, save_last_hook
-from trainer import run as train
+from trainer import run as train, torchrun
 
 seen = []
-if hasattr(train, "agree_on_run"):  # record the run id each rank ends up with
-    _agree = train.agree_on_run
+if hasattr(torchrun, "agree_on_run"):  # record the run id each rank ends up with
+    _agree = torchrun.agree_on_run
 
     def _spy(*args, **kwargs):
         run = _agree(*args, **kwargs)
         seen.append(run[0])
         return run
 
-    train.agree_on_run = _spy
+    torchrun.agree_on_run = _spy
 
 rank = int(os.environ["RANK"])
 for job in json.load(open(sys.argv[1])):

@@ -61,13 +61,13 @@ def test_model_and_data_that_do_not_fit_are_one_line_before_anything_is_written(
 
 def test_the_dry_batch_does_not_change_the_run(tmp_path, monkeypatch):
     """Eval mode, no step, every RNG restored: the run ends with the same weights as without it."""
-    import trainer.preflight
+    import trainer.build
 
     config = make_config(tmp_path / "with")
     run.train(config, run_id="r")
     with_dry = torch.load(tmp_path / "with/models/tiny/r/checkpoint-epoch2.pth", weights_only=True)
     calls = []
-    monkeypatch.setattr(trainer.preflight, "dry_batch", lambda *a: calls.append(a))
+    monkeypatch.setattr(trainer.build, "dry_batch", lambda *a: calls.append(a))
     run.train(make_config(tmp_path / "without"), run_id="r")
     without = torch.load(tmp_path / "without/models/tiny/r/checkpoint-epoch2.pth", weights_only=True)
     assert len(calls) == 1

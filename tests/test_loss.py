@@ -320,7 +320,7 @@ class _OneBatch:
 
 
 def test_the_dry_batch_reports_a_bad_target_as_one_user_error():
-    from trainer import preflight
+    from trainer import build
     from utils.errors import UserError
 
     config = {"arch": {"type": "Linear"}, "data_loader": {"args": {}}, "loss": {"type": "logsumexp_cross_entropy"},
@@ -330,13 +330,13 @@ def test_the_dry_batch_reports_a_bad_target_as_one_user_error():
     parts = SimpleNamespace(data_loader=loader, valid_data_loader=None, model=model, device=torch.device("cpu"),
                             criterion=logsumexp_cross_entropy, metric_fns=[], valid_metric_fns=[])
     with pytest.raises(UserError) as error:
-        preflight.dry_batch(config, parts)
+        build.dry_batch(config, parts)
     message = str(error.value)
     assert error.value.exit_code == 2 and "\n" not in message
     assert message.startswith("loss: logsumexp_cross_entropy cannot take the model's output [8, 4]"), message
     assert "class-index targets must be int64 (torch.long), got torch.int32" in message
     loader.batch = (loader.batch[0], loader.batch[1].long())
-    preflight.dry_batch(config, parts)  # the same batch with int64 targets passes
+    build.dry_batch(config, parts)  # the same batch with int64 targets passes
 
 
 def test_a_loss_argument_the_data_does_not_fit_is_one_error_line_before_the_run(tmp_path, capsys):

@@ -1,14 +1,14 @@
-"""Building a run's objects from a checked config: the lookup tables and the builders.
+"""A run's objects built from a checked config (the same way for training, resuming, ``test.py`` and the parts),
+and the last checks before a run writes anything: :func:`check_plan` and :func:`dry_batch` catch what only shows
+once the objects meet (the config checks catch typos)."""
 
-The run set-up (``trainer/run.py``) and ``test.py`` both build through here, so a model or data loader is
-made the same way for training, resuming and evaluating.
-"""
-
+import contextlib
 import fnmatch
 import functools
 import importlib
-import json
 import inspect
+import json
+import warnings
 
 import torch
 
@@ -19,71 +19,51 @@ from model.model import BUILTIN as BUILTIN_MODELS
 from model.model import MODELS
 from utils import parts
 from utils.config import ConfigError, Registry, init_obj
+from utils.errors import UserError
+from utils.seed import rng_state, set_rng_state
+from trainer.trainer import EpochMetric
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.amp
 
 
-def _torchvision_model(name):
-    # "torchvision.models.resnet18": torchvision is imported only by configs that name it.
+def _outside_tables(kind, name):
+    """A name outside the project's tables, imported only when a config names it: ``torchvision.models.NAME``,
+    a built-in data set (data_loader/builtin.py) or a part's loader, model or metric (utils/parts.py); else None."""
     prefix = "torchvision.models."
-    if not isinstance(name, str) or not name.startswith(prefix):
-        return None
-    import torchvision
+    if kind == "archs" and isinstance(name, str) and name.startswith(prefix):
+        import torchvision
 
-    short = name[len(prefix):]
-    return torchvision.models.get_model_builder(short) if short in torchvision.models.list_models() else None
-
-
-def _external_model(name):
-    # LeNet, MLP or CifarResNet (model/builtin.py), torchvision.models.NAME, or a part's model by its prefix
-    # (utils/parts.py): each imported only when named.
-    if name in BUILTIN_MODELS:
+        short = name[len(prefix):]
+        return torchvision.models.get_model_builder(short) if short in torchvision.models.list_models() else None
+    if kind == "archs" and name in BUILTIN_MODELS:  # LeNet, MLP, CifarResNet (model/builtin.py)
         return getattr(importlib.import_module(BUILTIN_MODELS[name]), name)
-    from utils import parts
-
-    return _torchvision_model(name) or parts.provider("archs", name)
-
-
-def _external_loader(name):
-    # MNIST, CIFAR-10 or synthetic data (data_loader/builtin.py), or a part's loader: each imported only when named.
-    if name in BUILTIN:
+    if kind == "loaders" and name in BUILTIN:
         return getattr(importlib.import_module(BUILTIN[name]), name)
-    return parts.provider("loaders", name)
-
-
-def _external_metric(name):
-    # A part's metric by its prefix (utils/parts.py), imported only when named.
-    from utils import parts
-
-    return parts.provider("metrics", name)
-
-
-def _part_names(kind, example):
-    from utils.parts import PARTS
-
-    return ", ".join(f"{prefix}{example}" for part in PARTS.values() for prefix in getattr(part, kind))
-
-
-def _classes(module, base, exclude=()):
-    return {
-        name: obj for name, obj in vars(module).items()
-        if isinstance(obj, type) and issubclass(obj, base) and not name.startswith("_") and name not in exclude
-    }
+    return parts.provider(kind, name)
 
 
 @functools.lru_cache(maxsize=None)
 def registries():
-    """The lookup table of each config section: what ``type`` may name there."""
-    schedulers = _classes(torch.optim.lr_scheduler, object, exclude=("LRScheduler", "Optimizer", "Counter"))
-    schedulers = {n: c for n, c in schedulers.items() if hasattr(c, "step") and hasattr(c, "state_dict")}
+    """The lookup table of each config section: what ``type`` may name there (names outside a table are resolved
+    by :func:`_outside_tables` when a config asks for one)."""
+    optim = torch.optim
+    optimizers = {n: c for n, c in vars(optim).items()
+                  if isinstance(c, type) and issubclass(c, optim.Optimizer) and n[0] != "_" and n != "Optimizer"}
+    schedulers = {n: c for n, c in vars(optim.lr_scheduler).items()
+                  if isinstance(c, type) and n[0] != "_" and n not in ("LRScheduler", "Optimizer", "Counter")
+                  and hasattr(c, "step") and hasattr(c, "state_dict")}
+    part_archs = ", ".join(f"{p}NAME" for part in parts.PARTS.values() for p in part.archs)
+    part_metrics = ", ".join(f"{p}<module>.<Class>" for part in parts.PARTS.values() for p in part.metrics)
     return {
-        "arch": Registry("model", MODELS, _external_model,
-                         "a torchvision model as torchvision.models.NAME; a part's as " + _part_names("archs", "NAME"),
+        "arch": Registry("model", MODELS, functools.partial(_outside_tables, "archs"),
+                         "a torchvision model as torchvision.models.NAME; a part's as " + part_archs,
                          extra_names=BUILTIN_MODELS),
-        "data_loader": Registry("data loader", DATA_LOADERS, _external_loader,
+        "data_loader": Registry("data loader", DATA_LOADERS, functools.partial(_outside_tables, "loaders"),
                                 extra_names=[*BUILTIN, *parts.PART_LOADERS]),
         "loss": Registry("loss", LOSSES),
-        "metrics": Registry("metric", METRICS, _external_metric,
-                            f'a part\'s as {{"type": "{_part_names("metrics", "<module>.<Class>")}", "args": {{...}}}}'),
-        "optimizer": Registry("optimizer", _classes(torch.optim, torch.optim.Optimizer, exclude=("Optimizer",))),
+        "metrics": Registry("metric", METRICS, functools.partial(_outside_tables, "metrics"),
+                            f'a part\'s as {{"type": "{part_metrics}", "args": {{...}}}}'),
+        "optimizer": Registry("optimizer", optimizers),
         "lr_scheduler": Registry("lr scheduler", schedulers),
     }
 
@@ -107,9 +87,7 @@ def resolve_device(name):
 
 def build_data_loader(config, training=True):
     section = config["data_loader"]
-    args = {"seed": config["seed"], **section["args"]}
-    if not training:
-        args.update(training=False)
+    args = {"seed": config["seed"], **section["args"], **({} if training else {"training": False})}
     return init_obj({"type": section["type"], "args": args}, registries()["data_loader"], where="data_loader")
 
 
@@ -121,23 +99,12 @@ def build_model(config):
 
 
 def trained_model(checkpoint, overrides=(), device=None):
-    """The model a checkpoint holds, rebuilt from the checkpoint's own config: what ``test.py``, ``predict.py``
-    and ``export.py`` use.
-
-    ``overrides`` (``key.path=VALUE``) and ``device`` change that config first. The weights are the
-    checkpoint's, or its EMA weights when the run kept them (``trainer.ema``: the ones validation
-    scored); an arch's ``pretrained_path`` (a timm model's) is not read, so it need not exist any more. Returns
-    ``(model, config, device, autocast)``: the model in eval mode on ``device``, and the run's autocast
-    on an accelerator (on the CPU none, so CPU scores are exact).
-
-    Raises:
-        UserError: the checkpoint is missing or damaged, its config no longer checks, or its weights do not
-            fit the model the config builds.
-    """
-    import contextlib
-
+    """``(model, config, device, autocast)``: the model a checkpoint holds, rebuilt from its own config (changed by
+    ``overrides`` and ``device``), in eval mode, with the weights validation scored (an EMA's, where a part kept
+    them), and the run's autocast on an accelerator (none on the CPU, so CPU scores are exact). An arch's
+    ``pretrained_path`` is not read: it need not exist any more. Raises UserError for a missing or damaged
+    checkpoint, a config that no longer checks, or weights that do not fit the model."""
     from utils.config import apply_overrides, validate_config
-    from utils.errors import UserError
     from utils.io import load_checkpoint
 
     state = load_checkpoint(checkpoint, purpose="weights")
@@ -148,8 +115,6 @@ def trained_model(checkpoint, overrides=(), device=None):
     model = build_model({**config, "arch": {**config["arch"], "args": arch_args}})
     try:
         model.load_state_dict(state["model"])
-        from utils import parts
-
         for weights in parts.call_each(config, "evaluated_weights", state):  # e.g. an EMA's average
             if weights:
                 model.load_state_dict(weights, strict=False)
@@ -157,7 +122,7 @@ def trained_model(checkpoint, overrides=(), device=None):
         raise UserError(f"{checkpoint}: the weights do not fit the model its config builds"
                         f" ({str(err).splitlines()[0]})") from None
     model.to(device).eval()
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
+    amp = AUTOCAST_DTYPES.get(config["trainer"]["amp"])
     autocast = torch.autocast(device.type, dtype=amp) if amp and device.type != "cpu" else contextlib.nullcontext()
     return model, config, device, autocast
 
@@ -178,12 +143,8 @@ def build_loss(config, device=None):
 
 def build_metrics(config):
     """The metrics of ``config["metrics"]``, in order: a built-in's function (``model/metric.py``), or for a
-    ``{"type": ..., "args": {...}}`` entry the :class:`trainer.trainer.EpochMetric` spec a part builds by
-    that name (utils/parts.py: ``torchmetrics.<module>.<Class>``), named by :func:`utils.config.metric_name`.
-
-    Such a metric that takes ``ignore_index`` gets the loss's (default -100) unless its args set one,
-    so targets the loss ignores are left out of it too.
-    """
+    ``{"type": ..., "args": {...}}`` entry the :class:`trainer.trainer.EpochMetric` a part builds by that
+    name. One that takes ``ignore_index`` gets the loss's unless its args set one: what the loss ignores, it does."""
     from utils.config import metric_name
 
     metrics = []
@@ -191,17 +152,14 @@ def build_metrics(config):
         if isinstance(entry, str):
             metrics.append(registries()["metrics"].get(entry, "metrics"))
             continue
-        build = registries()["metrics"].get(entry["type"], "metrics")
+        make = registries()["metrics"].get(entry["type"], "metrics")
         args = dict(entry.get("args") or {})
-        if "ignore_index" in inspect.signature(build).parameters and "ignore_index" not in args:
+        if "ignore_index" in inspect.signature(make).parameters and "ignore_index" not in args:
             args["ignore_index"] = config["loss"]["args"].get("ignore_index", -100)
-        metric = build(**args)
+        metric = make(**args)
         metric.__name__ = metric_name(entry)
         metrics.append(metric)
     return metrics
-
-
-# --------------------------------------------------------------------------- parameters
 
 
 def match_parameters(model, patterns, where):
@@ -229,85 +187,224 @@ def freeze(model, patterns):
 def fast_optimizer_args(optimizer_class, args, device):
     """``{"fused": True}`` where torch offers a fused CUDA kernel for this optimizer and the config chose neither
     ``fused`` nor ``foreach``; otherwise nothing. One kernel launch per step instead of one per parameter."""
-    import inspect
-
     if device.type != "cuda" or "fused" in args or "foreach" in args:
         return {}
     try:
-        accepts = "fused" in inspect.signature(optimizer_class).parameters
+        return {"fused": True} if "fused" in inspect.signature(optimizer_class).parameters else {}
     except (TypeError, ValueError):
         return {}
-    return {"fused": True} if accepts else {}
 
 
 def build_optimizer(model, config, device=None):
-    """The optimizer over the trainable parameters, grouped by ``optimizer.param_groups`` when given.
-
-    On CUDA, optimizers that offer a fused kernel use it unless the config says otherwise.
-    The model must already be on ``device``.
-    """
+    """The optimizer over the trainable parameters, grouped by ``optimizer.param_groups`` when given. The model
+    must already be on ``device``: on CUDA an optimizer with a fused kernel uses it."""
     section = config["optimizer"]
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = []
-    taken = {}
+    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    groups, taken = [], {}
     for i, group in enumerate(section.get("param_groups") or []):
-        settings = {k: v for k, v in group.items() if k != "params"}
-        names = match_parameters(model, group["params"], f"optimizer.param_groups[{i}].params")
-        names = [n for n in names if dict(trainable).get(n) is not None]
+        names = [n for n in match_parameters(model, group["params"], f"optimizer.param_groups[{i}].params")
+                 if n in trainable]
         for name in names:
             if name in taken:
-                raise ConfigError(
-                    f"optimizer.param_groups[{i}]: parameter {name!r} is already in param_groups[{taken[name]}];"
-                    " every parameter must land in exactly one group"
-                )
+                raise ConfigError(f"optimizer.param_groups[{i}]: parameter {name!r} is already in"
+                                  f" param_groups[{taken[name]}]; every parameter must land in exactly one group")
             taken[name] = i
-        groups.append({"params": [p for n, p in trainable if n in names], **settings})
-    rest = [p for n, p in trainable if n not in taken]
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [trainable[n] for n in names]})
+    rest = [p for n, p in trainable.items() if n not in taken]
     if rest or not groups:
         groups.insert(0, {"params": rest})
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("trainer.freeze: every parameter is frozen; nothing is left to train")
-    extra = {}
-    if device is not None:
-        extra = fast_optimizer_args(registries()["optimizer"].get(section["type"]), section["args"], device)
-    return init_obj(section, registries()["optimizer"], groups, where="optimizer", **extra)
+    registry = registries()["optimizer"]
+    cuda = device is not None and device.type == "cuda"
+    extra = fast_optimizer_args(registry.get(section["type"]), section["args"], device) if cuda else {}
+    return init_obj(section, registry, groups, where="optimizer", **extra)
 
 
 def build_scheduler(optimizer, config):
     section = config.get("lr_scheduler")
-    if not section:
-        return None
-    return init_obj(section, registries()["lr_scheduler"], optimizer, where="lr_scheduler")
+    return init_obj(section, registries()["lr_scheduler"], optimizer, where="lr_scheduler") if section else None
 
 
-def check_amp(amp, device):
-    """fp16 needs a CUDA device (its gradient scaler); bf16 works on CPU and CUDA."""
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f'trainer.amp: "fp16" needs a CUDA device, but the run is on {device.type}; use "bf16" or false')
-    if amp == "bf16" and device.type == "mps":
-        raise ConfigError('trainer.amp: "bf16" autocast is not supported on mps here; use false')
-
-
-
-def wrap_model(model, config, device, info, logger):
-    """What runs the steps: the model itself, or compiled / DistributedDataParallel around it.
-
-    Checkpoints always save ``model`` itself, so no ``_orig_mod.`` or ``module.`` prefixes reach the saved keys.
-    """
+def wrap_model(model, config, device, info):
+    """What runs the steps: compiled / DistributedDataParallel around ``model``. Checkpoints save ``model`` itself,
+    so no ``_orig_mod.`` or ``module.`` prefixes reach the saved keys."""
     forward = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config["trainer"]["compile"]:
-        forward = torch.compile(forward)
-    return forward
+    return torch.compile(forward) if config["trainer"]["compile"] else forward
 
 
-def grad_scaler(device):
-    """The fp16 gradient scaler (saved in checkpoints)."""
+# --------------------------------------------------------------------------- the checks of what was built
+
+
+# Optimizers this loop cannot drive: it calls step() without a closure, on dense gradients.
+UNSUPPORTED_OPTIMIZERS = {
+    "LBFGS": "needs a closure that re-evaluates the loss several times per step, which this loop does not run",
+    "SparseAdam": "needs sparse gradients (nn.Embedding(sparse=True)); the models here give dense ones",
+}
+
+
+def check_plan(config, parts):
+    """Raise a one-line ConfigError for an optimizer or scheduler that would fail later in the run: an optimizer
+    type this loop cannot drive, a scheduler stepped per step that needs a metric, a one-cycle schedule shorter
+    than the run, a scheduler that fails on its first steps (tried over a stand-in parameter)."""
+    opt_type, section, scheduler = config["optimizer"]["type"], config.get("lr_scheduler"), parts.lr_scheduler
+    if opt_type in UNSUPPORTED_OPTIMIZERS:
+        raise ConfigError(f"optimizer.type: {opt_type} {UNSUPPORTED_OPTIMIZERS[opt_type]}; use SGD, Adam or AdamW")
+    if not section or scheduler is None:
+        return
+    kind, interval, cfg = section["type"], section["interval"], config["trainer"]
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    if isinstance(scheduler, plateau) and interval == "step":
+        raise ConfigError('lr_scheduler.interval: ReduceLROnPlateau steps on a validation metric, once per epoch;'
+                          ' use "interval": "epoch"')
+    planned = cfg["epochs"]  # how often the scheduler steps in the whole run: epochs, or optimizer steps
+    if interval == "step":
+        planned *= -(-(cfg["len_epoch"] or len(parts.data_loader)) // cfg["accumulate_grad_batches"])
+        planned = min(planned, cfg["max_steps"]) if cfg["max_steps"] else planned
+    total = getattr(scheduler, "total_steps", None)
+    if isinstance(total, int) and planned > total:
+        unit = "optimizer steps" if interval == "step" else "epochs"
+        raise ConfigError(f"lr_scheduler.args: {kind} has total_steps {total}, but the run takes {planned} {unit};"
+                          f" set total_steps to {planned} (or epochs and steps_per_epoch to match)")
+    try:  # the same optimizer type and groups, over stand-in parameters
+        skip = ("params", "initial_lr", "fused", "foreach", "capturable", "differentiable")
+        groups = [{**{k: v for k, v in g.items() if k not in skip}, "params": [torch.nn.Parameter(torch.zeros(1))]}
+                  for g in parts.optimizer.param_groups]
+        trial = type(parts.optimizer)(groups)
+    except Exception:  # an optimizer that cannot be rebuilt this way: the run itself will show any problem
+        return
     try:
-        return torch.amp.GradScaler(device.type)
-    except (AttributeError, TypeError):  # torch < 2.3
-        return torch.cuda.amp.GradScaler()
+        trial_scheduler = build_scheduler(trial, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": on purpose
+            for _ in range(min(3, planned)):  # no trial.step(): optimizer hooks others registered must not see it
+                trial_scheduler.step(1.0) if isinstance(trial_scheduler, plateau) else trial_scheduler.step()
+    except (ArithmeticError, TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        raise ConfigError(f"lr_scheduler.args: {kind} fails when it steps ({type(err).__name__}: {_reason(err)});"
+                          " check its arguments") from None
+
+
+def first_batch(loader):
+    """The first batch of ``loader``'s first epoch (the iterator, and any worker it started, is let go at once)."""
+    loader.set_epoch(1, 0)
+    return next(iter(loader))
+
+
+# What a model, loss or metric raises when it cannot take its input (anything else is a bug, with its traceback).
+INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+
+
+def dry_batch(config, parts):
+    """One batch through model, loss and metrics before a run writes anything; raise a one-line UserError naming
+    the shapes and the likely fix if they do not fit together (an RGB model on grayscale data, 5 output classes
+    for 10 labels, 8x8 images into a network built for 28x28, logits fed to ``nll_loss``). It takes a validation
+    batch when there is one (no augmentation), in eval mode, with no step, and restores every RNG state."""
+    loader, device, model = parts.data_loader, parts.device, parts.model
+    arch, loss_name = config["arch"]["type"], config["loss"]["type"]
+    if len(loader) == 0:
+        raise UserError(f"data_loader: an epoch has 0 batches ({len(loader.sampler)} training samples, batch_size"
+                        f" {loader.batch_size}, drop_last {config['data_loader']['args'].get('drop_last', False)});"
+                        " lower batch_size or set drop_last false")
+    saved_rng, was_training = rng_state(), model.training
+    amp = AUTOCAST_DTYPES.get(config["trainer"]["amp"])
+    try:
+        data, target = (t.to(device) for t in first_batch(parts.valid_data_loader or loader))
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            try:
+                output = model(data)
+            except INPUT_ERRORS as err:
+                raise _forward_error(err, model, data, arch) from None
+            if not isinstance(output, torch.Tensor):
+                raise UserError(f"arch: {arch} returned a {type(output).__name__}, not a tensor; the loss and"
+                                " metrics need one tensor of scores per sample")
+            if output.dim() == 0 or output.shape[0] != target.shape[0]:
+                raise UserError(f"arch: {arch} returned {_shape(output)} for a batch of {target.shape[0]} samples;"
+                                " its first dimension must be the batch")
+            if not target.is_floating_point() and output.dim() >= 2 and target.numel():  # classification
+                low, high, n_classes = int(target.min()), int(target.max()), output.shape[1]
+                if high >= n_classes:
+                    raise UserError(f"arch: {arch} outputs {n_classes} class scores but the targets go up to {high};"
+                                    f" set arch.args.num_classes={high + 1} (targets are 0..{high})")
+                if low < 0 and low != -100:  # -100: the losses' ignore_index
+                    raise UserError(f"data_loader: targets must be class indices >= 0, found {low}")
+            # A loss may carry a check of its arguments (model/loss.py), called here once rather than in every step.
+            criterion = parts.criterion
+            partial = hasattr(criterion, "func") and hasattr(criterion, "keywords")
+            fn, args = (criterion.func, criterion.keywords) if partial else (criterion, {})
+            try:
+                if getattr(fn, "check", None) is not None:
+                    fn.check(output, target, **args)
+                loss = criterion(output, target)
+            except INPUT_ERRORS as err:
+                hint = ""
+                if target.is_floating_point() and "mse" not in loss_name:
+                    hint = "; the targets are floating point: for regression use \"loss\": \"mse_loss\""
+                elif not target.is_floating_point() and "mse" in loss_name:
+                    hint = "; the targets are class indices: for classification use \"loss\": \"cross_entropy\""
+                raise UserError(f"loss: {loss_name} cannot take the model's output {_shape(output)} and the targets"
+                                f" {_shape(target)}: {_reason(err)}{hint}") from None
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                shape = _shape(loss) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise UserError(f"loss: {loss_name} returned {shape}, not a single value; the training step needs the"
+                                " batch's mean (leave reduction at \"mean\")")
+            if loss_name == "nll_loss" and output.dim() >= 2:
+                # nll_loss expects log-probabilities: the exp of each row sums to 1. Logits do not, and training on
+                # them drives the loss to -infinity while accuracy stays at chance.
+                sums = output.float().exp().sum(dim=1)
+                if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+                    raise UserError("loss: nll_loss expects log-probabilities, but the model's outputs are not (the exp"
+                                    f" of a row sums to {float(sums.flatten()[0]):.4g}, not 1): use \"loss\":"
+                                    " \"cross_entropy\" for a model that returns logits, or end the model with"
+                                    " log_softmax")
+            for metric in [*parts.metric_fns, *parts.valid_metric_fns]:
+                try:
+                    if isinstance(metric, EpochMetric):  # one update and a compute, on a probe that checks its inputs
+                        probe = metric.new(device, sync=False, check_inputs=True)
+                        probe.update(output, target)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")  # e.g. "no positive samples" on one small batch
+                            probe.compute()
+                    else:
+                        metric(output, target)
+                except INPUT_ERRORS as err:
+                    raise UserError(f"metrics: {metric.__name__} cannot take the model's output {_shape(output)} and"
+                                    f" the targets {_shape(target)}: {_reason(err)}") from None
+    finally:
+        model.train(was_training)
+        set_rng_state(saved_rng)
+
+
+def _forward_error(err, model, data, arch):
+    """The line for a model that cannot take the data's batches: what its first layer expects, where that is it."""
+    reason = _reason(err)
+    name, layer = next(((n, m) for n, m in model.named_modules()
+                        if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))), (None, None))
+    if isinstance(layer, torch.nn.modules.conv._ConvNd) and data.dim() >= 2 and data.shape[1] != layer.in_channels:
+        return UserError(f"arch: {arch}'s first layer {name} expects {layer.in_channels} input channels, but the"
+                         f" data's batches are {_shape(data)} with {data.shape[1]}; use data with {layer.in_channels}"
+                         f" channels (an image loader's channels: {layer.in_channels}) or a model for"
+                         f" {data.shape[1]}-channel input (arch.args.in_channels={data.shape[1]} where the model"
+                         " takes it)")
+    if isinstance(layer, torch.nn.Linear) and data[0].numel() != layer.in_features and data.dim() >= 2:
+        return UserError(f"arch: {arch}'s first layer {name} expects {layer.in_features} input features, but one"
+                         f" sample of the data has {data[0].numel()} values (batches are {_shape(data)}); set"
+                         f" arch.args.input_size={data[0].numel()} or use a model built for this data")
+    if any(s in reason for s in ("Kernel size can't be greater", "Output size is too small",
+                                 "input image (T: 1 H: 1", "smaller than kernel", "too small")):
+        return UserError(f"arch: the data's images are too small for {arch}: batches are {_shape(data)} ({reason});"
+                         " use a model made for this image size, or resize the images (image_size)")
+    return UserError(f"arch: {arch} cannot take the data's batches {_shape(data)}: {reason}")
+
+
+def _reason(err):
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _shape(t):
+    return f"[{', '.join(map(str, t.shape))}] ({str(t.dtype).replace('torch.', '')})"

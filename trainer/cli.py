@@ -1,10 +1,9 @@
 """The command lines of ``train.py`` and ``test.py``: parse, call one function, turn a user's mistake into one line.
 
-Both scripts spell the same thing the same way (``-c``, ``-r``, ``-d/--device``,
-``key.path=VALUE`` overrides anywhere among the flags), and every user error prints as
-``error: ...`` lines on stderr with exit code 2, without a traceback. Importing this
-module is cheap (torch is imported when a command runs), so a Ctrl-C during start-up is
-caught like any other.
+Both scripts spell the same thing the same way (``-c``, ``-r``, ``-d/--device``, ``key.path=VALUE`` overrides
+anywhere among the flags), and every user error prints as ``error: ...`` lines on stderr with exit code 2, without
+a traceback. Importing this module is cheap (torch is imported when a command runs), so a Ctrl-C during start-up
+is caught like any other.
 """
 
 import argparse
@@ -18,14 +17,23 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
 
+    def add_overrides(self, shortcuts):
+        """The ``key.path=VALUE`` overrides, and ``shortcuts`` (rows of :data:`SHORTCUTS`) that each write one."""
+        self.add_argument("overrides", nargs="*", metavar="key.path=VALUE",
+                          help="change any config key; the value is read as JSON, else as a string")
+        group = self.add_argument_group("shortcuts (each writes one key.path=VALUE override)")
+        for flags, key, options in shortcuts:
+            group.add_argument(*flags, dest=key, **{**options, "help": f"{options['help']} ({key}=...)"})
+        return self
+
 
 # The shortcut flags, in one table: (flags, the config key, argparse options). A shortcut only writes the override
 # ``KEY=VALUE`` (:func:`overrides_of`), so it means what the override means: a key of a part whose files are deleted
 # gets the same line. The first is every command's, the others train.py's.
 SHORTCUTS = (
-    (("-d", "--device"), "device", {"help": 'device: "auto", "cpu", "cuda", "cuda:N" or "mps"'}),
-    (("--lr",), "optimizer.args.lr", {"type": float, "help": "the learning rate"}),
-    (("--bs",), "data_loader.args.batch_size", {"type": int, "help": "the batch size per process"}),
+    (("-d", "--device"), "device", {"metavar": "DEVICE", "help": 'device: "auto", "cpu", "cuda", "cuda:N" or "mps"'}),
+    (("--lr",), "optimizer.args.lr", {"type": float, "metavar": "LR", "help": "the learning rate"}),
+    (("--bs",), "data_loader.args.batch_size", {"type": int, "metavar": "BS", "help": "the batch size per process"}),
     (("--fast-dev-run",), "trainer.fast_dev_run",
      {"type": int, "metavar": "N", "help": "N training and N validation batches, one epoch, nothing written"}),
     (("--overfit-batches",), "trainer.overfit_batches",
@@ -35,25 +43,8 @@ SHORTCUTS = (
 )
 
 
-def _dest(flags):
-    return flags[-1].lstrip("-").replace("-", "_")
-
-
-def _add_shortcuts(parser, rows):
-    for flags, key, options in rows:
-        parser.add_argument(*flags, **{**options, "help": f"{options['help']} ({key}=...)"})
-
-
-def _parser(description):
-    parser = CommandParser(description=description)
-    _add_shortcuts(parser, SHORTCUTS[:1])
-    parser.add_argument("overrides", nargs="*", metavar="key.path=VALUE",
-                        help="change any config key; the value is read as JSON, else as a string")
-    return parser
-
-
 def train_parser():
-    parser = _parser("Train a model from a config file.")
+    parser = CommandParser(description="Train a model from a config file.")
     parser.add_argument("-c", "--config", help="config file (JSON, or YAML ending in .yaml/.yml)")
     parser.add_argument("-r", "--resume", help="checkpoint to continue (its run folder and settings); 'auto' (with -c,"
                         " and --run-id or the config's name alone): the run's newest resumable checkpoint, or a fresh"
@@ -65,15 +56,14 @@ def train_parser():
     parser.add_argument("--overwrite", action="store_true",
                         help="with -r: continue in the checkpoint's folder even if it holds later checkpoints"
                              " (by default such a resume continues in a new folder)")
-    _add_shortcuts(parser.add_argument_group("shortcuts (each writes one key.path=VALUE override)"), SHORTCUTS[1:])
-    return parser
+    return parser.add_overrides(SHORTCUTS)
 
 
 def test_parser():
-    parser = _parser("Evaluate a checkpoint on the test split of its config.")
+    parser = CommandParser(description="Evaluate a checkpoint on the test split of its config.")
     parser.add_argument("-r", "--resume", dest="checkpoint", required=True,
                         help="checkpoint to evaluate (spelled -r, as in victoresque's template)")
-    return parser
+    return parser.add_overrides(SHORTCUTS[:1])
 
 
 def parse(parser, argv):
@@ -83,19 +73,15 @@ def parse(parser, argv):
 
 def overrides_of(args):
     """The ``key.path=VALUE`` overrides a command line asks for, the shortcuts' (:data:`SHORTCUTS`) after the rest."""
-    overrides = list(args.overrides)
-    for flags, key, _ in SHORTCUTS:
-        value = getattr(args, _dest(flags), None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return overrides
+    values = vars(args)
+    return [*args.overrides, *(f"{key}={values[key]}" for _, key, _ in SHORTCUTS if values.get(key) is not None)]
 
 
 def train_command(argv=None):
     """``python train.py ...``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = train_parser()
-    args = parse(parser, argv)
+    args = parser.parse_intermixed_args(argv)
     if not args.config and not args.resume:
         parser.error("give -c CONFIG to start a run, or -r CHECKPOINT to resume one")
     if args.resume and args.init_from:
@@ -124,17 +110,18 @@ def train_command(argv=None):
 
 def test_command(argv=None):
     """``python test.py -r CKPT ...``; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(test_parser(), argv)
+    args = parse(test_parser(), sys.argv[1:] if argv is None else list(argv))
 
     def run():
-        from trainer.run import evaluate_checkpoint, test_results_path
+        from pathlib import Path
+
+        from trainer.run import evaluate_checkpoint
 
         metrics = evaluate_checkpoint(args.checkpoint, overrides_of(args))
         print(f"Scored {args.checkpoint} on its test split:")
         for key, value in metrics.items():
             print(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
-        print(f"Written to {test_results_path(args.checkpoint)}")
+        print(f"Written to {Path(args.checkpoint).with_suffix('.test.json')}")
 
     return run_command(run)
 

@@ -8,6 +8,7 @@ or, in the middle of an epoch, a different data order.
 """
 
 import math
+from pathlib import Path
 
 from utils import parts
 from utils.config import ConfigError, config_diff
@@ -162,7 +163,6 @@ def init_weights(model, path, strict):
 def resumable_checkpoints(folder):
     """The checkpoints of one run folder that a run can continue from (``model_best.pth`` is a full state too)."""
     import re
-    from pathlib import Path
 
     names = re.compile(r"last\.pth|model_best\.pth|checkpoint-epoch\d+\.pth")
     try:
@@ -210,7 +210,6 @@ def find_resumable(config, run_id=None):
         has nothing to resume: start it fresh), the run id to use, and one line per skipped file.
     """
     import os
-    from pathlib import Path
 
     models = Path(config["trainer"]["save_dir"]) / "models" / config["name"]
     if run_id is None:
@@ -234,8 +233,6 @@ def find_resumable(config, run_id=None):
 def newer_checkpoints(folder, resumed, global_step):
     """Names of the run's checkpoints in ``folder`` that hold a later step than ``global_step``: what resuming
     ``resumed`` in place would overwrite. Unreadable files are left out: they are no later state of the run."""
-    from pathlib import Path
-
     newer = []
     for path in sorted(resumable_checkpoints(folder)):
         if path.resolve() == Path(resumed).resolve():
@@ -276,3 +273,146 @@ def _asks_for_more(saved, cfg):
     patience, before = cfg.get("early_stop") or math.inf, saved.get("early_stop")  # 0 or null: never stop early
     more_patience = bool(before) and patience > before
     return more_patience or cfg["epochs"] > saved["epochs"]
+
+
+# --------------------------------------------------------------------------- what trainer/run.py asks of a resume
+
+AUTO = "auto"  # ``-r auto``: resume the newest resumable checkpoint of the run, or start it
+
+
+def resume_point(config, resume, run_id, overwrite, registries):
+    """Where a resumed run starts (the fields of :class:`trainer.run.Start`): the checked config, the checkpoint and
+    its state; with ``-r auto`` the run's newest resumable checkpoint (:func:`find_resumable`) continued in place,
+    or no state at all when the run has none (it starts).
+
+    Raises:
+        UserError: a problem in the config or the checkpoint (all of them at once); no config for ``-r auto``.
+        RunStopped: the checkpoint's run is over (exit code 0), or a part's check_resume refused it.
+    """
+    from base.base_trainer import RunStopped
+    from utils.config import check_path_component, validate_config
+
+    skipped = []
+    if resume == AUTO:
+        if config is None:
+            raise UserError("-r auto needs the run's config (-c CONFIG): its name and trainer.save_dir say where the"
+                            " run is")
+        if run_id is not None and (problem := check_path_component(run_id, "--run-id")):
+            raise UserError(problem)
+        checked = validate_config(config, registries)
+        path, state, found_id, skipped = find_resumable(checked, run_id)
+        run_id, resume, overwrite = found_id or run_id, str(path) if path else None, True
+        if state is None:  # nothing to resume: the run starts
+            return dict(config=checked, run_id=run_id, overwrite=True, skipped=skipped)
+        if done := run_is_finished(state, checked):
+            raise RunStopped(f"{path}: nothing to resume: {done}", exit_code=0)
+    else:
+        state = load_checkpoint(resume)
+    config, changes = checked_resume_config(config, state, registries)
+    if state.get("stopped_early") and (done := run_is_finished(state, config)):  # -r CKPT of an early-stopped run
+        raise RunStopped(f"{resume}: nothing to resume: {done}", exit_code=0)
+    parts.call_each(config, "check_resume", state, resume)  # a part may refuse to train on in this launch
+    return dict(config=config, state=state, resume=resume, run_id=run_id, overwrite=overwrite, changes=changes,
+                skipped=skipped)
+
+
+def checked_resume_config(config, state, registries):
+    """The checked config of a resume (the checkpoint's own when ``config`` is None), and the lines saying how it
+    differs from the checkpoint's.
+
+    Raises:
+        UserError: any problem, all at once; a change the checkpoint's state cannot follow; no epoch left.
+    """
+    from utils.config import validate_config
+
+    saved = state["config"]
+    config = validate_config(saved if config is None else carry_data_args(saved, config), registries)
+    changes = check_resume_changes(saved, config, mid_epoch=state["batch_in_epoch"] > 0)
+    epochs, done = config["trainer"]["epochs"], state["epoch"]
+    if done >= epochs:
+        raise ConfigError(f"trainer.epochs: the checkpoint has completed {done} of {epochs} epochs, so there is"
+                          f" nothing to train; resume with trainer.epochs={done + 1} or more to train on")
+    return config, changes
+
+
+def resumed_folder(resume, state, run_id, overwrite):
+    """Where a resumed run goes: ``(run_id, branch_base, branched_from)``.
+
+    It continues in its checkpoint's folder (``branched_from`` None), unless that would overwrite later work:
+    when the folder holds a checkpoint of a later step than the one resumed (or ``run_id`` names another
+    folder), the run branches into a new folder, ``run_id`` or else a free one named after ``branch_base``
+    (``<run_id>-from-<checkpoint name>``), and ``branched_from`` says from where. ``overwrite`` continues in
+    place regardless.
+    """
+    folder = Path(resume).resolve().parent
+    newer = [] if overwrite else newer_checkpoints(folder, resume, state["global_step"])
+    if run_id in (None, folder.name):
+        if not newer:
+            return folder.name, None, None
+        run_id = None
+    return run_id, f"{folder.name}-from-{Path(resume).stem}", {
+        "run_dir": str(folder), "checkpoint": str(resume), "global_step": state["global_step"],
+        "newer_checkpoints": newer}
+
+
+def restore(trainer, start):
+    """Continue the run that wrote ``start.state``, with the changed optimizer and scheduler arguments of
+    ``start.config``; log how it goes on (rank 0)."""
+    state, config, run, logger = start.state, start.config, trainer.run, trainer.logger
+    trainer.load_state_dict(state)
+    apply_resume_changes(state["config"], config, trainer.optimizer, trainer.lr_scheduler)
+    if state["batch_in_epoch"] and (factor := batch_split(state["config"], config)):
+        trainer.batch_in_epoch *= factor  # the same samples done, counted in batches of the new size
+        logger.info(f"each batch is split in {factor} from here on: continuing at batch {trainer.batch_in_epoch}"
+                    f" of the epoch, the same sample as the checkpoint's batch {state['batch_in_epoch']}")
+    if state["config"]["seed"] != config["seed"]:
+        logger.warning("the seed changed: the data order from here on differs from the original run's")
+    if state.get("world_size", 1) != trainer.world_size:
+        logger.warning(f"resuming a run of {state.get('world_size', 1)} processes with {trainer.world_size}:"
+                       " each process's share of the data, and so the data order, changes from here on")
+    if not run.dist.is_main:
+        return
+    for line in start.skipped:
+        logger.warning(line)
+    logger.info(f"Resumed from epoch {state['epoch']}, batch {state['batch_in_epoch']}, step {state['global_step']}")
+    branch = run.branched_from
+    if branch and branch["newer_checkpoints"]:
+        logger.warning(f"{Path(branch['checkpoint']).name} is not the newest checkpoint of its run"
+                       f" ({', '.join(branch['newer_checkpoints'])} hold later steps): continuing in a new run"
+                       f" folder, {run.checkpoint_dir}, so nothing is overwritten (--overwrite continues in place)")
+    elif branch:
+        logger.info(f"Continuing {branch['run_dir']} in a new run folder, {run.checkpoint_dir}")
+    else:
+        logger.info(f"Continuing in {run.checkpoint_dir}")
+    for line in start.changes:
+        logger.info(f"  changed: {line}")
+
+
+def resumed_manifest(record, run, argv, resume):
+    """Carry a resumed run's manifest on into ``record``: the first command, and one more entry of the resume
+    history (under SLURM or torchrun also the job id and how often it was requeued or restarted). A branch (a
+    resume into a new folder) records where it came from, and the run it came from records the branch."""
+    import json
+    import time
+
+    from utils import dist
+    from utils.io import write_json
+
+    def read(path):
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    previous, now = read(run.checkpoint_dir / "manifest.json"), time.strftime("%Y-%m-%d %H:%M:%S")
+    record["command"] = previous.get("command", argv)
+    record["resume_history"] = [*previous.get("resume_history", []),
+                                {"time": now, "checkpoint": str(resume), "command": argv, **dist.launch_context()}]
+    if run.branched_from:
+        record["command"], record["branched_from"] = argv, run.branched_from
+        origin_path = Path(run.branched_from["run_dir"]) / "manifest.json"
+        if origin := read(origin_path):
+            origin.setdefault("branches", []).append({"time": now, "run_dir": str(run.checkpoint_dir),
+                                                      "checkpoint": Path(run.branched_from["checkpoint"]).name,
+                                                      "command": argv})
+            write_json(origin_path, origin)

@@ -101,7 +101,7 @@ def test_a_confusion_matrix_that_could_not_be_shown_is_one_line(tmp_path, change
 
 
 def test_outputs_that_are_not_class_scores_are_one_line_in_the_dry_batch(tiny_config):
-    from trainer.preflight import dry_batch
+    from trainer.build import dry_batch
     from utils import parts as optional_parts
 
     config, _ = run.checked_config(with_changes(tiny_config, trainer__confusion_matrix=True, trainer__tensorboard=True))

@@ -257,7 +257,7 @@ def test_built_in_metrics_do_not_import_torchmetrics():
 
 def test_fewer_validation_samples_than_processes_is_one_line_for_torchmetrics(tmp_path):
     """Under torchrun a torchmetrics metric gathers every process's validation share: each needs one sample."""
-    from trainer.preflight import check_shards
+    from trainer.torchrun import check_launch
     from trainer.run import build_parts
     from utils.config import ConfigError, validate_config
     from utils.dist import DistInfo
@@ -266,13 +266,14 @@ def test_fewer_validation_samples_than_processes_is_one_line_for_torchmetrics(tm
     config = make_config(tmp_path / "saved")
     config["metrics"] = ["accuracy", {"type": "torchmetrics.classification.MulticlassF1Score", "args": {"num_classes": 3}}]
     config["data_loader"]["args"]["validation_split"] = 3
-    parts = build_parts(validate_config(config, build.registries()), torch.device("cpu"))
-    check_shards(parts, DistInfo(rank=0, world_size=3))  # one sample each: fine
-    check_shards(parts, DistInfo())  # one process: nothing to check
+    config = validate_config(config, build.registries())
+    parts = build_parts(config, torch.device("cpu"))
+    check_launch(config, parts, DistInfo(rank=0, world_size=3))  # one sample each: fine
+    check_launch(config, parts, DistInfo())  # one process: nothing to check
     with pytest.raises(ConfigError, match="3 validation samples for 4 processes.*hold out at least 4 samples"):
-        check_shards(parts, DistInfo(rank=0, world_size=4))
+        check_launch(config, parts, DistInfo(rank=0, world_size=4))
     parts.metric_fns = [fn for fn in parts.metric_fns if not isinstance(fn, EpochMetric)]
-    check_shards(parts, DistInfo(rank=0, world_size=4))  # built-in metrics reduce sums: an empty share is fine
+    check_launch(config, parts, DistInfo(rank=0, world_size=4))  # built-in metrics reduce sums: an empty share is fine
 
 
 def test_a_mid_epoch_resume_with_changed_metric_args_does_not_load_the_old_state(tmp_path, interrupt_at_step, capsys):
