@@ -103,9 +103,11 @@ def _cycle(loader):
         epoch += 1
 
 
-def steepest(lrs, losses, skip_begin=10, skip_end=1):
-    """The learning rate where the smoothed loss falls fastest against log(lr); None with fewer than 3 points left."""
-    points = list(zip(lrs, losses))[skip_begin: len(lrs) - skip_end]
+def steepest(lrs, losses, skip_begin=10):
+    """The learning rate where the smoothed loss falls fastest against log(lr) on its way down to its minimum (past
+    it the loss diverges, and a dip in the divergence can fall steeply); None with fewer than 3 points left."""
+    lowest = min(range(len(losses)), key=losses.__getitem__) if losses else 0
+    points = list(zip(lrs, losses))[skip_begin: lowest + 1]
     if len(points) < 3:
         return None
     x = [math.log(lr) for lr, _ in points]

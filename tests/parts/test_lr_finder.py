@@ -45,6 +45,10 @@ def test_suggest_is_a_tenth_of_the_steepest_descent():
     assert lr_finder.steepest(lrs, losses) == pytest.approx(1e-3, rel=0.3)
     assert lr_finder.suggest(lrs, losses) == pytest.approx(lr_finder.steepest(lrs, losses) / 10)
     assert lr_finder.suggest(lrs[:12], losses[:12]) is None
+    # Past the minimum the loss diverges; a dip there (seen on config.json with one thread) is no descent to suggest.
+    diverging = losses + [0.5, 2.0, 6.0, 2.5, 2.4]
+    more = lrs + [10.0 ** (k / 10) for k in range(1, 6)]
+    assert lr_finder.steepest(more, diverging) == pytest.approx(1e-3, rel=0.3)
 
 
 def test_the_plot_keeps_its_words_apart(tmp_path):
