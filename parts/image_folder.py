@@ -552,7 +552,7 @@ def transforms_of(args):
         return transforms
     step = {"type": "Normalize", "args": {"mean": list(stats["mean"]), "std": list(stats["std"])}}
     transforms = dict(transforms or {})
-    return {**transforms, "train": [*(transforms.get("train") or []), step], "eval": [*(transforms.get("eval") or []), step]}
+    return {**transforms, **{split: [*(transforms.get(split) or []), step] for split in ("train", "eval")}}
 
 
 def channel_stats(dataset, indices, most=2000):
@@ -582,8 +582,8 @@ def check_stats(stats, channels):
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats["mean"] + stats["std"])
           and all(v > 0 for v in stats["std"]))
     if not ok:
-        raise UserError(f'data_loader.args.feature_stats: expected {{"mean": [...], "std": [...]}} with {channels} values'
-                        f" each (one per channel, std > 0), got {stats!r}")
+        raise UserError(f'data_loader.args.feature_stats: expected {{"mean": [...], "std": [...]}} with {channels}'
+                        f" values each (one per channel, std > 0), got {stats!r}")
     return stats
 
 

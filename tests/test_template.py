@@ -71,7 +71,7 @@ def test_new_project_copies_a_working_template(tmp_path):
         assert (target / name).is_file(), name
     assert not (target / ".venv").exists() and not (target / "saved").exists()
     history = subprocess.run(["git", "log", "--oneline"], cwd=target, capture_output=True, text=True).stdout
-    assert len(history.splitlines()) == 1  # a fresh repository: the copy as its first commit, not the template's history
+    assert len(history.splitlines()) == 1  # a repository of its own: the copy is its first commit
     # The copy validates its own default config.
     check = subprocess.run([sys.executable, "-c", "from utils.config import load_config, validate_config;"
                             "from trainer.build import registries;"

@@ -4,7 +4,8 @@ Runs the exponential learning-rate range test (parts/lr_finder.py, the lr_finder
 on a copy of the config's model and optimizer: the learning rate rises geometrically from
 ``--min-lr`` to ``--max-lr`` over ``--steps`` training batches, until the loss diverges.
 Prints the suggested learning rate (a tenth of where the smoothed loss falls fastest: see
-parts/lr_finder.py's ``suggest`` for why, and what it was measured on) and the command that trains with it, and writes a plot of loss against learning rate as a PNG
+parts/lr_finder.py's ``suggest`` for why, and what it was measured on) and the command that
+trains with it, and writes a plot of loss against learning rate as a PNG
 (``<save_dir>/lr_find/<name>.png`` unless ``--out`` says where). Nothing else is written.
 """
 
@@ -49,8 +50,8 @@ def main(argv=None):
         if suggestion is None:
             print("No suggestion: too few steps before the loss diverged; raise --steps or lower --max-lr")
         else:
-            print(f"Suggested learning rate: {suggestion:.3g} (1/{SAFETY} of {suggestion * SAFETY:.3g}, where the smoothed"
-                  " loss fell fastest)")
+            print(f"Suggested learning rate: {suggestion:.3g} (1/{SAFETY} of {suggestion * SAFETY:.3g},"
+                  " where the smoothed loss fell fastest)")
             print(f"    python train.py -c {args.config} optimizer.args.lr={suggestion:.3g}")
         print(f"Plot: {out}")
 

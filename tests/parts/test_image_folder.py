@@ -137,13 +137,15 @@ def test_normalize_auto_uses_the_training_images_only_and_their_saved_stats_afte
     stats, train_idx = loader.feature_stats, loader.sampler.indices
     images = loader.dataset.tensors()[0]
     pixels = images[train_idx].double().div(255).transpose(0, 1).flatten(1)  # neither validation nor test images
-    assert stats["mean"] == pytest.approx(pixels.mean(1).tolist()) and stats["std"] == pytest.approx(pixels.std(1, unbiased=False).tolist())
+    assert stats["mean"] == pytest.approx(pixels.mean(1).tolist())
+    assert stats["std"] == pytest.approx(pixels.std(1, unbiased=False).tolist())
     assert loader.data_args()["feature_stats"] == stats
     x = torch.cat([x for x, _ in batches(loader, 1)]).transpose(0, 1).flatten(1)
     assert x.mean(1).abs().max() < 1e-4 and (x.std(1, unbiased=False) - 1).abs().max() < 1e-4
     # Given back (a saved run's config), the numbers are used as they are, for training and for the test split.
     monkeypatch.setattr(image_folder, "channel_stats", lambda *a: pytest.fail("recomputed"))
-    again = image_loader(folder, normalize="auto", feature_stats=stats, image_size=6, validation_split=0.25, shuffle=False)
+    again = image_loader(folder, normalize="auto", feature_stats=stats, image_size=6, validation_split=0.25,
+                         shuffle=False)
     assert_same_batches(batches(again, 1), batches(loader, 1))
     test = image_loader(folder, normalize="auto", feature_stats=stats, image_size=6, training=False, shuffle=False)
     mean, std = (torch.tensor(stats[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
