@@ -9,6 +9,7 @@ Any data loader built on :class:`~base.base_data_loader.BaseDataLoader` takes th
                    "eval": [{"type": "Normalize", "args": {"mean": [0.5], "std": [0.25]}}]}
 
 Each entry ``{"type": NAME, "args": {...}}`` names a class of ``torchvision.transforms.v2``.
+(A horizontal flip suits photos, not digits or text: configs/image_folder.json does not flip.)
 The promises kept here:
 
 * The whole spec is checked with the config and again when the loader is built (unknown

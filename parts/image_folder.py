@@ -20,7 +20,14 @@ Promises:
   centre-cropped to it.
 * In memory, a split is decoded once and cached as one uint8 tensor file in ``cache_dir``
   (written atomically), keyed by the files' paths, sizes and modification times and by
-  the decoding settings: a changed, added or removed file means a new decode.
+  the decoding settings: a changed, added or removed file means a new decode. In a config
+  ``cache_dir`` defaults to ``<trainer.save_dir>/cache/images`` (:func:`check`), never the
+  user's data folder; a dry run (``fast_dev_run``) writes no cache; ``false`` turns it off.
+* ``normalize: "auto"``: the mean and standard deviation of each channel, over the training
+  split's images (neither validation nor test images), become a ``Normalize`` at the end of
+  the ``train`` and ``eval`` transforms. They are kept in the run's config as
+  ``feature_stats`` (like the table loader's scaling), so a resume, ``test.py`` and
+  ``predict.py`` normalise with the same numbers (:func:`transforms_of`).
 * Every problem with the data (missing folder, empty class folder, class in ``test/`` but
   not in ``train/``, unreadable or differently sized images) is one line of
   :class:`~utils.errors.UserError` naming the file or folder. With ``skip_unreadable``,
@@ -43,6 +50,7 @@ from base.base_data_loader import BaseDataLoader
 from base.splits import check_fraction, stratified_split
 from utils.errors import UserError
 
+RESIZE_FILTER = "bilinear"  # PIL's filter for the resize in decode (the export's preprocessing file names it)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 SPLIT_SEED = 0
 CACHE_VERSION = 1
@@ -203,7 +211,7 @@ def decode(path, channels=3, size=None):
             if size is not None and (image.height, image.width) != size:
                 scale = max(size[0] / image.height, size[1] / image.width)
                 width, height = max(size[1], round(image.width * scale)), max(size[0], round(image.height * scale))
-                image = image.resize((width, height), Image.Resampling.BILINEAR)
+                image = image.resize((width, height), Image.Resampling[RESIZE_FILTER.upper()])
                 left, top = (width - size[1]) // 2, (height - size[0]) // 2
                 image = image.crop((left, top, left + size[1], top + size[0]))
             array = np.array(image)
@@ -397,6 +405,7 @@ def load_split(files, split, root, class_names, channels=3, image_size=None, cac
     """A dataset over ``files``: in memory (decoded or read from the cache) or, if it does not fit, from the files.
 
     ``in_memory=None`` keeps a split in memory when it needs at most :data:`MEMORY_FRACTION` of the RAM.
+    ``cache_dir`` None or False: decoded without a cache file.
     """
     if channels not in (1, 3) or isinstance(channels, bool):
         raise UserError(f"data_loader.args.channels: got {channels!r}, expected 3 (RGB) or 1 (grey)")
@@ -420,13 +429,15 @@ def load_split(files, split, root, class_names, channels=3, image_size=None, cac
             _report_skipped(skipped, root)
         return ImageFileDataset(kept, class_names, channels, size)
 
-    cache_dir = os.path.join(root, ".cache") if cache_dir is None else os.path.expanduser(os.fspath(cache_dir))
-    path, prefix = _cache_file(cache_dir, split, files, channels, size)
-    data = _load_cache(path, len(files), channels)
+    path = data = None
+    if cache_dir not in (None, False):
+        path, prefix = _cache_file(os.path.expanduser(os.fspath(cache_dir)), split, files, channels, size)
+        data = _load_cache(path, len(files), channels)
     if data is None:
         images, targets, skipped = decode_all(files, root, channels, size, skip_unreadable)
         data = {"images": images, "targets": targets, "skipped": [[p, r] for p, r in skipped]}
-        _write_cache(path, prefix, data)
+        if path is not None:
+            _write_cache(path, prefix, data)
     skipped = [tuple(item) for item in data["skipped"]]
     if skipped and not skip_unreadable:  # a cache written by a run that skipped them
         raise _unreadable_error(*skipped[0])
@@ -447,19 +458,22 @@ class ImageFolderDataLoader(BaseDataLoader):
     Without ``test/`` a ``test_split`` fraction (default 0.2) of each class is held out, the
     same files every time; without ``val/``, ``validation_split`` (default 0.1) as in every
     loader. Images become ``channels`` x ``image_size`` (RGB or grey; resized to cover and
-    centre-cropped) uint8, batches float32 in [0, 1] before the transforms' ``Normalize``.
-    ``in_memory``: null decodes a split once into memory (cached in ``cache_dir``, default
-    ``data_dir/.cache``) when it needs at most a quarter of the RAM, else reads the files
-    in DataLoader workers; true or false forces either. ``skip_unreadable`` leaves out
-    damaged images with a warning instead of stopping. ``class_names`` fixes the class
-    order (a saved run's); ``loader.class_names`` is the order used.
+    centre-cropped) uint8, batches float32 in [0, 1] before the transforms' ``Normalize``
+    (``normalize: "auto"``: one from the training images' ``feature_stats``, computed unless
+    given). ``in_memory``: null decodes a split once into memory (cached in ``cache_dir``;
+    None here is no cache, a config's default is ``<save_dir>/cache/images``) when it needs at
+    most a quarter of the RAM, else reads the files in DataLoader workers; true or false forces
+    either. ``skip_unreadable`` leaves out damaged images with a warning instead of stopping.
+    ``class_names`` fixes the class order (a saved run's); ``loader.class_names`` is the order used.
     """
 
     options_from = BaseDataLoader
 
     def __init__(self, data_dir, batch_size=64, shuffle=True, validation_split=None, test_split=None, training=True,
                  image_size=None, channels=3, in_memory=None, cache_dir=None, skip_unreadable=False, class_names=None,
-                 **options):
+                 normalize=None, feature_stats=None, **options):
+        if problems := _normalize_problems(normalize, options.get("transforms")):
+            raise UserError(problems[0])
         augment = self.transforms_part(options.get("transforms"))
         if augment is not None:  # a config mistake shows before minutes of decoding
             augment.parse_transforms(options["transforms"])
@@ -479,13 +493,103 @@ class ImageFolderDataLoader(BaseDataLoader):
         skipped = {path for path, _ in getattr(dataset, "skipped", [])}
         n_train = sum(1 for path, _ in layout.splits["train"] if path not in skipped) if training else len(dataset)
         split = 0.0 if layout.val_from_folder or not training else (0.1 if validation_split is None else validation_split)
+        stats = feature_stats
+        if normalize == "auto":
+            if feature_stats is not None:
+                stats = check_stats(feature_stats, channels)
+            elif not training:
+                raise UserError('data_loader.args.normalize: "auto" needs the training split\'s feature_stats to score'
+                                " the test split: evaluate a run's checkpoint, whose config holds them")
+            else:  # the images that train: neither test nor validation images inform the statistics
+                fit_idx, _ = BaseDataLoader.split_indices(torch.arange(n_train), split, options.get("seed", 0))
+                stats = channel_stats(dataset, fit_idx)
+                logger.info(f"normalize auto: mean {_rounded(stats['mean'])}, std {_rounded(stats['std'])} from"
+                            f" {len(fit_idx)} training images (kept in the run's config as feature_stats)")
+            options["transforms"] = transforms_of({**options, "normalize": normalize, "feature_stats": stats})
         super().__init__(dataset, batch_size, shuffle and training, split, training=training, indices=list(range(n_train)),
                          **options)
+        self.feature_stats = stats
         if training and layout.val_from_folder and len(dataset) > n_train:
             self.valid_idx = torch.arange(n_train, len(dataset))
 
     def data_args(self):
-        return {"class_names": list(self.class_names)}
+        args = {"class_names": list(self.class_names)}
+        if self.feature_stats is not None:
+            args["feature_stats"] = self.feature_stats
+        return args
+
+
+# --------------------------------------------------------------------------- the config: cache folder, normalisation
+
+
+def check(config):
+    """Fill in ``cache_dir`` (``<trainer.save_dir>/cache/images``: the user's data folder stays as it was; false for a
+    dry run, ``fast_dev_run``, which writes nothing) and check ``normalize``; one line per problem."""
+    args = config["data_loader"]["args"]
+    if config["trainer"].get("fast_dev_run"):
+        args["cache_dir"] = False
+    elif args.get("cache_dir") is None:
+        args["cache_dir"] = os.path.join(config["trainer"]["save_dir"], "cache", "images")
+    return _normalize_problems(args.get("normalize"), args.get("transforms"))
+
+
+def _normalize_problems(normalize, transforms):
+    if normalize in (None, False, "auto"):
+        entries = [e for split in (transforms or {}).values() if isinstance(split, list) for e in split]
+        if normalize == "auto" and any(isinstance(e, dict) and e.get("type") == "Normalize" for e in entries):
+            return ['data_loader.args.normalize: "auto" adds a Normalize with the training images\' mean and std,'
+                    " and the transforms already have one: remove one of the two"]
+        return []
+    return [f'data_loader.args.normalize: got {normalize!r}, expected "auto" (per-channel mean and std from the'
+            " training images) or null (none; or a Normalize in the transforms)"]
+
+
+def transforms_of(args):
+    """``data_loader.args.transforms`` of a config's ``args`` as the loader runs them: with ``normalize: "auto"`` and
+    its ``feature_stats``, a ``Normalize`` ends both lists. What ``predict.py`` and the export read too."""
+    transforms = args.get("transforms")
+    stats = args.get("feature_stats")
+    if args.get("normalize") != "auto" or stats is None:
+        return transforms
+    step = {"type": "Normalize", "args": {"mean": list(stats["mean"]), "std": list(stats["std"])}}
+    transforms = dict(transforms or {})
+    return {**transforms, **{split: [*(transforms.get(split) or []), step] for split in ("train", "eval")}}
+
+
+def channel_stats(dataset, indices, most=2000):
+    """``{"mean": [...], "std": [...]}`` per channel of the images ``indices`` of ``dataset``, in [0, 1] (as the
+    transforms see them). A dataset read from files is sampled: ``most`` images, the same ones every time."""
+    if not hasattr(dataset, "tensors") and len(indices) > most:
+        indices = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(SPLIT_SEED))[:most]]
+    total = squares = count = 0
+    for start in range(0, len(indices), 256):  # float64 sums a chunk at a time: the peak memory stays small
+        chunk = indices[start:start + 256]
+        if hasattr(dataset, "tensors"):
+            images = dataset.tensors()[0][chunk]
+        else:
+            images = torch.stack([dataset[int(i)][0] for i in chunk])
+        x = images.to(torch.float64).div_(255).transpose(0, 1).flatten(1)
+        total, squares, count = total + x.sum(1), squares + x.square().sum(1), count + x.shape[1]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant channel: centred, not divided by 0
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def check_stats(stats, channels):
+    """``stats`` (a saved run's ``feature_stats``) checked against ``channels``."""
+    ok = (isinstance(stats, dict) and {"mean", "std"} <= set(stats)
+          and all(isinstance(stats[k], list) and len(stats[k]) == channels for k in ("mean", "std"))
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats["mean"] + stats["std"])
+          and all(v > 0 for v in stats["std"]))
+    if not ok:
+        raise UserError(f'data_loader.args.feature_stats: expected {{"mean": [...], "std": [...]}} with {channels}'
+                        f" values each (one per channel, std > 0), got {stats!r}")
+    return stats
+
+
+def _rounded(values):
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
 LOADERS = {"ImageFolderDataLoader": ImageFolderDataLoader}

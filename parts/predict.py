@@ -100,7 +100,7 @@ def input_reader(config):
     if section["type"] == "CsvDataLoader":
         return TableInputs(args)
     if section["type"] == "ImageFolderDataLoader":
-        spec = _part("augment").parse_transforms(args.get("transforms"))
+        spec = _part("augment").parse_transforms(_part("image_folder").transforms_of(args))  # normalize "auto" too
         return ImageInputs(args.get("channels", 3), _part("image_folder").size_pair(args.get("image_size")), spec.eval if spec else [],
                            args.get("class_names"))
     if section["type"] in _BUILTIN_IMAGES:

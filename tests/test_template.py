@@ -69,7 +69,9 @@ def test_new_project_copies_a_working_template(tmp_path):
     for name in ("train.py", "test.py", "config.json", "Makefile", "requirements.txt", "trainer/trainer.py",
                  "tests/conftest.py", ".ci/run", "new_project.py"):
         assert (target / name).is_file(), name
-    assert not (target / ".venv").exists() and not (target / ".git").exists() and not (target / "saved").exists()
+    assert not (target / ".venv").exists() and not (target / "saved").exists()
+    history = subprocess.run(["git", "log", "--oneline"], cwd=target, capture_output=True, text=True).stdout
+    assert len(history.splitlines()) == 1  # a repository of its own: the copy is its first commit
     # The copy validates its own default config.
     check = subprocess.run([sys.executable, "-c", "from utils.config import load_config, validate_config;"
                             "from trainer.build import registries;"
@@ -108,7 +110,7 @@ def test_new_project_leaves_out_what_runs_and_installs_made(tmp_path):
         (template / path).parent.mkdir(parents=True, exist_ok=True)
         (template / path).write_text("x")
     (template / "new_project.py").write_text((ROOT / "new_project.py").read_text())
-    out = subprocess.run([sys.executable, str(template / "new_project.py"), str(tmp_path / "copy")],
+    out = subprocess.run([sys.executable, str(template / "new_project.py"), str(tmp_path / "copy"), "--no-git"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     copied = sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*") if p.is_file())

@@ -3,8 +3,9 @@
 Runs the exponential learning-rate range test (parts/lr_finder.py, the lr_finder part)
 on a copy of the config's model and optimizer: the learning rate rises geometrically from
 ``--min-lr`` to ``--max-lr`` over ``--steps`` training batches, until the loss diverges.
-Prints the suggested learning rate (where the smoothed loss falls fastest) and the command
-that trains with it, and writes a plot of loss against learning rate as a PNG
+Prints the suggested learning rate (a tenth of where the smoothed loss falls fastest: see
+parts/lr_finder.py's ``suggest`` for why, and what it was measured on) and the command that
+trains with it, and writes a plot of loss against learning rate as a PNG
 (``<save_dir>/lr_find/<name>.png`` unless ``--out`` says where). Nothing else is written.
 """
 
@@ -39,7 +40,7 @@ def main(argv=None):
         parser().error("needs --steps >= 3 and 0 < --min-lr < --max-lr")
 
     def run():
-        from parts.lr_finder import find_lr
+        from parts.lr_finder import SAFETY, find_lr
         from utils.config import apply_overrides, load_config
 
         config = apply_overrides(load_config(args.config), overrides_of(args))
@@ -49,7 +50,8 @@ def main(argv=None):
         if suggestion is None:
             print("No suggestion: too few steps before the loss diverged; raise --steps or lower --max-lr")
         else:
-            print(f"Suggested learning rate: {suggestion:.3g} (where the loss fell fastest)")
+            print(f"Suggested learning rate: {suggestion:.3g} (1/{SAFETY} of {suggestion * SAFETY:.3g},"
+                  " where the smoothed loss fell fastest)")
             print(f"    python train.py -c {args.config} optimizer.args.lr={suggestion:.3g}")
         print(f"Plot: {out}")
 

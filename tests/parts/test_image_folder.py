@@ -4,6 +4,7 @@ damaged ones. Every user mistake must be one line of UserError naming what to fi
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,22 +104,23 @@ def test_image_folder_modes_sizes_and_values(tmp_path):
     assert torch.allclose(x[1], torch.full((1, 5, 5), 0.299 * 255 // 1 / 255), atol=1 / 255)  # red's luma
 
 
-def test_image_folder_cache_is_used_then_invalidated(folder, monkeypatch):
+def test_image_folder_cache_is_used_then_invalidated(folder, monkeypatch, tmp_path):
     decoded = []
     real = image_folder.decode
     monkeypatch.setattr(image_folder, "decode", lambda path, *a: decoded.append(path) or real(path, *a))
-    first = image_loader(folder)
+    first = image_loader(folder, cache_dir=tmp_path / "cache")
     assert len(decoded) == 24 and first.dataset.cache_path.is_file()
     decoded.clear()
-    again = image_loader(folder)
+    again = image_loader(folder, cache_dir=tmp_path / "cache")
     assert decoded == [] and torch.equal(again.dataset.tensors()[0], first.dataset.tensors()[0])  # read from the cache
     changed = folder / "cat" / "03.png"
     write_image(changed, (13, 11), seed=99)
     os.utime(changed, ns=(1, 1))  # a different mtime whatever the file system's resolution
-    after = image_loader(folder)
+    after = image_loader(folder, cache_dir=tmp_path / "cache")
     assert len(decoded) in (24, 30) and after.dataset.cache_path != first.dataset.cache_path
     assert not first.dataset.cache_path.exists()  # the stale cache of this split was replaced
     assert not torch.equal(after.dataset.tensors()[0], first.dataset.tensors()[0])
+    assert not list(folder.rglob(".*"))  # nothing written into the user's data folder
 
 
 def test_image_folder_cache_dir_and_streaming_agree(folder, tmp_path):
@@ -127,6 +129,43 @@ def test_image_folder_cache_dir_and_streaming_agree(folder, tmp_path):
     streamed = image_loader(folder, in_memory=False, shuffle=False, validation_split=0)
     assert not streamed.in_memory
     assert_same_batches(batches(cached, 1), batches(streamed, 1))
+
+
+def test_normalize_auto_uses_the_training_images_only_and_their_saved_stats_after(folder, monkeypatch):
+    pytest.importorskip("parts.augment")  # the Normalize runs as a transform
+    loader = image_loader(folder, normalize="auto", image_size=6, validation_split=0.25, shuffle=False)
+    stats, train_idx = loader.feature_stats, loader.sampler.indices
+    images = loader.dataset.tensors()[0]
+    pixels = images[train_idx].double().div(255).transpose(0, 1).flatten(1)  # neither validation nor test images
+    assert stats["mean"] == pytest.approx(pixels.mean(1).tolist())
+    assert stats["std"] == pytest.approx(pixels.std(1, unbiased=False).tolist())
+    assert loader.data_args()["feature_stats"] == stats
+    x = torch.cat([x for x, _ in batches(loader, 1)]).transpose(0, 1).flatten(1)
+    assert x.mean(1).abs().max() < 1e-4 and (x.std(1, unbiased=False) - 1).abs().max() < 1e-4
+    # Given back (a saved run's config), the numbers are used as they are, for training and for the test split.
+    monkeypatch.setattr(image_folder, "channel_stats", lambda *a: pytest.fail("recomputed"))
+    again = image_loader(folder, normalize="auto", feature_stats=stats, image_size=6, validation_split=0.25,
+                         shuffle=False)
+    assert_same_batches(batches(again, 1), batches(loader, 1))
+    test = image_loader(folder, normalize="auto", feature_stats=stats, image_size=6, training=False, shuffle=False)
+    mean, std = (torch.tensor(stats[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    x, _ = next(iter(test))
+    assert torch.allclose(x, (test.dataset.tensors()[0][: len(x)].float() / 255 - mean) / std, atol=1e-5)
+    with pytest.raises(UserError) as info:  # the test split alone cannot know the training images' statistics
+        image_loader(folder, normalize="auto", image_size=6, training=False)
+    assert "feature_stats" in one_line(info)
+
+
+@pytest.mark.parametrize("args, expected", [
+    ({"normalize": "yes"}, 'expected "auto"'),
+    ({"normalize": "auto", "transforms": {"eval": [{"type": "Normalize", "args": {"mean": [0.5], "std": [0.2]}}]}},
+     "already have one"),
+    ({"normalize": "auto", "feature_stats": {"mean": [0.5], "std": [0.2]}}, "3 values"),
+])
+def test_normalize_mistakes_are_one_line(folder, args, expected):
+    with pytest.raises(UserError) as info:
+        image_loader(folder, **args)
+    assert expected in one_line(info)
 
 
 def make_damaged(folder):
@@ -254,7 +293,40 @@ def test_the_example_config_builds_on_the_example_data(tmp_path):
 
 def test_a_run_keeps_its_class_names_and_resumes_from_the_original_config(example_data, tmp_path):
     pytest.importorskip("parts.augment")  # configs/image_folder.json augments
-    assert_run_keeps_pinned("image_folder", {"class_names"}, example_data, tmp_path)
+    assert_run_keeps_pinned("image_folder", {"class_names", "feature_stats"}, example_data, tmp_path)
+
+
+def test_the_example_config_flips_nothing_normalises_its_own_data_and_caches_outside_it(example_data, tmp_path):
+    pytest.importorskip("parts.augment")  # configs/image_folder.json augments
+    from trainer import run
+    from utils.config import apply_overrides, load_config
+
+    shipped = load_config(ROOT / "configs/image_folder.json")
+    args = shipped["data_loader"]["args"]
+    assert not [t for split in args["transforms"].values() for t in split if "Flip" in t["type"]]  # digits, text
+    assert args["normalize"] == "auto" and "cache_dir" not in args
+    data = tmp_path / "images"
+    shutil.copytree(example_data / "example_images", data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    config = apply_overrides(shipped, [f"data_loader.args.data_dir={data}", f"trainer.save_dir={tmp_path / 'saved'}",
+                                       "trainer.verbosity=0", "trainer.tensorboard=false", "device=cpu",
+                                       "trainer.epochs=1"])
+    run.train(apply_overrides(config, ["trainer.fast_dev_run=2"]))  # a dry run writes nothing: no cache either
+    assert not (tmp_path / "saved").exists() and sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    run.train(config, run_id="r")
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # the user's data folder is left alone
+    assert list((tmp_path / "saved" / "cache" / "images").glob("train-*.pt"))
+    folder = tmp_path / "saved/models" / config["name"] / "r"
+    saved = json.loads((folder / "config.json").read_text())
+    stats = saved["data_loader"]["args"]["feature_stats"]
+    assert len(stats["mean"]) == 3 and 0 < stats["mean"][0] < 1 and stats["mean"] != [0.5, 0.5, 0.5]
+    # A resume from the user's file in the middle of an epoch: the pinned statistics and the cache folder are no change.
+    state = torch.load(folder / "checkpoint-epoch1.pth", weights_only=True)
+    checked, _ = run.checked_config(apply_overrides(config, ["trainer.epochs=2"]), {**state, "batch_in_epoch": 1})
+    assert checked["data_loader"]["args"]["feature_stats"] == stats
+    # predict.py (and the export, which reads the same) normalises with the run's numbers.
+    predict = pytest.importorskip("parts.predict")
+    assert predict.input_reader(saved).normalisation() == (stats["mean"], stats["std"])
 
 
 def test_benchmark_rows_for_image_folders():
