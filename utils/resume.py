@@ -20,6 +20,8 @@ FIXED_ON_RESUME = ("name", "arch", "optimizer.type", "optimizer.param_groups", "
 # Keys that decide which sample comes next: fine to change between epochs, not in the middle of one (with those
 # the parts in use list as their FIXED_MID_EPOCH).
 FIXED_MID_EPOCH = ("seed", "data_loader", "trainer.len_epoch", "trainer.accumulate_grad_batches")
+# Keys under those that do not decide which sample comes next: where decoded images are cached (image_folder).
+FREE_MID_EPOCH = ("data_loader.args.cache_dir",)
 
 
 # Data loader arguments a run adds to its own config (see BaseDataLoader.data_args): not the user's to repeat.
@@ -90,7 +92,8 @@ def check_resume_changes(saved, config, mid_epoch):
     fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH + parts.declared("FIXED_MID_EPOCH", saved, config) if mid_epoch else ())
     split = mid_epoch and batch_split(saved, config)
     counts = batch_counts(saved, config)
-    allowed = ("data_loader.args.batch_size", "trainer.accumulate_grad_batches", *counts) if split else ()
+    allowed = (*FREE_MID_EPOCH, *(("data_loader.args.batch_size", "trainer.accumulate_grad_batches", *counts)
+                                  if split else ()))
     refused = [line for line in changes if any(line == k or line.startswith((k + ".", k + ":")) for k in fixed)
                and not line.startswith(tuple(k + ":" for k in allowed))]
     if refused:

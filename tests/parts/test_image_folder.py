@@ -334,3 +334,18 @@ def test_benchmark_rows_for_image_folders():
 
     folder = data_bench.bench_image_folder(20, lambda message: None)
     assert len(folder["images_per_s"]) == 4 and all(rate > 0 for rate in folder["images_per_s"].values())
+
+
+def test_a_mid_epoch_resume_may_move_the_image_cache_but_not_change_the_data():
+    """The cache's place (set under trainer.save_dir by check()) decides no sample order: a resume in the middle
+    of an epoch with another save_dir, or from a checkpoint written before cache_dir existed, goes on."""
+    from utils.errors import ConfigError
+    from utils.resume import check_resume_changes
+
+    saved = {"seed": 0, "data_loader": {"type": "ImageFolderDataLoader", "args": {"data_dir": "d", "batch_size": 8}}}
+    moved = {"seed": 0, "data_loader": {"type": "ImageFolderDataLoader",
+                                        "args": {"data_dir": "d", "batch_size": 8, "cache_dir": "other/cache/images"}}}
+    assert check_resume_changes(saved, moved, mid_epoch=True) == ['data_loader.args.cache_dir: (unset) -> "other/cache/images"']
+    other_data = {**moved, "data_loader": {**moved["data_loader"], "args": {**moved["data_loader"]["args"], "data_dir": "e"}}}
+    with pytest.raises(ConfigError, match="changed data_loader.args.data_dir"):
+        check_resume_changes(saved, other_data, mid_epoch=True)
