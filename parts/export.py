@@ -136,13 +136,19 @@ def preprocessing(loaded, inputs, fmt, output, max_diff, source):
         "class_names": loaded.class_names,
     }
     reader = loaded.inputs
-    if reader is not None and reader.kind == "images":
+    if reader is not None and reader.kind == "images":  # decoded by the image_folder part's code (predict.py)
+        from utils import parts as optional_parts
+
+        image_folder = optional_parts.load("image_folder")
         mean, std = reader.normalisation()
+        transforms = image_folder.transforms_of(config["data_loader"]["args"]) or {}  # normalize "auto" resolved
         info.update(image_size=list(reader.size) if reader.size else list(inputs.shape[2:]),
                     channels=reader.channels, color="RGB" if reader.channels == 3 else "L",
                     scale="pixels / 255, then (x - mean) / std per channel" if mean else "pixels / 255",
-                    mean=mean, std=std, resize="resize to cover image_size keeping the aspect ratio, then centre-crop",
-                    eval_transforms=config["data_loader"]["args"].get("transforms", {}).get("eval", []))
+                    mean=mean, std=std, resize_filter=image_folder.RESIZE_FILTER,
+                    resize=f"resize ({image_folder.RESIZE_FILTER}, PIL) to cover image_size keeping the aspect"
+                           " ratio, then centre-crop",
+                    eval_transforms=transforms.get("eval", []))
     elif reader is not None and reader.kind == "table":
         info.update(feature_names=reader.features, feature_stats=reader.stats,
                     scale="(x - mean) / std per feature" if reader.stats else "none")

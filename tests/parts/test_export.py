@@ -30,6 +30,10 @@ def test_export_matches_the_eager_model_on_other_batch_sizes(fmt, image_ckpt, tm
     assert info["input_shape"] == ["batch", 3, 32, 32] and info["image_size"] == [32, 32]
     stats = torch.load(image_ckpt, weights_only=True)["config"]["data_loader"]["args"]["feature_stats"]
     assert info["mean"] == stats["mean"] and info["std"] == stats["std"]  # normalize "auto": the training images' own
+    # Every parameter a reimplementation needs: the resize filter by name (bicubic moves probabilities), and the
+    # normalisation "auto" resolved into the eval transforms.
+    assert info["resize_filter"] == "bilinear" and "bilinear" in info["resize"]
+    assert {"type": "Normalize", "args": {"mean": stats["mean"], "std": stats["std"]}} in info["eval_transforms"]
     assert info["max_abs_diff"] <= export.ATOL
     # Independently of the export's own check: load the file and compare on a batch of 5 real images.
     loaded = predict.load_for_inference(image_ckpt)
