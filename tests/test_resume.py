@@ -103,7 +103,16 @@ def test_second_ctrl_c_exits_at_once_leaving_whole_files(tmp_path):
         load(ckpt)  # every checkpoint left behind is whole
 
 
-def test_second_ctrl_c_in_process_raises_at_once(resume_config, save_last_every):
+@pytest.fixture(params=["default", "ignored"])
+def parent_sigint(request):
+    """SIGINT as a terminal leaves it, and as ``nohup`` or ``cmd &`` do (ignored): put back afterwards."""
+    outer = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler if request.param == "default" else signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, outer)
+
+
+def test_second_ctrl_c_in_process_raises_at_once(resume_config, save_last_every, parent_sigint):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     def hook(opt, args, kwargs):
@@ -113,6 +122,7 @@ def test_second_ctrl_c_in_process_raises_at_once(resume_config, save_last_every)
             os.kill(os.getpid(), signal.SIGINT)  # second: at once
 
     hook.steps = 0
+    before = signal.getsignal(signal.SIGINT)
     handle = register_optimizer_step_post_hook(hook)
     save_last_every(1)
     try:
@@ -123,7 +133,7 @@ def test_second_ctrl_c_in_process_raises_at_once(resume_config, save_last_every)
     folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/k"
     assert not (folder / "last.pth").exists() or load(folder / "last.pth")["global_step"] <= 6
     assert hook.steps == 6  # no step ran after the second Ctrl-C
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler was put back, whatever the parent had set
 
 
 @pytest.mark.parametrize("kills", [4, pytest.param(25, marks=pytest.mark.slow)])
