@@ -311,6 +311,8 @@ def test_refused_pickle_names_the_blocked_global(tmp_path, payload, global_name,
     assert global_name in line and "refused" in line and str(path) in line, line
 
 
+# torch warns about the pickle protocol of the plain pickle written here on purpose, before refusing it.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @pytest.mark.parametrize("protocol", [0, 2, 4])
 def test_a_plain_pickle_is_refused_in_one_line(tmp_path, protocol):
     path = tmp_path / "evil.pth"

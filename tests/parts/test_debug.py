@@ -121,7 +121,8 @@ def test_detect_anomaly_names_the_backward_op_that_made_nan(tiny_config, monkeyp
 
     monkeypatch.setattr(MLP, "forward", forward)
     config = with_changes(tiny_config, trainer__detect_anomaly=True)
-    with pytest.raises(RuntimeError, match="SqrtBackward0"):
+    # Anomaly mode warns with the forward call's traceback (what the user asked for), then raises naming the op.
+    with pytest.raises(RuntimeError, match="SqrtBackward0"), pytest.warns(UserWarning, match="Error detected in SqrtBackward0"):
         run.train(config)
     assert not torch.is_anomaly_enabled()  # restored after the run
     # Without anomaly mode nothing names it: the NaN reaches the weights and the next loss stops the run.

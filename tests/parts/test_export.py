@@ -5,6 +5,7 @@ Export needs the predict part (utils/parts.py): it loads a checkpoint, and descr
 
 import ast
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def test_export_matches_the_eager_model_on_other_batch_sizes(fmt, image_ckpt, tm
     with torch.no_grad():
         expected = loaded.model(x)
     if fmt == "torchscript":
-        got = torch.jit.load(str(out))(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript; the format is still offered
+            got = torch.jit.load(str(out))(x)
     elif fmt == "exported_program":
         got = torch.export.load(str(out)).module()(x)
     else:
