@@ -31,15 +31,19 @@ class Writers:
         for writer in self.writers:
             writer.add_hparams(hparams, metrics)
 
+    # The optional methods of a logger with a run of its own: only on those that have them.
     def finish(self, checkpoint_dir):
         for writer in self.writers:
-            writer.finish(checkpoint_dir)
+            if hasattr(writer, "finish"):
+                writer.finish(checkpoint_dir)
 
     def checkpoint_state(self):
-        return {name: state for writer in self.writers for name, state in writer.checkpoint_state().items()}
+        return {name: state for writer in self.writers if hasattr(writer, "checkpoint_state")
+                for name, state in writer.checkpoint_state().items()}
 
     def run_ids(self):
-        return {name: run_id for writer in self.writers for name, run_id in writer.run_ids().items()}
+        return {name: run_id for writer in self.writers if hasattr(writer, "run_ids")
+                for name, run_id in writer.run_ids().items()}
 
     def flush(self):
         for writer in self.writers:

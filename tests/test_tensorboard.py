@@ -337,7 +337,8 @@ def test_writers_hand_each_call_to_every_logger():
                                       ("images", "inputs", 4), ("hparams", {"lr": 0.1}, {"hparam/loss": 1.0})]
     assert writer.checkpoint_state() == {"one": {"run_id": "one-1"}, "two": {"run_id": "two-1"}}
     assert writer.run_ids() == {"one": "one-1", "two": "two-1"}
-    assert Writer().checkpoint_state() == {} and Writer().run_ids() == {}
+    plain = Writers([Writer()])  # a logger keeping no run of its own: none of the optional methods, nothing kept
+    assert plain.checkpoint_state() == {} and plain.run_ids() == {} and plain.finish("folder") is None
     writer.close()
     assert not writer
 

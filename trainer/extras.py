@@ -1,8 +1,8 @@
 """What some runs of the trainer need and a default run does not, imported at the point of use.
 
 The core's own hooks that a config turns on (``trainer.freeze``/``unfreeze_at_epoch``,
-``trainer.histogram_every``), the epochs of ``trainer.len_epoch``, what a non-finite loss does, and
-a resume's restoring of the epoch's running sums.
+``trainer.histogram_every``), the epochs of ``trainer.len_epoch``, batches moved to an accelerator,
+what a non-finite loss does, and a resume's restoring of the epoch's running sums.
 """
 
 import itertools
@@ -96,6 +96,12 @@ def endless(loader, position, count):
             yield batch
             count -= 1
         offset = 0
+
+
+def moved(batches, device):
+    """``(batch_idx, (data, target))`` moved to ``device`` (an accelerator: batches are made on the CPU)."""
+    for batch_idx, (data, target) in batches:
+        yield batch_idx, (data.to(device, non_blocking=True), target.to(device, non_blocking=True))
 
 
 def nonfinite_loss(trainer, loss, epoch, batch_idx, since_last_log=False):
