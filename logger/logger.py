@@ -2,23 +2,8 @@
 
 Both are set up by ``trainer.run.open_run``, never at import. ``trainer.loggers`` names the run's loggers:
 ``"tensorboard"`` (here) and the parts' (a row's ``loggers`` in utils/parts.py). :func:`open_writer` hands
-the run one writer (``run.writer``): the one logger itself, or a ``Writers`` of several or none (logger/writers.py).
-
-The writer interface (:class:`Writer`, whose methods do nothing): ``add_scalar(tag, value, step)`` and
-``add_scalars(values, step, prefix)``, ``add_histogram`` and ``add_images`` (tensors on the run's device),
-``add_hparams(hparams, metrics)`` once, when the run (or a resumed segment) ends normally (the config as
-``{"dotted.key": value}``, and final values), ``flush()`` at each epoch's end, ``close()``; ``bool(writer)``:
-whether it records anything (hooks skip their pictures when not). A logger that keeps a run of its own adds
-``checkpoint_state()`` (kept in each checkpoint under ``"trackers"``, given back on resume as
-``context.saved(name)``), ``run_ids()`` (for manifest.json) and ``finish(checkpoint_dir)`` (after add_hparams);
-the run calls those only on a writer that has them.
-
-What every logger promises: it acts only when called, at those moments (a run pays nothing per step for it);
-a resumed run continues the same logger's run, and what an interrupted process logged after the checkpoint
-resumed from is superseded (``context.purge_step``), so each reader sees one history with no step twice; a
-logger that fails (a server gone) warns and never stops training. A logger of your own (W&B, say) is a part:
-a :class:`Writer` subclass, ``writer(name, settings, context)`` returning it (``settings``: the entry's
-``"args"``), optionally ``check(config)``, and a row in utils/parts.py's ``PARTS`` with ``loggers=("wandb",)``.
+the run one writer (``run.writer``): the one logger itself, or a ``Writers`` of several or none. The writer
+interface, what every logger promises and how to add one: logger/writers.py.
 """
 
 import io
@@ -71,32 +56,6 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-class Writer:
-    """The writer interface (see the module's docstring): every method does nothing."""
-
-    def add_scalar(self, tag, value, step):
-        pass
-
-    def add_scalars(self, values, step, prefix=""):
-        for tag, value in values.items():
-            self.add_scalar(prefix + tag, value, step)
-
-    def add_histogram(self, tag, values, step):
-        pass
-
-    def add_images(self, tag, images, step):
-        pass
-
-    def add_hparams(self, hparams, metrics):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
 @dataclass
 class WriterContext:
     """What a logger is told about the run it logs (``writer(name, settings, context)`` of a logger part)."""
@@ -142,10 +101,10 @@ def open_writer(config, context, enabled=True):
     return Writers(writers)
 
 
-class TensorboardWriter(Writer):
+class TensorboardWriter:
     """``"tensorboard"``: event files in the run's log folder, through ``torch.utils.tensorboard`` (ImportError
-    without the tensorboard package). ``purge_step`` (resuming): TensorBoard drops the events the interrupted run
-    wrote after its checkpoint."""
+    without the tensorboard package); the writer interface of logger/writers.py. ``purge_step`` (resuming):
+    TensorBoard drops the events the interrupted run wrote after its checkpoint."""
 
     def __init__(self, log_dir, purge_step=None):
         from torch.utils.tensorboard import SummaryWriter

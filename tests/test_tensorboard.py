@@ -30,9 +30,8 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader  # noqa: E402
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # noqa: E402
 
-from logger.logger import TensorboardWriter, Writer, WriterContext, open_writer  # noqa: E402
-
-from logger.writers import Writers  # noqa: E402
+from logger.logger import TensorboardWriter, WriterContext, open_writer  # noqa: E402
+from logger.writers import Writer, Writers  # noqa: E402
 from trainer.run import train as main  # noqa: E402
 
 LOG_EVERY = 2

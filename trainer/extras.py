@@ -12,6 +12,16 @@ import torch
 from base.base_trainer import Hook, RunStopped
 
 
+def core_hooks(cfg, parts, run):
+    """The core's own hooks that ``cfg`` (``config["trainer"]``) turns on."""
+    hooks = []
+    if parts.frozen:
+        hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
+    if cfg["histogram_every"] and run.dist.is_main and run.writer:
+        hooks.append(Histograms(cfg["histogram_every"], cfg["activation_histograms"], cfg["log_images"]))
+    return hooks
+
+
 class Unfreeze(Hook):
     """``trainer.unfreeze_at_epoch``: from that epoch on, the parameters ``trainer.freeze`` froze train too.
 
@@ -122,6 +132,17 @@ def nonfinite_loss(trainer, loss, epoch, batch_idx, since_last_log=False):
         raise RunStopped(message)
     trainer.diverged = message
     return False
+
+
+def gather_running_sums(trainer):
+    """What ``Trainer.before_checkpoint`` adds to a mid-epoch checkpoint: the epoch's running sums of all processes
+    (a collective), epoch metrics' states included, so that a resume under any world size ends the epoch with the
+    whole epoch's numbers (only mid-epoch: after an epoch's end a resume starts the next epoch afresh)."""
+    state = {"train_metrics": trainer.train_metrics.state_dict(reduce=trainer.distributed)}
+    if trainer.epoch_metrics:
+        state["train_epoch_metrics"] = {m.__name__: m.state_dict(reduce=trainer.distributed)
+                                        for m in trainer.epoch_metrics}
+    return state
 
 
 def load_trainer_state(trainer, state):

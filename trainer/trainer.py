@@ -23,15 +23,11 @@ def hooks_for(config, parts, run):
     """The hooks a run's config turns on, in the order they are called: the core's own, then the parts'."""
     from utils import parts as optional_parts
 
-    cfg, hooks = config["trainer"], []
-    if parts.frozen:
-        from trainer.extras import Unfreeze
+    hooks = []
+    if parts.frozen or config["trainer"]["histogram_every"]:  # trainer.freeze, trainer.histogram_every
+        from trainer.extras import core_hooks
 
-        hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
-    if cfg["histogram_every"] and run.dist.is_main and run.writer:
-        from trainer.extras import Histograms
-
-        hooks.append(Histograms(cfg["histogram_every"], cfg["activation_histograms"], cfg["log_images"]))
+        hooks = core_hooks(config["trainer"], parts, run)
     for more in optional_parts.call_each(config, "hooks", config, parts, run):
         hooks.extend(more)
     return hooks
@@ -317,12 +313,9 @@ class Trainer(BaseTrainer):
             self.writer.flush()
 
     def before_checkpoint(self):
-        # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective), epoch metrics'
-        # states included, so that a resume, under any world size, ends the epoch with the whole epoch's numbers.
-        self.metrics_state = {"train_metrics": self.train_metrics.state_dict(reduce=self.distributed)}
-        if self.epoch_metrics:  # (only mid-epoch: after an epoch's end a resume starts the next epoch afresh)
-            self.metrics_state["train_epoch_metrics"] = {
-                m.__name__: m.state_dict(reduce=self.distributed) for m in self.epoch_metrics}
+        from trainer.extras import gather_running_sums
+
+        self.metrics_state = gather_running_sums(self)  # for extra_state
 
     def extra_state(self):
         metrics_state, self.metrics_state = self.metrics_state, None
@@ -361,13 +354,10 @@ class MetricTracker:
         self._values, self._sizes, self._weights = [], [], []  # batches queued, not yet in the sums
 
     def update(self, values, n, weights=None):
-        """Add one batch: ``values`` are 0-d tensors in the order of ``names``, ``n`` the batch's sample count.
-
-        ``weights``: None (all weighted by ``n``) or one entry per value, None or a 0-d tensor of what that value
-        averages over (the targets not ignored, say); a value of weight 0 adds nothing, even NaN. It runs every
-        step, so it only queues the tensors (a few tiny tensor ops per step would cost a small model a few
-        percent): they are summed in one go when read, and every 512 batches.
-        """
+        """Add one batch: ``values``, 0-d tensors in the order of ``names``; ``n``, its sample count; ``weights``,
+        None (all weighted by ``n``) or per value None or a 0-d tensor of what it averages over (a value of weight 0
+        adds nothing, even NaN). It runs every step, so it only queues the tensors (a few tiny tensor ops per step
+        would cost a small model a few percent): they are summed in one go when read, and every 512 batches."""
         if weights is not None:
             row = len(self._sizes)
             self._weights += [(row, i, w) for i, w in enumerate(weights) if w is not None]
@@ -497,14 +487,13 @@ _ALL_KEPT = {"model.metric.accuracy": _accuracy_all_kept, "model.metric.top_k_ac
 class EpochMetric:
     """A metric whose epoch value is no mean of batch values (a macro F1, an AUROC): it keeps state over the epoch.
 
-    A part provides them (utils/parts.py); ``__name__`` is the name its value goes by. The list of metrics holds
-    a *spec*; each loop makes its own accumulator with ``new(device, sync=True, check_inputs=False)`` (``sync``:
-    ``compute`` and ``state_dict(reduce=True)`` combine all processes' states, a collective; ``check_inputs``:
-    check each update even at the cost of a sync, as the dry batch does). An accumulator has
-    ``update(output, target)``, ``compute()`` (a float), ``reset()``, ``state_dict(reduce=False)`` (on the CPU)
-    and ``load_state_dict(state, own=True)`` (``own=False``: start empty, in a form that combines with the process
-    carrying ``state`` on; returns False, loading nothing, for another metric's state): what a mid-epoch
-    checkpoint needs for a resume to end the epoch with the value of the run left alone.
+    A part provides them (utils/parts.py), named by ``__name__``. The list of metrics holds a *spec*; each loop makes
+    its accumulator with ``new(device, sync=True, check_inputs=False)`` (``sync``: ``compute`` and
+    ``state_dict(reduce=True)`` combine all processes' states, a collective; ``check_inputs``: check each update,
+    even at the cost of a sync). An accumulator has ``update(output, target)``, ``compute()`` (a float),
+    ``reset()``, ``state_dict(reduce=False)`` (on the CPU) and ``load_state_dict(state, own=True)`` (``own=False``:
+    start empty, combinable with the process carrying ``state`` on; False, loading nothing, for another metric's
+    state): what a resume needs to end the epoch with the value of the run left alone.
     """
 
     def mark(self):
