@@ -66,9 +66,7 @@ class RunStopped(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.logged = logged  # already said in the run's log: the command line need not repeat it
-        # Under torchrun: whether every process stops here at the same point (an agreed stop) and can wait for the
-        # others before leaving; False when this process stops on its own (out of memory, say).
-        self.together = together
+        self.together = together  # torchrun: every process stops here (they wait for each other), not this alone
 
 
 # The signals that stop a run with a resumable last.pth. SIGUSR1 is the warning a scheduler sends before a time
@@ -206,11 +204,9 @@ class BaseTrainer:
         self.early_stop = cfg["early_stop"] or math.inf
         self.mode, self.monitor_key = ("off", None) if cfg["monitor"] == "off" else cfg["monitor"].split()
         self.monitor_best = math.inf if self.mode == "min" else -math.inf
-        self.not_improved_count = 0
-        self.best_epoch = None  # the epoch of monitor_best
-        self.epoch = 0  # epochs completed
-        self.batch_in_epoch = 0  # batches completed of the epoch in progress
-        self.global_step = 0  # optimizer steps taken
+        self.not_improved_count, self.best_epoch = 0, None  # (best_epoch: the epoch of monitor_best)
+        # Epochs completed, batches completed of the epoch in progress, optimizer steps taken.
+        self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.stop = None  # why to stop after this step (a Stop): set by a signal's handler, or a hook (ask_to_stop)
         self.agreed_stop = None  # under torchrun: the stop all processes last agreed on
         self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
@@ -309,18 +305,13 @@ class BaseTrainer:
     def state_dict(self):
         """Everything the rest of the run depends on, as state dicts and plain values."""
         state = {
-            "arch": self.config["arch"]["type"],
-            "config": self.config,
-            "run_id": self.run.run_id,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
+            "arch": self.config["arch"]["type"], "config": self.config, "run_id": self.run.run_id,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
             "world_size": self.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "monitor_best": self.monitor_best,
-            "not_improved_count": self.not_improved_count,
+            "monitor_best": self.monitor_best, "not_improved_count": self.not_improved_count,
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,  # (not restored: a resume that may go on has raised the patience)
             "stopped_by": self.stopped_by,  # (not restored either: it concerns the launch that wrote it)
@@ -356,8 +347,7 @@ class BaseTrainer:
             hook.load_state_dict(self, state)
 
     def save(self, filename):
-        """Write a checkpoint of the current state into the checkpoint folder, crash-safely (a dry run only says
-        so)."""
+        """Write a checkpoint of the current state into the checkpoint folder, crash-safely (a dry run: a log line)."""
         path = Path(self.run.checkpoint_dir) / filename
         if not self.run.writes:
             self.logger.info(f"dry run: would write {path}")
@@ -409,12 +399,10 @@ class BaseTrainer:
     def agreed_stop_signal(self, now=False):
         """Why to stop now (a :class:`Stop`), or None; raises when a process saw the loss diverge.
 
-        Under torchrun a signal (or a hook's clock) reaches the processes at different moments, and one stopping
-        alone would leave the others in a collective, so they ask each other (one small collective on the host)
-        every ``log_every_n_steps`` steps and wherever ``now`` (an epoch's end), and stop after the same step;
-        asking every step would cost a round trip per step. The exchange also carries whether a process saw a
-        non-finite loss: then all stop, unsaved. One process: its own reason, at no cost.
-        """
+        Under torchrun a signal reaches the processes at different moments, and one stopping alone would leave the
+        others in a collective: they ask each other (one small host collective; every step would cost a round trip
+        each) every ``log_every_n_steps`` steps and where ``now``, and stop after the same step. The exchange also
+        carries whether a process saw a non-finite loss: then all stop, unsaved."""
         own = self.stop  # read once: the handler may set it meanwhile
         if not self.distributed:
             return own

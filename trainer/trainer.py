@@ -91,9 +91,7 @@ class Trainer(BaseTrainer):
         self.log_every = cfg["log_every_n_steps"]
         self.clip_norm, self.clip_norm_type = cfg["clip_grad_norm"], float(cfg["clip_grad_norm_type"])
         self.clip_value, self.skip_nonfinite = cfg["clip_grad_value"], cfg["skip_nonfinite"]
-        # Reading the loss back each step is free on the CPU but a sync on an accelerator:
-        # there, a non-finite loss is caught at the logging interval unless skipping is on.
-        self.check_loss = self.device.type == "cpu" or self.skip_nonfinite
+        self.check_loss = self.device.type == "cpu" or self.skip_nonfinite  # each step (see train_epoch)
         self.quiet = cfg["verbosity"] == 0 or not self.is_main
         self.log_images = cfg["log_images"] and self.is_main and bool(self.writer)
         self.step_scheduler = self.lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
@@ -227,8 +225,7 @@ class Trainer(BaseTrainer):
     # ------------------------------------------------------------------ around the step
 
     def after_step(self, epoch, batch_idx, loss, grad_norm):
-        """Count the step, log it, run the step's hooks; returns True when the epoch ends here (a stop asked
-        for, the run finished, or ``trainer.max_steps`` reached)."""
+        """Count the step, log it, run the step's hooks; True when the epoch ends here (a stop, the end, max_steps)."""
         self.global_step += 1
         if self.global_step % self.log_every == 0:
             self.log_step(epoch, batch_idx, loss, grad_norm)
