@@ -1,7 +1,7 @@
-"""The epoch loop and everything around it: monitoring, checkpoints, exact resume, interruption; and the
-moments a part acts at (:class:`Hook`).
+"""The epoch loop and everything around it: monitoring, checkpoints, exact resume, interruption, seeding; and
+the moments a part acts at (:class:`Hook`). Subclasses provide :meth:`train_epoch`, :meth:`valid_epoch` and
+:meth:`log_epoch`.
 
-Subclasses provide :meth:`train_epoch` (the steps of one epoch), :meth:`valid_epoch` and :meth:`log_epoch`.
 The contract a checkpoint keeps: it holds everything the rest of the run depends on
 (weights, optimizer, scheduler, scaler, counters, the epoch's running sums, every RNG
 state), and the data order is a pure function of the seed and the epoch, so a run
@@ -11,6 +11,7 @@ resumed from it ends bit-identical to the run left alone (on the CPU).
 import contextlib
 import logging
 import math
+import random
 import re
 import signal
 import threading
@@ -18,12 +19,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from utils import dist
 from utils.dist import DistInfo
 from utils.io import save_checkpoint
-from utils.seed import rng_state, set_rng_state
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state():
+    """Every global RNG state as plain values and tensors, loadable with ``weights_only=True``."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # NumPy's key array is stored as a tensor: arrays are not allowed under weights_only.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class RunStopped(Exception):
@@ -33,9 +66,7 @@ class RunStopped(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.logged = logged  # already said in the run's log: the command line need not repeat it
-        # Under torchrun: whether every process stops here at the same point (an agreed stop), so that they can
-        # wait for each other before leaving; False when this process stops on its own (out of memory, say).
-        self.together = together
+        self.together = together  # torchrun: every process stops here (they wait for each other), not this alone
 
 
 # The signals that stop a run with a resumable last.pth. SIGUSR1 is the warning a scheduler sends before a time
@@ -45,16 +76,16 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 @dataclass(frozen=True)
 class Stop:
-    """Why a run stops early, after a step, with a resumable ``last.pth``: ``why`` (for the log: "by SIGTERM"), and
-    the command's exit code, which tells a script what happened: ``128 + N`` for signal N (130 Ctrl-C, 143 SIGTERM,
-    138 SIGUSR1 on Linux), or a hook's own code below 128 (see :meth:`BaseTrainer.ask_to_stop`)."""
+    """Why a run stops early, after a step, with a resumable ``last.pth``: ``why`` for the log ("by SIGTERM"), and
+    the exit code: ``128 + N`` for signal N (130 Ctrl-C, 143 SIGTERM), or a hook's own below 128 (:meth:`ask_to_stop`).
+    """
 
     exit_code: int
     why: str
 
     @classmethod
     def agreed(cls, code):
-        """The stop of exit code ``code`` as a process knows it that did not see it itself (under torchrun)."""
+        """The stop of exit code ``code``, as a process that did not see it itself knows it (under torchrun)."""
         if code > 128:
             return cls(code, f"by {signal.Signals(code - 128).name}")
         return cls(code, f"as another process asked (exit code {code})")
@@ -62,13 +93,11 @@ class Stop:
 
 @dataclass
 class Parts:
-    """The built components a run trains: what :func:`trainer.run.build_parts` returns.
+    """The built components a run trains (:func:`trainer.run.build_parts`).
 
-    ``model`` is the plain module (what checkpoints hold); ``forward_model`` runs the steps (the same
-    module, or a compiled / DDP wrapper of it made by ``wrap(model)``). ``frozen`` names the parameters
-    ``trainer.freeze`` froze; ``scaler`` is the fp16 gradient scaler or None. ``valid_metric_fns`` are
-    metrics only validation scores, after ``metric_fns``: a part's, whose hook takes each one's value out
-    of the result (``after_validation``).
+    ``model`` is the plain module (what checkpoints hold); ``forward_model`` runs the steps (it, or a compiled or
+    DDP wrapper made by ``wrap(model)``). ``frozen``: the parameters ``trainer.freeze`` froze; ``scaler``: fp16's
+    or None. ``valid_metric_fns``: a part's metrics only validation scores (its hook takes them out of the result).
     """
 
     model: torch.nn.Module
@@ -94,9 +123,8 @@ class Parts:
 class Run:
     """Where a run lives and how it reports: its id and folders, logger, writer (logger/logger.py), process group.
 
-    ``resumed_from`` is the checkpoint the run continues from (None for a new run); ``keep_last`` never
-    deletes it. ``branched_from`` describes the run folder it came from when a resume continues in a new
-    folder. ``writes`` is False for a dry run (``fast_dev_run``): nothing is written, the log says what would be.
+    ``resumed_from``: the checkpoint continued from (``keep_last`` never deletes it); ``branched_from``: the run
+    folder it came from, for a resume into a new folder; ``writes`` False: a dry run (``fast_dev_run``).
     """
 
     run_id: str
@@ -113,16 +141,12 @@ class Run:
 class Hook:
     """Optional behaviour at a fixed moment of a run; every moment does nothing unless overridden.
 
-    A part returns hooks from its ``hooks()`` (utils/parts.py). What a hook may use of the trainer:
-    its public attributes and methods, among them ``global_step``, ``batch_in_epoch``,
-    ``batches_per_epoch()``, ``valid_epoch(epoch)``, ``update_monitor(result)`` (count a validation
-    towards the best value and early stopping), ``save_resumable(name)`` (a mid-epoch checkpoint),
-    ``end_run(reason)`` and ``finished``, ``ask_to_stop(exit_code, why)`` (stop after the step with a
-    resumable ``last.pth`` and that exit code, as a signal does), ``no_sync(last)``, ``autocast``,
-    ``train_metrics`` and ``epoch_metrics``. What it may set besides the counters: ``epochs``,
-    ``len_epoch`` (batches per epoch; None: one pass over the data), ``val_batch_limit`` (validation
-    batches; None: all), ``accumulate`` and ``params`` (what is clipped); ``trainer.run.writes`` is
-    False in a run that writes no file.
+    A part returns hooks from its ``hooks()`` (utils/parts.py). A hook may use the trainer's public attributes and
+    methods: ``global_step``, ``batch_in_epoch``, ``batches_per_epoch()``, ``valid_epoch(epoch)``,
+    ``update_monitor(result)``, ``save_resumable(name)`` (a mid-epoch checkpoint), ``end_run(reason)`` and
+    ``finished``, ``ask_to_stop(exit_code, why)``, ``no_sync(last)``, ``autocast``, ``train_metrics``,
+    ``epoch_metrics``; it may set ``epochs``, ``len_epoch`` (None: one pass over the data), ``val_batch_limit``
+    (None: all), ``accumulate`` and ``params`` (what is clipped). ``trainer.run.writes`` is False in a dry run.
     """
 
     def training(self, trainer):
@@ -133,13 +157,12 @@ class Hook:
         """Before the epoch's first batch (a freezing schedule)."""
 
     def after_step(self, trainer, epoch, batch_idx):
-        """After each optimizer step; only hooks overriding it are called, and must take negligible time unless they
-        act: a run without them pays nothing per step."""
+        """After each optimizer step. Only hooks overriding it are called, so a run without them pays nothing per
+        step; it must take negligible time unless it acts."""
 
     def on_train_error(self, trainer, epoch, error):
         """An exception left the epoch's steps. None lets it propagate; a hook that can recover returns a function,
-        called once the failed step's frames (and their tensors) are gone, returning the batch to redo the epoch
-        from (or raising)."""
+        called once the failed step's frames (and tensors) are gone, returning the batch to redo the epoch from."""
         return None
 
     def after_train_epoch(self, trainer, epoch, last_batch):
@@ -150,12 +173,11 @@ class Hook:
         return contextlib.nullcontext()
 
     def after_validation(self, trainer, epoch, result):
-        """After each validation (by epoch or by step), before its values (no ``val_`` prefix) are used: a part that
-        added a metric to ``Parts.valid_metric_fns`` takes its value out here (the confusion matrix)."""
+        """After each validation, before its values (no ``val_`` prefix) are used: a part's metric of
+        ``Parts.valid_metric_fns`` is taken out here (the confusion matrix)."""
 
     def after_epoch(self, trainer, epoch, result):
-        """After validation and the monitor's update, before the epoch's checkpoints (``val_*`` in ``result``);
-        ``trainer.end_run(reason)`` here ends the run after this epoch, its checkpoint written."""
+        """After validation and the monitor's update, before the epoch's checkpoints (``val_*`` in ``result``)."""
 
     def state_dict(self):
         """The top-level keys this hook adds to a checkpoint."""
@@ -166,13 +188,8 @@ class Hook:
 
 
 class BaseTrainer:
-    """Runs epochs, validates, monitors a metric, saves and restores checkpoints.
-
-    Args:
-        config: the checked config (a dict); ``config["trainer"]`` holds the settings.
-        parts: the built components (:class:`Parts`).
-        run: the run's folders, logger and writer (:class:`Run`).
-    """
+    """Runs epochs, validates, monitors a metric, saves and restores checkpoints, for ``config`` (checked; its
+    ``"trainer"`` holds the settings), ``parts`` (:class:`Parts`) and ``run`` (:class:`Run`)."""
 
     def __init__(self, config, parts, run):
         self.config, self.parts, self.run = config, parts, run
@@ -187,11 +204,9 @@ class BaseTrainer:
         self.early_stop = cfg["early_stop"] or math.inf
         self.mode, self.monitor_key = ("off", None) if cfg["monitor"] == "off" else cfg["monitor"].split()
         self.monitor_best = math.inf if self.mode == "min" else -math.inf
-        self.not_improved_count = 0
-        self.best_epoch = None  # the epoch of monitor_best
-        self.epoch = 0  # epochs completed
-        self.batch_in_epoch = 0  # batches completed of the epoch in progress
-        self.global_step = 0  # optimizer steps taken
+        self.not_improved_count, self.best_epoch = 0, None  # (best_epoch: the epoch of monitor_best)
+        # Epochs completed, batches completed of the epoch in progress, optimizer steps taken.
+        self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.stop = None  # why to stop after this step (a Stop): set by a signal's handler, or a hook (ask_to_stop)
         self.agreed_stop = None  # under torchrun: the stop all processes last agreed on
         self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
@@ -218,7 +233,7 @@ class BaseTrainer:
                 for hook in self.hooks:
                     hook.before_epoch(self, epoch)
                 result = self.fit_epoch(epoch, self.batch_in_epoch)
-                if self.agreed_stop_signal(now=True):
+                if self.agreed_stop_signal(now=True) if self.distributed else self.stop:
                     self._stop_for_signal()
                 result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})
                 self._end_epoch(epoch, result)
@@ -279,7 +294,7 @@ class BaseTrainer:
         return improved
 
     def end_run(self, reason):
-        """End the run, saying why (one line, also ``ended_by`` in ``result.json``): from a hook's ``after_epoch``,
+        """End the run, saying why (the log, and ``ended_by`` in ``result.json``): from a hook's ``after_epoch``,
         after this epoch, its checkpoint written; from ``after_step``, after this step, the epoch so far validated
         and saved. A run already ending keeps its own end."""
         if not self.finished:
@@ -290,18 +305,13 @@ class BaseTrainer:
     def state_dict(self):
         """Everything the rest of the run depends on, as state dicts and plain values."""
         state = {
-            "arch": self.config["arch"]["type"],
-            "config": self.config,
-            "run_id": self.run.run_id,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
+            "arch": self.config["arch"]["type"], "config": self.config, "run_id": self.run.run_id,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
             "world_size": self.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "monitor_best": self.monitor_best,
-            "not_improved_count": self.not_improved_count,
+            "monitor_best": self.monitor_best, "not_improved_count": self.not_improved_count,
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,  # (not restored: a resume that may go on has raised the patience)
             "stopped_by": self.stopped_by,  # (not restored either: it concerns the launch that wrote it)
@@ -310,7 +320,8 @@ class BaseTrainer:
         }
         for hook in self.hooks:  # (the freezing schedule's "frozen" and "unfrozen")
             state.update(hook.state_dict())
-        state["trackers"] = self.writer.checkpoint_state()  # the loggers' run ids, for a resume to continue them
+        # The loggers' run ids, for a resume to continue them: of those that keep any (logger/logger.py).
+        state["trackers"] = self.writer.checkpoint_state() if hasattr(self.writer, "checkpoint_state") else {}
         return state
 
     def extra_state(self):
@@ -336,8 +347,7 @@ class BaseTrainer:
             hook.load_state_dict(self, state)
 
     def save(self, filename):
-        """Write a checkpoint of the current state into the run's checkpoint folder, crash-safely (a dry run says
-        what it would write)."""
+        """Write a checkpoint of the current state into the checkpoint folder, crash-safely (a dry run: a log line)."""
         path = Path(self.run.checkpoint_dir) / filename
         if not self.run.writes:
             self.logger.info(f"dry run: would write {path}")
@@ -350,11 +360,8 @@ class BaseTrainer:
         """Called on every process before a mid-epoch checkpoint is written (by rank 0): collectives go here."""
 
     def check_finite_weights(self, where):
-        """Raise :class:`RunStopped` if a weight or buffer is NaN or infinite: such a state is never saved.
-
-        Every process checks (their weights are the same under DDP), so all of them stop together.
-        One reduction over all tensors; it runs only when a checkpoint is about to be written.
-        """
+        """Raise :class:`RunStopped` if a weight or buffer is NaN or infinite: such a state is never saved. One
+        reduction, only before a checkpoint; every process checks (DDP's weights are equal), so all stop together."""
         tensors = {n: t.detach() for n, t in self.model.state_dict().items() if t.is_floating_point()}
         if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
             bad = next(n for n, t in tensors.items() if not torch.isfinite(t).all())
@@ -363,10 +370,8 @@ class BaseTrainer:
                              " rate or set trainer.clip_grad_norm")
 
     def save_resumable(self, filename):
-        """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it.
-
-        Under torchrun the processes first agree (a non-finite loss on any of them stops all, unsaved).
-        """
+        """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it. Under
+        torchrun the processes first agree (a non-finite loss on any of them stops all, unsaved)."""
         if self.distributed:
             self.agreed_stop_signal(now=True)
         self.check_finite_weights(f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
@@ -386,21 +391,18 @@ class BaseTrainer:
 
     def ask_to_stop(self, exit_code, why):
         """Stop after this step with a resumable ``last.pth``, exiting with ``exit_code`` (1 to 127: a hook's own
-        reason, such as a spent time budget) and logging ``why`` ("out of time (...)"). Under torchrun the
-        processes agree first (:meth:`agreed_stop_signal`), and a signal's stop outranks it. A stop already
-        asked for stays."""
+        reason, such as a spent time budget) and logging ``why``. A stop already asked for stays; under torchrun
+        the processes agree first (:meth:`agreed_stop_signal`), and a signal's stop outranks it."""
         if self.stop is None:
             self.stop = Stop(exit_code, why)
 
     def agreed_stop_signal(self, now=False):
         """Why to stop now (a :class:`Stop`), or None; raises when a process saw the loss diverge.
 
-        One process: its own reason, every step, at no cost. Under torchrun a signal (or a hook's clock) reaches
-        the processes at different moments, and one stopping alone would leave the others in a collective, so
-        they ask each other (one small collective on the host) every ``log_every_n_steps`` steps and wherever
-        ``now`` (an epoch's end), and stop after the same step; asking every step would cost a round trip per
-        step. The same exchange carries whether a process saw a non-finite loss: then all stop, unsaved.
-        """
+        Under torchrun a signal reaches the processes at different moments, and one stopping alone would leave the
+        others in a collective: they ask each other (one small host collective; every step would cost a round trip
+        each) every ``log_every_n_steps`` steps and where ``now``, and stop after the same step. The exchange also
+        carries whether a process saw a non-finite loss: then all stop, unsaved."""
         own = self.stop  # read once: the handler may set it meanwhile
         if not self.distributed:
             return own

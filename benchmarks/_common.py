@@ -221,7 +221,7 @@ def build_trainer(config, run_id="bench", prepare_model=None):
     from trainer.run import build_parts, open_run, place_parts
     from trainer.trainer import Trainer
     from utils.config import validate_config
-    from utils.seed import seed_everything
+    from base.base_trainer import seed_everything
 
     config = validate_config(config, build.registries())
     device = build.resolve_device(config["device"])

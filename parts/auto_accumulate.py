@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import RunStopped
-from base.base_trainer import Hook
+from base.base_trainer import Hook, rng_state, set_rng_state
 from utils import dist
 from utils.io import write_json
 from utils.resume import batch_counts, newest_first
-from utils.seed import rng_state, set_rng_state
 
 # The exit code of a run that out-of-memory errors stopped (under torchrun, or a batch of 1 that does not fit):
 # ENOMEM's number, as a full disk exits with ENOSPC's (utils/errors.py), so a script can tell "resume with a

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from logger.logger import Writer
+from logger.writers import Writer
 
 
 def check(config):

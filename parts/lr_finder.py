@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from base.base_trainer import rng_state, set_rng_state
 from utils.errors import UserError
-from utils.seed import rng_state, set_rng_state
 
 
 SAFETY = 10  # the suggestion is the steepest descent's lr divided by this (see suggest)
@@ -26,7 +26,7 @@ def find_lr(config, min_lr=1e-7, max_lr=10.0, steps=100, out=None):
     """Run the range test for ``config`` (a dict); returns ``(suggestion or None, path of the PNG, lrs tried)``."""
     from trainer import build
     from trainer.run import build_parts, checked_config
-    from utils.seed import seed_everything
+    from base.base_trainer import seed_everything
 
     config, _ = checked_config(config)
     device = build.resolve_device(config["device"])

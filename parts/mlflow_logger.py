@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from logger.logger import Writer
+from logger.writers import Writer
 from utils.config import did_you_mean, flatten
 
 DEFAULTS = {"tracking_uri": None, "experiment": None, "log_checkpoints": True}

@@ -12,9 +12,8 @@ import json
 
 import torch
 
-from base.base_trainer import Hook
+from base.base_trainer import Hook, rng_state, set_rng_state
 from trainer.build import first_batch
-from utils.seed import rng_state, set_rng_state
 
 
 def check(config):

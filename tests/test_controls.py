@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from trainer import run
-from base.base_trainer import RunStopped
+from base.base_trainer import RunStopped, seed_everything
 from conftest import with_changes
 from trainer import build
-from utils.seed import seed_everything
 
 
 @pytest.fixture

@@ -329,7 +329,7 @@ def test_a_plain_pickle_is_refused_in_one_line(tmp_path, protocol):
 @pytest.fixture
 def full_state():
     """A checkpoint as a training run writes it (see BaseTrainer.state_dict), without training."""
-    from utils.seed import rng_state
+    from base.base_trainer import rng_state
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -30,9 +30,8 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader  # noqa: E402
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # noqa: E402
 
-from logger.logger import TensorboardWriter, Writer, WriterContext, open_writer  # noqa: E402
-
-from logger.writers import Writers  # noqa: E402
+from logger.logger import TensorboardWriter, WriterContext, open_writer  # noqa: E402
+from logger.writers import Writer, Writers  # noqa: E402
 from trainer.run import train as main  # noqa: E402
 
 LOG_EVERY = 2
@@ -337,7 +336,8 @@ def test_writers_hand_each_call_to_every_logger():
                                       ("images", "inputs", 4), ("hparams", {"lr": 0.1}, {"hparam/loss": 1.0})]
     assert writer.checkpoint_state() == {"one": {"run_id": "one-1"}, "two": {"run_id": "two-1"}}
     assert writer.run_ids() == {"one": "one-1", "two": "two-1"}
-    assert Writer().checkpoint_state() == {} and Writer().run_ids() == {}
+    plain = Writers([Writer()])  # a logger keeping no run of its own: none of the optional methods, nothing kept
+    assert plain.checkpoint_state() == {} and plain.run_ids() == {} and plain.finish("folder") is None
     writer.close()
     assert not writer
 

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from base.base_trainer import rng_state, set_rng_state
 from data_loader.data_loaders import BUILTIN, DATA_LOADERS
 from model.loss import LOSSES
 from model.metric import METRICS
@@ -20,7 +21,6 @@ from model.model import MODELS
 from utils import parts
 from utils.config import ConfigError, Registry, init_obj
 from utils.errors import UserError
-from utils.seed import rng_state, set_rng_state
 from trainer.trainer import EpochMetric
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.amp

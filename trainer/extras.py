@@ -1,8 +1,8 @@
 """What some runs of the trainer need and a default run does not, imported at the point of use.
 
 The core's own hooks that a config turns on (``trainer.freeze``/``unfreeze_at_epoch``,
-``trainer.histogram_every``), the epochs of ``trainer.len_epoch``, what a non-finite loss does, and
-a resume's restoring of the epoch's running sums.
+``trainer.histogram_every``), the epochs of ``trainer.len_epoch``, batches moved to an accelerator,
+what a non-finite loss does, and a resume's restoring of the epoch's running sums.
 """
 
 import itertools
@@ -10,6 +10,16 @@ import itertools
 import torch
 
 from base.base_trainer import Hook, RunStopped
+
+
+def core_hooks(cfg, parts, run):
+    """The core's own hooks that ``cfg`` (``config["trainer"]``) turns on."""
+    hooks = []
+    if parts.frozen:
+        hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
+    if cfg["histogram_every"] and run.dist.is_main and run.writer:
+        hooks.append(Histograms(cfg["histogram_every"], cfg["activation_histograms"], cfg["log_images"]))
+    return hooks
 
 
 class Unfreeze(Hook):
@@ -98,6 +108,12 @@ def endless(loader, position, count):
         offset = 0
 
 
+def moved(batches, device):
+    """``(batch_idx, (data, target))`` moved to ``device`` (an accelerator: batches are made on the CPU)."""
+    for batch_idx, (data, target) in batches:
+        yield batch_idx, (data.to(device, non_blocking=True), target.to(device, non_blocking=True))
+
+
 def nonfinite_loss(trainer, loss, epoch, batch_idx, since_last_log=False):
     """A non-finite loss: returns True to skip the batch (``trainer.skip_nonfinite``), or raises to stop the run.
     Under torchrun the message is kept until the processes agree after this step, so that all of them stop."""
@@ -116,6 +132,17 @@ def nonfinite_loss(trainer, loss, epoch, batch_idx, since_last_log=False):
         raise RunStopped(message)
     trainer.diverged = message
     return False
+
+
+def gather_running_sums(trainer):
+    """What ``Trainer.before_checkpoint`` adds to a mid-epoch checkpoint: the epoch's running sums of all processes
+    (a collective), epoch metrics' states included, so that a resume under any world size ends the epoch with the
+    whole epoch's numbers (only mid-epoch: after an epoch's end a resume starts the next epoch afresh)."""
+    state = {"train_metrics": trainer.train_metrics.state_dict(reduce=trainer.distributed)}
+    if trainer.epoch_metrics:
+        state["train_epoch_metrics"] = {m.__name__: m.state_dict(reduce=trainer.distributed)
+                                        for m in trainer.epoch_metrics}
+    return state
 
 
 def load_trainer_state(trainer, state):

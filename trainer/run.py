@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from base.base_trainer import Parts, Run, RunStopped
+from base.base_trainer import Parts, Run, RunStopped, seed_everything
 from trainer import build
 from utils import dist
 from utils import parts as optional_parts
 from utils.config import check_path_component, flatten, logger_entries, validate_config
 from utils.errors import ConfigError, UserError
 from utils.io import remove_stale_temp_files, write_json
-from utils.seed import seed_everything
 
 
 def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None, overwrite=False):
@@ -290,7 +289,7 @@ def begin(trainer, start, argv, init_report):
         record = {"run_id": run.run_id, "command": argv, "config": config, "seed": config["seed"], "git_commit": git,
                   "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                "torchvision": torchvision_version, "cuda": torch.version.cuda},
-                  "resume_history": [], "trackers": run.writer.run_ids()}  # trackers: e.g. {"mlflow": RUN_ID}
+                  "resume_history": [], "trackers": getattr(run.writer, "run_ids", dict)()}  # {"mlflow": RUN_ID}
         if start.resume:
             from utils.resume import resumed_manifest
 
@@ -334,7 +333,8 @@ def end(trainer, metrics, seconds):
     if best_value is not None:
         final[f"hparam/best_{trainer.monitor_key}"] = best_value
     run.writer.add_hparams(hparams, final)
-    run.writer.finish(folder)  # trackers' artifacts (MLflow: config, manifest, model_best)
+    if hasattr(run.writer, "finish"):  # trackers' artifacts (MLflow: config, manifest, model_best)
+        run.writer.finish(folder)
     minutes, secs = divmod(seconds, 60)
     hours, minutes = divmod(int(minutes), 60)
     took = (f"{hours}h {minutes:02d}m {secs:04.1f}s" if hours else f"{minutes}m {secs:04.1f}s" if minutes

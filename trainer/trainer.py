@@ -1,7 +1,7 @@
 """The training step (:meth:`Trainer.train_epoch`), the evaluation that validation and ``test.py`` share, and the
 sums the loss and the metrics are averaged from.
 
-Metric sums: each batch's value is weighted by what it averages over, its sample count unless
+Metric sums: each batch's value is weighted by what it averages over: its sample count, unless
 the function says otherwise (a loss under ``ignore_index`` or a class ``weight`` averages over
 its kept targets; so does accuracy). An epoch's value is then the mean over everything the batch
 values averaged over, whatever the batches' sizes. A value that is no such mean (a macro F1) is
@@ -23,15 +23,11 @@ def hooks_for(config, parts, run):
     """The hooks a run's config turns on, in the order they are called: the core's own, then the parts'."""
     from utils import parts as optional_parts
 
-    cfg, hooks = config["trainer"], []
-    if parts.frozen:
-        from trainer.extras import Unfreeze
+    hooks = []
+    if parts.frozen or config["trainer"]["histogram_every"]:  # trainer.freeze, trainer.histogram_every
+        from trainer.extras import core_hooks
 
-        hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
-    if cfg["histogram_every"] and run.dist.is_main and run.writer:
-        from trainer.extras import Histograms
-
-        hooks.append(Histograms(cfg["histogram_every"], cfg["activation_histograms"], cfg["log_images"]))
+        hooks = core_hooks(config["trainer"], parts, run)
     for more in optional_parts.call_each(config, "hooks", config, parts, run):
         hooks.extend(more)
     return hooks
@@ -45,10 +41,9 @@ def step_hooks(hooks):
 @torch.no_grad()
 def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce=False, progress=False, desc="eval",
              max_batches=None):
-    """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``, if given), each batch weighted
-    by what its value averages over. An :class:`EpochMetric` gets a fresh accumulator each call. ``reduce=True``
-    (under torchrun) sums over all processes, so each gets the whole dataset's values (every process must call it).
-    """
+    """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``), each batch weighted by what
+    its value averages over; an :class:`EpochMetric` gets a fresh accumulator. ``reduce=True`` (torchrun, every
+    process calls it): summed over all processes, so each gets the whole dataset's values."""
     model.eval()
     stateful = [fn.new(device, sync=reduce) for fn in metric_fns if isinstance(fn, EpochMetric)]
     plain, weighed = weighing(criterion, [fn for fn in metric_fns if not isinstance(fn, EpochMetric)], loader)
@@ -72,11 +67,8 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
 
 
 class Trainer(BaseTrainer):
-    """Trains ``parts`` with the settings of ``config["trainer"]``; see :class:`base.base_trainer.BaseTrainer`.
-
-    The step itself is :meth:`train_epoch`, which :meth:`fit_epoch` calls (again, when a hook recovers from an
-    error in it); optional behaviour around it is in ``self.hooks`` (:class:`Hook`).
-    """
+    """Trains ``parts`` with the settings of ``config["trainer"]`` (:class:`base.base_trainer.BaseTrainer`). The
+    step is :meth:`train_epoch`; optional behaviour around it is in ``self.hooks`` (:class:`Hook`)."""
 
     def __init__(self, config, parts, run):
         super().__init__(config, parts, run)
@@ -99,9 +91,7 @@ class Trainer(BaseTrainer):
         self.log_every = cfg["log_every_n_steps"]
         self.clip_norm, self.clip_norm_type = cfg["clip_grad_norm"], float(cfg["clip_grad_norm_type"])
         self.clip_value, self.skip_nonfinite = cfg["clip_grad_value"], cfg["skip_nonfinite"]
-        # Reading the loss back each step is free on the CPU but a sync on an accelerator:
-        # there, a non-finite loss is caught at the logging interval unless skipping is on.
-        self.check_every_step = self.device.type == "cpu" or self.skip_nonfinite
+        self.check_loss = self.device.type == "cpu" or self.skip_nonfinite  # each step (see train_epoch)
         self.quiet = cfg["verbosity"] == 0 or not self.is_main
         self.log_images = cfg["log_images"] and self.is_main and bool(self.writer)
         self.step_scheduler = self.lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
@@ -130,23 +120,24 @@ class Trainer(BaseTrainer):
 
     def train_epoch(self, epoch, start_batch=0):
         """The training step, for each batch of ``epoch`` from ``start_batch`` on; returns the epoch's means.
-
-        This is the method to override to change what a step does. Everything around the step
-        is a named call after it: :meth:`after_step` counts the step, logs it, runs the hooks and
-        asks whether to stop; :meth:`end_train_epoch` reads the epoch's loss and metrics.
-        """
+        Override it to change what a step does; what is around the step is a named call after it."""
         model, optimizer, data = self.forward_model, self.optimizer, None
         model.train()
         for batch_idx, (data, target) in self.batches(epoch, start_batch):  # on the device
             first, last, window = self.windows[batch_idx]  # where the batch is in its accumulation window
             if first:
                 optimizer.zero_grad(set_to_none=True)
-            with self.no_sync(last):  # under DDP, gradients are averaged over the processes on a window's last batch
+            # Under DDP, gradients are averaged over the processes on a window's last batch only.
+            with model.no_sync() if self.distributed and not last else _NO_CONTEXT:
                 with self.autocast:  # trainer.amp
                     output = model(data)
                     loss = self.criterion(output, target)
-                if self.loss_is_usable(loss, epoch, batch_idx):  # non-finite: stop, or skip (trainer.skip_nonfinite)
-                    self.backward(loss, window)
+                # Non-finite: stop, or skip (trainer.skip_nonfinite). Reading the loss back is free on the CPU
+                # but a sync elsewhere: there it is checked at the logging interval (log_step) instead.
+                skip = self.check_loss and not math.isfinite(loss.item()) and self.nonfinite(loss, epoch, batch_idx)
+                if not skip:
+                    scaled = loss / window if window > 1 else loss  # N batches of B step like one batch of N*B
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()  # fp16: through the scaler
                     self.track(loss, output, target)
             if not last:
                 continue
@@ -160,14 +151,13 @@ class Trainer(BaseTrainer):
 
     def batches(self, epoch, start_batch):
         """``(batch_idx, (data, target))`` for the batches of ``epoch`` from ``start_batch``, on the device, behind
-        the progress bar; and the epoch's accumulation windows (:attr:`windows`).
-        With ``len_epoch``, they are cut from an endless stream of passes over the data.
-        """
+        the progress bar; and the epoch's accumulation windows (:attr:`windows`). With ``len_epoch``, they are cut
+        from an endless stream of passes over the data."""
         if start_batch == 0:
             self.train_metrics.reset()
             for metric in self.epoch_metrics:
                 metric.reset()
-        n = self.batches_per_epoch()
+        n = self.len_epoch or len(self.data_loader)  # (batches_per_epoch())
         # (first, last, size) of the window of `accumulate` batches each batch is in (looked up per step): a window
         # starts every `accumulate` batches; the epoch's last may be shorter (it still steps).
         starts = [i - i % self.accumulate for i in range(n)]
@@ -183,30 +173,21 @@ class Trainer(BaseTrainer):
         self.bar = tqdm(batches, total=n, initial=start_batch, leave=False, desc=f"epoch {epoch}", dynamic_ncols=True,
                         disable=True if self.quiet else None, mininterval=0.5)  # redraws cost; twice a second will do
         batches = enumerate(self.bar, start_batch)
-        return batches if self.device.type == "cpu" else _moved(batches, self.device)  # (batches are made on the CPU)
+        if self.device.type != "cpu":  # (batches are made on the CPU)
+            from trainer.extras import moved
+
+            batches = moved(batches, self.device)
+        return batches
 
     def no_sync(self, last_in_window):
-        """Under DDP, a batch that is not its window's last skips the gradient all-reduce."""
-        if self.distributed and not last_in_window:
-            return self.forward_model.no_sync()
-        return _NO_CONTEXT
+        """Under DDP, a batch that is not its window's last skips the gradient all-reduce (as in the step)."""
+        return self.forward_model.no_sync() if self.distributed and not last_in_window else _NO_CONTEXT
 
-    def loss_is_usable(self, loss, epoch, batch_idx):
-        """False to skip the batch (its loss is non-finite and ``trainer.skip_nonfinite`` is on); raises to stop.
-
-        Reading the loss back is free on the CPU but a device sync elsewhere: there it is checked at
-        the logging interval instead (:meth:`log_step`), unless skipping is on.
-        """
-        if not self.check_every_step or math.isfinite(loss.item()):
-            return True
+    def nonfinite(self, loss, epoch, batch_idx, since_last_log=False):
+        """A non-finite loss: True to skip the batch (``trainer.skip_nonfinite``), or raises (trainer/extras.py)."""
         from trainer.extras import nonfinite_loss
 
-        return not nonfinite_loss(self, loss, epoch, batch_idx)
-
-    def backward(self, loss, window):
-        """Backward of ``loss / window`` (N batches of B then step like one batch of N*B); fp16 through the scaler."""
-        scaled = loss / window if window > 1 else loss
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return nonfinite_loss(self, loss, epoch, batch_idx, since_last_log)
 
     def track(self, loss, output, target):
         """Add the batch to the epoch's running loss and metrics (on the device: no sync)."""
@@ -244,8 +225,7 @@ class Trainer(BaseTrainer):
     # ------------------------------------------------------------------ around the step
 
     def after_step(self, epoch, batch_idx, loss, grad_norm):
-        """Count the step, log it, run the step's hooks; returns True when the epoch ends here (a stop asked
-        for, the run finished, or ``trainer.max_steps`` reached)."""
+        """Count the step, log it, run the step's hooks; True when the epoch ends here (a stop, the end, max_steps)."""
         self.global_step += 1
         if self.global_step % self.log_every == 0:
             self.log_step(epoch, batch_idx, loss, grad_norm)
@@ -277,10 +257,8 @@ class Trainer(BaseTrainer):
     def log_step(self, epoch, batch_idx, loss, grad_norm):
         # The only host-device sync of a training step, and only at the logging interval.
         value = loss.item()
-        if not self.check_every_step and not torch.isfinite(self.train_metrics.totals()).all():
-            from trainer.extras import nonfinite_loss
-
-            nonfinite_loss(self, loss, epoch, batch_idx, since_last_log=True)
+        if not self.check_loss and not torch.isfinite(self.train_metrics.totals()).all():
+            self.nonfinite(loss, epoch, batch_idx, since_last_log=True)
         if not self.is_main:
             return
         step, write = self.global_step, self.writer.add_scalar
@@ -332,12 +310,9 @@ class Trainer(BaseTrainer):
             self.writer.flush()
 
     def before_checkpoint(self):
-        # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective), epoch metrics'
-        # states included, so that a resume, under any world size, ends the epoch with the whole epoch's numbers.
-        self.metrics_state = {"train_metrics": self.train_metrics.state_dict(reduce=self.distributed)}
-        if self.epoch_metrics:  # (only mid-epoch: after an epoch's end a resume starts the next epoch afresh)
-            self.metrics_state["train_epoch_metrics"] = {
-                m.__name__: m.state_dict(reduce=self.distributed) for m in self.epoch_metrics}
+        from trainer.extras import gather_running_sums
+
+        self.metrics_state = gather_running_sums(self)  # for extra_state
 
     def extra_state(self):
         metrics_state, self.metrics_state = self.metrics_state, None
@@ -352,11 +327,6 @@ class Trainer(BaseTrainer):
         load_trainer_state(self, state)
 
 
-def _moved(batches, device):
-    for batch_idx, (data, target) in batches:
-        yield batch_idx, (data.to(device, non_blocking=True), target.to(device, non_blocking=True))
-
-
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
@@ -365,10 +335,7 @@ _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 class MetricTracker:
     """Accumulates ``value * weight`` and ``weight`` for each name; :meth:`result` divides the one by the other.
-
-    The sums stay on the device, so :meth:`update` never forces a host-device sync; :meth:`result`
-    reads them back (``reduce=True``: summed over all processes first, under torchrun).
-    """
+    The sums stay on the device: :meth:`update` never forces a host-device sync, :meth:`result` reads them back."""
 
     def __init__(self, names, device):
         self.names = list(names)
@@ -384,13 +351,10 @@ class MetricTracker:
         self._values, self._sizes, self._weights = [], [], []  # batches queued, not yet in the sums
 
     def update(self, values, n, weights=None):
-        """Add one batch: ``values`` are 0-d tensors in the order of ``names``, ``n`` the batch's sample count.
-
-        ``weights``: None (all weighted by ``n``) or one entry per value, None or a 0-d tensor, what that value
-        averages over (the targets not ignored, say); a value of weight 0 adds nothing, even NaN. It runs every
-        step, so it only queues the tensors (a few tiny tensor ops per step would cost a small model a few
-        percent): they are summed in one go when read, and every 512 batches.
-        """
+        """Add one batch: ``values``, 0-d tensors in the order of ``names``; ``n``, its sample count; ``weights``,
+        None (all weighted by ``n``) or per value None or a 0-d tensor of what it averages over (a value of weight 0
+        adds nothing, even NaN). It runs every step, so it only queues the tensors (a few tiny tensor ops per step
+        would cost a small model a few percent): they are summed in one go when read, and every 512 batches."""
         if weights is not None:
             row = len(self._sizes)
             self._weights += [(row, i, w) for i, w in enumerate(weights) if w is not None]
@@ -457,12 +421,10 @@ class MetricTracker:
 
 def weighing(criterion, metric_fns, loader):
     """``(metric_fns, weighed)``: the per-batch metrics as a loop should call them, and the functions whose weights
-    it must ask of each batch (:func:`batch_weights`; None: the sample count is every weight).
-
-    Counting per batch is needed only where a function that weighs itself has a class ``weight``, or
-    the data may hold a target equal to its ``ignore_index`` (``loader.holds_target``, asked once).
-    Where it is not needed, a built-in metric runs as its variant that counts nothing.
-    """
+    it must ask of each batch (:func:`batch_weights`; None: the sample count is every weight). Counting is needed
+    only where a function that weighs itself has a class ``weight``, or the data may hold a target equal to its
+    ``ignore_index`` (``loader.holds_target``, asked once); elsewhere a built-in metric runs as its variant that
+    counts nothing."""
     holds = getattr(loader, "holds_target", None)
     fast, needed = [], False
     for fn in [criterion, *metric_fns]:
@@ -491,9 +453,9 @@ def fast_variant(fn):
 
 
 def _weighs(fn):
-    """``(name, weigh, kwargs)`` of a loss or metric (or a ``functools.partial`` of one): its function's qualified name,
-    what its batch value averages over as a function of ``(output, target, **kwargs)`` (None: the samples; a loss
-    says it itself, model/loss.py; the built-in metrics are known by name), and the keyword arguments bound."""
+    """``(name, weigh, kwargs)`` of a loss or metric (or a ``functools.partial`` of one): its qualified name, what its
+    batch value averages over as a function of ``(output, target, **kwargs)`` (None: the samples; a loss says it
+    itself, model/loss.py; the built-in metrics are known by name), and the keyword arguments bound."""
     func, kwargs = (fn.func, fn.keywords) if hasattr(fn, "func") and hasattr(fn, "keywords") else (fn, {})
     name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}"
     return name, getattr(func, "averages_over", None) or _AVERAGES_OVER.get(name), kwargs
@@ -522,16 +484,13 @@ _ALL_KEPT = {"model.metric.accuracy": _accuracy_all_kept, "model.metric.top_k_ac
 class EpochMetric:
     """A metric whose epoch value is no mean of batch values (a macro F1, an AUROC): it keeps state over the epoch.
 
-    A part provides them (a ``metrics`` prefix such as ``torchmetrics.``, utils/parts.py); ``__name__`` is the name
-    its value goes by. The list of metrics holds a *spec*, and each loop makes its own accumulator from it with
-    ``new(device, sync=True, check_inputs=False)`` (``sync``: ``compute`` and ``state_dict(reduce=True)`` combine
-    every process's state, a collective; ``check_inputs``: check each update even at the cost of a host-device
-    sync, as the dry batch's probe does). An accumulator has ``update(output, target)`` (``output`` may still
-    require grad), ``compute()`` (a float; for a metric in ``Parts.valid_metric_fns``, what its part's hook takes
-    out of the result), ``reset()``, ``state_dict(reduce=False)`` (on the CPU) and ``load_state_dict(state,
-    own=True)`` (``own=False``: start empty, in a form that combines with the process carrying ``state`` on;
-    returns False, loading nothing, for another metric's state): what a mid-epoch checkpoint needs for a resume
-    to end the epoch with the value of the run left alone.
+    A part provides them (utils/parts.py), named by ``__name__``. The list of metrics holds a *spec*; each loop makes
+    its accumulator with ``new(device, sync=True, check_inputs=False)`` (``sync``: ``compute`` and
+    ``state_dict(reduce=True)`` combine all processes' states, a collective; ``check_inputs``: check each update,
+    even at the cost of a sync). An accumulator has ``update(output, target)``, ``compute()`` (a float),
+    ``reset()``, ``state_dict(reduce=False)`` (on the CPU) and ``load_state_dict(state, own=True)`` (``own=False``:
+    start empty, combinable with the process carrying ``state`` on; False, loading nothing, for another metric's
+    state): what a resume needs to end the epoch with the value of the run left alone.
     """
 
     def mark(self):
