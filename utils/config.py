@@ -1,12 +1,10 @@
-"""Reading, overriding and checking a run's config.
+"""Reading, overriding and checking a run's config: plain data (a dict loaded from JSON).
 
-A config is plain data (a dict loaded from JSON). Reading it touches nothing but the file; every
-problem is collected and raised at once as a :class:`ConfigError`, one line each, naming the key, the
-value and what would be valid. Keys are declared in tables of ``key: (default, check)`` (:data:`TOP`,
-:data:`TRAINER`); a check is a :class:`Check` or any function returning None for a valid value, else
-the phrase saying what is valid. A section naming a component is looked up in a :class:`Registry` and
-its ``args`` bound to the signature (:func:`check_args`). What a default run does not need (YAML, the
-wording of most problems, the checks of rarer keys) is in utils/config_extra.py, imported when needed.
+Reading touches nothing but the file. Every problem is raised at once as a :class:`ConfigError`, one line
+each naming the key, the value and what would be valid. Keys are declared in tables of ``key: (default,
+check)``; a section naming a component is looked up in a :class:`Registry` and its ``args`` bound to the
+signature (:func:`check_args`). What a default run does not need (YAML, the wording of most problems, the
+checks of rarer keys) is in utils/config_extra.py, imported when needed.
 """
 
 import copy
@@ -57,20 +55,12 @@ def load_config(path):
     """Read a config file: YAML when it ends in ``.yaml``/``.yml``, JSON otherwise.
 
     Raises:
-        UserError: one line per problem: the file is missing, a folder or unreadable, not UTF-8, not valid
-            JSON/YAML, repeats a key within one mapping, holds NaN/Infinity or a value JSON cannot hold (a
-            YAML date, say), or is nested absurdly deep.
+        UserError: the file is missing or unreadable, not UTF-8, not JSON/YAML, repeats a key within one
+            mapping, or holds what JSON cannot (NaN, a YAML date, absurd nesting); one line per problem.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"config {path} is a folder, not a file (give the path of a .json or .yaml file)")
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+    path, data = Path(path), None
     try:
         data = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"config {path} cannot be read: {err.strerror or err}") from None
-    try:
         text = data.decode("utf-8-sig")  # tolerate the byte-order mark some Windows editors write
         if path.suffix in (".yaml", ".yml"):
             from utils.config_extra import load_yaml  # only YAML users pay for PyYAML
@@ -78,8 +68,8 @@ def load_config(path):
             config = load_yaml(path, text)
         else:
             config = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, a repeated key, NaN, absurd nesting
-        from utils.config_extra import load_problems  # where in the file, read only when there is a problem
+    except (OSError, ValueError, RecursionError) as err:  # unreadable, not UTF-8 or JSON, a repeated key, NaN...
+        from utils.config_extra import load_problems  # what and where, read only when there is a problem
 
         raise UserError(*load_problems(path, data, err)) from None
     if not isinstance(config, dict):
@@ -91,12 +81,11 @@ def load_config(path):
 
 
 def plain_value_problems(value, where=""):
-    """Lines saying where ``value`` holds what a JSON config cannot (config_extra.value_problems); [] when nothing.
+    """Lines saying where ``value`` holds what a JSON config cannot; [] when it holds nothing else.
 
-    A quick walk with a stack (a config may be nested deeper than the recursion limit) over what JSON holds: a
-    string, a finite number, true/false, null, or a list or a mapping with string keys of them, at most
-    :data:`MAX_DEPTH` deep and :data:`MAX_VALUES` in all. A cycle (a YAML alias inside its own anchor) ends
-    at ``MAX_DEPTH``. Anything else sends the value to the walk that says where and what.
+    A quick walk (with a stack: a config may nest deeper than the recursion limit) over strings, finite numbers,
+    true/false, null, lists and string-keyed mappings, :data:`MAX_DEPTH` deep and :data:`MAX_VALUES` in all (a
+    cycle ends at the depth). Anything else goes to config_extra.value_problems, which says where and what.
     """
     todo, count = [(value, 0)], 0
     while todo:
@@ -121,10 +110,7 @@ def plain_value_problems(value, where=""):
 
 def parse_value(text):
     """An override's value: JSON when it parses (``3``, ``0.1``, ``true``, ``null``, ``[1, 2]``), else the string.
-
-    Raises:
-        UserError: the value is JSON with NaN or Infinity, or nested too deeply to parse.
-    """
+    A UserError for NaN or Infinity, or nesting too deep to parse."""
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except _JsonProblem as err:  # NaN or Infinity
@@ -138,11 +124,8 @@ def parse_value(text):
 
 def apply_overrides(config, overrides):
     """A copy of ``config`` with each ``a.b.c=VALUE`` applied; missing sections on the path are created.
-
-    Raises:
-        UserError: an override is not ``key.path=VALUE``, its path runs through a value that is not a
-            section, or its value is not a plain JSON value (NaN, Infinity, absurd nesting, invalid UTF-8).
-    """
+    A UserError when an item is not ``key.path=VALUE``, runs through a value that is not a section, or its
+    value is not plain JSON (NaN, absurd nesting, invalid UTF-8)."""
     config = copy.deepcopy(config)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -183,8 +166,9 @@ def flatten(config, prefix=""):
 
 
 class Check(NamedTuple):
-    """What a value must be: ``ok(value)`` is true for a valid one, ``wanted`` says so in the error line
-    ("expected a positive integer"). Called, it returns None for a valid value, else ``wanted``."""
+    """What a value must be: ``ok(value)`` says if it is, ``wanted`` says what in the error line ("expected a
+    positive integer"). Called, it returns None for a valid value, else ``wanted``: any function doing that is
+    a check too (the parts')."""
 
     ok: Callable
     wanted: str
@@ -310,8 +294,8 @@ def check_table(given, table, where, problems, valid=None):
     """``given`` checked against ``table`` (``key: (default, check)``) and completed with its defaults.
 
     Appends to ``problems`` a line for each key not in ``valid`` (default: the table's), each required key
-    missing and each value its check refuses (null passes where the default is null). A key in ``valid``
-    but not in ``table`` is kept as given: the part owning it checks it.
+    missing and each value its check refuses (null passes where the default is null). A key of ``valid`` not
+    in ``table`` is kept as given: the part owning it checks it.
     """
     valid = list(valid or table)
     prefix = f"{where}." if where else ""
@@ -334,10 +318,8 @@ def check_table(given, table, where, problems, valid=None):
 
 
 def validate_config(config, registries):
-    """Check the whole config and return it completed with defaults.
-
-    ``registries`` maps each section (``arch``, ``data_loader``, ``loss``, ``metrics``, ``optimizer``,
-    ``lr_scheduler``) to its :class:`Registry`.
+    """The whole config checked, and completed with defaults; ``registries`` maps each section (``arch``,
+    ``data_loader``, ``loss``, ``metrics``, ``optimizer``, ``lr_scheduler``) to its :class:`Registry`.
 
     Raises:
         ConfigError: with every problem found, one line each.
@@ -387,7 +369,7 @@ def validate_config(config, registries):
     names, table = ["loss"], registries["metrics"].table
     for index, entry in enumerate(out["metrics"] if metric_list.ok(out["metrics"]) else []):  # (else reported)
         if isinstance(entry, dict):  # a part's metric
-            from utils.config_extra import metric_entry_problems
+            from utils.config_extra import metric_entry_problems, metric_name
 
             problems.extend(metric_entry_problems(entry, f"metrics[{index}]", registries["metrics"], check_args))
             entry = metric_name(entry)
@@ -456,18 +438,6 @@ def _check_section(config, key, out, registries, problems):
         provided = tuple(_parameters(target)[0] or ())[:2]
     problems.extend(check_args(target, section["args"], f"{key}.args", provided))
     return True
-
-
-def metric_name(entry):
-    """The name an entry of ``metrics`` goes by in results (``val_<name>``) and in ``trainer.monitor``: a built-in's
-    own name, or an entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry.get("name"), str):
-        return entry["name"]
-    kind = entry.get("type")
-    cls = kind.rsplit(".", 1)[-1] if isinstance(kind, str) else "?"
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
 
 
 # --------------------------------------------------------------------------- components by name

@@ -61,7 +61,14 @@ def load_yaml(path, text):
 
 def load_problems(path, data, err):
     """The lines saying what is wrong with the config file ``path`` (its bytes ``data``) and where, for the error
-    ``err`` reading it raised: not UTF-8, not JSON, a key repeated in one object, NaN, absurd nesting."""
+    ``err`` reading it raised: missing or unreadable, not UTF-8, not JSON, a key repeated in one object, NaN,
+    absurd nesting."""
+    if isinstance(err, OSError):
+        if path.is_dir():
+            return [f"config {path} is a folder, not a file (give the path of a .json or .yaml file)"]
+        if not path.exists():
+            return [f"config file not found: {path}"]
+        return [f"config {path} cannot be read: {err.strerror or err}"]
     if isinstance(err, UnicodeDecodeError):
         line, col = _line_col(data.decode("utf-8", errors="replace"),
                               len(data[: err.start].decode("utf-8", errors="replace")))
@@ -257,6 +264,18 @@ def monitor_problem(name, metric_names, available):
 # --------------------------------------------------------------------------- what a default config does not hold
 
 METRIC_KEYS = ("type", "args", "name")
+
+
+def metric_name(entry):
+    """The name an entry of ``metrics`` goes by in results (``val_<name>``) and in ``trainer.monitor``: a built-in's
+    own name, or an entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry.get("name"), str):
+        return entry["name"]
+    kind = entry.get("type")
+    cls = kind.rsplit(".", 1)[-1] if isinstance(kind, str) else "?"
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
 
 
 def metric_entry_problems(entry, where, registry, check_args):
