@@ -20,8 +20,7 @@ import json
 import torch
 
 from base.base_trainer import Hook
-from utils.config import boolean
-from utils.config_extra import metric_name
+from utils.config import boolean, metric_name
 from utils.errors import ConfigError, UserError
 from trainer.trainer import EpochMetric
 

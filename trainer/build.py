@@ -145,7 +145,7 @@ def build_metrics(config):
     """The metrics of ``config["metrics"]``, in order: a built-in's function (``model/metric.py``), or for a
     ``{"type": ..., "args": {...}}`` entry the :class:`trainer.trainer.EpochMetric` a part builds by that
     name. One that takes ``ignore_index`` gets the loss's unless its args set one: what the loss ignores, it does."""
-    from utils.config_extra import metric_name
+    from utils.config import metric_name
 
     metrics = []
     for entry in config["metrics"]:

@@ -369,7 +369,7 @@ def validate_config(config, registries):
     names, table = ["loss"], registries["metrics"].table
     for index, entry in enumerate(out["metrics"] if metric_list.ok(out["metrics"]) else []):  # (else reported)
         if isinstance(entry, dict):  # a part's metric
-            from utils.config_extra import metric_entry_problems, metric_name
+            from utils.config_extra import metric_entry_problems
 
             problems.extend(metric_entry_problems(entry, f"metrics[{index}]", registries["metrics"], check_args))
             entry = metric_name(entry)
@@ -438,6 +438,18 @@ def _check_section(config, key, out, registries, problems):
         provided = tuple(_parameters(target)[0] or ())[:2]
     problems.extend(check_args(target, section["args"], f"{key}.args", provided))
     return True
+
+
+def metric_name(entry):
+    """The name an entry of ``metrics`` goes by in results (``val_<name>``) and in ``trainer.monitor``: a built-in's
+    own name, or an entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry.get("name"), str):
+        return entry["name"]
+    kind = entry.get("type")
+    cls = kind.rsplit(".", 1)[-1] if isinstance(kind, str) else "?"
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
 
 
 # --------------------------------------------------------------------------- components by name

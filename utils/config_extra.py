@@ -266,18 +266,6 @@ def monitor_problem(name, metric_names, available):
 METRIC_KEYS = ("type", "args", "name")
 
 
-def metric_name(entry):
-    """The name an entry of ``metrics`` goes by in results (``val_<name>``) and in ``trainer.monitor``: a built-in's
-    own name, or an entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry.get("name"), str):
-        return entry["name"]
-    kind = entry.get("type")
-    cls = kind.rsplit(".", 1)[-1] if isinstance(kind, str) else "?"
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
-
-
 def metric_entry_problems(entry, where, registry, check_args):
     """The problem lines of one ``{"type": ..., "args": {...}, "name": ...}`` entry of ``metrics``: a part's metric
     (utils/parts.py). Its arguments must bind (``check_args``: utils/config.py's), and the class accept them."""
