@@ -24,7 +24,8 @@ import json
 import torch
 
 from base.base_trainer import Hook
-from utils.config import boolean, non_negative_int, optional
+from utils.config import boolean, non_negative_int
+from utils.config_extra import optional
 
 # The keys whose change in the middle of an epoch would change which sample comes next (see utils/resume.py), and
 # the counts of batches that a batch split scales.

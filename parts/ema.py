@@ -21,7 +21,8 @@ import json
 import torch
 
 from base.base_trainer import Hook
-from utils.config import boolean, feature_settings, non_negative_int, positive_int, settings_of
+from utils.config import boolean, non_negative_int, positive_int
+from utils.config_extra import feature_settings, settings_of
 
 DEFAULTS = {"decay": 0.999, "every_n_steps": 1, "warmup": 0, "ramp": True, "buffers": True}
 CHECKS = {"decay": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1

@@ -14,7 +14,8 @@ import json
 import torch
 
 from base.base_trainer import Hook
-from utils.config import feature_settings, non_negative_int, positive_int, settings_of
+from utils.config import non_negative_int, positive_int
+from utils.config_extra import feature_settings, settings_of
 
 DEFAULTS = {"wait": 1, "warmup": 1, "active": 3}
 CHECKS = {"wait": non_negative_int, "active": positive_int, "warmup": non_negative_int}

@@ -214,5 +214,5 @@ def test_no_traceback_from_the_real_command(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "error: trainer.epoch: unknown key; did you mean 'epochs'? valid: " + ", ".join(
-            __import__("utils.config").config.trainer_keys())]
+            __import__("utils.config").config.TRAINER_KEYS)]
     assert not (tmp_path / "saved").exists()

@@ -1,18 +1,13 @@
-"""Reading, overriding and checking a run's config.
+"""Reading, overriding and checking a run's config: plain data (a dict loaded from JSON).
 
-A config is plain data (a dict loaded from JSON). Reading it touches nothing but the file: the run is
-set up once the whole config has been checked. Every problem is collected and raised at once as a
-:class:`ConfigError`, one line each, naming the key, the value and what would be valid.
-
-Keys are declared in tables of ``key: (default, check)`` (:data:`TOP`, :data:`TRAINER`) walked by
-:func:`check_table`; a check is a :class:`Check` (a predicate and the phrase saying what is valid), or
-any function returning None for a valid value and that phrase otherwise (the parts' checks). The
-sections naming a component are looked up in a :class:`Registry` and their ``args`` bound to its
-signature (:func:`check_args`). What a default run does not need is in utils/config_extra.py.
+Reading touches nothing but the file. Every problem is raised at once as a :class:`ConfigError`, one line
+each naming the key, the value and what would be valid. Keys are declared in tables of ``key: (default,
+check)``; a section naming a component is looked up in a :class:`Registry` and its ``args`` bound to the
+signature (:func:`check_args`). What a default run does not need (YAML, the wording of most problems, the
+checks of rarer keys) is in utils/config_extra.py, imported when needed.
 """
 
 import copy
-import difflib
 import inspect
 import json
 import math
@@ -24,7 +19,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from utils import parts
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, UserError, did_you_mean, listing, shown
 
 MAX_DEPTH = 64  # a config is a few levels deep; deeper nesting is a mistake (or an attack on the recursion limit)
 MAX_VALUES = 100_000  # YAML aliases can make a small file expand to billions of values
@@ -60,20 +55,12 @@ def load_config(path):
     """Read a config file: YAML when it ends in ``.yaml``/``.yml``, JSON otherwise.
 
     Raises:
-        UserError: one line per problem: the file is missing, a folder or unreadable, not UTF-8, not valid
-            JSON/YAML, repeats a key within one mapping, holds NaN/Infinity or a value JSON cannot hold (a
-            YAML date, say), or is nested absurdly deep.
+        UserError: the file is missing or unreadable, not UTF-8, not JSON/YAML, repeats a key within one
+            mapping, or holds what JSON cannot (NaN, a YAML date, absurd nesting); one line per problem.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"config {path} is a folder, not a file (give the path of a .json or .yaml file)")
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+    path, data = Path(path), None
     try:
         data = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"config {path} cannot be read: {err.strerror or err}") from None
-    try:
         text = data.decode("utf-8-sig")  # tolerate the byte-order mark some Windows editors write
         if path.suffix in (".yaml", ".yml"):
             from utils.config_extra import load_yaml  # only YAML users pay for PyYAML
@@ -81,8 +68,8 @@ def load_config(path):
             config = load_yaml(path, text)
         else:
             config = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, a repeated key, NaN, absurd nesting
-        from utils.config_extra import load_problems  # where in the file, read only when there is a problem
+    except (OSError, ValueError, RecursionError) as err:  # unreadable, not UTF-8 or JSON, a repeated key, NaN...
+        from utils.config_extra import load_problems  # what and where, read only when there is a problem
 
         raise UserError(*load_problems(path, data, err)) from None
     if not isinstance(config, dict):
@@ -94,60 +81,36 @@ def load_config(path):
 
 
 def plain_value_problems(value, where=""):
-    """Lines saying where ``value`` holds what a JSON config cannot; an empty list means fine.
+    """Lines saying where ``value`` holds what a JSON config cannot; [] when it holds nothing else.
 
-    Every value must be a string, a finite number, true/false, null, or a list or a mapping (with string
-    keys) of them, at most :data:`MAX_DEPTH` deep and :data:`MAX_VALUES` in all. YAML can produce dates,
-    sets, binary data, non-string keys and self-referencing aliases; JSON can hold ``1e999`` (infinity);
-    a Python caller can pass anything. A walk with a stack, not recursion: a config may be nested deeper
-    than the recursion limit.
+    A quick walk (with a stack: a config may nest deeper than the recursion limit) over strings, finite numbers,
+    true/false, null, lists and string-keyed mappings, :data:`MAX_DEPTH` deep and :data:`MAX_VALUES` in all (a
+    cycle ends at the depth). Anything else goes to config_extra.value_problems, which says where and what.
     """
-    problems, todo, seen = [], [(value, where, ())], 0  # (a value, its dotted path, the containers above it)
-    while todo and len(problems) < 20:
-        v, path, above = todo.pop()
-        name, seen = path or "the config", seen + 1
-        if seen > MAX_VALUES:
-            problems.append(f"{where or 'the config'}: more than {MAX_VALUES} values (YAML aliases expanding?);"
-                            " a config needs far fewer")
+    todo, count = [(value, 0)], 0
+    while todo:
+        v, depth = todo.pop()
+        count += 1
+        if count > MAX_VALUES:
             break
-        if v is None or isinstance(v, (bool, int)):
-            pass
-        elif isinstance(v, float):
-            if not math.isfinite(v):
-                problems.append(f"{name}: got {v}, expected a finite number (JSON has no NaN or Infinity)")
-        elif isinstance(v, str):
-            if _SURROGATE.search(v):
-                problems.append(f"{name}: {v!r} is not valid UTF-8 text")
-        elif not isinstance(v, (dict, list, tuple)):  # a tuple from a Python caller is written as a list
-            kind = {"date": "a date", "datetime": "a timestamp", "set": "a set", "bytes": "binary data"}.get(
-                type(v).__name__, f"a {type(v).__name__}")
-            problems.append(f"{name}: got {kind} ({_show(v, 40)}), which JSON cannot hold; write a string, number,"
-                            " true/false, null, list or mapping (quote a date to keep it as text)")
-        elif len(above) >= MAX_DEPTH:
-            problems.append(f"{name}: nested more than {MAX_DEPTH} levels deep; a config needs a few")
-        elif id(v) in above:
-            problems.append(f"{name}: contains itself (a YAML alias inside its own anchor)")
-        else:
-            items = v.items() if isinstance(v, dict) else ((f"[{i}]", item) for i, item in enumerate(v))
-            children = []
-            for key, item in items:
-                if not isinstance(key, str):
-                    problems.append(f"{name}: key {key!r} is a {type(key).__name__}; keys must be strings (quote it)")
-                elif _SURROGATE.search(key):
-                    problems.append(f"{name}: key {key!r} is not valid UTF-8 text")
-                else:
-                    sub = path + key if isinstance(v, (list, tuple)) else f"{path}.{key}" if path else key
-                    children.append((item, sub, (*above, id(v))))
-            todo.extend(reversed(children))  # in the order of the file
-    return problems
+        if isinstance(v, (dict, list, tuple)):  # a tuple from a Python caller is written as a list
+            if depth >= MAX_DEPTH or (isinstance(v, dict) and not all(
+                    isinstance(key, str) and not _SURROGATE.search(key) for key in v)):
+                break
+            todo.extend((item, depth + 1) for item in (v.values() if isinstance(v, dict) else v))
+        elif not (v is None or isinstance(v, (bool, int)) or (isinstance(v, float) and math.isfinite(v))
+                  or (isinstance(v, str) and not _SURROGATE.search(v))):
+            break
+    else:
+        return []
+    from utils.config_extra import value_problems
+
+    return value_problems(value, where, MAX_DEPTH, MAX_VALUES)
 
 
 def parse_value(text):
     """An override's value: JSON when it parses (``3``, ``0.1``, ``true``, ``null``, ``[1, 2]``), else the string.
-
-    Raises:
-        UserError: the value is JSON with NaN or Infinity, or nested too deeply to parse.
-    """
+    A UserError for NaN or Infinity, or nesting too deep to parse."""
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except _JsonProblem as err:  # NaN or Infinity
@@ -161,11 +124,8 @@ def parse_value(text):
 
 def apply_overrides(config, overrides):
     """A copy of ``config`` with each ``a.b.c=VALUE`` applied; missing sections on the path are created.
-
-    Raises:
-        UserError: an override is not ``key.path=VALUE``, its path runs through a value that is not a
-            section, or its value is not a plain JSON value (NaN, Infinity, absurd nesting, invalid UTF-8).
-    """
+    A UserError when an item is not ``key.path=VALUE``, runs through a value that is not a section, or its
+    value is not plain JSON (NaN, absurd nesting, invalid UTF-8)."""
     config = copy.deepcopy(config)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -202,38 +162,19 @@ def flatten(config, prefix=""):
     return flat
 
 
-def config_diff(old, new):
-    """Lines describing what changed between two configs, as ``key: old -> new``."""
-    a, b = flatten(old), flatten(new)
-    missing = object()
-    show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
-    return [f"{key}: {show(a.get(key, missing))} -> {show(b.get(key, missing))}"
-            for key in sorted(a.keys() | b.keys()) if a.get(key, missing) != b.get(key, missing)]
-
-
 # --------------------------------------------------------------------------- checks
 
 
 class Check(NamedTuple):
-    """What a value must be: ``ok(value)`` is true for a valid one, ``wanted`` says so in the error line
-    ("expected a positive integer"). Called, it returns None for a valid value, else ``wanted``."""
+    """What a value must be: ``ok(value)`` says if it is, ``wanted`` says what in the error line ("expected a
+    positive integer"). Called, it returns None for a valid value, else ``wanted``: any function doing that is
+    a check too (the parts')."""
 
     ok: Callable
     wanted: str
 
     def __call__(self, value):
         return None if self.ok(value) else self.wanted
-
-
-def optional(check):
-    """``check`` (a Check, or a function returning None or what was expected), or null."""
-    return lambda v: None if v is None or not check(v) else f"{check(v)}, or null"
-
-
-def one_of(*choices):
-    """Exactly one of ``choices``, type included (``1`` is not ``true``)."""
-    return Check(lambda v: any(v == c and type(v) is type(c) for c in choices),
-                 "one of " + ", ".join(json.dumps(c) for c in choices))
 
 
 integer = Check(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
@@ -250,6 +191,10 @@ monitor_string = Check(lambda v: isinstance(v, str) and (v == "off" or re.fullma
                        '"off", or "min NAME" / "max NAME" such as "min val_loss" or "max val_accuracy"')
 metric_list = Check(lambda v: isinstance(v, list) and all((isinstance(m, str) and m) or isinstance(m, dict) for m in v),
                     'a list of metric names, or {"type": ..., "args": {...}} entries naming a part\'s metric')
+# A run's name and its run id become save_dir/models/<name>/<run_id>: each one folder name (not "." or "..", no
+# separator, NUL or invalid UTF-8, at most NAME_MAX bytes), or the run would be written outside save_dir or fail.
+folder_name = Check(lambda v: isinstance(v, str) and v not in ("", ".", "..") and not re.search(
+    r"[/\\\x00\ud800-\udfff]", v) and len(v.encode("utf-8")) <= NAME_MAX, "a single folder name")
 
 CORE_LOGGERS = ("tensorboard",)  # the trainer.loggers name the core writes itself (logger/logger.py)
 
@@ -281,60 +226,12 @@ def logger_entries(trainer):
 
 
 def check_path_component(value, where):
-    """The problem line when ``value`` cannot name one folder inside another, or None when it can.
-
-    A run's ``name`` and its run id become ``save_dir/models/<name>/<run_id>``: each must be one path
-    component (no ``/`` or ``\\``, not ``.`` or ``..``, no NUL, valid UTF-8, at most :data:`NAME_MAX`
-    bytes), or the run would be written outside ``save_dir`` or fail half-way.
-    """
-    if (isinstance(value, str) and value not in ("", ".", "..") and not re.search(r"[/\\\x00\ud800-\udfff]", value)
-            and len(value.encode("utf-8")) <= NAME_MAX):
+    """The problem line when ``value`` is not one :data:`folder_name` (a run's name, its run id), else None."""
+    if folder_name.ok(value):
         return None
-    if not isinstance(value, str) or not value:
-        return f"{where}: got {_show(value)}, expected a non-empty string"
-    shown = _show(value, 40)
-    separators = [s for s in ("/", "\\") if s in value]
-    if "\0" in value:
-        return f"{where}: got {shown}, which contains a NUL character; use a plain folder name"
-    if separators:
-        return (f"{where}: got {shown}, which contains {separators[0]!r}: it must be a single folder name,"
-                " or the run would be written outside trainer.save_dir")
-    if value in (".", ".."):
-        return f"{where}: got {shown}, which names a folder above the run's; use a plain folder name"
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        return f"{where}: got {value!r}, which is not valid UTF-8 text"
-    return (f"{where}: got {shown} ({size} bytes), longer than the {NAME_MAX} bytes a file system allows in a"
-            " folder name")
+    from utils.config_extra import path_component_problem
 
-
-def feature_settings(defaults, checks):
-    """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys,
-    each value checked by ``checks[key]`` (a function returning what was expected, or None)."""
-
-    def check(v):
-        if v is None or isinstance(v, bool):
-            return None
-        if not isinstance(v, dict):
-            return f"true, false, null or a mapping with keys {', '.join(defaults)}"
-        for key, value in v.items():
-            if key not in defaults:
-                return (f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them"
-                        f"{did_you_mean(key, defaults)})")
-            wanted = checks[key](value)
-            if wanted:
-                return f"{key} to be {wanted}"
-        return None
-
-    return check
-
-
-def settings_of(value, defaults):
-    """The completed settings of an optional feature, or None when it is off (``null`` or ``false``)."""
-    if value is None or value is False:
-        return None
-    return {**defaults, **(value if isinstance(value, dict) else {})}
+    return path_component_problem(value, where)
 
 
 # --------------------------------------------------------------------------- the keys
@@ -342,11 +239,12 @@ def settings_of(value, defaults):
 REQUIRED = object()  # the default of a key that must be given
 
 TOP = {  # key: (default, check); None: checked apart (the name, the sections)
-    "name": (REQUIRED, None),  # one folder name (check_path_component)
+    "name": (REQUIRED, None),  # one folder_name
     "seed": (0, seed_int),
     "device": ("auto", Check(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", v),
                              '"auto", "cpu", "cuda", "cuda:N" or "mps"')),
-    "n_gpu": (1, one_of(0, 1)),  # victoresque's key: 0 is the CPU; several GPUs are torchrun's
+    # victoresque's key: 0 is the CPU; several GPUs are torchrun's
+    "n_gpu": (1, Check(lambda v: integer.ok(v) and v in (0, 1), "one of 0, 1")),
     "arch": (REQUIRED, None),
     "data_loader": (REQUIRED, None),
     "optimizer": (REQUIRED, None),
@@ -356,32 +254,34 @@ TOP = {  # key: (default, check); None: checked apart (the name, the sections)
     "trainer": ({}, None),
 }
 
-TRAINER = {
+TRAINER = {  # a key whose default is null may also be set to null
     "epochs": (10, positive_int),
     "save_dir": ("saved/", path_string),
     "save_period": (1, positive_int),
-    "verbosity": (2, one_of(0, 1, 2)),
+    "verbosity": (2, Check(lambda v: integer.ok(v) and v in (0, 1, 2), "one of 0, 1, 2")),
     "monitor": ("off", monitor_string),
-    "early_stop": (None, optional(non_negative_int)),
+    "early_stop": (None, non_negative_int),
     "tensorboard": (None, boolean),  # an alias, resolved into loggers (config_extra.resolve_tensorboard)
     "loggers": (["tensorboard"], check_loggers),  # and the parts' loggers: "csv", {"type": "mlflow", "args": {...}}
     "log_every_n_steps": (50, positive_int),
     "histogram_every": (0, non_negative_int), "activation_histograms": ([], string_list), "log_images": (True, boolean),
     # training controls
-    "clip_grad_norm": (None, optional(positive_number)), "clip_grad_value": (None, optional(positive_number)),
+    "clip_grad_norm": (None, positive_number), "clip_grad_value": (None, positive_number),
     "clip_grad_norm_type": (2.0, Check(lambda v: positive_number.ok(v) or v in ("inf", float("inf")),
                                        'a positive number or "inf"')),
-    "freeze": ([], string_list), "unfreeze_at_epoch": (None, optional(positive_int)),
-    "unfreeze_lr": (None, optional(positive_number)),
+    "freeze": ([], string_list), "unfreeze_at_epoch": (None, positive_int), "unfreeze_lr": (None, positive_number),
     "accumulate_grad_batches": (1, positive_int),
-    "len_epoch": (None, optional(positive_int)), "max_steps": (None, optional(positive_int)),
+    "len_epoch": (None, positive_int), "max_steps": (None, positive_int),
     "skip_nonfinite": (False, boolean),
     # the backend
-    "amp": (False, one_of(False, "bf16", "fp16")), "compile": (False, boolean), "deterministic": (False, boolean),
-    "tf32": (True, boolean), "cudnn_benchmark": (True, boolean),
+    "amp": (False, Check(lambda v: v is False or v in ("bf16", "fp16"), 'one of false, "bf16", "fp16"')),
+    "compile": (False, boolean), "deterministic": (False, boolean), "tf32": (True, boolean),
+    "cudnn_benchmark": (True, boolean),
     # checkpoints, and the end of a run
-    "keep_last": (None, optional(positive_int)), "test_after_train": (True, boolean),
+    "keep_last": (None, positive_int), "test_after_train": (True, boolean),
 }
+# The keys trainer may hold: the core's, then those of the optional parts (utils/parts.py).
+TRAINER_KEYS = [*TRAINER, *(key[len("trainer."):] for key in parts.KEY_OWNERS if key.startswith("trainer."))]
 
 # The keys of the sections naming a component, and the arguments its builder passes itself.
 SECTIONS = {"arch": (("args", "type"), ()), "data_loader": (("args", "type"), ("seed",)),
@@ -390,27 +290,12 @@ SECTIONS = {"arch": (("args", "type"), ()), "data_loader": (("args", "type"), ("
             "lr_scheduler": (("args", "interval", "type"), ("optimizer",))}
 
 
-def did_you_mean(name, valid):
-    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _listing(valid, limit=25):
-    valid = sorted(valid)
-    return ", ".join(valid[:limit]) + (f", ... ({len(valid)} in all)" if len(valid) > limit else "")
-
-
-def trainer_keys():
-    """The keys ``trainer`` may hold: the core's, then those of the optional parts (utils/parts.py)."""
-    return [*TRAINER, *(key[len("trainer."):] for key in parts.KEY_OWNERS if key.startswith("trainer."))]
-
-
 def check_table(given, table, where, problems, valid=None):
     """``given`` checked against ``table`` (``key: (default, check)``) and completed with its defaults.
 
-    Appends to ``problems`` a line for each key not in ``valid`` (default: the table's), with a did-you-mean,
-    each required key missing and each value its check refuses. A key in ``valid`` but not in ``table``
-    is kept as given: the part owning it checks it.
+    Appends to ``problems`` a line for each key not in ``valid`` (default: the table's), each required key
+    missing and each value its check refuses (null passes where the default is null). A key of ``valid`` not
+    in ``table`` is kept as given: the part owning it checks it.
     """
     valid = list(valid or table)
     prefix = f"{where}." if where else ""
@@ -420,9 +305,10 @@ def check_table(given, table, where, problems, valid=None):
     for key, (default, check) in table.items():
         if key in given:
             out[key] = given[key]
-            wanted = check and check(given[key])
+            wanted = check and (given[key] is not None or default is not None) and check(given[key])
             if wanted:
-                problems.append(f"{prefix}{key}: got {json.dumps(given[key])}, expected {wanted}")
+                problems.append(f"{prefix}{key}: got {json.dumps(given[key])}, expected {wanted}"
+                                f"{', or null' if default is None else ''}")
         elif default is REQUIRED:
             problems.append(f"{prefix}{key}: missing (this key is required)")
         else:
@@ -432,10 +318,8 @@ def check_table(given, table, where, problems, valid=None):
 
 
 def validate_config(config, registries):
-    """Check the whole config and return it completed with defaults.
-
-    ``registries`` maps each section (``arch``, ``data_loader``, ``loss``, ``metrics``, ``optimizer``,
-    ``lr_scheduler``) to its :class:`Registry`.
+    """The whole config checked, and completed with defaults; ``registries`` maps each section (``arch``,
+    ``data_loader``, ``loss``, ``metrics``, ``optimizer``, ``lr_scheduler``) to its :class:`Registry`.
 
     Raises:
         ConfigError: with every problem found, one line each.
@@ -455,14 +339,14 @@ def validate_config(config, registries):
     elif out.get("n_gpu") == 0 and isinstance(out.get("device"), str) and out["device"] not in ("cpu", "auto"):
         problems.append(f"n_gpu: 0 (the CPU) and device {json.dumps(out['device'])} say different things; keep one"
                         " (device alone says where a run trains)")
-    if "name" in config and (problem := check_path_component(config["name"], "name")):
-        problems.append(problem)
+    if "name" in config and not folder_name.ok(config["name"]):
+        problems.append(check_path_component(config["name"], "name"))
 
     trainer = config.get("trainer", {})
     if not isinstance(trainer, dict):
         problems.append(f"trainer: expected a mapping of settings, got {json.dumps(trainer)}")
         trainer = {}
-    t = out["trainer"] = check_table(trainer, TRAINER, "trainer", problems, trainer_keys())
+    t = out["trainer"] = check_table(trainer, TRAINER, "trainer", problems, TRAINER_KEYS)
     if t.pop("tensorboard") is not None:  # another way to say what loggers says
         from utils.config_extra import resolve_tensorboard
 
@@ -476,24 +360,40 @@ def validate_config(config, registries):
         problems.append(f'lr_scheduler.interval: got {json.dumps(out["lr_scheduler"]["interval"])},'
                         ' expected "epoch" or "step"')
     if out.get("optimizer") and "param_groups" in out["optimizer"]:
-        problems.extend(param_group_problems(out["optimizer"], registries["optimizer"], "optimizer" not in failed))
+        from utils.config_extra import param_group_problems
 
-    metrics = out["metrics"] if metric_list.ok(out["metrics"]) else []  # (a wrong form is reported already)
-    for index, entry in enumerate(metrics):
+        optimizer = out["optimizer"]
+        named = None if "optimizer" in failed else _parameters(registries["optimizer"].get(optimizer["type"]))[0] or {}
+        problems.extend(param_group_problems(optimizer["param_groups"], named, arg_value_problem))
+
+    names, table = ["loss"], registries["metrics"].table
+    for index, entry in enumerate(out["metrics"] if metric_list.ok(out["metrics"]) else []):  # (else reported)
         if isinstance(entry, dict):  # a part's metric
-            problems.extend(metric_entry_problems(entry, f"metrics[{index}]", registries["metrics"]))
-        elif entry not in registries["metrics"].table:
-            problems.append(f"metrics: unknown metric {entry!r}{did_you_mean(entry, registries['metrics'].table)}"
-                            f" valid: {_listing(registries['metrics'].table)}")
-    names = ["loss", *(metric_name(entry) for entry in metrics)]
+            from utils.config_extra import metric_entry_problems
+
+            problems.extend(metric_entry_problems(entry, f"metrics[{index}]", registries["metrics"], check_args))
+            entry = metric_name(entry)
+        elif entry not in table:
+            problems.append(f"metrics: unknown metric {entry!r}{did_you_mean(entry, table)} valid: {listing(table)}")
+        names.append(entry)
     problems.extend(f"metrics: the name {name!r} is taken twice (or is reserved); give the entry its own \"name\""
                     for name in sorted({n for n in names[1:] if names.count(n) > 1}))
 
-    # (a bad validation_split or data loader is the problem to report, not the validation metric it would not produce)
-    split_reported = "data_loader" in failed or any(p.startswith("data_loader.args.validation_split:")
-                                                    for p in problems)
-    if monitor_string.ok(t["monitor"]) and t["monitor"] != "off" and not split_reported:
-        problems.extend(_monitor_problems(t["monitor"].split()[1], names, out, registries))
+    # The monitored metric must be one the run logs (val_* only with validation data). A bad validation_split or
+    # data loader is the problem to report, not the validation metric it would not produce.
+    monitor = t["monitor"].split()[1] if monitor_string.ok(t["monitor"]) and t["monitor"] != "off" else None
+    if monitor and not ("data_loader" in failed or any(
+            p.startswith("data_loader.args.validation_split:") for p in problems)):
+        loader = out.get("data_loader")
+        split = loader["args"].get("validation_split") if loader else 0
+        if split is None:  # the loader's default
+            param = (_parameters(registries["data_loader"].get(loader["type"]))[0] or {}).get("validation_split")
+            split = param.default if param is not None else 0
+        available = [*names, *(f"val_{m}" for m in names if number.ok(split) and split > 0)]
+        if monitor not in available:
+            from utils.config_extra import monitor_problem
+
+            problems.append(monitor_problem(monitor, names, available))
     if t["unfreeze_at_epoch"] is not None and not t["freeze"]:
         problems.append("trainer.unfreeze_at_epoch: set, but trainer.freeze is empty (nothing to unfreeze)")
 
@@ -508,8 +408,8 @@ def validate_config(config, registries):
 
 
 def _check_section(config, key, out, registries, problems):
-    """``out[key]``: the section normalised to ``{"type": NAME, "args": {...}, ...}`` (``loss`` may be a bare name),
-    its type found in the registry and its args bound to its signature. False when the type is unknown or malformed."""
+    """``out[key]``: the section as ``{"type": NAME, "args": {...}, ...}`` (``loss`` may be a bare name), its type
+    found in the registry and its args bound to its signature. False when the type is unknown or malformed."""
     section, out[key] = config[key], None
     if key == "lr_scheduler" and section is None:
         return True
@@ -540,23 +440,6 @@ def _check_section(config, key, out, registries, problems):
     return True
 
 
-def _monitor_problems(name, metric_names, config, registries):
-    """``trainer.monitor``'s metric ``name``: one the run will log (``val_*`` only with validation data)."""
-    loader = config.get("data_loader")
-    split = loader["args"].get("validation_split") if loader else 0
-    if split is None:  # the loader's default
-        param = (_parameters(registries["data_loader"].get(loader["type"]))[0] or {}).get("validation_split")
-        split = param.default if param is not None else 0
-    available = [*metric_names, *(f"val_{m}" for m in metric_names if number.ok(split) and split > 0)]
-    if name in available:
-        return []
-    if name.startswith("val_") and name[4:] in metric_names:
-        return [f"trainer.monitor: {name!r} needs validation data: set data_loader.args.validation_split > 0, or"
-                f" monitor one of {', '.join(available)}"]
-    return [f"trainer.monitor: {name!r} will not exist{did_you_mean(name, available)} it can be one of"
-            f" {', '.join(available)}"]
-
-
 def metric_name(entry):
     """The name an entry of ``metrics`` goes by in results (``val_<name>``) and in ``trainer.monitor``: a built-in's
     own name, or an entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
@@ -567,58 +450,6 @@ def metric_name(entry):
     kind = entry.get("type")
     cls = kind.rsplit(".", 1)[-1] if isinstance(kind, str) else "?"
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
-
-
-METRIC_KEYS = ("type", "args", "name")
-
-
-def metric_entry_problems(entry, where, registry):
-    """The problem lines of one ``{"type": ..., "args": {...}, "name": ...}`` entry of ``metrics``: a part's metric
-    (utils/parts.py), imported only now. Its arguments must bind, and the class must accept them."""
-    unknown = [key for key in entry if key not in METRIC_KEYS]
-    if unknown:
-        return [f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)}"
-                f" valid: {', '.join(METRIC_KEYS)}"]
-    kind, args, name = entry.get("type"), entry.get("args") or {}, entry.get("name")
-    if not isinstance(kind, str) or not kind:
-        return [f"{where}.type: missing or not a string (the name of a part's metric, e.g."
-                ' "torchmetrics.classification.MulticlassF1Score")']
-    if kind in registry.table:
-        return [f"{where}: {kind!r} is a built-in metric; write it as the plain name \"{kind}\""]
-    if not isinstance(args, dict):
-        return [f"{where}.args: expected a mapping of argument names to values, got {json.dumps(args)}"]
-    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)):
-        return [f"{where}.name: got {_show(name)}, expected a short name of letters, digits and _"]
-    try:
-        build = registry.get(kind, f"{where}.type")
-    except ConfigError as err:
-        return [p.replace("metrics:", f"{where}.type:", 1) for p in err.problems]
-    bad = check_args(build, args, f"{where}.args")
-    if bad:
-        return bad
-    try:  # cheap (no data yet), and the only way to catch values the class itself refuses (average="macr")
-        build(**args)
-    except (TypeError, ValueError) as err:
-        return [f"{where}.args: {kind} rejected its arguments: {' '.join(str(err).split()) or type(err).__name__}"]
-    except (ImportError, OSError, RuntimeError) as err:  # an optional package it needs, weights to download
-        reason = " ".join(str(err).split()) or type(err).__name__
-        return [f"{where}.type: {kind} cannot be built here: {reason[:300]}"]
-    return []
-
-
-def param_group_problems(optimizer, registry, type_known):
-    """The problem lines of ``optimizer.param_groups``: a list of ``{"params": ["glob", ...], ...}``, whose other
-    settings are the optimizer's own arguments (the same types apply: no ``"lr": "0.1"``)."""
-    groups = optimizer["param_groups"]
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) and g["params"]
-                                               and string_list.ok(g["params"]) for g in groups):
-        return ['optimizer.param_groups: expected a list of {"params": ["glob", ...], "lr": ...} entries']
-    if not type_known:
-        return []
-    named = _parameters(registry.get(optimizer["type"]))[0] or {}
-    return [problem for index, group in enumerate(groups) for name, value in group.items()
-            if name != "params" and (problem := arg_value_problem(name, value, named.get(name),
-                                                                  f"optimizer.param_groups[{index}]"))]
 
 
 # --------------------------------------------------------------------------- components by name
@@ -644,15 +475,12 @@ class Registry:
         hint = f" (or {self.extra_hint})" if self.extra_hint else ""
         valid = [*self.table, *self.extra_names]
         raise ConfigError(f"{where or self.kind}: unknown {self.kind} {name!r}{did_you_mean(name, valid)}"
-                          f" valid: {_listing(valid)}{hint}")
+                          f" valid: {listing(valid)}{hint}")
 
 
 def init_obj(section, registry, *args, where=None, **kwargs):
-    """Build ``registry.get(section["type"])(*args, **section["args"], **kwargs)``.
-
-    A ``TypeError``/``ValueError`` raised by the constructor is the user's: a bad value in ``args`` (a
-    negative learning rate, say). It becomes a one-line ConfigError.
-    """
+    """``registry.get(section["type"])(*args, **section["args"], **kwargs)``; a ``TypeError``/``ValueError`` it
+    raises is a bad value in ``args`` (a negative learning rate), the user's: a one-line ConfigError."""
     where = where or registry.kind
     target = registry.get(section["type"], where + ".type")
     try:
@@ -662,11 +490,9 @@ def init_obj(section, registry, *args, where=None, **kwargs):
 
 
 def _parameters(target):
-    """``target``'s keyword parameters by name, and whether it also takes any keyword (``**kwargs``).
-
-    A class may forward its ``**kwargs`` to a base named by its ``options_from`` (data loaders do): the
-    base's parameters count as the class's own. ``(None, True)`` when there is no signature.
-    """
+    """``target``'s keyword parameters by name, and whether it also takes any keyword (``**kwargs``); ``(None,
+    True)`` without a signature. A class forwarding ``**kwargs`` to the base named by its ``options_from`` (the
+    data loaders) takes the base's parameters as its own."""
     try:
         params = dict(inspect.signature(target).parameters)
     except (TypeError, ValueError):
@@ -753,12 +579,4 @@ def arg_value_problem(name, value, param, where):
     wanted = kind(value) if kind else None
     if not wanted:
         wanted = next((check(value) for pattern, check in ARG_NAMES if re.fullmatch(pattern, name)), None)
-    return f"{where}.{name}: got {_show(value)}, expected {wanted}" if wanted else None
-
-
-def _show(value, limit=60):
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{where}.{name}: got {shown(value)}, expected {wanted}" if wanted else None

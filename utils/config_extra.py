@@ -1,15 +1,26 @@
 """The config code a default run does not need, imported where it is used:
 
 - reading YAML (a ``.yaml`` config), and saying where a config file went wrong (only when it did);
-- ``trainer.tensorboard``, an alias of ``trainer.loggers`` (only when given), and old checkpoints' configs
-  that hold both (only when a checkpoint has one: utils/io.py).
+- the wording of a problem that utils/config.py's quick check found: a value JSON cannot hold, a bad
+  folder name, a monitored metric the run will not log;
+- the checks of what a default config does not hold: a part's metric (``{"type": ..., "args": ...}``
+  in ``metrics``), ``optimizer.param_groups``, ``trainer.tensorboard`` (an alias of ``trainer.loggers``),
+  and the checks of the parts' optional features (:func:`feature_settings`);
+- old checkpoints' configs that hold both ``tensorboard`` and ``loggers`` (utils/io.py), and what changed
+  between two configs (utils/resume.py).
 
-utils/config.py imports it (lazily), so it imports nothing of utils/config.py.
+utils/config.py imports it (lazily), so it imports nothing of utils/config.py: what it needs from there
+(``check_args``) comes as an argument.
 """
 
 import json
 
-from utils.errors import UserError
+import math
+import re
+
+from utils.errors import ConfigError, UserError, did_you_mean, shown
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what makes a Python string invalid UTF-8
 
 # --------------------------------------------------------------------------- reading a file
 
@@ -50,7 +61,14 @@ def load_yaml(path, text):
 
 def load_problems(path, data, err):
     """The lines saying what is wrong with the config file ``path`` (its bytes ``data``) and where, for the error
-    ``err`` reading it raised: not UTF-8, not JSON, a key repeated in one object, NaN, absurd nesting."""
+    ``err`` reading it raised: missing or unreadable, not UTF-8, not JSON, a key repeated in one object, NaN,
+    absurd nesting."""
+    if isinstance(err, OSError):
+        if path.is_dir():
+            return [f"config {path} is a folder, not a file (give the path of a .json or .yaml file)"]
+        if not path.exists():
+            return [f"config file not found: {path}"]
+        return [f"config {path} cannot be read: {err.strerror or err}"]
     if isinstance(err, UnicodeDecodeError):
         line, col = _line_col(data.decode("utf-8", errors="replace"),
                               len(data[: err.start].decode("utf-8", errors="replace")))
@@ -165,3 +183,175 @@ def saved_config(config):
         trainer["loggers"] = [item for item in trainer["loggers"]
                               if (item.get("type") if isinstance(item, dict) else item) != "tensorboard"]
     return {**config, "trainer": trainer}
+
+
+# --------------------------------------------------------------------------- the wording of a problem found
+
+
+def value_problems(value, where, max_depth, max_values):
+    """Lines saying where ``value`` holds what a JSON config cannot (utils/config.py's plain_value_problems found
+    something): a value that is not a string, finite number, true/false or null, a non-string key, invalid UTF-8,
+    nesting deeper than ``max_depth``, more than ``max_values`` values, a container holding itself. At most 20."""
+    problems, todo, seen = [], [(value, where, ())], 0  # (a value, its dotted path, the containers above it)
+    while todo and len(problems) < 20:
+        v, path, above = todo.pop()
+        name, seen = path or "the config", seen + 1
+        if seen > max_values:
+            problems.append(f"{where or 'the config'}: more than {max_values} values (YAML aliases expanding?);"
+                            " a config needs far fewer")
+            break
+        if v is None or isinstance(v, (bool, int)):
+            pass
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                problems.append(f"{name}: got {v}, expected a finite number (JSON has no NaN or Infinity)")
+        elif isinstance(v, str):
+            if _SURROGATE.search(v):
+                problems.append(f"{name}: {v!r} is not valid UTF-8 text")
+        elif not isinstance(v, (dict, list, tuple)):
+            kind = {"date": "a date", "datetime": "a timestamp", "set": "a set", "bytes": "binary data"}.get(
+                type(v).__name__, f"a {type(v).__name__}")
+            problems.append(f"{name}: got {kind} ({shown(v, 40)}), which JSON cannot hold; write a string, number,"
+                            " true/false, null, list or mapping (quote a date to keep it as text)")
+        elif len(above) >= max_depth:
+            problems.append(f"{name}: nested more than {max_depth} levels deep; a config needs a few")
+        elif id(v) in above:
+            problems.append(f"{name}: contains itself (a YAML alias inside its own anchor)")
+        else:
+            items = v.items() if isinstance(v, dict) else ((f"[{i}]", item) for i, item in enumerate(v))
+            children = []
+            for key, item in items:
+                if not isinstance(key, str):
+                    problems.append(f"{name}: key {key!r} is a {type(key).__name__}; keys must be strings (quote it)")
+                elif _SURROGATE.search(key):
+                    problems.append(f"{name}: key {key!r} is not valid UTF-8 text")
+                else:
+                    sub = path + key if isinstance(v, (list, tuple)) else f"{path}.{key}" if path else key
+                    children.append((item, sub, (*above, id(v))))
+            todo.extend(reversed(children))  # in the order of the file
+    return problems
+
+
+def path_component_problem(value, where):
+    """Why ``value`` cannot be one folder name (utils/config.py's folder_name refused it), as a problem line."""
+    if not isinstance(value, str) or not value:
+        return f"{where}: got {shown(value)}, expected a non-empty string"
+    short = shown(value, 40)
+    separators = [s for s in ("/", "\\") if s in value]
+    if "\0" in value:
+        return f"{where}: got {short}, which contains a NUL character; use a plain folder name"
+    if separators:
+        return (f"{where}: got {short}, which contains {separators[0]!r}: it must be a single folder name,"
+                " or the run would be written outside trainer.save_dir")
+    if value in (".", ".."):
+        return f"{where}: got {short}, which names a folder above the run's; use a plain folder name"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"{where}: got {value!r}, which is not valid UTF-8 text"
+    return f"{where}: got {short} ({size} bytes), longer than the 255 bytes a file system allows in a folder name"
+
+
+def monitor_problem(name, metric_names, available):
+    """Why ``trainer.monitor``'s metric ``name`` will not be logged: it needs validation data, or is none of them."""
+    if name.startswith("val_") and name[4:] in metric_names:
+        return (f"trainer.monitor: {name!r} needs validation data: set data_loader.args.validation_split > 0, or"
+                f" monitor one of {', '.join(available)}")
+    return (f"trainer.monitor: {name!r} will not exist{did_you_mean(name, available)} it can be one of"
+            f" {', '.join(available)}")
+
+
+# --------------------------------------------------------------------------- what a default config does not hold
+
+METRIC_KEYS = ("type", "args", "name")
+
+
+def metric_entry_problems(entry, where, registry, check_args):
+    """The problem lines of one ``{"type": ..., "args": {...}, "name": ...}`` entry of ``metrics``: a part's metric
+    (utils/parts.py). Its arguments must bind (``check_args``: utils/config.py's), and the class accept them."""
+    unknown = [key for key in entry if key not in METRIC_KEYS]
+    if unknown:
+        return [f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)}"
+                f" valid: {', '.join(METRIC_KEYS)}"]
+    kind, args, name = entry.get("type"), entry.get("args") or {}, entry.get("name")
+    if not isinstance(kind, str) or not kind:
+        return [f"{where}.type: missing or not a string (the name of a part's metric, e.g."
+                ' "torchmetrics.classification.MulticlassF1Score")']
+    if kind in registry.table:
+        return [f"{where}: {kind!r} is a built-in metric; write it as the plain name \"{kind}\""]
+    if not isinstance(args, dict):
+        return [f"{where}.args: expected a mapping of argument names to values, got {json.dumps(args)}"]
+    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)):
+        return [f"{where}.name: got {shown(name)}, expected a short name of letters, digits and _"]
+    try:
+        build = registry.get(kind, f"{where}.type")
+    except ConfigError as err:
+        return [p.replace("metrics:", f"{where}.type:", 1) for p in err.problems]
+    bad = check_args(build, args, f"{where}.args")
+    if bad:
+        return bad
+    try:  # cheap (no data yet), and the only way to catch values the class itself refuses (average="macr")
+        build(**args)
+    except (TypeError, ValueError) as err:
+        return [f"{where}.args: {kind} rejected its arguments: {' '.join(str(err).split()) or type(err).__name__}"]
+    except (ImportError, OSError, RuntimeError) as err:  # an optional package it needs, weights to download
+        reason = " ".join(str(err).split()) or type(err).__name__
+        return [f"{where}.type: {kind} cannot be built here: {reason[:300]}"]
+    return []
+
+
+def param_group_problems(groups, named, arg_value_problem):
+    """The problem lines of ``optimizer.param_groups``: a list of ``{"params": ["glob", ...], ...}`` whose other
+    settings are the optimizer's own arguments (``named``: its parameters, None when its type is unknown), checked
+    as its ``args`` are (``arg_value_problem``: utils/config.py's; no ``"lr": "0.1"``)."""
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and g["params"]
+            and all(isinstance(s, str) and s for s in g["params"]) for g in groups):
+        return ['optimizer.param_groups: expected a list of {"params": ["glob", ...], "lr": ...} entries']
+    return [problem for index, group in enumerate(groups) for name, value in group.items() if named is not None
+            and name != "params" and (problem := arg_value_problem(name, value, named.get(name),
+                                                                   f"optimizer.param_groups[{index}]"))]
+
+
+# --------------------------------------------------------------------------- the parts' optional features
+
+
+def optional(check):
+    """``check`` (a Check, or a function returning None or what was expected), or null."""
+    return lambda v: None if v is None or not check(v) else f"{check(v)}, or null"
+
+
+def feature_settings(defaults, checks):
+    """A check for ``null``/``false`` (off), ``true`` (the defaults) or a mapping of some of ``defaults``' keys,
+    each value checked by ``checks[key]`` (a function returning what was expected, or None)."""
+
+    def check(v):
+        if v is None or isinstance(v, bool):
+            return None
+        if not isinstance(v, dict):
+            return f"true, false, null or a mapping with keys {', '.join(defaults)}"
+        for key, value in v.items():
+            if key not in defaults:
+                return (f"a mapping with keys {', '.join(defaults)} ({key!r} is none of them"
+                        f"{did_you_mean(key, defaults)})")
+            wanted = checks[key](value)
+            if wanted:
+                return f"{key} to be {wanted}"
+        return None
+
+    return check
+
+
+def settings_of(value, defaults):
+    """The completed settings of an optional feature, or None when it is off (``null`` or ``false``)."""
+    if value is None or value is False:
+        return None
+    return {**defaults, **(value if isinstance(value, dict) else {})}
+
+
+def config_diff(old, new):
+    """Lines saying what changed between two flattened configs (utils/config.py's flatten), as ``key: old -> new``."""
+    missing = object()
+    show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
+    return [f"{key}: {show(old.get(key, missing))} -> {show(new.get(key, missing))}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key, missing) != new.get(key, missing)]

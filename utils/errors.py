@@ -34,3 +34,31 @@ class DiskFullError(WriteError):
     """No space left on the device, or the disk quota is used up; the old file, if any, is intact."""
 
     exit_code = 28
+
+
+# The phrasing of a problem line, shared by utils/config.py and the checks imported only when needed.
+
+
+def did_you_mean(name, valid):
+    """``"; did you mean 'x'?"`` for the name in ``valid`` closest to ``name``, or ``""`` when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def listing(valid, limit=25):
+    """``valid`` sorted and joined with ", ", the first ``limit`` of them when there are more."""
+    valid = sorted(valid)
+    return ", ".join(valid[:limit]) + (f", ... ({len(valid)} in all)" if len(valid) > limit else "")
+
+
+def shown(value, limit=60):
+    """``value`` as JSON (else its repr), cut to ``limit`` characters."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

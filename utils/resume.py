@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 
 from utils import parts
-from utils.config import ConfigError, config_diff
+from utils.config import ConfigError, flatten
+from utils.config_extra import config_diff
 from utils.errors import UserError
 from utils.io import load_checkpoint
 
@@ -88,7 +89,7 @@ def check_resume_changes(saved, config, mid_epoch):
     Raises:
         ConfigError: a change that cannot be honoured, one line each, saying what to do instead.
     """
-    changes = config_diff(saved, config)
+    changes = config_diff(flatten(saved), flatten(config))
     fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH + parts.declared("FIXED_MID_EPOCH", saved, config) if mid_epoch else ())
     split = mid_epoch and batch_split(saved, config)
     counts = batch_counts(saved, config)
