@@ -251,7 +251,8 @@ if os.environ.get("SAVE_LAST_EVERY"):
 first = os.environ.get("RANK1_FIRST_ON_RESTART")
 if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
     import time
-    _join = udist._init_group
+    from utils import dist_round
+    _join = dist_round.join
     def join(*args):
         if rank == 1:
             open(first, "w").close()
@@ -260,7 +261,7 @@ if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             while not os.path.exists(first) and time.monotonic() < give_up:
                 time.sleep(0.02)  # polling for rank 1's file
         return _join(*args)
-    udist._init_group = join
+    dist_round.join = join
 code = train_command(sys.argv[1:])
 if os.environ.get("COUNT_OUT"):
     with open(os.environ["COUNT_OUT"] + f".rank{{rank}}.json", "w") as f:
@@ -345,7 +346,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     the restarted run sees the same batches).
 
     torchrun keeps one store for all its rounds, where the processes publish their addresses when they join
-    the process group: the restarted round must not find the first round's (utils.dist._init_group). Rank 0
+    the process group: the restarted round must not find the first round's (utils.dist_round.join). Rank 0
     joins last here, so a rank 1 that looked up the old keys would connect to a process that is gone
     ("connection refused"; or hang: the torchrun fixture kills a launch past its time limit)."""
     config = dist_config(tmp_path / "saved", epochs=3)
