@@ -94,7 +94,8 @@ class TensorDataset(Dataset):
         return self._inputs[index], int(self._targets[index])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(samples={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
+        name = type(self).__name__
+        return f"{name}(samples={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
 
 
 class BaseDataLoader:
@@ -131,11 +132,10 @@ class BaseDataLoader:
         if not isinstance(num_workers, int) or num_workers < 0:
             raise UserError(f"data_loader.args.num_workers: got {num_workers!r}, expected an integer >= 0")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.drop_last, self.seed = drop_last, seed
-        self.num_workers = num_workers
+        self.drop_last, self.seed, self.device_resident = drop_last, seed, device_resident
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
-        self.prefetch_factor = prefetch_factor
         self.class_names = getattr(dataset, "class_names", None)
         self.feature_stats = getattr(dataset, "feature_stats", None)
         self.in_memory = bool(in_memory) and hasattr(dataset, "tensors")
@@ -144,11 +144,8 @@ class BaseDataLoader:
             augment = self.transforms_part(transforms)
             self.in_memory, self._pipelines = augment.pipelines(dataset, transforms, self.in_memory, num_workers)
         self._pipeline = self._pipelines["train" if training else "eval"]
-        self.device_resident = device_resident
         self._tensors = dataset.tensors() if self.in_memory else None
-        self._holds = {}  # holds_target's answers
-        self._device = None
-        self.start_batch = 0
+        self._holds, self._device, self.start_batch = {}, None, 0  # (_holds: holds_target's answers)
 
         all_indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
         if fold is not None and training:
@@ -183,7 +180,8 @@ class BaseDataLoader:
         if split is None or split == 0:
             return indices, None
         if isinstance(split, bool) or not isinstance(split, (int, float)) or split < 0:
-            raise UserError(f"data_loader.args.validation_split: got {split!r}, expected a fraction in [0, 1) or a sample count")
+            raise UserError(f"data_loader.args.validation_split: got {split!r}, expected a fraction in [0, 1) or a"
+                            " sample count")
         count = int(split) if isinstance(split, int) else round(n * split)
         if isinstance(split, float) and split >= 1 or not 0 < count < n:
             raise UserError(f"data_loader.args.validation_split: {split!r} leaves {n - count} of {n} samples for"

@@ -128,8 +128,10 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
 
         reason = unreadable_reason(err, path)
         if reason.startswith("refused"):
-            raise UserError(f"checkpoint {path} was {reason}; it may run code: load it only if you trust its source") from None
-        raise UserError(f"checkpoint {path} cannot be read (damaged, truncated or not a PyTorch file): {reason}") from None
+            raise UserError(f"checkpoint {path} was {reason}; it may run code: load it only if you trust its"
+                            " source") from None
+        raise UserError(f"checkpoint {path} cannot be read (damaged, truncated or not a PyTorch file):"
+                        f" {reason}") from None
     # The weights of a sound checkpoint (test.py, a run's final test) pass this one check; anything else is
     # checked key by key, so that each problem is named.
     model = state.get("model") if isinstance(state, dict) else None
