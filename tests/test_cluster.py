@@ -25,7 +25,7 @@ from base.base_trainer import RunStopped
 from conftest import assert_states_identical, kill_tree, make_config, with_changes
 from trainer import run
 from trainer.cli import train_command
-from utils.dist import launch_context
+from utils.dist_round import launch_context
 from utils.resume import find_resumable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ WORLD = 2
 LAUNCH_TIMEOUT = 180
 
 # Runs train.py's command line in each worker, with test instruments chosen by the environment:
-# COUNT_OUT: write how often this rank called utils.dist.max_over_ranks, and after how many steps;
+# COUNT_OUT: write how often this rank called utils.dist_round.max_over_ranks, and after how many steps;
 # KILL_AT_STEP: on the first attempt, rank 1 kills itself with SIGKILL right after that optimizer step;
 # NAN_AT_STEP: rank 1's training loss is NaN at that step;
 # SAVE_LAST_EVERY: a resumable last.pth every that many optimizer steps (conftest's save_last_hook);
@@ -210,19 +210,19 @@ LAUNCH_TIMEOUT = 180
 DRIVER = """
 import json, os, signal, sys
 sys.path.insert(0, {repo!r})
-from utils import dist as udist
+from utils import dist_round
 from trainer import trainer as tt
 from trainer.cli import train_command
 
 rank = int(os.environ["RANK"])
 calls, current = [], {{}}
-_max = udist.max_over_ranks
+_max = dist_round.max_over_ranks
 
 def counting(*values):
     calls.append(current["trainer"].global_step if "trainer" in current else -1)
     return _max(*values)
 
-udist.max_over_ranks = counting
+dist_round.max_over_ranks = counting
 _init = tt.Trainer.__init__
 
 def init(self, *args, **kwargs):
@@ -251,7 +251,6 @@ if os.environ.get("SAVE_LAST_EVERY"):
 first = os.environ.get("RANK1_FIRST_ON_RESTART")
 if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
     import time
-    from utils import dist_round
     _join = dist_round.join
     def join(*args):
         if rank == 1:

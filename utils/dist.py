@@ -1,9 +1,8 @@
 """Which process of a run this is (:class:`DistInfo`), and joining the others under ``torchrun``.
 
 Without torchrun (no ``WORLD_SIZE`` in the environment) a run is one process: :func:`setup` returns at once,
-so the same ``train.py`` serves both. What only torchrun runs use (the process group, the collectives, what
-the launch says of itself) is in utils/dist_round.py, imported on first use: ``dist.max_over_ranks`` and the
-others reach it through this module's ``__getattr__``.
+so the same ``train.py`` serves both. What only torchrun runs use (the process group, the collectives, the
+messages processes leave each other) is in utils/dist_round.py, which its callers import where they use it.
 """
 
 import os
@@ -47,11 +46,11 @@ def leave_together():
         dist_round.barrier()
 
 
-def __getattr__(name):
-    """``dist.<name>`` for the public names of utils/dist_round.py (torchrun only), imported on first use."""
-    if not name.startswith("_"):
-        from utils import dist_round
-
-        if hasattr(dist_round, name):
-            return getattr(dist_round, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def torchrun_round(environ=None):
+    """``(run id, restart count)`` of this torchrun launch (``--rdzv-id``: the job id in slurm/train.sbatch; how
+    often it restarted its workers), or None outside torchrun."""
+    environ = os.environ if environ is None else environ
+    run_id, count = environ.get("TORCHELASTIC_RUN_ID"), environ.get("TORCHELASTIC_RESTART_COUNT")
+    if run_id is None or count is None or not count.isdigit():
+        return None
+    return run_id, int(count)

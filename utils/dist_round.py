@@ -1,6 +1,6 @@
 """What only a ``torchrun`` run uses: joining the process group of this round, the collectives, the messages
-processes leave each other, and what the launch says of itself. utils/dist.py imports it when a run joins a
-process group (or a caller asks ``dist.<name>`` for one of these), so a run of one process never does.
+processes leave each other; and the launch's SLURM and torchrun counts for a resume's history. Imported where
+it is used (by utils/dist.py when a run joins a process group), so a run of one process never imports it.
 
 Joining. The processes meet through the store that torchrun names in ``MASTER_ADDR:MASTER_PORT``, where
 each one publishes its address. torchrun keeps that store for the whole launch, so a round it restarted
@@ -71,19 +71,6 @@ def cleanup():
     _control_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def torchrun_round(environ=None):
-    """``(run id, restart count)`` of the torchrun launch this process belongs to, or None outside torchrun.
-
-    The run id is torchrun's ``--rdzv-id`` (a fresh one per launch with ``--standalone``; the job id in
-    slurm/train.sbatch); the count is how often this launch restarted its workers.
-    """
-    environ = os.environ if environ is None else environ
-    run_id, count = environ.get("TORCHELASTIC_RUN_ID"), environ.get("TORCHELASTIC_RESTART_COUNT")
-    if run_id is None or count is None or not count.isdigit():
-        return None
-    return run_id, int(count)
 
 
 def launch_context(environ=None):
