@@ -145,7 +145,7 @@ class BaseDataLoader:
             self.in_memory, self._pipelines = augment.pipelines(dataset, transforms, self.in_memory, num_workers)
         self._pipeline = self._pipelines["train" if training else "eval"]
         self._tensors = dataset.tensors() if self.in_memory else None
-        self._holds, self._device, self.start_batch = {}, None, 0  # (_holds: holds_target's answers)
+        self._holds, self.start_batch = {}, 0  # (_holds: holds_target's answers)
 
         all_indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
         if fold is not None and training:
@@ -234,7 +234,6 @@ class BaseDataLoader:
         """On the in-memory path with ``device_resident``, move the whole dataset to ``device`` once."""
         if self.in_memory and self.device_resident:
             self._tensors = tuple(t.to(device) for t in self._tensors)
-            self._device = torch.device(device)
         return self
 
     def set_epoch(self, epoch, start_batch=0):
@@ -253,9 +252,7 @@ class BaseDataLoader:
             return
         inputs, targets = self._tensors
         size, pipeline, uint8 = self.batch_size, self._pipeline, inputs.dtype == torch.uint8
-        order = self.sampler.order(size, self.start_batch, self.drop_last)
-        if self._device is not None:
-            order = order.to(self._device)
+        order = self.sampler.order(size, self.start_batch, self.drop_last).to(inputs.device)  # (once an epoch)
         for batch, start in enumerate(range(0, len(order), size), start=self.start_batch):
             idx = order[start : start + size]
             x = inputs[idx]
