@@ -1,20 +1,18 @@
 """Batching a dataset: a validation split, a reproducible data order, and a fast in-memory path.
 
-The order of the samples is a pure function of ``(seed, epoch)``: each epoch draws a permutation
-from a generator seeded with ``seed + epoch`` (as torch's ``DistributedSampler`` does), never from
-the global RNG. That is what makes a run resumable mid-epoch (skip the batches already seen) and
-shardable over processes (each process takes every ``world_size``-th index of the same permutation).
+The order of the samples is a pure function of ``(seed, epoch)``: a permutation drawn from a generator
+seeded with ``seed + epoch`` (as torch's ``DistributedSampler`` does), never from the global RNG. That
+makes a run resumable mid-epoch (skip the batches already seen) and shardable (each process takes every
+``world_size``-th index of the same permutation).
 
-A dataset that offers all its samples as two tensors (``tensors()``, as :class:`TensorDataset` does)
-is batched by indexing them: no per-sample ``__getitem__``, no collate. Any other goes through torch's
+A dataset that offers its samples as two tensors (``tensors()``, as :class:`TensorDataset` does) is
+batched by indexing them: no per-sample ``__getitem__``, no collate. Any other goes through torch's
 ``DataLoader`` (base/sample_loader.py, imported only then) in the same order.
 
-Augmentation (``transforms``) is an optional part, the one owning ``data_loader.args.transforms`` in
-utils/parts.py, asked for only when ``transforms`` are given. It makes one pipeline per split (training
-batches get ``train``, validation and test ``eval``) whose draws are a function of ``(seed, epoch)`` and
-of a batch's place in the epoch, so a resumed run replays them too. A pipeline offers the loader
-``seeded(batch, seed, epoch, batch_number, rank)`` on the in-memory path, and ``keys(indices, seed,
-epoch)`` and ``samples(dataset)`` on the per-sample one. uint8 images come out as float32 in [0, 1].
+Augmentation (``transforms``) is the optional part owning ``data_loader.args.transforms`` (utils/parts.py).
+Its pipelines (``train`` for training batches, ``eval`` for validation and test) draw from ``(seed, epoch)``
+and a batch's place in the epoch, so a resumed run replays them: ``seeded(batch, seed, epoch, batch_number,
+rank)`` on the in-memory path, ``keys(indices, seed, epoch)`` and ``samples(dataset)`` on the per-sample one.
 """
 
 import math
@@ -38,9 +36,8 @@ def to_float(x):
 class EpochSampler:
     """The indices (an int64 tensor) one process reads in one epoch, in an order fixed by ``(seed, epoch)``.
 
-    With ``world_size > 1`` each process gets every ``world_size``-th index of the same
-    permutation. ``pad=True`` (training) repeats indices so every process gets the same
-    count, as ``DistributedSampler`` does; ``pad=False`` (evaluation) never counts a sample twice.
+    ``pad=True`` (training) repeats indices so every process gets as many, as ``DistributedSampler`` does;
+    ``pad=False`` (evaluation) never counts a sample twice.
     """
 
     indices: torch.Tensor
@@ -74,11 +71,8 @@ class EpochSampler:
 
 
 class TensorDataset(Dataset):
-    """A dataset held as two tensors: float32 ``inputs`` (N, *input_shape) and int64 ``targets`` (N,).
-
-    ``dataset[i] == (inputs[i], int(targets[i]))``, and :meth:`tensors` offers both whole to
-    :class:`BaseDataLoader`'s fast path. Subclasses build the tensors and call :meth:`_set`, which also sets
-    ``num_classes`` and ``input_shape``.
+    """A dataset held as two tensors: float32 ``inputs`` (N, *input_shape) and int64 ``targets`` (N,), offered
+    whole by :meth:`tensors` to :class:`BaseDataLoader`'s fast path. Subclasses build them and call :meth:`_set`.
     """
 
     def _set(self, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
@@ -100,35 +94,33 @@ class TensorDataset(Dataset):
         return self._inputs[index], int(self._targets[index])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(samples={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
+        name = type(self).__name__
+        return f"{name}(samples={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
 
 
 class BaseDataLoader:
     """Iterates over a dataset in batches of ``(inputs, targets)``; splits off validation data.
 
     Args:
-        dataset: a map-style dataset. With ``tensors()`` (all inputs and targets as two tensors) and
-            ``in_memory``, batches index those tensors: the same samples in the same order, much faster.
-            uint8 inputs (``tensors()``'s, or a per-sample dataset's with ``uint8_images = True``) come
-            out as float32 in [0, 1]. Its ``class_names`` and ``feature_stats`` (a table's standardisation),
-            if it has them, become the loader's (else None).
+        dataset: a map-style dataset; with ``tensors()`` and ``in_memory``, batches index those two tensors (the
+            same samples in the same order, much faster). uint8 inputs (``tensors()``'s, or a per-sample
+            dataset's with ``uint8_images = True``) come out as float32 in [0, 1]. Its ``class_names`` and
+            ``feature_stats`` (a table's standardisation), if any, become the loader's.
         batch_size: samples per batch, per process.
         shuffle: a new order each epoch, fixed by ``seed`` and the epoch number.
         validation_split: a fraction in (0, 1) or a count of samples held out for validation.
-        num_workers, pin_memory, persistent_workers, prefetch_factor: for ``torch.utils.data.DataLoader`` on
-            the per-sample path. ``pin_memory=None`` pins when CUDA is available.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: for torch's ``DataLoader`` on the
+            per-sample path. ``pin_memory=None`` pins when CUDA is available.
         in_memory: use the tensor path when the dataset offers ``tensors()``.
         device_resident: on the tensor path, keep the whole dataset on the training device (:meth:`to`).
         drop_last: drop a last batch smaller than ``batch_size``.
         seed: the seed of the split, of the data order and of the augmentation.
         transforms: ``{"train": [...], "eval": [...]}`` of ``{"type": NAME, "args": {...}}`` naming
-            ``torchvision.transforms.v2`` classes, made into pipelines by the part owning this key
-            (utils/parts.py). Raises ConfigError for a bad spec, and when the part's files are not here.
-        training: the training data (``train`` transforms; ``eval`` for its validation split).
-            False: the test split (``eval`` transforms).
+            ``torchvision.transforms.v2`` classes, for the part owning this key (utils/parts.py).
+        training: the training data (its validation split gets ``eval`` transforms); False: the test split.
         indices: the samples of ``dataset`` to use (default: all).
-        fold: ``[k, K]``: K-fold cross-validation, validating on fold k of K (replaces
-            ``validation_split``; the folds are the same whatever ``seed`` is).
+        fold: ``[k, K]``: K-fold cross-validation on fold k of K, instead of ``validation_split`` (the same
+            folds whatever ``seed`` is).
     """
 
     def __init__(self, dataset, batch_size=64, shuffle=True, validation_split=0.0, num_workers=0,
@@ -140,11 +132,10 @@ class BaseDataLoader:
         if not isinstance(num_workers, int) or num_workers < 0:
             raise UserError(f"data_loader.args.num_workers: got {num_workers!r}, expected an integer >= 0")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.drop_last, self.seed = drop_last, seed
-        self.num_workers = num_workers
+        self.drop_last, self.seed, self.device_resident = drop_last, seed, device_resident
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
-        self.prefetch_factor = prefetch_factor
         self.class_names = getattr(dataset, "class_names", None)
         self.feature_stats = getattr(dataset, "feature_stats", None)
         self.in_memory = bool(in_memory) and hasattr(dataset, "tensors")
@@ -153,11 +144,8 @@ class BaseDataLoader:
             augment = self.transforms_part(transforms)
             self.in_memory, self._pipelines = augment.pipelines(dataset, transforms, self.in_memory, num_workers)
         self._pipeline = self._pipelines["train" if training else "eval"]
-        self.device_resident = device_resident
         self._tensors = dataset.tensors() if self.in_memory else None
-        self._holds = {}  # holds_target's answers
-        self._device = None
-        self.start_batch = 0
+        self._holds, self.start_batch = {}, 0  # (_holds: holds_target's answers)
 
         all_indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
         if fold is not None and training:
@@ -171,8 +159,8 @@ class BaseDataLoader:
 
     @staticmethod
     def transforms_part(transforms):
-        """The module of the part that makes ``transforms`` into pipelines (imported now); None when ``transforms``
-        is null or empty. A loader may ask it to check ``transforms`` before slow work."""
+        """The module of the part that makes ``transforms`` into pipelines (imported now); None for no
+        ``transforms``. A loader may ask it to check ``transforms`` before slow work."""
         if transforms in parts.OFF:
             return None
         if TRANSFORMS not in parts.KEY_OWNERS:
@@ -180,8 +168,8 @@ class BaseDataLoader:
         return parts.load(parts.KEY_OWNERS[TRANSFORMS])
 
     def data_args(self):
-        """Constructor arguments that pin this data's class order and feature scaling (for
-        ``data_loader.args`` of the saved config, so evaluation rebuilds the same); ``{}`` when none."""
+        """Arguments that pin this data's class order and feature scaling, for the saved config's
+        ``data_loader.args`` (so evaluation rebuilds the same data)."""
         return {}
 
     @staticmethod
@@ -192,7 +180,8 @@ class BaseDataLoader:
         if split is None or split == 0:
             return indices, None
         if isinstance(split, bool) or not isinstance(split, (int, float)) or split < 0:
-            raise UserError(f"data_loader.args.validation_split: got {split!r}, expected a fraction in [0, 1) or a sample count")
+            raise UserError(f"data_loader.args.validation_split: got {split!r}, expected a fraction in [0, 1) or a"
+                            " sample count")
         count = int(split) if isinstance(split, int) else round(n * split)
         if isinstance(split, float) and split >= 1 or not 0 < count < n:
             raise UserError(f"data_loader.args.validation_split: {split!r} leaves {n - count} of {n} samples for"
@@ -226,12 +215,8 @@ class BaseDataLoader:
         return self.split_validation()
 
     def holds_target(self, value):
-        """Whether some target of this data equals ``value`` (an ``ignore_index``, say); None when not known.
-
-        Known when the dataset offers its targets as one 1-d integer tensor (``tensors()``):
-        asked once per run, never per step, and kept. With the answer False the trainer skips
-        counting the ignored targets of every batch (see :func:`trainer.trainer.weighing`).
-        """
+        """Whether some target equals ``value`` (an ``ignore_index``), known from a 1-d integer ``tensors()[1]``,
+        else None. Asked once per run: with False the trainer counts no ignored targets per batch."""
         if value not in self._holds:  # (the validation loader shares this dict: same dataset)
             tensors = self._tensors or (self.dataset.tensors() if hasattr(self.dataset, "tensors") else None)
             targets = None if tensors is None else tensors[1]
@@ -239,8 +224,6 @@ class BaseDataLoader:
                      and not targets.is_complex())
             self._holds[value] = bool((targets == value).any()) if known else None
         return self._holds[value]
-
-    # ---- configuration by the trainer
 
     def shard(self, rank, world_size):
         """Read only this process's share (training pads to equal shares; evaluation does not)."""
@@ -251,14 +234,11 @@ class BaseDataLoader:
         """On the in-memory path with ``device_resident``, move the whole dataset to ``device`` once."""
         if self.in_memory and self.device_resident:
             self._tensors = tuple(t.to(device) for t in self._tensors)
-            self._device = torch.device(device)
         return self
 
     def set_epoch(self, epoch, start_batch=0):
         """Select the epoch's order and the first batch to yield (non-zero when resuming mid-epoch)."""
         self.sampler.epoch, self.start_batch = epoch, start_batch
-
-    # ---- iteration
 
     def __len__(self):
         n = len(self.sampler)
@@ -272,9 +252,7 @@ class BaseDataLoader:
             return
         inputs, targets = self._tensors
         size, pipeline, uint8 = self.batch_size, self._pipeline, inputs.dtype == torch.uint8
-        order = self.sampler.order(size, self.start_batch, self.drop_last)
-        if self._device is not None:
-            order = order.to(self._device)
+        order = self.sampler.order(size, self.start_batch, self.drop_last).to(inputs.device)  # (once an epoch)
         for batch, start in enumerate(range(0, len(order), size), start=self.start_batch):
             idx = order[start : start + size]
             x = inputs[idx]

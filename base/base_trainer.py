@@ -409,7 +409,9 @@ class BaseTrainer:
         if not now and self.global_step % self.agree_every:
             return self.agreed_stop
         # The highest exit code wins: a signal's (128 + N) over a hook's.
-        agreed, diverged = dist.max_over_ranks(own.exit_code if own else 0, bool(self.diverged))
+        from utils.dist_round import max_over_ranks  # (torchrun only)
+
+        agreed, diverged = max_over_ranks(own.exit_code if own else 0, bool(self.diverged))
         if diverged:
             raise RunStopped(self.diverged or "another process saw a non-finite loss; stopping without saving, so"
                              " the last good checkpoint is untouched")

@@ -1,10 +1,9 @@
 """The data loaders a config can name in ``data_loader.type``: the ``DATA_LOADERS`` table.
 
-Your own data: copy :class:`DigitsDataLoader` and the :class:`DigitsDataset` it builds, and add the loader
-to ``DATA_LOADERS``. A dataset is a ``torch.utils.data.Dataset`` (``__len__``, ``__getitem__`` returning
-``(input, target)``); one that fits in memory is best a :class:`~base.base_data_loader.TensorDataset`,
-whose ``tensors()`` gives the fast path. ``training=False`` gives the held-out test split that ``test.py``
-evaluates. Any further keyword (``num_workers``, ``transforms``, ...) goes to :class:`BaseDataLoader`.
+Your own data: copy :class:`DigitsDataLoader` and the :class:`DigitsDataset` it builds, and add the loader to
+``DATA_LOADERS``. A dataset is a ``torch.utils.data.Dataset`` (``__getitem__`` gives ``(input, target)``);
+one that fits in memory is best a :class:`~base.base_data_loader.TensorDataset` (the fast path).
+``training=False`` is the held-out test split ``test.py`` scores; other keywords go to :class:`BaseDataLoader`.
 
 MNIST, CIFAR-10 and synthetic data are in data_loader/builtin.py, imported only when a config names them
 (``BUILTIN``); image folders and CSV tables are optional parts (utils/parts.py).
@@ -40,10 +39,6 @@ DATA_LOADERS = {
 BUILTIN = {name: "data_loader.builtin" for name in ("MnistDataLoader", "Cifar10DataLoader", "SyntheticDataLoader")}
 
 
-# ---------------------------------------------------------------------------
-# the digits dataset
-# ---------------------------------------------------------------------------
-
 # mean and (population) std of all 1,797 images x 64 pixels after scaling the 0..16 pixel
 # values to [0, 1]; computed once with  x = load_digits().data / 16; x.mean(), x.std()
 DIGITS_MEAN = 0.3053
@@ -56,10 +51,8 @@ DIGITS_SPLIT_SEED = 0
 
 @lru_cache(maxsize=1)
 def digits_tensors():
-    """All 1,797 digits as ``(images (1797, 1, 8, 8) float32, normalised; labels (1797,) int64)``, read once.
-
-    Read straight from the CSV file scikit-learn ships (no network), without importing scikit-learn:
-    that import alone takes over a second, longer than training the default config's first epoch.
+    """All 1,797 digits as ``(images (1797, 1, 8, 8) float32, normalised; labels (1797,) int64)``, read once,
+    from the CSV file scikit-learn ships: importing scikit-learn alone takes longer than the default's first epoch.
     """
     import numpy as np
 
@@ -78,12 +71,8 @@ def digits_tensors():
 
 
 class DigitsDataset(TensorDataset):
-    """scikit-learn's handwritten digits: 1,797 real 8x8 images of 0-9, shape (1, 8, 8).
-
-    The split is fixed (a permutation seeded with :data:`DIGITS_SPLIT_SEED`): the last
-    ``round(test_fraction * 1797)`` permuted indices are the test set, the rest the
-    training set, whatever the user's seed.
-    """
+    """scikit-learn's handwritten digits: 1,797 real 8x8 images of 0-9, shape (1, 8, 8). The last
+    ``round(test_fraction * 1797)`` indices of a fixed permutation are the test set, whatever the user's seed."""
 
     def __init__(self, train=True, test_fraction=0.2):
         if not isinstance(train, bool):

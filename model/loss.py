@@ -1,11 +1,10 @@
 """Loss functions: what a config's ``"loss"`` names (``LOSSES``).
 
-A loss is a function ``fn(output, target, **args) -> 0-d tensor``: the batch's mean, so that the
-learning rate does not depend on the batch size; the config's ``args`` come by keyword. The trainer
-uses two optional attributes of ``fn``: ``fn.check(output, target, **args)`` raises a ValueError
-saying what is wrong, called once by the dry batch (trainer/build.py) so that ``fn`` itself
-checks nothing; ``fn.averages_over(output, target, **args)`` is what its mean divides by in a batch,
-so that the epoch's loss is the mean over the epoch's targets.
+A loss is ``fn(output, target, **args) -> 0-d tensor``, the batch's mean (so the learning rate does not depend
+on the batch size); the config's ``args`` come by keyword. Two optional attributes: ``fn.check(output, target,
+**args)`` raises a ValueError saying what is wrong, called once by the dry batch (trainer/build.py) so that
+``fn`` checks nothing per step; ``fn.averages_over(...)`` is what its mean divides by in a batch, so that the
+epoch's loss is the mean over the epoch's targets.
 """
 import numbers
 
@@ -64,9 +63,8 @@ def logsumexp_cross_entropy(output, target, weight=None, ignore_index=-100, redu
 
 def check_cross_entropy(output, target, weight=None, ignore_index=-100, reduction="mean",
                         label_smoothing=0.0):
-    """Raise one ValueError, naming the problem and what would be valid, for arguments that
-    ``logsumexp_cross_entropy`` cannot take. Reads the target's values (a wait on the device):
-    meant for one batch before training, not for every step."""
+    """One ValueError, naming the problem and what would be valid, for arguments ``logsumexp_cross_entropy``
+    cannot take. Reads the target's values (a wait on the device): for the dry batch, not every step."""
     def fail(problem):
         raise ValueError(f"cross-entropy: {problem}")
 

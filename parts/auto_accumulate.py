@@ -33,7 +33,7 @@ import torch
 
 from base.base_trainer import RunStopped
 from base.base_trainer import Hook, rng_state, set_rng_state
-from utils import dist
+from utils import dist_round
 from utils.io import write_json
 from utils.resume import batch_counts, newest_first
 
@@ -51,7 +51,7 @@ def check(config):
 def prepare(config, parts):
     """Under torchrun, a round that restarted processes an out-of-memory error stopped stops before training: it
     would resume the same checkpoint and run out again."""
-    if (stopped := dist.launch_stopped()) is not None:
+    if (stopped := dist_round.launch_stopped()) is not None:
         raise RunStopped(f"an earlier round of this torchrun launch stopped: {stopped} (not trained again in this"
                          " round: it would resume the same checkpoint and run out again)", exit_code=EXIT_OUT_OF_MEMORY)
 
@@ -244,8 +244,8 @@ def fit_batch_together(trainer, changes):
         failed = out_of_memory_in_probe(trainer, epoch)
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()  # (the probe's tensors are gone with its frame)
-        short = [r for r, flag in enumerate(dist.max_over_ranks(*(failed and r == rank for r in range(world_size))))
-                 if flag]
+        flags = dist_round.max_over_ranks(*(failed and r == rank for r in range(world_size)))
+        short = [r for r, flag in enumerate(flags) if flag]
         if not short:
             return
         which = f"process{'es' if len(short) > 1 else ''} {', '.join(map(str, short))} of {world_size}"
@@ -336,12 +336,12 @@ def stop_out_of_step(trainer, epoch, err):
     in size, say) leaves this process out of step with the others, which wait for it in the
     gradient all-reduce: they cannot switch to a smaller batch together, and no checkpoint of
     this moment would be consistent. This process leaves its message for the others
-    (:func:`utils.dist.tell_others`) and stops alone, without saving; the others stop when their
+    (:func:`utils.dist_round.tell_others`) and stops alone, without saving; the others stop when their
     next collective fails (this function again, with that error: they find the message). The
     message says how to resume from the newest checkpoint with the smaller batch.
     """
     if not isinstance(err, torch.OutOfMemoryError):
-        told = dist.told_by_others()
+        told = dist_round.told_by_others()
         if told is None:
             return None
         message = f"another process stopped: {told}"
@@ -359,8 +359,8 @@ def stop_out_of_step(trainer, epoch, err):
                        " torchrun the processes cannot switch to a smaller batch in the middle of a run (the others"
                        " wait in the gradient all-reduce), so every process stops without saving. "
                        + resume_advice(trainer, smaller[1]))
-        dist.tell_others(message)
-        dist.stop_the_launch(message)  # a torchrun restart would resume the same checkpoint and run out again
+        dist_round.tell_others(message)
+        dist_round.stop_the_launch(message)  # a torchrun restart would resume the same checkpoint and run out again
     trainer.logger.error(message)
     return RunStopped(message, exit_code=EXIT_OUT_OF_MEMORY, logged=True, together=False)
 

@@ -535,13 +535,13 @@ class StudyReport(Hook):
         self.trial = open_study_trial(spec) if info.is_main else None
 
     def after_epoch(self, trainer, epoch, result):
-        from utils import dist
+        from utils import dist_round
 
         pruned = False
         if self.trial is not None and trainer.monitor_key in result:
             self.trial.report(float(result[trainer.monitor_key]), epoch)
             pruned = self.trial.should_prune()
-        if dist.broadcast_object(pruned, self.info) and not trainer.finished:
+        if dist_round.broadcast_object(pruned, self.info) and not trainer.finished:
             trainer.end_run(PRUNED)
             trainer.logger.info(f"{trainer.monitor_key} {result[trainer.monitor_key]:.6g} at epoch {epoch}: the"
                                 " study's pruner stops this trial")

@@ -25,7 +25,7 @@ from base.base_trainer import RunStopped
 from conftest import assert_states_identical, kill_tree, make_config, with_changes
 from trainer import run
 from trainer.cli import train_command
-from utils.dist import launch_context
+from utils.dist_round import launch_context
 from utils.resume import find_resumable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ WORLD = 2
 LAUNCH_TIMEOUT = 180
 
 # Runs train.py's command line in each worker, with test instruments chosen by the environment:
-# COUNT_OUT: write how often this rank called utils.dist.max_over_ranks, and after how many steps;
+# COUNT_OUT: write how often this rank called utils.dist_round.max_over_ranks, and after how many steps;
 # KILL_AT_STEP: on the first attempt, rank 1 kills itself with SIGKILL right after that optimizer step;
 # NAN_AT_STEP: rank 1's training loss is NaN at that step;
 # SAVE_LAST_EVERY: a resumable last.pth every that many optimizer steps (conftest's save_last_hook);
@@ -210,19 +210,19 @@ LAUNCH_TIMEOUT = 180
 DRIVER = """
 import json, os, signal, sys
 sys.path.insert(0, {repo!r})
-from utils import dist as udist
+from utils import dist_round
 from trainer import trainer as tt
 from trainer.cli import train_command
 
 rank = int(os.environ["RANK"])
 calls, current = [], {{}}
-_max = udist.max_over_ranks
+_max = dist_round.max_over_ranks
 
 def counting(*values):
     calls.append(current["trainer"].global_step if "trainer" in current else -1)
     return _max(*values)
 
-udist.max_over_ranks = counting
+dist_round.max_over_ranks = counting
 _init = tt.Trainer.__init__
 
 def init(self, *args, **kwargs):
@@ -251,7 +251,7 @@ if os.environ.get("SAVE_LAST_EVERY"):
 first = os.environ.get("RANK1_FIRST_ON_RESTART")
 if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
     import time
-    _join = udist._init_group
+    _join = dist_round.join
     def join(*args):
         if rank == 1:
             open(first, "w").close()
@@ -260,7 +260,7 @@ if first and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             while not os.path.exists(first) and time.monotonic() < give_up:
                 time.sleep(0.02)  # polling for rank 1's file
         return _join(*args)
-    udist._init_group = join
+    dist_round.join = join
 code = train_command(sys.argv[1:])
 if os.environ.get("COUNT_OUT"):
     with open(os.environ["COUNT_OUT"] + f".rank{{rank}}.json", "w") as f:
@@ -345,7 +345,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     the restarted run sees the same batches).
 
     torchrun keeps one store for all its rounds, where the processes publish their addresses when they join
-    the process group: the restarted round must not find the first round's (utils.dist._init_group). Rank 0
+    the process group: the restarted round must not find the first round's (utils.dist_round.join). Rank 0
     joins last here, so a rank 1 that looked up the old keys would connect to a process that is gone
     ("connection refused"; or hang: the torchrun fixture kills a launch past its time limit)."""
     config = dist_config(tmp_path / "saved", epochs=3)

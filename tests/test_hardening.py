@@ -505,6 +505,23 @@ def test_written_files_follow_the_umask(tmp_path, umask):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+def test_a_temporary_name_already_taken_is_drawn_again(tmp_path, monkeypatch):
+    """atomic_write's temporary file is created with O_EXCL under a random name: a name some file already has
+    (a leftover of a killed write, say) makes it draw another, and that file is left alone."""
+    names = iter(["aaaa0000", "aaaa0000", "bbbb1111"])
+    monkeypatch.setattr(io_utils.secrets, "token_hex", lambda n: next(names))
+    taken = tmp_path / ".config.json.aaaa0000.tmp"
+    taken.write_text("someone else's")
+    io_utils.write_json(tmp_path / "config.json", {"a": 1})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
+    assert taken.read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken.name, "config.json"]
+    monkeypatch.setattr(io_utils.secrets, "token_hex", lambda n: "aaaa0000")  # every name taken: the save fails
+    with pytest.raises(FileExistsError):
+        io_utils.write_json(tmp_path / "config.json", {"a": 2})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1} and taken.read_text() == "someone else's"
+
+
 @pytest.mark.parametrize("target", ["last.pth", "checkpoint-epoch12.pth", "manifest.json", "model_best.pth"])
 def test_remove_stale_temp_files(tmp_path, target, monkeypatch):
     # A real leftover: the name atomic_write gives its temporary file, kept by a write killed half-way.

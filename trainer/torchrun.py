@@ -8,7 +8,7 @@ import gc
 import sys
 import traceback
 
-from utils import dist
+from utils import dist_round
 from utils.errors import ConfigError, UserError
 from trainer.trainer import EpochMetric
 
@@ -21,7 +21,7 @@ def agree_on_run(choose, info):
             chosen = choose()
         except UserError as err:
             chosen = str(err)
-    chosen = dist.broadcast_object(chosen, info)
+    chosen = dist_round.broadcast_object(chosen, info)
     if isinstance(chosen, str):
         raise UserError(chosen)
     return chosen
@@ -57,4 +57,4 @@ def let_go():
     if sys.exc_info()[1] is not None:  # (an error's traceback holds the frames that hold them)
         traceback.clear_frames(sys.exc_info()[1].__traceback__)
     gc.collect()
-    dist.cleanup()
+    dist_round.cleanup()

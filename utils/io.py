@@ -1,16 +1,14 @@
 """Crash-safe file writes, and reading a checkpoint back.
 
-Every file the project writes (checkpoints, JSON) goes through :func:`atomic_write`:
-the bytes go to a temporary file in the target's folder, are flushed and fsynced,
-and the temporary file is then renamed over the target. ``os.replace`` is atomic on
-POSIX and Windows, so a ``kill -9`` at any moment leaves either the old file or the
-new one on disk, never a torn one. A write that fails (a full disk, a read-only
-folder) removes its temporary file, leaves the old target as it was and raises a
-one-line :class:`~utils.errors.WriteError`; only a ``kill -9`` can leave a temporary
-file behind, and :func:`remove_stale_temp_files` clears those when a run folder is reused.
+Every file the project writes goes through :func:`atomic_write`: the bytes go to a temporary file beside
+the target, are fsynced, and the file is renamed over the target. ``os.replace`` is atomic (POSIX and
+Windows), so a ``kill -9`` at any moment leaves the old file or the new one, never a torn one. A failed
+write (a full disk, a read-only folder) leaves the old file, removes its temporary file and raises a
+one-line :class:`~utils.errors.WriteError`; the temporary files a ``kill -9`` leaves are cleared by
+:func:`remove_stale_temp_files` when a run folder is reused.
 
-A checkpoint is read once, by :func:`load_checkpoint`, which checks its whole structure
-(utils/io_problems.py): the code after it may index any key it promises without a ``KeyError``.
+:func:`load_checkpoint` checks a checkpoint's whole structure (utils/io_problems.py): the code after it may
+index any key it promises without a ``KeyError``.
 """
 
 import contextlib
@@ -30,19 +28,22 @@ _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp")  # the names 
 def atomic_write(path, mode="wb", expected_size=None):
     """Open a temporary file beside ``path``; on a clean exit, fsync it and rename it over ``path``.
 
-    The file gets the permissions of any new file under the umask (``0o666 & ~umask``). On any exception the
-    temporary file is removed and ``path`` is left as it was; a full disk (or quota) raises DiskFullError (exit
-    code 28), a read-only file system or a folder without write permission WriteError (73). ``expected_size``:
-    the bytes the caller will write, if known, for a full disk's message.
+    The file gets the umask's permissions (``0o666 & ~umask``). On any exception ``path`` is left as it was; a
+    full disk or quota raises DiskFullError (exit code 28), a read-only or unwritable folder WriteError (73).
+    ``expected_size``: the bytes the caller will write, if known, for a full disk's message.
     """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # a name remove_stale_temp_files knows
-    try:  # O_EXCL: a file of our own. (mkstemp would make it 0600; os.open's mode goes through the umask.)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as err:
-        from utils.io_problems import write_error
+    for attempt in range(5):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # a name remove_stale_temp_files knows
+        try:  # O_EXCL: a file of our own. (mkstemp would make it 0600; os.open's mode goes through the umask.)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except OSError as err:
+            if isinstance(err, FileExistsError) and attempt < 4:
+                continue  # the name is taken (a stale temporary file, say): draw another rather than fail the save
+            from utils.io_problems import write_error
 
-        raise write_error(err, path, expected_size) or err from None
+            raise write_error(err, path, expected_size) or err from None
     try:
         try:
             f = os.fdopen(fd, mode)
@@ -105,13 +106,11 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, map_location="cpu", purpose="resume"):
-    """Load a checkpoint written by this project with ``weights_only=True`` and check its structure.
+    """Load a checkpoint of this project with ``weights_only=True`` and check its structure.
 
-    ``purpose``: ``"resume"`` (``train.py -r``) needs everything a run continues from (``CHECKPOINT_SCHEMA`` in
-    utils/io_problems.py); ``"weights"`` (``test.py -r``, ``--init-from``) only ``model`` (parameter names to
-    tensors) and ``config`` (a mapping). Raises a one-line UserError for a path that is missing or a folder, a
-    file unreadable, truncated or refused by the safe loader (naming the global it asked for), or one that lacks
-    what ``purpose`` needs (naming each missing key and each value of the wrong type).
+    ``purpose``: ``"resume"`` (``train.py -r``) needs all a run continues from (``CHECKPOINT_SCHEMA`` in
+    utils/io_problems.py); ``"weights"`` (``test.py -r``, ``--init-from``) only ``model`` and ``config``. Any
+    problem (missing, unreadable, refused by the safe loader, lacking what ``purpose`` needs) is one UserError line.
     """
     import torch
 
@@ -129,8 +128,10 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
 
         reason = unreadable_reason(err, path)
         if reason.startswith("refused"):
-            raise UserError(f"checkpoint {path} was {reason}; it may run code: load it only if you trust its source") from None
-        raise UserError(f"checkpoint {path} cannot be read (damaged, truncated or not a PyTorch file): {reason}") from None
+            raise UserError(f"checkpoint {path} was {reason}; it may run code: load it only if you trust its"
+                            " source") from None
+        raise UserError(f"checkpoint {path} cannot be read (damaged, truncated or not a PyTorch file):"
+                        f" {reason}") from None
     # The weights of a sound checkpoint (test.py, a run's final test) pass this one check; anything else is
     # checked key by key, so that each problem is named.
     model = state.get("model") if isinstance(state, dict) else None

@@ -1,32 +1,27 @@
 """The optional parts of the project, in one table.
 
-A part is a feature a default run does not need (an EMA of the weights, a sweep, an image-folder
-loader, a CSV logger), in its own files under ``parts/`` (its command, tests and configs beside the
-core's). It owns its config keys (their defaults and checks are in its module) and can be deleted:
-the core never imports a part. It reads this table, and imports a part's module only when a config
-uses the part (sets one of its keys, or names one of its loaders, models, metrics or loggers). A
-config that uses a deleted part gets one line saying so. A part may build on another (``needs``):
-deleting the one it needs deletes it too (:func:`removed_with`).
+A part is a feature a default run does not need (an EMA of the weights, a sweep, a CSV logger), in its own
+files under ``parts/``. It owns its config keys (their defaults and checks are in its module) and can be
+deleted: the core never imports a part, only reads this table, and imports a part's module when a config
+uses it (sets one of its keys, or names one of its loaders, models, metrics or loggers). A config using a
+deleted part gets one line saying so. Deleting a part deletes the parts that ``needs`` it (:func:`removed_with`).
 
-What a part's module may define (each is optional; the core calls what is there):
+A part's module may define (each optional; the core calls what is there):
 
-- ``check(config) -> list[str]``: check the part's keys in the completed config, fill in their
-  defaults, and return one line per problem (``"trainer.ema.decay: got 2, expected ..."``).
-- ``prepare(config, parts)``: change the built components before the dry batch (debug modes; a metric only
-  validation scores, in ``parts.valid_metric_fns``), or refuse them with a one-line ConfigError.
+- ``check(config) -> list[str]``: check its keys in the completed config, fill in their defaults; one line
+  per problem (``"trainer.ema.decay: got 2, expected ..."``).
+- ``prepare(config, parts)``: change the built components before the dry batch, or refuse them (ConfigError).
 - ``hooks(config, parts, run) -> list``: the :class:`base.base_trainer.Hook` objects it adds to a run.
-- ``check_resume(state, checkpoint)``: before a run continues the checkpoint ``state``, nothing written
-  yet: raise :class:`base.base_trainer.RunStopped` when this launch must not train on from it.
+- ``check_resume(state, checkpoint)``: raise :class:`base.base_trainer.RunStopped` when this launch must not
+  train on from the checkpoint ``state`` (nothing is written yet).
 - ``evaluated_weights(state)``: other weights of a checkpoint to score (the EMA's).
-- ``writes(config) -> bool``: False for a dry run, which writes no file (``Run.writes``).
-- ``FIXED_MID_EPOCH`` / ``BATCH_COUNTS``: its keys that a resume in the middle of an epoch may not
-  change, and those that count batches (a batch split scales them): see utils/resume.py.
-- ``LOADERS``: ``{name: class}`` for the names in ``loaders``; ``model(name)`` / ``metric(name)`` for
-  the prefixes in ``archs`` / ``metrics`` (None if unknown).
-- ``writer(name, settings, context)``: a logger for ``trainer.loggers`` (see logger/logger.py).
-- ``pipelines(dataset, transforms, in_memory, num_workers)``: from the part owning
-  ``data_loader.args.transforms``, what the data loader runs its batches through (base/base_data_loader.py,
-  which is handed that key's value without its config).
+- ``writes(config) -> bool``: False for a dry run, which writes no file.
+- ``FIXED_MID_EPOCH`` / ``BATCH_COUNTS``: its keys a mid-epoch resume may not change, and those that count
+  batches (utils/resume.py).
+- ``LOADERS``: ``{name: class}`` for ``loaders``; ``model(name)`` / ``metric(name)`` for the prefixes in
+  ``archs`` / ``metrics`` (None if unknown); ``writer(name, settings, context)`` for ``loggers``.
+- ``pipelines(dataset, transforms, in_memory, num_workers)``: the owner of ``data_loader.args.transforms``
+  makes the pipelines the data loader runs batches through (base/base_data_loader.py).
 """
 
 import importlib
@@ -52,21 +47,23 @@ class Part:
 PARTS = {
     "ema": Part("parts.ema", "an exponential moving average of the weights, scored and saved beside them",
                 files=("parts/ema.py", "tests/parts/test_ema.py"), keys=("trainer.ema",)),
-    "predict": Part("parts.predict", "predict.py: a checkpoint's predictions for image files, folders of images or CSV rows",
+    "predict": Part("parts.predict",
+                    "predict.py: a checkpoint's predictions for image files, folders of images or CSV rows",
                     files=("parts/predict.py", "predict.py", "tests/parts/test_predict.py")),
-    "export": Part("parts.export", "export.py: a checkpoint's model as TorchScript, ONNX or a torch.export program, checked"
-                   " against it, with predict's preprocessing beside it",
+    "export": Part("parts.export", "export.py: a checkpoint's model as TorchScript, ONNX or a torch.export program,"
+                   " checked against it, with predict's preprocessing beside it",
                    files=("parts/export.py", "export.py", "tests/parts/test_export.py"), needs=("predict",)),
     "torchmetrics": Part("parts.torchmetrics", "torchmetrics classes by name in metrics, computed over the whole epoch",
                          files=("parts/torchmetrics.py", "tests/parts/test_torchmetrics.py",
                                 "tests/parts/test_torchmetrics_distributed.py"), metrics=("torchmetrics.",)),
     "confusion": Part("parts.confusion", "the validation's confusion matrix as a TensorBoard image",
-                      files=("parts/confusion.py", "tests/parts/test_confusion.py"), keys=("trainer.confusion_matrix",)),
+                      files=("parts/confusion.py", "tests/parts/test_confusion.py"),
+                      keys=("trainer.confusion_matrix",)),
     "timm": Part("parts.timm_models", "timm models by name, built without downloading weights",
                  files=("parts/timm_models.py", "tests/parts/test_timm.py"), archs=("timm.",)),
-    "max_time": Part("parts.max_time", "trainer.max_time: a wall-clock budget, after which the run stops with a resumable"
-                     " last.pth and exit code 75", files=("parts/max_time.py", "tests/parts/test_max_time.py"),
-                     keys=("trainer.max_time",)),
+    "max_time": Part("parts.max_time", "trainer.max_time: a wall-clock budget, after which the run stops with a"
+                     " resumable last.pth and exit code 75",
+                     files=("parts/max_time.py", "tests/parts/test_max_time.py"), keys=("trainer.max_time",)),
     "slurm": Part(None, "slurm/train.sbatch: training on SLURM, requeued after the time-limit warning (SIGUSR1, a stop"
                   " signal of the core) and resumed with -r auto",
                   files=("slurm/train.sbatch", "tests/parts/test_slurm.py", "tests/parts/slurm/start_slurm.sh",
@@ -75,7 +72,8 @@ PARTS = {
                        files=("parts/csv_logger.py", "tests/parts/test_csv_logger.py"), loggers=("csv",)),
     "mlflow_logger": Part("parts.mlflow_logger", "the run as an MLflow run: params, metric histories, artifacts",
                           files=("parts/mlflow_logger.py", "tests/parts/test_mlflow_logger.py"), loggers=("mlflow",)),
-    "sweep": Part("parts.sweep", "sweep.py: grid, random and Optuna searches over config keys, each trial a train.py run",
+    "sweep": Part("parts.sweep",
+                  "sweep.py: grid, random and Optuna searches over config keys, each trial a train.py run",
                   files=("parts/sweep.py", "sweep.py", "tests/parts/test_sweep.py", "tests/parts/test_optuna.py"),
                   keys=("trainer.optuna_trial",)),
     "step_schedule": Part("parts.step_schedule", "validation and a resumable last.pth every N optimizer steps",
@@ -90,7 +88,8 @@ PARTS = {
                           " parameters) at the start of a run",
                           files=("parts/model_summary.py", "tests/parts/test_model_summary.py"),
                           keys=("trainer.model_summary",)),
-    "profiler": Part("parts.profiler", "torch.profiler over a few steps: a trace, and the operators taking the most time",
+    "profiler": Part("parts.profiler",
+                     "torch.profiler over a few steps: a trace, and the operators taking the most time",
                      files=("parts/profiler.py", "tests/parts/test_profiler.py"), keys=("trainer.profile",)),
     "lr_finder": Part("parts.lr_finder", "tools/lr_find.py: the learning-rate range test, a suggested learning rate"
                       " and a plot", files=("parts/lr_finder.py", "tools/lr_find.py", "tests/parts/test_lr_finder.py")),
@@ -101,10 +100,11 @@ PARTS = {
     "augment": Part("parts.augment", "per-split torchvision transforms, augmentation replayed exactly on resume",
                     files=("parts/augment.py", "tests/parts/test_augment.py"), keys=("data_loader.args.transforms",)),
     "image_folder": Part("parts.image_folder", "images in class folders as a data set, decoded once and cached",
-                         files=("parts/image_folder.py", "configs/image_folder.json", "tests/parts/test_image_folder.py"),
-                         loaders=("ImageFolderDataLoader",)),
+                         files=("parts/image_folder.py", "configs/image_folder.json",
+                                "tests/parts/test_image_folder.py"), loaders=("ImageFolderDataLoader",)),
     "tables": Part("parts.tables", "a CSV table as a data set: numeric features, a class or a number to predict",
-                   files=("parts/tables.py", "configs/csv.json", "configs/csv_regression.json", "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
+                   files=("parts/tables.py", "configs/csv.json", "configs/csv_regression.json",
+                          "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
 }
 
 
@@ -115,7 +115,7 @@ OFF = (None, False, [], {})
 
 
 def removed_with(name):
-    """The names of the parts deleting part ``name`` deletes: itself and every part that needs it, in the table's order."""
+    """The parts deleting part ``name`` deletes: itself and every part that needs it, in the table's order."""
     gone = {name}
     while True:
         more = {other for other, part in PARTS.items() if other not in gone and gone.intersection(part.needs)}
@@ -137,7 +137,8 @@ def used_by(config):
     loader = (config.get("data_loader") or {}).get("type") if isinstance(config.get("data_loader"), dict) else None
     arch = (config.get("arch") or {}).get("type") if isinstance(config.get("arch"), dict) else None
     arch = arch if isinstance(arch, str) else ""
-    metrics = [m.get("type") if isinstance(m, dict) else m for m in config.get("metrics") or [] if isinstance(m, (str, dict))]
+    metrics = [m.get("type") if isinstance(m, dict) else m for m in config.get("metrics") or []
+               if isinstance(m, (str, dict))]
     loggers = [entry.get("type") if isinstance(entry, dict) else entry for entry in trainer.get("loggers") or []
                if isinstance(entry, (str, dict))]
     return [name for name, part in PARTS.items()

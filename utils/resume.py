@@ -399,7 +399,7 @@ def resumed_manifest(record, run, argv, resume):
     import json
     import time
 
-    from utils import dist
+    from utils import dist_round
     from utils.io import write_json
 
     def read(path):
@@ -411,7 +411,8 @@ def resumed_manifest(record, run, argv, resume):
     previous, now = read(run.checkpoint_dir / "manifest.json"), time.strftime("%Y-%m-%d %H:%M:%S")
     record["command"] = previous.get("command", argv)
     record["resume_history"] = [*previous.get("resume_history", []),
-                                {"time": now, "checkpoint": str(resume), "command": argv, **dist.launch_context()}]
+                                {"time": now, "checkpoint": str(resume), "command": argv,
+                                 **dist_round.launch_context()}]
     if run.branched_from:
         record["command"], record["branched_from"] = argv, run.branched_from
         origin_path = Path(run.branched_from["run_dir"]) / "manifest.json"
