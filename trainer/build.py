@@ -3,7 +3,6 @@ and the last checks before a run writes anything: :func:`check_plan` and :func:`
 once the objects meet (the config checks catch typos)."""
 
 import contextlib
-import fnmatch
 import functools
 import importlib
 import inspect
@@ -125,8 +124,7 @@ def build_loss(config, device=None):
     section = config["loss"]
     fn = registries()["loss"].get(section["type"], "loss.type")
     args = dict(section["args"])
-    if isinstance(args.get("weight"), list):
-        weight = args["weight"]
+    if isinstance(weight := args.get("weight"), list):
         if not weight or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weight):
             raise ConfigError(f"loss.args.weight: expected a list of numbers, one per class, got {json.dumps(weight)}")
         args["weight"] = torch.tensor(weight, dtype=torch.float32, device=device)
@@ -151,28 +149,6 @@ def build_metrics(config):
     return metrics
 
 
-def match_parameters(model, patterns, where):
-    """Names of ``model``'s parameters matching any glob in ``patterns``; a pattern matching nothing is an error."""
-    names = [name for name, _ in model.named_parameters()]
-    matched = set()
-    for pattern in patterns:
-        hits = fnmatch.filter(names, pattern)
-        if not hits:
-            sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise ConfigError(f"{where}: pattern {pattern!r} matches no parameter; parameter names look like: {sample}")
-        matched.update(hits)
-    return [n for n in names if n in matched]  # in model order
-
-
-def freeze(model, patterns):
-    """Set ``requires_grad=False`` on the parameters matching ``patterns``; returns their names."""
-    names = match_parameters(model, patterns, "trainer.freeze")
-    params = dict(model.named_parameters())
-    for name in names:
-        params[name].requires_grad_(False)
-    return names
-
-
 def fast_optimizer_args(optimizer_class, args, device):
     """``{"fused": True}`` (one kernel launch per step, not one per parameter) where torch has a fused CUDA kernel
     for this optimizer and the config chose neither ``fused`` nor ``foreach``; else ``{}``."""
@@ -187,25 +163,15 @@ def fast_optimizer_args(optimizer_class, args, device):
 def build_optimizer(model, config, device=None):
     """The optimizer over the trainable parameters, grouped by ``optimizer.param_groups`` when given. The model
     must already be on ``device``: on CUDA an optimizer with a fused kernel uses it."""
-    section = config["optimizer"]
-    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-    groups, taken = [], {}
-    for i, group in enumerate(section.get("param_groups") or []):
-        names = [n for n in match_parameters(model, group["params"], f"optimizer.param_groups[{i}].params")
-                 if n in trainable]
-        for name in names:
-            if name in taken:
-                raise ConfigError(f"optimizer.param_groups[{i}]: parameter {name!r} is already in"
-                                  f" param_groups[{taken[name]}]; every parameter must land in exactly one group")
-            taken[name] = i
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [trainable[n] for n in names]})
-    rest = [p for n, p in trainable.items() if n not in taken]
-    if rest or not groups:
-        groups.insert(0, {"params": rest})
-    groups = [g for g in groups if g["params"]]
-    if not groups:
+    section, registry = config["optimizer"], registries()["optimizer"]
+    if section.get("param_groups"):
+        from trainer.parameters import param_groups
+
+        groups = param_groups(model, section)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if not (groups := [g for g in groups if g["params"]]):
         raise ConfigError("trainer.freeze: every parameter is frozen; nothing is left to train")
-    registry = registries()["optimizer"]
     cuda = device is not None and device.type == "cuda"
     extra = fast_optimizer_args(registry.get(section["type"]), section["args"], device) if cuda else {}
     return init_obj(section, registry, groups, where="optimizer", **extra)
@@ -226,9 +192,8 @@ def wrap_model(model, config, device, info):
 
 
 def check_plan(config, parts):
-    """Raise a one-line ConfigError for an optimizer or scheduler that would fail later in the run: an optimizer
-    type this loop cannot drive, a scheduler stepped per step that needs a metric, a one-cycle schedule shorter
-    than the run, a scheduler that fails on its first steps (tried over a stand-in parameter)."""
+    """A one-line ConfigError for an optimizer this loop cannot drive, a per-step ReduceLROnPlateau, a one-cycle
+    schedule shorter than the run, or a scheduler that fails on its first steps (tried on a stand-in parameter)."""
     opt_type, section, cfg = config["optimizer"]["type"], config.get("lr_scheduler"), config["trainer"]
     if opt_type in ("LBFGS", "SparseAdam"):  # this loop calls step() without a closure, on dense gradients
         raise _failed("unsupported_optimizer", opt_type)
@@ -266,10 +231,9 @@ INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 
 def dry_batch(config, parts):
-    """One batch through model, loss and metrics before a run writes anything; raise a one-line UserError naming
-    the shapes and the likely fix if they do not fit together (an RGB model on grayscale data, 5 output classes
-    for 10 labels, 8x8 images into a network built for 28x28, logits fed to ``nll_loss``). It takes a validation
-    batch when there is one (no augmentation), in eval mode, with no step, and restores every RNG state."""
+    """One batch (a validation one where there is: no augmentation) through model, loss and metrics, in eval mode,
+    with no step and every RNG state restored; a one-line UserError names the shapes and the likely fix when they do
+    not fit (an RGB model on grayscale data, 5 classes for 10 labels, 8x8 images, logits fed to ``nll_loss``)."""
     loader, device, model = parts.data_loader, parts.device, parts.model
     arch, loss_name = config["arch"]["type"], config["loss"]["type"]
     if len(loader) == 0:
@@ -292,9 +256,8 @@ def dry_batch(config, parts):
                 if high >= output.shape[1] or (low < 0 and low != -100):  # -100: the losses' ignore_index
                     raise _failed("class_targets", arch, output.shape[1], low, high)
             # A loss may carry a check of its arguments (model/loss.py), called here once rather than in every step.
-            criterion = parts.criterion
-            partial = hasattr(criterion, "func") and hasattr(criterion, "keywords")
-            fn, args = (criterion.func, criterion.keywords) if partial else (criterion, {})
+            criterion = parts.criterion  # (a functools.partial when the loss has args)
+            fn, args = getattr(criterion, "func", criterion), getattr(criterion, "keywords", {})
             try:
                 if getattr(fn, "check", None) is not None:
                     fn.check(output, target, **args)

@@ -88,9 +88,8 @@ def checked_config(config):
 
 
 def checked_parts(config, device, info, init_from=None, init_strict=True):
-    """The run's components, built, checked against each other (the dry batch last: after it the run's folders may
-    be created), then placed: the data on the device and sharded, the model wrapped for torchrun or
-    ``trainer.compile``, CUDA's speed flags set. Returns ``(parts, init_report)``."""
+    """``(parts, init_report)``: the run's components built, checked against each other (the dry batch last: after it
+    the run's folders may be created), and placed (data on the device and sharded, model wrapped, CUDA flags set)."""
     cfg = config["trainer"]
     seed_everything(config["seed"])
     parts = build_parts(config, device)
@@ -137,7 +136,11 @@ def build_parts(config, device):
     data_loader = build.build_data_loader(config)
     valid_data_loader = data_loader.split_validation()
     model = build.build_model(config).to(device)
-    frozen = build.freeze(model, cfg["freeze"]) if cfg["freeze"] else []
+    frozen = []
+    if cfg["freeze"]:
+        from trainer.parameters import freeze
+
+        frozen = freeze(model, cfg["freeze"])
     optimizer = build.build_optimizer(model, config, device)
     modules = [name for name, _ in model.named_modules()]
     if missing := [m for m in cfg["activation_histograms"] if m not in modules]:
@@ -182,9 +185,8 @@ def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
 
 @contextlib.contextmanager
 def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=False):
-    """The run as a :class:`Run`: its folders (created by rank 0), logging, the writer of ``trainer.loggers`` (which
-    drops what an interrupted run logged after the checkpoint resumed in place) and ``trainer.deterministic``; all
-    closed or undone at the end."""
+    """The run as a :class:`Run`: its folders (made by rank 0), logging, the writer of ``trainer.loggers`` (dropping
+    what an interrupted run logged after the checkpoint resumed in place), determinism; all undone at the end."""
     from logger.logger import WriterContext, close_logging, open_writer, setup_logging
 
     cfg, info = config["trainer"], info or dist.DistInfo()
