@@ -44,7 +44,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     info, device = dist.setup(build.resolve_device(start.config["device"]))  # 2. the device and process group
     parts = trainer = run = None
     try:
-        parts, init_report = checked_parts(start.config, device, info, init_from, init_strict)  # 3. built; dry batch
+        parts, init_report = checked_parts(start.config, device, info, init_from, init_strict)  # 3. checked, placed
         with open_run(start.config, start.run_id, start.resume, info, start.state, start.overwrite) as run:  # 4.
             trainer = Trainer(start.config, parts, run)  # 5. train
             begin(trainer, start, argv, init_report)
