@@ -218,20 +218,18 @@ def build_trainer(config, run_id="bench", prepare_model=None):
     ``config``, ``device`` and ``close()``.
     """
     from trainer import build
-    from trainer.run import build_parts, open_run, place_parts
+    from trainer.run import checked_parts, open_run
     from trainer.trainer import Trainer
     from utils.config import validate_config
-    from base.base_trainer import seed_everything
+    from utils.dist import DistInfo
 
     config = validate_config(config, build.registries())
     device = build.resolve_device(config["device"])
-    seed_everything(config["seed"])
-    parts = build_parts(config, device)
+    parts, _ = checked_parts(config, device, DistInfo())  # seeded, built, checked (the dry batch), placed
     opened = contextlib.ExitStack()  # closed by close()
     run = opened.enter_context(open_run(config, run_id))  # console handler on the current sys.stdout
     if prepare_model is not None:
         prepare_model(parts.model)
-    place_parts(parts, config, run)
     trainer = Trainer(config, parts, run)
     model, loader, writer, logger, optimizer = parts.model, parts.data_loader, run.writer, run.logger, parts.optimizer
 

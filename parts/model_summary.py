@@ -13,7 +13,6 @@ import json
 import torch
 
 from base.base_trainer import Hook, rng_state, set_rng_state
-from trainer.build import first_batch
 
 
 def check(config):
@@ -30,7 +29,9 @@ class ModelSummary(Hook):
 
     def training(self, trainer):
         try:
-            data, _ = first_batch(trainer.valid_data_loader or trainer.data_loader)
+            loader = trainer.valid_data_loader or trainer.data_loader
+            loader.set_epoch(1, 0)  # the first epoch's first batch
+            data, _ = next(iter(loader))
             lines = summary_lines(trainer.model, data.to(trainer.device))
         except Exception as err:  # a summary must never stop a run that passed the dry batch
             lines = [f"(no layer table: {type(err).__name__}: {err})"]

@@ -1,9 +1,8 @@
 """The command lines of ``train.py`` and ``test.py``: parse, call one function, turn a user's mistake into one line.
 
-Both scripts spell the same thing the same way (``-c``, ``-r``, ``-d/--device``, ``key.path=VALUE`` overrides
-anywhere among the flags), and every user error prints as ``error: ...`` lines on stderr with exit code 2, without
-a traceback. Importing this module is cheap (torch is imported when a command runs), so a Ctrl-C during start-up
-is caught like any other.
+Both spell the same flags the same way, with ``key.path=VALUE`` overrides anywhere among them; a user error prints
+as ``error: ...`` on stderr with exit code 2. Torch is imported only when a command runs, so a Ctrl-C during
+start-up is caught like any other.
 """
 
 import argparse
@@ -11,8 +10,7 @@ import sys
 
 
 class CommandParser(argparse.ArgumentParser):
-    """argparse with the project's way of reporting a mistake: one ``error:`` line and exit code 2 (argparse's
-    own prints its whole usage first)."""
+    """argparse reporting a mistake as one ``error:`` line and exit code 2 (not the whole usage first)."""
 
     def error(self, message):
         self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
@@ -27,9 +25,8 @@ class CommandParser(argparse.ArgumentParser):
         return self
 
 
-# The shortcut flags, in one table: (flags, the config key, argparse options). A shortcut only writes the override
-# ``KEY=VALUE`` (:func:`overrides_of`), so it means what the override means: a key of a part whose files are deleted
-# gets the same line. The first is every command's, the others train.py's.
+# The shortcut flags: (flags, config key, argparse options). Each only writes the override ``KEY=VALUE``, so it
+# means what the override means (a deleted part's key gets the same error). The first is every command's.
 SHORTCUTS = (
     (("-d", "--device"), "device", {"metavar": "DEVICE", "help": 'device: "auto", "cpu", "cuda", "cuda:N" or "mps"'}),
     (("--lr",), "optimizer.args.lr", {"type": float, "metavar": "LR", "help": "the learning rate"}),

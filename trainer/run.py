@@ -1,19 +1,12 @@
-"""The life of a run, what ``train.py`` calls; and the scoring of a checkpoint, what ``test.py`` calls.
+"""The life of a run (:func:`train`, what ``train.py`` calls) and the scoring of a checkpoint (what ``test.py`` calls).
 
-:func:`train` reads top to bottom as the five steps of a run:
-
-1. check the config (the checkpoint's too when resuming): nothing is written before this passes;
-2. pick the device and join the process group (torchrun);
-3. build the components and check them against each other, the dry batch last (:func:`checked_parts`);
-4. open the run: its folders, logging and writer (TensorBoard and the other loggers: :func:`open_run`);
-5. construct the :class:`~trainer.trainer.Trainer`, restore it when resuming and write the manifest
-   (:func:`begin`), train, and close with the end block (:func:`end`).
-
-What only a resume needs is in ``utils/resume.py``, what only torchrun needs in ``trainer/torchrun.py``: each is
-imported only then.
-"""
+:func:`train` reads as the five steps of a run: check the config (nothing is written before this passes); the
+device and process group; the components, checked (the dry batch last) and placed; the run's folders, logging and
+writer; train, between :func:`begin` and :func:`end`. What only a resume needs is in ``utils/resume.py``, what only
+torchrun needs in ``trainer/torchrun.py``."""
 
 import contextlib
+import datetime
 import functools
 import json
 import platform
@@ -28,19 +21,16 @@ from base.base_trainer import Parts, Run, RunStopped, seed_everything
 from trainer import build
 from utils import dist
 from utils import parts as optional_parts
-from utils.config import check_path_component, flatten, logger_entries, validate_config
+from utils.config import check_path_component, flatten, init_obj, logger_entries, validate_config
 from utils.errors import ConfigError, UserError
 from utils.io import remove_stale_temp_files, write_json
 
 
 def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None, overwrite=False):
-    """Train; returns the last epoch's metrics (``{"epoch": N, "loss": ..., "val_loss": ..., ...}``).
-
-    ``config`` is a dict (None: the checkpoint's); ``resume`` a checkpoint to continue, or ``"auto"``;
-    ``init_from`` a checkpoint whose weights start a new run (``init_strict``: all keys must match);
-    ``argv`` is recorded in the manifest; ``overwrite`` resumes in place even over later checkpoints.
-    Raises UserError (found before anything is written) or RunStopped (interrupted, or diverged).
-    """
+    """Train; returns the last epoch's metrics (``{"epoch": N, "loss": ..., "val_loss": ..., ...}``). ``config``: a
+    dict (None: the checkpoint's); ``resume``: a checkpoint to continue, or ``"auto"``; ``init_from``: a checkpoint
+    whose weights start a new run (``init_strict``: every key must match); ``argv``: for the manifest; ``overwrite``:
+    resume in place even over later checkpoints. Raises UserError (before anything is written) or RunStopped."""
     from trainer.trainer import Trainer
 
     started = time.perf_counter()
@@ -53,13 +43,11 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     info, device = dist.setup(build.resolve_device(start.config["device"]))  # 2. the device and process group
     parts = trainer = run = None
     try:
-        parts, init_report = checked_parts(start.config, device, info, init_from, init_strict)  # 3. built; dry batch
+        parts, init_report = checked_parts(start.config, device, info, init_from, init_strict)  # 3. checked, placed
         with open_run(start.config, start.run_id, start.resume, info, start.state, start.overwrite) as run:  # 4.
-            with backend_flags(start.config["trainer"], device):  # 5. train
-                place_parts(parts, start.config, run)
-                trainer = Trainer(start.config, parts, run)
-                begin(trainer, start, argv, init_report)
-                metrics = trainer.train()
+            trainer = Trainer(start.config, parts, run)  # 5. train
+            begin(trainer, start, argv, init_report)
+            metrics = trainer.train()
             end(trainer, metrics, time.perf_counter() - started)
             dist.leave_together()
         return metrics
@@ -88,17 +76,8 @@ class Start:
     skipped: list = field(default_factory=list)  # -r auto: the damaged checkpoints passed over (logged)
 
 
-def checked_config(config, state=None):
-    """The checked config, and the lines saying how it differs from ``state``'s (a resumed checkpoint's: see
-    :func:`utils.resume.checked_resume_config`).
-
-    Raises:
-        UserError: any problem, all at once; or no config and nothing to resume.
-    """
-    if state is not None:
-        from utils.resume import checked_resume_config
-
-        return checked_resume_config(config, state, build.registries())
+def checked_config(config):
+    """``(config, [])``, checked: every problem at once as one UserError (a resume's: utils/resume.py)."""
     if config is None:
         raise UserError("give a config (-c config.json) or a checkpoint to resume (-r checkpoint.pth)")
     return validate_config(config, build.registries()), []
@@ -108,14 +87,15 @@ def checked_config(config, state=None):
 
 
 def checked_parts(config, device, info, init_from=None, init_strict=True):
-    """The run's components, built and checked against each other; the dry batch is the last check, after which
-    the run's folders may be created. Returns ``(parts, init_report)``."""
+    """``(parts, init_report)``: the run's components built, checked against each other (the dry batch last: after it
+    the run's folders may be created), and placed (data on the device and sharded, model wrapped, CUDA flags set)."""
+    cfg = config["trainer"]
     seed_everything(config["seed"])
     parts = build_parts(config, device)
     optional_parts.call_each(config, "prepare", config, parts)  # the parts' changes and checks (utils/parts.py)
     # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
     # config, so that test.py (and a resume) rebuilds the data the same way.
-    config["data_loader"]["args"].update(parts.data_loader.data_args())
+    config["data_loader"]["args"].update(getattr(parts.data_loader, "data_args", dict)())
     init_report = None
     if init_from:
         from utils.resume import init_weights
@@ -127,15 +107,25 @@ def checked_parts(config, device, info, init_from=None, init_strict=True):
         check_launch(config, parts, info)
     build.check_plan(config, parts)
     build.dry_batch(config, parts)
+    for loader in (parts.data_loader, parts.valid_data_loader):
+        if loader is not None:
+            loader.to(device)
+            if info.enabled:
+                loader.shard(info.rank, info.world_size)
+    parts.wrap = functools.partial(build.wrap_model, config=config, device=device, info=info)
+    if info.enabled or cfg["compile"]:
+        parts.forward_model = parts.wrap(parts.model)
+    # TF32 matmuls and cuDNN's autotuner: large speed-ups on Ampere and later GPUs; the autotuner picks kernels by
+    # timing, so it is off when the run must be deterministic.
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
+        torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"] and not cfg["deterministic"]
     return parts, init_report
 
 
 def build_parts(config, device):
-    """Data loaders, model, freezing, loss, metrics, optimizer and scheduler, as the config names them.
-
-    Nothing is written and nothing is moved yet except the model (fused CUDA optimizers need
-    it on the device before they are built); :func:`place_parts` finishes the placement.
-    """
+    """Data loaders, model, freezing, loss, metrics, optimizer and scheduler, as the config names them. Only the
+    model is moved (a fused CUDA optimizer needs it on the device); :func:`checked_parts` places the rest."""
     cfg = config["trainer"]
     if cfg["amp"] == "fp16" and device.type != "cuda":  # (its gradient scaler needs CUDA)
         raise ConfigError(f'trainer.amp: "fp16" needs a CUDA device, but the run is on {device.type};'
@@ -145,59 +135,31 @@ def build_parts(config, device):
     data_loader = build.build_data_loader(config)
     valid_data_loader = data_loader.split_validation()
     model = build.build_model(config).to(device)
-    frozen = build.freeze(model, cfg["freeze"]) if cfg["freeze"] else []
+    frozen = []
+    if cfg["freeze"]:
+        from trainer.parameters import freeze
+
+        frozen = freeze(model, cfg["freeze"])
     optimizer = build.build_optimizer(model, config, device)
     modules = [name for name, _ in model.named_modules()]
     if missing := [m for m in cfg["activation_histograms"] if m not in modules]:
         raise ConfigError(f"trainer.activation_histograms: no module named {missing[0]!r};"
                           f" modules are named like {', '.join([n for n in modules if n][:8])}")
+    section, schedulers = config.get("lr_scheduler"), build.registries()["lr_scheduler"]
+    scheduler = init_obj(section, schedulers, optimizer, where="lr_scheduler") if section else None
     return Parts(model=model, criterion=build.build_loss(config, device), metric_fns=build.build_metrics(config),
-                 optimizer=optimizer, lr_scheduler=build.build_scheduler(optimizer, config),
-                 data_loader=data_loader, valid_data_loader=valid_data_loader, device=device, frozen=frozen,
-                 scaler=torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None, forward_model=model)
-
-
-def place_parts(parts, config, run):
-    """Move the data to the device, give each process its shard, and wrap the model for the steps (under
-    torchrun, or with ``trainer.compile``)."""
-    info = run.dist
-    for loader in (parts.data_loader, parts.valid_data_loader):
-        if loader is not None:
-            loader.to(parts.device)
-            if info.enabled:
-                loader.shard(info.rank, info.world_size)
-    parts.wrap = functools.partial(build.wrap_model, config=config, device=parts.device, info=info)
-    if info.enabled or config["trainer"]["compile"]:
-        parts.forward_model = parts.wrap(parts.model)
-
-
-@contextlib.contextmanager
-def backend_flags(cfg, device):
-    """Determinism and the CUDA speed flags the config asks for, with determinism restored afterwards."""
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        # TF32 matmuls and cuDNN's autotuner: large speed-ups on Ampere and later GPUs; the autotuner picks
-        # kernels by timing, so it is off when the run must be deterministic.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
-        torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"] and not cfg["deterministic"]
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before)
+                 optimizer=optimizer, lr_scheduler=scheduler, data_loader=data_loader,
+                 valid_data_loader=valid_data_loader, device=device, frozen=frozen, forward_model=model,
+                 scaler=torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None)
 
 
 # --------------------------------------------------------------------------- 4. the run's folders
 
 
 def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
-    """Where the run goes: ``(run_id, checkpoint_dir, log_dir, branched_from)``. Nothing is created here.
-
-    A new run gets ``<save_dir>/models/<name>/<run_id>`` and ``<save_dir>/log/<name>/<run_id>``, the run id
-    defaulting to the start time; a resumed run its checkpoint's folder, or a branch of it
-    (:func:`utils.resume.resumed_folder`).
-    """
+    """Where the run goes, ``(run_id, checkpoint_dir, log_dir, branched_from)``, created by :func:`open_run`: for a
+    new run ``<save_dir>/models/<name>/<run_id>`` and ``<save_dir>/log/<name>/<run_id>`` (run id: the start time);
+    for a resume its checkpoint's folder, or a branch of it (:func:`utils.resume.resumed_folder`)."""
     save_dir, name = Path(config["trainer"]["save_dir"]), config["name"]
     models, logs = save_dir / "models" / name, save_dir / "log" / name
     if run_id is not None and (problem := check_path_component(run_id, "--run-id")):
@@ -222,11 +184,9 @@ def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
 
 @contextlib.contextmanager
 def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=False):
-    """The run as a :class:`Run`: its folders (created by rank 0), logging, and the writer of ``trainer.loggers``,
-    closed at the end. When resuming in place, the loggers drop what the interrupted run logged after its
-    checkpoint."""
-    from logger.logger import close_logging, setup_logging
-    from logger.logger import WriterContext, open_writer
+    """The run as a :class:`Run`: its folders (made by rank 0), logging, the writer of ``trainer.loggers`` (dropping
+    what an interrupted run logged after the checkpoint resumed in place), determinism; all undone at the end."""
+    from logger.logger import WriterContext, close_logging, open_writer, setup_logging
 
     cfg, info = config["trainer"], info or dist.DistInfo()
     if info.enabled:  # rank 0 picks the folders, and every rank gets the same ones (or the same error)
@@ -241,9 +201,10 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
     writes = info.is_main and run_writes
     if writes:
         try:
+            if checkpoint_dir.is_dir():  # temporary files a kill -9 left in the middle of a write
+                remove_stale_temp_files(checkpoint_dir)
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             log_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(checkpoint_dir)  # left by a kill -9 in the middle of a write
         except OSError as err:
             raise UserError(f"trainer.save_dir: cannot create the run folders under {cfg['save_dir']}: "
                             f"{err.strerror or err}; choose a folder you can write to") from None
@@ -251,10 +212,14 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
     purge = state["global_step"] + 1 if state else 0 if overwrite else None  # (a restart drops the try before's)
     context = WriterContext(config, log_dir, run_id, state, purge, branched_from is not None, logger)
     writer = open_writer(config, context, enabled=writes)  # TensorBoard, metrics.csv, MLflow, ... (trainer.loggers)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
     try:
         yield Run(run_id=run_id, checkpoint_dir=checkpoint_dir, log_dir=log_dir, logger=logger, writer=writer,
                   dist=info, resumed_from=resume, branched_from=branched_from, writes=run_writes)
     finally:
+        torch.use_deterministic_algorithms(deterministic_before)
         writer.close()
         close_logging()
 
@@ -263,9 +228,8 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
 
 
 def begin(trainer, start, argv, init_report):
-    """Before the first step: restore a resumed run's state, write the run's ``config.json`` and ``manifest.json``
-    (what it takes to reproduce the run: command, resolved config, git commit, library versions, resume history),
-    and log what the run is."""
+    """Before the first step: restore a resumed run, write ``config.json`` and ``manifest.json`` (what reproduces the
+    run: command, config, git commit, versions, resume history), and log what the run is."""
     run, config, parts, argv = trainer.run, start.config, trainer.parts, argv or []
     if start.state is not None:
         from utils.resume import restore
@@ -281,9 +245,7 @@ def begin(trainer, start, argv, init_report):
         except (OSError, subprocess.SubprocessError):
             git = None
         try:
-            import torchvision
-
-            torchvision_version = torchvision.__version__
+            from torchvision import __version__ as torchvision_version
         except ImportError:
             torchvision_version = None
         record = {"run_id": run.run_id, "command": argv, "config": config, "seed": config["seed"], "git_commit": git,
@@ -306,18 +268,17 @@ def begin(trainer, start, argv, init_report):
                 + (f", world size {info.world_size}" if info.enabled else ""))
     logger.info(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
     per_step = loader.batch_size * info.world_size * config["trainer"]["accumulate_grad_batches"]
+    valid = len(parts.valid_data_loader.sampler.indices) if parts.valid_data_loader else 0
     logger.info(f"Batch size {loader.batch_size} per process, {per_step} per optimizer step; {len(loader)} batches"
-                f" per epoch, {len(parts.valid_data_loader.sampler.indices) if parts.valid_data_loader else 0}"
-                " validation samples")
+                f" per epoch, {valid} validation samples")
     if init_report:
         logger.info(init_report)
 
 
 def end(trainer, metrics, seconds):
-    """After the last epoch (rank 0): the hyperparameters and final values for TensorBoard, the trackers' artifacts,
-    and the end of the run in one block: wall time, the best epoch, where the checkpoints are, the test split's
-    scores. With ``trainer.test_after_train`` (the default) the best checkpoint (or the last, when nothing is
-    monitored) is scored on the test split as ``test.py`` would, and its ``.test.json`` written beside it."""
+    """After the last epoch (rank 0): hyperparameters and final values for TensorBoard, the trackers' artifacts, the
+    test split's scores of the best checkpoint (else the last: ``trainer.test_after_train``, as ``test.py`` scores
+    it), ``result.json``, and the end block (wall time, best epoch, where the checkpoints are, the scores)."""
     run, config, logger, folder = trainer.run, trainer.config, trainer.run.logger, trainer.run.checkpoint_dir
     if not run.dist.is_main:
         return
@@ -335,10 +296,7 @@ def end(trainer, metrics, seconds):
     run.writer.add_hparams(hparams, final)
     if hasattr(run.writer, "finish"):  # trackers' artifacts (MLflow: config, manifest, model_best)
         run.writer.finish(folder)
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(int(minutes), 60)
-    took = (f"{hours}h {minutes:02d}m {secs:04.1f}s" if hours else f"{minutes}m {secs:04.1f}s" if minutes
-            else f"{secs:.1f} s")
+    took = f"{seconds:.1f} s" if seconds < 60 else str(datetime.timedelta(seconds=round(seconds)))
     lines = [f"Finished {config['name']}/{run.run_id} in {took}: {trainer.epoch} epochs, {trainer.global_step} steps"]
     best = folder / "model_best.pth"
     if best_value is not None:
@@ -371,11 +329,8 @@ def end(trainer, metrics, seconds):
 
 
 def evaluate_checkpoint(checkpoint, overrides=(), device=None, write=True, progress=None):
-    """Evaluate ``checkpoint`` on its config's test split; returns ``{"loss": ..., "<metric>": ..., "n_samples": N}``.
-
-    ``overrides`` (``key.path=VALUE``) change the checkpoint's config, e.g. ``data_loader.args.data_dir=...``.
-    With ``write``, the result is also written beside the checkpoint (``.test.json`` for ``.pth``).
-    """
+    """``{"loss": ..., "<metric>": ..., "n_samples": N}`` of ``checkpoint`` on its config's test split, its config
+    changed by ``overrides`` (``key.path=VALUE``); with ``write``, also written beside it (``.test.json``)."""
     from trainer.trainer import evaluate
 
     model, config, device, autocast = build.trained_model(checkpoint, overrides, device)
@@ -384,9 +339,8 @@ def evaluate_checkpoint(checkpoint, overrides=(), device=None, write=True, progr
         raise UserError(f"{config['data_loader']['type']}: the test split is empty (0 samples), so there is nothing to"
                         " score; give the data a test split (the built-in sets: data_loader.args.test_fraction > 0)")
     loader.to(device)
-    progress = config["trainer"]["verbosity"] > 0 if progress is None else progress
     metrics = evaluate(model, loader, build.build_loss(config, device), build.build_metrics(config), device, autocast,
-                       progress=progress)
+                       progress=config["trainer"]["verbosity"] > 0 if progress is None else progress)
     metrics["n_samples"] = len(loader.sampler)
     if write:
         write_json(Path(checkpoint).with_suffix(".test.json"), {"checkpoint": str(checkpoint), **metrics})
