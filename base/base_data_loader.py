@@ -1,18 +1,13 @@
 """Batching a dataset: a validation split, a reproducible data order, and a fast in-memory path.
 
-The order of the samples is a pure function of ``(seed, epoch)``: a permutation drawn from a generator
-seeded with ``seed + epoch`` (as torch's ``DistributedSampler`` does), never from the global RNG. That
-makes a run resumable mid-epoch (skip the batches already seen) and shardable (each process takes every
-``world_size``-th index of the same permutation).
+The order of the samples is a pure function of ``(seed, epoch)`` (a permutation from a generator seeded with
+``seed + epoch``, never the global RNG): a run resumes mid-epoch by skipping the batches seen, and each of
+``world_size`` processes takes every ``world_size``-th index of the same permutation.
 
-A dataset that offers its samples as two tensors (``tensors()``, as :class:`TensorDataset` does) is
-batched by indexing them: no per-sample ``__getitem__``, no collate. Any other goes through torch's
-``DataLoader`` (base/sample_loader.py, imported only then) in the same order.
-
-Augmentation (``transforms``) is the optional part owning ``data_loader.args.transforms`` (utils/parts.py).
-Its pipelines (``train`` for training batches, ``eval`` for validation and test) draw from ``(seed, epoch)``
-and a batch's place in the epoch, so a resumed run replays them: ``seeded(batch, seed, epoch, batch_number,
-rank)`` on the in-memory path, ``keys(indices, seed, epoch)`` and ``samples(dataset)`` on the per-sample one.
+A dataset offering its samples as two tensors (``tensors()``) is batched by indexing them: no per-sample
+``__getitem__``, no collate. Any other goes through torch's ``DataLoader`` (base/sample_loader.py) in the
+same order. Augmentation is the part owning ``data_loader.args.transforms``; its pipelines draw from
+``(seed, epoch)`` and a batch's place in the epoch, so a resumed run replays them.
 """
 
 import math
@@ -102,10 +97,9 @@ class BaseDataLoader:
     """Iterates over a dataset in batches of ``(inputs, targets)``; splits off validation data.
 
     Args:
-        dataset: a map-style dataset; with ``tensors()`` and ``in_memory``, batches index those two tensors (the
-            same samples in the same order, much faster). uint8 inputs (``tensors()``'s, or a per-sample
-            dataset's with ``uint8_images = True``) come out as float32 in [0, 1]. Its ``class_names`` and
-            ``feature_stats`` (a table's standardisation), if any, become the loader's.
+        dataset: a map-style dataset; with ``tensors()`` and ``in_memory``, batches index those two tensors.
+            uint8 inputs come out as float32 in [0, 1]. Its ``class_names`` and ``feature_stats``, if any,
+            become the loader's.
         batch_size: samples per batch, per process.
         shuffle: a new order each epoch, fixed by ``seed`` and the epoch number.
         validation_split: a fraction in (0, 1) or a count of samples held out for validation.
@@ -115,12 +109,10 @@ class BaseDataLoader:
         device_resident: on the tensor path, keep the whole dataset on the training device (:meth:`to`).
         drop_last: drop a last batch smaller than ``batch_size``.
         seed: the seed of the split, of the data order and of the augmentation.
-        transforms: ``{"train": [...], "eval": [...]}`` of ``{"type": NAME, "args": {...}}`` naming
-            ``torchvision.transforms.v2`` classes, for the part owning this key (utils/parts.py).
+        transforms: ``{"train": [...], "eval": [...]}`` for the part owning this key (utils/parts.py).
         training: the training data (its validation split gets ``eval`` transforms); False: the test split.
         indices: the samples of ``dataset`` to use (default: all).
-        fold: ``[k, K]``: K-fold cross-validation on fold k of K, instead of ``validation_split`` (the same
-            folds whatever ``seed`` is).
+        fold: ``[k, K]``: validate on fold k of K instead of ``validation_split`` (folds fixed whatever the seed).
     """
 
     def __init__(self, dataset, batch_size=64, shuffle=True, validation_split=0.0, num_workers=0,

@@ -2,10 +2,9 @@
 the moments a part acts at (:class:`Hook`). Subclasses provide :meth:`train_epoch`, :meth:`valid_epoch` and
 :meth:`log_epoch`.
 
-The contract a checkpoint keeps: it holds everything the rest of the run depends on
-(weights, optimizer, scheduler, scaler, counters, the epoch's running sums, every RNG
-state), and the data order is a pure function of the seed and the epoch, so a run
-resumed from it ends bit-identical to the run left alone (on the CPU).
+A checkpoint holds everything the rest of the run depends on (weights, optimizer, scheduler, scaler, counters,
+the epoch's running sums, every RNG state), and the data order is a pure function of the seed and the epoch, so
+a run resumed from it ends bit-identical to the run left alone (on the CPU).
 """
 
 import contextlib
@@ -93,12 +92,8 @@ class Stop:
 
 @dataclass
 class Parts:
-    """The built components a run trains (:func:`trainer.run.build_parts`).
-
-    ``model`` is the plain module (what checkpoints hold); ``forward_model`` runs the steps (it, or a compiled or
-    DDP wrapper made by ``wrap(model)``). ``frozen``: the parameters ``trainer.freeze`` froze; ``scaler``: fp16's
-    or None. ``valid_metric_fns``: a part's metrics only validation scores (its hook takes them out of the result).
-    """
+    """The built components a run trains (:func:`trainer.run.build_parts`): ``model`` is the plain module (what
+    checkpoints hold), ``forward_model`` runs the steps (it, or its compiled or DDP wrapper); ``scaler``: fp16's."""
 
     model: torch.nn.Module
     criterion: Callable
@@ -108,11 +103,11 @@ class Parts:
     data_loader: Any
     valid_data_loader: Any
     device: torch.device
-    frozen: list = field(default_factory=list)
+    frozen: list = field(default_factory=list)  # the parameters trainer.freeze froze
     scaler: Any = None
-    wrap: Callable = None
+    wrap: Callable = None  # model -> forward_model
     forward_model: torch.nn.Module = None
-    valid_metric_fns: list = field(default_factory=list)
+    valid_metric_fns: list = field(default_factory=list)  # a part's metrics that only validation scores
 
     def __post_init__(self):
         if self.forward_model is None:
@@ -399,10 +394,9 @@ class BaseTrainer:
     def agreed_stop_signal(self, now=False):
         """Why to stop now (a :class:`Stop`), or None; raises when a process saw the loss diverge.
 
-        Under torchrun a signal reaches the processes at different moments, and one stopping alone would leave the
-        others in a collective: they ask each other (one small host collective; every step would cost a round trip
-        each) every ``log_every_n_steps`` steps and where ``now``, and stop after the same step. The exchange also
-        carries whether a process saw a non-finite loss: then all stop, unsaved."""
+        Under torchrun a signal reaches the processes at different moments, and one stopping alone would hang the
+        others: every ``log_every_n_steps`` steps (and where ``now``) they agree in one small collective, which also
+        carries whether one saw a non-finite loss."""
         own = self.stop  # read once: the handler may set it meanwhile
         if not self.distributed:
             return own

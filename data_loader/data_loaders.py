@@ -1,12 +1,9 @@
 """The data loaders a config can name in ``data_loader.type``: the ``DATA_LOADERS`` table.
 
-Your own data: copy :class:`DigitsDataLoader` and the :class:`DigitsDataset` it builds, and add the loader to
-``DATA_LOADERS``. A dataset is a ``torch.utils.data.Dataset`` (``__getitem__`` gives ``(input, target)``);
-one that fits in memory is best a :class:`~base.base_data_loader.TensorDataset` (the fast path).
-``training=False`` is the held-out test split ``test.py`` scores; other keywords go to :class:`BaseDataLoader`.
-
-MNIST, CIFAR-10 and synthetic data are in data_loader/builtin.py, imported only when a config names them
-(``BUILTIN``); image folders and CSV tables are optional parts (utils/parts.py).
+Your own data: copy :class:`DigitsDataLoader` and the dataset it builds, and add the loader to ``DATA_LOADERS``.
+A dataset gives ``(input, target)`` per index; one that fits in memory is best a ``TensorDataset`` (the fast
+path). ``training=False`` is the held-out test split; other keywords go to :class:`BaseDataLoader`. MNIST,
+CIFAR-10 and synthetic data are in data_loader/builtin.py (``BUILTIN``), image folders and tables are parts.
 """
 
 import importlib.util

@@ -1,9 +1,8 @@
 """A run's console and file logging, and the writer its numbers go to (TensorBoard, and the logger parts).
 
-Both are set up by ``trainer.run.open_run``, never at import. ``trainer.loggers`` names the run's loggers:
-``"tensorboard"`` (here) and the parts' (a row's ``loggers`` in utils/parts.py). :func:`open_writer` hands
-the run one writer (``run.writer``): the one logger itself, or a ``Writers`` of several or none. The writer
-interface, what every logger promises and how to add one: logger/writers.py.
+Both are set up by ``trainer.run.open_run``. ``trainer.loggers`` names the run's loggers: ``"tensorboard"``
+(here) and the parts'; :func:`open_writer` hands the run one writer (``run.writer``). The writer interface
+and how to add a logger: logger/writers.py.
 """
 
 import io

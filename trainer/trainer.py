@@ -1,11 +1,9 @@
 """The training step (:meth:`Trainer.train_epoch`), the evaluation that validation and ``test.py`` share, and the
 sums the loss and the metrics are averaged from.
 
-Metric sums: each batch's value is weighted by what it averages over: its sample count, unless
-the function says otherwise (a loss under ``ignore_index`` or a class ``weight`` averages over
-its kept targets; so does accuracy). An epoch's value is then the mean over everything the batch
-values averaged over, whatever the batches' sizes. A value that is no such mean (a macro F1) is
-an :class:`EpochMetric`'s.
+Metric sums: each batch's value is weighted by what it averages over (its sample count, or its kept targets
+under ``ignore_index`` or a class ``weight``), so an epoch's value is the mean over all of it whatever the
+batches' sizes. A value that is no such mean (a macro F1) is an :class:`EpochMetric`'s.
 """
 
 import contextlib
@@ -482,15 +480,12 @@ _ALL_KEPT = {"model.metric.accuracy": _accuracy_all_kept, "model.metric.top_k_ac
 
 
 class EpochMetric:
-    """A metric whose epoch value is no mean of batch values (a macro F1, an AUROC): it keeps state over the epoch.
+    """A metric whose epoch value is no mean of batch values (a macro F1): it keeps state over the epoch.
 
-    A part provides them (utils/parts.py), named by ``__name__``. The list of metrics holds a *spec*; each loop makes
-    its accumulator with ``new(device, sync=True, check_inputs=False)`` (``sync``: ``compute`` and
-    ``state_dict(reduce=True)`` combine all processes' states, a collective; ``check_inputs``: check each update,
-    even at the cost of a sync). An accumulator has ``update(output, target)``, ``compute()`` (a float),
-    ``reset()``, ``state_dict(reduce=False)`` (on the CPU) and ``load_state_dict(state, own=True)`` (``own=False``:
-    start empty, combinable with the process carrying ``state`` on; False, loading nothing, for another metric's
-    state): what a resume needs to end the epoch with the value of the run left alone.
+    A part provides the spec, named by ``__name__``; each loop makes an accumulator with ``new(device, sync=True,
+    check_inputs=False)`` (``sync``: combine all processes' states). An accumulator has ``update(output, target)``,
+    ``compute()`` (a float), ``reset()``, ``state_dict(reduce=False)`` and ``load_state_dict(state, own=True)``
+    (``own=False``: start empty; returns False for another metric's state): what an exact resume needs.
     """
 
     def mark(self):

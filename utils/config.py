@@ -1,10 +1,9 @@
 """Reading, overriding and checking a run's config: plain data (a dict loaded from JSON).
 
-Reading touches nothing but the file. Every problem is raised at once as a :class:`ConfigError`, one line
-each naming the key, the value and what would be valid. Keys are declared in tables of ``key: (default,
-check)``; a section naming a component is looked up in a :class:`Registry` and its ``args`` bound to the
-signature (:func:`check_args`). What a default run does not need (YAML, the wording of most problems, the
-checks of rarer keys) is in utils/config_extra.py, imported when needed.
+Every problem is raised at once as a :class:`ConfigError`, one line each naming the key, the value and what
+would be valid. Keys are declared in tables of ``key: (default, check)``; a section naming a component is looked
+up in a :class:`Registry` and its ``args`` bound to the signature. What a default run does not need (YAML, the
+wording of most problems) is in utils/config_extra.py.
 """
 
 import copy
@@ -52,12 +51,8 @@ def _reject_constant(name):
 
 
 def load_config(path):
-    """Read a config file: YAML when it ends in ``.yaml``/``.yml``, JSON otherwise.
-
-    Raises:
-        UserError: the file is missing or unreadable, not UTF-8, not JSON/YAML, repeats a key within one
-            mapping, or holds what JSON cannot (NaN, a YAML date, absurd nesting); one line per problem.
-    """
+    """Read a config file: YAML when it ends in ``.yaml``/``.yml``, JSON otherwise. A UserError, one line per
+    problem: missing or unreadable, not UTF-8, not JSON/YAML, a key repeated in one mapping, NaN, a YAML date."""
     path, data = Path(path), None
     try:
         data = path.read_bytes()
@@ -318,12 +313,8 @@ def check_table(given, table, where, problems, valid=None):
 
 
 def validate_config(config, registries):
-    """The whole config checked, and completed with defaults; ``registries`` maps each section (``arch``,
-    ``data_loader``, ``loss``, ``metrics``, ``optimizer``, ``lr_scheduler``) to its :class:`Registry`.
-
-    Raises:
-        ConfigError: with every problem found, one line each.
-    """
+    """The whole config checked and completed with defaults, or a ConfigError with every problem, one line each.
+    ``registries``: each section's :class:`Registry` (``arch``, ``data_loader``, ``loss``, ``metrics``, ...)."""
     if not isinstance(config, dict):
         raise ConfigError("a config must be a mapping of keys to values")
     problems = plain_value_problems(config)

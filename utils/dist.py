@@ -1,8 +1,7 @@
 """Which process of a run this is (:class:`DistInfo`), and joining the others under ``torchrun``.
 
-Without torchrun (no ``WORLD_SIZE`` in the environment) a run is one process: :func:`setup` returns at once,
-so the same ``train.py`` serves both. What only torchrun runs use (the process group, the collectives, the
-messages processes leave each other) is in utils/dist_round.py, which its callers import where they use it.
+Without torchrun (no ``WORLD_SIZE``) a run is one process and :func:`setup` returns at once. What only torchrun
+runs use (the process group, the collectives, the messages processes leave each other) is in utils/dist_round.py.
 """
 
 import os

@@ -1,12 +1,9 @@
 """Errors that are the user's to fix, not the program's.
 
-The entry points print a :class:`UserError`'s message on stderr, without a traceback, and exit
-with its ``exit_code``. Raise one (never ``assert``) for a config typo, a wrong type, a missing
-dataset or a damaged checkpoint; let real bugs raise ordinary exceptions, whose traceback reaches
-the developer. Exit codes: 2, a problem in the input (config, command line, checkpoint, dataset);
-28, the disk (or quota) is full (``ENOSPC``'s number: a script can tell "free some space and
-resume" from other failures); 73, a file cannot be written for another reason the user can fix
-(``EX_CANTCREAT`` of ``sysexits.h``).
+The entry points print a :class:`UserError`'s message on stderr, without a traceback, and exit with its
+``exit_code``: 2, a problem in the input (config, command line, checkpoint, dataset); 28, a full disk
+(``ENOSPC``'s number); 73, a file that cannot be written (``EX_CANTCREAT``). Real bugs raise ordinary
+exceptions, whose traceback reaches the developer.
 """
 
 

@@ -1,14 +1,9 @@
 """Crash-safe file writes, and reading a checkpoint back.
 
-Every file the project writes goes through :func:`atomic_write`: the bytes go to a temporary file beside
-the target, are fsynced, and the file is renamed over the target. ``os.replace`` is atomic (POSIX and
-Windows), so a ``kill -9`` at any moment leaves the old file or the new one, never a torn one. A failed
-write (a full disk, a read-only folder) leaves the old file, removes its temporary file and raises a
-one-line :class:`~utils.errors.WriteError`; the temporary files a ``kill -9`` leaves are cleared by
-:func:`remove_stale_temp_files` when a run folder is reused.
-
-:func:`load_checkpoint` checks a checkpoint's whole structure (utils/io_problems.py): the code after it may
-index any key it promises without a ``KeyError``.
+Every file the project writes goes through :func:`atomic_write`: a temporary file beside the target,
+fsynced, then renamed over it (``os.replace`` is atomic), so a ``kill -9`` leaves the old file or the new
+one, never a torn one; a failed write leaves the old file and raises a one-line WriteError.
+:func:`load_checkpoint` checks a checkpoint's whole structure, so the code after it may index any key.
 """
 
 import contextlib
@@ -106,12 +101,9 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, map_location="cpu", purpose="resume"):
-    """Load a checkpoint of this project with ``weights_only=True`` and check its structure.
-
-    ``purpose``: ``"resume"`` (``train.py -r``) needs all a run continues from (``CHECKPOINT_SCHEMA`` in
-    utils/io_problems.py); ``"weights"`` (``test.py -r``, ``--init-from``) only ``model`` and ``config``. Any
-    problem (missing, unreadable, refused by the safe loader, lacking what ``purpose`` needs) is one UserError line.
-    """
+    """Load a checkpoint of this project with ``weights_only=True`` and check its structure; any problem is one
+    UserError line. ``purpose``: ``"resume"`` needs all a run continues from (utils/io_problems.py), ``"weights"``
+    (``test.py -r``, ``--init-from``) only ``model`` and ``config``."""
     import torch
 
     path = Path(path)

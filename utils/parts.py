@@ -1,27 +1,16 @@
 """The optional parts of the project, in one table.
 
-A part is a feature a default run does not need (an EMA of the weights, a sweep, a CSV logger), in its own
-files under ``parts/``. It owns its config keys (their defaults and checks are in its module) and can be
-deleted: the core never imports a part, only reads this table, and imports a part's module when a config
-uses it (sets one of its keys, or names one of its loaders, models, metrics or loggers). A config using a
-deleted part gets one line saying so. Deleting a part deletes the parts that ``needs`` it (:func:`removed_with`).
+A part is a feature a default run does not need, in its own files under ``parts/``, owning its config keys.
+The core never imports one: it imports a part's module when a config uses it (sets one of its keys, or names
+one of its loaders, models, metrics or loggers); a config using a deleted part gets one line saying so.
 
-A part's module may define (each optional; the core calls what is there):
-
-- ``check(config) -> list[str]``: check its keys in the completed config, fill in their defaults; one line
-  per problem (``"trainer.ema.decay: got 2, expected ..."``).
-- ``prepare(config, parts)``: change the built components before the dry batch, or refuse them (ConfigError).
-- ``hooks(config, parts, run) -> list``: the :class:`base.base_trainer.Hook` objects it adds to a run.
-- ``check_resume(state, checkpoint)``: raise :class:`base.base_trainer.RunStopped` when this launch must not
-  train on from the checkpoint ``state`` (nothing is written yet).
-- ``evaluated_weights(state)``: other weights of a checkpoint to score (the EMA's).
-- ``writes(config) -> bool``: False for a dry run, which writes no file.
-- ``FIXED_MID_EPOCH`` / ``BATCH_COUNTS``: its keys a mid-epoch resume may not change, and those that count
-  batches (utils/resume.py).
-- ``LOADERS``: ``{name: class}`` for ``loaders``; ``model(name)`` / ``metric(name)`` for the prefixes in
-  ``archs`` / ``metrics`` (None if unknown); ``writer(name, settings, context)`` for ``loggers``.
-- ``pipelines(dataset, transforms, in_memory, num_workers)``: the owner of ``data_loader.args.transforms``
-  makes the pipelines the data loader runs batches through (base/base_data_loader.py).
+A part's module may define (each optional; the core calls what is there): ``check(config) -> [problem lines]``
+(its keys' checks and defaults); ``prepare(config, parts)`` (change or refuse the built components before the
+dry batch); ``hooks(config, parts, run) -> [Hook]`` (base/base_trainer.py); ``check_resume(state, checkpoint)``
+(raise RunStopped: this launch must not train on); ``evaluated_weights(state)`` (other weights to score, the
+EMA's); ``writes(config) -> bool`` (False: a dry run); ``FIXED_MID_EPOCH`` / ``BATCH_COUNTS`` (utils/resume.py);
+``LOADERS`` / ``model(name)`` / ``metric(name)`` / ``writer(name, settings, context)`` for what it provides;
+``pipelines(...)`` (the owner of ``data_loader.args.transforms``: base/base_data_loader.py).
 """
 
 import importlib
