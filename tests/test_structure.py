@@ -125,7 +125,7 @@ def test_default_run_imports_no_optional_module(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", script, str(out), "-c", "config.json", "trainer.epochs=1",
                           f"trainer.save_dir={tmp_path / 'saved'}", "trainer.verbosity=0", "device=cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     loaded = json.loads(out.read_text())
     found = []
@@ -145,9 +145,10 @@ def test_default_run_imports_no_optional_module(tmp_path):
     assert not others & set(loaded), sorted(others & set(loaded))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the core is over the issue's bounds: see tools/core_size.py and the README")
 def test_core_size_bounds():
+    """Issue 20's bounds on the default run (2 epochs): its modules' lines, the functions it executes and the files
+    they are in, the life of a run and the step each on one screen. A change that grows the core past them fails
+    here: make room by moving what a default run does not need into a module imported where it is used."""
     from tools import core_size
 
     assert core_size.main(["--max-lines", "3500", "--max-functions", "130", "--max-files", "15",

@@ -322,7 +322,11 @@ def test_the_example_config_flips_nothing_normalises_its_own_data_and_caches_out
     assert len(stats["mean"]) == 3 and 0 < stats["mean"][0] < 1 and stats["mean"] != [0.5, 0.5, 0.5]
     # A resume from the user's file in the middle of an epoch: the pinned statistics and the cache folder are no change.
     state = torch.load(folder / "checkpoint-epoch1.pth", weights_only=True)
-    checked, _ = run.checked_config(apply_overrides(config, ["trainer.epochs=2"]), {**state, "batch_in_epoch": 1})
+    from trainer.build import registries
+    from utils.resume import checked_resume_config
+
+    checked, _ = checked_resume_config(apply_overrides(config, ["trainer.epochs=2"]), {**state, "batch_in_epoch": 1},
+                                       registries())
     assert checked["data_loader"]["args"]["feature_stats"] == stats
     # predict.py (and the export, which reads the same) normalises with the run's numbers.
     predict = pytest.importorskip("parts.predict")
