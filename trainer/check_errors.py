@@ -42,6 +42,18 @@ def scheduler_fails(kind, err):
                        " check its arguments")
 
 
+def weights_misfit(checkpoint, saved, config, err):
+    """``test.py`` (trainer/build.py's trained_model): the checkpoint's weights do not load into the model its config,
+    changed by the overrides, builds: another model (one line naming both), or the first tensor that does not fit."""
+    old, new = (saved.get("arch") or {}).get("type"), config["arch"]["type"]
+    if old != new:
+        return UserError(f"{checkpoint}: its model is {old}, but the config names {new} (arch.type); score it with"
+                         " its own arch (leave arch.type as the checkpoint has it)")
+    details = [line.strip() for line in str(err).strip().splitlines()[1:] if line.strip()]
+    return UserError(f"{checkpoint}: the weights do not fit the model its config builds"
+                     f" ({(details[0] if details else reason(err))[:300]})")
+
+
 # --------------------------------------------------------------------------- dry_batch
 
 

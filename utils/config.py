@@ -139,6 +139,10 @@ def apply_overrides(config, overrides):
             value = parse_value(text)
         except UserError as err:
             raise UserError(f"override {item!r}: {err}") from None
+        if isinstance(value, str) and value.startswith(("[", "{")):  # a list whose quotes the shell dropped
+            from utils.config_extra import unquoted_problem
+
+            raise UserError(unquoted_problem(key, text))
         problems = plain_value_problems({key: value})
         if problems:
             raise UserError(*(f"override {item!r}: {problem}" for problem in problems))
@@ -527,6 +531,8 @@ ARG_NAMES = [
     (r".*_split", Check(lambda v: non_negative_int.ok(v) or (isinstance(v, float) and 0 <= v < 1),
                         "a fraction in [0, 1) or a sample count (an integer >= 0)")),
     (r".*_fraction", Check(lambda v: number.ok(v) and 0 <= v < 1, "a fraction in [0, 1)")),
+    (r"lr|.*_lr|eta_min", Check(lambda v: all(x >= 0 for x in (v if isinstance(v, list) else [v]) if number.ok(x)),
+                                "a learning rate >= 0 (a negative one climbs the loss)")),
 ]
 numbers = Check(lambda v: number.ok(v) or (isinstance(v, list) and v and all(map(number.ok, v))), "a number")
 _TYPE_NAMES = {"bool": bool, "int": int, "float": float, "None": type(None)}  # in annotations written as text

@@ -355,3 +355,13 @@ def config_diff(old, new):
     show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
     return [f"{key}: {show(old.get(key, missing))} -> {show(new.get(key, missing))}"
             for key in sorted(old.keys() | new.keys()) if old.get(key, missing) != new.get(key, missing)]
+
+
+def unquoted_problem(key, text):
+    """The line for an override whose value looks like a JSON list or mapping but is not JSON: the shell dropped its
+    quotes (``metrics=[accuracy]`` arrives as ``[accuracy]``); it shows the override quoted."""
+    words = r"(?<![\w\"])([A-Za-z_][\w.\-/]*)(?![\w\"])"  # bare words, quoted unless JSON's own true/false/null
+    fixed = re.sub(words, lambda m: m[0] if m[0] in ("true", "false", "null") else f'"{m[0]}"',
+                   re.sub(r"'([^']*)'", r'"\1"', text))
+    return (f"override {key}={text}: {text} is not JSON: the shell dropped its quotes; quote the whole override:"
+            f" '{key}={fixed}'")

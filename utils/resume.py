@@ -89,7 +89,12 @@ def check_resume_changes(saved, config, mid_epoch):
     Raises:
         ConfigError: a change that cannot be honoured, one line each, saying what to do instead.
     """
-    changes = config_diff(flatten(saved), flatten(config))
+    old, new = flatten(saved), flatten(config)
+    changes = config_diff(old, new)
+    if old.get("arch.type") != new["arch.type"]:  # another model: the one line that matters
+        raise ConfigError(f"cannot resume: the checkpoint's model is {old.get('arch.type')}, but the config names"
+                          f" {new['arch.type']} (arch.type); resume with the checkpoint's own config, or start a new"
+                          " run with --init-from")
     fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH + parts.declared("FIXED_MID_EPOCH", saved, config) if mid_epoch else ())
     split = mid_epoch and batch_split(saved, config)
     counts = batch_counts(saved, config)
@@ -101,7 +106,11 @@ def check_resume_changes(saved, config, mid_epoch):
         why = ("in the middle of an epoch (a batch split into N, with accumulate_grad_batches times N, is the one"
                " change of the data allowed there); resume from a checkpoint-epoch*.pth" if mid_epoch
                else "start a new run with --init-from")
-        raise ConfigError(*(f"cannot resume with a changed {line.split(':')[0]} ({line}); {why}" for line in refused))
+        arch = [line for line in refused if line.startswith("arch.")]  # the model built differently: one line
+        arch = arch if len(arch) > 1 else []
+        lines = [*([f"arch ({'; '.join(arch)})"] if arch else []),
+                 *(f"{line.split(':')[0]} ({line})" for line in refused if line not in arch)]
+        raise ConfigError(*(f"cannot resume with a changed {line}; {why}" for line in lines))
     return changes
 
 
