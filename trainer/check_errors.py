@@ -85,6 +85,17 @@ def forward(err, model, data, arch):
     return UserError(f"arch: {arch} cannot take the data's batches {shape(data)}: {why}")
 
 
+def more_outputs(arch, n_outputs, n_classes):
+    """Not an error: a model may keep room for classes this data lacks. Said once (rank 0) on stderr, at any
+    verbosity: the run's log does not exist yet."""
+    import sys
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"warning: arch: {arch} outputs {n_outputs} class scores, but the data has {n_classes} classes; the"
+              f" other {n_outputs - n_classes} are never a target (set arch.args.num_classes={n_classes} unless"
+              " that is on purpose)", file=sys.stderr, flush=True)
+
+
 def not_per_sample(arch, output, target):
     if not isinstance(output, torch.Tensor):
         return UserError(f"arch: {arch} returned a {type(output).__name__}, not a tensor; the loss and"

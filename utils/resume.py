@@ -316,9 +316,11 @@ def resume_point(config, resume, run_id, overwrite, registries):
         path, state, found_id, skipped = find_resumable(checked, run_id)
         run_id, resume, overwrite = found_id or run_id, str(path) if path else None, True
         if state is None:  # nothing to resume: the run starts
+            _say(fresh_start_line(checked, run_id, skipped))
             return dict(config=checked, run_id=run_id, overwrite=True, skipped=skipped)
         if done := run_is_finished(state, checked):
             raise RunStopped(f"{path}: nothing to resume: {done}", exit_code=0)
+        _say(f"-r auto: resuming {path} (epoch {state['epoch']}, step {state['global_step']})")
     else:
         state = load_checkpoint(resume)
     config, changes = checked_resume_config(config, state, registries)
@@ -327,6 +329,31 @@ def resume_point(config, resume, run_id, overwrite, registries):
     parts.call_each(config, "check_resume", state, resume)  # a part may refuse to train on in this launch
     return dict(config=config, state=state, resume=resume, run_id=run_id, overwrite=overwrite, changes=changes,
                 skipped=skipped)
+
+
+def _say(line):
+    """What ``-r auto`` decided, as one line on the console before the run's log exists (once: rank 0 under torchrun)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+
+
+def fresh_start_line(config, run_id, skipped):
+    """The line of ``-r auto`` starting a run that has nothing to resume; when ``run_id`` resembles the id of a run
+    that has checkpoints (a typo?), it names that run."""
+    import difflib
+
+    models = Path(config["trainer"]["save_dir"]) / "models" / config["name"]
+    if run_id is None:
+        return f"-r auto: no run of {config['name']} under {models} has a checkpoint: starting a new run"
+    note = f" ({len(skipped)} unreadable checkpoints skipped)" if skipped else ""
+    what = "has no checkpoint to resume" + note if (models / run_id).is_dir() else "does not exist"
+    others = [d.name for d in (models.iterdir() if models.is_dir() else []) if d.name != run_id
+              and resumable_checkpoints(d)]
+    close = difflib.get_close_matches(run_id, others, n=1, cutoff=0.75)
+    hint = f"; did you mean --run-id {close[0]}? (that run has checkpoints)" if close else ""
+    return f"-r auto: run {models / run_id} {what}: starting it fresh{hint}"
 
 
 def checked_resume_config(config, state, registries):
