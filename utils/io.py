@@ -21,12 +21,9 @@ _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp")  # the names 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", expected_size=None):
-    """Open a temporary file beside ``path``; on a clean exit, fsync it and rename it over ``path``.
-
-    The file gets the umask's permissions (``0o666 & ~umask``). On any exception ``path`` is left as it was; a
-    full disk or quota raises DiskFullError (exit code 28), a read-only or unwritable folder WriteError (73).
-    ``expected_size``: the bytes the caller will write, if known, for a full disk's message.
-    """
+    """Open a temporary file beside ``path``; on a clean exit, fsync it and rename it over ``path`` (with the umask's
+    permissions). On any exception ``path`` is left as it was; a full disk or quota raises DiskFullError (exit code
+    28), an unwritable folder WriteError (73). ``expected_size``: the bytes to write, if known, for that message."""
     path = Path(path)
     for attempt in range(5):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # a name remove_stale_temp_files knows
@@ -84,8 +81,8 @@ def remove_stale_temp_files(folder):
 
 
 def write_json(path, obj):
-    """Write ``obj`` as indented JSON, crash-safely. JSON has no NaN: a non-finite number (a metric that is NaN) is
-    written as null and named under the key ``"nonfinite"`` (utils/io_problems.py); other values JSON cannot hold fail."""
+    """Write ``obj`` as indented JSON, crash-safely. JSON has no NaN: a non-finite number (a NaN metric) is written
+    as null, named under the key ``"nonfinite"`` (utils/io_problems.py); other values JSON cannot hold fail."""
     try:
         text = json.dumps(obj, indent=2, allow_nan=False)
     except ValueError:

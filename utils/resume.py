@@ -332,7 +332,7 @@ def resume_point(config, resume, run_id, overwrite, registries):
 
 
 def _say(line):
-    """What ``-r auto`` decided, as one line on the console before the run's log exists (once: rank 0 under torchrun)."""
+    """What ``-r auto`` decided: one line on the console, before the run's log exists (rank 0 alone under torchrun)."""
     import os
 
     if os.environ.get("RANK", "0") == "0":
