@@ -360,8 +360,19 @@ def config_diff(old, new):
 def unquoted_problem(key, text):
     """The line for an override whose value looks like a JSON list or mapping but is not JSON: the shell dropped its
     quotes (``metrics=[accuracy]`` arrives as ``[accuracy]``); it shows the override quoted."""
-    words = r"(?<![\w\"])([A-Za-z_][\w.\-/]*)(?![\w\"])"  # bare words, quoted unless JSON's own true/false/null
-    fixed = re.sub(words, lambda m: m[0] if m[0] in ("true", "false", "null") else f'"{m[0]}"',
-                   re.sub(r"'([^']*)'", r'"\1"', text))
+
+    def quoted(match):  # a word between the brackets, commas and colons: kept if JSON (3, true), else quoted
+        try:
+            json.loads(match[0])
+            return match[0]
+        except ValueError:
+            return json.dumps(match[0])
+
+    fixed = re.sub(r'"[^"]*"|[^\[\]{},:\s"]+', quoted, re.sub(r"'([^']*)'", r'"\1"', text))
+    try:
+        json.loads(fixed)
+    except ValueError as err:  # not a matter of quotes: a bracket missing, say
+        return (f"override {key}={text}: {text} is not valid JSON ({err.msg.lower()}); write the list"
+                f" or mapping as JSON and quote the whole override, as in '{key}=[\"a\", 1]'")
     return (f"override {key}={text}: {text} is not JSON: the shell dropped its quotes; quote the whole override:"
             f" '{key}={fixed}'")
