@@ -1,5 +1,6 @@
-"""The wording of the last checks' failures (``check_plan`` and ``dry_batch`` in trainer/build.py): each function
-returns the one-line error to raise. Imported only when a check fails, so a run that passes never reads this file."""
+"""The wording of the last checks' failures (``check_plan``, ``dry_batch`` and ``trained_model`` in trainer/build.py):
+each function returns the one-line error to raise (``more_outputs`` only warns). Imported only when a check fails or
+warns, so a run that passes never reads this file."""
 
 import torch
 

@@ -2,7 +2,7 @@
 
 - reading YAML (a ``.yaml`` config), and saying where a config file went wrong (only when it did);
 - the wording of a problem that utils/config.py's quick check found: a value JSON cannot hold, a bad
-  folder name, a monitored metric the run will not log;
+  folder name, a monitored metric the run will not log, an override whose quotes the shell dropped;
 - the checks of what a default config does not hold: a part's metric (``{"type": ..., "args": ...}``
   in ``metrics``), ``optimizer.param_groups``, ``trainer.tensorboard`` (an alias of ``trainer.loggers``),
   and the checks of the parts' optional features (:func:`feature_settings`);
