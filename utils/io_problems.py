@@ -1,8 +1,9 @@
 """The rare half of utils/io.py: why a write failed, what a checkpoint must hold, why one could not be read.
 
 Imported only when a write fails, when a run resumes, or when a checkpoint is damaged, incomplete, holds a NaN,
-is no regular file (a FIFO, a device) or is refused by the safe loader; and when write_json meets a NaN. A fresh run never needs it: the model_best.pth it evaluates at its end
-passes load_checkpoint's one check of ``model`` and ``config``.
+is no regular file (a FIFO, a device) or is refused by the safe loader; and when write_json meets a NaN. A fresh
+run never needs it: the model_best.pth it evaluates at its end passes load_checkpoint's one check of ``model`` and
+``config``.
 """
 
 import errno
