@@ -189,6 +189,24 @@ def test_auto_resume_logs_the_damaged_file_it_skipped(tmp_path, config):
     assert "last.pth: cannot be read" in log and "skipped" in log
 
 
+def test_auto_says_whether_it_resumed_or_started_and_names_a_similar_run_id(tmp_path, config, capsys):
+    """-r auto says in one line what it did: started fresh, or resumed from which checkpoint; a run id that looks
+    like one with checkpoints (a typo) is named, as the run it starts fresh may not be the one meant."""
+    path = write_config(tmp_path, with_changes(config, trainer__epochs=1))
+    assert train_command(["-c", path, "--run-id", "exp-lr01", "-r", "auto"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("-r auto:")]
+    assert said == [f"-r auto: run {models_dir(config, 'exp-lr01')} does not exist: starting it fresh"]
+
+    assert train_command(["-c", write_config(tmp_path, config), "--run-id", "exp-lr01", "-r", "auto"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("-r auto:")]
+    assert said == [f"-r auto: resuming {models_dir(config, 'exp-lr01') / 'checkpoint-epoch1.pth'} (epoch 1, step 13)"]
+
+    assert train_command(["-c", path, "--run-id", "exp-lr1", "-r", "auto"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("-r auto:")]
+    assert len(said) == 1 and "exp-lr1 does not exist: starting it fresh" in said[0], said
+    assert said[0].endswith("; did you mean --run-id exp-lr01? (that run has checkpoints)"), said
+
+
 def test_launch_context_reads_slurm_and_torchrun():
     env = {"SLURM_JOB_ID": "123", "SLURM_RESTART_COUNT": "2", "TORCHELASTIC_RESTART_COUNT": "1", "HOME": "/"}
     assert launch_context(env) == {"slurm_job_id": "123", "slurm_restart_count": 2, "torchrun_restart_count": 1}

@@ -72,7 +72,13 @@ BAD = {
     "monitor needs validation": (dict(trainer__monitor="min val_loss", data_loader__args={"validation_split": 0}),
                                  ["trainer.monitor: 'val_loss' needs validation data"]),
     "monitor format": (dict(trainer__monitor="lowest loss"), ["trainer.monitor: got"]),
-    "bad optimizer value": (dict(optimizer__args={"lr": -1}), ["optimizer.args: SGD rejected its arguments: Invalid learning rate"]),
+    "bad optimizer value": (dict(optimizer__args={"lr": 0.1, "momentum": -1}),
+                            ["optimizer.args: SGD rejected its arguments: Invalid momentum value"]),
+    "negative lr": (dict(optimizer__args={"lr": -1}), ["optimizer.args.lr: got -1, expected a learning rate >= 0"]),
+    "negative lr in a param group": (dict(optimizer__param_groups=[{"params": ["net.0.*"], "lr": -0.01}]),
+                                     ["optimizer.param_groups[0].lr: got -0.01, expected a learning rate >= 0"]),
+    "negative max_lr": (dict(lr_scheduler={"type": "OneCycleLR", "args": {"max_lr": [-0.1], "total_steps": 99}}),
+                        ["lr_scheduler.args.max_lr: got [-0.1], expected a learning rate >= 0"]),
     "bad split": (dict(data_loader__args={"validation_split": 1.5}), ["data_loader.args.validation_split"]),
     "freeze matches nothing": (dict(trainer__freeze=["encoder.*"]), ["trainer.freeze: pattern 'encoder.*' matches no parameter; parameter names look like: net.1.weight"]),
     "fp16 on cpu": (dict(trainer__amp="fp16"), ['trainer.amp: "fp16" needs a CUDA device']),
@@ -167,6 +173,26 @@ def test_bad_override_and_missing_file(tmp_path, capsys):
     assert code == 2 and lines == ["error: override 'trainer.epochs' is not of the form key.path=VALUE (for example trainer.epochs=3)"]
     assert cli.train_command(["-c", str(tmp_path / "nope.json")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,quoted", [
+    ("metrics=[accuracy]", "'metrics=[\"accuracy\"]'"),
+    ("metrics=[accuracy,top_k_acc]", "'metrics=[\"accuracy\",\"top_k_acc\"]'"),
+    ("trainer.freeze=[net.0.*]", "'trainer.freeze=[\"net.0.*\"]'"),
+    ("arch.args={input_size:16, num_classes:3, hidden_sizes:[8]}",
+     "'arch.args={\"input_size\":16, \"num_classes\":3, \"hidden_sizes\":[8]}'"),
+])
+def test_a_list_override_whose_quotes_the_shell_dropped_says_to_quote_it(tmp_path, capsys, override, quoted):
+    """``metrics=[accuracy]`` in a shell arrives as the text "[accuracy]": one line showing the override quoted, not a
+    list of its characters (and the quoted override it shows is valid)."""
+    code, lines = run_cli(tmp_path, capsys, make_config(tmp_path / "saved"), override)
+    assert code == 2 and len(lines) == 1, lines
+    assert "the shell dropped its quotes" in lines[0] and lines[0].endswith(quoted), lines[0]
+    assert not (tmp_path / "saved").exists()
+    from utils.config import apply_overrides
+
+    fixed = apply_overrides(make_config(tmp_path / "saved"), [quoted.strip("'")])
+    validate_config(fixed, registries())
 
 
 def test_existing_run_id_is_refused(tmp_path, capsys):

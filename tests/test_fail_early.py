@@ -59,6 +59,19 @@ def test_model_and_data_that_do_not_fit_are_one_line_before_anything_is_written(
     assert not save_dir.exists()  # no run folder, no empty TensorBoard run
 
 
+@pytest.mark.parametrize("outputs,classes", [(12, 10), (11, 10)])
+def test_more_model_outputs_than_data_classes_is_a_warning_line(tmp_path, capsys, outputs, classes):
+    """arch.args.num_classes above the data's class count trains (a model may keep room for more classes), with
+    one warning line at the dry batch naming both numbers; a model that fits says nothing."""
+    config = digits_config(tmp_path / "saved", arch__args__num_classes=outputs)
+    code, err, _ = run_cli(tmp_path, capsys, config, "--fast-dev-run", "1")
+    assert code == 0 and len(err) == 1, err
+    assert err[0].startswith("warning: ") and f"outputs {outputs} class scores" in err[0], err
+    assert f"the data has {classes} classes" in err[0] and f"arch.args.num_classes={classes}" in err[0], err
+    code, err, _ = run_cli(tmp_path, capsys, digits_config(tmp_path / "saved"), "--fast-dev-run", "1")
+    assert code == 0 and err == []
+
+
 def test_the_dry_batch_does_not_change_the_run(tmp_path, monkeypatch):
     """Eval mode, no step, every RNG restored: the run ends with the same weights as without it."""
     import trainer.build

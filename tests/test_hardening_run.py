@@ -273,3 +273,50 @@ def test_files_follow_the_umask(tmp_path):
     folder = tmp_path / "saved/models/tiny/u"
     for name in ("checkpoint-epoch1.pth", "config.json", "manifest.json"):
         assert (folder / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_nonfinite_weights_is_refused_at_load_naming_the_tensor(tmp_path, capsys, where, value):
+    """test.py, --init-from and -r on weights (or, to resume, optimizer state) holding NaN or an infinity: one line
+    naming the first such tensor, before anything is written (no .test.json of NaN scores, no run folder)."""
+    config = make_config(tmp_path / "saved", epochs=1)
+    run.train(config, run_id="n")
+    folder = tmp_path / "saved/models/tiny/n"
+    state = torch.load(folder / "checkpoint-epoch1.pth", weights_only=True)
+    if where == "model":
+        state["model"]["net.4.weight"][0, 0] = value
+        want = "model weight 'net.4.weight' holds "
+    else:
+        state["optimizer"]["state"][1]["momentum_buffer"][0] = value
+        want = "optimizer state 'momentum_buffer' of parameter 1 holds "
+    want += "NaN" if value != value else "an infinity"
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    commands = [(cli.train_command, ["-r", str(bad)])]
+    if where == "model":
+        commands += [(cli.test_command, ["-r", str(bad)]),
+                     (cli.train_command, ["-c", str(folder / "config.json"), "--init-from", str(bad), "--run-id", "i"])]
+    for command, argv in commands:
+        assert command(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line]
+        assert len(err) == 1 and want in err[0] and str(bad) in err[0], err
+    assert not bad.with_suffix(".test.json").exists()
+    assert sorted(p.name for p in (tmp_path / "saved/models/tiny").iterdir()) == ["n"]
+
+
+def test_write_json_never_writes_nan(tmp_path):
+    """JSON has no NaN: a non-finite number (a metric that came out NaN) is written as null and named under
+    "nonfinite", so the file stays valid JSON for any reader."""
+    from utils.io import write_json
+
+    path = tmp_path / "r.json"
+    write_json(path, {"final": {"loss": 0.5, "val_r2": float("nan")}, "best": float("-inf"), "test": [1.0, float("inf")]})
+    def refuse(token):
+        raise AssertionError(f"{token} written as a bare JSON constant")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data["final"] == {"loss": 0.5, "val_r2": None} and data["best"] is None and data["test"] == [1.0, None]
+    assert data["nonfinite"] == {"final.val_r2": "NaN", "best": "-Infinity", "test[1]": "Infinity"}
+    write_json(path, {"a": 1.0})
+    assert json.loads(path.read_text()) == {"a": 1.0}

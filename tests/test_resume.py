@@ -323,3 +323,30 @@ def test_a_mid_epoch_resume_may_split_each_batch_and_continues_at_the_same_sampl
     # The epoch's values, from half-batch means: the same to rounding (the loss here is about 1e-2).
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+
+
+def test_another_models_checkpoint_is_one_line_naming_both(resume_config, tmp_path, capsys):
+    """Resuming (or scoring) a checkpoint of another model than the config names: one line naming both
+    architectures, not one per changed argument; nothing written."""
+    run.train(with_changes(resume_config, trainer__epochs=1), run_id="m")
+    folder = Path(resume_config["trainer"]["save_dir"]) / "models/tiny/m"
+    ckpt = str(folder / "checkpoint-epoch1.pth")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(with_changes(resume_config, arch={"type": "DigitsCNN", "args": {"num_classes": 3}})))
+    before = sorted(p.name for p in folder.iterdir())
+    capsys.readouterr()
+    for command, argv in ((cli.train_command, ["-c", str(other), "-r", ckpt]),
+                          (cli.train_command, ["-r", ckpt, "arch.type=DigitsCNN", 'arch.args={"num_classes": 3}']),
+                          (cli.test_command, ["-r", ckpt, "arch.type=DigitsCNN", 'arch.args={"num_classes": 3}'])):
+        assert command(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "MLP" in err[0] and "DigitsCNN" in err[0] and "arch.type" in err[0], err
+    # The same model built differently (two arguments changed): one line too, naming both changes.
+    assert cli.train_command(["-r", ckpt, "arch.args.hidden_sizes=[32]", "arch.args.dropout=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hidden_sizes: [16] -> [32]" in err[0] and "dropout: 0.2 -> 0.5" in err[0], err
+    # test.py with a changed argument names the first tensor that does not fit, not torch's header line.
+    assert cli.test_command(["-r", ckpt, "arch.args.hidden_sizes=[32]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "size mismatch for net.1.weight" in err[0], err
+    assert sorted(p.name for p in folder.iterdir()) == before

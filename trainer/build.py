@@ -19,7 +19,6 @@ from model.model import BUILTIN as BUILTIN_MODELS
 from model.model import MODELS
 from utils import parts
 from utils.config import ConfigError, Registry, init_obj
-from utils.errors import UserError
 from trainer.trainer import EpochMetric
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.amp
@@ -111,8 +110,7 @@ def trained_model(checkpoint, overrides=(), device=None):
             if weights:
                 model.load_state_dict(weights, strict=False)
     except RuntimeError as err:
-        raise UserError(f"{checkpoint}: the weights do not fit the model its config builds"
-                        f" ({str(err).splitlines()[0]})") from None
+        raise _failed("weights_misfit", checkpoint, state["config"], config, err) from None
     model.to(device).eval()
     amp = AUTOCAST_DTYPES.get(config["trainer"]["amp"])
     autocast = torch.autocast(device.type, dtype=amp) if amp and device.type != "cpu" else contextlib.nullcontext()
@@ -255,6 +253,8 @@ def dry_batch(config, parts):
                 low, high = int(target.min()), int(target.max())
                 if high >= output.shape[1] or (low < 0 and low != -100):  # -100: the losses' ignore_index
                     raise _failed("class_targets", arch, output.shape[1], low, high)
+                if output.shape[1] > (getattr(loader.dataset, "num_classes", None) or output.shape[1]):
+                    _failed("more_outputs", arch, output.shape[1], loader.dataset.num_classes)  # (a warning only)
             # A loss may carry a check of its arguments (model/loss.py), called here once rather than in every step.
             criterion = parts.criterion  # (a functools.partial when the loss has args)
             fn, args = getattr(criterion, "func", criterion), getattr(criterion, "keywords", {})

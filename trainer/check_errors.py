@@ -1,5 +1,6 @@
-"""The wording of the last checks' failures (``check_plan`` and ``dry_batch`` in trainer/build.py): each function
-returns the one-line error to raise. Imported only when a check fails, so a run that passes never reads this file."""
+"""The wording of the last checks' failures (``check_plan``, ``dry_batch`` and ``trained_model`` in trainer/build.py):
+each function returns the one-line error to raise (``more_outputs`` only warns). Imported only when a check fails or
+warns, so a run that passes never reads this file."""
 
 import torch
 
@@ -42,6 +43,18 @@ def scheduler_fails(kind, err):
                        " check its arguments")
 
 
+def weights_misfit(checkpoint, saved, config, err):
+    """``test.py`` (trainer/build.py's trained_model): the checkpoint's weights do not load into the model its config,
+    changed by the overrides, builds: another model (one line naming both), or the first tensor that does not fit."""
+    old, new = (saved.get("arch") or {}).get("type"), config["arch"]["type"]
+    if old != new:
+        return UserError(f"{checkpoint}: its model is {old}, but the config names {new} (arch.type); score it with"
+                         " its own arch (leave arch.type as the checkpoint has it)")
+    details = [line.strip() for line in str(err).strip().splitlines()[1:] if line.strip()]
+    return UserError(f"{checkpoint}: the weights do not fit the model its config builds"
+                     f" ({(details[0] if details else reason(err))[:300]})")
+
+
 # --------------------------------------------------------------------------- dry_batch
 
 
@@ -71,6 +84,17 @@ def forward(err, model, data, arch):
         return UserError(f"arch: the data's images are too small for {arch}: batches are {shape(data)} ({why});"
                          " use a model made for this image size, or resize the images (image_size)")
     return UserError(f"arch: {arch} cannot take the data's batches {shape(data)}: {why}")
+
+
+def more_outputs(arch, n_outputs, n_classes):
+    """Not an error: a model may keep room for classes this data lacks. Said once (rank 0) on stderr, at any
+    verbosity: the run's log does not exist yet."""
+    import sys
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"warning: arch: {arch} outputs {n_outputs} class scores, but the data has {n_classes} classes; the"
+              f" other {n_outputs - n_classes} are never a target (set arch.args.num_classes={n_classes} unless"
+              " that is on purpose)", file=sys.stderr, flush=True)
 
 
 def not_per_sample(arch, output, target):

@@ -76,12 +76,9 @@ def load_config(path):
 
 
 def plain_value_problems(value, where=""):
-    """Lines saying where ``value`` holds what a JSON config cannot; [] when it holds nothing else.
-
-    A quick walk (with a stack: a config may nest deeper than the recursion limit) over strings, finite numbers,
-    true/false, null, lists and string-keyed mappings, :data:`MAX_DEPTH` deep and :data:`MAX_VALUES` in all (a
-    cycle ends at the depth). Anything else goes to config_extra.value_problems, which says where and what.
-    """
+    """Lines saying where ``value`` holds what a JSON config cannot ([] when nothing): a quick walk with a stack (a
+    config may nest past the recursion limit), :data:`MAX_DEPTH` deep and :data:`MAX_VALUES` in all (a cycle ends
+    at the depth); what it finds is worded by config_extra.value_problems."""
     todo, count = [(value, 0)], 0
     while todo:
         v, depth = todo.pop()
@@ -139,6 +136,10 @@ def apply_overrides(config, overrides):
             value = parse_value(text)
         except UserError as err:
             raise UserError(f"override {item!r}: {err}") from None
+        if isinstance(value, str) and value.startswith(("[", "{")):  # a list whose quotes the shell dropped
+            from utils.config_extra import unquoted_problem
+
+            raise UserError(unquoted_problem(key, text))
         problems = plain_value_problems({key: value})
         if problems:
             raise UserError(*(f"override {item!r}: {problem}" for problem in problems))
@@ -286,12 +287,9 @@ SECTIONS = {"arch": (("args", "type"), ()), "data_loader": (("args", "type"), ("
 
 
 def check_table(given, table, where, problems, valid=None):
-    """``given`` checked against ``table`` (``key: (default, check)``) and completed with its defaults.
-
-    Appends to ``problems`` a line for each key not in ``valid`` (default: the table's), each required key
-    missing and each value its check refuses (null passes where the default is null). A key of ``valid`` not
-    in ``table`` is kept as given: the part owning it checks it.
-    """
+    """``given`` checked against ``table`` (``key: (default, check)``) and completed with its defaults. Appends to
+    ``problems`` a line per key not in ``valid`` (default: the table's), required key missing and value its check
+    refuses (null passes where the default is null); a key of ``valid`` not in ``table`` is kept for its part."""
     valid = list(valid or table)
     prefix = f"{where}." if where else ""
     problems.extend(f"{prefix}{key}: unknown key{did_you_mean(key, valid)} valid: {', '.join(valid)}"
@@ -527,18 +525,18 @@ ARG_NAMES = [
     (r".*_split", Check(lambda v: non_negative_int.ok(v) or (isinstance(v, float) and 0 <= v < 1),
                         "a fraction in [0, 1) or a sample count (an integer >= 0)")),
     (r".*_fraction", Check(lambda v: number.ok(v) and 0 <= v < 1, "a fraction in [0, 1)")),
+    (r"lr|.*_lr|eta_min", Check(lambda v: all(x >= 0 for x in (v if isinstance(v, list) else [v]) if number.ok(x)),
+                                "a learning rate >= 0 (a negative one climbs the loss)")),
 ]
 numbers = Check(lambda v: number.ok(v) or (isinstance(v, list) and v and all(map(number.ok, v))), "a number")
 _TYPE_NAMES = {"bool": bool, "int": int, "float": float, "None": type(None)}  # in annotations written as text
 
 
 def arg_value_problem(name, value, param, where):
-    """The line ``where.name: got VALUE, expected ...`` when ``value`` does not fit, else None.
-
-    The type comes from the parameter's annotation, else its default (``param``, an ``inspect.Parameter`` or
-    None): a default of ``True`` wants true or false, never ``"no"``; a default of ``0.1`` wants a number (or
-    one per parameter group), never ``true``. The range comes from the name (:data:`ARG_NAMES`).
-    """
+    """The line ``where.name: got VALUE, expected ...`` when ``value`` does not fit, else None. The type comes from
+    the annotation of ``param`` (an ``inspect.Parameter`` or None), else its default: a default of ``True`` wants
+    true or false, never ``"no"``; of ``0.1``, a number (or one per parameter group). The range comes from the
+    name (:data:`ARG_NAMES`)."""
     kind, none_ok = None, True
     if param is not None:
         annotation = param.annotation

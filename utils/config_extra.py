@@ -2,7 +2,7 @@
 
 - reading YAML (a ``.yaml`` config), and saying where a config file went wrong (only when it did);
 - the wording of a problem that utils/config.py's quick check found: a value JSON cannot hold, a bad
-  folder name, a monitored metric the run will not log;
+  folder name, a monitored metric the run will not log, an override whose quotes the shell dropped;
 - the checks of what a default config does not hold: a part's metric (``{"type": ..., "args": ...}``
   in ``metrics``), ``optimizer.param_groups``, ``trainer.tensorboard`` (an alias of ``trainer.loggers``),
   and the checks of the parts' optional features (:func:`feature_settings`);
@@ -355,3 +355,24 @@ def config_diff(old, new):
     show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
     return [f"{key}: {show(old.get(key, missing))} -> {show(new.get(key, missing))}"
             for key in sorted(old.keys() | new.keys()) if old.get(key, missing) != new.get(key, missing)]
+
+
+def unquoted_problem(key, text):
+    """The line for an override whose value looks like a JSON list or mapping but is not JSON: the shell dropped its
+    quotes (``metrics=[accuracy]`` arrives as ``[accuracy]``); it shows the override quoted."""
+
+    def quoted(match):  # a word between the brackets, commas and colons: kept if JSON (3, true), else quoted
+        try:
+            json.loads(match[0])
+            return match[0]
+        except ValueError:
+            return json.dumps(match[0])
+
+    fixed = re.sub(r'"[^"]*"|[^\[\]{},:\s"]+', quoted, re.sub(r"'([^']*)'", r'"\1"', text))
+    try:
+        json.loads(fixed)
+    except ValueError as err:  # not a matter of quotes: a bracket missing, say
+        return (f"override {key}={text}: {text} is not valid JSON ({err.msg.lower()}); write the list"
+                f" or mapping as JSON and quote the whole override, as in '{key}=[\"a\", 1]'")
+    return (f"override {key}={text}: {text} is not JSON: the shell dropped its quotes; quote the whole override:"
+            f" '{key}={fixed}'")

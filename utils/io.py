@@ -21,12 +21,9 @@ _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp")  # the names 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", expected_size=None):
-    """Open a temporary file beside ``path``; on a clean exit, fsync it and rename it over ``path``.
-
-    The file gets the umask's permissions (``0o666 & ~umask``). On any exception ``path`` is left as it was; a
-    full disk or quota raises DiskFullError (exit code 28), a read-only or unwritable folder WriteError (73).
-    ``expected_size``: the bytes the caller will write, if known, for a full disk's message.
-    """
+    """Open a temporary file beside ``path``; on a clean exit, fsync it and rename it over ``path`` (with the umask's
+    permissions). On any exception ``path`` is left as it was; a full disk or quota raises DiskFullError (exit code
+    28), an unwritable folder WriteError (73). ``expected_size``: the bytes to write, if known, for that message."""
     path = Path(path)
     for attempt in range(5):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # a name remove_stale_temp_files knows
@@ -84,8 +81,15 @@ def remove_stale_temp_files(folder):
 
 
 def write_json(path, obj):
-    """Write ``obj`` as indented JSON, crash-safely."""
-    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")  # a value JSON cannot hold fails here
+    """Write ``obj`` as indented JSON, crash-safely. JSON has no NaN: a non-finite number (a NaN metric) is written
+    as null, named under the key ``"nonfinite"`` (utils/io_problems.py); other values JSON cannot hold fail."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        from utils.io_problems import nonfinite_as_null
+
+        text = json.dumps(nonfinite_as_null(obj), indent=2, allow_nan=False)
+    data = (text + "\n").encode("utf-8")
     with atomic_write(path, expected_size=len(data)) as f:
         f.write(data)
 
@@ -107,10 +111,10 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
     import torch
 
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder, not a file (give the path of a .pth file written by train.py)")
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} (give the path of a .pth file written by train.py)")
+    if not path.is_file():  # missing, a folder, a FIFO, a device: named, never opened
+        from utils.io_problems import not_a_checkpoint_file
+
+        raise UserError(not_a_checkpoint_file(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError:
@@ -124,17 +128,15 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
                             " source") from None
         raise UserError(f"checkpoint {path} cannot be read (damaged, truncated or not a PyTorch file):"
                         f" {reason}") from None
-    # The weights of a sound checkpoint (test.py, a run's final test) pass this one check; anything else is
-    # checked key by key, so that each problem is named.
+    # The finite weights of a sound checkpoint (test.py, a run's final test) pass this one check; anything else is
+    # checked key by key, so that each problem (a missing key, the first tensor holding a NaN) is named.
     model = state.get("model") if isinstance(state, dict) else None
     if purpose != "weights" or not (isinstance(model, dict) and isinstance(state.get("config"), dict) and all(
-            isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in model.items())):
-        from utils.io_problems import checkpoint_problems
+            isinstance(name, str) and isinstance(value, torch.Tensor) and bool(value.isfinite().all())
+            for name, value in model.items())):
+        from utils.io_problems import check_checkpoint
 
-        problems = checkpoint_problems(state, purpose)
-        if problems:
-            what = "a checkpoint to resume a run from" if purpose == "resume" else "a checkpoint of this project"
-            raise UserError(f"{path} is not {what}: {'; '.join(problems)}")
+        check_checkpoint(state, purpose, path)
     if "tensorboard" in (state["config"].get("trainer") or {}):  # an older version's config: in this version's terms
         from utils.config_extra import saved_config
 

@@ -1,18 +1,21 @@
 """The rare half of utils/io.py: why a write failed, what a checkpoint must hold, why one could not be read.
 
-Imported only when a write fails, when a run resumes, or when a checkpoint is damaged, incomplete or
-refused by the safe loader. A fresh run never needs it: the model_best.pth it evaluates at its end
-passes load_checkpoint's one check of ``model`` and ``config``.
+Imported only when a write fails, when a run resumes, or when a checkpoint is damaged, incomplete, holds a NaN,
+is no regular file (a FIFO, a device) or is refused by the safe loader; and when write_json meets a NaN. A fresh
+run never needs it: the model_best.pth it evaluates at its end passes load_checkpoint's one check of ``model`` and
+``config``.
 """
 
 import errno
+import math
+import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from utils.errors import DiskFullError, WriteError
+from utils.errors import DiskFullError, UserError, WriteError
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -133,6 +136,62 @@ def checkpoint_problems(state, purpose="resume"):
     if purpose == "resume" and not problems and state["batch_in_epoch"] > 0 and not isinstance(state.get("train_metrics"), dict):
         problems.append("stopped mid-epoch but train_metrics (the epoch's running sums) is missing")
     return problems
+
+
+def check_checkpoint(state, purpose, path):
+    """Raise the one-line UserError for a checkpoint ``state`` that lacks what ``purpose`` needs, or whose weights
+    (and, to resume, optimizer state) hold a NaN or an infinity: scores or training on them would be NaN."""
+    problems = checkpoint_problems(state, purpose)
+    if problems:
+        what = "a checkpoint to resume a run from" if purpose == "resume" else "a checkpoint of this project"
+        raise UserError(f"{path} is not {what}: {'; '.join(problems)}")
+    tensors = [(f"model weight {name!r}", value) for name, value in state["model"].items()]
+    if purpose == "resume":
+        tensors += [(f"optimizer state {key!r} of parameter {index}", value)
+                    for index, slots in state["optimizer"]["state"].items() if isinstance(slots, dict)
+                    for key, value in slots.items() if isinstance(value, torch.Tensor)]
+    for name, value in tensors:
+        if not bool(value.isfinite().all()):
+            kind = "NaN" if bool(value.isnan().any()) else "an infinity"
+            raise UserError(f"checkpoint {path}: {name} holds {kind} (the run that wrote it diverged); use an earlier"
+                            " checkpoint of the run, or train again with a lower learning rate")
+
+
+def not_a_checkpoint_file(path):
+    """Why ``path``, which is not a regular file, is no checkpoint: missing, a folder, a FIFO, a device, a socket, or a
+    link to one of those (a dangling link: missing). Read with ``stat`` only: a FIFO or device is never opened."""
+    import stat
+
+    hint = "give the path of a .pth file written by train.py"
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        link = f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+        return f"checkpoint not found: {path}{link} ({hint})"
+    kind = next((what for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
+                                         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                         (stat.S_ISSOCK, "a socket")) if test(mode)), "not a regular file")
+    link = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
+    return f"checkpoint {path}{link} is {kind}, not a {'' if kind == 'a folder' else 'checkpoint '}file ({hint})"
+
+
+def nonfinite_as_null(obj):
+    """``obj`` for utils/io.py's write_json with each NaN or infinity as None, and, in a mapping, the key
+    ``"nonfinite"`` naming where they were (``{"final.val_r2": "NaN"}``): valid JSON that still says what happened."""
+    found = {}
+
+    def walk(value, where):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[where] = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+            return None
+        if isinstance(value, dict):
+            return {key: walk(item, f"{where}.{key}" if where else str(key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return value
+
+    out = walk(obj, "")
+    return {**out, "nonfinite": found} if isinstance(out, dict) and found else out
 
 
 def _global_name(name):

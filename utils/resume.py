@@ -89,7 +89,12 @@ def check_resume_changes(saved, config, mid_epoch):
     Raises:
         ConfigError: a change that cannot be honoured, one line each, saying what to do instead.
     """
-    changes = config_diff(flatten(saved), flatten(config))
+    old, new = flatten(saved), flatten(config)
+    changes = config_diff(old, new)
+    if old.get("arch.type") != new["arch.type"]:  # another model: the one line that matters
+        raise ConfigError(f"cannot resume: the checkpoint's model is {old.get('arch.type')}, but the config names"
+                          f" {new['arch.type']} (arch.type); resume with the checkpoint's own config, or start a new"
+                          " run with --init-from")
     fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH + parts.declared("FIXED_MID_EPOCH", saved, config) if mid_epoch else ())
     split = mid_epoch and batch_split(saved, config)
     counts = batch_counts(saved, config)
@@ -101,7 +106,11 @@ def check_resume_changes(saved, config, mid_epoch):
         why = ("in the middle of an epoch (a batch split into N, with accumulate_grad_batches times N, is the one"
                " change of the data allowed there); resume from a checkpoint-epoch*.pth" if mid_epoch
                else "start a new run with --init-from")
-        raise ConfigError(*(f"cannot resume with a changed {line.split(':')[0]} ({line}); {why}" for line in refused))
+        arch = [line for line in refused if line.startswith("arch.")]  # the model built differently: one line
+        arch = arch if len(arch) > 1 else []
+        lines = [*([f"arch ({'; '.join(arch)})"] if arch else []),
+                 *(f"{line.split(':')[0]} ({line})" for line in refused if line not in arch)]
+        raise ConfigError(*(f"cannot resume with a changed {line}; {why}" for line in lines))
     return changes
 
 
@@ -307,9 +316,11 @@ def resume_point(config, resume, run_id, overwrite, registries):
         path, state, found_id, skipped = find_resumable(checked, run_id)
         run_id, resume, overwrite = found_id or run_id, str(path) if path else None, True
         if state is None:  # nothing to resume: the run starts
+            _say(fresh_start_line(checked, run_id, skipped))
             return dict(config=checked, run_id=run_id, overwrite=True, skipped=skipped)
         if done := run_is_finished(state, checked):
             raise RunStopped(f"{path}: nothing to resume: {done}", exit_code=0)
+        _say(f"-r auto: resuming {path} (epoch {state['epoch']}, step {state['global_step']})")
     else:
         state = load_checkpoint(resume)
     config, changes = checked_resume_config(config, state, registries)
@@ -318,6 +329,31 @@ def resume_point(config, resume, run_id, overwrite, registries):
     parts.call_each(config, "check_resume", state, resume)  # a part may refuse to train on in this launch
     return dict(config=config, state=state, resume=resume, run_id=run_id, overwrite=overwrite, changes=changes,
                 skipped=skipped)
+
+
+def _say(line):
+    """What ``-r auto`` decided: one line on the console, before the run's log exists (rank 0 alone under torchrun)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+
+
+def fresh_start_line(config, run_id, skipped):
+    """The line of ``-r auto`` starting a run that has nothing to resume; when ``run_id`` resembles the id of a run
+    that has checkpoints (a typo?), it names that run."""
+    import difflib
+
+    models = Path(config["trainer"]["save_dir"]) / "models" / config["name"]
+    if run_id is None:
+        return f"-r auto: no run of {config['name']} under {models} has a checkpoint: starting a new run"
+    note = f" ({len(skipped)} unreadable checkpoints skipped)" if skipped else ""
+    what = "has no checkpoint to resume" + note if (models / run_id).is_dir() else "does not exist"
+    others = [d.name for d in (models.iterdir() if models.is_dir() else []) if d.name != run_id
+              and resumable_checkpoints(d)]
+    close = difflib.get_close_matches(run_id, others, n=1, cutoff=0.75)
+    hint = f"; did you mean --run-id {close[0]}? (that run has checkpoints)" if close else ""
+    return f"-r auto: run {models / run_id} {what}: starting it fresh{hint}"
 
 
 def checked_resume_config(config, state, registries):
