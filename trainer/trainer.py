@@ -301,7 +301,7 @@ class Trainer(BaseTrainer):
     def log_epoch(self, epoch, result, improved=False):
         """One line: the loss, the validation values (without validation: all values), the time, a new best; every
         value to the writer, and one a line to the log (to the console at verbosity 3)."""
-        shown = [f"{k} {v:<7.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+        shown = [f"{k} {v:<8.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                  if k == "loss" or k.startswith("val_") or "val_loss" not in result]
         took = time.perf_counter() - self.epoch_started
         self.logger.info(f"epoch {epoch:{len(str(self.epochs))}d}/{self.epochs}  {'  '.join(shown)}  {took:.1f} s"
