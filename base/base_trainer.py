@@ -226,7 +226,7 @@ class BaseTrainer:
                 for hook in self.hooks:
                     hook.before_epoch(self, epoch)
                 result = self.fit_epoch(epoch, self.batch_in_epoch)
-                if self.agreed_stop_signal(now=True):
+                if self.agreed_stop_signal(now=True) if self.distributed else self.stop:
                     from base.stopping import save_last  # (last.pth, and where a resume continues)
 
                     raise RunStopped(**save_last(self))
