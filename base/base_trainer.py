@@ -21,7 +21,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from utils import dist
 from utils.dist import DistInfo
 from utils.io import save_checkpoint
 
@@ -75,9 +74,8 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 @dataclass(frozen=True)
 class Stop:
-    """Why a run stops early, after a step, with a resumable ``last.pth``: ``why`` for the log ("by SIGTERM"), and
-    the exit code: ``128 + N`` for signal N (130 Ctrl-C, 143 SIGTERM), or a hook's own below 128 (:meth:`ask_to_stop`).
-    """
+    """Why a run stops early, after a step, with a resumable ``last.pth``: ``why`` for the log ("by SIGTERM"); the
+    exit code, ``128 + N`` for signal N (130 Ctrl-C, 143 SIGTERM), or a hook's own below 128 (:meth:`ask_to_stop`)."""
 
     exit_code: int
     why: str
@@ -117,7 +115,6 @@ class Parts:
 @dataclass
 class Run:
     """Where a run lives and how it reports: its id and folders, logger, writer (logger/logger.py), process group.
-
     ``resumed_from``: the checkpoint continued from (``keep_last`` never deletes it); ``branched_from``: the run
     folder it came from, for a resume into a new folder; ``writes`` False: a dry run (``fast_dev_run``).
     """
@@ -200,6 +197,7 @@ class BaseTrainer:
         self.mode, self.monitor_key = ("off", None) if cfg["monitor"] == "off" else cfg["monitor"].split()
         self.monitor_best = math.inf if self.mode == "min" else -math.inf
         self.not_improved_count, self.best_epoch = 0, None  # (best_epoch: the epoch of monitor_best)
+        self.best_val_loss = None  # val_loss at monitor_best: of two equal values the lower loss wins
         # Epochs completed, batches completed of the epoch in progress, optimizer steps taken.
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.stop = None  # why to stop after this step (a Stop): set by a signal's handler, or a hook (ask_to_stop)
@@ -229,7 +227,9 @@ class BaseTrainer:
                     hook.before_epoch(self, epoch)
                 result = self.fit_epoch(epoch, self.batch_in_epoch)
                 if self.agreed_stop_signal(now=True) if self.distributed else self.stop:
-                    self._stop_for_signal()
+                    from base.stopping import save_last  # (last.pth, and where a resume continues)
+
+                    raise RunStopped(**save_last(self))
                 result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})
                 self._end_epoch(epoch, result)
         return self.final_metrics
@@ -249,9 +249,8 @@ class BaseTrainer:
             else:
                 self.lr_scheduler.step()
         self.final_metrics = {"epoch": epoch, **result}
-        self.log_epoch(epoch, result)
-
         improved = self.update_monitor(result)
+        self.log_epoch(epoch, result, improved)
         if self.not_improved_count > self.early_stop:  # before the saves: the last epoch's checkpoint is written
             self.logger.info(f"{self.monitor_key} did not improve for {self.not_improved_count} epochs"
                              f" (trainer.early_stop={self.early_stop}): training stops")
@@ -263,8 +262,7 @@ class BaseTrainer:
             self.check_finite_weights(f"the end of epoch {epoch}")
         if not self.is_main:
             return
-        if improved:
-            self.logger.info(f"{self.monitor_key} improved to {self.monitor_best:.6g}: saving model_best.pth")
+        if improved:  # (the epoch's line says so)
             self.save("model_best.pth")
         if periodic:
             self.save(f"checkpoint-epoch{epoch}.pth")
@@ -277,13 +275,17 @@ class BaseTrainer:
                     path.unlink(missing_ok=True)
 
     def update_monitor(self, result):
-        """Count ``result``'s monitored value towards the best one and early stopping; returns whether it improved."""
+        """Count ``result``'s monitored value towards the best one and early stopping; returns whether it improved:
+        a better value, or an equal one with a lower ``val_loss`` (accuracy on few samples moves in steps: ties)."""
         if self.mode == "off":
             return False
-        value = result[self.monitor_key]
+        value, loss = result[self.monitor_key], result.get("val_loss")
         improved = value < self.monitor_best if self.mode == "min" else value > self.monitor_best
+        if value == self.monitor_best and None not in (loss, self.best_val_loss):
+            improved = loss < self.best_val_loss
         if improved:
             self.monitor_best, self.not_improved_count, self.best_epoch = value, 0, self.epoch
+            self.best_val_loss = loss
         else:
             self.not_improved_count += 1
         return improved
@@ -307,7 +309,7 @@ class BaseTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "monitor_best": self.monitor_best, "not_improved_count": self.not_improved_count,
-            "best_epoch": self.best_epoch,
+            "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
             "stopped_early": self.stopped_early,  # (not restored: a resume that may go on has raised the patience)
             "stopped_by": self.stopped_by,  # (not restored either: it concerns the launch that wrote it)
             "rng": rng_state(),
@@ -333,7 +335,7 @@ class BaseTrainer:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
         self.monitor_best, self.not_improved_count = state["monitor_best"], state["not_improved_count"]
-        self.best_epoch = state.get("best_epoch")  # absent from checkpoints of older versions
+        self.best_epoch, self.best_val_loss = state.get("best_epoch"), state.get("best_val_loss")  # (older: absent)
         set_rng_state(state["rng"])
 
     def load_extra_state(self, state):
@@ -367,8 +369,7 @@ class BaseTrainer:
     def save_resumable(self, filename):
         """A mid-epoch checkpoint: every process gathers what it must (a collective), rank 0 writes it. Under
         torchrun the processes first agree (a non-finite loss on any of them stops all, unsaved)."""
-        if self.distributed:
-            self.agreed_stop_signal(now=True)
+        self.agreed_stop_signal(now=True)
         self.check_finite_weights(f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
         self.before_checkpoint()
         return self.save(filename) if self.is_main else None
@@ -392,11 +393,9 @@ class BaseTrainer:
             self.stop = Stop(exit_code, why)
 
     def agreed_stop_signal(self, now=False):
-        """Why to stop now (a :class:`Stop`), or None; raises when a process saw the loss diverge.
-
-        Under torchrun a signal reaches the processes at different moments, and one stopping alone would hang the
-        others: every ``log_every_n_steps`` steps (and where ``now``) they agree in one small collective, which also
-        carries whether one saw a non-finite loss."""
+        """Why to stop now (a :class:`Stop`), or None. Under torchrun a signal reaches the processes at different
+        moments, and one stopping alone would hang the others: every ``log_every_n_steps`` steps (and where ``now``)
+        they agree in one small collective, which also says whether one saw a non-finite loss (then it raises)."""
         own = self.stop  # read once: the handler may set it meanwhile
         if not self.distributed:
             return own
@@ -412,15 +411,3 @@ class BaseTrainer:
         if agreed:  # (never cleared: a signal arriving during the exchange is agreed on next time)
             self.agreed_stop = self.stop = own if own and own.exit_code == agreed else Stop.agreed(agreed)
         return self.agreed_stop
-
-    def _stop_for_signal(self):
-        stop, where = self.stop, dist.torchrun_round()
-        self.stopped_by = {"exit_code": stop.exit_code, "why": stop.why,
-                           **({"torchrun_run_id": where[0], "torchrun_round": where[1]} if where else {})}
-        path = self.save_resumable("last.pth")
-        if self.is_main:
-            self.logger.warning(
-                f"Stopped {stop.why} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}."
-                f" Resume with: python train.py -r {path} (or the same command with -r auto)")
-        raise RunStopped(f"stopped {stop.why}; a resumable checkpoint is in last.pth", exit_code=stop.exit_code,
-                         logged=self.is_main)

@@ -15,17 +15,20 @@ from pathlib import Path
 from typing import Any
 
 HPARAMS_FOLDER = "hparams"  # <log_dir>/hparams/: the run's one HParams record (TensorboardWriter.add_hparams)
+RESULT = logging.INFO + 5  # the end block's level: shown at every verbosity, even 0
 
 
 def setup_logging(log_dir=None, verbosity=2, name="train"):
-    """Log to the console at ``verbosity`` (0-2) and, when ``log_dir`` is given, everything to ``log_dir/info.log``.
-    Calling it again (a second run in one process, as the tests do) replaces the handlers."""
+    """Log to the console at ``verbosity`` (0: warnings and the end block, :data:`RESULT`; 1 and 2: also the start and
+    a line per epoch; 3: also DEBUG, every value and the step lines) and, when ``log_dir`` is given, everything to
+    ``log_dir/info.log``. Calling it again (a second run in one process, as the tests do) replaces the handlers."""
     close_logging(name)
+    logging.addLevelName(RESULT, "RESULT")
     logger = logging.getLogger(name)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     console = _ConsoleHandler(sys.stdout)
-    console.setLevel({0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[verbosity])
+    console.setLevel({0: RESULT, 1: logging.INFO, 2: logging.INFO, 3: logging.DEBUG}[verbosity])
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if log_dir is not None:

@@ -139,9 +139,9 @@ def test_default_run_imports_no_optional_module(tmp_path):
     assert not found, "the default run imports optional modules: " + ", ".join(sorted(found))
     # Nor the core's modules that only other runs need: the resume policy, the other built-in data sets and models,
     # a failed write's message and the checkpoint checks, the per-sample data path, the K-fold and stratified splits,
-    # torchrun's process group.
+    # torchrun's process group, a stop's last.pth.
     others = {"utils.resume", "data_loader.builtin", "model.builtin", "utils.io_problems", "base.sample_loader",
-              "base.splits", "utils.dist_round"}
+              "base.splits", "utils.dist_round", "base.stopping"}
     assert not others & set(loaded), sorted(others & set(loaded))
 
 

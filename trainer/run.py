@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import Parts, Run, RunStopped, seed_everything
+from logger.logger import RESULT
 from trainer import build
 from utils import dist
 from utils import parts as optional_parts
@@ -271,6 +272,9 @@ def begin(trainer, start, argv, init_report):
     valid = len(parts.valid_data_loader.sampler.indices) if parts.valid_data_loader else 0
     logger.info(f"Batch size {loader.batch_size} per process, {per_step} per optimizer step; {len(loader)} batches"
                 f" per epoch, {valid} validation samples")
+    if (key := trainer.monitor_key or "").startswith("val_") and "acc" in key and 0 < valid < 100:  # (accuracy-like)
+        logger.info(f"{key} on {valid} validation samples moves in steps of 1/{valid} = {1 / valid:.3g}: of equal"
+                    " values the one with the lower val_loss counts as the best (model_best.pth)")
     if init_report:
         logger.info(init_report)
 
@@ -283,7 +287,7 @@ def end(trainer, metrics, seconds):
     if not run.dist.is_main:
         return
     if not run.writes:
-        logger.info(f"dry run: {trainer.global_step} steps and validation ran; nothing was written"
+        logger.log(RESULT, f"dry run: {trainer.global_step} steps and validation ran; nothing was written"
                     f" (the run would have gone to {folder} and {run.log_dir})")
         return
     # The config as it is at the end (a list as its JSON text), once per run: a resume replaces it.
@@ -316,8 +320,8 @@ def end(trainer, metrics, seconds):
         else:
             shown = "  ".join(f"{k} {v:.6g}" for k, v in scores.items() if k != "n_samples")
             lines.append(f"Test split ({scores['n_samples']} samples, {scored.name}): {shown}")
-    for line in lines:
-        logger.info(line)
+    for line in lines:  # the end block: shown at every verbosity
+        logger.log(RESULT, line)
     # What a script (a sweep, say) reads of the run: its final, best and test values.
     write_json(folder / "result.json", {
         "run_id": run.run_id, "epochs": trainer.epoch, "steps": trainer.global_step, "seconds": round(seconds, 3),
@@ -340,7 +344,7 @@ def evaluate_checkpoint(checkpoint, overrides=(), device=None, write=True, progr
                         " score; give the data a test split (the built-in sets: data_loader.args.test_fraction > 0)")
     loader.to(device)
     metrics = evaluate(model, loader, build.build_loss(config, device), build.build_metrics(config), device, autocast,
-                       progress=config["trainer"]["verbosity"] > 0 if progress is None else progress)
+                       progress=config["trainer"]["verbosity"] > 1 if progress is None else progress)
     metrics["n_samples"] = len(loader.sampler)
     if write:
         write_json(Path(checkpoint).with_suffix(".test.json"), {"checkpoint": str(checkpoint), **metrics})

@@ -90,7 +90,7 @@ class Trainer(BaseTrainer):
         self.clip_norm, self.clip_norm_type = cfg["clip_grad_norm"], float(cfg["clip_grad_norm_type"])
         self.clip_value, self.skip_nonfinite = cfg["clip_grad_value"], cfg["skip_nonfinite"]
         self.check_loss = self.device.type == "cpu" or self.skip_nonfinite  # each step (see train_epoch)
-        self.quiet = cfg["verbosity"] == 0 or not self.is_main
+        self.quiet = cfg["verbosity"] < 2 or not self.is_main  # (no progress bars)
         self.log_images = cfg["log_images"] and self.is_main and bool(self.writer)
         self.step_scheduler = self.lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
@@ -104,7 +104,8 @@ class Trainer(BaseTrainer):
     def fit_epoch(self, epoch, start_batch=0):
         """:meth:`train_epoch`; an error in it goes to the hooks (:meth:`Hook.on_train_error`), and one that
         can recover from it (a smaller batch after running out of memory) has the epoch redone from a batch."""
-        self.last_log = (time.perf_counter(), self.global_step)
+        self.epoch_started = time.perf_counter()  # (for the epoch's line)
+        self.last_log = (self.epoch_started, self.global_step)
         while True:
             try:
                 return self.train_epoch(epoch, start_batch)
@@ -297,9 +298,16 @@ class Trainer(BaseTrainer):
             hook.after_validation(self, epoch, result)
         return result
 
-    def log_epoch(self, epoch, result):
-        for key, value in {"epoch": epoch, **result}.items():
-            self.logger.info(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
+    def log_epoch(self, epoch, result, improved=False):
+        """One line: the loss, the validation values (without validation: all values), the time, a new best; every
+        value to the writer, and one a line to the log (to the console at verbosity 3)."""
+        shown = [f"{k} {v:<8.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+                 if k == "loss" or k.startswith("val_") or "val_loss" not in result]
+        took = time.perf_counter() - self.epoch_started
+        self.logger.info(f"epoch {epoch:{len(str(self.epochs))}d}/{self.epochs}  {'  '.join(shown)}  {took:.1f} s"
+                         + ("  -> model_best.pth" if improved else ""))
+        for key, value in result.items():
+            self.logger.debug(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
         if self.is_main:
             self.writer.add_scalars({**result, "epoch": epoch}, self.global_step, prefix="epoch/")
             if self.global_step % self.log_every:  # not already written by this step's log

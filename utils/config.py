@@ -254,7 +254,7 @@ TRAINER = {  # a key whose default is null may also be set to null
     "epochs": (10, positive_int),
     "save_dir": ("saved/", path_string),
     "save_period": (1, positive_int),
-    "verbosity": (2, Check(lambda v: integer.ok(v) and v in (0, 1, 2), "one of 0, 1, 2")),
+    "verbosity": (2, Check(lambda v: integer.ok(v) and v in (0, 1, 2, 3), "one of 0, 1, 2, 3")),
     "monitor": ("off", monitor_string),
     "early_stop": (None, non_negative_int),
     "tensorboard": (None, boolean),  # an alias, resolved into loggers (config_extra.resolve_tensorboard)

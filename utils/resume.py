@@ -414,7 +414,9 @@ def restore(trainer, start):
         return
     for line in start.skipped:
         logger.warning(line)
-    logger.info(f"Resumed from epoch {state['epoch']}, batch {state['batch_in_epoch']}, step {state['global_step']}")
+    from base.stopping import continues_at
+
+    logger.info(f"Resumed after step {state['global_step']}: continuing at {continues_at(trainer)}")
     branch = run.branched_from
     if branch and branch["newer_checkpoints"]:
         logger.warning(f"{Path(branch['checkpoint']).name} is not the newest checkpoint of its run"

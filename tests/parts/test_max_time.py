@@ -119,12 +119,13 @@ def test_torchrun_does_not_train_on_after_max_time_ran_out(tmp_path, torchrun):
     stopped_by = load(folder / "last.pth")["stopped_by"]
     assert stopped_by["exit_code"] == EXIT_OUT_OF_TIME and stopped_by["torchrun_round"] == 0
     assert output.count("out of time: trainer.max_time ran out earlier in this torchrun launch (round 0)") == 2 * WORLD
-    assert "Resumed from" not in output  # the restarted rounds trained nothing
+    assert "Resumed after" not in output  # the restarted rounds trained nothing
     assert json.loads((folder / "manifest.json").read_text())["resume_history"] == []  # and wrote nothing
 
     again = torchrun(tmp_path, FAKE_CLOCK_DRIVER, *core.train_args(tmp_path, config, "timed"),
                      torchrun_args=["--max-restarts=0"])
-    assert "Resumed from epoch 1, batch 1, step 15" in again.stdout + again.stderr, (again.stdout + again.stderr)[-4000:]
+    said = again.stdout + again.stderr
+    assert "Resumed after step 15: continuing at epoch 2, batch 2 of 14" in said, said[-4000:]
     assert load(folder / "last.pth")["global_step"] == 30
 
 

@@ -158,12 +158,13 @@ def test_a_warned_job_requeues_itself_resumes_and_ends_as_if_left_alone(tmp_path
 
     # The first start: warned at step 20, stopped there with last.pth, requeued by the batch script.
     assert f"job {warned} on " in out_warned and "restart 0," in out_warned and "restart 1," in out_warned
-    assert re.search(rf"Stopped by SIGUSR1 at epoch \d+, batch \d+, step {HOLD_AT_STEP}\.", out_warned), out_warned[-6000:]
+    assert re.search(rf"Stopped by SIGUSR1 after step {HOLD_AT_STEP}; a resume continues at epoch \d+, batch \d+ of",
+                     out_warned), out_warned[-6000:]
     assert out_warned.count(f"requeueing job {warned}") == 1
     # The second start: -r auto from that last.pth, in the same run folder; its manifest records the requeue.
     per_epoch = 14 * 2 // nproc  # 224 samples in batches of 8 per process
-    assert f"Resumed from epoch {HOLD_AT_STEP // per_epoch}, batch {HOLD_AT_STEP % per_epoch}, step {HOLD_AT_STEP}" \
-        in out_warned
+    assert (f"Resumed after step {HOLD_AT_STEP}: continuing at epoch {HOLD_AT_STEP // per_epoch + 1},"
+            f" batch {HOLD_AT_STEP % per_epoch + 1} of {per_epoch}") in out_warned
     models = save_dir / "models" / NAME
     assert sorted(p.name for p in models.iterdir()) == sorted([alone, warned])  # no branch folder
     manifest = json.loads((models / warned / "manifest.json").read_text())
