@@ -108,11 +108,16 @@ class EMA(Hook):
     @contextlib.contextmanager
     def training(self, trainer):
         """Says, before the first step and after the last, which weights the scores are of."""
-        say = trainer.logger.info if trainer.run.dist.is_main else (lambda line: None)
+        from logger.logger import RESULT  # the end block's level: shown at every verbosity
+
+        main = trainer.run.dist.is_main
         rule = f"decay min({self.decay:g}, (1+n)/(10+n)) at step n" if self.ramp else f"decay {self.decay:g}"
-        say(f"EMA on ({rule}): validation, model_best.pth and the test score use the averaged weights")
+        if main:
+            trainer.logger.info(f"EMA on ({rule}): validation, model_best.pth and the test score use the averaged weights")
         yield
-        say("EMA: the validation values, model_best.pth and the test score below are the averaged weights'")
+        if main:
+            trainer.logger.log(RESULT, "EMA: the validation values, model_best.pth and the test score below are the"
+                                       " averaged weights'")
 
     @contextlib.contextmanager
     def swapped_in(self):

@@ -147,7 +147,11 @@ def test_an_ema_state_without_its_step_count_continues_from_the_runs_steps(tiny_
     assert ema.updates == 40
 
 
-def test_ema_says_which_weights_the_scores_are_of(tiny_config):
+def test_ema_says_which_weights_the_scores_are_of(tiny_config, capsys):
+    quiet = with_changes(tiny_config, trainer__ema=True, trainer__epochs=1, trainer__verbosity=0)
+    run.train(quiet, run_id="quiet")  # verbosity 0 shows the end block, and EMA's line in it
+    shown = capsys.readouterr()
+    assert "averaged weights'" in shown.out + shown.err and "Test split" in shown.out + shown.err
     config = with_changes(tiny_config, trainer__ema=True, trainer__epochs=1, trainer__verbosity=1)
     run.train(config, run_id="said")
     log = (Path(config["trainer"]["save_dir"]) / "log" / config["name"] / "said" / "info.log").read_text()
