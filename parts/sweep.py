@@ -177,7 +177,8 @@ def monitored_value(result):
     ``val_loss`` (or ``loss``) when nothing is monitored."""
     if result.get("best") is not None:
         return result["best"]
-    return result["final"].get("val_loss", result["final"].get("loss"))
+    value = result["final"].get("val_loss", result["final"].get("loss"))
+    return float("nan") if value is None else value  # (result.json writes a non-finite value as null)
 
 
 def _read_state(path, study):

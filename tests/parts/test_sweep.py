@@ -236,3 +236,15 @@ def test_a_sweep_run_from_another_folder_with_relative_paths(tmp_path, monkeypat
     assert sweep_command(["-c", "base.json", "--grid", "optimizer.args.lr=0.1", "--name", "rel"]) == 0
     assert [t["status"] for t in trials_of(tmp_path / "saved/sweeps/rel")] == ["done"]
     assert (tmp_path / "saved/sweeps/rel/models/tiny/trial-000/result.json").is_file()
+
+
+def test_a_trial_whose_loss_is_null_in_result_json_reads_as_nan():
+    """result.json writes a non-finite value as null (utils/io.py write_json): the sweep reads it as NaN, which
+    formats and ranks, instead of failing on None."""
+    import math
+
+    from parts.sweep import monitored_value
+
+    assert math.isnan(monitored_value({"best": None, "final": {"val_loss": None}}))
+    assert f"{monitored_value({'best': None, 'final': {'loss': None}}):.6g}" == "nan"
+    assert monitored_value({"best": 0.25, "final": {}}) == 0.25
