@@ -253,8 +253,9 @@ def dry_batch(config, parts):
                 low, high = int(target.min()), int(target.max())
                 if high >= output.shape[1] or (low < 0 and low != -100):  # -100: the losses' ignore_index
                     raise _failed("class_targets", arch, output.shape[1], low, high)
-                if output.shape[1] > (getattr(loader.dataset, "num_classes", None) or output.shape[1]):
-                    _failed("more_outputs", arch, output.shape[1], loader.dataset.num_classes)  # (a warning only)
+                classes = getattr(getattr(loader, "dataset", None), "num_classes", None)
+                if output.shape[1] > (classes or output.shape[1]):
+                    _failed("more_outputs", arch, output.shape[1], classes)  # (a warning only)
             # A loss may carry a check of its arguments (model/loss.py), called here once rather than in every step.
             criterion = parts.criterion  # (a functools.partial when the loss has args)
             fn, args = getattr(criterion, "func", criterion), getattr(criterion, "keywords", {})

@@ -91,9 +91,9 @@ def check_resume_changes(saved, config, mid_epoch):
     """
     old, new = flatten(saved), flatten(config)
     changes = config_diff(old, new)
-    if old.get("arch.type") != new["arch.type"]:  # another model: the one line that matters
+    if old.get("arch.type") != new.get("arch.type"):  # another model: the one line that matters
         raise ConfigError(f"cannot resume: the checkpoint's model is {old.get('arch.type')}, but the config names"
-                          f" {new['arch.type']} (arch.type); resume with the checkpoint's own config, or start a new"
+                          f" {new.get('arch.type')} (arch.type); resume with the checkpoint's own config, or start a new"
                           " run with --init-from")
     fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH + parts.declared("FIXED_MID_EPOCH", saved, config) if mid_epoch else ())
     split = mid_epoch and batch_split(saved, config)
