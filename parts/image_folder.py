@@ -28,10 +28,18 @@ Promises:
   the ``train`` and ``eval`` transforms. They are kept in the run's config as
   ``feature_stats`` (like the table loader's scaling), so a resume, ``test.py`` and
   ``predict.py`` normalise with the same numbers (:func:`transforms_of`).
-* Every problem with the data (missing folder, empty class folder, class in ``test/`` but
-  not in ``train/``, unreadable or differently sized images) is one line of
-  :class:`~utils.errors.UserError` naming the file or folder. With ``skip_unreadable``,
-  unreadable images are left out instead, with one warning that counts and names them.
+* Every problem with the data (missing folder, one class only, empty class folder, class in
+  ``test/`` but not in ``train/``, unreadable or differently sized images) is one line of
+  :class:`~utils.errors.UserError` naming the file or folder, before anything is written.
+  With ``skip_unreadable``, unreadable images are left out instead, with one warning that
+  counts and names them. Every split's files are checked readable when the training loader
+  is built, streamed ones and the test split's included (:func:`check_readable`: a PNG
+  verified, a JPEG decoded at 1/8 scale), so damage never surfaces in a worker or after training.
+* Links are followed, each real folder once (by ``(st_dev, st_ino)``). A link to a folder
+  that holds it (a loop, such as ``cat/up -> ..``) is an error naming the link, as is a folder
+  reached from two class folders or two splits; one reached twice within a class is read once.
+* One batch (uint8 and float32) must fit in half the available memory, and a split forced in
+  memory in all of it (:func:`memory_check`): one line naming both numbers, not the OOM killer.
 """
 
 from __future__ import annotations
