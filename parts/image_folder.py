@@ -542,8 +542,8 @@ def memory_check(files, channels, size, batch_size, in_memory):
                             " batch_size")
     needed = image * len(files)
     if in_memory is True and needed > available:
-        raise UserError(f"data_loader.args.in_memory: true holds {len(files)} images of {channels}x{shape[0]}x{shape[1]}"
-                        f" in memory, about {_bytes(needed)}, more than the {_bytes(available)} of memory available:"
+        raise UserError(f"data_loader.args.in_memory: true holds {len(files)} images of"
+                        f" {channels}x{shape[0]}x{shape[1]} in memory, about {_bytes(needed)}, more than the {_bytes(available)} of memory available:"
                         " set in_memory to null or false (read from the files), or lower image_size")
     return needed <= min(MEMORY_FRACTION * physical_memory(), available)
 

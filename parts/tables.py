@@ -189,8 +189,8 @@ class Table:
             raise UserError(f"{self.path} line {line}, column {column!r}: missing value ({text!r}); fill it in or remove the row")
         value = parse_number(text)
         if value is None:
-            raise UserError(f"{self.path} line {line}, column {column!r}: {text!r} is not {_a_number(text)}; features and regression"
-                            " targets must be numeric (leave the column out of data_loader.args.features, or encode it as numbers)")
+            raise UserError(f"{self.path} line {line}, column {column!r}: {text!r} is not {_a_number(text)}; features"
+                            " and regression targets must be numeric (leave the column out of data_loader.args.features, or encode it as numbers)")
         return value
 
     def _label(self, row, i, column, line):

@@ -264,7 +264,7 @@ def test_bad_image_folder_is_one_line(tmp_path, case):
     assert not (root / ".cache").exists() or case.__name__ == "sizes_differ" or not any((root / ".cache").iterdir())
 
 
-# --------------------------------------------------------------------------- links, one class, damage, memory (issue 24)
+# ------------------------------------------------------------------ links, one class, damage, memory (issue 24)
 
 
 def link_loops():
