@@ -236,6 +236,9 @@ def parse_transforms(spec, where=WHERE):
             except (TypeError, ValueError) as err:
                 problems.append(f"{at}.args: {name} rejected its arguments: {' '.join(str(err).split())}")
                 continue
+            if name == "Normalize" and (bad := _normalize_problem(transform)):
+                problems.append(f"{at}.args: {bad}")
+                continue
             if split == "eval" and _is_random(name, transform):
                 problems.append(f"{at}: {name} is random; eval transforms (validation and test) must be deterministic:"
                                 " move it to the train list")
@@ -244,6 +247,18 @@ def parse_transforms(spec, where=WHERE):
     if problems:
         raise ConfigError(*problems)
     return Transforms(built["train"], built["eval"])
+
+
+def _normalize_problem(transform):
+    """Why a built ``Normalize`` cannot work (v2 checks its std only on the first image, mid-run), or None."""
+    std, mean = list(transform.std), list(transform.mean)
+    for what, values in (("std", std), ("mean", mean)):
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return f"Normalize's {what} {values} holds a value that is not a finite number"
+    if zero := [i for i, v in enumerate(std) if v == 0]:
+        return (f"Normalize's std {std} is 0 for channel{'s' if len(zero) > 1 else ''} {', '.join(map(str, zero))},"
+                " which divides by zero: give each channel its standard deviation (> 0)")
+    return None
 
 
 # --------------------------------------------------------------------------- per sample

@@ -10,6 +10,11 @@ Promises:
 
 * The first row names the columns. ``features`` defaults to every column other than the
   target whose values are all numbers (missing values aside); named features must be numeric.
+  A column of mostly numbers with a few other cells (text, ``inf``, a NUL) is not a text
+  column to leave out: the first such cell is one line naming its line and column. So is a
+  row repeating the first row (two files joined).
+* Features and regression targets must stay finite: statistics that overflow (values near
+  1e308) or values beyond float32's range after scaling are one line naming the column.
 * A missing value (empty, ``NA``, ``N/A``, ``NaN``, ``null``, ``None``, ``?``) in the target or
   a feature, a non-numeric feature value, an unknown column, a row of the wrong length:
   one line of :class:`~utils.errors.UserError` naming the file, the line and the column.
@@ -58,6 +63,18 @@ def parse_number(text):
     return value if math.isfinite(value) else None
 
 
+def _a_number(text):
+    return "a finite number" if _parses(text) else "a number"
+
+
+def _parses(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _columns_hint(columns):
     return ", ".join(columns)
 
@@ -90,7 +107,7 @@ class Table:
             raise UserError(f"data_loader.args.target: no column {target!r} in {path}{did_you_mean(target, header)} columns: {_columns_hint(header)}")
         t = header.index(target)
         if features is None:
-            names = [name for i, name in enumerate(header) if i != t and self._numeric(rows, i)]
+            names = [name for i, name in enumerate(header) if i != t and self._numeric(rows, i, name)]
             if not names:
                 raise UserError(f"{path}: no numeric column besides the target {target!r}; columns: {_columns_hint(header)}")
         else:
@@ -104,7 +121,7 @@ class Table:
             if len(set(features)) != len(features):
                 raise UserError(f"data_loader.args.features: a column is named twice in {features}")
             names = list(features)
-        self.feature_names = names
+        self.feature_names, self.lines = names, [line for line, _ in rows]
         index = [header.index(name) for name in names]
         values = [[self._value(row, i, header[i], line) for i in index] for line, row in rows]
         self.inputs = torch.tensor(values, dtype=torch.float64).view(len(rows), len(names))
@@ -143,6 +160,9 @@ class Table:
                         continue  # blank line
                     if len(row) != len(header):
                         raise UserError(f"{path} line {reader.line_num}: {len(row)} values, but the first row names {len(header)} columns")
+                    if [v.strip() for v in row] == header:
+                        raise UserError(f"{path} line {reader.line_num} repeats the first row (the column names), as"
+                                        " where two files were joined: remove it")
                     rows.append((reader.line_num, [v.strip() for v in row]))
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             raise UserError(f"cannot read {path}: {' '.join(str(err).split())}") from None
@@ -150,10 +170,18 @@ class Table:
             raise UserError(f"{path} has a header but no rows")
         return header, rows
 
-    @staticmethod
-    def _numeric(rows, i):
-        present = [row[i] for _, row in rows if row[i].lower() not in MISSING]
-        return bool(present) and all(parse_number(v) is not None for v in present)
+    def _numeric(self, rows, i, column):
+        """Whether column ``i`` holds numbers (missing values aside). Mostly numbers with a few other cells is a
+        mistake in those cells, not a text column: a UserError naming the first."""
+        present = [(line, row[i]) for line, row in rows if row[i].lower() not in MISSING]
+        bad = [(line, v) for line, v in present if parse_number(v) is None]
+        if bad and sum(_parses(v) for _, v in present) > len(present) / 2:  # inf and nan count as numbers here
+            line, text = bad[0]
+            raise UserError(f"{self.path} line {line}, column {column!r}: {text!r} is not {_a_number(text)}, but"
+                            f" {len(present) - len(bad)} of the column's {len(present)} values are; fix the"
+                            f" cell{'s' if len(bad) > 1 else ''} ({len(bad)}), or name data_loader.args.features"
+                            " without this column")
+        return bool(present) and not bad
 
     def _value(self, row, i, column, line):
         text = row[i]
@@ -161,8 +189,8 @@ class Table:
             raise UserError(f"{self.path} line {line}, column {column!r}: missing value ({text!r}); fill it in or remove the row")
         value = parse_number(text)
         if value is None:
-            raise UserError(f"{self.path} line {line}, column {column!r}: {text!r} is not a number; features and regression"
-                            " targets must be numeric (leave the column out of data_loader.args.features, or encode it as numbers)")
+            raise UserError(f"{self.path} line {line}, column {column!r}: {text!r} is not {_a_number(text)}; features"
+                            " and regression targets must be numeric (leave the column out of data_loader.args.features, or encode it as numbers)")
         return value
 
     def _label(self, row, i, column, line):
@@ -207,9 +235,18 @@ class TableDataset(Dataset):
 
 
 def fit_standardisation(inputs, feature_names):
-    """Mean and standard deviation of each column of ``inputs`` (a constant column gets std 1), as plain lists."""
+    """Mean and standard deviation of each column of ``inputs`` (a constant column gets std 1), as plain lists.
+
+    Raises:
+        UserError: a column whose statistics overflow float64 (values near 1e308), naming it.
+    """
     mean = inputs.mean(dim=0)
     std = inputs.std(dim=0, unbiased=False)
+    for name, m, s, top in zip(feature_names, mean.tolist(), std.tolist(), inputs.abs().amax(dim=0).tolist()):
+        if not (math.isfinite(m) and math.isfinite(s)):
+            raise UserError(f"column {name!r}: its mean ({m}) and standard deviation ({s}) over the training rows"
+                            f" are not finite: values as large as {top:.3g} overflow; rescale the column (or leave it"
+                            " out of data_loader.args.features)")
     std = torch.where(std > 0, std, torch.ones_like(std))
     return {"features": list(feature_names), "mean": mean.tolist(), "std": std.tolist()}
 
@@ -294,7 +331,14 @@ class CsvDataLoader(BaseDataLoader):
             inputs = standardise(inputs, stats)
             if task == "regression" and "target" in stats:  # (a run saved before targets were scaled has none)
                 targets = ((targets.double() - stats["target"]["mean"]) / stats["target"]["std"]).to(torch.float32)
-        dataset = TableDataset(inputs.to(torch.float32), targets, table.class_names, stats)
+        inputs = inputs.to(torch.float32)
+        for values, what in ((inputs, None), (targets, target)):
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                row, *col = (~torch.isfinite(values)).nonzero()[0].tolist()
+                name = table.feature_names[col[0]] if col else what
+                raise UserError(f"{table.path} line {table.lines[row]}, column {name!r}: beyond float32's range"
+                                f" (about 3.4e38){' once standardised' if standardize else ''}: rescale the column")
+        dataset = TableDataset(inputs, targets, table.class_names, stats)
         indices = train_idx if training else test_idx
         super().__init__(dataset, batch_size, shuffle and training, validation_split if training else 0.0,
                          training=training, indices=indices.tolist(), **options)

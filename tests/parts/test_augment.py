@@ -63,6 +63,10 @@ def assert_same_batches(a, b):
     ({"trian": []}, "did you mean 'train'"),
     ({"train": {"type": "RandomCrop"}}, "expected a list"),
     ({"train": ["RandomCrop"]}, "naming a torchvision.transforms.v2 class"),
+    # the batched Normalize divided by zero: the run folder was made and the loss was NaN at step 1
+    ({"eval": [{"type": "Normalize", "args": {"mean": [0.5] * 3, "std": [0, 0, 0]}}]}, "is 0 for channels 0, 1, 2"),
+    ({"train": [{"type": "Normalize", "args": {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}}]}, "is 0 for channel 1,"),
+    ({"train": [{"type": "Normalize", "args": {"mean": [0.5, float("nan"), 0.5], "std": [1] * 3}}]}, "not a finite"),
 ])
 def test_bad_transforms_are_config_errors_at_construction(spec, expected):
     with pytest.raises(ConfigError) as info:

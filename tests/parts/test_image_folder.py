@@ -264,6 +264,125 @@ def test_bad_image_folder_is_one_line(tmp_path, case):
     assert not (root / ".cache").exists() or case.__name__ == "sizes_differ" or not any((root / ".cache").iterdir())
 
 
+# ------------------------------------------------------------------ links, one class, damage, memory (issue 24)
+
+
+def link_loops():
+    """(name, make the links under a three-class folder ``root``, the link the message must name)."""
+    def two_links_to_the_root(root):  # the scan grew exponentially (MemoryError after 51 s)
+        (root / "cat" / "up").symlink_to(root, target_is_directory=True)
+        (root / "cat" / "up2").symlink_to(root, target_is_directory=True)
+        return root / "cat" / "up"
+
+    def a_link_to_its_own_class(root):  # a loop inside the class folder
+        (root / "owl" / "again").symlink_to(root / "owl", target_is_directory=True)
+        return root / "owl" / "again"
+
+    def a_deep_link_to_its_parent(root):
+        (root / "dog" / "sub").mkdir()
+        (root / "dog" / "sub" / "back").symlink_to("..", target_is_directory=True)
+        return root / "dog" / "sub" / "back"
+
+    def a_relative_link_above_the_class(root):
+        (root / "cat" / "sub").mkdir()
+        (root / "cat" / "sub" / "top").symlink_to("../..", target_is_directory=True)
+        return root / "cat" / "sub" / "top"
+
+    return [two_links_to_the_root, a_link_to_its_own_class, a_deep_link_to_its_parent, a_relative_link_above_the_class]
+
+
+@pytest.mark.parametrize("case", link_loops(), ids=lambda f: f.__name__)
+def test_a_link_loop_in_an_image_folder_is_one_line_naming_the_link(folder, case):
+    link = case(folder)
+    with pytest.raises(UserError) as info:
+        image_loader(folder)
+    text = one_line(info)
+    assert str(link) in text and "loop" in text
+
+
+@pytest.mark.parametrize("link, target", [("train/cat/dogs", "train/dog"), ("train/owl/more", "test/owl")])
+def test_a_folder_reached_from_two_classes_or_splits_is_one_line(tmp_path, link, target):
+    make_folder(tmp_path / "train")
+    make_folder(tmp_path / "test", {"cat": 2, "dog": 2, "owl": 2})
+    (tmp_path / link).symlink_to(tmp_path / target, target_is_directory=True)
+    with pytest.raises(UserError) as info:
+        image_loader(tmp_path)
+    text = one_line(info)
+    assert str(tmp_path / target) in text and "one class" in text
+
+
+@pytest.mark.parametrize("link, target", [("cat/b", "cat/a"), ("cat/a/inner", "cat/b")])
+def test_a_folder_reached_twice_in_one_class_is_read_once(tmp_path, link, target):
+    root = make_folder(tmp_path / "data", {"cat": 4, "dog": 4})
+    write_image(root / "cat" / "a" / "x.png", (13, 11))
+    if target == "cat/b":
+        write_image(root / "cat" / "b" / "y.png", (13, 11))
+    (root / link).symlink_to(root / target, target_is_directory=True)  # not a loop: the target does not hold it
+    loader = image_loader(root, test_split=0, validation_split=0)
+    assert len(loader.dataset) == 8 + 1 + (target == "cat/b")
+
+
+@pytest.mark.parametrize("layout", [{"": {"cat": 4}}, {"train": {"cat": 3}, "test": {"cat": 2}}])
+def test_an_image_folder_with_one_class_is_one_line(tmp_path, layout):
+    for split, counts in layout.items():
+        make_folder(tmp_path / split, counts)
+    with pytest.raises(UserError) as info:
+        image_loader(tmp_path)
+    assert "one class folder (cat/)" in one_line(info)
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damaged, args", [
+    ("train/cat/03.png", {"in_memory": False}),  # streaming: found by a worker's traceback after the folder existed
+    ("train/dog/02.jpg", {"in_memory": False, "num_workers": 2}),
+    ("test/owl/01.png", {"in_memory": False}),  # only in test/: found after training
+    ("test/dog/01.jpg", {"in_memory": True}),
+    ("test/cat/00.png", {}),
+])
+def test_a_damaged_image_in_any_split_stops_the_training_loader(tmp_path, damaged, args):
+    make_folder(tmp_path / "train", {"cat": 4, "dog": 4, "owl": 4})
+    make_folder(tmp_path / "test", {"cat": 2, "dog": 2, "owl": 2})
+    truncate(tmp_path / damaged)
+    with pytest.raises(UserError) as info:
+        image_loader(tmp_path, **args)
+    assert f"cannot read image {tmp_path / damaged}" in one_line(info)
+    if args.get("in_memory") is False:  # skipped with a warning when asked, as in memory
+        loader = image_loader(tmp_path, skip_unreadable=True, **args)
+        assert len(loader.dataset) == 12 - damaged.startswith("train")
+
+
+@pytest.mark.parametrize("args, available, expected", [
+    ({"image_size": 100000}, None, "a batch of 8 images of 3x100000x100000"),
+    ({"image_size": 64, "batch_size": 64}, 2**20, "a batch of 24 images of 3x64x64 needs about 1.41 MiB"),
+    ({"image_size": 64, "batch_size": 2, "in_memory": True}, 250_000, "true holds 24 images of 3x64x64"),
+])
+def test_what_memory_cannot_hold_is_one_line_naming_both_numbers(folder, monkeypatch, args, available, expected):
+    if available is not None:
+        monkeypatch.setattr(image_folder, "available_memory", lambda: available)
+    with pytest.raises(UserError) as info:
+        image_loader(folder, **args)
+    text = one_line(info)
+    assert expected in text and "of memory available" in text
+    assert available is None or image_folder._bytes(available) in text
+
+
+@pytest.mark.parametrize("method", ["resize", "convert"])
+def test_running_out_of_memory_while_decoding_blames_image_size_not_the_file(folder, monkeypatch, method):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(Image.Image, method, out_of_memory)
+    path = folder / "cat" / "00.png"
+    with pytest.raises(UserError) as info:
+        image_folder.decode(path, 3, (50, 40))
+    text = one_line(info)
+    assert "image_size" in text and "50x40" in text and "00.png" not in text
+
+
 # --------------------------------------------------------------------------- as a user runs it
 
 

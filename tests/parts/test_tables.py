@@ -250,3 +250,49 @@ def test_diabetes_regression_scores_in_the_targets_units_and_matches_a_linear_mo
     loaded = predicting.load_for_inference(folder / "model_best.pth")
     predicted = torch.tensor([r["prediction"] for r in predicting.predict(loaded, [str(path)])], dtype=torch.float64)
     assert float((predicted[test_rows] - y[test_rows]).abs().mean()) == pytest.approx(ours, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- cells, headers, overflow (issue 24)
+
+
+@pytest.mark.parametrize("cell", ["seven", "inf", "-Infinity", "1\x00", "1e999"])
+def test_a_stray_cell_in_a_numeric_column_names_its_line_and_column(tmp_path, cell):
+    rows = table_rows(12)
+    rows[6][0] = cell  # was the column silently left out of the features (blamed on arch.args.input_size)
+    with pytest.raises(UserError) as info:
+        CsvDataLoader(write_csv(tmp_path / "t.csv", rows), "label")
+    text = one_line(info)
+    assert f"line 8, column 'a': {cell!r} is not a" in text and "11 of the column's 12 values" in text
+
+
+def test_a_text_column_is_still_not_a_feature(tmp_path):
+    rows = table_rows(12)
+    for row in rows[:5]:
+        row[2] = "7"  # a few numbers in a text column: still text
+    assert CsvDataLoader(write_csv(tmp_path / "t.csv", rows), "label").feature_names == ["a", "b"]
+
+
+@pytest.mark.parametrize("at, header", [(5, ("a", "b", "city", "label")), (12, (" a", "b ", "city", " label "))])
+def test_a_repeated_header_row_is_named_as_such(tmp_path, at, header):
+    rows = table_rows(12)
+    rows.insert(at, list(header))
+    with pytest.raises(UserError) as info:
+        CsvDataLoader(write_csv(tmp_path / "t.csv", rows), "label")
+    assert f"line {at + 2} repeats the first row" in one_line(info)
+
+
+@pytest.mark.parametrize("scale, column, args, expected", [
+    (1e308, "a", {}, "column 'a': its mean"),  # the sum overflows
+    (1e200, "b", {}, "column 'b': its mean"),  # the squares overflow
+    (1e39, "a", {"standardize": False}, "column 'a': beyond float32's range"),
+    (1e39, "label", {"task": "regression"}, "column 'label': beyond float32's range"),
+])
+def test_features_that_overflow_are_refused_naming_the_column(tmp_path, scale, column, args, expected):
+    rows = table_rows(40)
+    i = ("a", "b", "city", "label").index(column)
+    for k, row in enumerate(rows):
+        row[i] = f"{(k % 7 - 3) * scale:.6g}" if scale < 1e300 else f"{(0.5 + k % 7 / 10) * scale:.6g}"
+    with pytest.raises(UserError) as info:
+        CsvDataLoader(write_csv(tmp_path / "t.csv", rows), "label", **args)
+    text = one_line(info)
+    assert expected in text and ("line" in text) == ("float32" in text)
