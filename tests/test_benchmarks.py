@@ -80,6 +80,7 @@ def test_overhead_ab_loggers_pairs_a_second_trainer(tmp_path, capsys):
     assert f"Trainer with loggers {loggers} / Trainer with the default loggers" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # (make test's 5 minutes: run with make test-slow)
 def test_overhead_resnet_workload_runs_on_cpu(tmp_path):
     # The CUDA workload's code (torchvision ResNet-18, bf16 autocast, channels_last, device-resident data),
     # run eagerly on the CPU so that it is exercised where there is no GPU.

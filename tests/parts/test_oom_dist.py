@@ -254,6 +254,7 @@ def test_the_resume_command_of_the_message_works(stopped, torchrun):
     assert state["epoch"] == 2 and state["config"]["data_loader"]["args"]["batch_size"] == 8
 
 
+@pytest.mark.slow  # (make test's 5 minutes: run with make test-slow)
 def test_torchrun_restarts_do_not_train_into_the_same_error_again(tmp_path, torchrun):
     """With --max-restarts, torchrun restarts the processes that stopped for memory; -r auto would resume the same
     checkpoint with the same batch and run out at the same step. The restarted rounds stop at once instead."""

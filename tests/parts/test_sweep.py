@@ -43,6 +43,7 @@ def test_a_grid_runs_every_combination_and_a_crashing_trial_does_not_stop_it(tmp
     assert out.count("FAILED") == 2 and "trial-001" in out
 
 
+@pytest.mark.slow  # (make test's 5 minutes: run with make test-slow)
 def test_an_interrupted_sweep_resumes_without_running_a_trial_twice(tmp_path, capsys):
     path = write_config(tmp_path, save_period=1)
     argv = ["-c", str(path), "--grid", "optimizer.args.lr=0.1,0.05", "--name", "r"]
@@ -73,6 +74,7 @@ def test_a_sweep_folder_belongs_to_one_command(tmp_path, capsys):
     assert "holds a sweep of another command" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # (make test's 5 minutes: run with make test-slow)
 def test_seeds_and_folds_are_summarised_as_mean_and_std_of_the_trials(tmp_path, capsys):
     path = write_config(tmp_path, epochs=1, test_after_train=False)
     assert sweep_command(["-c", str(path), "--seeds", "0,1", "--folds", "2", "--name", "sf"]) == 0
