@@ -66,16 +66,16 @@ def atomic_write(path, mode="wb", expected_size=None):
 
 def lock_folder(folder):
     """Make this process the one writer of ``folder`` until the returned file is closed or the process dies (so a crash
-    leaves no stale lock): an exclusive ``flock`` of its ``.lock``, which holds the PID (without fcntl, nothing). The
+    leaves no stale lock): an exclusive ``lockf`` of its ``.lock``, which holds the PID (without fcntl, nothing). The
     temporary files :func:`atomic_write` left there are then a killed writer's: removed. UserError if it is held."""
     lock = open(Path(folder) / ".lock", "a+", encoding="utf-8")
-    try:
+    try:  # lockf, not flock: a lock of this process, which the DataLoader workers it forks do not hold on to
         import fcntl
 
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # (EAGAIN or EACCES: another process holds it)
         lock.close()
-        holder = Path(folder, ".lock").read_text().strip() or "?"  # (none yet: it is written right after the flock)
+        holder = Path(folder, ".lock").read_text().strip() or "?"  # (none yet: it is written right after the lock)
         raise UserError(f"run folder {folder} is in use by another process (PID {holder}): one process writes to a"
                         " run folder at a time; wait for it to end, or give another --run-id") from None
     except (ImportError, OSError):  # no fcntl (Windows), a file system without locks: nothing to lock
