@@ -265,7 +265,7 @@ def test_one_run_folder_and_one_event_file(two_proc):
     files = {p.name for p in models[0].iterdir()}
     assert {"checkpoint-epoch1.pth", "checkpoint-epoch2.pth", "last.pth", "model_best.pth", "config.json",
             "manifest.json"} <= files
-    assert not [name for name in files if name.startswith(".")], files  # no temporary files left behind
+    assert not [name for name in files if name.startswith(".") and name != ".lock"], files  # no temporary file left
     assert torch.load(models[0] / "model_best.pth", map_location="cpu", weights_only=True)["run_id"] == models[0].name
 
 
@@ -398,4 +398,4 @@ def test_sigterm_writes_one_resumable_checkpoint_and_every_rank_exits(tmp_path, 
     state = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] >= 1 and not any(k.startswith("module.") for k in state["model"])
     assert "Resume with" in log.read_text(), output[-4000:]
-    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no torn temporary file
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no torn temp file

@@ -523,7 +523,7 @@ def test_a_temporary_name_already_taken_is_drawn_again(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("target", ["last.pth", "checkpoint-epoch12.pth", "manifest.json", "model_best.pth"])
-def test_remove_stale_temp_files(tmp_path, target, monkeypatch):
+def test_lock_folder_removes_stale_temp_files(tmp_path, target, monkeypatch):
     # A real leftover: the name atomic_write gives its temporary file, kept by a write killed half-way.
     def killed(*args):
         raise KeyboardInterrupt
@@ -539,10 +539,9 @@ def test_remove_stale_temp_files(tmp_path, target, monkeypatch):
     for name in keep:
         (tmp_path / name).write_text("keep")
     (tmp_path / f".{target}.k3y_9Abc.tmp").mkdir()  # a folder of that shape is not ours
-    removed = io_utils.remove_stale_temp_files(tmp_path)
-    assert [p.name for p in removed] == leftovers
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, f".{target}.k3y_9Abc.tmp"])
-    assert io_utils.remove_stale_temp_files(tmp_path / "missing") == []
+    lock = io_utils.lock_folder(tmp_path)  # the one writer of the folder now: the leftovers are stale
+    lock.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, f".{target}.k3y_9Abc.tmp", ".lock"])
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link to fifo", "link to /dev/null", "/dev/null", "dangling link"])

@@ -24,7 +24,7 @@ from utils import dist
 from utils import parts as optional_parts
 from utils.config import check_path_component, flatten, init_obj, logger_entries, validate_config
 from utils.errors import ConfigError, UserError
-from utils.io import remove_stale_temp_files, write_json
+from utils.io import lock_folder, write_json
 
 
 def train(config=None, resume=None, run_id=None, init_from=None, init_strict=True, argv=None, overwrite=False):
@@ -158,9 +158,9 @@ def build_parts(config, device):
 
 
 def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
-    """Where the run goes, ``(run_id, checkpoint_dir, log_dir, branched_from)``, created by :func:`open_run`: for a
-    new run ``<save_dir>/models/<name>/<run_id>`` and ``<save_dir>/log/<name>/<run_id>`` (run id: the start time);
-    for a resume its checkpoint's folder, or a branch of it (:func:`utils.resume.resumed_folder`)."""
+    """Where the run goes, ``(run_id, checkpoint_dir, log_dir, branched_from)``, made and locked by :func:`open_run`:
+    for a new run ``<save_dir>/models/<name>/<run_id>`` and ``<save_dir>/log/<name>/<run_id>`` (run id: the start
+    time); for a resume its checkpoint's folder, or a branch of it (:func:`utils.resume.resumed_folder`)."""
     save_dir, name = Path(config["trainer"]["save_dir"]), config["name"]
     models, logs = save_dir / "models" / name, save_dir / "log" / name
     if run_id is not None and (problem := check_path_component(run_id, "--run-id")):
@@ -185,30 +185,31 @@ def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
 
 @contextlib.contextmanager
 def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=False):
-    """The run as a :class:`Run`: its folders (made by rank 0), logging, the writer of ``trainer.loggers`` (dropping
-    what an interrupted run logged after the checkpoint resumed in place), determinism; all undone at the end."""
+    """The run as a :class:`Run`: its folders (made and locked by rank 0), logging, the writer of ``trainer.loggers``
+    (dropping what an interrupted run logged after the checkpoint it resumes), determinism; all undone at the end."""
     from logger.logger import WriterContext, close_logging, open_writer, setup_logging
 
-    cfg, info = config["trainer"], info or dist.DistInfo()
-    if info.enabled:  # rank 0 picks the folders, and every rank gets the same ones (or the same error)
+    cfg, info, held = config["trainer"], info or dist.DistInfo(), []
+    run_writes = all(optional_parts.call_each(config, "writes", config))  # False: a dry run (fast_dev_run)
+    writes = info.is_main and run_writes
+
+    def chosen():  # the folders, made and locked (one writer per run folder) before anything is written there
+        folders = run_folders(config, run_id, resume, state, overwrite)
+        if writes:
+            try:
+                folders[1].mkdir(parents=True, exist_ok=True)
+                held.append(lock_folder(folders[1]))  # (and temporary files a kill -9 left mid-write removed)
+                folders[2].mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"trainer.save_dir: cannot create the run folders under {cfg['save_dir']}: "
+                                f"{err.strerror or err}; choose a folder you can write to") from None
+        return folders
+
+    if info.enabled:  # rank 0 chooses, makes and locks the folders; every rank gets the same ones (or the same error)
         from trainer.torchrun import agree_on_run
 
-        folders = agree_on_run(lambda: run_folders(config, run_id, resume, state, overwrite), info)
-    else:
-        folders = run_folders(config, run_id, resume, state, overwrite)
-    run_id, checkpoint_dir, log_dir, branched_from = folders
-    # A dry run (a part's writes(config) is False: fast_dev_run) creates no folder and writes no file.
-    run_writes = all(optional_parts.call_each(config, "writes", config))
-    writes = info.is_main and run_writes
-    if writes:
-        try:
-            if checkpoint_dir.is_dir():  # temporary files a kill -9 left in the middle of a write
-                remove_stale_temp_files(checkpoint_dir)
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            log_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"trainer.save_dir: cannot create the run folders under {cfg['save_dir']}: "
-                            f"{err.strerror or err}; choose a folder you can write to") from None
+        chosen = functools.partial(agree_on_run, chosen, info)
+    run_id, checkpoint_dir, log_dir, branched_from = chosen()
     logger = setup_logging(log_dir if writes else None, cfg["verbosity"] if info.is_main else 0)
     purge = state["global_step"] + 1 if state else 0 if overwrite else None  # (a restart drops the try before's)
     context = WriterContext(config, log_dir, run_id, state, purge, branched_from is not None, logger)
@@ -223,6 +224,8 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
         torch.use_deterministic_algorithms(deterministic_before)
         writer.close()
         close_logging()
+        for lock in held:
+            lock.close()  # the next writer may come
 
 
 # --------------------------------------------------------------------------- 5. before and after training

@@ -1,8 +1,8 @@
-"""Crash-safe file writes, and reading a checkpoint back.
+"""Crash-safe file writes, one writer per run folder, and reading a checkpoint back.
 
-Every file the project writes goes through :func:`atomic_write`: a temporary file beside the target,
-fsynced, then renamed over it (``os.replace`` is atomic), so a ``kill -9`` leaves the old file or the new
-one, never a torn one; a failed write leaves the old file and raises a one-line WriteError.
+Every file the project writes goes through :func:`atomic_write`: a temporary file beside the target, fsynced, then
+renamed over it (``os.replace`` is atomic), so a ``kill -9`` leaves the old file or the new one, never a torn one; a
+failed write leaves the old file and raises a one-line WriteError. A run holds :func:`lock_folder` on its folder.
 :func:`load_checkpoint` checks a checkpoint's whole structure, so the code after it may index any key.
 """
 
@@ -26,7 +26,7 @@ def atomic_write(path, mode="wb", expected_size=None):
     28), an unwritable folder WriteError (73). ``expected_size``: the bytes to write, if known, for that message."""
     path = Path(path)
     for attempt in range(5):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # a name remove_stale_temp_files knows
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # a name lock_folder knows
         try:  # O_EXCL: a file of our own. (mkstemp would make it 0600; os.open's mode goes through the umask.)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
             break
@@ -64,20 +64,28 @@ def atomic_write(path, mode="wb", expected_size=None):
             os.close(fd)
 
 
-def remove_stale_temp_files(folder):
-    """Delete the temporary files (``.<name>.XXXXXXXX.tmp``) :func:`atomic_write` left in ``folder`` when a process
-    was killed mid-write; call it when no other process writes there. Returns the paths removed."""
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
+def lock_folder(folder):
+    """Make this process the one writer of ``folder`` until the returned file is closed or the process dies (so a crash
+    leaves no stale lock): an exclusive ``lockf`` of its ``.lock``, which holds the PID (without fcntl, nothing). The
+    temporary files :func:`atomic_write` left there are then a killed writer's: removed. UserError if it is held."""
+    lock = open(Path(folder) / ".lock", "a+", encoding="utf-8")
+    try:  # lockf, not flock: a lock of this process, which the DataLoader workers it forks do not hold on to
+        import fcntl
+
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # (EAGAIN or EACCES: another process holds it)
+        lock.close()
+        holder = Path(folder, ".lock").read_text().strip() or "?"  # (none yet: it is written right after the lock)
+        raise UserError(f"run folder {folder} is in use by another process (PID {holder}): one process writes to a"
+                        " run folder at a time; wait for it to end, or give another --run-id") from None
+    except (ImportError, OSError):  # no fcntl (Windows), a file system without locks: nothing to lock
+        pass
+    lock.truncate(0)
+    print(os.getpid(), file=lock, flush=True)
+    for entry in os.scandir(folder):
         if _TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
+            Path(entry.path).unlink(missing_ok=True)
+    return lock
 
 
 def write_json(path, obj):
@@ -117,17 +125,10 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
         raise UserError(not_a_checkpoint_file(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except PermissionError:
-        raise UserError(f"checkpoint {path} cannot be read: permission denied") from None
     except Exception as err:  # torch raises many kinds for a damaged file; all mean the same to the user
-        from utils.io_problems import unreadable_reason
+        from utils.io_problems import unreadable_checkpoint
 
-        reason = unreadable_reason(err, path)
-        if reason.startswith("refused"):
-            raise UserError(f"checkpoint {path} was {reason}; it may run code: load it only if you trust its"
-                            " source") from None
-        raise UserError(f"checkpoint {path} cannot be read (damaged, truncated or not a PyTorch file):"
-                        f" {reason}") from None
+        raise UserError(unreadable_checkpoint(err, path)) from None
     # The finite weights of a sound checkpoint (test.py, a run's final test) pass this one check; anything else is
     # checked key by key, so that each problem (a missing key, the first tensor holding a NaN) is named.
     model = state.get("model") if isinstance(state, dict) else None

@@ -246,6 +246,16 @@ def _foreign_globals(path, limit=3):
     return found
 
 
+def unreadable_checkpoint(err, path):
+    """The line of load_checkpoint for a checkpoint ``path`` that ``torch.load`` could not read (``err``)."""
+    if isinstance(err, PermissionError):
+        return f"checkpoint {path} cannot be read: permission denied"
+    reason = unreadable_reason(err, path)
+    if reason.startswith("refused"):
+        return f"checkpoint {path} was {reason}; it may run code: load it only if you trust its source"
+    return f"checkpoint {path} cannot be read (damaged, truncated or not a PyTorch file): {reason}"
+
+
 def unreadable_reason(err, path=None):
     """One line saying why ``torch.load`` refused a file; for a refused pickle, the global it asked for."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message

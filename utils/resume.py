@@ -314,6 +314,12 @@ def resume_point(config, resume, run_id, overwrite, registries):
             raise UserError(problem)
         checked = validate_config(config, registries)
         path, state, found_id, skipped = find_resumable(checked, run_id)
+        if skipped and state is None and not overwrite:  # only damaged checkpoints: nothing is started over them
+            folder = Path(checked["trainer"]["save_dir"]) / "models" / checked["name"] / found_id
+            names = ", ".join(sorted(p.name for p in resumable_checkpoints(folder)))
+            raise UserError(f"-r auto: every checkpoint of run {folder} is damaged ({names}), so there is nothing to"
+                            " resume and nothing was started; to start this run over, replacing them, add --overwrite,"
+                            " or start a new run with another --run-id")
         run_id, resume, overwrite = found_id or run_id, str(path) if path else None, True
         if state is None:  # nothing to resume: the run starts
             _say(fresh_start_line(checked, run_id, skipped))
