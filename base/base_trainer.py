@@ -1,5 +1,5 @@
-"""The epoch loop and everything around it: monitoring, checkpoints, exact resume, interruption, seeding; and
-the moments a part acts at (:class:`Hook`). Subclasses provide :meth:`train_epoch`, :meth:`valid_epoch` and
+"""The epoch loop and everything around it: monitoring, checkpoints, exact resume, interruption, seeding (the
+moments a part acts at are in base/base_hook.py). Subclasses provide :meth:`train_epoch`, :meth:`valid_epoch` and
 :meth:`log_epoch`.
 
 A checkpoint holds everything the rest of the run depends on (weights, optimizer, scheduler, scaler, counters,
@@ -130,55 +130,6 @@ class Run:
     writes: bool = True
 
 
-class Hook:
-    """Optional behaviour at a fixed moment of a run; every moment does nothing unless overridden.
-
-    A part returns hooks from its ``hooks()`` (utils/parts.py). A hook may use the trainer's public attributes and
-    methods: ``global_step``, ``batch_in_epoch``, ``batches_per_epoch()``, ``valid_epoch(epoch)``,
-    ``update_monitor(result)``, ``save_resumable(name)`` (a mid-epoch checkpoint), ``end_run(reason)`` and
-    ``finished``, ``ask_to_stop(exit_code, why)``, ``no_sync(last)``, ``autocast``, ``train_metrics``,
-    ``epoch_metrics``; it may set ``epochs``, ``len_epoch`` (None: one pass over the data), ``val_batch_limit``
-    (None: all), ``accumulate`` and ``params`` (what is clipped). ``trainer.run.writes`` is False in a dry run.
-    """
-
-    def training(self, trainer):
-        """A context manager around the whole of training, its checkpoint restored (anomaly mode, say)."""
-        return contextlib.nullcontext()
-
-    def before_epoch(self, trainer, epoch):
-        """Before the epoch's first batch (a freezing schedule)."""
-
-    def after_step(self, trainer, epoch, batch_idx):
-        """After each optimizer step. Only hooks overriding it are called, so a run without them pays nothing per
-        step; it must take negligible time unless it acts."""
-
-    def on_train_error(self, trainer, epoch, error):
-        """An exception left the epoch's steps. None lets it propagate; a hook that can recover returns a function,
-        called once the failed step's frames (and tensors) are gone, returning the batch to redo the epoch from."""
-        return None
-
-    def after_train_epoch(self, trainer, epoch, last_batch):
-        """After the epoch's last step, before validation; ``last_batch`` is the last input batch."""
-
-    def validating(self, trainer):
-        """A context manager around each validation (an EMA scores its averaged weights inside it)."""
-        return contextlib.nullcontext()
-
-    def after_validation(self, trainer, epoch, result):
-        """After each validation, before its values (no ``val_`` prefix) are used: a part's metric of
-        ``Parts.valid_metric_fns`` is taken out here (the confusion matrix)."""
-
-    def after_epoch(self, trainer, epoch, result):
-        """After validation and the monitor's update, before the epoch's checkpoints (``val_*`` in ``result``)."""
-
-    def state_dict(self):
-        """The top-level keys this hook adds to a checkpoint."""
-        return {}
-
-    def load_state_dict(self, trainer, state):
-        """Restore them; runs before the model and optimizer are, as a hook may change the parameter groups."""
-
-
 class BaseTrainer:
     """Runs epochs, validates, monitors a metric, saves and restores checkpoints, for ``config`` (checked; its
     ``"trainer"`` holds the settings), ``parts`` (:class:`Parts`) and ``run`` (:class:`Run`)."""
@@ -209,7 +160,7 @@ class BaseTrainer:
         self.stopped_by = None  # the stop last.pth is written for, and where (torchrun's launch and round)
         self.ended_by = None  # why a hook ended the run (end_run): the end-of-run log and result.json say it
         self.final_metrics = {}
-        self.hooks = []  # optional behaviour at fixed moments (Hook); a subclass fills it
+        self.hooks = []  # optional behaviour at fixed moments (base/base_hook.py); a subclass fills it
 
     # ------------------------------------------------------------------ the loop
 

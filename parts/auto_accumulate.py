@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import RunStopped
-from base.base_trainer import Hook, rng_state, set_rng_state
+from base.base_hook import Hook
+from base.base_trainer import rng_state, set_rng_state
 from utils import dist_round
 from utils.io import write_json
 from utils.resume import batch_counts, newest_first

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from base.base_trainer import Hook
+from base.base_hook import Hook
 from utils.config import boolean, metric_name
 from utils.errors import ConfigError, UserError
 from trainer.trainer import EpochMetric

@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from base.base_trainer import Hook
+from base.base_hook import Hook
 from utils.config import boolean, non_negative_int
 from utils.config_extra import optional
 

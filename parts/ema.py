@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from base.base_trainer import Hook
+from base.base_hook import Hook
 from utils.config import boolean, non_negative_int, positive_int
 from utils.config_extra import feature_settings, settings_of
 

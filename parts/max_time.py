@@ -16,7 +16,7 @@ import re
 import time
 
 from base.base_trainer import RunStopped
-from base.base_trainer import Hook
+from base.base_hook import Hook
 from utils import dist
 
 EXIT_OUT_OF_TIME = 75

@@ -12,7 +12,9 @@ import json
 
 import torch
 
-from base.base_trainer import Hook, rng_state, set_rng_state
+from base.base_hook import Hook
+
+from base.base_trainer import rng_state, set_rng_state
 
 
 def check(config):

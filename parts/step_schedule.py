@@ -12,7 +12,7 @@ Each is null or 0 (off, the default) or a number of optimizer steps.
 
 import json
 
-from base.base_trainer import Hook
+from base.base_hook import Hook
 from utils.config import positive_int
 
 KEYS = ("val_every_n_steps", "save_every_n_steps")

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from base.base_trainer import Hook
+from base.base_hook import Hook
 from utils.config import apply_overrides, check_path_component, load_config, parse_value, validate_config
 from utils.errors import UserError
 from utils.io import write_json

@@ -202,7 +202,7 @@ def save_last_hook(every):
     """A hook writing a resumable ``last.pth`` every ``every`` optimizer steps of a run that goes on, through the core's
     ``save_resumable``: what the core's tests need of a mid-epoch checkpoint (a crash or a kill after it, a resume
     from it), without an optional part's config key."""
-    from base.base_trainer import Hook
+    from base.base_hook import Hook
 
     class SaveLast(Hook):
         def after_step(self, trainer, epoch, batch_idx):

@@ -402,7 +402,7 @@ def test_a_hook_stops_the_run_with_its_own_exit_code_and_a_resumable_checkpoint(
     """A hook asks the run to stop (trainer.ask_to_stop, as parts/max_time.py does): last.pth after that step, the
     hook's exit code, and the checkpoint says why it was written; -r auto then ends as the run left alone."""
     import trainer.trainer as trainer_module
-    from base.base_trainer import Hook
+    from base.base_hook import Hook
     from trainer.trainer import hooks_for
 
     class StopAtStep17(Hook):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from base.base_trainer import Hook
+from base.base_hook import Hook
 from conftest import make_config, with_changes
 from trainer import cli
 

@@ -255,7 +255,7 @@ def test_a_stop_is_said_once(tmp_path, capsys, monkeypatch):
     import signal
 
     import trainer.trainer
-    from base.base_trainer import Hook
+    from base.base_hook import Hook
     from trainer.trainer import hooks_for
 
     class TermAtEpoch2(Hook):

@@ -19,7 +19,7 @@ import torch
 from base.base_trainer import RunStopped
 from conftest import make_config, with_changes
 from trainer import cli, run
-from base.base_trainer import Hook
+from base.base_hook import Hook
 from trainer.trainer import hooks_for
 
 ROOT = Path(__file__).resolve().parents[1]

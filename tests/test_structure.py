@@ -141,7 +141,7 @@ def test_default_run_imports_no_optional_module(tmp_path):
     # a failed write's message and the checkpoint checks, the per-sample data path, the K-fold and stratified splits,
     # torchrun's process group, a stop's last.pth.
     others = {"utils.resume", "data_loader.builtin", "model.builtin", "utils.io_problems", "base.sample_loader",
-              "base.splits", "utils.dist_round", "base.stopping"}
+              "base.splits", "utils.dist_round", "base.stopping", "base.base_hook"}
     assert not others & set(loaded), sorted(others & set(loaded))
 
 

@@ -145,9 +145,9 @@ def _failing_forward(monkeypatch, at):
 
 
 def test_a_hook_may_redo_an_epoch_after_an_error_and_runs_its_context_around_training(tiny_config, monkeypatch):
-    """The moments base/base_trainer.py's Hook offers a part: ``training`` around the whole of training, and ``on_train_error``,
+    """The moments base/base_hook.py's Hook offers a part: ``training`` around the whole of training, and ``on_train_error``,
     whose function runs once the error is let go and names the batch to go on from."""
-    from base.base_trainer import Hook
+    from base.base_hook import Hook
 
     class Recover(Hook):
         events = []
@@ -172,7 +172,7 @@ def test_a_hook_may_redo_an_epoch_after_an_error_and_runs_its_context_around_tra
 
 
 def test_an_error_no_hook_takes_propagates(tiny_config, monkeypatch):
-    from base.base_trainer import Hook
+    from base.base_hook import Hook
 
     events = []
 

@@ -9,7 +9,9 @@ import itertools
 
 import torch
 
-from base.base_trainer import Hook, RunStopped
+from base.base_hook import Hook
+
+from base.base_trainer import RunStopped
 
 
 def core_hooks(cfg, parts, run):

@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from base.base_trainer import BaseTrainer, Hook
+from base.base_trainer import BaseTrainer
 
 
 def hooks_for(config, parts, run):
@@ -32,7 +32,11 @@ def hooks_for(config, parts, run):
 
 
 def step_hooks(hooks):
-    """The hooks that act after every step: those overriding :meth:`Hook.after_step`."""
+    """The hooks that act after every step: those overriding :meth:`Hook.after_step` (base/base_hook.py)."""
+    if not hooks:
+        return []
+    from base.base_hook import Hook
+
     return [hook for hook in hooks if type(hook).after_step is not Hook.after_step]
 
 

@@ -6,7 +6,7 @@ one of its loaders, models, metrics or loggers); a config using a deleted part g
 
 A part's module may define (each optional; the core calls what is there): ``check(config) -> [problem lines]``
 (its keys' checks and defaults); ``prepare(config, parts)`` (change or refuse the built components before the
-dry batch); ``hooks(config, parts, run) -> [Hook]`` (base/base_trainer.py); ``check_resume(state, checkpoint)``
+dry batch); ``hooks(config, parts, run) -> [Hook]`` (base/base_hook.py); ``check_resume(state, checkpoint)``
 (raise RunStopped: this launch must not train on); ``evaluated_weights(state)`` (other weights to score, the
 EMA's); ``writes(config) -> bool`` (False: a dry run); ``FIXED_MID_EPOCH`` / ``BATCH_COUNTS`` (utils/resume.py);
 ``LOADERS`` / ``model(name)`` / ``metric(name)`` / ``writer(name, settings, context)`` for what it provides;
