@@ -54,6 +54,13 @@ class _ConsoleHandler(logging.StreamHandler):
 
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
+        except RuntimeError:  # "reentrant call": a signal handler's line while this thread was writing one
+            try:
+                os.write(self.stream.fileno(), f"{self.format(record)}\n".encode())
+            except (OSError, ValueError):
+                pass
+        except BrokenPipeError:  # the reader went away (train.py | head): the rest is in info.log
+            self.setLevel(logging.CRITICAL + 1)
         except Exception:
             self.handleError(record)
 

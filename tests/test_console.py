@@ -167,3 +167,43 @@ def test_a_small_validation_set_is_said_to_move_accuracy_in_steps(tmp_path, caps
                            ("large", dict(data_loader__args__num_samples=2000))):
         code, out = run_cli(tmp_path, capsys, with_changes(config, **changes), "--run-id", other)
         assert code == 0 and "moves in steps" not in out, out
+
+
+class _Failing:
+    """A console stream whose writes fail as a real one does at the worst moments."""
+
+    def __init__(self, error, fd):
+        self.error, self.fd = error, fd
+
+    def write(self, text):
+        raise self.error
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self.fd
+
+
+def test_the_console_survives_a_signal_handlers_line_and_a_closed_pipe(tmp_path, capsys):
+    """A Ctrl-C's "stopping after the current step" line arriving while the main thread is writing (Python: "reentrant
+    call") still reaches the console, through the file descriptor; a reader gone away (`train.py | head`) mutes the
+    console instead of printing a logging traceback for every later line."""
+    import logging
+    import os
+
+    from logger.logger import _ConsoleHandler
+
+    record = logging.LogRecord("train", logging.WARNING, __file__, 1, "SIGINT received: stopping", None, None)
+    out = tmp_path / "console.txt"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT)
+    try:
+        handler = _ConsoleHandler(_Failing(RuntimeError("reentrant call inside <_io.BufferedWriter name='<stdout>'>"), fd))
+        handler.emit(record)
+    finally:
+        os.close(fd)
+    assert out.read_text() == "SIGINT received: stopping\n"
+    handler = _ConsoleHandler(_Failing(BrokenPipeError(32, "Broken pipe"), -1))
+    handler.emit(record)
+    handler.handle(record)  # (handle checks the level: muted)
+    assert "Logging error" not in capsys.readouterr().err
