@@ -14,6 +14,7 @@ from parts.sweep import PLOT, PRUNED, Sweep, parse_random, plot_figure, sweep_co
 LR = "optimizer.args.lr"
 
 
+@pytest.mark.slow  # (make test's 5 minutes: run with make test-slow)
 def test_a_study_resumes_from_its_database_and_prunes_through_the_epoch_reports(tmp_path, capsys, monkeypatch):
     path = write_config(tmp_path, tensorboard=True, test_after_train=False)  # 2 epochs
     folder = tmp_path / "saved/sweeps/o"
