@@ -325,6 +325,7 @@ def resume_point(config, resume, run_id, overwrite, registries):
             _say(fresh_start_line(checked, run_id, skipped))
             return dict(config=checked, run_id=run_id, overwrite=True, skipped=skipped)
         if done := run_is_finished(state, checked):
+            score_interrupted_test(path.parent)  # the test scoring after training was stopped: done now
             raise RunStopped(f"{path}: nothing to resume: {done}", exit_code=0)
         _say(f"-r auto: resuming {path} (epoch {state['epoch']}, step {state['global_step']})")
     else:
@@ -335,6 +336,30 @@ def resume_point(config, resume, run_id, overwrite, registries):
     parts.call_each(config, "check_resume", state, resume)  # a part may refuse to train on in this launch
     return dict(config=config, state=state, resume=resume, run_id=run_id, overwrite=overwrite, changes=changes,
                 skipped=skipped)
+
+
+def score_interrupted_test(folder):
+    """When a stop signal ended the test scoring after training (``result.json`` names a ``test_checkpoint`` but
+    holds no ``test`` values), score it now, as the run would have, and stop (exit 0) with its scores."""
+    import json
+
+    from base.base_trainer import RunStopped
+    from trainer.run import evaluate_checkpoint
+    from utils.io import write_json
+
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(result, dict) or result.get("test") is not None or not result.get("test_checkpoint"):
+        return
+    checkpoint = folder / result["test_checkpoint"]
+    _say(f"-r auto: training of {folder} is complete, its test scoring was stopped: scoring {checkpoint}")
+    result["test"] = evaluate_checkpoint(checkpoint, progress=False)
+    write_json(folder / "result.json", result)
+    shown = "  ".join(f"{k} {v:.6g}" for k, v in result["test"].items() if k != "n_samples")
+    raise RunStopped(f"training is complete; test split ({result['test']['n_samples']} samples, {checkpoint.name}):"
+                     f" {shown} (written to result.json)", exit_code=0)
 
 
 def _say(line):
