@@ -30,10 +30,8 @@ def continues_at(trainer):
 
 
 def scoring_stopped(checkpoint, signum):
-    """The :class:`RunStopped` of stop signal ``signum`` during the test scoring after training: the training is
-    complete and ``result.json`` written (without the test values), so it says how to score the test split."""
-    from base.base_trainer import RunStopped
-
-    return RunStopped(f"{signal.Signals(signum).name} during the test scoring: training is complete (result.json is"
-                      f" written, without test values); score it with: python test.py -r {checkpoint}"
-                      " (or the same command with -r auto)", exit_code=128 + signum)
+    """The arguments of the ``RunStopped`` of stop signal ``signum`` during the test scoring after training: the
+    training is complete and ``result.json`` written (without the test values), so it says how to score the test."""
+    return {"message": f"{signal.Signals(signum).name} during the test scoring: training is complete (result.json is"
+                       f" written, without test values); score it with: python test.py -r {checkpoint}"
+                       " (or the same command with -r auto)", "exit_code": 128 + signum}

@@ -40,7 +40,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     if resume:  # 1. the config, checked (the checkpoint's too): nothing is written before
         from utils.resume import resume_point
 
-        start = Start(**resume_point(config, resume, run_id, overwrite, build.registries()))
+        start = Start(**resume_point(config, resume, run_id, overwrite, build.registries(), evaluate_checkpoint))
     else:
         start = Start(checked_config(config)[0], run_id=run_id)
     info, device = dist.setup(build.resolve_device(start.config["device"]))  # 2. the device and process group
@@ -346,7 +346,7 @@ def stop_scoring(checkpoint, signum, frame):
     """A stop signal during :func:`end`'s test scoring: the run's one line (base/stopping.py), raised."""
     from base.stopping import scoring_stopped
 
-    raise scoring_stopped(checkpoint, signum)
+    raise RunStopped(**scoring_stopped(checkpoint, signum))
 
 
 # --------------------------------------------------------------------------- test.py
