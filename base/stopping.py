@@ -1,5 +1,8 @@
 """What a run stopping early (a signal, a hook's ``ask_to_stop``) needs and a default run does not, imported then:
-the resumable ``last.pth``, and where a resume continues (the words ``utils/resume.py`` repeats when it does)."""
+the resumable ``last.pth``, and where a resume continues (the words ``utils/resume.py`` repeats when it does); and
+the line of a stop during the test scoring after training (trainer/run.py: end)."""
+
+import signal
 
 from utils import dist
 
@@ -24,3 +27,11 @@ def continues_at(trainer):
     or the validation of an epoch whose batches are all done."""
     epoch, batch, of = trainer.epoch + 1, trainer.batch_in_epoch + 1, trainer.batches_per_epoch()
     return f"epoch {epoch}, batch {batch} of {of}" if batch <= of else f"the validation of epoch {epoch}"
+
+
+def scoring_stopped(checkpoint, signum):
+    """The arguments of the ``RunStopped`` of stop signal ``signum`` during the test scoring after training: the
+    training is complete and ``result.json`` written (without the test values), so it says how to score the test."""
+    return {"message": f"{signal.Signals(signum).name} during the test scoring: training is complete (result.json is"
+                       f" written, without test values); score it with: python test.py -r {checkpoint}"
+                       " (or the same command with -r auto)", "exit_code": 128 + signum}

@@ -69,9 +69,16 @@ def parse(parser, argv):
 
 
 def overrides_of(args):
-    """The ``key.path=VALUE`` overrides a command line asks for, the shortcuts' (:data:`SHORTCUTS`) after the rest."""
+    """The ``key.path=VALUE`` overrides a command line asks for, the shortcuts' (:data:`SHORTCUTS`) after the rest;
+    a shortcut and an override of its key both given is a UserError (which one should win is nobody's guess)."""
     values = vars(args)
-    return [*args.overrides, *(f"{key}={values[key]}" for _, key, _ in SHORTCUTS if values.get(key) is not None)]
+    given = {key: flags[-1] for flags, key, _ in SHORTCUTS if values.get(key) is not None}
+    if twice := [item for item in args.overrides if item.partition("=")[0] in given]:
+        from utils.errors import UserError
+
+        key = twice[0].partition("=")[0]
+        raise UserError(f"{given[key]} {values[key]} and the override {twice[0]} both set {key}: give one of them")
+    return [*args.overrides, *(f"{key}={values[key]}" for key in given)]
 
 
 def train_command(argv=None):

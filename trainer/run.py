@@ -10,14 +10,16 @@ import datetime
 import functools
 import json
 import platform
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from base.base_trainer import Parts, Run, RunStopped, seed_everything
+from base.base_trainer import STOP_SIGNALS, Parts, Run, RunStopped, seed_everything
 from logger.logger import RESULT
 from trainer import build
 from utils import dist
@@ -38,7 +40,7 @@ def train(config=None, resume=None, run_id=None, init_from=None, init_strict=Tru
     if resume:  # 1. the config, checked (the checkpoint's too): nothing is written before
         from utils.resume import resume_point
 
-        start = Start(**resume_point(config, resume, run_id, overwrite, build.registries()))
+        start = Start(**resume_point(config, resume, run_id, overwrite, build.registries(), evaluate_checkpoint))
     else:
         start = Start(checked_config(config)[0], run_id=run_id)
     info, device = dist.setup(build.resolve_device(start.config["device"]))  # 2. the device and process group
@@ -314,22 +316,37 @@ def end(trainer, metrics, seconds):
         logger.warning(f"Skipped {trainer.nonfinite_skips} steps with a non-finite loss (trainer.skip_nonfinite)")
     lines.append(f"Checkpoints: {folder}")
     scored = best if best.is_file() else folder / f"checkpoint-epoch{metrics.get('epoch')}.pth"
-    scores = None
-    if config["trainer"].get("test_after_train", True) and scored.is_file():
+    scoring = config["trainer"].get("test_after_train", True) and scored.is_file()
+    # What a script (a sweep, say) reads of the run: its final, best and test values; written before the test scoring
+    # too ("test" null, "test_checkpoint" named), so a stop during it loses nothing (-r auto then scores it).
+    result = {"run_id": run.run_id, "epochs": trainer.epoch, "steps": trainer.global_step, "seconds": round(seconds, 3),
+              "final": metrics, "monitor": trainer.monitor_key, "best": best_value, "best_epoch": trainer.best_epoch,
+              "ended_by": trainer.ended_by, "test": None, "test_checkpoint": scored.name if scoring else None}
+    if scoring:  # a stop signal now ends the run with one line: training is complete, and how to score it
+        main = threading.current_thread() is threading.main_thread()  # (handlers can only be set there)
+        kept = {sig: signal.signal(sig, functools.partial(stop_scoring, scored)) for sig in STOP_SIGNALS if main}
+        write_json(folder / "result.json", result)
         try:
-            scores = evaluate_checkpoint(scored, progress=False)
+            result["test"] = evaluate_checkpoint(scored, progress=False)
         except UserError as err:  # no test split, say: the run itself succeeded
             lines.append(f"Test split not scored: {err.problems[0]}")
+            result["test_checkpoint"] = None
         else:
-            shown = "  ".join(f"{k} {v:.6g}" for k, v in scores.items() if k != "n_samples")
-            lines.append(f"Test split ({scores['n_samples']} samples, {scored.name}): {shown}")
+            shown = "  ".join(f"{k} {v:.6g}" for k, v in result["test"].items() if k != "n_samples")
+            lines.append(f"Test split ({result['test']['n_samples']} samples, {scored.name}): {shown}")
+        finally:
+            for sig, handler in kept.items():
+                signal.signal(sig, handler)
     for line in lines:  # the end block: shown at every verbosity
         logger.log(RESULT, line)
-    # What a script (a sweep, say) reads of the run: its final, best and test values.
-    write_json(folder / "result.json", {
-        "run_id": run.run_id, "epochs": trainer.epoch, "steps": trainer.global_step, "seconds": round(seconds, 3),
-        "final": metrics, "monitor": trainer.monitor_key, "best": best_value, "best_epoch": trainer.best_epoch,
-        "ended_by": trainer.ended_by, "test": scores, "test_checkpoint": scored.name if scores else None})
+    write_json(folder / "result.json", result)
+
+
+def stop_scoring(checkpoint, signum, frame):
+    """A stop signal during :func:`end`'s test scoring: the run's one line (base/stopping.py), raised."""
+    from base.stopping import scoring_stopped
+
+    raise RunStopped(**scoring_stopped(checkpoint, signum))
 
 
 # --------------------------------------------------------------------------- test.py

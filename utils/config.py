@@ -10,6 +10,7 @@ import copy
 import inspect
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -188,9 +189,10 @@ monitor_string = Check(lambda v: isinstance(v, str) and (v == "off" or re.fullma
 metric_list = Check(lambda v: isinstance(v, list) and all((isinstance(m, str) and m) or isinstance(m, dict) for m in v),
                     'a list of metric names, or {"type": ..., "args": {...}} entries naming a part\'s metric')
 # A run's name and its run id become save_dir/models/<name>/<run_id>: each one folder name (not "." or "..", no
-# separator, NUL or invalid UTF-8, at most NAME_MAX bytes), or the run would be written outside save_dir or fail.
+# separator, control character or invalid UTF-8, at most NAME_MAX bytes), or the run would be written outside save_dir
+# or fail.
 folder_name = Check(lambda v: isinstance(v, str) and v not in ("", ".", "..") and not re.search(
-    r"[/\\\x00\ud800-\udfff]", v) and len(v.encode("utf-8")) <= NAME_MAX, "a single folder name")
+    r"[/\\\x00-\x1f\x7f-\x9f\ud800-\udfff]", v) and len(v.encode("utf-8")) <= NAME_MAX, "a single folder name")
 
 CORE_LOGGERS = ("tensorboard",)  # the trainer.loggers name the core writes itself (logger/logger.py)
 
@@ -393,6 +395,10 @@ def validate_config(config, registries):
         problems.extend(err.problems)
     if problems:  # (a deleted part named twice, by its key and by a name it provides, is one line)
         raise ConfigError(*dict.fromkeys(problems))
+    # "~" is the home folder, as in a shell: expanded here, so the run, its messages and config.json say one path
+    for args, key in ((t, "save_dir"), *((out["data_loader"]["args"], k) for k in ("data_dir", "path", "cache_dir"))):
+        if isinstance(args.get(key), str):
+            args[key] = os.path.expanduser(args[key])
     return out
 
 

@@ -240,6 +240,9 @@ def path_component_problem(value, where):
     separators = [s for s in ("/", "\\") if s in value]
     if "\0" in value:
         return f"{where}: got {short}, which contains a NUL character; use a plain folder name"
+    if control := re.search(r"[\x01-\x1f\x7f-\x9f]", value):
+        return (f"{where}: got {short}, which contains the control character {control.group()!r}; use a plain"
+                " folder name (letters, digits, '-', '_', '.')")
     if separators:
         return (f"{where}: got {short}, which contains {separators[0]!r}: it must be a single folder name,"
                 " or the run would be written outside trainer.save_dir")

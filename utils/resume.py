@@ -293,10 +293,11 @@ def _asks_for_more(saved, cfg):
 AUTO = "auto"  # ``-r auto``: resume the newest resumable checkpoint of the run, or start it
 
 
-def resume_point(config, resume, run_id, overwrite, registries):
+def resume_point(config, resume, run_id, overwrite, registries, evaluate=None):
     """Where a resumed run starts (the fields of :class:`trainer.run.Start`): the checked config, the checkpoint and
     its state; with ``-r auto`` the run's newest resumable checkpoint (:func:`find_resumable`) continued in place,
-    or no state at all when the run has none (it starts).
+    or no state at all when the run has none (it starts); ``evaluate``: trainer/run.py's evaluate_checkpoint, which
+    scores the test split of an ``-r auto`` run whose test scoring was stopped (:func:`score_interrupted_test`).
 
     Raises:
         UserError: a problem in the config or the checkpoint (all of them at once); no config for ``-r auto``.
@@ -325,6 +326,8 @@ def resume_point(config, resume, run_id, overwrite, registries):
             _say(fresh_start_line(checked, run_id, skipped))
             return dict(config=checked, run_id=run_id, overwrite=True, skipped=skipped)
         if done := run_is_finished(state, checked):
+            if evaluate:  # the test scoring after training was stopped: done now
+                score_interrupted_test(path.parent, evaluate)
             raise RunStopped(f"{path}: nothing to resume: {done}", exit_code=0)
         _say(f"-r auto: resuming {path} (epoch {state['epoch']}, step {state['global_step']})")
     else:
@@ -335,6 +338,30 @@ def resume_point(config, resume, run_id, overwrite, registries):
     parts.call_each(config, "check_resume", state, resume)  # a part may refuse to train on in this launch
     return dict(config=config, state=state, resume=resume, run_id=run_id, overwrite=overwrite, changes=changes,
                 skipped=skipped)
+
+
+def score_interrupted_test(folder, evaluate):
+    """When a stop signal ended the test scoring after training (``result.json`` names a ``test_checkpoint`` but
+    holds no ``test`` values), score it now with ``evaluate`` (trainer/run.py's evaluate_checkpoint: passed in, as
+    it imports this module), as the run would have, and stop (exit 0) with its scores."""
+    import json
+
+    from base.base_trainer import RunStopped
+    from utils.io import write_json
+
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(result, dict) or result.get("test") is not None or not result.get("test_checkpoint"):
+        return
+    checkpoint = folder / result["test_checkpoint"]
+    _say(f"-r auto: training of {folder} is complete, its test scoring was stopped: scoring {checkpoint}")
+    result["test"] = evaluate(checkpoint, progress=False)
+    write_json(folder / "result.json", result)
+    shown = "  ".join(f"{k} {v:.6g}" for k, v in result["test"].items() if k != "n_samples")
+    raise RunStopped(f"training is complete; test split ({result['test']['n_samples']} samples, {checkpoint.name}):"
+                     f" {shown} (written to result.json)", exit_code=0)
 
 
 def _say(line):
