@@ -112,7 +112,7 @@ def slow_test_split_config(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_stop_signal_during_the_test_scoring_says_training_is_complete(tmp_path, sig):
     path = slow_test_split_config(tmp_path)
     command = [sys.executable, "train.py", "-c", str(path), "--run-id", "job"]
