@@ -64,11 +64,11 @@ def test_more_model_outputs_than_data_classes_is_a_warning_line(tmp_path, capsys
     """arch.args.num_classes above the data's class count trains (a model may keep room for more classes), with
     one warning line at the dry batch naming both numbers; a model that fits says nothing."""
     config = digits_config(tmp_path / "saved", arch__args__num_classes=outputs)
-    code, err, _ = run_cli(tmp_path, capsys, config, "--fast-dev-run", "1")
+    code, err, _ = run_cli(tmp_path, capsys, config, "trainer.epochs=1")
     assert code == 0 and len(err) == 1, err
     assert err[0].startswith("warning: ") and f"outputs {outputs} class scores" in err[0], err
     assert f"the data has {classes} classes" in err[0] and f"arch.args.num_classes={classes}" in err[0], err
-    code, err, _ = run_cli(tmp_path, capsys, digits_config(tmp_path / "saved"), "--fast-dev-run", "1")
+    code, err, _ = run_cli(tmp_path, capsys, digits_config(tmp_path / "saved"), "trainer.epochs=1")
     assert code == 0 and err == []
 
 

@@ -66,7 +66,8 @@ def test_a_part_passes_its_tests_beside_the_core_alone(tmp_path, name):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", *tests], cwd=copy, capture_output=True, text=True,
                          timeout=1200, env=env)
-    # 5: nothing selected, allowed only where the part has tests but make test's selection leaves them all out (the
-    # slow ones, those needing a SLURM cluster): they are not among "the remaining tests" a deletion must keep green.
-    deselected_all = out.returncode == 5 and "deselected" in out.stdout
+    # 5: nothing ran, allowed only where the part has tests but make test leaves them all out (deselected: the slow
+    # ones, those needing a SLURM cluster; skipped: a package this machine lacks, such as mlflow): they are not among
+    # "the remaining tests" a deletion must keep green.
+    deselected_all = out.returncode == 5 and ("deselected" in out.stdout or "skipped" in out.stdout)
     assert out.returncode == 0 or deselected_all, out.stdout[-5000:] + out.stderr[-2000:]
