@@ -112,22 +112,22 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_default_run_imports_no_optional_module(tmp_path):
+@pytest.fixture(scope="module")
+def default_run():
+    """One default run (config.json, 2 epochs) under tools/core_size.py's profiler, shared by the tests below: the
+    project files it imported, in order, and the functions it executed."""
+    from tools import core_size
+
+    result = core_size.measure()
+    assert result is not None and result["exit_code"] == 0, "the default run failed (see its output above)"
+    return result
+
+
+def test_default_run_imports_no_optional_module(default_run):
     from utils.parts import PARTS
 
-    out = tmp_path / "modules.json"
-    script = (
-        "import json, sys\n"
-        "from trainer.cli import train_command\n"
-        "code = train_command(sys.argv[2:])\n"
-        "json.dump({n: getattr(m, '__file__', None) for n, m in list(sys.modules.items())}, open(sys.argv[1], 'w'))\n"
-        "sys.exit(code)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", script, str(out), "-c", "config.json", "trainer.epochs=1",
-                          f"trainer.save_dir={tmp_path / 'saved'}", "trainer.verbosity=0", "device=cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    loaded = json.loads(out.read_text())
+    loaded = {file[:-3].replace("/", "."): str(ROOT / file) for file in default_run["files"]}  # module -> path
+    loaded = {(m[: -len(".__init__")] if m.endswith(".__init__") else m): f for m, f in loaded.items()}
     found = []
     for name, part in PARTS.items():
         part_files = [ROOT / f for f in getattr(part, "files", ())]
@@ -145,11 +145,11 @@ def test_default_run_imports_no_optional_module(tmp_path):
     assert not others & set(loaded), sorted(others & set(loaded))
 
 
-def test_core_size_bounds():
+def test_core_size_bounds(default_run):
     """Issue 20's bounds on the default run (2 epochs): its modules' lines, the functions it executes and the files
     they are in, the life of a run and the step each on one screen. A change that grows the core past them fails
     here: make room by moving what a default run does not need into a module imported where it is used."""
     from tools import core_size
 
     assert core_size.main(["--max-lines", "3500", "--max-functions", "130", "--max-files", "15",
-                           "--max-function-lines", "40"]) == 0
+                           "--max-function-lines", "40"], result=default_run) == 0

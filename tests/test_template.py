@@ -82,6 +82,7 @@ def test_new_project_copies_a_working_template(tmp_path):
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "already exists" in again.stderr
 
 
+@pytest.mark.slow  # (make test's 5 minutes; tests/test_parts.py collects the minimal copy's tests)
 def test_new_project_copy_collects_its_own_tests(tmp_path):
     # The copy's `make test` must at least import every test module: tests/test_template.py
     # imports new_project, which the copy once left out (ModuleNotFoundError). Collection

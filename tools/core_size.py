@@ -133,21 +133,30 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.child:
-        return child(args.child, args.overrides)
+def measure(overrides=()):
+    """Run the default config for 2 epochs (quiet, into a temporary folder) in a child process under the profiler;
+    ``{"exit_code", "files", "functions"}`` (see :func:`child`), or None when the run failed (its output printed)."""
     with tempfile.TemporaryDirectory(prefix="core_size_") as tmp:
         out = os.path.join(tmp, "measure.json")
         overrides = ["-c", "config.json", "trainer.epochs=2", f"trainer.save_dir={tmp}/saved",
-                     "trainer.verbosity=0", *args.overrides]
+                     "trainer.verbosity=0", *overrides]
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", out, "--", *overrides],
                               cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(out):
             print(proc.stdout + proc.stderr, end="", file=sys.stderr)
             print(f"error: the default run failed (exit code {proc.returncode})", file=sys.stderr)
-            return 2
-        result = json.loads(Path(out).read_text())
+            return None
+        return json.loads(Path(out).read_text())
+
+
+def main(argv=None, result=None):
+    """The report, and the exit code of the bounds; ``result``: an earlier :func:`measure`'s, else measured now."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        return child(args.child, args.overrides)
+    result = result or measure(args.overrides)
+    if result is None:
+        return 2
 
     per_file = {f: 0 for f in result["files"]}
     for path, _, _ in result["functions"]:
