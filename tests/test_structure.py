@@ -8,10 +8,7 @@ package that re-exports its own modules is not a cycle that bites).
 """
 
 import ast
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
