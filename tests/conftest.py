@@ -84,6 +84,32 @@ def example_config(name, example_data, save_dir, *overrides):
                             "device=cpu", *where, *overrides])
 
 
+
+def assert_example_config_builds(name, key, shipped, example_data, save_dir):
+    """``configs/<name>.json`` names ``shipped`` (what tools/make_example_data.py writes) in ``data_loader.args.<key>``,
+    and on the example data builds a loader and a model whose outputs fit the batch and the classes."""
+    from trainer import build
+    from utils.config import validate_config
+
+    root = Path(__file__).resolve().parents[1]
+    assert json.loads((root / f"configs/{name}.json").read_text())["data_loader"]["args"][key] == shipped
+    config = validate_config(example_config(name, example_data, save_dir), build.registries())
+    loader, model = build.build_data_loader(config), build.build_model(config)
+    x, y = next(iter(loader))
+    assert model(x).shape == (len(y), len(loader.class_names))
+
+
+def batches(loader, epoch, start=0):
+    """Every batch of ``epoch`` from batch ``start`` on, copied."""
+    loader.set_epoch(epoch, start)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b) and len(a) > 0
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
 def write_image(path, size, mode="RGB", seed=0):
     """A random-noise image of ``size`` (width, height) saved at ``path`` (PNG or JPEG by its suffix)."""
     from pathlib import Path

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from base.base_data_loader import BaseDataLoader, to_float
-from conftest import make_folder, with_changes
+from conftest import assert_same_batches, batches, make_folder, with_changes
 from data_loader.builtin import SyntheticDataset
 from parts.augment import BatchPipeline, parse_transforms
 from utils.errors import ConfigError
@@ -37,17 +37,6 @@ def image_loader(data_dir, **args):
     image_folder = pytest.importorskip("parts.image_folder")  # another part: its files may be deleted
     args = {"batch_size": 8, "image_size": 10, "seed": 0, **args}
     return image_folder.ImageFolderDataLoader(str(data_dir), **args)
-
-
-def batches(loader, epoch, start=0):
-    loader.set_epoch(epoch, start)
-    return [(x.clone(), y.clone()) for x, y in loader]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b) and len(a) > 0
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 # --------------------------------------------------------------------------- transforms from the config

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_run_keeps_pinned, make_folder, write_image
+from conftest import (assert_example_config_builds, assert_run_keeps_pinned, assert_same_batches, batches,
+                      make_folder, write_image)
 from parts import image_folder
 from parts.image_folder import ImageFolderDataLoader
 from utils.errors import UserError
@@ -33,17 +34,6 @@ def folder(tmp_path):
 def image_loader(data_dir, **args):
     args = {"batch_size": 8, "image_size": 10, "seed": 0, **args}
     return ImageFolderDataLoader(str(data_dir), **args)
-
-
-def batches(loader, epoch, start=0):
-    loader.set_epoch(epoch, start)
-    return [(x.clone(), y.clone()) for x, y in loader]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b) and len(a) > 0
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def rows_of(images):
@@ -393,21 +383,9 @@ def test_the_loader_is_found_by_its_name_through_the_parts_table():
     assert "ImageFolderDataLoader" not in build.DATA_LOADERS  # not in the core's table
 
 
-def test_the_example_config_builds_on_the_example_data(tmp_path):
+def test_the_example_config_builds_on_the_example_data(example_data, tmp_path):
     pytest.importorskip("parts.augment")  # configs/image_folder.json augments
-    from tools import make_example_data
-    from trainer import build
-    from utils.config import validate_config
-
-    out = make_example_data.main(["--out", str(tmp_path / "data")])
-    config = json.loads((ROOT / "configs/image_folder.json").read_text())
-    assert config["data_loader"]["args"]["data_dir"] == "data/example_images"
-    config["data_loader"]["args"]["data_dir"] = str(out / "example_images")
-    config = validate_config(config, build.registries())
-    loader = build.build_data_loader(config)
-    model = build.build_model(config)
-    x, y = next(iter(loader))
-    assert model(x).shape == (len(y), len(loader.class_names))
+    assert_example_config_builds("image_folder", "data_dir", "data/example_images", example_data, tmp_path / "saved")
 
 
 def test_a_run_keeps_its_class_names_and_resumes_from_the_original_config(example_data, tmp_path):

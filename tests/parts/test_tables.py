@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_run_keeps_pinned
+from conftest import assert_example_config_builds, assert_run_keeps_pinned
 from parts.tables import CsvDataLoader
 from utils.errors import UserError
 
@@ -119,20 +119,8 @@ def test_the_loader_is_found_by_its_name_through_the_parts_table():
     assert "CsvDataLoader" not in build.DATA_LOADERS  # not in the core's table
 
 
-def test_the_example_config_builds_on_the_example_data(tmp_path):
-    from tools import make_example_data
-    from trainer import build
-    from utils.config import validate_config
-
-    out = make_example_data.main(["--out", str(tmp_path / "data")])
-    config = json.loads((ROOT / "configs/csv.json").read_text())
-    assert config["data_loader"]["args"]["path"] == "data/example_table.csv"
-    config["data_loader"]["args"]["path"] = str(out / "example_table.csv")
-    config = validate_config(config, build.registries())
-    loader = build.build_data_loader(config)
-    model = build.build_model(config)
-    x, y = next(iter(loader))
-    assert model(x).shape == (len(y), len(loader.class_names))
+def test_the_example_config_builds_on_the_example_data(example_data, tmp_path):
+    assert_example_config_builds("csv", "path", "data/example_table.csv", example_data, tmp_path / "saved")
 
 
 def test_a_run_keeps_its_classes_and_scaling_and_resumes_from_the_original_config(example_data, tmp_path):
