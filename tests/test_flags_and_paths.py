@@ -103,26 +103,46 @@ def test_a_tilde_in_data_paths_is_expanded_where_the_config_is_checked(tmp_path,
 # --------------------------------------------------------------------------- a stop during the test scoring
 
 
-def slow_test_split_config(tmp_path):
-    """Training of one short epoch, then a test split of 495,000 samples: seconds of scoring to stop."""
+def test_split_config(tmp_path):
+    """Training of one short epoch, then a test split of 1,000 samples."""
     config = make_config(tmp_path / "saved", epochs=1, monitor="off")
-    config["data_loader"]["args"].update(num_samples=500_000, test_fraction=0.99)
+    config["data_loader"]["args"].update(num_samples=2000, test_fraction=0.5)
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     return path
 
 
+# train.py whose final test scoring says it has started (a file) and then waits for the test's signal, whose handler
+# raises inside the wait: the signal lands in the scoring however fast the machine is.
+HELD_SCORING = (
+    "import pathlib, runpy, sys, time\n"
+    "import trainer.run\n"
+    "marker = pathlib.Path(sys.argv[1])\n"
+    "def held(*args, **kwargs):\n"
+    "    marker.write_text('scoring')\n"
+    "    deadline = time.monotonic() + 600\n"
+    "    while time.monotonic() < deadline:\n"
+    "        time.sleep(0.05)\n"
+    "    raise SystemExit('no signal came')\n"
+    "trainer.run.evaluate_checkpoint = held\n"
+    "sys.argv = ['train.py', *sys.argv[2:]]\n"
+    "runpy.run_path('train.py', run_name='__main__')\n"
+)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_stop_signal_during_the_test_scoring_says_training_is_complete(tmp_path, sig):
-    path = slow_test_split_config(tmp_path)
+    path = test_split_config(tmp_path)
     command = [sys.executable, "train.py", "-c", str(path), "--run-id", "job"]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scoring = tmp_path / "scoring"
+    proc = subprocess.Popen([sys.executable, "-c", HELD_SCORING, str(scoring), *command[2:]], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = tmp_path / "saved/models/tiny/job"
     result = folder / "result.json"
-    deadline = time.time() + 180
-    while not result.exists() and time.time() < deadline and proc.poll() is None:  # (written as the scoring starts)
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
+    deadline = time.time() + 300
+    while not scoring.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # polling for the file
+    assert proc.poll() is None and result.exists(), proc.communicate()  # result.json is written before the scoring
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, (out, err)
@@ -137,9 +157,9 @@ def test_a_stop_signal_during_the_test_scoring_says_training_is_complete(tmp_pat
     if sig == signal.SIGTERM:  # -r auto then scores the test split, as the run would have (once is enough)
         again = subprocess.run([*command, "-r", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert again.returncode == 0, again.stderr
-        assert "training is complete; test split (495000 samples, checkpoint-epoch1.pth)" in again.stderr
+        assert "training is complete; test split (1000 samples, checkpoint-epoch1.pth)" in again.stderr
         written = json.loads(result.read_text())
-        assert written["test"]["n_samples"] == 495000 and written["test_checkpoint"] == scored.name
+        assert written["test"]["n_samples"] == 1000 and written["test_checkpoint"] == scored.name
         assert json.loads(scored.with_suffix(".test.json").read_text())["loss"] == written["test"]["loss"]
         again = subprocess.run([*command, "-r", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert again.returncode == 0 and "nothing to resume" in again.stderr, again.stderr  # scored: done
