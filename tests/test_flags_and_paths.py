@@ -103,7 +103,7 @@ def test_a_tilde_in_data_paths_is_expanded_where_the_config_is_checked(tmp_path,
 # --------------------------------------------------------------------------- a stop during the test scoring
 
 
-def test_split_config(tmp_path):
+def config_with_test_split(tmp_path):
     """Training of one short epoch, then a test split of 1,000 samples."""
     config = make_config(tmp_path / "saved", epochs=1, monitor="off")
     config["data_loader"]["args"].update(num_samples=2000, test_fraction=0.5)
@@ -132,7 +132,7 @@ HELD_SCORING = (
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_stop_signal_during_the_test_scoring_says_training_is_complete(tmp_path, sig):
-    path = test_split_config(tmp_path)
+    path = config_with_test_split(tmp_path)
     command = [sys.executable, "train.py", "-c", str(path), "--run-id", "job"]
     scoring = tmp_path / "scoring"
     proc = subprocess.Popen([sys.executable, "-c", HELD_SCORING, str(scoring), *command[2:]], cwd=ROOT,
