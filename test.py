@@ -4,12 +4,12 @@
 
 Prints the loss and metrics and writes them as JSON beside the checkpoint
 (``model_best.test.json`` for ``model_best.pth``). The command line is
-:func:`trainer.cli.test_command`; the evaluation is :func:`trainer.run.evaluate_checkpoint`.
+:func:`trainer.evaluate_cli.test_command`; the evaluation is :func:`trainer.run.evaluate_checkpoint`.
 """
 
 import sys
 
-from trainer.cli import test_command
+from trainer.evaluate_cli import test_command
 
 if __name__ == "__main__":
     sys.exit(test_command(sys.argv[1:]))

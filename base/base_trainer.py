@@ -80,13 +80,6 @@ class Stop:
     exit_code: int
     why: str
 
-    @classmethod
-    def agreed(cls, code):
-        """The stop of exit code ``code``, as a process that did not see it itself knows it (under torchrun)."""
-        if code > 128:
-            return cls(code, f"by {signal.Signals(code - 128).name}")
-        return cls(code, f"as another process asked (exit code {code})")
-
 
 @dataclass
 class Parts:
@@ -344,21 +337,10 @@ class BaseTrainer:
             self.stop = Stop(exit_code, why)
 
     def agreed_stop_signal(self, now=False):
-        """Why to stop now (a :class:`Stop`), or None. Under torchrun a signal reaches the processes at different
-        moments, and one stopping alone would hang the others: every ``log_every_n_steps`` steps (and where ``now``)
-        they agree in one small collective, which also says whether one saw a non-finite loss (then it raises)."""
-        own = self.stop  # read once: the handler may set it meanwhile
+        """Why to stop now (a :class:`Stop`), or None; under torchrun, what all processes agreed on every
+        ``log_every_n_steps`` steps and where ``now`` (utils/dist_round.py: one alone stopping would hang the rest)."""
         if not self.distributed:
-            return own
-        if not now and self.global_step % self.agree_every:
-            return self.agreed_stop
-        # The highest exit code wins: a signal's (128 + N) over a hook's.
-        from utils.dist_round import max_over_ranks  # (torchrun only)
+            return self.stop
+        from utils.dist_round import agreed_stop
 
-        agreed, diverged = max_over_ranks(own.exit_code if own else 0, bool(self.diverged))
-        if diverged:
-            raise RunStopped(self.diverged or "another process saw a non-finite loss; stopping without saving, so"
-                             " the last good checkpoint is untouched")
-        if agreed:  # (never cleared: a signal arriving during the exchange is agreed on next time)
-            self.agreed_stop = self.stop = own if own and own.exit_code == agreed else Stop.agreed(agreed)
-        return self.agreed_stop
+        return agreed_stop(self, now)

@@ -426,9 +426,10 @@ def test_a_hook_stops_the_run_with_its_own_exit_code_and_a_resumable_checkpoint(
 def test_a_stop_agreed_on_under_torchrun_is_known_by_its_exit_code():
     """A process that did not see the stop itself learns only its exit code: a signal's is named, a hook's is not."""
     from base.base_trainer import Stop
+    from utils.dist_round import stop_of
 
-    assert Stop.agreed(128 + signal.SIGTERM) == Stop(143, "by SIGTERM")
-    assert Stop.agreed(75) == Stop(75, "as another process asked (exit code 75)")
+    assert stop_of(128 + signal.SIGTERM) == Stop(143, "by SIGTERM")
+    assert stop_of(75) == Stop(75, "as another process asked (exit code 75)")
 
 
 def test_sigusr1_stops_with_a_resumable_checkpoint_and_exit_138(config):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import cli, run
+from trainer import cli, evaluate_cli, run
 from conftest import make_config, with_changes
 from trainer.build import registries
 from utils import parts
@@ -216,7 +216,7 @@ def test_missing_or_damaged_checkpoint(tmp_path, capsys, content):
         torch.save({"weights": torch.zeros(2)}, path)
     elif content is not None:
         path.write_bytes(content)
-    for command in (cli.train_command, cli.test_command):
+    for command in (cli.train_command, evaluate_cli.test_command):
         assert command(["-r", str(path)]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if line]
         assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], lines

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_config, with_changes
-from trainer import cli, run
+from trainer import cli, evaluate_cli, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def test_device_flag_is_spelled_the_same_in_both_scripts(tmp_path, capsys):
     assert run_cli(tmp_path, capsys, config, "--device", "cpu", "--run-id", "d")[0] == 0
     ckpt = tmp_path / "saved/models/tiny/d/checkpoint-epoch1.pth"
     for flag in ("-d", "--device"):
-        assert cli.test_command(["-r", str(ckpt), flag, "cpu"]) == 0
+        assert evaluate_cli.test_command(["-r", str(ckpt), flag, "cpu"]) == 0
     code = cli.train_command(["-c", str(tmp_path / "c.json"), "-d", "cuda:7"])
     err = capsys.readouterr().err
     assert code == 2 and 'device: "cuda:7" requested' in err
@@ -232,7 +232,7 @@ def test_an_empty_test_split_is_said_not_scored_as_zero(tmp_path, capsys):
     assert "Test split (0 samples" not in out
     assert json.loads((folder / "result.json").read_text())["test"] is None
     assert not list(folder.glob("*.test.json"))
-    assert cli.test_command(["-r", str(folder / "model_best.pth")]) == 2
+    assert evaluate_cli.test_command(["-r", str(folder / "model_best.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the test split is empty" in err[0], err
 
@@ -241,7 +241,7 @@ def test_test_py_says_what_it_scored_and_where_it_wrote(tmp_path, capsys):
     config = make_config(tmp_path / "saved", epochs=1, test_after_train=False)
     run.train(config, run_id="t")
     ckpt = tmp_path / "saved/models/tiny/t/checkpoint-epoch1.pth"
-    assert cli.test_command(["-r", str(ckpt)]) == 0
+    assert evaluate_cli.test_command(["-r", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert f"Scored {ckpt}" in out and f"Written to {ckpt.with_suffix('.test.json')}" in out
     values = json.loads(ckpt.with_suffix(".test.json").read_text())

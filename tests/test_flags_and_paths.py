@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_config
-from trainer import cli, run
+from trainer import cli, evaluate_cli, run
 from utils.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_a_shortcut_and_the_override_of_its_key_are_one_error(tmp_path, capsys, 
 
 
 def test_test_py_refuses_device_flag_and_override_together(tmp_path, capsys):
-    assert cli.test_command(["-r", str(tmp_path / "none.pth"), "-d", "cpu", "device=cpu"]) == 2
+    assert evaluate_cli.test_command(["-r", str(tmp_path / "none.pth"), "-d", "cpu", "device=cpu"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "--device cpu and the override device=cpu both set device" in lines[0], lines
 

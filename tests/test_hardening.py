@@ -548,7 +548,7 @@ def test_lock_folder_removes_stale_temp_files(tmp_path, target, monkeypatch):
 def test_a_special_file_as_checkpoint_is_named_and_never_opened(tmp_path, kind, capsys):
     """A FIFO (or a device, or a link to one) given as a checkpoint is named as what it is, not "not found", and never
     opened: opening a FIFO with no writer would hang, a device would be read without end."""
-    from trainer import cli
+    from trainer import cli, evaluate_cli
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -561,7 +561,7 @@ def test_a_special_file_as_checkpoint_is_named_and_never_opened(tmp_path, kind, 
     with pytest.raises(UserError) as err:
         io_utils.load_checkpoint(path)
     assert want in one_line(err), one_line(err)
-    for command in (cli.train_command, cli.test_command):
+    for command in (cli.train_command, evaluate_cli.test_command):
         assert command(["-r", str(path)]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if line]
         assert len(lines) == 1 and want in lines[0], lines

@@ -18,7 +18,7 @@ import torch
 
 from base.base_trainer import RunStopped
 from conftest import make_config, with_changes
-from trainer import cli, run
+from trainer import cli, evaluate_cli, run
 from base.base_hook import Hook
 from trainer.trainer import hooks_for
 
@@ -295,7 +295,7 @@ def test_a_checkpoint_with_nonfinite_weights_is_refused_at_load_naming_the_tenso
     torch.save(state, bad)
     commands = [(cli.train_command, ["-r", str(bad)])]
     if where == "model":
-        commands += [(cli.test_command, ["-r", str(bad)]),
+        commands += [(evaluate_cli.test_command, ["-r", str(bad)]),
                      (cli.train_command, ["-c", str(folder / "config.json"), "--init-from", str(bad), "--run-id", "i"])]
     for command, argv in commands:
         assert command(argv) == 2, argv

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import cli, run
+from trainer import cli, evaluate_cli, run
 from base.base_trainer import RunStopped
 from utils.errors import UserError
 from conftest import assert_states_identical, make_config, with_changes
@@ -337,7 +337,7 @@ def test_another_models_checkpoint_is_one_line_naming_both(resume_config, tmp_pa
     capsys.readouterr()
     for command, argv in ((cli.train_command, ["-c", str(other), "-r", ckpt]),
                           (cli.train_command, ["-r", ckpt, "arch.type=DigitsCNN", 'arch.args={"num_classes": 3}']),
-                          (cli.test_command, ["-r", ckpt, "arch.type=DigitsCNN", 'arch.args={"num_classes": 3}'])):
+                          (evaluate_cli.test_command, ["-r", ckpt, "arch.type=DigitsCNN", 'arch.args={"num_classes": 3}'])):
         assert command(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "MLP" in err[0] and "DigitsCNN" in err[0] and "arch.type" in err[0], err
@@ -346,7 +346,7 @@ def test_another_models_checkpoint_is_one_line_naming_both(resume_config, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "hidden_sizes: [16] -> [32]" in err[0] and "dropout: 0.2 -> 0.5" in err[0], err
     # test.py with a changed argument names the first tensor that does not fit, not torch's header line.
-    assert cli.test_command(["-r", ckpt, "arch.args.hidden_sizes=[32]"]) == 2
+    assert evaluate_cli.test_command(["-r", ckpt, "arch.args.hidden_sizes=[32]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "size mismatch for net.1.weight" in err[0], err
     assert sorted(p.name for p in folder.iterdir()) == before

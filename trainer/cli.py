@@ -1,4 +1,5 @@
-"""The command lines of ``train.py`` and ``test.py``: parse, call one function, turn a user's mistake into one line.
+"""The command line of ``train.py`` (``test.py``'s: trainer/evaluate_cli.py): parse, call one function, turn a user's
+mistake into one line.
 
 Both spell the same flags the same way, with ``key.path=VALUE`` overrides anywhere among them; a user error prints
 as ``error: ...`` on stderr with exit code 2. Torch is imported only when a command runs, so a Ctrl-C during
@@ -56,13 +57,6 @@ def train_parser():
     return parser.add_overrides(SHORTCUTS)
 
 
-def test_parser():
-    parser = CommandParser(description="Evaluate a checkpoint on the test split of its config.")
-    parser.add_argument("-r", "--resume", dest="checkpoint", required=True,
-                        help="checkpoint to evaluate (spelled -r, as in victoresque's template)")
-    return parser.add_overrides(SHORTCUTS[:1])
-
-
 def parse(parser, argv):
     """Parse with overrides allowed before, between and after the flags."""
     return parser.parse_intermixed_args(argv)
@@ -108,24 +102,6 @@ def train_command(argv=None):
         train(config, resume=args.resume, run_id=args.run_id, init_from=args.init_from,
               init_strict=args.init_from_strict == "true", argv=["train.py", *argv],
               overwrite=args.overwrite and bool(args.resume))
-
-    return run_command(run)
-
-
-def test_command(argv=None):
-    """``python test.py -r CKPT ...``; returns the exit code."""
-    args = parse(test_parser(), sys.argv[1:] if argv is None else list(argv))
-
-    def run():
-        from pathlib import Path
-
-        from trainer.run import evaluate_checkpoint
-
-        metrics = evaluate_checkpoint(args.checkpoint, overrides_of(args))
-        print(f"Scored {args.checkpoint} on its test split:")
-        for key, value in metrics.items():
-            print(f"    {key:15s}: {value:.6g}" if isinstance(value, float) else f"    {key:15s}: {value}")
-        print(f"Written to {Path(args.checkpoint).with_suffix('.test.json')}")
 
     return run_command(run)
 
