@@ -10,11 +10,12 @@ class Hook:
     """Optional behaviour at a fixed moment of a run; every moment does nothing unless overridden.
 
     A part returns hooks from its ``hooks()`` (utils/parts.py). A hook may use the trainer's public attributes and
-    methods: ``global_step``, ``batch_in_epoch``, ``batches_per_epoch()``, ``valid_epoch(epoch)``,
-    ``update_monitor(result)``, ``save_resumable(name)`` (a mid-epoch checkpoint), ``end_run(reason)`` and
-    ``finished``, ``ask_to_stop(exit_code, why)``, ``no_sync(last)``, ``autocast``, ``train_metrics``,
-    ``epoch_metrics``; it may set ``epochs``, ``len_epoch`` (None: one pass over the data), ``val_batch_limit``
-    (None: all), ``accumulate`` and ``params`` (what is clipped). ``trainer.run.writes`` is False in a dry run.
+    methods: ``global_step``, ``batch_in_epoch``, ``batches_per_epoch()``, ``valid_epoch(epoch)``, ``step(model,
+    batch, criterion)`` and ``criterion`` (the step's forward and loss), ``update_monitor(result)``,
+    ``save_resumable(name)`` (a mid-epoch checkpoint), ``end_run(reason)`` and ``finished``, ``ask_to_stop(exit_code,
+    why)``, ``no_sync(last)``, ``autocast``, ``train_metrics``, ``epoch_metrics``; it may set ``epochs``,
+    ``len_epoch`` (None: one pass over the data), ``val_batch_limit`` (None: all), ``accumulate`` and ``params``
+    (what is clipped). ``trainer.run.writes`` is False in a dry run.
     """
 
     def training(self, trainer):
@@ -33,8 +34,9 @@ class Hook:
         called once the failed step's frames (and tensors) are gone, returning the batch to redo the epoch from."""
         return None
 
-    def after_train_epoch(self, trainer, epoch, last_batch):
-        """After the epoch's last step, before validation; ``last_batch`` is the last input batch."""
+    def after_train_epoch(self, trainer, epoch, last_inputs):
+        """After the epoch's last step, before validation; ``last_inputs``: the model's inputs of the last batch (a
+        tuple: ``model(*last_inputs)``), None when the epoch had no batch."""
 
     def validating(self, trainer):
         """A context manager around each validation (an EMA scores its averaged weights inside it)."""

@@ -99,6 +99,7 @@ class Parts:
     wrap: Callable = None  # model -> forward_model
     forward_model: torch.nn.Module = None
     valid_metric_fns: list = field(default_factory=list)  # a part's metrics that only validation scores
+    task: Any = None  # the config's task (base/base_task.py); None: the default step
 
     def __post_init__(self):
         if self.forward_model is None:
@@ -343,4 +344,4 @@ class BaseTrainer:
             return self.stop
         from utils.dist_round import agreed_stop
 
-        return agreed_stop(self, now)
+        return agreed_stop(self, now, Stop, RunStopped)

@@ -109,6 +109,8 @@ def batches(loader):
         dataset = loader.dataset
         if loader._pipeline is not None:
             dataset = loader._pipeline.samples(dataset)
+        elif callable(getattr(dataset, "collate", None)):  # a dataset batching its own samples (non-tensor parts)
+            extra["collate_fn"] = dataset.collate
         elif getattr(dataset, "uint8_images", False):
             extra["collate_fn"] = _collate_images
         loader._generator = torch.Generator()

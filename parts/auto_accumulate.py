@@ -34,6 +34,7 @@ import torch
 from base.base_trainer import RunStopped
 from base.base_hook import Hook
 from base.base_trainer import rng_state, set_rng_state
+from trainer.extras import to_device
 from utils import dist_round
 from utils.io import write_json
 from utils.resume import batch_counts, newest_first
@@ -279,14 +280,13 @@ def out_of_memory_in_probe(trainer, epoch):
     try:
         loader.set_epoch(epoch, 0)  # (every epoch sets its own order and start again: trainer._batches)
         iterator = iter(loader)
-        data, target = next(iterator)
+        batch = to_device(next(iterator), device)
         del iterator  # frees non-persistent workers now
-        data, target = data.to(device), target.to(device)
         reserve = None
         if device.type != "cpu" and (size := optimizer_state_bytes(trainer.optimizer)):
             reserve = torch.empty(size, dtype=torch.uint8, device=device)
         with trainer.no_sync(False), trainer.autocast:
-            loss = trainer.criterion(trainer.forward_model(data), target)
+            loss = trainer.step(trainer.forward_model, batch, trainer.criterion)[0]
         with trainer.no_sync(False):
             loss.backward()
         del reserve

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import rng_state, set_rng_state
+from trainer.extras import to_device
+from trainer.trainer import default_step
 from utils.errors import UserError
 
 
@@ -36,7 +38,7 @@ def find_lr(config, min_lr=1e-7, max_lr=10.0, steps=100, out=None):
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["trainer"]["amp"])
     autocast = torch.autocast(device.type, dtype=amp) if amp == torch.bfloat16 else None  # fp16 would need a scaler
     lrs, losses, suggestion = lr_range_test(parts.model, parts.optimizer, parts.criterion, parts.data_loader,
-                                            device, min_lr, max_lr, steps, autocast=autocast)
+                                            device, min_lr, max_lr, steps, autocast=autocast, step=parts.task)
     if not lrs:
         raise UserError(f"the loss was not finite even at {min_lr}: lower --min-lr")
     out = Path(out) if out else Path(config["trainer"]["save_dir"]) / "lr_find" / f"{config['name']}.png"
@@ -45,7 +47,7 @@ def find_lr(config, min_lr=1e-7, max_lr=10.0, steps=100, out=None):
 
 
 def lr_range_test(model, optimizer, criterion, loader, device, min_lr=1e-7, max_lr=10.0, steps=100,
-                  smoothing=0.98, diverge=4.0, autocast=None):
+                  smoothing=0.98, diverge=4.0, autocast=None, step=None):
     """The exponential learning-rate range test (Smith, 2017) on copies of ``model`` and ``optimizer``.
 
     Trains ``steps`` batches with the learning rate rising geometrically from ``min_lr`` to
@@ -73,11 +75,10 @@ def lr_range_test(model, optimizer, criterion, loader, device, min_lr=1e-7, max_
             lr = min_lr * (max_lr / min_lr) ** (i / max(steps - 1, 1))
             for group, ratio in zip(opt_copy.param_groups, ratios):
                 group["lr"] = lr * ratio
-            data, target = next(batches)
-            data, target = data.to(device), target.to(device)
+            batch = to_device(next(batches), device)
             opt_copy.zero_grad(set_to_none=True)
             with autocast:
-                loss = criterion(model_copy(data), target)
+                loss = (step or default_step)(model_copy, batch, criterion)[0]  # the config's task, if it names one
             value = loss.item()
             if not math.isfinite(value):
                 break

@@ -69,7 +69,7 @@ class Profile(Hook):
         if self.profiler is not None:
             self.profiler.step()
 
-    def after_train_epoch(self, trainer, epoch, last_batch):
+    def after_train_epoch(self, trainer, epoch, last_inputs):
         if self.profiler is None:
             return
         self.profiler.stop()  # a schedule longer than the epoch: the trace holds what was recorded

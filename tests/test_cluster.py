@@ -428,8 +428,8 @@ def test_a_stop_agreed_on_under_torchrun_is_known_by_its_exit_code():
     from base.base_trainer import Stop
     from utils.dist_round import stop_of
 
-    assert stop_of(128 + signal.SIGTERM) == Stop(143, "by SIGTERM")
-    assert stop_of(75) == Stop(75, "as another process asked (exit code 75)")
+    assert stop_of(128 + signal.SIGTERM, Stop) == Stop(143, "by SIGTERM")
+    assert stop_of(75, Stop) == Stop(75, "as another process asked (exit code 75)")
 
 
 def test_sigusr1_stops_with_a_resumable_checkpoint_and_exit_138(config):

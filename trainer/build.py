@@ -58,7 +58,8 @@ def registries():
             "metrics": Registry("metric", METRICS, functools.partial(_outside_tables, "metrics"),
                                 f'a part\'s as {{"type": "{part_metrics}", "args": {{...}}}}'),
             "optimizer": Registry("optimizer", optimizers),
-            "lr_scheduler": Registry("lr scheduler", schedulers)}
+            "lr_scheduler": Registry("lr scheduler", schedulers),
+            "task": Registry("task", {}, extra_hint='a class of your own as "module:Class" (base/base_task.py)')}
 
 
 def resolve_device(name):
@@ -240,13 +241,18 @@ def dry_batch(config, parts):
     amp = AUTOCAST_DTYPES.get(config["trainer"]["amp"])
     try:
         first.set_epoch(1, 0)  # the first epoch's first batch (the iterator, and any worker it starts, let go at once)
-        data, target = (t.to(device) for t in next(iter(first)))
+        batch, autocast = next(iter(first)), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
         model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+        if parts.task is not None or not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            from base.base_task import check_task_batch  # (a step of the user's: its own checks)
+
+            return check_task_batch(config, parts, batch, autocast)
+        *inputs, target = (t.to(device) for t in batch)
+        with torch.no_grad(), autocast:
             try:
-                output = model(data)
+                output = model(*inputs)
             except INPUT_ERRORS as err:
-                raise _failed("forward", err, model, data, arch) from None
+                raise _failed("forward", err, model, inputs[0], arch) from None
             if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != target.shape[0]:
                 raise _failed("not_per_sample", arch, output, target)
             if not target.is_floating_point() and output.dim() >= 2 and target.numel():  # classification

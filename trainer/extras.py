@@ -70,12 +70,14 @@ class Histograms(Hook):
     def __init__(self, every, activation_modules, log_images):
         self.every, self.activation_modules, self.log_images = every, list(activation_modules), log_images
 
-    def after_train_epoch(self, trainer, epoch, last_batch):
-        if last_batch is None or epoch % self.every:
+    def after_train_epoch(self, trainer, epoch, last_inputs):
+        if last_inputs is None or epoch % self.every:
             return
         writer, step = trainer.writer, trainer.global_step  # (the first epoch's images: the trainer's)
-        if self.log_images and epoch > 1 and last_batch.dim() == 4 and last_batch.shape[1] in (1, 3):
-            writer.add_images("inputs", last_batch[:16], step)
+        images = last_inputs[0] if last_inputs else None
+        if self.log_images and epoch > 1 and isinstance(images, torch.Tensor) and images.dim() == 4 \
+                and images.shape[1] in (1, 3):
+            writer.add_images("inputs", images[:16], step)
         for name, param in trainer.model.named_parameters():
             writer.add_histogram(f"params/{name}", param, step)
             if param.grad is not None:
@@ -90,7 +92,7 @@ class Histograms(Hook):
         try:
             trainer.model.eval()
             with torch.no_grad(), trainer.autocast:
-                trainer.model(last_batch)
+                trainer.model(*last_inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -111,9 +113,22 @@ def endless(loader, position, count):
 
 
 def moved(batches, device):
-    """``(batch_idx, (data, target))`` moved to ``device`` (an accelerator: batches are made on the CPU)."""
-    for batch_idx, (data, target) in batches:
-        yield batch_idx, (data.to(device, non_blocking=True), target.to(device, non_blocking=True))
+    """``(batch_idx, batch)`` with the batch moved to ``device`` (an accelerator: batches are made on the CPU)."""
+    for batch_idx, batch in batches:
+        yield batch_idx, to_device(batch, device)
+
+
+def to_device(batch, device):
+    """``batch`` with every tensor in it moved to ``device``: a tensor, or tuples, lists and dicts of them at any depth
+    (a dict of tensors, a list of per-sample dicts); anything else (strings, numbers) as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return type(batch)((key, to_device(value, device)) for key, value in batch.items())
+    if isinstance(batch, (list, tuple)):
+        moved_items = [to_device(item, device) for item in batch]
+        return type(batch)(*moved_items) if hasattr(batch, "_fields") else type(batch)(moved_items)  # namedtuple
+    return batch
 
 
 def nonfinite_loss(trainer, loss, epoch, batch_idx, since_last_log=False):

@@ -150,10 +150,12 @@ def build_parts(config, device):
                           f" modules are named like {', '.join([n for n in modules if n][:8])}")
     section, schedulers = config.get("lr_scheduler"), build.registries()["lr_scheduler"]
     scheduler = init_obj(section, schedulers, optimizer, where="lr_scheduler") if section else None
-    return Parts(model=model, criterion=build.build_loss(config, device), metric_fns=build.build_metrics(config),
-                 optimizer=optimizer, lr_scheduler=scheduler, data_loader=data_loader,
-                 valid_data_loader=valid_data_loader, device=device, frozen=frozen, forward_model=model,
-                 scaler=torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None)
+    task = init_obj(config["task"], build.registries()["task"], where="task") if config["task"] else None
+    return Parts(model=model, criterion=build.build_loss(config, device), optimizer=optimizer,
+                 metric_fns=build.build_metrics(config) + (task.loss_metrics() if task else []), task=task,
+                 lr_scheduler=scheduler, data_loader=data_loader, valid_data_loader=valid_data_loader, device=device,
+                 frozen=frozen, forward_model=model, scaler=torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16"
+                 else None)
 
 
 # --------------------------------------------------------------------------- 4. the run's folders
@@ -355,16 +357,19 @@ def stop_scoring(checkpoint, signum, frame):
 def evaluate_checkpoint(checkpoint, overrides=(), device=None, write=True, progress=None):
     """``{"loss": ..., "<metric>": ..., "n_samples": N}`` of ``checkpoint`` on its config's test split, its config
     changed by ``overrides`` (``key.path=VALUE``); with ``write``, also written beside it (``.test.json``)."""
-    from trainer.trainer import evaluate
+    from trainer.trainer import default_step, evaluate
 
     model, config, device, autocast = build.trained_model(checkpoint, overrides, device)
+    task = init_obj(config["task"], build.registries()["task"], where="task") if config["task"] else None
     loader = build.build_data_loader(config, training=False)
     if len(loader.sampler) == 0:
         raise UserError(f"{config['data_loader']['type']}: the test split is empty (0 samples), so there is nothing to"
                         " score; give the data a test split (the built-in sets: data_loader.args.test_fraction > 0)")
     loader.to(device)
-    metrics = evaluate(model, loader, build.build_loss(config, device), build.build_metrics(config), device, autocast,
-                       progress=config["trainer"]["verbosity"] > 1 if progress is None else progress)
+    metrics = evaluate(model, loader, build.build_loss(config, device),
+                       build.build_metrics(config) + (task.loss_metrics() if task else []), device, autocast,
+                       progress=config["trainer"]["verbosity"] > 1 if progress is None else progress,
+                       step=task or default_step)
     metrics["n_samples"] = len(loader.sampler)
     if write:
         write_json(Path(checkpoint).with_suffix(".test.json"), {"checkpoint": str(checkpoint), **metrics})

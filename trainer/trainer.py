@@ -28,7 +28,7 @@ def hooks_for(config, parts, run):
         hooks = core_hooks(config["trainer"], parts, run)
     for more in optional_parts.call_each(config, "hooks", config, parts, run):
         hooks.extend(more)
-    return hooks
+    return hooks + (parts.task.hooks(config, parts, run) if parts.task else [])
 
 
 def step_hooks(hooks):
@@ -40,12 +40,21 @@ def step_hooks(hooks):
     return [hook for hook in hooks if type(hook).after_step is not Hook.after_step]
 
 
+def default_step(model, batch, criterion):
+    """How a batch becomes ``(loss, output, target)``, the metrics getting ``(output, target)``: the model reads the
+    batch's inputs, all but its last item; the loss compares the output with the last. A config's ``task``
+    replaces it (base/base_task.py: batches of any structure, several named losses)."""
+    *inputs, target = batch
+    output = model(*inputs)
+    return criterion(output, target), output, target
+
+
 @torch.no_grad()
 def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce=False, progress=False, desc="eval",
-             max_batches=None):
-    """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``), each batch weighted by what
-    its value averages over; an :class:`EpochMetric` gets a fresh accumulator. ``reduce=True`` (torchrun, every
-    process calls it): summed over all processes, so each gets the whole dataset's values."""
+             max_batches=None, step=default_step):
+    """Mean loss and metrics of ``model`` over ``loader`` (its first ``max_batches``), as ``step`` computes them, each
+    batch weighted by what its value averages over; an :class:`EpochMetric` gets a fresh accumulator. ``reduce=True``
+    (torchrun, every process calls it): summed over all processes, so each gets the whole dataset's values."""
     model.eval()
     stateful = [fn.new(device, sync=reduce) for fn in metric_fns if isinstance(fn, EpochMetric)]
     plain, weighed = weighing(criterion, [fn for fn in metric_fns if not isinstance(fn, EpochMetric)], loader)
@@ -53,12 +62,14 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
     autocast = autocast or contextlib.nullcontext()
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
-    for data, target in tqdm(batches, total=total, desc=desc, leave=False, disable=None if progress else True):
-        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+    for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=None if progress else True):
+        if device.type != "cpu":  # (batches are made on the CPU)
+            from trainer.extras import to_device
+
+            batch = to_device(batch, device)
         with autocast:
-            output = model(data)
-            loss = criterion(output, target)
-        tracker.update([loss.detach(), *(fn(output, target) for fn in plain)], target.shape[0],
+            loss, output, target = step(model, batch, criterion)
+        tracker.update([loss.detach(), *(fn(output, target) for fn in plain)], len(target),
                        weighed and batch_weights(weighed, output, target))
         for metric in stateful:
             metric.update(output, target)
@@ -85,7 +96,8 @@ class Trainer(BaseTrainer):
         self.train_metrics = MetricTracker(["loss", *(fn.__name__ for fn in self.batch_metric_fns)], self.device)
         self.metrics_state = None  # all processes' running sums, for the next mid-epoch checkpoint
         self.valid_metric_fns = self.metric_fns + list(parts.valid_metric_fns)  # what validation scores
-        self.forward_model, self.scaler = parts.forward_model, parts.scaler
+        self.forward_model, self.scaler, self.task = parts.forward_model, parts.scaler, parts.task
+        self.step = parts.task or default_step  # how a batch becomes the loss (a config's task: base/base_task.py)
         self.data_loader, self.valid_data_loader = parts.data_loader, parts.valid_data_loader
         self.len_epoch = cfg["len_epoch"]  # batches per epoch; None: one pass over the data
         self.val_batch_limit = None  # validation batches; None: all
@@ -124,17 +136,16 @@ class Trainer(BaseTrainer):
     def train_epoch(self, epoch, start_batch=0):
         """The training step, for each batch of ``epoch`` from ``start_batch`` on; returns the epoch's means.
         Override it to change what a step does; what is around the step is a named call after it."""
-        model, optimizer, data = self.forward_model, self.optimizer, None
+        model, optimizer, batch = self.forward_model, self.optimizer, None
         model.train()
-        for batch_idx, (data, target) in self.batches(epoch, start_batch):  # on the device
+        for batch_idx, batch in self.batches(epoch, start_batch):  # on the device
             first, last, window = self.windows[batch_idx]  # where the batch is in its accumulation window
             if first:
                 optimizer.zero_grad(set_to_none=True)
             # Under DDP, gradients are averaged over the processes on a window's last batch only.
             with model.no_sync() if self.distributed and not last else _NO_CONTEXT:
                 with self.autocast:  # trainer.amp
-                    output = model(data)
-                    loss = self.criterion(output, target)
+                    loss, output, target = self.step(model, batch, self.criterion)  # forward, loss
                 # Non-finite: stop, or skip (trainer.skip_nonfinite). Reading the loss back is free on the CPU
                 # but a sync elsewhere: there it is checked at the logging interval (log_step) instead.
                 skip = self.check_loss and not math.isfinite(loss.item()) and self.nonfinite(loss, epoch, batch_idx)
@@ -150,10 +161,10 @@ class Trainer(BaseTrainer):
                 self.lr_scheduler.step()
             if self.after_step(epoch, batch_idx, loss, grad_norm):
                 break
-        return self.end_train_epoch(epoch, data)
+        return self.end_train_epoch(epoch, batch)
 
     def batches(self, epoch, start_batch):
-        """``(batch_idx, (data, target))`` for the batches of ``epoch`` from ``start_batch``, on the device, behind
+        """``(batch_idx, batch)`` for the batches of ``epoch`` from ``start_batch``, on the device, behind
         the progress bar; and the epoch's accumulation windows (:attr:`windows`). With ``len_epoch``, they are cut
         from an endless stream of passes over the data."""
         if start_batch == 0:
@@ -197,7 +208,7 @@ class Trainer(BaseTrainer):
         values = [loss.detach()]
         for fn in self.batch_metric_fns:  # (a loop, not a generator: no call per metric beyond its own)
             values.append(fn(output, target))
-        self.train_metrics.update(values, target.shape[0], self.weighed and batch_weights(self.weighed, output, target))
+        self.train_metrics.update(values, len(target), self.weighed and batch_weights(self.weighed, output, target))
         for metric in self.epoch_metrics:  # usually none
             metric.update(output, target)
 
@@ -247,11 +258,12 @@ class Trainer(BaseTrainer):
         """The input images (``trainer.log_images``, first epoch), the hooks' ``after_train_epoch``, then the epoch's
         mean loss and metrics (a sync; under torchrun, over all processes)."""
         self.bar.close()
-        images = last_batch if self.log_images and epoch == 1 else None
-        if images is not None and images.dim() == 4 and images.shape[1] in (1, 3):
+        inputs = None if last_batch is None else self.task.inputs(last_batch) if self.task else last_batch[:-1]
+        images = inputs[0] if inputs and self.log_images and epoch == 1 else None
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] in (1, 3):
             self.writer.add_images("inputs", images[:16], self.global_step)
         for hook in self.hooks:
-            hook.after_train_epoch(self, epoch, last_batch)
+            hook.after_train_epoch(self, epoch, inputs)
         result = self.train_metrics.result(reduce=self.distributed)
         for metric in self.epoch_metrics:  # under torchrun a collective (torchmetrics' sync): every process computes
             result[metric.__name__] = metric.compute()
@@ -297,7 +309,7 @@ class Trainer(BaseTrainer):
                 stack.enter_context(hook.validating(self))
             result = evaluate(model, self.valid_data_loader, self.criterion, self.valid_metric_fns, self.device,
                               self.autocast, reduce=self.distributed, progress=not self.quiet, desc=f"valid {epoch}",
-                              max_batches=self.val_batch_limit)
+                              max_batches=self.val_batch_limit, step=self.step)
         for hook in self.hooks:  # (a part's validation-only metric is taken out of the result here)
             hook.after_validation(self, epoch, result)
         return result

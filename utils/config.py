@@ -249,6 +249,7 @@ TOP = {  # key: (default, check); None: checked apart (the name, the sections)
     "lr_scheduler": (None, None),
     "loss": (REQUIRED, None),
     "metrics": ([], metric_list),  # built-in names, or a part's {"type": "torchmetrics.<...>.<Class>", "args": ...}
+    "task": (None, None),  # how a batch becomes the loss, when not as the default step (base/base_task.py)
     "trainer": ({}, None),
 }
 
@@ -285,7 +286,7 @@ TRAINER_KEYS = [*TRAINER, *(key[len("trainer."):] for key in parts.KEY_OWNERS if
 SECTIONS = {"arch": (("args", "type"), ()), "data_loader": (("args", "type"), ("seed",)),
             "loss": (("args", "type"), ()),  # (the loss's first two parameters: the output and the target)
             "optimizer": (("args", "param_groups", "type"), ("params",)),
-            "lr_scheduler": (("args", "interval", "type"), ("optimizer",))}
+            "lr_scheduler": (("args", "interval", "type"), ("optimizer",)), "task": (("args", "type"), ())}
 
 
 def check_table(given, table, where, problems, valid=None):
@@ -358,6 +359,10 @@ def validate_config(config, registries):
         problems.extend(param_group_problems(optimizer["param_groups"], named, arg_value_problem))
 
     names, table = ["loss"], registries["metrics"].table
+    if out.get("task") and "task" not in failed:  # its named losses are logged as loss_<name>
+        from utils.config_extra import task_loss_names
+
+        names += task_loss_names(out["task"], registries["task"])
     for index, entry in enumerate(out["metrics"] if metric_list.ok(out["metrics"]) else []):  # (else reported)
         if isinstance(entry, dict):  # a part's metric
             from utils.config_extra import metric_entry_problems
@@ -406,7 +411,7 @@ def _check_section(config, key, out, registries, problems):
     """``out[key]``: the section as ``{"type": NAME, "args": {...}, ...}`` (``loss`` may be a bare name), its type
     found in the registry and its args bound to its signature. False when the type is unknown or malformed."""
     section, out[key] = config[key], None
-    if key == "lr_scheduler" and section is None:
+    if key in ("lr_scheduler", "task") and section is None:
         return True
     if isinstance(section, str) and key == "loss":
         section = {"type": section}
@@ -465,12 +470,16 @@ class Registry:
     def get(self, name, where=None):
         if isinstance(name, str):
             found = self.table.get(name) or (self.extra and self.extra(name))
+            if found is None and ":" in name:  # "module:Name", of a file of the user's (utils/user_code.py)
+                from utils.user_code import imported
+
+                found = imported(name, where or self.kind)
             if found is not None:
                 return found
-        hint = f" (or {self.extra_hint})" if self.extra_hint else ""
         valid = [*self.table, *self.extra_names]
+        hint = (f" (or {self.extra_hint})" if valid else f"; expected {self.extra_hint}") if self.extra_hint else ""
         raise ConfigError(f"{where or self.kind}: unknown {self.kind} {name!r}{did_you_mean(name, valid)}"
-                          f" valid: {listing(valid)}{hint}")
+                          f"{f' valid: {listing(valid)}' if valid else ''}{hint}")
 
 
 def init_obj(section, registry, *args, where=None, **kwargs):

@@ -379,3 +379,9 @@ def unquoted_problem(key, text):
                 f" or mapping as JSON and quote the whole override, as in '{key}=[\"a\", 1]'")
     return (f"override {key}={text}: {text} is not JSON: the shell dropped its quotes; quote the whole override:"
             f" '{key}={fixed}'")
+
+
+def task_loss_names(section, registry):
+    """``loss_<name>`` for each named loss of the config's task (its ``args.loss_weights``, else its class's)."""
+    weights = section["args"].get("loss_weights", getattr(registry.get(section["type"]), "loss_weights", None))
+    return [f"loss_{name}" for name in weights] if isinstance(weights, dict) else []

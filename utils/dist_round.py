@@ -205,28 +205,25 @@ def _store():
         return None
 
 
-def agreed_stop(trainer, now=False):
-    """:meth:`BaseTrainer.agreed_stop_signal` under torchrun. A signal reaches the processes at different moments, and
-    one stopping alone would hang the others: every ``log_every_n_steps`` steps (and where ``now``) they agree in
-    one small collective, which also says whether one saw a non-finite loss (then it raises)."""
-    from base.base_trainer import RunStopped
-
+def agreed_stop(trainer, now, stop_class, stopped_error):
+    """:meth:`BaseTrainer.agreed_stop_signal` under torchrun, given its ``Stop`` and ``RunStopped`` (base_trainer
+    imports this module). A signal reaches the processes at different moments, and one stopping alone would hang
+    the others: every ``log_every_n_steps`` steps (and where ``now``) they agree in one small collective, which also
+    says whether one saw a non-finite loss (then it raises)."""
     own = trainer.stop  # read once: the handler may set it meanwhile
     if not now and trainer.global_step % trainer.agree_every:
         return trainer.agreed_stop
     # The highest exit code wins: a signal's (128 + N) over a hook's.
     agreed, diverged = max_over_ranks(own.exit_code if own else 0, bool(trainer.diverged))
     if diverged:
-        raise RunStopped(trainer.diverged or "another process saw a non-finite loss; stopping without saving, so"
+        raise stopped_error(trainer.diverged or "another process saw a non-finite loss; stopping without saving, so"
                          " the last good checkpoint is untouched")
     if agreed:  # (never cleared: a signal arriving during the exchange is agreed on next time)
-        trainer.agreed_stop = trainer.stop = own if own and own.exit_code == agreed else stop_of(agreed)
+        trainer.agreed_stop = trainer.stop = own if own and own.exit_code == agreed else stop_of(agreed, stop_class)
     return trainer.agreed_stop
 
 
-def stop_of(code):
-    """The :class:`Stop` of exit code ``code``, as a process that did not see it itself knows it."""
-    from base.base_trainer import Stop
-
+def stop_of(code, stop_class):
+    """The ``Stop`` of exit code ``code``, as a process that did not see it itself knows it."""
     why = f"by {signal.Signals(code - 128).name}" if code > 128 else f"as another process asked (exit code {code})"
-    return Stop(code, why)
+    return stop_class(code, why)
