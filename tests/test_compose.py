@@ -73,7 +73,8 @@ def test_overrides_apply_after_composition(base, tmp_path):
 BAD = {
     "cycle": ({"a.json": {"base": "b.json"}, "b.json": {"base": "a.json"}},
               "configs whose bases form a cycle (a config cannot build on itself): a.json -> b.json -> a.json"),
-    "missing base": ({"a.json": {"base": "nope.json"}}, 'a.json: base config not found: nope.json ("base": "nope.json")'),
+    "missing base": ({"a.json": {"base": "sub/nope.json"}},
+                     'a.json: base config not found: sub/nope.json ("base": "sub/nope.json")'),
     "base not a mapping": ({"a.json": {"base": "b.json"}, "b.json": [1, 2]},
                            "b.json: a config must be a mapping of keys to values, got list (the base of a.json)"),
     "base unparsable": ({"a.json": {"base": "b.json"}, "b.json": '{"name": '},
