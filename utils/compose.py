@@ -27,14 +27,15 @@ DELETE = "__delete__"  # a value removing its key
 NEW = "+"  # the prefix of a key the base lacks
 
 
-def compose_config(path, config):
-    """``config`` (read from ``path``) built on its base(s), resolved to a plain config without ``base``.
+def compose_config(path, config, load):
+    """``config`` (read from ``path``) built on its base(s), resolved to a plain config without ``base``; ``load``
+    reads a base file raw (utils/config.py:load_config, passed in: this module imports nothing of the config's).
 
     Raises:
         UserError: a base missing, unreadable, not a mapping, or leading back to a file that names it (one line
             naming the chain); else one line per key the base lacks or removes that the base does not have.
     """
-    return _resolve(Path(path), str(path), config, [])
+    return _resolve(Path(path), str(path), config, [], load)
 
 
 def _shown(path):
@@ -45,11 +46,9 @@ def _shown(path):
         return str(path)
 
 
-def _resolve(path, shown, config, chain):
+def _resolve(path, shown, config, chain, load):
     """``config`` of the file ``path`` (written ``shown`` in messages) merged onto its bases; ``chain``: the
     ``(resolved path, shown)`` of the files that led here, child first."""
-    from utils.config import load_config
-
     chain = [*chain, (path.resolve(), shown)]
     config = dict(config)
     names = config.pop(BASE)
@@ -68,11 +67,11 @@ def _resolve(path, shown, config, chain):
         if not base_path.exists():
             raise UserError(f"{shown}: base config not found: {base_shown} (\"base\": {json.dumps(name)})")
         try:
-            base = load_config(base_path, bases=False)
+            base = load(base_path, bases=False)
         except UserError as err:
             raise UserError(*(f"{problem} (the base of {shown})" for problem in err.problems)) from None
         if BASE in base:
-            base = _resolve(base_path, base_shown, base, chain)
+            base = _resolve(base_path, base_shown, base, chain, load)
         # the bases of one list merge freely: each may bring sections the others lack
         merged = base if merged is None else _merge(merged, base, base_shown, " + ".join(against), problems, free=True)
         against.append(base_shown)

@@ -77,7 +77,7 @@ def load_config(path, bases=True):
     if bases and "base" in config:  # an experiment that gives only what differs from another config
         from utils.compose import compose_config
 
-        return compose_config(path, config)
+        return compose_config(path, config, load_config)
     return config
 
 
