@@ -32,8 +32,8 @@ def compose_config(path, config, load):
     reads a base file raw (utils/config.py:load_config, passed in: this module imports nothing of the config's).
 
     Raises:
-        UserError: a base missing, unreadable, not a mapping, or leading back to a file that names it (one line
-            naming the chain); else one line per key the base lacks or removes that the base does not have.
+        UserError: a base missing, unreadable or not a mapping, or bases in a cycle (one line naming the chain);
+            else one line per refused key: one the base lacks (a typo?), or a removal of what it does not have.
     """
     return _resolve(Path(path), str(path), config, [], load)
 
