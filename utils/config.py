@@ -51,9 +51,10 @@ def _reject_constant(name):
     raise _JsonProblem("constant", name)
 
 
-def load_config(path):
-    """Read a config file: YAML when it ends in ``.yaml``/``.yml``, JSON otherwise. A UserError, one line per
-    problem: missing or unreadable, not UTF-8, not JSON/YAML, a key repeated in one mapping, NaN, a YAML date."""
+def load_config(path, bases=True):
+    """Read a config file: YAML when it ends in ``.yaml``/``.yml``, JSON otherwise; one naming a ``base`` is built on
+    it (utils/compose.py) unless ``bases`` is False. A UserError, one line per problem: missing or unreadable, not
+    UTF-8, not JSON/YAML, a key repeated in one mapping, NaN, a YAML date, a base missing or in a cycle."""
     path, data = Path(path), None
     try:
         data = path.read_bytes()
@@ -73,6 +74,10 @@ def load_config(path):
     problems = plain_value_problems(config)
     if problems:
         raise UserError(*(f"{path}: {problem}" for problem in problems))
+    if bases and "base" in config:  # an experiment that gives only what differs from another config
+        from utils.compose import compose_config
+
+        return compose_config(path, config, load_config)
     return config
 
 

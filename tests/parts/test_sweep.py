@@ -250,3 +250,14 @@ def test_a_trial_whose_loss_is_null_in_result_json_reads_as_nan():
     assert math.isnan(monitored_value({"best": None, "final": {"val_loss": None}}))
     assert f"{monitored_value({'best': None, 'final': {'loss': None}}):.6g}" == "nan"
     assert monitored_value({"best": 0.25, "final": {}}) == 0.25
+
+
+def test_a_sweep_over_a_config_built_on_a_base(tmp_path, capsys):
+    """Each trial composes the config again (utils/compose.py): the child's change, the sweep's value and the
+    base's keys all reach the trial's config.json."""
+    write_config(tmp_path, epochs=1, test_after_train=False)  # base.json
+    child = tmp_path / "exp.json"
+    child.write_text(json.dumps({"base": "base.json", "name": "exp", "arch": {"args": {"hidden_sizes": [8]}}}))
+    assert sweep_command(["-c", str(child), "--grid", "optimizer.args.lr=0.05", "--name", "c"]) == 0
+    saved = json.loads((tmp_path / "saved/sweeps/c/models/exp/trial-000/config.json").read_text())
+    assert saved["arch"]["args"]["hidden_sizes"] == [8] and saved["optimizer"]["args"] == {"lr": 0.05, "momentum": 0.9}
