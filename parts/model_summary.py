@@ -13,6 +13,7 @@ import json
 import torch
 
 from base.base_hook import Hook
+from trainer.extras import to_device
 
 from base.base_trainer import rng_state, set_rng_state
 
@@ -33,16 +34,16 @@ class ModelSummary(Hook):
         try:
             loader = trainer.valid_data_loader or trainer.data_loader
             loader.set_epoch(1, 0)  # the first epoch's first batch
-            data, _ = next(iter(loader))
-            lines = summary_lines(trainer.model, data.to(trainer.device))
+            batch = to_device(next(iter(loader)), trainer.device)
+            lines = summary_lines(trainer.model, *(trainer.task.inputs(batch) if trainer.task else batch[:-1]))
         except Exception as err:  # a summary must never stop a run that passed the dry batch
             lines = [f"(no layer table: {type(err).__name__}: {err})"]
         trainer.logger.info("\n".join(["Layers (output shapes of one batch):", *lines]))
         return super().training(trainer)
 
 
-def summary_lines(model, data):
-    """A table of ``model``'s layers: name, type, output shape (from one forward of ``data``), parameters, trainable.
+def summary_lines(model, *inputs):
+    """A table of ``model``'s layers: name, type, output shape (from one ``model(*inputs)``), parameters, trainable.
 
     Rows are the modules without children, and any module holding parameters of its own. The
     forward runs in eval mode without gradients and every RNG state is restored, so training
@@ -59,7 +60,7 @@ def summary_lines(model, data):
     try:
         model.eval()
         with torch.no_grad():
-            model(data)
+            model(*inputs)
     finally:
         for handle in handles:
             handle.remove()

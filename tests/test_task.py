@@ -118,7 +118,7 @@ def user_module(tmp_path, monkeypatch):
 
 
 def pair_config(tmp_path, **trainer):
-    config = make_config(tmp_path / "saved", epochs=3, **trainer)
+    config = make_config(tmp_path / "saved", **{"epochs": 3, **trainer})
     config.update(arch={"type": "pair_task:TwoInputs", "args": {}},
                   data_loader={"type": "pair_task:PairLoader", "args": {"batch_size": 16}},
                   task={"type": "pair_task:PairTask", "args": {}})
@@ -223,3 +223,24 @@ def test_batches_of_any_structure_are_moved_to_the_device():
     assert isinstance(moved["pair"], Pair) and moved["pair"].a.device.type == "meta"
     assert moved["pair"].b[0].device.type == "meta" and moved["pair"].b[1] == "text"
     assert moved["meta"][0]["boxes"].device.type == "meta"
+
+
+@pytest.mark.parametrize("trainer", [{"accumulate_grad_batches": 3}, {"amp": "bf16"}, {"len_epoch": 7}],
+                         ids=["accumulation", "bf16", "len_epoch"])
+def test_a_task_trains_under_the_steps_options(tmp_path, user_module, trainer):
+    """Accumulation (windows of 3 batches, the epoch's last shorter), bf16 autocast and epochs cut from an endless
+    stream of dict batches: each trains, and its named losses are averaged like the loss."""
+    rows = epoch_results(pair_config(tmp_path, **trainer), "o")
+    assert len(rows) == 3 and rows[-1]["loss_recon"] < rows[0]["loss_recon"]
+    for row in rows:
+        tolerance = 2e-2 if "amp" in trainer else 1e-5  # bf16: the sum is of rounded values
+        assert row["val_loss"] == pytest.approx(row["val_loss_label"] + 0.5 * row["val_loss_recon"], rel=tolerance)
+
+
+def test_the_model_summary_part_reads_a_tasks_inputs(tmp_path, user_module):
+    pytest.importorskip("parts.model_summary")
+    config = pair_config(tmp_path, model_summary=True, epochs=1)
+    run.train(config, run_id="s")
+    log = (Path(config["trainer"]["save_dir"]) / "log/tiny/s/info.log").read_text()
+    assert "Layers (output shapes of one batch):" in log and "no layer table" not in log
+    assert "reconstruct" in log
