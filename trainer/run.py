@@ -135,6 +135,7 @@ def build_parts(config, device):
                           ' use "bf16" or false')
     if cfg["amp"] == "bf16" and device.type == "mps":
         raise ConfigError('trainer.amp: "bf16" autocast is not supported on mps here; use false')
+    build.check_standins(config)  # the optimizer's and scheduler's arguments, before any data is read
     data_loader = build.build_data_loader(config)
     valid_data_loader = data_loader.split_validation()
     model = build.build_model(config).to(device)
