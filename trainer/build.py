@@ -197,13 +197,16 @@ def check_standins(config):
     if section["type"] in ("LBFGS", "SparseAdam"):  # this loop calls step() without a closure, on dense gradients
         raise _failed("unsupported_optimizer", section["type"])
     device_only = ("fused", "foreach", "capturable", "differentiable")  # (the run's device decides those)
-    groups = [{**{k: v for k, v in g.items() if k not in ("params", *device_only)}, "params": [
-        torch.nn.Parameter(torch.zeros(1))]} for g in [{}, *(section.get("param_groups") or [])]]
-    try:
-        trial = registries()["optimizer"].get(section["type"])(groups, **{
-            k: v for k, v in section["args"].items() if k not in device_only})
+    kind, args = registries()["optimizer"].get(section["type"]), {k: v for k, v in section["args"].items()
+                                                                  if k not in device_only}
+    groups = [{k: v for k, v in g.items() if k not in ("params", *device_only)}
+              for g in [{}, *(section.get("param_groups") or [])]]
+    try:  # each group's settings as the constructor's own (it checks only those), then the groups together
+        for group in groups:
+            kind([torch.nn.Parameter(torch.zeros(1))], **{**args, **group})
+        trial = kind([{**group, "params": [torch.nn.Parameter(torch.zeros(1))]} for group in groups], **args)
     except (TypeError, ValueError, IndexError, KeyError) as err:
-        raise _failed("optimizer_rejects", section, registries()["optimizer"].get(section["type"]), err) from None
+        raise _failed("optimizer_rejects", section, kind, err) from None
     if not schedule:
         return
     try:

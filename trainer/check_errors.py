@@ -50,7 +50,7 @@ def optimizer_rejects(section, optimizer_class, err):
 
     def fails(**settings):
         try:
-            optimizer_class([{"params": [torch.nn.Parameter(torch.zeros(1))], **settings}], **section["args"])
+            optimizer_class([torch.nn.Parameter(torch.zeros(1))], **{**section["args"], **settings})
         except Exception:
             return True
         return False
@@ -63,7 +63,7 @@ def optimizer_rejects(section, optimizer_class, err):
                 where, given = f"optimizer.param_groups[{index}]", settings
                 break
     why = reason(err)
-    named = [key for key in given if key in why] or [key for key, value in given.items() if isinstance(value, list)
+    named = [key for key in given if key in why or (key.endswith("s") and key[:-1] in why)] or [key for key, value in given.items() if isinstance(value, list)
                                                      and isinstance(err, IndexError)]
     if len(named) == 1:
         return ConfigError(f"{where}.{named[0]}: {section['type']} rejected {json.dumps(given[named[0]])}:"
