@@ -190,9 +190,8 @@ def wrap_model(model, config, device, info):
 
 
 def check_standins(config):
-    """What only the constructors refuse (Adam's ``betas=[0.9]``), a schedule that fails on its first steps, and one
-    that makes a learning rate negative (``gamma=-0.5``): the optimizer (with each of ``optimizer.param_groups``)
-    and the scheduler built on stand-in parameters, before any data is read. Each a one-line ConfigError."""
+    """The optimizer and scheduler built on stand-in parameters before any data is read: a one-line ConfigError for
+    what only a constructor refuses (``betas=[0.9]``), or a schedule that fails or turns an lr negative (gamma < 0)."""
     section, schedule, cfg = config["optimizer"], config.get("lr_scheduler"), config["trainer"]
     if section["type"] in ("LBFGS", "SparseAdam"):  # this loop calls step() without a closure, on dense gradients
         raise _failed("unsupported_optimizer", section["type"])
@@ -212,8 +211,8 @@ def check_standins(config):
     try:
         scheduler = init_obj(schedule, registries()["lr_scheduler"], trial, where="lr_scheduler")
         plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        steps = min(100, cfg["epochs"] if schedule["interval"] == "epoch" else 100,
-                    getattr(scheduler, "total_steps", None) or 100)
+        steps = min(100, cfg["epochs"] if schedule["interval"] == "epoch" else 100, getattr(scheduler, "total_steps", 0)
+                    or 100)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": on purpose
             for step in range(1, steps + 1):  # no trial.step(): optimizer hooks others registered must not see it

@@ -63,8 +63,8 @@ def optimizer_rejects(section, optimizer_class, err):
                 where, given = f"optimizer.param_groups[{index}]", settings
                 break
     why = reason(err)
-    named = [key for key in given if key in why or (key.endswith("s") and key[:-1] in why)] or [key for key, value in given.items() if isinstance(value, list)
-                                                     and isinstance(err, IndexError)]
+    lists = [key for key, value in given.items() if isinstance(value, list) and isinstance(err, IndexError)]
+    named = [key for key in given if key in why or (key.endswith("s") and key[:-1] in why)] or lists
     if len(named) == 1:
         return ConfigError(f"{where}.{named[0]}: {section['type']} rejected {json.dumps(given[named[0]])}:"
                            f" {why}{' (a list of the wrong length?)' if isinstance(err, IndexError) else ''}")
