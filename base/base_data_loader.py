@@ -116,9 +116,9 @@ class BaseDataLoader:
     """
 
     def __init__(self, dataset, batch_size=64, shuffle=True, validation_split=0.0, num_workers=0,
-                 pin_memory=None, persistent_workers=None, prefetch_factor=None, in_memory=True,
-                 device_resident=False, drop_last=False, seed=0, transforms=None, training=True, indices=None,
-                 fold=None):
+                 pin_memory: bool | None = None, persistent_workers: bool | None = None, prefetch_factor=None,
+                 in_memory=True, device_resident=False, drop_last=False, seed=0, transforms=None, training=True,
+                 indices=None, fold=None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise UserError(f"data_loader.args.batch_size: got {batch_size!r}, expected a positive integer")
         if not isinstance(num_workers, int) or num_workers < 0:

@@ -29,9 +29,11 @@ def continues_at(trainer):
     return f"epoch {epoch}, batch {batch} of {of}" if batch <= of else f"the validation of epoch {epoch}"
 
 
-def scoring_stopped(checkpoint, signum):
-    """The arguments of the ``RunStopped`` of stop signal ``signum`` during the test scoring after training: the
-    training is complete and ``result.json`` written (without the test values), so it says how to score the test."""
-    return {"message": f"{signal.Signals(signum).name} during the test scoring: training is complete (result.json is"
+def scoring_stopped(checkpoint, signum, before=False):
+    """The arguments of the ``RunStopped`` of stop signal ``signum`` during the test scoring after training (``before``:
+    during the last validation): the training is complete and ``result.json`` written (without the test values), so
+    it says how to score the test."""
+    return {"message": f"{signal.Signals(signum).name} {'before' if before else 'during'} the test scoring: training"
+                       " is complete (result.json is"
                        f" written, without test values); score it with: python test.py -r {checkpoint}"
                        " (or the same command with -r auto)", "exit_code": 128 + signum}

@@ -78,8 +78,9 @@ def _check_int(owner: str, name: str, value, minimum: int) -> int:
 
 
 def _check_dir(owner: str, value) -> str:
-    if not isinstance(value, (str, os.PathLike)):
-        raise UserError(f"{owner}: data_dir must be a folder path (string), got {value!r}")
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise UserError(f"data_loader.args.data_dir: got {value!r}, expected the folder {owner} reads (a non-empty"
+                        " path; \"data/\" by default)")
     return os.path.expanduser(os.fspath(value))
 
 

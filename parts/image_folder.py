@@ -621,8 +621,8 @@ class ImageFolderDataLoader(BaseDataLoader):
     options_from = BaseDataLoader
 
     def __init__(self, data_dir, batch_size=64, shuffle=True, validation_split=None, test_split=None, training=True,
-                 image_size=None, channels=3, in_memory=None, cache_dir=None, skip_unreadable=False, class_names=None,
-                 normalize=None, feature_stats=None, **options):
+                 image_size=None, channels=3, in_memory: bool | None = None, cache_dir=None, skip_unreadable=False,
+                 class_names=None, normalize=None, feature_stats=None, **options):
         if problems := _normalize_problems(normalize, options.get("transforms")):
             raise UserError(problems[0])
         augment = self.transforms_part(options.get("transforms"))

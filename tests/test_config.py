@@ -75,7 +75,7 @@ BAD = {
                                  ["trainer.monitor: 'val_loss' needs validation data"]),
     "monitor format": (dict(trainer__monitor="lowest loss"), ["trainer.monitor: got"]),
     "bad optimizer value": (dict(optimizer__args={"lr": 0.1, "momentum": -1}),
-                            ["optimizer.args: SGD rejected its arguments: Invalid momentum value"]),
+                            ["optimizer.args.momentum: SGD rejected -1: Invalid momentum value"]),
     "negative lr": (dict(optimizer__args={"lr": -1}), ["optimizer.args.lr: got -1, expected a learning rate >= 0"]),
     "negative lr in a param group": (dict(optimizer__param_groups=[{"params": ["net.0.*"], "lr": -0.01}]),
                                      ["optimizer.param_groups[0].lr: got -0.01, expected a learning rate >= 0"]),

@@ -190,16 +190,47 @@ def wrap_model(model, config, device, info):
 # --------------------------------------------------------------------------- the checks of what was built
 
 
+def check_standins(config):
+    """The optimizer and scheduler built on stand-in parameters before any data is read: a one-line ConfigError for
+    what only a constructor refuses (``betas=[0.9]``), or a schedule that fails or turns an lr negative (gamma < 0)."""
+    section, schedule, cfg = config["optimizer"], config.get("lr_scheduler"), config["trainer"]
+    if section["type"] in ("LBFGS", "SparseAdam"):  # this loop calls step() without a closure, on dense gradients
+        raise _failed("unsupported_optimizer", section["type"])
+    device_only = ("fused", "foreach", "capturable", "differentiable")  # (the run's device decides those)
+    kind, args = registries()["optimizer"].get(section["type"]), {k: v for k, v in section["args"].items()
+                                                                  if k not in device_only}
+    groups = [{k: v for k, v in g.items() if k not in ("params", *device_only)}
+              for g in [{}, *(section.get("param_groups") or [])]]
+    try:  # each group's settings as the constructor's own (it checks only those), then the groups together
+        for group in groups:
+            kind([torch.nn.Parameter(torch.zeros(1))], **{**args, **group})
+        trial = kind([{**group, "params": [torch.nn.Parameter(torch.zeros(1))]} for group in groups], **args)
+    except (TypeError, ValueError, IndexError, KeyError) as err:
+        raise _failed("optimizer_rejects", section, kind, err) from None
+    if not schedule:
+        return
+    try:
+        scheduler = init_obj(schedule, registries()["lr_scheduler"], trial, where="lr_scheduler")
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        steps = min(100, cfg["epochs"] if schedule["interval"] == "epoch" else 100, getattr(scheduler, "total_steps", 0)
+                    or 100)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": on purpose
+            for step in range(1, steps + 1):  # no trial.step(): optimizer hooks others registered must not see it
+                scheduler.step(1.0) if plateau else scheduler.step()
+                if any(g["lr"] < 0 for g in trial.param_groups):
+                    raise _failed("negative_lr", schedule, step, [g["lr"] for g in trial.param_groups])
+    except (ArithmeticError, TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        raise _failed("scheduler_fails", schedule["type"], err) from None
+
+
 def check_plan(config, parts):
-    """A one-line ConfigError for an optimizer this loop cannot drive, a per-step ReduceLROnPlateau, a one-cycle
-    schedule shorter than the run, or a scheduler that fails on its first steps (tried on a stand-in parameter)."""
-    opt_type, section, cfg = config["optimizer"]["type"], config.get("lr_scheduler"), config["trainer"]
-    if opt_type in ("LBFGS", "SparseAdam"):  # this loop calls step() without a closure, on dense gradients
-        raise _failed("unsupported_optimizer", opt_type)
+    """A one-line ConfigError for a per-step ReduceLROnPlateau, or a one-cycle schedule shorter than the run."""
+    section, cfg = config.get("lr_scheduler"), config["trainer"]
     if not section or parts.lr_scheduler is None:
         return
-    plateau, per_step = torch.optim.lr_scheduler.ReduceLROnPlateau, section["interval"] == "step"
-    if isinstance(parts.lr_scheduler, plateau) and per_step:
+    per_step = section["interval"] == "step"
+    if isinstance(parts.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and per_step:
         raise _failed("plateau_per_step")
     planned = cfg["epochs"]  # how often the scheduler steps in the whole run: epochs, or optimizer steps
     if per_step:
@@ -208,21 +239,6 @@ def check_plan(config, parts):
     total = getattr(parts.lr_scheduler, "total_steps", None)
     if isinstance(total, int) and planned > total:
         raise _failed("schedule_too_short", section["type"], total, planned, per_step)
-    try:  # the same optimizer type and groups, over stand-in parameters
-        skip = ("params", "initial_lr", "fused", "foreach", "capturable", "differentiable")
-        trial = type(parts.optimizer)([{**{k: v for k, v in g.items() if k not in skip},
-                                        "params": [torch.nn.Parameter(torch.zeros(1))]}
-                                       for g in parts.optimizer.param_groups])
-    except Exception:  # an optimizer that cannot be rebuilt this way: the run itself will show any problem
-        return
-    try:
-        scheduler = init_obj(section, registries()["lr_scheduler"], trial, where="lr_scheduler")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": on purpose
-            for _ in range(min(3, planned)):  # no trial.step(): optimizer hooks others registered must not see it
-                scheduler.step(1.0) if isinstance(scheduler, plateau) else scheduler.step()
-    except (ArithmeticError, TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
-        raise _failed("scheduler_fails", section["type"], err) from None
 
 
 # What a model, loss or metric raises when it cannot take its input (anything else is a bug, with its traceback).

@@ -43,6 +43,47 @@ def scheduler_fails(kind, err):
                        " check its arguments")
 
 
+def optimizer_rejects(section, optimizer_class, err):
+    """The optimizer's constructor refused its arguments (``betas=[0.9]``): the key it refused, found by building
+    ``args`` alone and then with each of ``param_groups``, on a stand-in parameter (``build.check_standins``)."""
+    import json
+
+    def fails(**settings):
+        try:
+            optimizer_class([torch.nn.Parameter(torch.zeros(1))], **{**section["args"], **settings})
+        except Exception:
+            return True
+        return False
+
+    where, given = "optimizer.args", dict(section["args"])
+    if not fails():  # the args alone are fine: the settings of a group are the problem
+        for index, group in enumerate(section.get("param_groups") or []):
+            settings = {k: v for k, v in group.items() if k != "params"}
+            if fails(**settings):
+                where, given = f"optimizer.param_groups[{index}]", settings
+                break
+    why = reason(err)
+    lists = [key for key, value in given.items() if isinstance(value, list) and isinstance(err, IndexError)]
+    named = [key for key in given if key in why or (key.endswith("s") and key[:-1] in why)] or lists
+    if len(named) == 1:
+        return ConfigError(f"{where}.{named[0]}: {section['type']} rejected {json.dumps(given[named[0]])}:"
+                           f" {why}{' (a list of the wrong length?)' if isinstance(err, IndexError) else ''}")
+    return ConfigError(f"{where}: {section['type']} rejected its arguments {json.dumps(given)}: {why}")
+
+
+def negative_lr(schedule, step, rates):
+    """A schedule whose learning rate turns negative (gradient ascent): the argument that does it, where it is one."""
+    import json
+
+    culprits = [f"{key} {json.dumps(value)}" for key, value in schedule["args"].items()
+                if key in ("gamma", "factor", "start_factor", "end_factor") and isinstance(value, (int, float))
+                and value < 0]
+    where = f"lr_scheduler.args.{culprits[0].split()[0]}" if len(culprits) == 1 else "lr_scheduler.args"
+    return ConfigError(f"{where}: {schedule['type']} makes the learning rate negative at step {step}"
+                       f" ({', '.join(f'{r:.3g}' for r in rates)}): a negative one climbs the loss; give"
+                       f" {culprits[0].split()[0] if len(culprits) == 1 else 'arguments'} >= 0")
+
+
 def weights_misfit(checkpoint, saved, config, err):
     """``test.py`` (trainer/build.py's trained_model): the checkpoint's weights do not load into the model its config,
     changed by the overrides, builds: another model (one line naming both), or the first tensor that does not fit."""

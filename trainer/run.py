@@ -135,6 +135,7 @@ def build_parts(config, device):
                           ' use "bf16" or false')
     if cfg["amp"] == "bf16" and device.type == "mps":
         raise ConfigError('trainer.amp: "bf16" autocast is not supported on mps here; use false')
+    build.check_standins(config)  # the optimizer's and scheduler's arguments, before any data is read
     data_loader = build.build_data_loader(config)
     valid_data_loader = data_loader.split_validation()
     model = build.build_model(config).to(device)
@@ -193,20 +194,22 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
     (dropping what an interrupted run logged after the checkpoint it resumes), determinism; all undone at the end."""
     from logger.logger import WriterContext, close_logging, open_writer, setup_logging
 
-    cfg, info, held = config["trainer"], info or dist.DistInfo(), []
+    cfg, info, held, made = config["trainer"], info or dist.DistInfo(), [], []
     run_writes = all(optional_parts.call_each(config, "writes", config))  # False: a dry run (fast_dev_run)
     writes = info.is_main and run_writes
 
     def chosen():  # the folders, made and locked (one writer per run folder) before anything is written there
         folders = run_folders(config, run_id, resume, state, overwrite)
         if writes:
+            made.extend(f for f in folders[1:3] if not (f.exists() or f.is_symlink()))  # (see the end of open_run)
             try:
                 folders[1].mkdir(parents=True, exist_ok=True)
                 held.append(lock_folder(folders[1]))  # (and temporary files a kill -9 left mid-write removed)
                 folders[2].mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise UserError(f"trainer.save_dir: cannot create the run folders under {cfg['save_dir']}: "
-                                f"{err.strerror or err}; choose a folder you can write to") from None
+            except OSError as err:  # a full disk, a dangling symbolic link, no permission: one line
+                from utils.io_problems import run_folder_error
+
+                raise run_folder_error(err, folders[1:3], cfg["save_dir"]) from None
         return folders
 
     if info.enabled:  # rank 0 chooses, makes and locks the folders; every rank gets the same ones (or the same error)
@@ -224,6 +227,11 @@ def open_run(config, run_id=None, resume=None, info=None, state=None, overwrite=
     try:
         yield Run(run_id=run_id, checkpoint_dir=checkpoint_dir, log_dir=log_dir, logger=logger, writer=writer,
                   dist=info, resumed_from=resume, branched_from=branched_from, writes=run_writes)
+    except (KeyboardInterrupt, UserError):  # a start cut short (Ctrl-C, a full disk): no half-made run folder is left
+        from utils.io_problems import unmake_run
+
+        unmake_run(made, checkpoint_dir)
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         writer.close()
@@ -329,6 +337,8 @@ def end(trainer, metrics, seconds):
         kept = {sig: signal.signal(sig, functools.partial(stop_scoring, scored)) for sig in STOP_SIGNALS if main}
         write_json(folder / "result.json", result)
         try:
+            if trainer.stop and trainer.stop.exit_code > 128:  # a stop signal during the last validation: stop now
+                stop_scoring(scored, trainer.stop.exit_code - 128, None)
             result["test"] = evaluate_checkpoint(scored, progress=False)
         except UserError as err:  # no test split, say: the run itself succeeded
             lines.append(f"Test split not scored: {err.problems[0]}")
@@ -345,10 +355,10 @@ def end(trainer, metrics, seconds):
 
 
 def stop_scoring(checkpoint, signum, frame):
-    """A stop signal during :func:`end`'s test scoring: the run's one line (base/stopping.py), raised."""
+    """A stop signal during :func:`end`'s test scoring (no ``frame``: one before it), as the run's one line, raised."""
     from base.stopping import scoring_stopped
 
-    raise RunStopped(**scoring_stopped(checkpoint, signum))
+    raise RunStopped(**scoring_stopped(checkpoint, signum, before=frame is None))
 
 
 # --------------------------------------------------------------------------- test.py

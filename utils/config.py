@@ -192,7 +192,7 @@ path_string = Check(lambda v: isinstance(v, str) and v and "\0" not in v,
 monitor_string = Check(lambda v: isinstance(v, str) and (v == "off" or re.fullmatch(r"(min|max) \S+", v)),
                        '"off", or "min NAME" / "max NAME" such as "min val_loss" or "max val_accuracy"')
 metric_list = Check(lambda v: isinstance(v, list) and all((isinstance(m, str) and m) or isinstance(m, dict) for m in v),
-                    'a list of metric names, or {"type": ..., "args": {...}} entries naming a part\'s metric')
+                    'a list such as ["accuracy"] (metric names, or a part\'s {"type": ..., "args": {...}} entries)')
 # A run's name and its run id become save_dir/models/<name>/<run_id>: each one folder name (not "." or "..", no
 # separator, control character or invalid UTF-8, at most NAME_MAX bytes), or the run would be written outside save_dir
 # or fail.
@@ -537,6 +537,8 @@ def check_args(target, args, where, provided=()):
 # What an argument of these names must be, whatever it belongs to (a count of classes is never 0): the
 # first regular expression matching the whole name gives the check.
 ARG_NAMES = [
+    (r"image_size", Check(lambda v: positive_int.ok(v) or (isinstance(v, list) and len(v) == 2 and all(
+        map(positive_int.ok, v))), "a positive integer or [height, width]")),
     (r"num_classes|num_samples|epochs|total_steps|steps_per_epoch|T_max|T_0|prefetch_factor|.*_size", positive_int),
     (r".*_sizes", Check(lambda v: isinstance(v, (list, tuple)) and all(positive_int.ok(x) for x in v),
                         "a list of positive integers")),
@@ -545,6 +547,7 @@ ARG_NAMES = [
     (r".*_split", Check(lambda v: non_negative_int.ok(v) or (isinstance(v, float) and 0 <= v < 1),
                         "a fraction in [0, 1) or a sample count (an integer >= 0)")),
     (r".*_fraction", Check(lambda v: number.ok(v) and 0 <= v < 1, "a fraction in [0, 1)")),
+    (r"label_smoothing", Check(lambda v: number.ok(v) and 0 <= v <= 1, "a number from 0 to 1")),
     (r"lr|.*_lr|eta_min", Check(lambda v: all(x >= 0 for x in (v if isinstance(v, list) else [v]) if number.ok(x)),
                                 "a learning rate >= 0 (a negative one climbs the loss)")),
 ]

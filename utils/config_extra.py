@@ -311,9 +311,13 @@ def param_group_problems(groups, named, arg_value_problem):
             isinstance(g, dict) and isinstance(g.get("params"), list) and g["params"]
             and all(isinstance(s, str) and s for s in g["params"]) for g in groups):
         return ['optimizer.param_groups: expected a list of {"params": ["glob", ...], "lr": ...} entries']
-    return [problem for index, group in enumerate(groups) for name, value in group.items() if named is not None
-            and name != "params" and (problem := arg_value_problem(name, value, named.get(name),
-                                                                   f"optimizer.param_groups[{index}]"))]
+    if named is None:  # the optimizer's type is unknown (reported)
+        return []
+    valid = ["params", *(name for name in named if name != "params")]
+    return [f"optimizer.param_groups[{index}].{name}: unknown key{did_you_mean(name, valid)} valid: {', '.join(valid)}"
+            if name not in valid else problem for index, group in enumerate(groups) for name, value in group.items()
+            if name not in valid or (name != "params" and (problem := arg_value_problem(
+                name, value, named.get(name), f"optimizer.param_groups[{index}]")))]
 
 
 # --------------------------------------------------------------------------- the parts' optional features

@@ -51,6 +51,31 @@ def write_error(err, path, needed):
     return None
 
 
+def run_folder_error(err, folders, save_dir):
+    """The one-line error for run ``folders`` that cannot be made (trainer/run.py: open_run): a dangling symbolic
+    link on their path, named; a full disk (:class:`DiskFullError`, exit code 28); else what the system said."""
+    for folder in folders:
+        for path in [folder, *folder.parents]:
+            if path.is_symlink() and not path.exists():
+                return UserError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: make its"
+                                 " target, remove the link, or choose another trainer.save_dir or --run-id")
+    if err.errno in _NO_SPACE:
+        return DiskFullError(f"cannot create the run folders under {save_dir}: no space left on the device (or the"
+                             " disk quota is used up); free some space, or set trainer.save_dir to another disk")
+    return UserError(f"trainer.save_dir: cannot create the run folders under {save_dir}: {err.strerror or err};"
+                     " choose a folder you can write to")
+
+
+def unmake_run(made, checkpoint_dir):
+    """Remove the run folders ``made`` by a start cut short (Ctrl-C, a full disk) while the run's folder holds nothing
+    to resume (no checkpoint, no ``result.json``): a half-made run folder would block the same command next time."""
+    if checkpoint_dir not in made or any(p.suffix == ".pth" or p.name == "result.json"
+                                         for p in checkpoint_dir.iterdir()):
+        return
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _got(v, wanted):
     return f"is {'None' if v is None else 'a ' + type(v).__name__}, expected {wanted}"
 

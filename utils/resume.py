@@ -432,6 +432,12 @@ def restore(trainer, start):
     """Continue the run that wrote ``start.state``, with the changed optimizer and scheduler arguments of
     ``start.config``; log how it goes on (rank 0)."""
     state, config, run, logger = start.state, start.config, trainer.run, trainer.logger
+    try:  # tensors of another shape, or keys the model lacks (a damaged or edited checkpoint): one line, not a traceback
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        from trainer.check_errors import weights_misfit
+
+        raise weights_misfit(start.resume, state["config"], config, err) from None
     trainer.load_state_dict(state)
     apply_resume_changes(state["config"], config, trainer.optimizer, trainer.lr_scheduler)
     if state["batch_in_epoch"] and (factor := batch_split(state["config"], config)):
