@@ -116,7 +116,8 @@ def test_a_mid_epoch_interrupt_resumes_bit_exactly(trained, tmp_path, interrupt_
     last = checkpoint(config, "cut", "last.pth")
     assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 9, 50)
     run.train(None, resume=run_dir(config, "cut") / "last.pth")
-    assert_states_identical(checkpoint_at(trained["dir"], EPOCHS), checkpoint(config, "cut", f"checkpoint-epoch{EPOCHS}.pth"))
+    resumed = checkpoint(config, "cut", f"checkpoint-epoch{EPOCHS}.pth")
+    assert_states_identical(checkpoint_at(trained["dir"], EPOCHS), resumed)
 
 
 # ---------------------------------------------------------------- torchrun: 2 processes x 16 = 1 process x 32
