@@ -5,15 +5,21 @@ Promises:
 * The model is exported in eval mode, from the checkpoint's config and weights, with a dynamic
   batch dimension; the example input is a batch of the checkpoint's own test split (its config's
   data), or, when that data is not on this machine, random inputs of the shape its config names.
+  The model's inputs are what the step gives it: all but the last item of a batch, or, for a config
+  naming a ``task`` (base/base_task.py), ``task.inputs(batch)``; a model of several inputs
+  (``model(image, row)``) is exported taking them in that order, and one returning a tuple of
+  tensors (``(logits, rebuilt)``) is exported returning all of them, in that order.
 * Every export is checked before it is written: the exported model, loaded back from its bytes
-  (ONNX through ``onnxruntime``), gives the eager model's outputs within ``ATOL + RTOL * |eager|``
-  on that batch and on a batch of another size (the dynamic batch dimension). A mismatch, or a
-  model the format cannot express, is one ``error:`` line naming the format and, where the
-  exporter says, the failing operator; nothing is written then.
+  (ONNX through ``onnxruntime``), gives the eager model's outputs, each of them, within
+  ``ATOL + RTOL * |eager|`` on that batch and on a batch of another size (the dynamic batch
+  dimension). A mismatch, or a model the format cannot express, is one ``error:`` line naming the
+  format and, where the exporter says, the failing operator; nothing is written then.
 * Beside the file, ``<file>.preprocess.json`` says what an input must be: its shape without the
-  batch dimension, dtype, the image size, channels, normalisation ``mean``/``std`` (images), the
-  feature names and standardisation (tables), the class names, and the check's tolerance and
-  largest difference. Both files are written whole or not at all (:func:`utils.io.atomic_write`).
+  batch dimension (``input_shape``; ``input_shapes``, one per input, for several), dtype, the names
+  of the inputs and outputs (ONNX's; for the other formats their order), the image size, channels,
+  normalisation ``mean``/``std`` (images), the feature names and standardisation (tables), the class
+  names, the task, and the check's tolerance and largest difference. Both files are written whole or
+  not at all (:func:`utils.io.atomic_write`).
 * Neither file replaces an input: the checkpoint, its run's ``config.json``, a folder, or any existing
   file that is not an earlier export (whose ``.preprocess.json`` names it) is one ``error:`` line before
   the checkpoint is read (:func:`parts.predict.check_output`).
@@ -85,26 +91,61 @@ def check_outputs(checkpoint, output, label="-o"):
 
 
 def example_inputs(config, batch=EXAMPLE_BATCH):
-    """``(inputs, source)``: up to ``batch`` inputs of the test split, or random ones of the config's input shape.
+    """``(inputs, source)``: ``inputs`` the tuple ``model(*inputs)`` takes, up to ``batch`` samples of the test split
+    (as the config's step reads a batch: all but its last item, or its task's ``inputs(batch)``), or random ones of
+    the config's input shape. Floating-point inputs become float32; others (token ids) keep their dtype.
 
     Raises:
-        UserError: neither the data nor an input shape can be found.
+        UserError: neither the data nor an input shape can be found, or the task's inputs are not tensors.
     """
     from trainer import build
 
     try:
         loader = build.build_data_loader(config, training=False)
         loader.batch_size = max(loader.batch_size, batch)
-        inputs, _ = next(iter(loader))
-        return inputs[:batch].float(), "the test split"
+        first = next(iter(loader))
     except UserError as err:
         reason = str(err).splitlines()[0]
+    else:
+        if config.get("task"):
+            from utils.config import init_obj
+
+            task = init_obj(config["task"], build.registries()["task"], where="task")
+            inputs = task.inputs(first)
+            where = f"task: {config['task']['type']}.inputs(batch)"
+        else:
+            inputs, where = first[:-1], "the data loader's batches, all but their last item,"
+        inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+        if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+            raise UserError(f"cannot make an example input: {where} gives {_kinds(inputs)}; export needs a tuple of"
+                            " tensors with a batch dimension (what model(*inputs) takes)")
+        return tuple(x[:batch].float() if x.is_floating_point() else x[:batch] for x in inputs), "the test split"
     shape = input_shape_from_config(config)
     if shape is None:
         raise UserError(f"cannot make an example input: the checkpoint's data is not here ({reason}) and its config"
                         " does not say the input shape; point data_loader.args at the data (key.path=VALUE)")
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *shape, generator=generator), f"random inputs of shape {list(shape)} (data not found: {reason})"
+    random = torch.randn(batch, *shape, generator=generator)
+    return (random,), f"random inputs of shape {list(shape)} (data not found: {reason})"
+
+
+def _kinds(values):
+    return "(" + ", ".join(f"a tensor of shape {list(v.shape)}" if isinstance(v, torch.Tensor) else
+                           f"a {type(v).__name__}" for v in values) + ")"
+
+
+def _names(kind, count):
+    """The inputs' or outputs' names: ``input`` for one (as before several were possible), ``input_0``, ... else."""
+    return [kind] if count == 1 else [f"{kind}_{i}" for i in range(count)]
+
+
+def _outputs(output):
+    """A model's output as a list of tensors: a tensor, or a (nested) tuple or list of them, in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _outputs(item)]
+    raise UserError(f"the model returns a {type(output).__name__}; export checks a tensor or a tuple of tensors")
 
 
 def input_shape_from_config(config):
@@ -125,16 +166,19 @@ def input_shape_from_config(config):
     return None
 
 
-def preprocessing(loaded, inputs, fmt, output, max_diff, source):
-    """What ``<file>.preprocess.json`` holds (see the module's docstring)."""
+def preprocessing(loaded, inputs, fmt, output, max_diff, source, n_outputs=1):
+    """What ``<file>.preprocess.json`` holds (see the module's docstring); ``inputs``: the tuple of example inputs."""
     config = loaded.config
-    info = {
-        "format": fmt,
-        "file": Path(output).name,
-        "input_shape": ["batch", *inputs.shape[1:]],
-        "input_dtype": "float32",
-        "class_names": loaded.class_names,
-    }
+    shapes = [["batch", *x.shape[1:]] for x in inputs]
+    dtypes = [str(x.dtype).removeprefix("torch.") for x in inputs]
+    info = {"format": fmt, "file": Path(output).name}
+    if len(inputs) == 1:
+        info.update(input_shape=shapes[0], input_dtype=dtypes[0])
+    else:
+        info.update(input_shapes=shapes, input_dtypes=dtypes)
+    info.update(input_names=_names("input", len(inputs)), output_names=_names("output", n_outputs),
+                class_names=loaded.class_names)
+    inputs = inputs[0]  # images and tables: the one input
     reader = loaded.inputs
     if reader is not None and reader.kind == "images":  # decoded by the image_folder part's code (predict.py)
         from utils import parts as optional_parts
@@ -154,58 +198,66 @@ def preprocessing(loaded, inputs, fmt, output, max_diff, source):
                     scale="(x - mean) / std per feature" if reader.stats else "none")
     info.update(checked_on=source, atol=ATOL, rtol=RTOL, max_abs_diff=max_diff,
                 arch=config["arch"], data_loader=config["data_loader"]["type"])
+    if config.get("task"):
+        info["task"] = config["task"]["type"]
     return info
 
 
 # --------------------------------------------------------------------------- exporters: bytes, and a runner of those bytes
 
 
-def _export_torchscript(model, x):
+# Each takes the model and the tuple of its example inputs; returns the bytes and a function of those inputs
+# (``runner(*inputs)``) that runs the model loaded back from the bytes.
+
+
+def _export_torchscript(model, xs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices say nothing about this model
-        traced = torch.jit.trace(model, (x,), check_trace=False)
+        traced = torch.jit.trace(model, xs, check_trace=False)
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer)
     data = buffer.getvalue()
 
-    def runner(inputs):
+    def runner(*inputs):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-        return module(inputs)
+        return module(*inputs)
 
     return data, runner
 
 
-def _export_program(model, x):
+def _export_program(model, xs):
     batch = torch.export.Dim("batch", min=1, max=2**20)
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    program = torch.export.export(model, xs, dynamic_shapes=tuple({0: batch} for _ in xs))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     data = buffer.getvalue()
 
-    def runner(inputs):
-        return torch.export.load(io.BytesIO(data)).module()(inputs)
+    def runner(*inputs):
+        return torch.export.load(io.BytesIO(data)).module()(*inputs)
 
     return data, runner
 
 
-def _export_onnx(model, x):
+def _export_onnx(model, xs):
     try:
         import onnxruntime
     except ImportError:
         raise UserError("--format onnx needs the packages onnx and onnxruntime: pip install onnx onnxruntime") from None
+    with torch.no_grad():
+        input_names, output_names = _names("input", len(xs)), _names("output", len(_outputs(model(*xs))))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        torch.onnx.export(model, xs, buffer, dynamo=False, input_names=input_names, output_names=output_names,
+                          dynamic_axes={name: {0: "batch"} for name in input_names + output_names})
     data = buffer.getvalue()
 
-    def runner(inputs):
+    def runner(*inputs):
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-        (out,) = session.run(None, {"input": inputs.numpy()})
-        return torch.from_numpy(out)
+        outs = session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})
+        return tuple(torch.from_numpy(out) for out in outs)
 
     return data, runner
 
@@ -243,17 +295,18 @@ def _quiet_torch():
             lg.setLevel(level)
 
 
-def export_model(loaded, fmt, x):
-    """``(bytes, max_abs_diff)`` of ``loaded.model`` exported as ``fmt`` on the CPU and checked on ``x``.
+def export_model(loaded, fmt, xs):
+    """``(bytes, max_abs_diff, number of outputs)`` of ``loaded.model`` exported as ``fmt`` on the CPU and checked
+    on ``xs``, the tuple of example inputs (a tensor alone: one input).
 
     Raises:
         UserError: the format cannot express the model, or the exported outputs differ from the eager ones.
     """
     model = loaded.model.to("cpu").eval()
-    x = x.to("cpu", torch.float32)
+    xs = tuple(x.to("cpu") for x in (xs if isinstance(xs, (list, tuple)) else (xs,)))
     try:
         with _quiet_torch():
-            data, runner = _EXPORTERS[fmt](model, x)
+            data, runner = _EXPORTERS[fmt](model, xs)
     except UserError:
         raise
     except Exception as err:  # every exporter has its own exception types; all mean "cannot export this"
@@ -262,25 +315,34 @@ def export_model(loaded, fmt, x):
         where = f" ({op})" if op else ""
         raise UserError(f"{loaded.config['arch']['type']} cannot be exported as {fmt}{where}: {first}") from None
     max_diff = 0.0
-    small = x[:1]  # another batch size: the batch dimension must really be dynamic
-    for inputs in (x, small):
+    small = tuple(x[:1] for x in xs)  # another batch size: the batch dimension must really be dynamic
+    for inputs in (xs, small):
+        n = len(inputs[0])
         with torch.no_grad():
-            expected = model(inputs).float()
+            expected = _outputs(model(*inputs))
             try:
-                got = runner(inputs.clone()).float()
+                got = _outputs(runner(*(x.clone() for x in inputs)))
+            except UserError:
+                raise
             except Exception as err:
                 first = " ".join(str(err).split())[:300]
                 raise UserError(f"the {fmt} export of {loaded.config['arch']['type']} fails on a batch of"
-                                f" {len(inputs)}: {first}") from None
-        if got.shape != expected.shape:
-            raise UserError(f"the {fmt} export gives outputs of shape {tuple(got.shape)} where the model gives"
-                            f" {tuple(expected.shape)} (batch of {len(inputs)})")
-        diff = (got - expected).abs()
-        max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
-        if not torch.allclose(got, expected, atol=ATOL, rtol=RTOL):
-            raise UserError(f"the {fmt} export's outputs differ from the model's by up to {float(diff.max()):.3g}"
-                            f" (tolerance {ATOL} + {RTOL} x |output|, batch of {len(inputs)}); nothing was written")
-    return data, max_diff
+                                f" {n}: {first}") from None
+        if len(got) != len(expected):
+            raise UserError(f"the {fmt} export gives {len(got)} outputs where the model gives {len(expected)}")
+        for i, (out, want) in enumerate(zip(got, expected)):
+            which = f" (output {i})" if len(expected) > 1 else ""
+            out, want = out.float(), want.float()
+            if out.shape != want.shape:
+                raise UserError(f"the {fmt} export gives outputs of shape {tuple(out.shape)} where the model gives"
+                                f" {tuple(want.shape)}{which} (batch of {n})")
+            diff = (out - want).abs()
+            max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+            if not torch.allclose(out, want, atol=ATOL, rtol=RTOL):
+                raise UserError(f"the {fmt} export's outputs{which} differ from the model's by up to"
+                                f" {float(diff.max()):.3g} (tolerance {ATOL} + {RTOL} x |output|, batch of {n});"
+                                " nothing was written")
+    return data, max_diff, len(expected)
 
 
 def export_checkpoint(checkpoint, fmt, output=None, overrides=()):
@@ -295,9 +357,9 @@ def export_checkpoint(checkpoint, fmt, output=None, overrides=()):
     output = Path(os.path.expanduser(output)) if output else default_output(checkpoint, fmt)
     check_outputs(checkpoint, output, label)
     loaded = load_for_inference(checkpoint, list(overrides) + ["device=cpu"])
-    x, source = example_inputs(loaded.config)
-    data, max_diff = export_model(loaded, fmt, x)
-    info = preprocessing(loaded, x, fmt, output, max_diff, source)
+    xs, source = example_inputs(loaded.config)
+    data, max_diff, n_outputs = export_model(loaded, fmt, xs)
+    info = preprocessing(loaded, xs, fmt, output, max_diff, source, n_outputs)
     with atomic_write(output, expected_size=len(data)) as f:
         f.write(data)
     write_json(preprocess_path(output), info)
