@@ -198,14 +198,6 @@ class BaseDataLoader:
         """Batches of ``batch_size`` from the next pass on (a per-sample loader is built anew then)."""
         self.batch_size, self._loader = batch_size, None
 
-    def fix_to(self, indices):
-        """Train on the samples ``indices`` alone, in that order, without random augmentation; returns a loader
-        that validates on the same samples (what overfitting a few batches needs)."""
-        self.valid_idx = torch.as_tensor(indices, dtype=torch.int64)
-        self.sampler = EpochSampler(self.valid_idx, shuffle=False, seed=self.seed)
-        self.shuffle, self._pipeline, self._loader = False, self._pipelines["eval"], None
-        return self.split_validation()
-
     def holds_target(self, value):
         """Whether some target equals ``value`` (an ``ignore_index``), known from a 1-d integer ``tensors()[1]``,
         else None. Asked once per run: with False the trainer counts no ignored targets per batch."""

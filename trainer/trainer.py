@@ -428,18 +428,6 @@ class MetricTracker:
         self.weight_sums.copy_(state.get("weights", torch.full_like(self.weight_sums, state["count"])))
         self.count = state["count"]
 
-    def mark(self):
-        """A snapshot for :meth:`rollback` (the queue by reference: its tensors never change in place)."""
-        return (self.sums.clone(), self.weight_sums.clone(), self.count,
-                list(self._values), list(self._sizes), list(self._weights))
-
-    def rollback(self, mark):
-        """Return to the state of :meth:`mark`: the batches added since are forgotten."""
-        sums, weight_sums, self.count, values, sizes, weights = mark
-        self.sums.copy_(sums)
-        self.weight_sums.copy_(weight_sums)
-        self._values, self._sizes, self._weights = list(values), list(sizes), list(weights)
-
 
 def weighing(criterion, metric_fns, loader):
     """``(metric_fns, weighed)``: the per-batch metrics as a loop should call them, and the functions whose weights
@@ -467,11 +455,6 @@ def batch_weights(fns, output, target):
         _, weigh, kwargs = _weighs(fn)
         weights.append(weigh(output, target, **kwargs) if weigh is not None else None)
     return weights if any(w is not None for w in weights) else None
-
-
-def fast_variant(fn):
-    """The variant of a built-in metric for data holding no ignored target (the same values), or None."""
-    return None if hasattr(fn, "keywords") else _ALL_KEPT.get(_weighs(fn)[0])
 
 
 def _weighs(fn):
