@@ -67,8 +67,7 @@ class EpochSampler:
 
 class TensorDataset(Dataset):
     """A dataset held as two tensors: float32 ``inputs`` (N, *input_shape) and int64 ``targets`` (N,), offered
-    whole by :meth:`tensors` to :class:`BaseDataLoader`'s fast path. Subclasses build them and call :meth:`_set`.
-    """
+    whole by :meth:`tensors` to :class:`BaseDataLoader`'s fast path. Subclasses build them and call :meth:`_set`."""
 
     def _set(self, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
         if inputs.dtype != torch.float32 or targets.dtype != torch.int64 or len(inputs) != len(targets):

@@ -432,9 +432,8 @@ class MetricTracker:
 def weighing(criterion, metric_fns, loader):
     """``(metric_fns, weighed)``: the per-batch metrics as a loop should call them, and the functions whose weights
     it must ask of each batch (:func:`batch_weights`; None: the sample count is every weight). Counting is needed
-    only where a function that weighs itself has a class ``weight``, or the data may hold a target equal to its
-    ``ignore_index`` (``loader.holds_target``, asked once); elsewhere a built-in metric runs as its variant that
-    counts nothing."""
+    only where a function that weighs itself has a class ``weight``, or the data may hold its ``ignore_index``
+    (``loader.holds_target``, asked once); elsewhere a built-in metric runs as its variant that counts nothing."""
     holds = getattr(loader, "holds_target", None)
     fast, needed = [], False
     for fn in [criterion, *metric_fns]:
