@@ -67,8 +67,7 @@ class EpochSampler:
 
 class TensorDataset(Dataset):
     """A dataset held as two tensors: float32 ``inputs`` (N, *input_shape) and int64 ``targets`` (N,), offered
-    whole by :meth:`tensors` to :class:`BaseDataLoader`'s fast path. Subclasses build them and call :meth:`_set`.
-    """
+    whole by :meth:`tensors` to :class:`BaseDataLoader`'s fast path. Subclasses build them and call :meth:`_set`."""
 
     def _set(self, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
         if inputs.dtype != torch.float32 or targets.dtype != torch.int64 or len(inputs) != len(targets):
@@ -197,14 +196,6 @@ class BaseDataLoader:
     def set_batch_size(self, batch_size):
         """Batches of ``batch_size`` from the next pass on (a per-sample loader is built anew then)."""
         self.batch_size, self._loader = batch_size, None
-
-    def fix_to(self, indices):
-        """Train on the samples ``indices`` alone, in that order, without random augmentation; returns a loader
-        that validates on the same samples (what overfitting a few batches needs)."""
-        self.valid_idx = torch.as_tensor(indices, dtype=torch.int64)
-        self.sampler = EpochSampler(self.valid_idx, shuffle=False, seed=self.seed)
-        self.shuffle, self._pipeline, self._loader = False, self._pipelines["eval"], None
-        return self.split_validation()
 
     def holds_target(self, value):
         """Whether some target equals ``value`` (an ``ignore_index``), known from a 1-d integer ``tensors()[1]``,

@@ -1,6 +1,6 @@
-"""Held-out splits other than the validation split: K-fold cross-validation (``data_loader.args.fold``) and the
-stratified test split of the image-folder and table parts. Imported only when a config asks for one: a default
-run never does.
+"""Held-out splits other than the validation split: K-fold cross-validation (``data_loader.args.fold``), the
+stratified test split of the image-folder and table parts, and training and validating on the same samples
+(``trainer.overfit_batches``). Imported only when a config asks for one: a default run never does.
 """
 
 import torch
@@ -48,3 +48,12 @@ def fold_split(indices, fold):
     perm = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))]
     bounds = [round(i * len(indices) / count) for i in range(count + 1)]
     return torch.cat([perm[: bounds[k]], perm[bounds[k + 1]:]]), perm[bounds[k]:bounds[k + 1]]
+
+
+def fix_to(loader, indices):
+    """Train ``loader`` (a BaseDataLoader) on the samples ``indices`` alone, in that order, without random
+    augmentation; returns a loader that validates on the same samples (what overfitting a few batches needs)."""
+    loader.valid_idx = torch.as_tensor(indices, dtype=torch.int64)
+    loader.sampler = type(loader.sampler)(loader.valid_idx, shuffle=False, seed=loader.seed)
+    loader.shuffle, loader._pipeline, loader._loader = False, loader._pipelines["eval"], None
+    return loader.split_validation()

@@ -4,13 +4,13 @@ the line of a stop during the test scoring after training (trainer/run.py: end).
 
 import signal
 
-from utils import dist
+from utils import dist_round
 
 
 def save_last(trainer):
     """Write ``last.pth`` for ``trainer.stop`` (every process takes part) and say how to resume; returns the
     arguments of the ``RunStopped`` the loop raises."""
-    stop, where = trainer.stop, dist.torchrun_round()
+    stop, where = trainer.stop, dist_round.torchrun_round()
     trainer.stopped_by = {"exit_code": stop.exit_code, "why": stop.why,
                           **({"torchrun_run_id": where[0], "torchrun_round": where[1]} if where else {})}
     path = trainer.save_resumable("last.pth")

@@ -12,16 +12,14 @@ import torch
 import torch.nn.functional as F
 
 
-def logsumexp_cross_entropy(output, target, weight=None, ignore_index=-100, reduction="mean",
-                            label_smoothing=0.0):
+def logsumexp_cross_entropy(output, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Cross-entropy from basic tensor ops; the same values and gradients as ``F.cross_entropy``.
 
     output: logits, (N, C, d1, ...) or (C,). target: class indices (int64), shaped (N, d1, ...)
     or (), or class probabilities shaped like ``output``. weight: one value per class.
     """
     if output.dim() == 1:  # one sample without a batch dimension: a batch of one
-        loss = logsumexp_cross_entropy(output[None], target[None], weight, ignore_index, reduction,
-                                       label_smoothing)
+        loss = logsumexp_cross_entropy(output[None], target[None], weight, ignore_index, reduction, label_smoothing)
         return loss[0] if reduction == "none" else loss
 
     # Log-probabilities: log p_c = x_c - log(sum_k exp(x_k)), classes on dim 1.
@@ -50,8 +48,8 @@ def logsumexp_cross_entropy(output, target, weight=None, ignore_index=-100, redu
         # where, not a product with the mask: an ignored position's nll may be inf, and inf * 0 is NaN
         loss = torch.where(keep, nll * target_w, 0)
         if label_smoothing > 0:
-            # The smoothed target puts label_smoothing / C on every class; its term is the
-            # mean over the classes of -w_c log p_c (weighted, as torch does).
+            # The smoothed target puts label_smoothing / C on every class; its term is the mean over the classes
+            # of -w_c log p_c (weighted, as torch does).
             smooth = torch.where(keep, -(log_p * w).mean(dim=1), 0)
             loss = (1 - label_smoothing) * loss + label_smoothing * smooth
         divisor = target_w.sum()  # "mean" is over the kept targets' weights (0 / 0 = NaN if none)
@@ -61,8 +59,7 @@ def logsumexp_cross_entropy(output, target, weight=None, ignore_index=-100, redu
     return loss.sum() if reduction == "sum" else loss.sum() / divisor
 
 
-def check_cross_entropy(output, target, weight=None, ignore_index=-100, reduction="mean",
-                        label_smoothing=0.0):
+def check_cross_entropy(output, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """One ValueError, naming the problem and what would be valid, for arguments ``logsumexp_cross_entropy``
     cannot take. Reads the target's values (a wait on the device): for the dry batch, not every step."""
     def fail(problem):

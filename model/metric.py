@@ -1,10 +1,9 @@
 """Metrics: ``fn(output, target) -> 0-d tensor``, the batch's mean, left on the device.
 
-A metric is only that function: add yours here and to ``METRICS``. The trainer weights
-each batch's value by its number of samples, so an epoch's value is the true mean over its
-samples and a short last batch counts for what it holds (accuracy's, by the targets it
-kept: trainer/trainer.py knows the built-in ones). Nothing here calls ``.item()``:
-reading a value back to the host is a device sync, done only when a value is logged.
+A metric is only that function: add yours here and to ``METRICS``. The trainer weights each batch's value by its
+number of samples, so an epoch's value is the true mean over its samples and a short last batch counts for what it
+holds (accuracy's, by the targets it kept: trainer/trainer.py knows the built-in ones). Nothing here calls
+``.item()``: reading a value back to the host is a device sync, done only when a value is logged.
 """
 
 

@@ -34,7 +34,7 @@ import torch
 from base.base_trainer import RunStopped
 from base.base_hook import Hook
 from base.base_trainer import rng_state, set_rng_state
-from trainer.extras import to_device
+from trainer.extras import roll_back, running_sums, to_device
 from utils import dist_round
 from utils.io import write_json
 from utils.resume import batch_counts, newest_first
@@ -130,17 +130,6 @@ class FitTogether(BatchChanges):
 
 def _raise(error):
     raise error
-
-
-def running_sums(trainer):
-    """A copy of the epoch's running loss and metrics (:meth:`trainer.trainer.MetricTracker.mark`)."""
-    return trainer.train_metrics.mark(), [metric.mark() for metric in trainer.epoch_metrics]
-
-
-def roll_back(trainer, mark):
-    trainer.train_metrics.rollback(mark[0])
-    for metric, saved in zip(trainer.epoch_metrics, mark[1]):
-        metric.rollback(saved)
 
 
 # --------------------------------------------------------------------------- the switch

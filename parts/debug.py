@@ -24,6 +24,7 @@ import json
 import torch
 
 from base.base_hook import Hook
+from base.splits import fix_to
 from utils.config import boolean, non_negative_int
 from utils.config_extra import optional
 
@@ -81,7 +82,7 @@ def overfit(parts, n_batches):
     """Train on the first ``n_batches`` batches of the training split, in a fixed order, without augmentation,
     and validate on the same batches: a model that can learn at all gets them right."""
     loader = parts.data_loader
-    parts.valid_data_loader = loader.fix_to(loader.sampler.indices[: n_batches * loader.batch_size])
+    parts.valid_data_loader = fix_to(loader, loader.sampler.indices[: n_batches * loader.batch_size])
 
 
 def limited(limit, total):

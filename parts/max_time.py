@@ -17,7 +17,7 @@ import time
 
 from base.base_trainer import RunStopped
 from base.base_hook import Hook
-from utils import dist
+from utils import dist_round
 
 EXIT_OUT_OF_TIME = 75
 
@@ -81,7 +81,7 @@ def spent_in_this_launch(state, environ=None):
     ``last.pth`` says why it was written and where (``stopped_by``: the exit code, torchrun's launch and round).
     """
     stop = (state or {}).get("stopped_by") or {}
-    here = dist.torchrun_round(environ)
+    here = dist_round.torchrun_round(environ)
     return bool(stop.get("exit_code") == EXIT_OUT_OF_TIME and here and stop.get("torchrun_run_id") == here[0]
                 and stop.get("torchrun_round", here[1]) < here[1])
 

@@ -4,6 +4,7 @@ weights given as a list in the config."""
 import functools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from model.loss import cross_entropy, logsumexp_cross_entropy, mse_loss, nll_los
 from model.metric import METRICS, accuracy, top_k_acc
 from trainer import build, run
 from trainer.trainer import evaluate
+from trainer.extras import roll_back, running_sums
 from trainer.trainer import MetricTracker, batch_weights
 from conftest import FixedLogits, make_config, with_changes
 
@@ -94,12 +96,13 @@ def test_tracker_state_round_trip_keeps_the_weights_and_reads_old_checkpoints():
     assert state["weights"].tolist() == [1.0, 1.0] and state["count"] == 5
     resumed = MetricTracker(["loss", "accuracy"], "cpu")
     resumed.load_state_dict(state)
-    mark = resumed.mark()
+    as_trainer = SimpleNamespace(train_metrics=resumed, epoch_metrics=[])
+    mark = running_sums(as_trainer)
     for t in (tracker, resumed):
         t.update([fn(output[5:], target[5:]) for fn in fns], 5, batch_weights(fns, output[5:], target[5:]))
     assert resumed.result() == tracker.result()
     assert resumed.result()["loss"] == pytest.approx(F.cross_entropy(output, target).item(), rel=1e-6)
-    resumed.rollback(mark)
+    roll_back(as_trainer, mark)
     assert resumed.result()["loss"] == pytest.approx(F.cross_entropy(output[:5], target[:5]).item(), rel=1e-6)
     old = MetricTracker(["loss"], "cpu")
     old.load_state_dict({"sums": torch.tensor([6.0], dtype=torch.float64), "count": 4})  # a checkpoint from before

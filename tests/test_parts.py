@@ -17,12 +17,22 @@ from pathlib import Path
 
 import pytest
 
-from utils.parts import PARTS, removed_with
+from utils.parts import PARTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIPPED_DIRS = {".venv", ".git", "saved", "data", "__pycache__"}
 # A short default run: the config's own model and data, one epoch, nothing shown.
 QUICK = ["trainer.epochs=1", "trainer.verbosity=0", "device=cpu", "trainer.test_after_train=false"]
+
+
+def removed_with(name):
+    """The parts deleting part ``name`` deletes: itself and every part that needs it, in the table's order."""
+    gone = {name}
+    while True:
+        more = {other for other, part in PARTS.items() if other not in gone and gone.intersection(part.needs)}
+        if not more:
+            return [other for other in PARTS if other in gone]
+        gone |= more
 
 
 @functools.lru_cache(maxsize=None)

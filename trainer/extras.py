@@ -2,7 +2,8 @@
 
 The core's own hooks that a config turns on (``trainer.freeze``/``unfreeze_at_epoch``,
 ``trainer.histogram_every``), the epochs of ``trainer.len_epoch``, batches moved to an accelerator,
-what a non-finite loss does, and a resume's restoring of the epoch's running sums.
+what a non-finite loss does, a resume's restoring of the epoch's running sums, and their copy and roll-back
+(``trainer.auto_accumulate``).
 """
 
 import itertools
@@ -184,3 +185,22 @@ def load_trainer_state(trainer, state):
             why = "no running state" if mine is None else "the state of another metric (changed args?)"
             trainer.logger.warning(f"the checkpoint holds {why} for {metric.__name__}: its value for epoch"
                                    f" {state['epoch'] + 1} covers only the batches after the resume")
+
+
+def running_sums(trainer):
+    """A copy of the epoch's running loss and metrics, for :func:`roll_back` (``trainer.auto_accumulate`` redoing a
+    window of batches): the tracker's sums, and its queue by reference (its tensors never change in place)."""
+    tracker = trainer.train_metrics
+    return ((tracker.sums.clone(), tracker.weight_sums.clone(), tracker.count, list(tracker._values),
+             list(tracker._sizes), list(tracker._weights)), [metric.mark() for metric in trainer.epoch_metrics])
+
+
+def roll_back(trainer, mark):
+    """Return the running sums to those of :func:`running_sums`: the batches added since are forgotten."""
+    tracker = trainer.train_metrics
+    sums, weight_sums, tracker.count, values, sizes, weights = mark[0]
+    tracker.sums.copy_(sums)
+    tracker.weight_sums.copy_(weight_sums)
+    tracker._values, tracker._sizes, tracker._weights = list(values), list(sizes), list(weights)
+    for metric, saved in zip(trainer.epoch_metrics, mark[1]):
+        metric.rollback(saved)

@@ -428,25 +428,12 @@ class MetricTracker:
         self.weight_sums.copy_(state.get("weights", torch.full_like(self.weight_sums, state["count"])))
         self.count = state["count"]
 
-    def mark(self):
-        """A snapshot for :meth:`rollback` (the queue by reference: its tensors never change in place)."""
-        return (self.sums.clone(), self.weight_sums.clone(), self.count,
-                list(self._values), list(self._sizes), list(self._weights))
-
-    def rollback(self, mark):
-        """Return to the state of :meth:`mark`: the batches added since are forgotten."""
-        sums, weight_sums, self.count, values, sizes, weights = mark
-        self.sums.copy_(sums)
-        self.weight_sums.copy_(weight_sums)
-        self._values, self._sizes, self._weights = list(values), list(sizes), list(weights)
-
 
 def weighing(criterion, metric_fns, loader):
     """``(metric_fns, weighed)``: the per-batch metrics as a loop should call them, and the functions whose weights
     it must ask of each batch (:func:`batch_weights`; None: the sample count is every weight). Counting is needed
-    only where a function that weighs itself has a class ``weight``, or the data may hold a target equal to its
-    ``ignore_index`` (``loader.holds_target``, asked once); elsewhere a built-in metric runs as its variant that
-    counts nothing."""
+    only where a function that weighs itself has a class ``weight``, or the data may hold its ``ignore_index``
+    (``loader.holds_target``, asked once); elsewhere a built-in metric runs as its variant that counts nothing."""
     holds = getattr(loader, "holds_target", None)
     fast, needed = [], False
     for fn in [criterion, *metric_fns]:
@@ -467,11 +454,6 @@ def batch_weights(fns, output, target):
         _, weigh, kwargs = _weighs(fn)
         weights.append(weigh(output, target, **kwargs) if weigh is not None else None)
     return weights if any(w is not None for w in weights) else None
-
-
-def fast_variant(fn):
-    """The variant of a built-in metric for data holding no ignored target (the same values), or None."""
-    return None if hasattr(fn, "keywords") else _ALL_KEPT.get(_weighs(fn)[0])
 
 
 def _weighs(fn):

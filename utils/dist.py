@@ -43,13 +43,3 @@ def leave_together():
         from utils import dist_round
 
         dist_round.barrier()
-
-
-def torchrun_round(environ=None):
-    """``(run id, restart count)`` of this torchrun launch (``--rdzv-id``: the job id in slurm/train.sbatch; how
-    often it restarted its workers), or None outside torchrun."""
-    environ = os.environ if environ is None else environ
-    run_id, count = environ.get("TORCHELASTIC_RUN_ID"), environ.get("TORCHELASTIC_RESTART_COUNT")
-    if run_id is None or count is None or not count.isdigit():
-        return None
-    return run_id, int(count)

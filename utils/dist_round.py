@@ -1,6 +1,6 @@
 """What only a ``torchrun`` run uses: joining the process group of this round, the collectives, the messages
-processes leave each other; and the launch's SLURM and torchrun counts for a resume's history. Imported where
-it is used (by utils/dist.py when a run joins a process group), so a run of one process never imports it.
+processes leave each other; and the launch's SLURM and torchrun counts for a resume's history and a stop's
+record. Imported where it is used (utils/dist.py joining a process group, a stop), so a default run never does.
 
 Joining. The processes meet through the store that torchrun names in ``MASTER_ADDR:MASTER_PORT``, where
 each one publishes its address. torchrun keeps that store for the whole launch, so a round it restarted
@@ -86,6 +86,16 @@ def launch_context(environ=None):
         if value is not None:
             context[key] = int(value) if value.isdigit() and key != "slurm_job_id" else value
     return context
+
+
+def torchrun_round(environ=None):
+    """``(run id, restart count)`` of this torchrun launch (``--rdzv-id``: the job id in slurm/train.sbatch; how
+    often it restarted its workers), or None outside torchrun."""
+    environ = os.environ if environ is None else environ
+    run_id, count = environ.get("TORCHELASTIC_RUN_ID"), environ.get("TORCHELASTIC_RESTART_COUNT")
+    if run_id is None or count is None or not count.isdigit():
+        return None
+    return run_id, int(count)
 
 
 # ---- collectives: every process must call them equally often

@@ -106,16 +106,6 @@ PART_LOADERS = tuple(name for part in PARTS.values() for name in part.loaders)  
 OFF = (None, False, [], {})
 
 
-def removed_with(name):
-    """The parts deleting part ``name`` deletes: itself and every part that needs it, in the table's order."""
-    gone = {name}
-    while True:
-        more = {other for other, part in PARTS.items() if other not in gone and gone.intersection(part.needs)}
-        if not more:
-            return [other for other in PARTS if other in gone]
-        gone |= more
-
-
 def used_by(config):
     """The names of the parts ``config`` uses, in the table's order."""
     on = set()  # the parts whose keys the config sets to something other than off
@@ -178,9 +168,3 @@ def call_each(config, function, *args):
     """Call ``function(*args)`` of every part ``config`` uses that defines it; returns their results in order."""
     modules = [load(name) for name in used_by(config)]
     return [getattr(module, function)(*args) for module in modules if hasattr(module, function)]
-
-
-def declared(name, *configs):
-    """The keys the parts any of ``configs`` uses list under ``name`` (``"BATCH_COUNTS"``, say), each once."""
-    used = {part for config in configs for part in used_by(config)}
-    return tuple(dict.fromkeys(key for part in PARTS if part in used for key in getattr(load(part), name, ())))

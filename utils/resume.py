@@ -44,10 +44,17 @@ def carry_data_args(saved, config):
     return {**config, "data_loader": {**config["data_loader"], "args": {**args, **pinned}}}
 
 
+def declared(name, *configs):
+    """The keys the parts any of ``configs`` uses list under ``name`` (``"BATCH_COUNTS"``, say), each once."""
+    used = {part for config in configs for part in parts.used_by(config)}
+    modules = [parts.load(part) for part in parts.PARTS if part in used]  # (in the table's order)
+    return tuple(dict.fromkeys(key for module in modules for key in getattr(module, name, ())))
+
+
 def batch_counts(*configs):
     """The keys that count batches, which a batch split (:func:`batch_split`) scales so that an epoch holds the same
     samples: ``trainer.len_epoch``, and those the parts ``configs`` use list as their BATCH_COUNTS."""
-    return ("trainer.len_epoch", *parts.declared("BATCH_COUNTS", *configs))
+    return ("trainer.len_epoch", *declared("BATCH_COUNTS", *configs))
 
 
 def batch_split(saved, config):
@@ -95,7 +102,7 @@ def check_resume_changes(saved, config, mid_epoch):
         raise ConfigError(f"cannot resume: the checkpoint's model is {old.get('arch.type')}, but the config names"
                           f" {new.get('arch.type')} (arch.type); resume with the checkpoint's own config, or start a new"
                           " run with --init-from")
-    fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH + parts.declared("FIXED_MID_EPOCH", saved, config) if mid_epoch else ())
+    fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH + declared("FIXED_MID_EPOCH", saved, config) if mid_epoch else ())
     split = mid_epoch and batch_split(saved, config)
     counts = batch_counts(saved, config)
     allowed = (*FREE_MID_EPOCH, *(("data_loader.args.batch_size", "trainer.accumulate_grad_batches", *counts)

@@ -13,6 +13,7 @@ import torch
 
 from test_predict import csv_ckpt, image_ckpt  # noqa: F401 (fixtures: export needs the predict part)
 from parts import export, predict
+from tests.test_parts import removed_with
 from trainer import build, run
 from utils import parts
 
@@ -119,7 +120,7 @@ def test_the_command_is_thin():
 
 
 def test_export_is_deleted_with_the_predict_part_it_imports():
-    assert parts.removed_with("predict") == ["predict", "export"] and parts.removed_with("export") == ["export"]
+    assert removed_with("predict") == ["predict", "export"] and removed_with("export") == ["export"]
     tree = ast.parse((ROOT / parts.PARTS["export"].files[0]).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

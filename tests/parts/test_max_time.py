@@ -80,7 +80,7 @@ def test_max_time_stops_with_a_resumable_checkpoint_and_its_own_exit_code(tmp_pa
 def test_max_time_off_adds_no_step_hook(config):
     from trainer.trainer import hooks_for, step_hooks
 
-    parts = types.SimpleNamespace(frozen=[], model=None, optimizer=None)
+    parts = types.SimpleNamespace(frozen=[], model=None, optimizer=None, task=None)
     fake_run = types.SimpleNamespace(dist=types.SimpleNamespace(is_main=True), writer=None)
     checked = run.checked_config(config)[0]
     assert step_hooks(hooks_for(checked, parts, fake_run)) == []
