@@ -89,6 +89,7 @@ def child(out, overrides):
         stop()
     imported = {project_path(getattr(m, "__file__", None)) for m in list(sys.modules.values())} - {None}
     imported.add("train.py")  # run as __main__, so not in sys.modules
+    seen = list(seen)  # a snapshot: a thread the run left (a writer's) may still be reported while this reads
     order = [project_path(c.co_filename) for c in seen]
     files = list(dict.fromkeys(f for f in order if f in imported))  # first executed first
     files += sorted(imported - set(files))  # imported but never run (none expected)
