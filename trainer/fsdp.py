@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from base.base_hook import Hook
 from utils.errors import ConfigError
 
 DEFAULT_BLOCK_PARAMS = 10_000_000  # trainer.fsdp_blocks null: every smallest module holding at least this many
@@ -104,9 +105,8 @@ def recompute_in_backward(block):
 
 
 class ShardedModule:
-    """What the Trainer asks of a model under torchrun, for a sharded one: ``no_sync()`` (DDP's name) around the
-    batches of an accumulation window but its last, and ``train(False)`` gathering the whole model for validation
-    (see the module's docstring) until ``train(True)``. Every process calls them at the same points."""
+    """``no_sync()``, what the Trainer's step asks of a model under torchrun (DDP's name), for a sharded one: the
+    batches of an accumulation window but its last keep their gradients unreduced."""
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -116,13 +116,23 @@ class ShardedModule:
         finally:
             self.set_requires_gradient_sync(True)
 
-    def train(self, mode=True):
-        if mode != self.training:
-            sharded = [m for m in self.modules() if hasattr(m, "reshard")]
+
+class GatheredForValidation(Hook):
+    """The whole model gathered on every process for each validation, and sharded again after it (see the module's
+    docstring): each process may then score its own number of batches."""
+
+    @contextlib.contextmanager
+    def validating(self, trainer):
+        sharded = [m for m in trainer.model.modules() if hasattr(m, "reshard")]
+        for module in sharded:  # (a collective: every process validates at the same point)
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        try:
+            yield
+        finally:
             for module in sharded:
-                module.set_reshard_after_forward(mode, recurse=False)  # (an eval forward keeps them gathered)
-                module.unshard() if not mode else module.reshard()
-        return super().train(mode)
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
 
 
 def local_bytes(tensors):

@@ -51,13 +51,10 @@ def save(trainer, path):
         recover(path.parent)
     token = dist_round.broadcast_object(secrets.token_hex(4), trainer.run.dist)  # (also: rank 0 has recovered)
     tmp = path.parent / f".{path.name}.{token}.tmp"
-    was_training = trainer.model.training
-    trainer.model.train(True)  # (sharded again, after a validation)
     state = trainer.state_dict()
     state["model"], state["optimizer"] = get_state_dict(trainer.model, trainer.optimizer)
     dcp_save({"model": state.pop("model"), "optimizer": state.pop("optimizer")},
              storage_writer=FileSystemWriter(tmp, sync_files=True))  # returns once every process has written
-    trainer.model.train(was_training)
     if main:
         save_checkpoint(state, tmp / STATE_FILE)
         publish(tmp, path)
