@@ -4,7 +4,7 @@ moments a part acts at are in base/base_hook.py). Subclasses provide :meth:`trai
 
 A checkpoint holds everything the rest of the run depends on (weights, optimizer, scheduler, scaler, counters,
 the epoch's running sums, every RNG state), and the data order is a pure function of the seed and the epoch, so
-a run resumed from it ends bit-identical to the run left alone (on the CPU).
+a run resumed from it ends bit-identical to the run left alone (on the CPU). Sharded (fsdp): a folder, utils/sharded.py.
 """
 
 import contextlib
@@ -109,8 +109,7 @@ class Parts:
 class Run:
     """Where a run lives and how it reports: its id and folders, logger, writer (logger/logger.py), process group.
     ``resumed_from``: the checkpoint continued from (``keep_last`` never deletes it); ``branched_from``: the run
-    folder it came from, for a resume into a new folder; ``writes`` False: a dry run (``fast_dev_run``).
-    """
+    folder it came from, for a resume into a new folder; ``writes`` False: a dry run (``fast_dev_run``)."""
 
     run_id: str
     checkpoint_dir: Path

@@ -395,10 +395,10 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(resharded, target, 
 
 @pytest.mark.slow
 def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_to_resume(runs, torchrun):
-    """The run writes checkpoint-epoch1, then model_best and checkpoint-epoch2 of epoch 2: the write of
-    checkpoint-epoch2 is held once its shards are written (before its folder is renamed into place), and the
-    launch is killed with SIGKILL there. ``-r auto`` then resumes checkpoint-epoch1 (model_best too is of epoch 2 or
-    1: whichever is newest and complete) and ends as the run left alone does."""
+    """Epoch 1 writes model_best and checkpoint-epoch1; epoch 2's write of model_best is held once its shards are
+    written (before its folder replaces the old one), and the launch is killed with SIGKILL there. The old
+    model_best loads, nothing under a checkpoint's name is half-written, and ``-r auto`` resumes epoch 1's state and
+    ends as the run left alone does."""
     import time
 
     from conftest import assert_states_identical, kill_tree
@@ -407,7 +407,7 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_to_resume(r
     pause = tmp / "paused"
     spec = tmp / "kill.jobs.json"
     spec.write_text(json.dumps([{"config": fsdp(tmp / "kill"), "run_id": "kill", "pause": str(pause),
-                                 "pause_at": "checkpoint-epoch2.pth", "out": str(tmp / "kill")}]))
+                                 "pause_at": "model_best.pth", "pause_skip": 1, "out": str(tmp / "kill")}]))
     with torchrun.start(tmp, DRIVER, spec, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + torchrun.timeout
         while not pause.exists():  # (polling a file the paused writer creates; no timing is assumed)
@@ -417,12 +417,14 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_to_resume(r
         kill_tree(proc.pid)
         proc.wait()
     folder = run_dir(tmp / "kill", "kill")
-    assert not (folder / "checkpoint-epoch2.pth").exists()  # nothing under the name of the unfinished checkpoint
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".pth")) == [
+        "checkpoint-epoch1.pth", "model_best.pth"]
     hidden = [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock"]
-    assert len(hidden) == 1 and hidden[0].startswith(".checkpoint-epoch2.pth.") and hidden[0].endswith(".tmp")
+    assert len(hidden) == 1 and hidden[0].startswith(".model_best.pth.") and hidden[0].endswith(".tmp")
     from utils.io import load_checkpoint
 
-    assert load_checkpoint(folder / "checkpoint-epoch1.pth")["global_step"] == 18  # the previous one loads
+    assert load_checkpoint(folder / "model_best.pth")["global_step"] == 18  # the previous one, whole
+    assert load_checkpoint(folder / "model_best.pth", purpose="weights")["model"]["net.1.weight"].shape == (64, 16)
     torchrun.jobs(tmp, DRIVER, [{"config": fsdp(tmp / "kill"), "resume": "auto", "run_id": "kill",
                                  "out": str(tmp / "kill_resumed")}], "auto", check=True)
     assert not [p for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # cleaned up

@@ -96,8 +96,7 @@ def checked_parts(config, device, info, init_from=None, init_strict=True):
     seed_everything(config["seed"])
     parts = build_parts(config, device)
     optional_parts.call_each(config, "prepare", config, parts)  # the parts' changes and checks (utils/parts.py)
-    # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
-    # config, so that test.py (and a resume) rebuilds the data the same way.
+    # The class order and feature scaling the data fixed, kept in the config: test.py and a resume rebuild them.
     config["data_loader"]["args"].update(getattr(parts.data_loader, "data_args", dict)())
     init_report = None
     if init_from:
@@ -122,8 +121,7 @@ def checked_parts(config, device, info, init_from=None, init_strict=True):
         init_report = "\n".join(filter(None, [init_report, place(config, parts, info)]))
     elif cfg["compile"]:
         parts.forward_model = parts.wrap(parts.model)
-    # TF32 matmuls and cuDNN's autotuner: large speed-ups on Ampere and later GPUs; the autotuner picks kernels by
-    # timing, so it is off when the run must be deterministic.
+    # TF32 and cuDNN's autotuner: large speed-ups on Ampere and later; the autotuner times kernels: not deterministic.
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
         torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"] and not cfg["deterministic"]
