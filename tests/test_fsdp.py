@@ -370,6 +370,10 @@ def resharded(runs, torchrun):
     two_out = torchrun.jobs(tmp, DRIVER, [
         {"config": fsdp(tmp / "one", world=2), "resume": str(one), "run_id": "to2", "loaded": str(tmp / "to2.pt"),
          "out": str(tmp / "to2")},
+        {"config": fsdp(tmp / "ddp2fsdp"), "resume": str(run_dir(tmp / "ddp", "ddp") / "checkpoint-epoch1.pth"),
+         "run_id": "ddp2fsdp", "loaded": str(tmp / "ddp2fsdp.pt"), "out": str(tmp / "ddp2fsdp")},
+        {"config": tiny_config(tmp / "fsdp2ddp"), "resume": str(two), "run_id": "fsdp2ddp",
+         "loaded": str(tmp / "fsdp2ddp.pt"), "out": str(tmp / "fsdp2ddp")},
     ], "to2", check=True).output
     three_out = torchrun.jobs(tmp, DRIVER, [
         {"config": fsdp(tmp / "to3", world=3), "resume": str(two), "run_id": "to3", "loaded": str(tmp / "to3.pt"),
@@ -391,6 +395,19 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(resharded, target, 
     after = full(run_dir(save_dir, target) / "checkpoint-epoch2.pth")
     assert after["global_step"] == 36 and after["world_size"] == world  # the same 18 steps of 12 samples an epoch
     assert all(r["metrics"]["epoch"] == 2 for r in results(tmp / target, world))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, source", [("ddp2fsdp", ("ddp", "ddp")), ("fsdp2ddp", ("fsdp", "fsdp"))])
+def test_a_checkpoint_resumes_under_the_other_strategy(resharded, target, source):
+    """A DDP run's .pth resumed under "fsdp" (whole tensors cut into shards), and a sharded folder under "ddp"."""
+    tmp = resharded["tmp"]
+    saved = full(run_dir(tmp / source[0], source[1]) / "checkpoint-epoch1.pth")
+    loaded = torch.load(tmp / f"{target}.pt", weights_only=True)
+    for key, value in saved["model"].items():
+        assert torch.equal(loaded["model"][key], value), key
+    after = full(run_dir(tmp / target, target) / "checkpoint-epoch2.pth")
+    assert after["global_step"] == 36 and after["config"]["trainer"]["strategy"] == target.split("2")[1]
 
 
 @pytest.mark.slow
