@@ -11,7 +11,6 @@ each process's shards hold at most 0.6x of DDP's bytes; config mistakes are one 
 A torchrun launch costs 12-27 s here: one launch serves most tests (module-scoped fixtures), the rest are slow.
 """
 
-import copy
 import json
 import subprocess
 import sys

@@ -10,8 +10,9 @@ and the non-finite check work on the shards (the norm is reduced over the proces
 ``trainer.freeze`` stay frozen.
 
 Validation runs the same number of batches on every process only when the split divides evenly, and each forward
-of a sharded model is a collective: so for validation the whole model is gathered once (the parameters only:
-usually a quarter of what training holds with Adam) and kept until training resumes.
+of a sharded model is a collective: so for each validation the whole model is gathered once (the parameters only:
+usually a quarter of what training holds with Adam) and sharded again after it (:class:`GatheredForValidation`, a
+hook of trainer/extras.py's core_hooks).
 """
 
 import contextlib
