@@ -392,8 +392,8 @@ def strategy_problems(trainer):
                "compile": (trainer["compile"], f"not supported with {fsdp} here; leave it false"),
                "skip_nonfinite": (trainer["skip_nonfinite"], f"not supported with {fsdp} (every process would have"
                                   " to agree on each step); leave it false, so a non-finite loss stops the run"),
-               "ema": (trainer.get("ema"), f"the average would have to be sharded like the weights, which the EMA"
-                       f" part does not do; remove trainer.ema, or use trainer.strategy \"ddp\""),
+               "ema": (trainer.get("ema"), "the average would have to be sharded like the weights, which the EMA"
+                       " part does not do; remove trainer.ema, or use trainer.strategy \"ddp\""),
                "auto_accumulate": (trainer.get("auto_accumulate"), f"not supported with {fsdp} (it retries steps"
                                    " with a process's own batch size); remove it")}
     return [f"trainer.{key}: {why}" for key, (refuse, why) in refused.items() if refuse]
