@@ -4,7 +4,7 @@ moments a part acts at are in base/base_hook.py). Subclasses provide :meth:`trai
 
 A checkpoint holds everything the rest of the run depends on (weights, optimizer, scheduler, scaler, counters,
 the epoch's running sums, every RNG state), and the data order is a pure function of the seed and the epoch, so
-a run resumed from it ends bit-identical to the run left alone (on the CPU).
+a run resumed from it ends bit-identical to the run left alone (on the CPU). Sharded (fsdp): a folder, utils/sharded.py.
 """
 
 import contextlib
@@ -110,8 +110,7 @@ class Parts:
 class Run:
     """Where a run lives and how it reports: its id and folders, logger, writer (logger/logger.py), process group.
     ``resumed_from``: the checkpoint continued from (``keep_last`` never deletes it); ``branched_from``: the run
-    folder it came from, for a resume into a new folder; ``writes`` False: a dry run (``fast_dev_run``).
-    """
+    folder it came from, for a resume into a new folder; ``writes`` False: a dry run (``fast_dev_run``)."""
 
     run_id: str
     checkpoint_dir: Path
@@ -135,6 +134,7 @@ class BaseTrainer:
         self.is_main = run.dist.is_main  # whether this process writes files (rank 0 under torchrun)
         self.distributed = run.dist.enabled  # under torchrun: every process takes the stop decision together
         self.world_size = run.dist.world_size  # recorded so a resume can tell the data order changed
+        self.sharded = config["trainer"]["strategy"] == "fsdp"  # checkpoints: DCP folders, every process writes
         cfg = config["trainer"]
         self.epochs, self.save_period, self.keep_last = cfg["epochs"], cfg["save_period"], cfg["keep_last"]
         # Misses allowed before training stops; 0 or null: never stop early (victoresque's convention).
@@ -205,7 +205,7 @@ class BaseTrainer:
         periodic = epoch % self.save_period == 0 or epoch == self.epochs or self.finished
         if improved or periodic:
             self.check_finite_weights(f"the end of epoch {epoch}")
-        if not self.is_main:
+        if not (self.is_main or self.sharded):
             return
         if improved:  # (the epoch's line says so)
             self.save("model_best.pth")
@@ -215,9 +215,11 @@ class BaseTrainer:
             numbered = sorted((int(m.group(1)), path) for path in folder.glob("checkpoint-epoch*.pth")
                               if (m := re.fullmatch(r"checkpoint-epoch(\d+)\.pth", path.name)))
             kept = {Path(self.run.resumed_from).resolve()} if self.run.resumed_from else set()
-            for _, path in numbered[: -self.keep_last] if self.keep_last else ():
+            for _, path in numbered[: -self.keep_last] if self.keep_last and self.is_main else ():
                 if path.resolve() not in kept:
-                    path.unlink(missing_ok=True)
+                    from utils.sharded import remove  # (a .pth file, or a sharded checkpoint's folder)
+
+                    remove(path)
 
     def update_monitor(self, result):
         """Count ``result``'s monitored value towards the best one and early stopping; returns whether it improved:
@@ -273,8 +275,13 @@ class BaseTrainer:
     def load_state_dict(self, state):
         """Continue the run that wrote ``state``."""
         self.load_extra_state(state)  # first: a hook may change the optimizer's parameter groups
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded") or self.sharded:  # a DCP folder, or a sharded model (utils/sharded.py)
+            from utils.sharded import load_into
+
+            load_into(self.model, self.optimizer, state)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
@@ -294,7 +301,12 @@ class BaseTrainer:
         if not self.run.writes:
             self.logger.info(f"dry run: would write {path}")
             return path
-        save_checkpoint(self.state_dict(), path)
+        if self.sharded:  # every process writes its shards (utils/sharded.py)
+            from utils.sharded import save
+
+            save(self, path)
+        else:
+            save_checkpoint(self.state_dict(), path)
         self.logger.debug(f"Saved checkpoint: {path}")
         return path
 
@@ -317,7 +329,7 @@ class BaseTrainer:
         self.agreed_stop_signal(now=True)
         self.check_finite_weights(f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
         self.before_checkpoint()
-        return self.save(filename) if self.is_main else None
+        return self.save(filename) if self.is_main or self.sharded else None
 
     # ------------------------------------------------------------------ interruption
 

@@ -18,6 +18,10 @@ from base.base_trainer import RunStopped
 def core_hooks(cfg, parts, run):
     """The core's own hooks that ``cfg`` (``config["trainer"]``) turns on."""
     hooks = []
+    if cfg["strategy"] == "fsdp":  # the whole model gathered for each validation (trainer/fsdp.py)
+        from trainer.fsdp import GatheredForValidation
+
+        hooks.append(GatheredForValidation())
     if parts.frozen:
         hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
     if cfg["histogram_every"] and run.dist.is_main and run.writer:

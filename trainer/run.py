@@ -96,8 +96,7 @@ def checked_parts(config, device, info, init_from=None, init_strict=True):
     seed_everything(config["seed"])
     parts = build_parts(config, device)
     optional_parts.call_each(config, "prepare", config, parts)  # the parts' changes and checks (utils/parts.py)
-    # The class order and feature scaling the data fixed, kept in config.json and every checkpoint's
-    # config, so that test.py (and a resume) rebuilds the data the same way.
+    # The class order and feature scaling the data fixed, kept in the config: test.py and a resume rebuild them.
     config["data_loader"]["args"].update(getattr(parts.data_loader, "data_args", dict)())
     init_report = None
     if init_from:
@@ -116,10 +115,13 @@ def checked_parts(config, device, info, init_from=None, init_strict=True):
             if info.enabled:
                 loader.shard(info.rank, info.world_size)
     parts.wrap = functools.partial(build.wrap_model, config=config, device=device, info=info)
-    if info.enabled or cfg["compile"]:
+    if info.enabled or cfg["strategy"] == "fsdp":  # wrapped (DDP) or sharded, and what each process holds
+        from trainer.fsdp import place
+
+        init_report = "\n".join(filter(None, [init_report, place(config, parts, info)]))
+    elif cfg["compile"]:
         parts.forward_model = parts.wrap(parts.model)
-    # TF32 matmuls and cuDNN's autotuner: large speed-ups on Ampere and later GPUs; the autotuner picks kernels by
-    # timing, so it is off when the run must be deterministic.
+    # TF32 and cuDNN's autotuner: large speed-ups on Ampere and later; the autotuner times kernels: not deterministic.
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
         torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"] and not cfg["deterministic"]
@@ -325,8 +327,8 @@ def end(trainer, metrics, seconds):
     if trainer.nonfinite_skips:  # a warning: visible at any verbosity
         logger.warning(f"Skipped {trainer.nonfinite_skips} steps with a non-finite loss (trainer.skip_nonfinite)")
     lines.append(f"Checkpoints: {folder}")
-    scored = best if best.is_file() else folder / f"checkpoint-epoch{metrics.get('epoch')}.pth"
-    scoring = config["trainer"].get("test_after_train", True) and scored.is_file()
+    scored = best if best.exists() else folder / f"checkpoint-epoch{metrics.get('epoch')}.pth"  # (sharded: a folder)
+    scoring = config["trainer"].get("test_after_train", True) and scored.exists()
     # What a script (a sweep, say) reads of the run: its final, best and test values; written before the test scoring
     # too ("test" null, "test_checkpoint" named), so a stop during it loses nothing (-r auto then scores it).
     result = {"run_id": run.run_id, "epochs": trainer.epoch, "steps": trainer.global_step, "seconds": round(seconds, 3),

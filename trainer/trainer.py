@@ -22,7 +22,7 @@ def hooks_for(config, parts, run):
     from utils import parts as optional_parts
 
     hooks = []
-    if parts.frozen or config["trainer"]["histogram_every"]:  # trainer.freeze, trainer.histogram_every
+    if parts.frozen or config["trainer"]["histogram_every"] or config["trainer"]["strategy"] != "ddp":  # (extras.py)
         from trainer.extras import core_hooks
 
         hooks = core_hooks(config["trainer"], parts, run)

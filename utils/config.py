@@ -280,6 +280,9 @@ TRAINER = {  # a key whose default is null may also be set to null
     # the backend
     "amp": (False, Check(lambda v: v is False or v in ("bf16", "fp16"), 'one of false, "bf16", "fp16"')),
     "compile": (False, boolean), "deterministic": (False, boolean), "tf32": (True, boolean),
+    "strategy": ("ddp", Check(lambda v: v in ("ddp", "fsdp"), 'one of "ddp", "fsdp"')),  # under torchrun
+    "fsdp_blocks": (None, Check(lambda v: string_list.ok(v) or positive_int.ok(v), "module names, or a count")),
+    "activation_checkpointing": (False, boolean),
     "cudnn_benchmark": (True, boolean),
     # checkpoints, and the end of a run
     "keep_last": (None, positive_int), "test_after_train": (True, boolean),
@@ -395,6 +398,10 @@ def validate_config(config, registries):
             from utils.config_extra import monitor_problem
 
             problems.append(monitor_problem(monitor, names, available))
+    if t["strategy"] != "ddp" or t["fsdp_blocks"] is not None or t["activation_checkpointing"]:
+        from utils.config_extra import strategy_problems
+
+        problems.extend(strategy_problems(t))
     if t["unfreeze_at_epoch"] is not None and not t["freeze"]:
         problems.append("trainer.unfreeze_at_epoch: set, but trainer.freeze is empty (nothing to unfreeze)")
 

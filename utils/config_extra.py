@@ -389,3 +389,21 @@ def task_loss_names(section, registry):
     """``loss_<name>`` for each named loss of the config's task (its ``args.loss_weights``, else its class's)."""
     weights = section["args"].get("loss_weights", getattr(registry.get(section["type"]), "loss_weights", None))
     return [f"loss_{name}" for name in weights] if isinstance(weights, dict) else []
+
+
+def strategy_problems(trainer):
+    """``trainer.strategy`` and its keys: what cannot work with a sharded model (trainer/fsdp.py), one line each."""
+    fsdp = 'trainer.strategy "fsdp"'
+    if trainer["strategy"] != "fsdp":
+        return [f"trainer.{key}: applies to a sharded model only; set trainer.strategy to \"fsdp\", or remove it"
+                for key in ("fsdp_blocks", "activation_checkpointing") if trainer[key] not in (None, False)]
+    refused = {"amp": (trainer["amp"] == "fp16", '"fp16" needs a gradient scaler over sharded gradients, which this'
+                       f' template does not have under {fsdp}; use "bf16" (bf16 compute, fp32 gradient reduction)'),
+               "compile": (trainer["compile"], f"not supported with {fsdp} here; leave it false"),
+               "skip_nonfinite": (trainer["skip_nonfinite"], f"not supported with {fsdp} (every process would have"
+                                  " to agree on each step); leave it false, so a non-finite loss stops the run"),
+               "ema": (trainer.get("ema"), "the average would have to be sharded like the weights, which the EMA"
+                       " part does not do; remove trainer.ema, or use trainer.strategy \"ddp\""),
+               "auto_accumulate": (trainer.get("auto_accumulate"), f"not supported with {fsdp} (it retries steps"
+                                   " with a process's own batch size); remove it")}
+    return [f"trainer.{key}: {why}" for key, (refuse, why) in refused.items() if refuse]

@@ -119,6 +119,10 @@ def load_checkpoint(path, map_location="cpu", purpose="resume"):
     import torch
 
     path = Path(path)
+    if (path / ".metadata").is_file():  # a sharded checkpoint: a folder (utils/sharded.py)
+        from utils.sharded import load
+
+        return load(path, purpose)
     if not path.is_file():  # missing, a folder, a FIFO, a device: named, never opened
         from utils.io_problems import not_a_checkpoint_file
 

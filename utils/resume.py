@@ -186,15 +186,22 @@ def resumable_checkpoints(folder):
 
     names = re.compile(r"last\.pth|model_best\.pth|checkpoint-epoch\d+\.pth")
     try:
-        return [p for p in Path(folder).iterdir() if names.fullmatch(p.name) and p.is_file()]
+        entries = list(Path(folder).iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
+    if any(p.name.startswith(".") and p.name.endswith((".tmp", ".old")) and p.is_dir() for p in entries):
+        from utils.sharded import recover  # what a writer of a sharded checkpoint killed mid-write left
+
+        recover(folder, idle_only=True)
+        entries = list(Path(folder).iterdir())
+    return [p for p in entries if names.fullmatch(p.name) and (p.is_file() or (p / ".metadata").is_file())]
 
 
 def checkpoint_step(path):
     """The global step a checkpoint holds, read without loading its tensors (memory-mapped); raises if unreadable."""
     import torch
 
+    path = Path(path) / "trainer.pth" if Path(path).is_dir() else path  # (a sharded checkpoint: utils/sharded.py)
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     step = state.get("global_step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool):
