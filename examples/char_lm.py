@@ -53,8 +53,8 @@ class Windows(Dataset):
     """Windows of ``seq_len`` characters of the modules' text, each with the next character at every position."""
 
     def __init__(self, modules, seq_len):
-        ids = torch.tensor([INDEX[c] for c in "\n\n".join(filter(None, map(docstrings, modules)))])
-        n = (len(ids) - 1) // seq_len
+        ids = torch.tensor([INDEX[c] for c in "\n\n".join(filter(None, map(docstrings, modules)))], dtype=torch.long)
+        n = max(len(ids) - 1, 0) // seq_len
         self.inputs, self.targets = ids[:n * seq_len].view(n, seq_len), ids[1:n * seq_len + 1].view(n, seq_len)
 
     def tensors(self):  # the loader's in-memory path: batches index these two (N, seq_len) int64 tensors

@@ -1,6 +1,7 @@
 """The character-level language model example (examples/char_lm.py, configs/examples/char_lm.json): it learns (bits per
 character well below a uniform guess's), writes a text sample to the log each epoch, and resumes bit-exactly."""
 
+import json
 import math
 import signal
 from pathlib import Path
@@ -23,7 +24,7 @@ def lm_config(tmp_path, *overrides):
     """The shipped config, quiet on the CPU, short epochs (``trainer.len_epoch`` batches) and a shorter sample."""
     return apply_overrides(load_config(ROOT / "configs/examples/char_lm.json"), [
         f"trainer.save_dir={tmp_path / 'saved'}", "trainer.verbosity=0", "trainer.tensorboard=false", "device=cpu",
-        "trainer.len_epoch=30", "trainer.epochs=2", "trainer.early_stop=0", "task.args.sample_chars=40",
+        "trainer.len_epoch=20", "trainer.epochs=2", "trainer.early_stop=0", "task.args.sample_chars=40",
         *overrides])
 
 
@@ -40,7 +41,7 @@ def test_the_shipped_config_is_valid_and_its_data_is_split_by_module():
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape and x.shape[1] == 64
     assert torch.equal(x[0, 1:], y[0, :-1])  # the target is the next character
     valid, test = loader.split_validation(), char_lm.DocstringLoader(training=False)
-    assert len(loader.sampler) > 5 * len(valid.sampler) > 0 and len(test.sampler) > 0
+    assert len(loader.sampler) > 3 * len(valid.sampler) > 0 and len(test.sampler) > 0
     text = lambda ids: "".join(char_lm.VOCAB[i] for i in ids.flatten().tolist())  # noqa: E731
     train_text, test_text = text(x[loader.sampler.indices]), text(test.dataset.tensors()[0])
     # No module's prose is in two splits: a long line of the test text never appears in the training text.
@@ -52,17 +53,18 @@ def test_it_learns_well_below_a_uniform_guess_and_samples_text_each_epoch(tmp_pa
     config = lm_config(tmp_path)
     result = run.train(config, run_id="r")
     bits = result["val_bits_per_char"]
-    # 60 steps reach about 3.1 bits (a uniform guess: 6.58); a step scoring the wrong positions stays near 4.5 or
+    # 40 steps reach about 3.2 bits (a uniform guess: 6.58); a step scoring the wrong positions stays near 4.5 or
     # above, and one that saw its own target would be near 0.
     assert 1.0 < bits < 0.6 * UNIFORM, bits
     # The metric is the loss in bits, weighted per character like the loss.
     assert bits == pytest.approx(result["val_loss"] / math.log(2), rel=1e-6)
-    scores = run.evaluate_checkpoint(run_folder(config, "r") / "model_best.pth", write=False)
+    # The run scored the test split (other modules) with model_best.pth at its end.
+    scores = json.loads((run_folder(config, "r") / "result.json").read_text())["test"]
     assert 1.0 < scores["bits_per_char"] < 0.6 * UNIFORM
     log = (Path(config["trainer"]["save_dir"]) / "log" / config["name"] / "r" / "info.log").read_text()
     samples = [line.split("sample after epoch ", 1)[1] for line in log.splitlines() if "sample after epoch" in line]
     assert [s.split(":")[0] for s in samples] == ["1", "2"], log
-    assert all("'Return the " in s for s in samples)
+    assert all(": 'Return the " in s or ': "Return the ' in s for s in samples)  # (repr quotes)
 
 
 def test_sampling_leaves_the_random_state_and_the_mode_as_they_were():
@@ -80,8 +82,10 @@ def test_sampling_leaves_the_random_state_and_the_mode_as_they_were():
 
 
 def test_it_resumes_mid_epoch_bit_exactly(tmp_path, interrupt_at_step):
+    # Short: 8 batches an epoch, no validation (the sample is still drawn after each epoch), no test scoring.
     config = lm_config(tmp_path, "trainer.len_epoch=8", "trainer.epochs=3", "trainer.save_period=1",
-                       "task.args.sample_chars=8")
+                       "task.args.sample_chars=8", "data_loader.args.validation_split=0", "trainer.monitor=off",
+                       "trainer.test_after_train=false")
     run.train(with_changes(config, name="whole"), run_id="w")
     reference = torch.load(run_folder(with_changes(config, name="whole"), "w") / "checkpoint-epoch3.pth",
                            weights_only=True)
