@@ -94,9 +94,12 @@ PARTS = {
     "tables": Part("parts.tables", "a CSV table as a data set: numeric features, a class or a number to predict",
                    files=("parts/tables.py", "configs/csv.json", "configs/csv_regression.json",
                           "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
-    "two_inputs": Part(None, "an example: a digit image and a table row read together (dict batches), two losses",
+    "two_inputs": Part(None, "example: a digit image and a table row read together (dict batches), two losses",
                        files=("examples/two_inputs.py", "configs/examples/two_inputs.json",
                               "tests/examples/test_two_inputs.py")),
+    "char_lm": Part(None, "example: a character-level GRU language model on the standard library's docstrings, bits"
+                    " per character, a text sample logged each epoch",
+                    files=("examples/char_lm.py", "configs/examples/char_lm.json", "tests/examples/test_char_lm.py")),
 }
 
 

@@ -294,9 +294,11 @@ def _probe_trainer(model):
     import contextlib
     from types import SimpleNamespace
 
+    from trainer.trainer import default_step
+
     return SimpleNamespace(model=model, forward_model=model, data_loader=_Batches(), device=torch.device("cpu"),
                            optimizer=torch.optim.Adam(model.parameters()), autocast=contextlib.nullcontext(),
-                           criterion=torch.nn.functional.cross_entropy,
+                           criterion=torch.nn.functional.cross_entropy, step=default_step,
                            no_sync=lambda last_in_window: contextlib.nullcontext())
 
 
