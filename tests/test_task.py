@@ -78,6 +78,11 @@ class PairTask(Task):
         return batch["x"], batch["hint"]
 
 
+def label_error(output, target):
+    """The share of wrong labels: a metric function of the user's, named "pair_task:label_error"."""
+    return (output.argmax(1) != target).float().mean()
+
+
 class ThreeTuples(torch.utils.data.Dataset):
     def __init__(self, n=120):
         g = torch.Generator().manual_seed(2)
@@ -244,3 +249,16 @@ def test_the_model_summary_part_reads_a_tasks_inputs(tmp_path, user_module):
     log = (Path(config["trainer"]["save_dir"]) / "log/tiny/s/info.log").read_text()
     assert "Layers (output shapes of one batch):" in log and "no layer table" not in log
     assert "reconstruct" in log
+
+
+def test_a_metric_function_of_the_users_is_named_module_colon_name(tmp_path, user_module, capsys):
+    config = pair_config(tmp_path, monitor="min val_label_error", epochs=2)
+    config["metrics"] = ["accuracy", "pair_task:label_error"]
+    rows = epoch_results(config, "m")
+    assert rows[-1]["val_label_error"] == pytest.approx(1 - rows[-1]["val_accuracy"], abs=1e-6)
+    config["metrics"], config["trainer"]["monitor"] = ["pair_task:label_eror"], "min val_loss"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**config, "name": "bad"}))
+    assert cli.train_command(["-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: metrics[0]: module pair_task has no 'label_eror'; did you mean 'label_error'?"], err

@@ -372,7 +372,7 @@ def validate_config(config, registries):
 
         names += task_loss_names(out["task"], registries["task"])
     for index, entry in enumerate(out["metrics"] if metric_list.ok(out["metrics"]) else []):  # (else reported)
-        if isinstance(entry, dict):  # a part's metric
+        if isinstance(entry, dict) or ":" in entry:  # a part's metric, or a function of the user's ("module:name")
             from utils.config_extra import metric_entry_problems
 
             problems.extend(metric_entry_problems(entry, f"metrics[{index}]", registries["metrics"], check_args))
@@ -456,7 +456,7 @@ def metric_name(entry):
     """The name an entry of ``metrics`` goes by in results (``val_<name>``) and in ``trainer.monitor``: a built-in's
     own name, or an entry's ``name``, by default its class in snake case (``multiclass_f1_score``)."""
     if isinstance(entry, str):
-        return entry
+        return entry.rpartition(":")[2]
     if isinstance(entry.get("name"), str):
         return entry["name"]
     kind = entry.get("type")

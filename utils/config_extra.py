@@ -271,7 +271,14 @@ METRIC_KEYS = ("type", "args", "name")
 
 def metric_entry_problems(entry, where, registry, check_args):
     """The problem lines of one ``{"type": ..., "args": {...}, "name": ...}`` entry of ``metrics``: a part's metric
-    (utils/parts.py). Its arguments must bind (``check_args``: utils/config.py's), and the class accept them."""
+    (utils/parts.py). Its arguments must bind (``check_args``: utils/config.py's), and the class accept them. A string
+    ``"module:name"``: a metric function of the user's, which must import."""
+    if isinstance(entry, str):
+        try:
+            registry.get(entry, where)
+        except ConfigError as err:
+            return err.problems
+        return []
     unknown = [key for key in entry if key not in METRIC_KEYS]
     if unknown:
         return [f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], METRIC_KEYS)}"
