@@ -115,3 +115,20 @@ def test_a_composed_run_resumes_and_tests_after_its_base_is_deleted(tmp_path):
     assert cli.train_command(["-r", str(folder / "checkpoint-epoch1.pth"), "trainer.epochs=2"]) == 0
     assert torch.load(folder / "checkpoint-epoch2.pth", weights_only=True)["epoch"] == 2
     assert evaluate_cli.test_command(["-r", str(folder / "checkpoint-epoch2.pth")]) == 0
+
+
+def test_the_shipped_experiments_are_their_examples_with_a_few_keys_changed():
+    """configs/experiments/: each is its base (an example's config) with the keys it names changed, nothing else."""
+    from utils.config import flatten, load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    experiments = sorted((root / "experiments").glob("*.json"))
+    if not experiments:
+        pytest.skip("no experiments shipped (their example parts were deleted)")
+    for path in experiments:
+        own = json.loads(path.read_text())
+        base = flatten(load_config(path.parent / own["base"]))
+        composed = flatten(load_config(path))
+        changed = {key for key in set(base) | set(composed) if base.get(key) != composed.get(key)}
+        assert changed == set(flatten({k: v for k, v in own.items() if k != "base"})), path.name
+        assert len(changed) <= 4, path.name

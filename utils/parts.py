@@ -96,10 +96,11 @@ PARTS = {
                           "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
     "two_inputs": Part(None, "example: a digit image and a table row read together (dict batches), two losses",
                        files=("examples/two_inputs.py", "configs/examples/two_inputs.json",
-                              "tests/examples/test_two_inputs.py")),
+                              "configs/experiments/two_inputs_image_only.json", "tests/examples/test_two_inputs.py")),
     "char_lm": Part(None, "example: a character-level GRU language model on the standard library's docstrings, bits"
                     " per character, a text sample logged each epoch",
-                    files=("examples/char_lm.py", "configs/examples/char_lm.json", "tests/examples/test_char_lm.py")),
+                    files=("examples/char_lm.py", "configs/examples/char_lm.json",
+                           "configs/experiments/char_lm_long_context.json", "tests/examples/test_char_lm.py")),
 }
 
 
