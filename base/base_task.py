@@ -67,6 +67,19 @@ class Task:
         return [_NamedLoss(self, name) for name in self.loss_weights or ()]
 
 
+def to_device(batch, device):
+    """``batch`` with every tensor in it moved to ``device``: a tensor, or tuples, lists and dicts of them at any depth
+    (a dict of tensors, a list of per-sample dicts); anything else (strings, numbers) as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return type(batch)((key, to_device(value, device)) for key, value in batch.items())
+    if isinstance(batch, (list, tuple)):
+        moved_items = [to_device(item, device) for item in batch]
+        return type(batch)(*moved_items) if hasattr(batch, "_fields") else type(batch)(moved_items)  # namedtuple
+    return batch
+
+
 class _NamedLoss:
     """A metric reading one named loss of the task's last step (called right after it, like every metric)."""
 
@@ -80,8 +93,6 @@ class _NamedLoss:
 def check_task_batch(config, parts, batch, autocast):
     """The dry batch of a run with a ``task`` (or with batches the default step cannot take): one step in eval mode,
     without gradients, checked: a one-line UserError names what does not fit."""
-    from trainer.extras import to_device
-
     task, where = parts.task, config["task"]["type"] if config.get("task") else None
     if task is None:
         kind = type(batch).__name__

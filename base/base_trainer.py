@@ -304,7 +304,7 @@ class BaseTrainer:
         if self.sharded:  # every process writes its shards (utils/sharded.py)
             from utils.sharded import save
 
-            save(self, path)
+            save(self, path, save_checkpoint)
         else:
             save_checkpoint(self.state_dict(), path)
         self.logger.debug(f"Saved checkpoint: {path}")

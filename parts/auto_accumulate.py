@@ -34,7 +34,8 @@ import torch
 from base.base_trainer import RunStopped
 from base.base_hook import Hook
 from base.base_trainer import rng_state, set_rng_state
-from trainer.extras import roll_back, running_sums, to_device
+from base.base_task import to_device
+from trainer.extras import roll_back, running_sums
 from utils import dist_round
 from utils.io import write_json
 from utils.resume import batch_counts, newest_first

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import rng_state, set_rng_state
-from trainer.extras import to_device
+from base.base_task import to_device
 from trainer.trainer import default_step
 from utils.errors import UserError
 

@@ -13,7 +13,7 @@ import json
 import torch
 
 from base.base_hook import Hook
-from trainer.extras import to_device
+from base.base_task import to_device
 
 from base.base_trainer import rng_state, set_rng_state
 

@@ -328,7 +328,7 @@ def test_the_dry_batch_reports_a_bad_target_as_one_user_error():
     model = torch.nn.Linear(6, 4)
     loader = _OneBatch(torch.randn(8, 6), torch.randint(0, 4, (8,), dtype=torch.int32))
     parts = SimpleNamespace(data_loader=loader, valid_data_loader=None, model=model, device=torch.device("cpu"),
-                            criterion=logsumexp_cross_entropy, metric_fns=[], valid_metric_fns=[])
+                            criterion=logsumexp_cross_entropy, metric_fns=[], valid_metric_fns=[], task=None)
     with pytest.raises(UserError) as error:
         build.dry_batch(config, parts)
     message = str(error.value)

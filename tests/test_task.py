@@ -218,7 +218,7 @@ def test_a_task_mistake_is_one_line_before_anything_is_written(tmp_path, user_mo
 def test_batches_of_any_structure_are_moved_to_the_device():
     from collections import namedtuple
 
-    from trainer.extras import to_device
+    from base.base_task import to_device
 
     Pair = namedtuple("Pair", "a b")
     batch = {"x": torch.ones(2), "pair": Pair(torch.zeros(1), [torch.ones(1), "text"]), "n": 3,

@@ -6,6 +6,7 @@ what a non-finite loss does, a resume's restoring of the epoch's running sums, a
 (``trainer.auto_accumulate``).
 """
 
+import contextlib
 import itertools
 
 import torch
@@ -19,8 +20,6 @@ def core_hooks(cfg, parts, run):
     """The core's own hooks that ``cfg`` (``config["trainer"]``) turns on."""
     hooks = []
     if cfg["strategy"] == "fsdp":  # the whole model gathered for each validation (trainer/fsdp.py)
-        from trainer.fsdp import GatheredForValidation
-
         hooks.append(GatheredForValidation())
     if parts.frozen:
         hooks.append(Unfreeze(parts.frozen, cfg["unfreeze_at_epoch"], cfg["unfreeze_lr"]))
@@ -66,6 +65,24 @@ class Unfreeze(Hook):
     def load_state_dict(self, trainer, state):
         if state.get("unfrozen") and not self.unfrozen:
             self.unfreeze(trainer)
+
+
+class GatheredForValidation(Hook):
+    """The whole model gathered on every process for each validation, and sharded again after it (see trainer/fsdp.py's
+    docstring): each process may then score its own number of batches."""
+
+    @contextlib.contextmanager
+    def validating(self, trainer):
+        sharded = [m for m in trainer.model.modules() if hasattr(m, "reshard")]
+        for module in sharded:  # (a collective: every process validates at the same point)
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        try:
+            yield
+        finally:
+            for module in sharded:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
 
 
 class Histograms(Hook):
@@ -119,21 +136,10 @@ def endless(loader, position, count):
 
 def moved(batches, device):
     """``(batch_idx, batch)`` with the batch moved to ``device`` (an accelerator: batches are made on the CPU)."""
+    from base.base_task import to_device
+
     for batch_idx, batch in batches:
         yield batch_idx, to_device(batch, device)
-
-
-def to_device(batch, device):
-    """``batch`` with every tensor in it moved to ``device``: a tensor, or tuples, lists and dicts of them at any depth
-    (a dict of tensors, a list of per-sample dicts); anything else (strings, numbers) as it is."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return type(batch)((key, to_device(value, device)) for key, value in batch.items())
-    if isinstance(batch, (list, tuple)):
-        moved_items = [to_device(item, device) for item in batch]
-        return type(batch)(*moved_items) if hasattr(batch, "_fields") else type(batch)(moved_items)  # namedtuple
-    return batch
 
 
 def nonfinite_loss(trainer, loss, epoch, batch_idx, since_last_log=False):

@@ -21,7 +21,6 @@ import os
 
 import torch
 
-from base.base_hook import Hook
 from utils.errors import ConfigError
 
 DEFAULT_BLOCK_PARAMS = 10_000_000  # trainer.fsdp_blocks null: every smallest module holding at least this many
@@ -116,24 +115,6 @@ class ShardedModule:
             yield
         finally:
             self.set_requires_gradient_sync(True)
-
-
-class GatheredForValidation(Hook):
-    """The whole model gathered on every process for each validation, and sharded again after it (see the module's
-    docstring): each process may then score its own number of batches."""
-
-    @contextlib.contextmanager
-    def validating(self, trainer):
-        sharded = [m for m in trainer.model.modules() if hasattr(m, "reshard")]
-        for module in sharded:  # (a collective: every process validates at the same point)
-            module.set_reshard_after_forward(False, recurse=False)
-            module.unshard()
-        try:
-            yield
-        finally:
-            for module in sharded:
-                module.reshard()
-                module.set_reshard_after_forward(True, recurse=False)
 
 
 def local_bytes(tensors):

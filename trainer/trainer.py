@@ -64,7 +64,7 @@ def evaluate(model, loader, criterion, metric_fns, device, autocast=None, reduce
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
     for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=None if progress else True):
         if device.type != "cpu":  # (batches are made on the CPU)
-            from trainer.extras import to_device
+            from base.base_task import to_device
 
             batch = to_device(batch, device)
         with autocast:

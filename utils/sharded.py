@@ -36,15 +36,15 @@ def is_sharded(path):
 # --------------------------------------------------------------------------- writing
 
 
-def save(trainer, path):
-    """Write ``trainer``'s checkpoint as the folder ``path``, crash-safely; every process calls it."""
+def save(trainer, path, save_checkpoint):
+    """Write ``trainer``'s checkpoint as the folder ``path``, crash-safely; every process calls it. ``save_checkpoint``:
+    utils/io.py's, which writes the run state (given: utils/io.py imports this module)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from utils import dist_round
-    from utils.io import save_checkpoint
 
     path, main = Path(path), trainer.is_main
     if main:
