@@ -13,8 +13,10 @@ from utils.parts import PARTS  # noqa: E402
 
 
 def _config(part):
-    commands = [f"`python {f}`" if f.endswith(".py") else f"`sbatch {f}`" for f in part.files
-                if f.endswith((".py", ".sbatch")) and not f.startswith(("parts/", "tests/"))]
+    commands = [f"`python train.py -c {f}`" if f.startswith("configs/examples/") else f"`python {f}`"
+                if f.endswith(".py") else f"`sbatch {f}`" for f in part.files
+                if f.startswith("configs/examples/")  # a worked example (examples/): its config
+                or f.endswith((".py", ".sbatch")) and not f.startswith(("parts/", "tests/", "examples/"))]
     said = [*commands, *(f"`{k}`" for k in part.keys), *(f"`data_loader.type` {n}" for n in part.loaders),
             *(f"`arch.type` {p}…" for p in part.archs), *(f"`metrics` {p}…" for p in part.metrics),
             *(f"`trainer.loggers` {n}" for n in part.loggers)]
