@@ -17,7 +17,7 @@ from utils.config_extra import saved_config
 from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted([ROOT / "config.json", *(ROOT / "configs").iterdir()])
+SHIPPED = sorted([ROOT / "config.json", *(p for p in (ROOT / "configs").rglob("*") if p.is_file())])  # examples/ too
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

@@ -51,26 +51,38 @@ def test_scenes_are_fixed_and_each_split_has_digit_images_of_its_own():
     assert not test & set(train.tolist()) and not set(train[:held].tolist()) & set(train[held:].tolist())
 
 
+def background_baseline():
+    """The mean IoU of predicting the background everywhere, on the config's validation scenes: the background's
+    IoU is its share of the pixels, every digit's is 0."""
+    _, masks = segmentation.make_scenes("valid", 300, 0.15)
+    return (masks == segmentation.BACKGROUND).float().mean().item() / 11
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint of a tiny run of the example's config (one epoch of 160 scenes), for predict.py."""
-    config = config_for(tmp_path_factory.mktemp("seg") / "saved", "data_loader.args.scenes=160",
-                        "data_loader.args.test_scenes=16", "arch.args.width=4", "trainer.epochs=1")
-    run.train(config, run_id="r")
-    return run_folder(config, "r") / "model_best.pth"
+def first_epoch(tmp_path_factory):
+    """The example's config trained for one epoch: ``(checkpoint, the epoch's results)``."""
+    config = config_for(tmp_path_factory.mktemp("seg") / "saved", "data_loader.args.test_scenes=16",
+                        "trainer.epochs=1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (as conftest's _one_thread, which a module's fixture runs before)
+    try:
+        result = run.train(config, run_id="r")
+    finally:
+        torch.set_num_threads(threads)
+    return run_folder(config, "r") / "model_best.pth", result
+
+
+def test_one_epoch_reaches_three_times_the_mean_iou_of_predicting_the_background(first_epoch):
+    baseline = background_baseline()
+    assert 0.07 < baseline < 0.09
+    assert first_epoch[1]["val_mean_iou"] > 3 * baseline, (first_epoch[1], baseline)  # measured: 0.33
 
 
 @pytest.mark.slow
-def test_it_trains_to_a_mean_iou_well_above_predicting_the_background(tmp_path):
-    config = config_for(tmp_path / "saved", "data_loader.args.scenes=800", "data_loader.args.test_scenes=64",
-                        "data_loader.args.batch_size=8", "arch.args.width=8", "optimizer.args.lr=0.01",
-                        "lr_scheduler.args.T_max=3", "trainer.epochs=3")
+def test_three_epochs_reach_a_mean_iou_of_a_half(tmp_path):
+    config = config_for(tmp_path / "saved", "data_loader.args.test_scenes=16", "trainer.epochs=3")
     last = run.train(config, run_id="r")
-    _, masks = segmentation.make_scenes("valid", 120, 0.15)  # the validation scenes
-    background = (masks == segmentation.BACKGROUND).float().mean().item()
-    baseline = background / 11  # the background everywhere: the background's IoU is its share, every digit's 0
-    assert 0.07 < baseline < 0.09
-    assert last["val_mean_iou"] > 3 * baseline, (last, baseline)
+    assert last["val_mean_iou"] > 0.5, last  # measured: 0.81; eight epochs (README): 0.88
 
 
 def test_it_resumes_mid_epoch_bit_exactly(tmp_path, interrupt_at_step):
@@ -92,10 +104,11 @@ def test_it_resumes_mid_epoch_bit_exactly(tmp_path, interrupt_at_step):
     assert_states_identical(reference, resumed)
 
 
-def test_predict_writes_one_mask_image_per_scene(checkpoint, tmp_path, capsys):
+def test_predict_writes_one_mask_image_per_scene(first_epoch, tmp_path, capsys):
     predict = pytest.importorskip("parts.predict")
     from PIL import Image
 
+    checkpoint = first_epoch[0]
     paths = segmentation.write_scenes(tmp_path / "scenes", count=6)
     out = tmp_path / "masks"
     assert predict.predict_command(["-r", str(checkpoint), str(tmp_path / "scenes"), "-o", str(out)]) == 0
