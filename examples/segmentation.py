@@ -80,15 +80,18 @@ class SceneLoader(BaseDataLoader):
 
     options_from = BaseDataLoader
 
-    def __init__(self, scenes=2000, test_scenes=500, batch_size=32, shuffle=True, validation_split=0.15,
+    def __init__(self, scenes=2000, test_scenes=500, batch_size=8, shuffle=True, validation_split=0.15,
                  training=True, **options):
         if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)) \
                 or not 0 <= validation_split < 1:
             raise UserError(f"data_loader.args.validation_split: got {validation_split!r}, expected a fraction in"
                             " [0, 1) of the scenes (and of the training digits) to validate on")
         held = round(scenes * validation_split) if training else 0
-        made = [make_scenes("train", scenes - held, validation_split)] if training else [make_scenes("test", test_scenes)]
-        made += [make_scenes("valid", held, validation_split)] if held else []
+        if training:  # the training scenes, then the validation ones
+            made = [make_scenes("train", scenes - held, validation_split)]
+            made += [make_scenes("valid", held, validation_split)] if held else []
+        else:
+            made = [make_scenes("test", test_scenes)]
         dataset = DigitScenes(made)
         n_train = len(made[0][0])
         super().__init__(dataset, batch_size, shuffle and training, 0.0, training=training,
