@@ -19,6 +19,10 @@ Contract (each method optional):
 - ``inputs(batch) -> tuple``: what ``model(*inputs)`` takes (predict.py, export.py, the logged images).
 - ``hooks(config, parts, run) -> [Hook]``: behaviour at moments of the run (base/base_hook.py), such as a text
   sample written to the log after each epoch.
+- ``load_input(path) -> tensor`` and ``write_prediction(output, stem) -> path`` (both, or neither; not on this
+  class): predict.py then reads each input file with the first (one sample's model input, no batch dimension;
+  OSError or ValueError: the file is reported and skipped) and gives the second each sample's output, which it
+  writes as a file named ``stem`` plus its own suffix (``-o FOLDER``/the input's stem), such as a mask image.
 """
 
 import torch

@@ -1,4 +1,5 @@
-"""``predict.py``: a trained checkpoint's predictions for image files, folders of images or CSV rows.
+"""``predict.py``: a trained checkpoint's predictions for image files, folders of images or CSV rows; or, for a
+checkpoint whose config names a task that reads and writes files, one output file per input file.
 
 A part (utils/parts.py): delete this file, ``predict.py`` and tests/parts/test_predict.py, and
 training and ``test.py`` work as before; the export part, which describes an exported model's
@@ -16,13 +17,19 @@ Promises:
 * One output row per input that could be read: its path (or the CSV file and row number),
   the predicted class, its probability and the ``top_k`` classes; probabilities are the
   softmax of the model's outputs (float32), summing to 1 over the classes.
+* A checkpoint whose config's ``task`` defines ``load_input(path)`` and ``write_prediction(output, stem)``
+  (base/base_task.py; a segmentation's mask image, say) reads its input files with the first and writes one
+  file per input with the second, into the folder ``-o`` names (made if missing; its parent must exist), as
+  ``<folder>/<input's stem>`` plus the task's suffix; the rows then name each input and the file written.
+  The folder may not be an input folder or lie inside one, and no two inputs may share a stem.
 * An unreadable image or CSV row is reported on stderr and skipped; a missing input path,
   an input kind the checkpoint's model does not read, or an input whose shape does not fit
   the model is one ``error:`` line (:class:`~utils.errors.UserError`). Output files are
   written whole or not at all (:func:`utils.io.atomic_write`).
 * An output never replaces an input: ``-o`` naming the checkpoint, its run's files, an input, a
   folder, or any existing file that is not an earlier output of the same command is one
-  ``error:`` line before anything is read or written (:func:`check_output`, which export.py uses too).
+  ``error:`` line before any input is read or anything written (:func:`check_output`, which export.py uses
+  too; :func:`check_output_folder` for a task's files).
 """
 
 from __future__ import annotations
@@ -68,14 +75,15 @@ class Loaded:
         config: the checkpoint's config (with overrides), checked and completed with defaults.
         device: ``torch.device``.
         autocast: the run's autocast context (bf16/fp16 on an accelerator), or a no-op context.
-        inputs: how raw inputs become model inputs (:class:`ImageInputs` or :class:`TableInputs`), or
-            None when the checkpoint's data loader has no file form.
-        class_names: list of str, or None (a regression model).
+        inputs: how raw inputs become model inputs (:class:`ImageInputs`, :class:`TableInputs` or
+            :class:`TaskInputs`), or None when the checkpoint's data loader has no file form.
+        class_names: list of str, or None (a regression model, or a task's files).
+        task: the config's task when it reads and writes files (:func:`file_task`), else None.
     """
 
-    def __init__(self, model, config, device, autocast, inputs, class_names):
+    def __init__(self, model, config, device, autocast, inputs, class_names, task=None):
         self.model, self.config, self.device, self.autocast = model, config, device, autocast
-        self.inputs, self.class_names = inputs, class_names
+        self.inputs, self.class_names, self.task = inputs, class_names, task
 
 
 def load_for_inference(checkpoint, overrides=(), device=None):
@@ -88,9 +96,30 @@ def load_for_inference(checkpoint, overrides=(), device=None):
     from trainer import build
 
     model, config, device, autocast = build.trained_model(checkpoint, overrides, device)
-    inputs = input_reader(config)
+    task = file_task(config)
+    inputs = TaskInputs(task) if task is not None else input_reader(config)
     class_names = inputs.class_names if inputs is not None else None
-    return Loaded(model, config, device, autocast, inputs, class_names)
+    return Loaded(model, config, device, autocast, inputs, class_names, task)
+
+
+def file_task(config):
+    """The config's task when it defines ``load_input`` and ``write_prediction`` (base/base_task.py), else None.
+
+    Raises:
+        UserError: the task defines one of the two but not the other.
+    """
+    if not config.get("task"):
+        return None
+    from trainer import build
+    from utils.config import init_obj
+
+    task = init_obj(config["task"], build.registries()["task"], where="task")
+    has = {name: callable(getattr(task, name, None)) for name in ("load_input", "write_prediction")}
+    if len(set(has.values())) > 1:
+        given, missing = (name for value in (True, False) for name in has if has[name] is value)
+        raise UserError(f"task: {config['task']['type']} defines {given} but not {missing}; predict.py needs both"
+                        " (base/base_task.py), or neither")
+    return task if all(has.values()) else None
 
 
 def input_reader(config):
@@ -149,6 +178,29 @@ class ImageInputs:
         if self._batch is not None:
             return self._batch(torch.stack(samples))
         return torch.stack([self._sample(x) for x in samples])
+
+
+class TaskInputs:
+    """Input files read by the task's ``load_input`` (one sample's model input, a tensor)."""
+
+    kind = "files"
+    class_names = None
+
+    def __init__(self, task):
+        self.task = task
+
+    def read(self, paths, report):
+        """Yield ``(label, tensor)`` per file ``load_input`` reads; ``report`` those it raises OSError or ValueError
+        for (a file that is no image, say)."""
+        for path in paths:
+            try:
+                yield str(path), self.task.load_input(path)
+            except (OSError, ValueError) as err:
+                report(f"skipped {path}: {' '.join(str(err).split()) or type(err).__name__}")
+
+    @staticmethod
+    def batch(samples):
+        return torch.stack(samples)
 
 
 class TableInputs:
@@ -243,7 +295,13 @@ def expand_inputs(inputs, kind):
     files = []
     for item in inputs:
         path = Path(item).expanduser()
-        if path.is_dir():
+        if path.is_dir() and kind == "files":  # every file under it, for the task to read (or report and skip)
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise UserError(f"{path} holds no files")
+            files += found
+        elif path.is_dir():
             if kind == "table":
                 raise UserError(f"{path} is a folder; this checkpoint's model reads CSV rows: give a CSV file")
             image_folder = _part("image_folder")
@@ -292,6 +350,8 @@ def _batches(samples, batch_size):
 
 def _describe_inputs(loaded):
     reader = loaded.inputs
+    if reader.kind == "files":
+        return f"the inputs of {loaded.config['data_loader']['type']}"
     if reader.kind == "table":
         return f"the features {', '.join(reader.features)}" if reader.features else "its table's numeric columns"
     size = f" of {reader.size[0]}x{reader.size[1]}" if reader.size else ""
@@ -299,14 +359,16 @@ def _describe_inputs(loaded):
 
 
 @torch.no_grad()
-def predict(loaded, files, top_k=3, batch_size=64, progress=False, report=None):
+def predict(loaded, files, top_k=3, batch_size=64, progress=False, report=None, out_dir=None):
     """Predictions for ``files`` (image files or CSV files, as :func:`expand_inputs` returns them).
 
     Returns:
         A list of dicts, one per usable input, in input order: ``input`` (the path), ``row`` (CSV row
         number, 1 = the first row after the header; None for images), and for a classifier ``class``,
         ``probability`` and ``top_k`` (a list of ``(class name, probability)``, most probable first); for a
-        regression model ``prediction`` (a float, or a list for several outputs).
+        regression model ``prediction`` (a float, or a list for several outputs); for a task's files
+        (``loaded.task``) ``output``, the path of the file its ``write_prediction`` wrote into ``out_dir``
+        (made when the first is written).
 
     Raises:
         UserError: the inputs do not fit the model (one line, naming the shapes).
@@ -317,7 +379,7 @@ def predict(loaded, files, top_k=3, batch_size=64, progress=False, report=None):
     model, device = loaded.model, loaded.device
     names = loaded.class_names
     results = []
-    total = len(files) if loaded.inputs.kind == "images" else None
+    total = len(files) if loaded.inputs.kind != "table" else None
     bar = tqdm(total=total, desc="predict", unit=" inputs" if total else " rows", leave=False,
                disable=None if progress else True, file=sys.stderr)
     try:
@@ -333,7 +395,12 @@ def predict(loaded, files, top_k=3, batch_size=64, progress=False, report=None):
                                 f" {tuple(samples[0].shape)} do not fit the model, which was trained on"
                                 f" {_describe_inputs(loaded)} ({reason})") from None
             output = output.float()
-            if names is not None:
+            if loaded.task is not None:  # one file per input, written by the task
+                Path(out_dir).mkdir(exist_ok=True)
+                for label, one in zip(labels, output.cpu()):
+                    written = loaded.task.write_prediction(one, Path(out_dir) / Path(label).stem)
+                    results.append(_row(label, output=str(written)))
+            elif names is not None:
                 if output.dim() != 2 or output.shape[1] != len(names):
                     raise UserError(f"the model gives outputs of shape {tuple(output.shape[1:])}, but its data has"
                                     f" {len(names)} classes")
@@ -378,11 +445,14 @@ def format_rows(results, top_k, as_json=False):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     classifier = bool(results) and "class" in results[0]
+    files = bool(results) and "output" in results[0]
     k = max((len(r.get("top_k", ())) for r in results), default=0)
     if classifier:
         header = ["input", "row", "class", "probability"]
         for i in range(1, k + 1):
             header += [f"top{i}_class", f"top{i}_probability"]
+    elif files:
+        header = ["input", "row", "output"]
     else:
         header = ["input", "row", "prediction"]
     writer.writerow(header)
@@ -392,6 +462,8 @@ def format_rows(results, top_k, as_json=False):
             cells = [r["input"], *row, r["class"], f"{r['probability']:.6g}"]
             for name, p in r["top_k"]:
                 cells += [name, f"{p:.6g}"]
+        elif files:
+            cells = [r["input"], *row, r["output"]]
         else:
             value = r["prediction"]
             cells = [r["input"], *row, json.dumps(value) if isinstance(value, list) else f"{value:.6g}"]
@@ -456,6 +528,42 @@ def check_output(output, inputs, command, is_earlier_output, label="-o"):
                         f" {valid}, or move the file away first")
 
 
+def check_output_folder(folder, inputs):
+    """For a task writing one file per input: refuse, before any input is read, an ``-o`` that is not a folder (nor
+    one to make: its parent folder missing), is an input folder or lies inside one, or is the folder of an input
+    file (a rerun would read the outputs as inputs, or an output could replace an input).
+
+    Raises:
+        UserError: one line naming the problem and what would be valid.
+    """
+    path = Path(folder)
+    valid = "give -o a folder for them (a new one, or the one an earlier run of the same command wrote)"
+    writes = "this checkpoint's task writes one file per input"
+    if os.path.lexists(path) and not path.is_dir():
+        kind = "a file" if path.is_file() else _not_a_file(path).removeprefix(f"{path} is ")
+        raise UserError(f"-o {folder} is {kind}, but {writes}: {valid}")
+    if not path.parent.is_dir():
+        raise UserError(f"-o {folder}: folder {path.parent} does not exist; create it, or {valid}")
+    real = os.path.realpath(path)
+    for item in inputs:
+        where = os.path.realpath(item) if os.path.isdir(item) else os.path.dirname(os.path.realpath(item))
+        inside = os.path.isdir(item) and os.path.commonpath([real, where]) == where
+        if real == where or inside:
+            what = "an input folder" if real == where and os.path.isdir(item) else \
+                "inside the input folder" if inside else "the folder of the input"
+            raise UserError(f"-o {folder} is {what} {item}, and {writes}: {valid}, outside the inputs")
+
+
+def check_distinct_stems(files, folder):
+    """One output per input, named by the input's stem: two inputs of one stem would write the same file."""
+    seen = {}
+    for path in files:
+        if path.stem in seen:
+            raise UserError(f"inputs {seen[path.stem]} and {path} would both write their prediction as"
+                            f" {Path(folder) / path.stem}*; rename one, or predict them separately")
+        seen[path.stem] = path
+
+
 def is_predictions_file(path):
     """Whether ``path`` starts as :func:`format_rows` writes: predict.py's CSV header, or a JSON line of a row."""
     try:
@@ -483,7 +591,8 @@ def predict_parser():
     parser = CommandParser(description="Predict with a trained checkpoint: image files, folders of images"
                                      " (recursively) or CSV files with the training table's feature columns.")
     parser.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="checkpoint to predict with")
-    parser.add_argument("-o", "--output", help="write the predictions to this file (default: standard output)")
+    parser.add_argument("-o", "--output", help="write the predictions to this file (default: standard output); for a"
+                        " task that writes a file per input (a mask image, say), the folder for them")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per input, most probable first (default 3)")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of CSV")
     parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default 64)")
@@ -491,6 +600,10 @@ def predict_parser():
     parser.add_argument("items", nargs="*", metavar="INPUT | key.path=VALUE",
                         help="image files, folders or CSV files; key.path=VALUE changes the checkpoint's config")
     return parser
+
+
+def writes_files(loaded):
+    return f"{loaded.config['task']['type']} writes one file per input (its write_prediction)"
 
 
 def _is_override(item):
@@ -513,27 +626,39 @@ def predict_command(argv=None):
     inputs = [item for item in args.items if not _is_override(item)]
 
     def run():
-        if args.output:  # (an input inside a folder named here is an image: never a predictions file)
-            args.output = os.path.expanduser(args.output)  # (as the inputs are)
+        loaded = load_for_inference(args.resume, overrides_of(args))  # (read before -o: is it a file or a folder?)
+        args.output = os.path.expanduser(args.output) if args.output else None  # (as the inputs are)
+        if loaded.task is not None:
+            if not args.output:
+                raise UserError(f"{writes_files(loaded)}: give -o FOLDER, where they go")
+            check_output_folder(args.output, inputs)
+        elif args.output:  # (an input inside a folder named here is an image: never a predictions file)
             check_output(args.output, run_files(args.resume) + [("an input", Path(item)) for item in inputs],
                          "predict.py", is_predictions_file)
-        loaded = load_for_inference(args.resume, overrides_of(args))
         if loaded.inputs is None:
             raise UserError(f"{args.resume}: predict.py reads image files (ImageFolderDataLoader, MnistDataLoader,"
                             " Cifar10DataLoader) and CSV rows (CsvDataLoader); this checkpoint's data loader"
                             f" {loaded.config['data_loader']['type']} has no file form")
         files = expand_inputs(inputs, loaded.inputs.kind)
+        if loaded.task is not None:
+            check_distinct_stems(files, args.output)
         skipped = []
 
         def report(line):
             skipped.append(line)
             print(line, file=sys.stderr)
 
-        results = predict(loaded, files, args.top_k, args.batch_size, progress=True, report=report)
+        results = predict(loaded, files, args.top_k, args.batch_size, progress=True, report=report,
+                          out_dir=args.output if loaded.task is not None else None)
         if not results:
             raise UserError(f"no input could be read ({len(skipped)} skipped)")
         text = format_rows(results, args.top_k, args.json)
-        if args.output:
+        if loaded.task is not None:  # the files are written: the rows on standard output name them
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            print(f"{len(results)} outputs written to {args.output}"
+                  + (f" ({len(skipped)} inputs skipped)" if skipped else ""), file=sys.stderr)
+        elif args.output:
             from utils.io import atomic_write
 
             data = text.encode("utf-8")

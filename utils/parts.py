@@ -94,6 +94,10 @@ PARTS = {
     "tables": Part("parts.tables", "a CSV table as a data set: numeric features, a class or a number to predict",
                    files=("parts/tables.py", "configs/csv.json", "configs/csv_regression.json",
                           "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
+    "segmentation": Part(None, "example: digit scenes segmented per pixel by a small U-Net, mean IoU"
+                         " per epoch; predict.py writes a mask image per scene",
+                         files=("examples/segmentation.py", "configs/examples/segmentation.json",
+                                "tests/examples/test_segmentation.py"), needs=("torchmetrics",)),
     "two_inputs": Part(None, "example: a digit image and a table row read together (dict batches), two losses",
                        files=("examples/two_inputs.py", "configs/examples/two_inputs.json",
                               "configs/experiments/two_inputs_image_only.json", "tests/examples/test_two_inputs.py")),
