@@ -447,7 +447,8 @@ def restore(trainer, start):
     ``start.config``; log how it goes on (rank 0)."""
     state, config, run, logger = start.state, start.config, trainer.run, trainer.logger
     try:  # tensors of another shape, or keys the model lacks (a damaged or edited checkpoint): one line, not a traceback
-        trainer.model.load_state_dict(state["model"])
+        if not (state.get("sharded") or trainer.sharded):  # (sharded: each process loads its slices, utils/sharded.py)
+            trainer.model.load_state_dict(state["model"])
     except RuntimeError as err:
         from trainer.check_errors import weights_misfit
 
