@@ -145,6 +145,9 @@ def runs(tmp_path_factory, torchrun):
         {"config": tiny_config(tmp / "ddp_unfreeze", **UNFREEZE), "run_id": "u", "out": str(tmp / "ddp_unfreeze")},
         {"config": fsdp(tmp / "fsdp_unfreeze", **UNFREEZE), "run_id": "u", "out": str(tmp / "fsdp_unfreeze")},
         {"config": fsdp(tmp / "term"), "run_id": "term", "sigterm_at": SIGTERM_AT, "out": str(tmp / "term")},
+        {"config": fsdp(tmp / "fsdp_recompute", activation_checkpointing=True), "run_id": "r",
+         "out": str(tmp / "fsdp_recompute")},
+        {"config": fsdp(tmp / "fsdp_bf16", amp="bf16"), "run_id": "b", "out": str(tmp / "fsdp_bf16")},
     ]
     for job in jobs[2:4]:
         job["config"]["data_loader"]["args"]["batch_size"] = half
@@ -170,6 +173,37 @@ def test_fsdp_reaches_the_weights_of_ddp(runs, kind):
     assert_close_weights(ddp["model"], sharded["model"])
     ddp_metrics, fsdp_metrics = results(tmp / f"ddp{kind}")[0]["metrics"], results(tmp / f"fsdp{kind}")[0]["metrics"]
     assert fsdp_metrics["val_loss"] == pytest.approx(ddp_metrics["val_loss"], rel=1e-4)
+
+
+def test_activation_checkpointing_recomputes_exactly(runs):
+    """Each block's activations recomputed in the backward pass (its dropout too, from the saved RNG state): the
+    same weights as keeping them."""
+    tmp = runs["tmp"]
+    kept = full(run_dir(tmp / "fsdp", "fsdp") / "checkpoint-epoch2.pth")["model"]
+    recomputed = full(run_dir(tmp / "fsdp_recompute", "r") / "checkpoint-epoch2.pth")["model"]
+    assert_close_weights(kept, recomputed, atol=1e-6)
+
+
+def test_activation_checkpointing_runs_a_blocks_forward_again_in_the_backward_pass():
+    from trainer.fsdp import recompute_in_backward
+
+    block, calls = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), []
+    block[0].register_forward_hook(lambda *args: calls.append("forward"))
+    recompute_in_backward(block)
+    block(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert calls == ["forward", "forward"]  # once in the forward pass, once recomputed in the backward pass
+
+
+def test_the_bf16_policy_computes_in_bf16_and_keeps_fp32_shards(runs):
+    """trainer.amp "bf16": the gathered weights in bf16 for compute, the shards (and the checkpoint) in fp32; it
+    trains to about the fp32 run's validation loss."""
+    tmp = runs["tmp"]
+    state = full(run_dir(tmp / "fsdp_bf16", "b") / "checkpoint-epoch2.pth")
+    assert all(t.dtype == torch.float32 for t in state["model"].values())
+    fp32 = full(run_dir(tmp / "fsdp", "fsdp") / "checkpoint-epoch2.pth")["model"]
+    assert any(not torch.equal(state["model"][k], fp32[k]) for k in fp32)  # bf16 compute: not the fp32 run's steps
+    bf16_loss, fp32_loss = (results(tmp / name)[0]["metrics"]["val_loss"] for name in ("fsdp_bf16", "fsdp"))
+    assert bf16_loss == pytest.approx(fp32_loss, rel=0.05)
 
 
 def test_each_rank_reports_the_same_metrics(runs):
