@@ -45,6 +45,7 @@ Promises:
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import json
 import logging
@@ -56,7 +57,7 @@ from torch.utils.data import Dataset
 
 from base.base_data_loader import BaseDataLoader
 from base.splits import check_fraction, stratified_split
-from utils.errors import UserError
+from utils.errors import DiskFullError, UserError
 
 RESIZE_FILTER = "bilinear"  # PIL's filter for the resize in decode (the export's preprocessing file names it)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -425,7 +426,11 @@ def _write_cache(path, prefix, data):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
             torch.save(data, f)
-    except (OSError, UserError) as err:  # no cache is slower, not wrong
+    except (OSError, UserError) as err:  # no cache is slower, not wrong; but a full disk fails the checkpoints next
+        if isinstance(err, DiskFullError) or getattr(err, "errno", None) == errno.ENOSPC:
+            raise DiskFullError(f"cannot write the image cache {path}: no space left on the device (or the disk quota"
+                                " is used up); free some space, set data_loader.args.cache_dir to another disk, or"
+                                " cache_dir=false to decode the images without a cache") from None
         logger.warning(f"cannot write the image cache {path} ({_one_line(err)}): later runs decode the images again")
         return
     for old in path.parent.glob(f"{prefix}*.pt"):  # the same split decoded from older files

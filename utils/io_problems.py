@@ -67,11 +67,16 @@ def run_folder_error(err, folders, save_dir):
 
 
 def unmake_run(made, checkpoint_dir):
-    """Remove the run folders ``made`` by a start cut short (Ctrl-C, a full disk) while the run's folder holds nothing
-    to resume (no checkpoint, no ``result.json``): a half-made run folder would block the same command next time."""
-    if checkpoint_dir not in made or any(p.suffix == ".pth" or p.name == "result.json"
-                                         for p in checkpoint_dir.iterdir()):
-        return
+    """Remove the run folders ``made`` by a start cut short (Ctrl-C, a full disk, a checkpoint that does not fit) while
+    nothing to resume was written since the run took its folder's lock (no checkpoint or ``result.json`` newer than
+    ``.lock``): a half-made run folder would block the same command next time; a resume's new log folder, mislead."""
+    try:
+        since = (checkpoint_dir / ".lock").stat().st_mtime
+        if any((p.suffix == ".pth" or p.name == "result.json") and p.stat().st_mtime >= since
+               for p in checkpoint_dir.iterdir()):
+            return
+    except FileNotFoundError:  # (no lock: nothing of this run was written there)
+        pass
     for folder in made:
         shutil.rmtree(folder, ignore_errors=True)
 
