@@ -190,19 +190,25 @@ def check_checkpoint(state, purpose, path):
 def not_a_checkpoint_file(path):
     """Why ``path``, which is not a regular file, is no checkpoint: missing, a folder, a FIFO, a device, a socket, or a
     link to one of those (a dangling link: missing). Read with ``stat`` only: a FIFO or device is never opened."""
+    return not_a_file(path, "checkpoint", "give the path of a .pth file written by train.py")
+
+
+def not_a_file(path, what="file", hint=None):
+    """:func:`not_a_checkpoint_file` for any ``what`` (``"file"``, ``"checkpoint"``), with ``hint`` in parentheses."""
     import stat
 
-    hint = "give the path of a .pth file written by train.py"
+    path, hint = Path(path), f" ({hint})" if hint else ""
     try:
         mode = path.stat().st_mode
     except OSError:
         link = f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
-        return f"checkpoint not found: {path}{link} ({hint})"
+        return f"{what} not found: {path}{link}{hint}"
     kind = next((what for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
                                          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                                          (stat.S_ISSOCK, "a socket")) if test(mode)), "not a regular file")
     link = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
-    return f"checkpoint {path}{link} is {kind}, not a {'' if kind == 'a folder' else 'checkpoint '}file ({hint})"
+    noun = "file" if kind == "a folder" else "regular file" if what == "file" else f"{what} file"
+    return f"{what} {path}{link} is {kind}, not a {noun}{hint}"
 
 
 def nonfinite_as_null(obj):
