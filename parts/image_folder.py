@@ -128,6 +128,13 @@ def images_under(folder, seen=None):
     return sorted(found)
 
 
+def _no_folder(where, path):
+    """The UserError for ``path``, which is no folder: missing, or a file, a FIFO, a device (named, never opened)."""
+    from utils.io_problems import not_a_file
+
+    return UserError(f"{where}: {not_a_file(path, 'folder', wanted='folder')}")
+
+
 def scan_classes(folder, where, seen=None):
     """``{class name: [image paths]}`` of the class folders in ``folder``, sorted by name (``seen``: see
     :func:`images_under`).
@@ -135,7 +142,7 @@ def scan_classes(folder, where, seen=None):
     Raises UserError for a missing folder, no class folders, a class folder with no images, or a link loop.
     """
     if not os.path.isdir(folder):
-        raise UserError(f"{where}: folder not found: {folder}")
+        raise _no_folder(where, folder)
     names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not names:
         loose = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
@@ -167,7 +174,7 @@ class Layout:
             raise UserError(f"{where}: expected a folder path, got {data_dir!r}")
         root = os.path.expanduser(os.fspath(data_dir))
         if not os.path.isdir(root):
-            raise UserError(f"{where}: folder not found: {root}")
+            raise _no_folder(where, root)
         self.root = root
         split_dirs = {name: os.path.join(root, name) for name in ("train", "val", "test")}
         has = {name: os.path.isdir(path) for name, path in split_dirs.items()}

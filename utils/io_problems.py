@@ -193,8 +193,9 @@ def not_a_checkpoint_file(path):
     return not_a_file(path, "checkpoint", "give the path of a .pth file written by train.py")
 
 
-def not_a_file(path, what="file", hint=None):
-    """:func:`not_a_checkpoint_file` for any ``what`` (``"file"``, ``"checkpoint"``), with ``hint`` in parentheses."""
+def not_a_file(path, what="file", hint=None, wanted=None):
+    """:func:`not_a_checkpoint_file` for any ``what`` (``"file"``, ``"checkpoint"``), with ``hint`` in parentheses;
+    ``wanted="folder"``: why ``path`` is no folder."""
     import stat
 
     path, hint = Path(path), f" ({hint})" if hint else ""
@@ -203,11 +204,12 @@ def not_a_file(path, what="file", hint=None):
     except OSError:
         link = f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
         return f"{what} not found: {path}{link}{hint}"
-    kind = next((what for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
+    kind = next((kind for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
                                          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                                         (stat.S_ISSOCK, "a socket")) if test(mode)), "not a regular file")
+                                         (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")) if test(mode)),
+                "not a regular file")
     link = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
-    noun = "file" if kind == "a folder" else "regular file" if what == "file" else f"{what} file"
+    noun = wanted or ("file" if kind == "a folder" else "regular file" if what == "file" else f"{what} file")
     return f"{what} {path}{link} is {kind}, not a {noun}{hint}"
 
 

@@ -477,3 +477,20 @@ def test_a_full_disk_writing_the_image_cache_is_one_line_exit_28(folder, tmp_pat
     assert "no space left" in lines[0] and "cache_dir=false" in lines[0] and "Traceback" not in err
     assert [p for p in (tmp_path / "saved").rglob("*") if not p.is_dir()] == []
     assert not (tmp_path / "saved/models").exists()
+
+
+@pytest.mark.parametrize("kind, named", [("fifo", "is a FIFO (a named pipe), not a folder"),
+                                         ("link to /dev/zero", "(a link to /dev/zero) is a character device"),
+                                         ("file", "is a file, not a folder"), ("missing", "folder not found: ")])
+def test_a_data_dir_that_is_no_folder_is_named_as_what_it_is(tmp_path, kind, named):
+    path = tmp_path / "images"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "file":
+        path.write_text("x")
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    with pytest.raises(UserError) as info:
+        image_loader(path)
+    text = one_line(info)
+    assert text.startswith("data_loader.args.data_dir: ") and str(path) in text and named in text, text
