@@ -45,6 +45,7 @@ Promises:
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import json
 import logging
@@ -56,7 +57,7 @@ from torch.utils.data import Dataset
 
 from base.base_data_loader import BaseDataLoader
 from base.splits import check_fraction, stratified_split
-from utils.errors import UserError
+from utils.errors import DiskFullError, UserError
 
 RESIZE_FILTER = "bilinear"  # PIL's filter for the resize in decode (the export's preprocessing file names it)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -127,6 +128,13 @@ def images_under(folder, seen=None):
     return sorted(found)
 
 
+def _no_folder(where, path):
+    """The UserError for ``path``, which is no folder: missing, or a file, a FIFO, a device (named, never opened)."""
+    from utils.io_problems import not_a_file
+
+    return UserError(f"{where}: {not_a_file(path, 'folder', wanted='folder')}")
+
+
 def scan_classes(folder, where, seen=None):
     """``{class name: [image paths]}`` of the class folders in ``folder``, sorted by name (``seen``: see
     :func:`images_under`).
@@ -134,7 +142,7 @@ def scan_classes(folder, where, seen=None):
     Raises UserError for a missing folder, no class folders, a class folder with no images, or a link loop.
     """
     if not os.path.isdir(folder):
-        raise UserError(f"{where}: folder not found: {folder}")
+        raise _no_folder(where, folder)
     names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not names:
         loose = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
@@ -166,7 +174,7 @@ class Layout:
             raise UserError(f"{where}: expected a folder path, got {data_dir!r}")
         root = os.path.expanduser(os.fspath(data_dir))
         if not os.path.isdir(root):
-            raise UserError(f"{where}: folder not found: {root}")
+            raise _no_folder(where, root)
         self.root = root
         split_dirs = {name: os.path.join(root, name) for name in ("train", "val", "test")}
         has = {name: os.path.isdir(path) for name, path in split_dirs.items()}
@@ -425,7 +433,11 @@ def _write_cache(path, prefix, data):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
             torch.save(data, f)
-    except (OSError, UserError) as err:  # no cache is slower, not wrong
+    except (OSError, UserError) as err:  # no cache is slower, not wrong; but a full disk fails the checkpoints next
+        if isinstance(err, DiskFullError) or getattr(err, "errno", None) == errno.ENOSPC:
+            raise DiskFullError(f"cannot write the image cache {path}: no space left on the device (or the disk quota"
+                                " is used up); free some space, set data_loader.args.cache_dir to another disk, or"
+                                " cache_dir=false to decode the images without a cache") from None
         logger.warning(f"cannot write the image cache {path} ({_one_line(err)}): later runs decode the images again")
         return
     for old in path.parent.glob(f"{prefix}*.pt"):  # the same split decoded from older files

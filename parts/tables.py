@@ -95,8 +95,10 @@ class Table:
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise UserError(f"data_loader.args.path: expected the path of a CSV file, got {path!r}")
         path = os.path.expanduser(os.fspath(path))
-        if not os.path.isfile(path):
-            raise UserError(f"data_loader.args.path: file not found: {path}")
+        if not os.path.isfile(path):  # missing, or a folder, a FIFO, a device (never opened: it could block)
+            from utils.io_problems import not_a_file
+
+            raise UserError(f"data_loader.args.path: {not_a_file(path, hint='give the path of a CSV file')}")
         if not isinstance(target, str) or not target:
             raise UserError(f"data_loader.args.target: expected a column name, got {target!r}")
         if not isinstance(delimiter, str) or len(delimiter) != 1:

@@ -96,6 +96,26 @@ def _damaged_only(ctx):
     return ctx.file("--run-id", "d", "-r", "auto")
 
 
+def _optimizer_state(value):
+    """A checkpoint whose first optimizer state tensor (SGD's momentum_buffer) is replaced by ``value(tensor)``."""
+    def change(state):
+        slots = state["optimizer"]["state"][0]
+        slots["momentum_buffer"] = value(slots["momentum_buffer"])
+    return change
+
+
+def _one_more_group(state):
+    state["optimizer"]["param_groups"].append(dict(state["optimizer"]["param_groups"][0], params=[99]))
+
+
+def _read_only_run(ctx):
+    """The checkpoint's run folder cannot be written (as root, chmod does not stop a write: os.access says so)."""
+    checkpoint = ctx.checkpoint()
+    real = os.access
+    ctx.monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != checkpoint.parent and real(p, mode, **k))
+    return ["-r", str(checkpoint), "trainer.epochs=2"]
+
+
 def _override(*items):
     return lambda ctx: ctx.file(*items)
 
@@ -108,6 +128,23 @@ ROWS = [
      ["weights do not fit", "size mismatch for net"], 2),
     ("resume, a key the model lacks", lambda c: ["-r", str(c.checkpoint(_extra_key)), "trainer.epochs=2"],
      ["weights do not fit", "extra.weight"], 2),
+    # optimizer state that is not finite, or does not fit the optimizer the config builds; a read-only run folder
+    ("resume, NaN in the optimizer state", lambda c: ["-r", str(c.checkpoint(_optimizer_state(
+        lambda t: t.fill_(float("nan"))))), "trainer.epochs=2"], ["optimizer state 'momentum_buffer'", "holds NaN"], 2),
+    ("resume, Inf in the optimizer state", lambda c: ["-r", str(c.checkpoint(_optimizer_state(
+        lambda t: t.fill_(float("inf"))))), "trainer.epochs=2"], ["momentum_buffer", "holds an infinity"], 2),
+    ("resume, optimizer state of another shape", lambda c: ["-r", str(c.checkpoint(_optimizer_state(
+        lambda t: torch.zeros(7)))), "trainer.epochs=2"], ["optimizer state does not fit", "shape [7]"], 2),
+    ("resume, another number of parameter groups", lambda c: ["-r", str(c.checkpoint(_one_more_group)),
+                                                              "trainer.epochs=2"],
+     ["optimizer state does not fit", "parameter groups"], 2),
+    ("resume with another optimizer type", lambda c: ["-r", str(c.checkpoint()), "trainer.epochs=2",
+                                                      'optimizer={"type": "Adam", "args": {"lr": 0.01}}'],
+     ["cannot resume with a changed optimizer.type", "--init-from"], 2),
+    ("resume with SGD's arguments for Adam", lambda c: ["-r", str(c.checkpoint()), "optimizer.type=Adam"],
+     ["optimizer.args: Adam takes no argument 'momentum'"], 2),
+    ("resume from a read-only run folder", _read_only_run, ["cannot resume in", "models/tiny/old", "read-only",
+                                                            "trainer.save_dir="], 2),
     # item 2: what only the constructors refuse, a schedule that makes the learning rate negative, group keys
     ("Adam betas of one value", _override('optimizer={"type": "Adam", "args": {"lr": 0.01, "betas": [0.9]}}'),
      ["optimizer.args.betas:", "[0.9]"], 2),
@@ -269,3 +306,26 @@ def test_a_stop_during_the_last_validation_skips_the_test_scoring(tmp_path, monk
     assert (folder / "checkpoint-epoch2.pth").is_file()
     result = json.loads((folder / "result.json").read_text())
     assert result["test"] is None and result["test_checkpoint"] == "model_best.pth"
+
+
+def test_a_resume_with_another_save_dir_continues_there_checkpoints_and_logs_together(tmp_path, monkeypatch, trained,
+                                                                                         capsys):
+    """``-r RUN/checkpoint-epoch1.pth trainer.save_dir=ELSEWHERE`` (a full disk's advice): the run goes on under
+    ELSEWHERE with its run id, checkpoints and logs there, and its manifest says where it came from; the original
+    run folder keeps its files. In place (the run tree moved, resumed with its own config) the logs follow the
+    checkpoint's run, not the save_dir its config names."""
+    ctx = Ctx(tmp_path, monkeypatch, trained)
+    checkpoint = ctx.checkpoint()
+    before = _files(ctx.save)
+    elsewhere = tmp_path / "elsewhere"
+    assert cli.train_command(["-r", str(checkpoint), f"trainer.save_dir={elsewhere}", "trainer.epochs=2"]) == 0
+    assert (elsewhere / "models/tiny/old/checkpoint-epoch2.pth").is_file()
+    assert (elsewhere / "log/tiny/old/info.log").is_file()
+    manifest = json.loads((elsewhere / "models/tiny/old/manifest.json").read_text())
+    assert manifest["branched_from"]["run_dir"] == str(checkpoint.parent)
+    assert set(_files(ctx.save)) - set(before) <= {"models/tiny/old/.lock"}, _files(ctx.save)
+    # in place: the checkpoint's own config names another save_dir (the trained run's); the logs follow the checkpoint
+    assert cli.train_command(["-r", str(checkpoint), "trainer.epochs=2"]) == 0
+    assert (ctx.save / "models/tiny/old/checkpoint-epoch2.pth").is_file()
+    assert (ctx.save / "log/tiny/old/info.log").is_file()
+    assert not (trained.parents[3] / "log/tiny/old").exists()

@@ -176,9 +176,9 @@ def run_folders(config, run_id=None, resume=None, state=None, overwrite=False):
     if resume is not None:
         from utils.resume import resumed_folder
 
-        run_id, base, branched_from = resumed_folder(resume, state, run_id, overwrite)
-        if base is None:  # in place
-            return run_id, Path(resume).resolve().parent, logs / run_id, None
+        run_id, base, branched_from, log_dir = resumed_folder(resume, state, run_id, overwrite, models)
+        if base is None:  # in place, logging beside its run's checkpoints
+            return run_id, Path(resume).resolve().parent, log_dir, None
     if run_id is None:  # a free name: the base, else the base numbered
         run_id, n = base, 1
         while (models / run_id).exists():

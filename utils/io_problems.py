@@ -67,11 +67,16 @@ def run_folder_error(err, folders, save_dir):
 
 
 def unmake_run(made, checkpoint_dir):
-    """Remove the run folders ``made`` by a start cut short (Ctrl-C, a full disk) while the run's folder holds nothing
-    to resume (no checkpoint, no ``result.json``): a half-made run folder would block the same command next time."""
-    if checkpoint_dir not in made or any(p.suffix == ".pth" or p.name == "result.json"
-                                         for p in checkpoint_dir.iterdir()):
-        return
+    """Remove the run folders ``made`` by a start cut short (Ctrl-C, a full disk, a checkpoint that does not fit) while
+    nothing to resume was written since the run took its folder's lock (no checkpoint or ``result.json`` newer than
+    ``.lock``): a half-made run folder would block the same command next time; a resume's new log folder, mislead."""
+    try:
+        since = (checkpoint_dir / ".lock").stat().st_mtime
+        if any((p.suffix == ".pth" or p.name == "result.json") and p.stat().st_mtime >= since
+               for p in checkpoint_dir.iterdir()):
+            return
+    except FileNotFoundError:  # (no lock: nothing of this run was written there)
+        pass
     for folder in made:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -185,19 +190,27 @@ def check_checkpoint(state, purpose, path):
 def not_a_checkpoint_file(path):
     """Why ``path``, which is not a regular file, is no checkpoint: missing, a folder, a FIFO, a device, a socket, or a
     link to one of those (a dangling link: missing). Read with ``stat`` only: a FIFO or device is never opened."""
+    return not_a_file(path, "checkpoint", "give the path of a .pth file written by train.py")
+
+
+def not_a_file(path, what="file", hint=None, wanted=None):
+    """:func:`not_a_checkpoint_file` for any ``what`` (``"file"``, ``"checkpoint"``), with ``hint`` in parentheses;
+    ``wanted="folder"``: why ``path`` is no folder."""
     import stat
 
-    hint = "give the path of a .pth file written by train.py"
+    path, hint = Path(path), f" ({hint})" if hint else ""
     try:
         mode = path.stat().st_mode
     except OSError:
         link = f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
-        return f"checkpoint not found: {path}{link} ({hint})"
-    kind = next((what for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
+        return f"{what} not found: {path}{link}{hint}"
+    kind = next((kind for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a named pipe)"),
                                          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                                         (stat.S_ISSOCK, "a socket")) if test(mode)), "not a regular file")
+                                         (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")) if test(mode)),
+                "not a regular file")
     link = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
-    return f"checkpoint {path}{link} is {kind}, not a {'' if kind == 'a folder' else 'checkpoint '}file ({hint})"
+    noun = wanted or ("file" if kind == "a folder" else "regular file" if what == "file" else f"{what} file")
+    return f"{what} {path}{link} is {kind}, not a {noun}{hint}"
 
 
 def nonfinite_as_null(obj):

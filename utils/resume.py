@@ -422,24 +422,42 @@ def checked_resume_config(config, state, registries):
     return config, changes
 
 
-def resumed_folder(resume, state, run_id, overwrite):
-    """Where a resumed run goes: ``(run_id, branch_base, branched_from)``.
+def resumed_folder(resume, state, run_id, overwrite, models):
+    """Where a resumed run goes: ``(run_id, branch_base, branched_from, log_dir)``; ``models``: the config's
+    ``<save_dir>/models/<name>``.
 
-    It continues in its checkpoint's folder (``branched_from`` None), unless that would overwrite later work:
-    when the folder holds a checkpoint of a later step than the one resumed (or ``run_id`` names another
-    folder), the run branches into a new folder, ``run_id`` or else a free one named after ``branch_base``
-    (``<run_id>-from-<checkpoint name>``), and ``branched_from`` says from where. ``overwrite`` continues in
-    place regardless.
+    It continues in its checkpoint's folder (``branch_base`` None), logging beside it (``log_dir``: the ``log``
+    folder of the save_dir holding the checkpoint's run; a checkpoint outside a run folder: the config's), unless
+    that would overwrite later work: when the folder holds a checkpoint of a later step than the one resumed (or
+    ``run_id`` names another folder), the run branches into a new folder, ``run_id`` or else a free one named after
+    ``branch_base`` (``<run_id>-from-<checkpoint name>``), and ``branched_from`` says from where. ``overwrite``
+    continues in place regardless. A changed ``trainer.save_dir`` (``models`` neither the checkpoint's run's nor
+    the folder holding it) continues the run there under its run id, checkpoints and logs together (what a full
+    disk's line advises).
+
+    Raises:
+        UserError: the checkpoint's folder, to continue in, cannot be written (nothing is made before).
     """
-    folder = Path(resume).resolve().parent
+    import os
+
+    folder, models = Path(resume).resolve().parent, Path(models).resolve()
     newer = [] if overwrite else newer_checkpoints(folder, resume, state["global_step"])
-    if run_id in (None, folder.name):
-        if not newer:
-            return folder.name, None, None
+    saved = state["config"]
+    if models not in (folder.parent, (Path(saved["trainer"]["save_dir"]) / "models" / saved["name"]).resolve()):
+        run_id = run_id or folder.name
+    elif run_id in (None, folder.name) and not newer:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"cannot resume in {folder}: the folder is read-only (no permission to write there), and"
+                            " nothing was written; resume with trainer.save_dir=DIR (a folder you can write to) to"
+                            " continue the run there, or copy the run folder")
+        in_run = folder.parent.parent.name == "models"  # <save_dir>/models/<name>/<run_id>
+        logs = folder.parents[2] / "log" / folder.parent.name if in_run else models.parent.parent / "log" / models.name
+        return folder.name, None, None, logs / folder.name
+    elif run_id in (None, folder.name):
         run_id = None
     return run_id, f"{folder.name}-from-{Path(resume).stem}", {
         "run_dir": str(folder), "checkpoint": str(resume), "global_step": state["global_step"],
-        "newer_checkpoints": newer}
+        "newer_checkpoints": newer}, None
 
 
 def restore(trainer, start):
@@ -453,7 +471,15 @@ def restore(trainer, start):
         from trainer.check_errors import weights_misfit
 
         raise weights_misfit(start.resume, state["config"], config, err) from None
-    trainer.load_state_dict(state)
+    try:
+        trainer.load_state_dict(state)
+    except ValueError as err:  # torch's optimizer: another number or size of parameter groups
+        raise UserError(f"{start.resume}: its optimizer state does not fit the optimizer the config builds"
+                        f" ({str(err).strip()[:200]}); resume with the checkpoint's optimizer settings, or start"
+                        " a new run with --init-from") from None
+    if not trainer.sharded and (misfit := optimizer_state_misfit(trainer.optimizer)):
+        raise UserError(f"{start.resume}: its optimizer state does not fit the model ({misfit}); the checkpoint is"
+                        " damaged or edited: use another checkpoint of the run, or start a new run with --init-from")
     apply_resume_changes(state["config"], config, trainer.optimizer, trainer.lr_scheduler)
     if state["batch_in_epoch"] and (factor := batch_split(state["config"], config)):
         trainer.batch_in_epoch *= factor  # the same samples done, counted in batches of the new size
@@ -484,6 +510,26 @@ def restore(trainer, start):
         logger.info(f"  changed: {line}")
 
 
+def optimizer_state_misfit(optimizer):
+    """The first tensor of ``optimizer``'s (loaded) state that cannot be its parameter's (a shape that does not
+    broadcast to the parameter's: a ``momentum_buffer`` of another size, say), as a phrase; None when all fit."""
+    import torch
+
+    for group_index, group in enumerate(optimizer.param_groups):
+        for index, param in enumerate(group["params"]):
+            for key, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                    continue
+                try:
+                    fits = torch.broadcast_shapes(value.shape, param.shape) == param.shape
+                except RuntimeError:
+                    fits = False
+                if not fits:
+                    return (f"{key!r} of parameter {index} of group {group_index} has shape {list(value.shape)},"
+                            f" the parameter {list(param.shape)}")
+    return None
+
+
 def resumed_manifest(record, run, argv, resume):
     """Carry a resumed run's manifest on into ``record``: the first command, and one more entry of the resume
     history (under SLURM or torchrun also the job id and how often it was requeued or restarted). A branch (a
@@ -512,4 +558,7 @@ def resumed_manifest(record, run, argv, resume):
             origin.setdefault("branches", []).append({"time": now, "run_dir": str(run.checkpoint_dir),
                                                       "checkpoint": Path(run.branched_from["checkpoint"]).name,
                                                       "command": argv})
-            write_json(origin_path, origin)
+            try:
+                write_json(origin_path, origin)
+            except UserError as err:  # a read-only or full origin (why the run moved): the branch records it anyway
+                run.logger.warning(f"the run this one branched from was not told of the branch: {err.problems[0]}")

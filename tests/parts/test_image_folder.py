@@ -450,3 +450,47 @@ def test_a_mid_epoch_resume_may_move_the_image_cache_but_not_change_the_data():
     other_data = {**moved, "data_loader": {**moved["data_loader"], "args": {**moved["data_loader"]["args"], "data_dir": "e"}}}
     with pytest.raises(ConfigError, match="changed data_loader.args.data_dir"):
         check_resume_changes(saved, other_data, mid_epoch=True)
+
+
+def test_a_full_disk_writing_the_image_cache_is_one_line_exit_28(folder, tmp_path, monkeypatch, capsys):
+    """The cache's write fails as on a full disk (ENOSPC): one ``error:`` line naming the cache and what to do, exit 28
+    (checkpoints on that disk would fail next), before the run folder exists and with no cache file left."""
+    import errno
+
+    from conftest import make_config
+    from trainer import cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(image_folder.torch, "save", full)
+    config = make_config(tmp_path / "saved")
+    config["data_loader"] = {"type": "ImageFolderDataLoader", "args": {
+        "data_dir": str(folder), "image_size": 8, "batch_size": 8, "validation_split": 0.2,
+        "cache_dir": str(tmp_path / "saved/cache")}}
+    config["arch"]["args"].update(input_size=3 * 8 * 8)
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert cli.train_command(["-c", str(tmp_path / "c.json")]) == 28
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write the image cache"), err
+    assert "no space left" in lines[0] and "cache_dir=false" in lines[0] and "Traceback" not in err
+    assert [p for p in (tmp_path / "saved").rglob("*") if not p.is_dir()] == []
+    assert not (tmp_path / "saved/models").exists()
+
+
+@pytest.mark.parametrize("kind, named", [("fifo", "is a FIFO (a named pipe), not a folder"),
+                                         ("link to /dev/zero", "(a link to /dev/zero) is a character device"),
+                                         ("file", "is a file, not a folder"), ("missing", "folder not found: ")])
+def test_a_data_dir_that_is_no_folder_is_named_as_what_it_is(tmp_path, kind, named):
+    path = tmp_path / "images"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "file":
+        path.write_text("x")
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    with pytest.raises(UserError) as info:
+        image_loader(path)
+    text = one_line(info)
+    assert text.startswith("data_loader.args.data_dir: ") and str(path) in text and named in text, text

@@ -284,3 +284,24 @@ def test_features_that_overflow_are_refused_naming_the_column(tmp_path, scale, c
         CsvDataLoader(write_csv(tmp_path / "t.csv", rows), "label", **args)
     text = one_line(info)
     assert expected in text and ("line" in text) == ("float32" in text)
+
+
+@pytest.mark.parametrize("kind, named", [("fifo", "is a FIFO (a named pipe), not a regular file"),
+                                         ("link to /dev/zero", "(a link to /dev/zero) is a character device"),
+                                         ("folder", "is a folder, not a file"),
+                                         ("dangling link", "which does not exist")])
+def test_a_table_path_that_is_no_file_is_named_not_read(tmp_path, kind, named):
+    """A FIFO (opening it would block) or a link to a device as ``path`` is named as what it is, not "not found"."""
+    import os
+
+    path = tmp_path / "t.csv"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero" if kind == "link to /dev/zero" else tmp_path / "gone")
+    with pytest.raises(UserError) as info:
+        CsvDataLoader(str(path), "label")
+    text = one_line(info)
+    assert text.startswith("data_loader.args.path: ") and str(path) in text and named in text, text
