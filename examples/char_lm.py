@@ -1,8 +1,8 @@
-"""A character-level language model on English that ships with Python: the docstrings of the standard library.
+"""A character-level language model on English that ships with Python: the standard library's docstrings, split by
+module into training, validation and test text. A GRU predicts the next character at every position; the loss and
+``bits_per_char`` are per character, and a text sample is logged after each epoch::
 
-``configs/examples/char_lm.json`` names what is here: the data (``DocstringLoader``), a GRU (``CharGRU``), the task
-that scores every character (``NextCharTask``) and the metric ``BitsPerChar``. Modules are split by a hash of their
-name into training, validation and test text, so no module's prose is in two of them.
+    python train.py -c configs/examples/char_lm.json
 """
 
 import ast
@@ -20,16 +20,13 @@ from base.base_data_loader import BaseDataLoader
 from base.base_hook import Hook
 from base.base_task import Task
 
-# A fixed vocabulary, so a checkpoint's config alone rebuilds the mapping: newline and printable ASCII (96 characters).
-VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
+VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # fixed (a config alone rebuilds it): 96 characters
 INDEX = {c: i for i, c in enumerate(VOCAB)}
-# A fixed list of pure-Python modules (about 340 KB of docstrings on Python 3.11); one missing on a Python is skipped.
-MODULES = ("argparse", "ast", "base64", "bdb", "calendar", "cmd", "code", "codecs", "configparser", "contextlib",
-           "dataclasses", "datetime", "dis", "enum", "fileinput", "fractions", "ftplib", "functools", "gzip",
-           "heapq", "locale", "mimetypes", "numbers", "optparse", "os", "pickle", "pickletools", "pkgutil",
-           "platform", "poplib", "queue", "random", "selectors", "shelve", "shutil", "socket", "socketserver",
-           "statistics", "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "uuid", "wave",
-           "zipfile")
+# Pure-Python modules, about 340 KB of docstrings on Python 3.11; one missing on a Python is skipped.
+MODULES = ("argparse ast base64 bdb calendar cmd code codecs configparser contextlib dataclasses datetime dis enum"
+           " fileinput fractions ftplib functools gzip heapq locale mimetypes numbers optparse os pickle pickletools"
+           " pkgutil platform poplib queue random selectors shelve shutil socket socketserver statistics tempfile"
+           " textwrap threading timeit tokenize traceback uuid wave zipfile").split()
 
 
 @functools.lru_cache(maxsize=None)  # (parsed once per process: a test trains, resumes and scores several times)
@@ -50,14 +47,17 @@ def split_of(module, validation, test):
 
 
 class Windows(Dataset):
-    """Windows of ``seq_len`` characters of the modules' text, each with the next character at every position."""
+    """Windows of ``seq_len`` characters of each group of modules' text in turn, with the next character at every
+    position: two ``(N, seq_len)`` int64 tensors, which the loader batches by indexing them."""
 
-    def __init__(self, modules, seq_len):
-        ids = torch.tensor([INDEX[c] for c in "\n\n".join(filter(None, map(docstrings, modules)))], dtype=torch.long)
-        n = max(len(ids) - 1, 0) // seq_len
-        self.inputs, self.targets = ids[:n * seq_len].view(n, seq_len), ids[1:n * seq_len + 1].view(n, seq_len)
+    def __init__(self, groups, seq_len):
+        ids = [torch.tensor([INDEX[c] for c in "\n\n".join(filter(None, map(docstrings, modules)))], dtype=torch.long)
+               for modules in groups]
+        self.sizes = [max(len(i) - 1, 0) // seq_len for i in ids]
+        self.inputs = torch.cat([i[:n * seq_len].view(n, seq_len) for i, n in zip(ids, self.sizes)])
+        self.targets = torch.cat([i[1:n * seq_len + 1].view(n, seq_len) for i, n in zip(ids, self.sizes)])
 
-    def tensors(self):  # the loader's in-memory path: batches index these two (N, seq_len) int64 tensors
+    def tensors(self):
         return self.inputs, self.targets
 
     def __len__(self):
@@ -68,25 +68,17 @@ class Windows(Dataset):
 
 
 class DocstringLoader(BaseDataLoader):
-    """Training data with validation from other modules (``validation_split``, ``test_split``: the share of the
+    """Training windows, and validation ones of other modules (``validation_split``, ``test_split``: the share of the
     modules each holds); ``training=False``: the test modules'."""
 
     def __init__(self, batch_size=32, seq_len=64, shuffle=True, validation_split=0.06, test_split=0.06, seed=0,
                  training=True):
-        splits = [split_of(m, validation_split, test_split) for m in MODULES]
-        pick = lambda name: [m for m, s in zip(MODULES, splits) if s == name]  # noqa: E731
-        if not training:
-            super().__init__(Windows(pick("test"), seq_len), batch_size, shuffle=False, seed=seed)
-            return
-        train, valid = Windows(pick("train"), seq_len), Windows(pick("valid"), seq_len)
-        both = _Joined(train, valid)
-        super().__init__(both, batch_size, shuffle, seed=seed, indices=torch.arange(len(train)))
-        self.valid_idx = torch.arange(len(train), len(both)) if len(valid) else None  # what split_validation() reads
-
-
-class _Joined(Windows):
-    def __init__(self, a, b):
-        self.inputs, self.targets = torch.cat([a.inputs, b.inputs]), torch.cat([a.targets, b.targets])
+        split = {m: split_of(m, validation_split, test_split) for m in MODULES}
+        names = ["train", "valid"] if training else ["test"]
+        data = Windows([[m for m in MODULES if split[m] == name] for name in names], seq_len)
+        n = data.sizes[0]
+        super().__init__(data, batch_size, shuffle and training, seed=seed, indices=torch.arange(n))
+        self.valid_idx = torch.arange(n, len(data)) if len(data) > n else None  # the validation windows, last
 
 
 class CharGRU(torch.nn.Module):
@@ -102,14 +94,9 @@ class CharGRU(torch.nn.Module):
         return self.head(self.gru(self.embed(x))[0])
 
 
-class BitsPerChar:
-    """The metric ``bits_per_char``: the cross-entropy in bits (the loss is in nats); 0 is certainty, log2(96) = 6.58
-    a uniform guess. Each flattened position is a sample, so an epoch averages it per character. (A class, named in
-    ``metrics`` as ``{"type": "examples.char_lm:BitsPerChar", "name": "bits_per_char"}``: the config's check takes
-    a plain string there for a built-in metric only.)"""
-
-    def __call__(self, output, target):
-        return F.cross_entropy(output, target) / math.log(2)
+def bits_per_char(output, target):
+    """The cross-entropy in bits (the loss is in nats): 0 is certainty, log2(96) = 6.58 a uniform guess."""
+    return F.cross_entropy(output, target) / math.log(2)
 
 
 class NextCharTask(Task):
@@ -121,9 +108,7 @@ class NextCharTask(Task):
         self.prompt, self.sample_chars = prompt, sample_chars
 
     def step(self, model, batch, criterion):
-        x, y = batch
-        logits = model(x)
-        output, target = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        output, target = model(batch[0]).flatten(0, 1), batch[1].flatten()
         return criterion(output, target), output, target
 
     def hooks(self, config, parts, run):
@@ -141,8 +126,7 @@ class SampleText(Hook):
     def after_epoch(self, trainer, epoch, result):
         if not trainer.is_main:
             return
-        model, generator = trainer.model, torch.Generator().manual_seed(epoch)
-        was_training = model.training
+        model, generator, was_training = trainer.model, torch.Generator().manual_seed(epoch), trainer.model.training
         model.eval()
         ids = [INDEX[c] for c in self.prompt if c in INDEX]
         for _ in range(self.chars):

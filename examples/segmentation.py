@@ -1,12 +1,8 @@
 """Semantic segmentation: each pixel of a scene of handwritten digits is one of the 10 digits or the background.
 
-A scene is a 32x32 canvas holding 2 to 4 of scikit-learn's real 8x8 digits, upscaled to 12x12 and placed at random
-with little overlap; its target gives each pixel a class: the digit whose ink there is above half intensity, else
-the background (class 10). Each split's scenes come from a fixed seed and from digit images of their own: the test
-scenes use the default config's test digits, the validation scenes a ``validation_split`` of the others.
-
-The default step fits (a batch is ``(scene, mask)``, the U-Net's output ``(N, 11, H, W)``, the loss and accuracy are
-per pixel); the task adds only what predict.py needs, a scene PNG in and a mask PNG out::
+A scene is a 32x32 canvas holding 2 to 4 of scikit-learn's real 8x8 digits, upscaled to 12x12; a pixel's class is the
+digit whose ink there is above half intensity, else the background (10). The default step fits (a batch is ``(scene,
+mask)``, the output ``(N, 11, H, W)``); the task adds what predict.py needs: a scene PNG in, a mask PNG out::
 
     python train.py -c configs/examples/segmentation.json
     python -m examples.segmentation --write-scenes scenes/ --count 8      # test scenes as PNG files
@@ -14,12 +10,12 @@ per pixel); the task adds only what predict.py needs, a scene PNG in and a mask 
 """
 
 import argparse
-import io
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
@@ -28,76 +24,60 @@ from base.base_model import BaseModel
 from base.base_task import Task
 from data_loader.data_loaders import DIGITS_MEAN, DIGITS_STD, DigitsDataset, digits_tensors
 from utils.errors import UserError
+from utils.io import atomic_write
 
 BACKGROUND, CANVAS, DIGIT = 10, 32, 12  # digit d is class d
 SPLIT_SEEDS = {"train": 1, "valid": 2, "test": 3}  # the scenes never depend on the run's seed
-# The mask PNG's colours: one per digit, black for the background.
-PALETTE = [230, 25, 75, 60, 180, 75, 255, 225, 25, 0, 130, 200, 245, 130, 48, 145, 30, 180, 70, 240, 240,
-           240, 50, 230, 210, 245, 60, 250, 190, 212, 0, 0, 0]
+PALETTE = bytes.fromhex("e6194b 3cb44b ffe119 0082c8 f58230 911eb4 46f0f0 f032e6 d2f53c fabed4 000000")  # of a mask
 
 
 @lru_cache(maxsize=8)
 def make_scenes(split, count, validation_split=0.15):
-    """``(scenes (count, 1, 32, 32) float32 in [0, 1], 8-bit steps as a PNG holds them; masks (count, 32, 32) int64)``
-    of ``split`` ("train", "valid" or "test")."""
+    """``(scenes (count, 1, 32, 32) in [0, 1] in a PNG's 8-bit steps, masks (count, 32, 32) int64)`` of ``split``,
+    made from its own digit images: "test" from the default's test digits, "valid" from a share of the others."""
     images, labels = digits_tensors()
     ink = F.interpolate((images * DIGITS_STD + DIGITS_MEAN).clamp(0, 1), size=(DIGIT, DIGIT), mode="bilinear")
     train = DigitsDataset(train=True).indices
     held = round(len(train) * validation_split)
     pool = {"train": train[held:], "valid": train[:held], "test": DigitsDataset(train=False).indices}[split].numpy()
     ink, labels, rng = ink[:, 0].numpy(), labels.numpy(), np.random.default_rng(SPLIT_SEEDS[split])
-    canvas = np.zeros((count, CANVAS, CANVAS), np.float32)
+    scenes = np.zeros((count, CANVAS, CANVAS), np.float32)
     masks = np.full((count, CANVAS, CANVAS), BACKGROUND, np.int64)
-    for s in range(count):
+    for scene, mask in zip(scenes, masks):
         for i in rng.choice(pool, size=rng.integers(2, 5)):
-            digit = ink[i]
-            inked = digit > 0.5
+            inked = ink[i] > 0.5
             for _ in range(20):  # a place where at most a tenth of its ink falls on another digit's
                 y, x = rng.integers(0, CANVAS - DIGIT + 1, size=2)
-                window = masks[s, y:y + DIGIT, x:x + DIGIT]
+                area, window = scene[y:y + DIGIT, x:x + DIGIT], mask[y:y + DIGIT, x:x + DIGIT]
                 if (inked & (window != BACKGROUND)).sum() <= 0.1 * inked.sum():
-                    np.maximum(canvas[s, y:y + DIGIT, x:x + DIGIT], digit, out=canvas[s, y:y + DIGIT, x:x + DIGIT])
+                    np.maximum(area, ink[i], out=area)
                     window[inked] = labels[i]
                     break
-    pixels = torch.from_numpy(np.round(canvas * 255).astype(np.uint8))
-    return to_float(pixels)[:, None], torch.from_numpy(masks)
+    return to_float(torch.from_numpy(np.round(scenes * 255).astype(np.uint8)))[:, None], torch.from_numpy(masks)
 
 
-class DigitScenes(TensorDataset):
-    """Scenes and their masks as two tensors (the loader's in-memory path)."""
+class Scenes(TensorDataset):
+    """``(scenes, masks)`` pairs joined into two tensors, which the loader batches by indexing."""
 
-    def __init__(self, parts):
-        self._set(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), num_classes=BACKGROUND + 1)
-
-    def __getitem__(self, index):
-        inputs, targets = self.tensors()
-        return inputs[index], targets[index]
+    def __init__(self, made):
+        self._set(*(torch.cat(t) for t in zip(*made)), num_classes=BACKGROUND + 1)
 
 
 class SceneLoader(BaseDataLoader):
-    """``scenes`` training scenes, of which a ``validation_split`` is validation (of digit images of its own);
-    ``training=False``: ``test_scenes`` test scenes."""
+    """``scenes`` scenes, a ``validation_split`` of them for validation; ``training=False``: ``test_scenes``."""
 
-    options_from = BaseDataLoader
-
-    def __init__(self, scenes=2000, test_scenes=500, batch_size=8, shuffle=True, validation_split=0.15,
-                 training=True, **options):
-        if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)) \
-                or not 0 <= validation_split < 1:
+    def __init__(self, scenes=2000, test_scenes=500, batch_size=8, shuffle=True, validation_split=0.15, seed=0,
+                 training=True):
+        if type(validation_split) not in (int, float) or not 0 <= validation_split < 1:
             raise UserError(f"data_loader.args.validation_split: got {validation_split!r}, expected a fraction in"
                             " [0, 1) of the scenes (and of the training digits) to validate on")
         held = round(scenes * validation_split) if training else 0
-        if training:  # the training scenes, then the validation ones
-            made = [make_scenes("train", scenes - held, validation_split)]
-            made += [make_scenes("valid", held, validation_split)] if held else []
-        else:
-            made = [make_scenes("test", test_scenes)]
-        dataset = DigitScenes(made)
+        splits = [("train", scenes - held), ("valid", held)] if training else [("test", test_scenes)]
+        made = [make_scenes(split, count, validation_split) for split, count in splits]
         n_train = len(made[0][0])
-        super().__init__(dataset, batch_size, shuffle and training, 0.0, training=training,
-                         indices=torch.arange(n_train), **options)
-        # The validation scenes are made of digit images of their own: held out here, not drawn from the rest.
-        self.valid_idx = torch.arange(n_train, len(dataset)) if held else None
+        super().__init__(Scenes(made), batch_size, shuffle and training, seed=seed, training=training,
+                         indices=torch.arange(n_train))
+        self.valid_idx = torch.arange(n_train, len(self.dataset)) if held else None  # the validation scenes, last
 
 
 def block(c_in, c_out):
@@ -124,40 +104,27 @@ class UNet(BaseModel):
 
 
 class SceneMasks(Task):
-    """The default step; for predict.py, a scene PNG becomes the model's input and its output a mask PNG."""
+    """The default step; for predict.py, a scene PNG in and a mask PNG ``<stem>_mask.png`` out: a palette PNG whose
+    pixel values are the classes."""
 
     def load_input(self, path):
-        from PIL import Image
-
         with Image.open(path) as image:
-            pixels = torch.from_numpy(np.array(image.convert("L")))
-        return to_float(pixels)[None]  # (1, H, W), as the training scenes
+            return to_float(torch.from_numpy(np.array(image.convert("L"))))[None]  # (1, H, W), as in training
 
     def write_prediction(self, output, stem):
-        """The class of each pixel as a palette PNG ``<stem>_mask.png``: pixel values are the classes."""
-        from PIL import Image
-
-        from utils.io import atomic_write
-
         image = Image.fromarray(output.argmax(0).to(torch.uint8).numpy())
         image.putpalette(PALETTE)
-        data = io.BytesIO()
-        image.save(data, format="PNG")
-        path = Path(f"{stem}_mask.png")
-        with atomic_write(path) as f:
-            f.write(data.getvalue())
-        return path
+        with atomic_write(f"{stem}_mask.png") as f:
+            image.save(f, format="PNG")
+        return Path(f"{stem}_mask.png")
 
 
 def write_scenes(folder, count=8):
     """The first ``count`` test scenes as ``scene_NNN.png`` (8-bit grey) in ``folder``; returns their paths."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = (make_scenes("test", count)[0][:, 0] * 255).round().to(torch.uint8).numpy()
     paths = [folder / f"scene_{i:03d}.png" for i in range(count)]
-    for path, scene in zip(paths, pixels):
-        Image.fromarray(scene).save(path)
+    for path, scene in zip(paths, make_scenes("test", count)[0][:, 0]):
+        Image.fromarray((scene * 255).round().to(torch.uint8).numpy()).save(path)
     return paths
 
 
