@@ -334,13 +334,14 @@ class BaseTrainer:
     # ------------------------------------------------------------------ interruption
 
     def _on_stop_signal(self, signum, frame):
-        """SIGINT/SIGTERM/SIGUSR1 ask the loop to stop after the current step; a second SIGINT stops at once."""
+        """SIGINT/SIGTERM/SIGUSR1 ask the loop to stop after the current step; a second SIGINT stops at once. The
+        warning is logged by another thread: a handler writing to the stream it interrupted fails (a reentrant write)."""
         if self.stop is not None and self.stop.exit_code > 128 and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: files are written atomically, nothing tears
         self.stop = Stop(128 + signum, f"by {signal.Signals(signum).name}")
-        when = (f"within {self.agree_every} steps (when the processes next agree)" if self.distributed
-                else "after the current step")
-        self.logger.warning(f"{signal.Signals(signum).name} received: stopping {when} (Ctrl-C again to quit at once)")
+        when = f"within {self.agree_every} steps (when the processes agree)" if self.distributed else "after this step"
+        message = f"{signal.Signals(signum).name} received: stopping {when} (Ctrl-C again to quit at once)"
+        threading.Thread(target=self.logger.warning, args=(message,)).start()
 
     def ask_to_stop(self, exit_code, why):
         """Stop after this step with a resumable ``last.pth``, exiting with ``exit_code`` (1 to 127: a hook's own

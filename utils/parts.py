@@ -94,15 +94,13 @@ PARTS = {
     "tables": Part("parts.tables", "a CSV table as a data set: numeric features, a class or a number to predict",
                    files=("parts/tables.py", "configs/csv.json", "configs/csv_regression.json",
                           "tests/parts/test_tables.py"), loaders=("CsvDataLoader",)),
-    "segmentation": Part(None, "example: digit scenes segmented per pixel by a small U-Net, mean IoU"
-                         " per epoch; predict.py writes a mask image per scene",
+    "segmentation": Part(None, "example: digit scenes segmented per pixel by a U-Net, mean IoU; predict.py: masks",
                          files=("examples/segmentation.py", "configs/examples/segmentation.json",
                                 "tests/examples/test_segmentation.py"), needs=("torchmetrics",)),
     "two_inputs": Part(None, "example: a digit image and a table row read together (dict batches), two losses",
                        files=("examples/two_inputs.py", "configs/examples/two_inputs.json",
                               "configs/experiments/two_inputs_image_only.json", "tests/examples/test_two_inputs.py")),
-    "char_lm": Part(None, "example: a character-level GRU language model on the standard library's docstrings, bits"
-                    " per character, a text sample logged each epoch",
+    "char_lm": Part(None, "example: a character-level language model of the standard library's docstrings",
                     files=("examples/char_lm.py", "configs/examples/char_lm.json",
                            "configs/experiments/char_lm_long_context.json", "tests/examples/test_char_lm.py")),
 }
