@@ -189,7 +189,8 @@ def steps():
 
 @pytest.fixture
 def interrupt_at_step():
-    """Send this process SIGINT from inside optimizer step ``n`` (``interrupt_at_step(n)``), as a Ctrl-C would arrive."""
+    """Send this process SIGINT from inside optimizer step ``n`` (``interrupt_at_step(n)``), as a Ctrl-C would arrive;
+    ``interrupt_at_step(n, signal.SIGTERM)``: a scheduler's stop."""
     import os
     import signal
 
@@ -197,13 +198,13 @@ def interrupt_at_step():
 
     handles = []
 
-    def arm(n):
+    def arm(n, sig=signal.SIGINT):
         count = [0]
 
         def hook(opt, args, kwargs):
             count[0] += 1
             if count[0] == n:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
 
         handles.append(register_optimizer_step_post_hook(hook))
 

@@ -176,10 +176,10 @@ def test_a_task_resumes_mid_epoch_bit_exactly(tmp_path, user_module, interrupt_a
     config = pair_config(tmp_path)
     run.train(with_changes(config, name="whole"), run_id="w")
     reference = checkpoint(with_changes(config, name="whole"), "w", "checkpoint-epoch3.pth")
-    interrupt_at_step(14)  # epoch 2, batch 4 of 10
+    interrupt_at_step(14, signal.SIGTERM)  # epoch 2, batch 4 of 10
     with pytest.raises(RunStopped) as stopped:
         run.train(config, run_id="cut")
-    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
     last = checkpoint(config, "cut", "last.pth")
     assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 4, 14)
     run.train(None, resume=Path(config["trainer"]["save_dir"]) / "models/tiny/cut/last.pth")

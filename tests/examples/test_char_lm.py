@@ -89,10 +89,10 @@ def test_it_resumes_mid_epoch_bit_exactly(tmp_path, interrupt_at_step):
     run.train(with_changes(config, name="whole"), run_id="w")
     reference = torch.load(run_folder(with_changes(config, name="whole"), "w") / "checkpoint-epoch3.pth",
                            weights_only=True)
-    interrupt_at_step(12)  # epoch 2, batch 4 of 8: after epoch 1's sample was drawn
+    interrupt_at_step(12, signal.SIGTERM)  # epoch 2, batch 4 of 8: after epoch 1's sample was drawn
     with pytest.raises(RunStopped) as stopped:
         run.train(config, run_id="cut")
-    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
     last = torch.load(run_folder(config, "cut") / "last.pth", weights_only=True)
     assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 4, 12)
     run.train(None, resume=run_folder(config, "cut") / "last.pth")

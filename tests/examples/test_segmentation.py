@@ -93,10 +93,10 @@ def test_it_resumes_mid_epoch_bit_exactly(tmp_path, interrupt_at_step):
                         "trainer.test_after_train=false")
     run.train(config, run_id="whole")
     reference = torch.load(run_folder(config, "whole") / "checkpoint-epoch2.pth", weights_only=True)
-    interrupt_at_step(8)  # epoch 2, after its batch 2 of 6 (96 scenes: 82 to train on, 14 to validate)
+    interrupt_at_step(8, signal.SIGTERM)  # epoch 2, after its batch 2 of 6 (96 scenes: 82 to train on, 14 to validate)
     with pytest.raises(RunStopped) as stopped:
         run.train(config, run_id="cut")
-    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
     last = torch.load(run_folder(config, "cut") / "last.pth", weights_only=True)
     assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 2, 8)
     run.train(None, resume=run_folder(config, "cut") / "last.pth")

@@ -109,10 +109,10 @@ def test_the_two_inputs_together_beat_each_alone(trained, tmp_path):
 
 def test_a_mid_epoch_interrupt_resumes_bit_exactly(trained, tmp_path, interrupt_at_step):
     config = example_config(tmp_path)
-    interrupt_at_step(50)  # epoch 2, batch 9 of 41
+    interrupt_at_step(50, signal.SIGTERM)  # epoch 2, batch 9 of 41
     with pytest.raises(RunStopped) as stopped:
         run.train(copy.deepcopy(config), run_id="cut")
-    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
     last = checkpoint(config, "cut", "last.pth")
     assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 9, 50)
     run.train(None, resume=run_dir(config, "cut") / "last.pth")
