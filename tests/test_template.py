@@ -147,7 +147,7 @@ def test_dropping_a_loader_with_workers_releases_them_without_the_garbage_collec
 
 
 def test_fused_optimizers_chosen_on_cuda_only_and_overridable():
-    from trainer.build import fast_optimizer_args
+    from trainer.parameters import fast_optimizer_args
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert fast_optimizer_args(torch.optim.Adam, {"lr": 1e-3}, cuda) == {"fused": True}

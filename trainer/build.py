@@ -148,17 +148,6 @@ def build_metrics(config):
     return metrics
 
 
-def fast_optimizer_args(optimizer_class, args, device):
-    """``{"fused": True}`` (one kernel launch per step, not one per parameter) where torch has a fused CUDA kernel
-    for this optimizer and the config chose neither ``fused`` nor ``foreach``; else ``{}``."""
-    if device.type != "cuda" or "fused" in args or "foreach" in args:
-        return {}
-    try:
-        return {"fused": True} if "fused" in inspect.signature(optimizer_class).parameters else {}
-    except (TypeError, ValueError):
-        return {}
-
-
 def build_optimizer(model, config, device=None):
     """The optimizer over the trainable parameters, grouped by ``optimizer.param_groups`` when given. The model
     must already be on ``device``: on CUDA an optimizer with a fused kernel uses it."""
@@ -171,8 +160,11 @@ def build_optimizer(model, config, device=None):
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if not (groups := [g for g in groups if g["params"]]):
         raise ConfigError("trainer.freeze: every parameter is frozen; nothing is left to train")
-    cuda = device is not None and device.type == "cuda"
-    extra = fast_optimizer_args(registry.get(section["type"]), section["args"], device) if cuda else {}
+    extra = {}
+    if device is not None and device.type == "cuda":  # a fused kernel, where there is one (trainer/parameters.py)
+        from trainer.parameters import fast_optimizer_args
+
+        extra = fast_optimizer_args(registry.get(section["type"]), section["args"], device)
     return init_obj(section, registry, groups, where="optimizer", **extra)
 
 

@@ -1,7 +1,8 @@
-"""Choosing a model's parameters by name, for ``trainer.freeze`` and ``optimizer.param_groups``: imported by
-trainer/build.py only when a config uses one of them."""
+"""Choosing a model's parameters by name, for ``trainer.freeze`` and ``optimizer.param_groups``, and a fused
+optimizer on CUDA: imported by trainer/build.py only when a config uses one of them, or on CUDA."""
 
 import fnmatch
+import inspect
 
 from utils.errors import ConfigError
 
@@ -43,3 +44,14 @@ def param_groups(model, section):
             taken[name] = i
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [trainable[n] for n in names]})
     return [{"params": [p for n, p in trainable.items() if n not in taken]}, *groups]
+
+
+def fast_optimizer_args(optimizer_class, args, device):
+    """``{"fused": True}`` (one kernel launch per step, not one per parameter) where torch has a fused CUDA kernel
+    for this optimizer and the config chose neither ``fused`` nor ``foreach``; else ``{}``."""
+    if device.type != "cuda" or "fused" in args or "foreach" in args:
+        return {}
+    try:
+        return {"fused": True} if "fused" in inspect.signature(optimizer_class).parameters else {}
+    except (TypeError, ValueError):
+        return {}
