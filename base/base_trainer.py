@@ -146,6 +146,7 @@ class BaseTrainer:
         # Epochs completed, batches completed of the epoch in progress, optimizer steps taken.
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.stop = None  # why to stop after this step (a Stop): set by a signal's handler, or a hook (ask_to_stop)
+        self.validating = False  # (a stop asked now waits for the validation's end and its checkpoint)
         self.agreed_stop = None  # under torchrun: the stop all processes last agreed on
         self.agree_every = cfg["log_every_n_steps"]  # under torchrun: steps between agreements (agreed_stop_signal)
         self.diverged = None  # under torchrun: this process's non-finite-loss message, until all processes agree
@@ -167,17 +168,22 @@ class BaseTrainer:
                 for sig in STOP_SIGNALS:  # restored on the way out
                     stack.callback(signal.signal, sig, signal.signal(sig, self._on_stop_signal))
             while self.epoch < self.epochs and not self.finished:
+                if self.stop and not self.distributed:  # asked during the validation: no step of the next epoch
+                    self._stop_if_asked()  # (under torchrun: the next agreement, within log_every_n_steps steps)
                 epoch = self.epoch + 1
                 for hook in self.hooks:
                     hook.before_epoch(self, epoch)
                 result = self.fit_epoch(epoch, self.batch_in_epoch)
-                if self.agreed_stop_signal(now=True) if self.distributed else self.stop:
-                    from base.stopping import save_last  # (last.pth, and where a resume continues)
-
-                    raise RunStopped(**save_last(self))
+                self._stop_if_asked()
                 result.update({f"val_{k}": v for k, v in self.valid_epoch(epoch).items()})
                 self._end_epoch(epoch, result)
         return self.final_metrics
+
+    def _stop_if_asked(self):
+        if self.agreed_stop_signal(now=True) if self.distributed else self.stop:
+            from base.stopping import save_last  # (last.pth, and where a resume continues)
+
+            raise RunStopped(**save_last(self))
 
     def _end_epoch(self, epoch, result):
         self.epoch, self.batch_in_epoch = epoch, 0
@@ -339,7 +345,8 @@ class BaseTrainer:
         if self.stop is not None and self.stop.exit_code > 128 and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: files are written atomically, nothing tears
         self.stop = Stop(128 + signum, f"by {signal.Signals(signum).name}")
-        when = f"within {self.agree_every} steps (when the processes agree)" if self.distributed else "after this step"
+        when = (f"within {self.agree_every} steps (when the processes agree)" if self.distributed else
+                "after this validation and its checkpoint" if self.validating else "after this step")
         message = f"{signal.Signals(signum).name} received: stopping {when} (Ctrl-C again to quit at once)"
         threading.Thread(target=self.logger.warning, args=(message,)).start()
 

@@ -440,8 +440,8 @@ def _write_cache(path, prefix, data):
                                 " cache_dir=false to decode the images without a cache") from None
         logger.warning(f"cannot write the image cache {path} ({_one_line(err)}): later runs decode the images again")
         return
-    for old in path.parent.glob(f"{prefix}*.pt"):  # the same split decoded from older files
-        if old != path:
+    for old in path.parent.glob(f"{prefix}{'[0-9a-f]' * 24}.pt"):  # the same split decoded from older files: only
+        if old != path:  # names this cache gives (a digest), never another file of that folder
             try:
                 old.unlink()
             except OSError:

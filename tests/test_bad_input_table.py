@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -314,6 +315,40 @@ def test_a_stop_during_the_last_validation_skips_the_test_scoring(tmp_path, monk
     assert (folder / "checkpoint-epoch2.pth").is_file()
     result = json.loads((folder / "result.json").read_text())
     assert result["test"] is None and result["test_checkpoint"] == "model_best.pth"
+
+
+def test_a_stop_during_a_validation_stops_after_it_and_runs_no_step_of_the_next_epoch(tmp_path, monkeypatch, capsys):
+    """SIGINT while epoch 1 of 3 is validated: the warning says the run stops after the validation and its
+    checkpoint, and it does: last.pth is at the epoch's end (no step of epoch 2 ran), and a resume from it ends
+    equal to the run that was never stopped."""
+    import trainer.trainer
+
+    real = trainer.trainer.evaluate
+
+    def evaluate(*args, **kwargs):  # the signal arrives while the validation runs, as a Ctrl-C would
+        if not stopped:
+            stopped.append(os.kill(os.getpid(), signal.SIGINT))
+        return real(*args, **kwargs)
+
+    stopped = []
+    monkeypatch.setattr(trainer.trainer, "evaluate", evaluate)
+    ctx = Ctx(tmp_path, monkeypatch, None)
+    ctx.config["trainer"].update(epochs=3, test_after_train=False, verbosity=1)
+    assert cli.train_command(ctx.file("--run-id", "s")) == 130
+    for thread in threading.enumerate():  # the warning is logged by a thread of its own (base/base_trainer.py)
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(timeout=120)
+    out = "".join(capsys.readouterr())
+    assert "SIGINT received: stopping after this validation and its checkpoint" in out, out
+    folder = ctx.save / "models/tiny/s"
+    last = torch.load(folder / "last.pth", weights_only=True)
+    first = torch.load(folder / "checkpoint-epoch1.pth", weights_only=True)
+    assert last["global_step"] == first["global_step"] > 1 and last["epoch"] == 1  # epoch 1's steps, no more
+    assert cli.train_command(["-r", str(folder / "last.pth")]) == 0
+    assert cli.train_command(ctx.file("--run-id", "whole")) == 0  # never stopped (stopped is not empty now)
+    resumed = torch.load(folder / "checkpoint-epoch3.pth", weights_only=True)["model"]
+    whole = torch.load(ctx.save / "models/tiny/whole/checkpoint-epoch3.pth", weights_only=True)["model"]
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
 def test_a_resume_with_another_save_dir_continues_there_checkpoints_and_logs_together(tmp_path, monkeypatch, trained,

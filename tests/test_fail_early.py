@@ -237,6 +237,40 @@ def test_an_empty_test_split_is_said_not_scored_as_zero(tmp_path, capsys):
     assert len(err) == 1 and "the test split is empty" in err[0], err
 
 
+def test_test_py_never_writes_its_scores_over_a_folder_or_through_a_link(tmp_path, capsys):
+    """test.py's output is ``<checkpoint>.test.json``: a folder of that name is one line before scoring (it stays as
+    it was); a link of that name to a file of the run is replaced by the scores, and the file it named is untouched."""
+    config = make_config(tmp_path / "saved", epochs=1, test_after_train=False)
+    run.train(config, run_id="t")
+    ckpt = tmp_path / "saved/models/tiny/t/checkpoint-epoch1.pth"
+    scores = ckpt.with_suffix(".test.json")
+    (scores / "inside").mkdir(parents=True)
+    assert evaluate_cli.test_command(["-r", str(ckpt)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {scores}") and "a folder" in err[0], err
+    assert "Scored" not in captured.out and (scores / "inside").is_dir()
+    (scores / "inside").rmdir()
+    scores.rmdir()
+    run_config = ckpt.parent / "config.json"
+    before = run_config.read_bytes()
+    scores.symlink_to("config.json")
+    assert evaluate_cli.test_command(["-r", str(ckpt)]) == 0
+    assert run_config.read_bytes() == before and not scores.is_symlink() and "loss" in json.loads(scores.read_text())
+
+
+def test_a_write_that_meets_a_folder_of_its_name_is_one_line(tmp_path):
+    """The same for every crash-safe write (scores, result.json, sweeps): the rename meets a folder, one line, exit 2."""
+    from utils.errors import UserError
+    from utils.io import write_json
+
+    (tmp_path / "result.json" / "x").mkdir(parents=True)
+    with pytest.raises(UserError) as err:
+        write_json(tmp_path / "result.json", {"a": 1})
+    assert err.value.exit_code == 2 and "a folder of that name is in the way" in str(err.value)
+    assert (tmp_path / "result.json" / "x").is_dir() and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
 def test_test_py_says_what_it_scored_and_where_it_wrote(tmp_path, capsys):
     config = make_config(tmp_path / "saved", epochs=1, test_after_train=False)
     run.train(config, run_id="t")

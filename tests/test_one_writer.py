@@ -151,3 +151,41 @@ def test_auto_over_only_damaged_checkpoints_starts_nothing_and_keeps_the_manifes
     # Starting over is a deliberate choice.
     assert train_command(["-c", path, "--run-id", "d", "-r", "auto", "--overwrite"]) == 0
     assert (folder / "checkpoint-epoch1.pth").read_bytes() != b"damaged"
+
+
+LOCK_TRY = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from utils.errors import UserError
+from utils.io import lock_folder
+try:
+    lock_folder(sys.argv[2])
+    print("locked")
+except UserError as err:
+    print(err)
+"""
+
+
+def test_under_torchrun_the_main_process_alone_makes_and_locks_the_run_folder(tmp_path, monkeypatch):
+    """Rank 0 chooses, makes and locks the folders; every other rank is handed them (trainer/torchrun.py:
+    agree_on_run, whose broadcast is stood in for here) and makes, locks and writes nothing itself."""
+    import trainer.torchrun
+    from trainer import build
+    from utils.config import validate_config
+    from utils.dist import DistInfo
+
+    config = validate_config(make_config(tmp_path / "saved", epochs=1), build.registries())
+    folder = tmp_path / "saved" / "models" / "tiny" / "x"
+    handed = ("x", folder, tmp_path / "saved" / "log" / "tiny" / "x", None)  # what rank 0 would broadcast
+    chose = []
+    monkeypatch.setattr(trainer.torchrun, "agree_on_run",
+                        lambda choose, info: chose.append(info.rank) or (choose() if info.is_main else handed))
+    with run.open_run(config, run_id="x", info=DistInfo(rank=1, world_size=2)) as other:
+        assert other.checkpoint_dir == folder
+    assert chose == [1] and not (tmp_path / "saved").exists()  # rank 1: no folder made, no lock taken
+    with run.open_run(config, run_id="x", info=DistInfo(rank=0, world_size=2)) as main:
+        assert main.checkpoint_dir == folder  # (reading .lock here would drop the lock: closing any descriptor of a
+        # file drops the POSIX locks a process holds on it; the other process reads it)
+        other = subprocess.run([sys.executable, "-c", LOCK_TRY, str(ROOT), str(folder)], capture_output=True,
+                               text=True, timeout=TIMEOUT)
+        assert f"in use by another process (PID {os.getpid()})" in other.stdout, other.stdout + other.stderr

@@ -21,7 +21,12 @@ def test_command(argv=None):
         from pathlib import Path
 
         from trainer.run import evaluate_checkpoint
+        from utils.errors import UserError
 
+        scores = Path(args.checkpoint).with_suffix(".test.json")
+        if scores.is_dir() or scores.exists() and not scores.is_file():  # found before scoring, not after
+            raise UserError(f"{scores}: test.py writes the scores there, but that is a folder or a special file,"
+                            " not a file of scores; move or rename it")
         metrics = evaluate_checkpoint(args.checkpoint, overrides_of(args))
         print(f"Scored {args.checkpoint} on its test split:")
         for key, value in metrics.items():

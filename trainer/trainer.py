@@ -305,6 +305,8 @@ class Trainer(BaseTrainer):
         # would wait forever on a process whose validation shard has fewer batches.
         model = self.model if self.distributed else self.forward_model
         with contextlib.ExitStack() as stack:  # each hook's context (an EMA's averaged weights are scored)
+            self.validating = True
+            stack.callback(setattr, self, "validating", False)
             for hook in self.hooks:
                 stack.enter_context(hook.validating(self))
             result = evaluate(model, self.valid_data_loader, self.criterion, self.valid_metric_fns, self.device,

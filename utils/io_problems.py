@@ -48,6 +48,8 @@ def write_error(err, path, needed):
             f"cannot write {path}: {reason.get(err.errno, 'no permission to write in ' + str(folder))};"
             " choose a folder you can write to"
         )
+    if err.errno == errno.EISDIR:  # the rename met a folder of that name
+        return UserError(f"cannot write {path}: a folder of that name is in the way; move or rename it")
     return None
 
 

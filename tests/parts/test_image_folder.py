@@ -100,6 +100,8 @@ def test_image_folder_cache_is_used_then_invalidated(folder, monkeypatch, tmp_pa
     monkeypatch.setattr(image_folder, "decode", lambda path, *a: decoded.append(path) or real(path, *a))
     first = image_loader(folder, cache_dir=tmp_path / "cache")
     assert len(decoded) == 24 and first.dataset.cache_path.is_file()
+    theirs = first.dataset.cache_path.with_name(first.dataset.cache_path.name[:-27] + "kept.pt")  # not a cache name
+    theirs.write_bytes(b"a file of the user's in the cache folder")
     decoded.clear()
     again = image_loader(folder, cache_dir=tmp_path / "cache")
     assert decoded == [] and torch.equal(again.dataset.tensors()[0], first.dataset.tensors()[0])  # read from the cache
@@ -109,6 +111,7 @@ def test_image_folder_cache_is_used_then_invalidated(folder, monkeypatch, tmp_pa
     after = image_loader(folder, cache_dir=tmp_path / "cache")
     assert len(decoded) in (24, 30) and after.dataset.cache_path != first.dataset.cache_path
     assert not first.dataset.cache_path.exists()  # the stale cache of this split was replaced
+    assert theirs.read_bytes() == b"a file of the user's in the cache folder"  # a file it did not write stays
     assert not torch.equal(after.dataset.tensors()[0], first.dataset.tensors()[0])
     assert not list(folder.rglob(".*"))  # nothing written into the user's data folder
 
