@@ -122,13 +122,13 @@ def first_step(repeats, tmp, config="config.json", extra=()):
 def time_to_accuracy(tmp, label, env_extra=None, overrides=()):
     env = {**os.environ, **(env_extra or {})}
     save_dir = Path(tmp) / f"accuracy_{label}"
-    train_s, proc = run([PYTHON, "train.py", "-c", "config.json", "--run-id", "bench", f"trainer.save_dir={save_dir}",
+    train_s, _ = run([PYTHON, "train.py", "-c", "config.json", "--run-id", "bench", f"trainer.save_dir={save_dir}",
                          *overrides], env=env)
     config = json.loads((ROOT / "config.json").read_text())
     best = save_dir / "models" / config["name"] / "bench" / "model_best.pth"
     test_s, _ = run([PYTHON, "test.py", "-r", str(best)], env=env)
     metrics = json.loads(best.with_suffix(".test.json").read_text())
-    epochs = sum(1 for line in proc.stdout.splitlines() if line.partition(":")[0].strip() == "epoch")
+    epochs = json.loads((best.parent / "result.json").read_text())["epochs"]  # (the console's format may change)
     return {"train_s": train_s, "test_s": test_s, "total_s": train_s + test_s, "epochs": epochs,
             "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_samples": metrics["n_samples"],
             "env": env_extra or {}, "overrides": list(overrides)}

@@ -545,7 +545,8 @@ def test_lock_folder_removes_stale_temp_files(tmp_path, target, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, f".{target}.k3y_9Abc.tmp", ".lock"])
 
 
-@pytest.mark.parametrize("kind", ["fifo", "link to fifo", "link to /dev/null", "/dev/null", "dangling link"])
+@pytest.mark.parametrize("kind", ["fifo", "link to fifo", "link to /dev/null", "/dev/null", "link to /dev/urandom",
+                                  "dangling link"])
 def test_a_special_file_as_checkpoint_is_named_and_never_opened(tmp_path, kind, capsys):
     """A FIFO (or a device, or a link to one) given as a checkpoint is named as what it is, not "not found", and never
     opened: opening a FIFO with no writer would hang, a device would be read without end."""
@@ -555,9 +556,11 @@ def test_a_special_file_as_checkpoint_is_named_and_never_opened(tmp_path, kind, 
     os.mkfifo(fifo)
     path = {"fifo": fifo, "/dev/null": "/dev/null"}.get(kind, tmp_path / "link.pth")
     if kind.startswith("link") or kind == "dangling link":
-        os.symlink({"link to fifo": fifo, "link to /dev/null": "/dev/null"}.get(kind, tmp_path / "gone"), path)
+        os.symlink({"link to fifo": fifo, "link to /dev/null": "/dev/null",
+                    "link to /dev/urandom": "/dev/urandom"}.get(kind, tmp_path / "gone"), path)
     want = {"fifo": "is a FIFO (a named pipe), not a checkpoint file", "link to fifo": "is a FIFO",
             "link to /dev/null": "(a link to /dev/null) is a character device", "/dev/null": "is a character device",
+            "link to /dev/urandom": "(a link to /dev/urandom) is a character device",
             "dangling link": "checkpoint not found"}[kind]
     with pytest.raises(UserError) as err:
         io_utils.load_checkpoint(path)

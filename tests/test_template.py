@@ -97,7 +97,7 @@ def test_new_project_copy_collects_its_own_tests(tmp_path):
     summary = out.stdout.strip().splitlines()[-1]
     assert "tests collected" in summary and "error" not in summary.lower(), summary
     assert "ERROR" not in out.stdout and "ModuleNotFoundError" not in out.stdout + out.stderr
-    assert "tests/test_template.py::test_new_project_copy_collects_its_own_tests" in out.stdout
+    assert "tests/test_template.py::test_fused_optimizers_chosen_on_cuda_only_and_overridable" in out.stdout
 
 
 def test_new_project_leaves_out_what_runs_and_installs_made(tmp_path):
