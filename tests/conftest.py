@@ -175,6 +175,29 @@ def assert_states_identical(a, b):
     assert a["global_step"] == b["global_step"]
 
 
+def run_folder(config, run_id):
+    """The checkpoint folder of run ``run_id`` of ``config``."""
+    return Path(config["trainer"]["save_dir"]) / "models" / config["name"] / run_id
+
+
+def stopped_and_resumed(interrupt_at_step, config, at_step, where, final):
+    """Train ``config`` as run "cut", stopped by a SIGTERM inside optimizer step ``at_step`` (``interrupt_at_step``:
+    the fixture); check that it exits as a scheduler's stop and that last.pth is at ``where``, ``(epoch,
+    batch_in_epoch, global_step)``; resume from it to the end and return the state saved as ``final``."""
+    from base.base_trainer import RunStopped
+    from trainer import run
+
+    interrupt_at_step(at_step, signal.SIGTERM)
+    with pytest.raises(RunStopped) as stopped:
+        run.train(copy.deepcopy(config), run_id="cut")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    folder = run_folder(config, "cut")
+    last = torch.load(folder / "last.pth", weights_only=True)
+    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == where
+    run.train(None, resume=folder / "last.pth")
+    return torch.load(folder / final, weights_only=True)
+
+
 @pytest.fixture
 def steps():
     """The parameters after every optimizer step, as one flat tensor each."""

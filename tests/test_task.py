@@ -2,7 +2,6 @@
 per-sample lists of dicts; several named losses, logged and averaged like the loss; exact mid-epoch resume."""
 
 import json
-import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from base.base_trainer import RunStopped
-from conftest import add_hooks, assert_states_identical, make_config, with_changes
+from conftest import add_hooks, assert_states_identical, make_config, stopped_and_resumed, with_changes
 from trainer import cli, run
 
 # A user's file: a dataset of dict samples (two inputs, a target, and a per-sample dict that is no tensor), a model of
@@ -176,14 +174,9 @@ def test_a_task_resumes_mid_epoch_bit_exactly(tmp_path, user_module, interrupt_a
     config = pair_config(tmp_path)
     run.train(with_changes(config, name="whole"), run_id="w")
     reference = checkpoint(with_changes(config, name="whole"), "w", "checkpoint-epoch3.pth")
-    interrupt_at_step(14, signal.SIGTERM)  # epoch 2, batch 4 of 10
-    with pytest.raises(RunStopped) as stopped:
-        run.train(config, run_id="cut")
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
-    last = checkpoint(config, "cut", "last.pth")
-    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 4, 14)
-    run.train(None, resume=Path(config["trainer"]["save_dir"]) / "models/tiny/cut/last.pth")
-    assert_states_identical(reference, checkpoint(config, "cut", "checkpoint-epoch3.pth"))
+    # Stopped in epoch 2, batch 4 of 10.
+    resumed = stopped_and_resumed(interrupt_at_step, config, 14, (1, 4, 14), "checkpoint-epoch3.pth")
+    assert_states_identical(reference, resumed)
 
 
 def test_the_default_step_takes_several_inputs_and_the_last_item_as_target(tmp_path, user_module):

@@ -3,14 +3,12 @@ character well below a uniform guess's), writes a text sample to the log each ep
 
 import json
 import math
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from base.base_trainer import RunStopped
-from conftest import assert_states_identical, with_changes
+from conftest import assert_states_identical, run_folder, stopped_and_resumed, with_changes
 from examples import char_lm
 from trainer import run
 from trainer.build import registries
@@ -26,10 +24,6 @@ def lm_config(tmp_path, *overrides):
         f"trainer.save_dir={tmp_path / 'saved'}", "trainer.verbosity=0", "trainer.tensorboard=false", "device=cpu",
         "trainer.len_epoch=20", "trainer.epochs=2", "trainer.early_stop=0", "task.args.sample_chars=40",
         *overrides])
-
-
-def run_folder(config, run_id):
-    return Path(config["trainer"]["save_dir"]) / "models" / config["name"] / run_id
 
 
 def test_the_shipped_config_is_valid_and_its_data_is_split_by_module():
@@ -89,12 +83,6 @@ def test_it_resumes_mid_epoch_bit_exactly(tmp_path, interrupt_at_step):
     run.train(with_changes(config, name="whole"), run_id="w")
     reference = torch.load(run_folder(with_changes(config, name="whole"), "w") / "checkpoint-epoch3.pth",
                            weights_only=True)
-    interrupt_at_step(12, signal.SIGTERM)  # epoch 2, batch 4 of 8: after epoch 1's sample was drawn
-    with pytest.raises(RunStopped) as stopped:
-        run.train(config, run_id="cut")
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
-    last = torch.load(run_folder(config, "cut") / "last.pth", weights_only=True)
-    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 4, 12)
-    run.train(None, resume=run_folder(config, "cut") / "last.pth")
-    assert_states_identical(reference, torch.load(run_folder(config, "cut") / "checkpoint-epoch3.pth",
-                                                  weights_only=True))
+    # Stopped in epoch 2, batch 4 of 8: after epoch 1's sample was drawn.
+    resumed = stopped_and_resumed(interrupt_at_step, config, 12, (1, 4, 12), "checkpoint-epoch3.pth")
+    assert_states_identical(reference, resumed)

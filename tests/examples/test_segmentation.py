@@ -1,7 +1,6 @@
 """The segmentation example (examples/segmentation.py, configs/examples/segmentation.json): its scenes, training to a
 mean IoU well above predicting the background everywhere, an exact mid-epoch resume, and predict.py's mask images."""
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from base.base_data_loader import to_float
-from conftest import assert_states_identical
+from conftest import assert_states_identical, run_folder, stopped_and_resumed
 from examples import segmentation
 from trainer import run
 from utils.config import apply_overrides, load_config
@@ -23,10 +22,6 @@ CONFIG = ROOT / "configs/examples/segmentation.json"
 def config_for(save_dir, *overrides):
     return apply_overrides(load_config(CONFIG), [f"trainer.save_dir={save_dir}", "trainer.verbosity=0",
                                                  "trainer.tensorboard=false", "device=cpu", *overrides])
-
-
-def run_folder(config, run_id):
-    return Path(config["trainer"]["save_dir"]) / "models" / config["name"] / run_id
 
 
 def test_the_config_validates():
@@ -86,21 +81,13 @@ def test_three_epochs_reach_a_mean_iou_of_a_half(tmp_path):
 
 
 def test_it_resumes_mid_epoch_bit_exactly(tmp_path, interrupt_at_step):
-    from base.base_trainer import RunStopped
-
     config = config_for(tmp_path / "saved", "data_loader.args.scenes=96", "data_loader.args.test_scenes=16",
                         "data_loader.args.batch_size=16", "arch.args.width=4", "trainer.epochs=2",
                         "trainer.test_after_train=false")
     run.train(config, run_id="whole")
     reference = torch.load(run_folder(config, "whole") / "checkpoint-epoch2.pth", weights_only=True)
-    interrupt_at_step(8, signal.SIGTERM)  # epoch 2, after its batch 2 of 6 (96 scenes: 82 to train on, 14 to validate)
-    with pytest.raises(RunStopped) as stopped:
-        run.train(config, run_id="cut")
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
-    last = torch.load(run_folder(config, "cut") / "last.pth", weights_only=True)
-    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 2, 8)
-    run.train(None, resume=run_folder(config, "cut") / "last.pth")
-    resumed = torch.load(run_folder(config, "cut") / "checkpoint-epoch2.pth", weights_only=True)
+    # Stopped in epoch 2, after its batch 2 of 6 (96 scenes: 82 to train on, 14 to validate).
+    resumed = stopped_and_resumed(interrupt_at_step, config, 8, (1, 2, 8), "checkpoint-epoch2.pth")
     assert_states_identical(reference, resumed)
 
 

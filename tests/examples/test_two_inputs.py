@@ -4,15 +4,13 @@ weights of one process with the doubled batch; an export of the two-input, two-o
 
 import copy
 import json
-import signal
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from base.base_trainer import RunStopped
-from conftest import add_hooks, assert_states_identical, with_changes
+from conftest import add_hooks, assert_states_identical, run_folder, stopped_and_resumed
 from trainer import run
 from utils.config import load_config
 
@@ -32,12 +30,8 @@ def example_config(save_dir, name="two", batch_size=BATCH, epochs=EPOCHS):
     return config
 
 
-def run_dir(config, run_id):
-    return Path(config["trainer"]["save_dir"]) / "models" / config["name"] / run_id
-
-
 def checkpoint(config, run_id, name):
-    return torch.load(run_dir(config, run_id) / name, map_location="cpu", weights_only=True)
+    return torch.load(run_folder(config, run_id) / name, map_location="cpu", weights_only=True)
 
 
 def checkpoint_at(folder, epoch):
@@ -65,7 +59,7 @@ def trained(tmp_path_factory):
     finally:
         undo()
         torch.set_num_threads(threads)
-    return {"config": config, "rows": rows, "dir": run_dir(config, "whole")}
+    return {"config": config, "rows": rows, "dir": run_folder(config, "whole")}
 
 
 def test_the_shipped_config_checks():
@@ -109,14 +103,8 @@ def test_the_two_inputs_together_beat_each_alone(trained, tmp_path):
 
 def test_a_mid_epoch_interrupt_resumes_bit_exactly(trained, tmp_path, interrupt_at_step):
     config = example_config(tmp_path)
-    interrupt_at_step(50, signal.SIGTERM)  # epoch 2, batch 9 of 41
-    with pytest.raises(RunStopped) as stopped:
-        run.train(copy.deepcopy(config), run_id="cut")
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
-    last = checkpoint(config, "cut", "last.pth")
-    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 9, 50)
-    run.train(None, resume=run_dir(config, "cut") / "last.pth")
-    resumed = checkpoint(config, "cut", f"checkpoint-epoch{EPOCHS}.pth")
+    # Stopped in epoch 2, batch 9 of 41.
+    resumed = stopped_and_resumed(interrupt_at_step, config, 50, (1, 9, 50), f"checkpoint-epoch{EPOCHS}.pth")
     assert_states_identical(checkpoint_at(trained["dir"], EPOCHS), resumed)
 
 
@@ -146,7 +134,7 @@ def two_processes(trained, tmp_path_factory, torchrun):
     config = example_config(tmp / "saved", batch_size=BATCH // 2, epochs=2)
     config["trainer"]["verbosity"] = 1  # the start-of-run summary: the batch per process and per step
     output = torchrun.jobs(tmp, DRIVER, [{"config": config}], "two_inputs", check=True).output
-    return {"dir": run_dir(config, "ddp"), "output": output}
+    return {"dir": run_folder(config, "ddp"), "output": output}
 
 
 def test_two_processes_reach_the_weights_of_one_process_with_the_doubled_batch(trained, two_processes):
